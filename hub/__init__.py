@@ -1,0 +1,1 @@
+"""JupyterHub side of beamhub: tokens, authenticator, API gateway, enclave profiles, the CLI."""

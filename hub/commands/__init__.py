@@ -1,0 +1,1 @@
+"""One module per `beamhub` subcommand; each exposes ``register(subparsers)``."""

@@ -1,0 +1,1 @@
+"""Reserved compute nodes: QoS tiers, preemption, beamtime reservations, scheduler backends."""
