@@ -92,7 +92,9 @@ class SigningKey:
     def load(cls, path: str | os.PathLike) -> SigningKey:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise ValueError(f"{path}: not an EC private key; generate one with `beamhub token keygen`")
+            raise ValueError(
+                f"{path}: not an EC private key; generate one with `beamhub token keygen`"
+            )
         return cls(key)
 
     @classmethod
@@ -266,10 +268,14 @@ class TokenVerifier:
             raise TokenError(401, "not_yet_valid", "the token is not valid yet (nbf)") from None
         except jwt.InvalidAudienceError:
             raise TokenError(
-                401, "audience", f"the token is not for this service (aud must be {self.audience!r})"
+                401,
+                "audience",
+                f"the token is not for this service (aud must be {self.audience!r})",
             ) from None
         except jwt.InvalidIssuerError:
-            raise TokenError(401, "issuer", f"the token was not issued by {self.issuer!r}") from None
+            raise TokenError(
+                401, "issuer", f"the token was not issued by {self.issuer!r}"
+            ) from None
         except jwt.InvalidSignatureError:
             raise TokenError(401, "signature", "the token's signature does not verify") from None
         except jwt.PyJWTError as exc:

@@ -122,7 +122,9 @@ def decode_header(raw: bytes | memoryview) -> FrameHeader:
         raise DecodeError("bad_header", "header must be a JSON object")
     version = body.get("v")
     if version != WIRE_VERSION:
-        raise DecodeError("version", f"wire version {version!r}, this receiver speaks {WIRE_VERSION}")
+        raise DecodeError(
+            "version", f"wire version {version!r}, this receiver speaks {WIRE_VERSION}"
+        )
     stream = body.get("stream")
     if not isinstance(stream, str) or not stream:
         raise DecodeError("bad_field", "header field 'stream' must be a non-empty string")
