@@ -1,0 +1,384 @@
+"""One `beamhub.yaml` describes a deployment; every bad field gets an error that names it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ENCLAVES",
+    "ROLES",
+    "ROLE_SCOPES",
+    "Deployment",
+    "DeploymentError",
+    "DetectorConfig",
+    "DsnConfig",
+    "EnclaveRules",
+    "GatewayConfig",
+    "HubConfig",
+    "IdentityConfig",
+    "SchedulerConfig",
+    "TokensConfig",
+    "UserSpec",
+    "default_deployment_path",
+    "enclave_rules",
+    "load_deployment",
+]
+
+ENCLAVES = ("dev", "open", "moderate", "leadership")
+
+#: Project roles, strongest first. pi/operator may steer; member may analyse; viewer only watches.
+ROLES = ("pi", "operator", "member", "viewer")
+
+#: Token scopes each project role may hold (a user mints any subset of these, never more).
+ROLE_SCOPES: dict[str, tuple[str, ...]] = {
+    "pi": ("stream.read", "stream.publish", "steer", "reserve", "jobs", "dashboard"),
+    "operator": ("stream.read", "stream.publish", "steer", "reserve", "jobs", "dashboard"),
+    "member": ("stream.read", "stream.publish", "jobs", "dashboard"),
+    "viewer": ("stream.read", "dashboard"),
+}
+
+
+class DeploymentError(ValueError):
+    """A bad deployment file. ``field`` is the dotted path of the offending key."""
+
+    def __init__(self, field: str, message: str, source: str = "beamhub.yaml") -> None:
+        super().__init__(f"{source}: {field}: {message}")
+        self.field = field
+        self.message = message
+        self.source = source
+
+
+@dataclass(frozen=True)
+class EnclaveRules:
+    """What the hub side needs from an enclave profile: MFA and the token lifetime cap."""
+
+    name: str
+    mfa_required: bool
+    max_token_ttl: int
+
+
+# Used when H7's profile files (hub/enclave.py) are not importable; same values as those profiles.
+_FALLBACK_RULES = {
+    "dev": EnclaveRules("dev", False, 86400),
+    "open": EnclaveRules("open", False, 3600),
+    "moderate": EnclaveRules("moderate", True, 900),
+    "leadership": EnclaveRules("leadership", True, 600),
+}
+
+
+def enclave_rules(name: str) -> EnclaveRules:
+    """MFA requirement and max token TTL of an enclave, from its YAML profile when available."""
+    if name not in ENCLAVES:
+        raise DeploymentError(
+            "enclave", f"unknown enclave {name!r}; use one of {', '.join(ENCLAVES)}"
+        )
+    try:
+        from hub import enclave as profiles  # H7's profiles; optional at import time
+
+        profile = profiles.load_profile(name)
+        return EnclaveRules(
+            name,
+            bool(profile.mfa_required),
+            int(profile.max_token_ttl),
+        )
+    except (ImportError, AttributeError, TypeError):
+        return _FALLBACK_RULES[name]
+
+
+@dataclass
+class HubConfig:
+    ip: str = "127.0.0.1"
+    port: int = 8000
+    #: seconds the hub waits before refreshing a user's upstream tokens (also before each spawn)
+    auth_refresh_age: int = 300
+
+
+@dataclass
+class UserSpec:
+    username: str
+    password: str = ""
+    email: str = ""
+    #: authentication methods the dev IdP asserts for this user; ["pwd", "otp"] counts as MFA
+    amr: list[str] = field(default_factory=lambda: ["pwd"])
+    acr: str = ""
+    #: project -> role (pi, operator, member, viewer)
+    projects: dict[str, str] = field(default_factory=dict)
+    admin: bool = False
+
+
+@dataclass
+class IdentityConfig:
+    #: "embedded" runs the dev OpenID provider; otherwise the external issuer's base URL
+    provider: str = "embedded"
+    port: int = 0
+    client_id: str = "beamhub-hub"
+    client_secret: str = ""
+    #: for an external issuer (ignored by the embedded one, which publishes discovery)
+    authorize_url: str = ""
+    token_url: str = ""
+    userdata_url: str = ""
+    #: None = what the enclave profile says
+    require_mfa: bool | None = None
+    #: amr values that count as a second factor
+    mfa_methods: list[str] = field(default_factory=lambda: ["otp", "mfa", "hwk", "swk", "sms"])
+    users: list[UserSpec] = field(default_factory=list)
+
+
+@dataclass
+class TokensConfig:
+    #: lifetime of a delegated (server) token, seconds; capped by the enclave's max
+    ttl: int = 900
+    issuer: str = "beamhub-dev"
+    audience: str = "beamhub"
+    #: how often verifiers poll the revocation list, seconds
+    revocation_poll: float = 5.0
+    #: None = the enclave's max_token_ttl
+    max_ttl: int | None = None
+
+
+@dataclass
+class DsnConfig:
+    enabled: bool = True
+    port: int = 0
+    data_host: str = "127.0.0.1"
+    template: str = ""
+
+
+@dataclass
+class DetectorConfig:
+    enabled: bool = True
+    kind: str = "simulated"
+    project: str = "p-1001"
+    channel: str = "detector"
+    rate_hz: float = 10.0
+    shape: list[int] = field(default_factory=lambda: [64, 64])
+    hit_fraction: float = 0.1
+
+
+@dataclass
+class SchedulerConfig:
+    backend: str = "local"
+    nodes: int = 4
+
+
+@dataclass
+class GatewayConfig:
+    enabled: bool = True
+    policy: str = ""
+    audit_log: str = ""
+    #: per-token token bucket; 0 = the enclave profile's value
+    rate_per_s: float = 0.0
+    burst: int = 0
+    #: per-project token bucket; 0 = the enclave profile's value
+    project_rate_per_s: float = 0.0
+    project_burst: int = 0
+
+
+@dataclass
+class Deployment:
+    enclave: str = "dev"
+    state_dir: str = ""
+    hub: HubConfig = field(default_factory=HubConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    dsn: DsnConfig = field(default_factory=DsnConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    #: where this deployment was read from ("<embedded defaults>" if none)
+    source: str = "<embedded defaults>"
+
+    @property
+    def rules(self) -> EnclaveRules:
+        return enclave_rules(self.enclave)
+
+    @property
+    def mfa_required(self) -> bool:
+        if self.identity.require_mfa is not None:
+            return self.identity.require_mfa
+        return self.rules.mfa_required
+
+    @property
+    def max_token_ttl(self) -> int:
+        cap = self.rules.max_token_ttl
+        if self.tokens.max_ttl is not None:
+            return min(cap, self.tokens.max_ttl)
+        return cap
+
+    def user(self, name: str) -> UserSpec | None:
+        return next((u for u in self.identity.users if u.username == name), None)
+
+
+def default_deployment_path() -> Path:
+    """The embedded defaults shipped inside the package (a copy of the repo's beamhub.yaml)."""
+    return Path(__file__).with_name("beamhub.default.yaml")
+
+
+_NO_SOURCE = {"source"}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, where: str, src: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], where, src)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, src)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise DeploymentError(where, f"expected a list, got {type(value).__name__}", src)
+        return [_convert(v, item_tp, f"{where}[{i}]", src) for i, v in enumerate(value)]
+    if origin is dict:
+        _, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise DeploymentError(where, f"expected a mapping, got {type(value).__name__}", src)
+        return {str(k): _convert(v, val_tp, f"{where}.{k}", src) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise DeploymentError(where, f"expected true or false, got {value!r}", src)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DeploymentError(where, f"expected an integer, got {value!r}", src)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise DeploymentError(where, f"expected a number, got {value!r}", src)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise DeploymentError(where, f"expected a string, got {value!r}", src)
+        return value
+    raise DeploymentError(where, f"unsupported type {_type_name(tp)}", src)  # pragma: no cover
+
+
+def _build(cls: type, data: Any, where: str, src: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise DeploymentError(
+            where or "<top>", f"expected a mapping, got {type(data).__name__}", src
+        )
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)} - _NO_SOURCE
+    for key in data:
+        if key not in names:
+            path = f"{where}.{key}" if where else str(key)
+            raise DeploymentError(
+                path, f"unknown key; allowed here: {', '.join(sorted(names))}", src
+            )
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        kwargs[key] = _convert(value, hints[key], path, src)
+    return cls(**kwargs)
+
+
+def _check_port(value: int, where: str, src: str) -> None:
+    if not 0 <= value <= 65535:
+        raise DeploymentError(where, f"port {value} is outside 0..65535 (0 = any free port)", src)
+
+
+def _validate(dep: Deployment, src: str) -> None:
+    if dep.enclave not in ENCLAVES:
+        raise DeploymentError(
+            "enclave", f"unknown enclave {dep.enclave!r}; use one of {', '.join(ENCLAVES)}", src
+        )
+    _check_port(dep.hub.port, "hub.port", src)
+    _check_port(dep.identity.port, "identity.port", src)
+    _check_port(dep.dsn.port, "dsn.port", src)
+    if dep.hub.ip not in ("127.0.0.1", "localhost", "::1") and dep.enclave == "dev":
+        raise DeploymentError("hub.ip", "the dev enclave listens on loopback only (127.0.0.1)", src)
+    ident = dep.identity
+    if ident.provider != "embedded":
+        if not ident.provider.startswith(("http://", "https://")):
+            raise DeploymentError(
+                "identity.provider", "use 'embedded' or the external issuer's https:// URL", src
+            )
+        for name in ("authorize_url", "token_url", "userdata_url", "client_secret"):
+            if not getattr(ident, name):
+                raise DeploymentError(f"identity.{name}", "required for an external issuer", src)
+    elif dep.enclave != "dev":
+        raise DeploymentError(
+            "identity.provider",
+            f"the embedded dev IdP is for the dev enclave only; enclave {dep.enclave!r} needs the "
+            "facility's issuer URL",
+            src,
+        )
+    seen: set[str] = set()
+    for i, user in enumerate(ident.users):
+        where = f"identity.users[{i}]"
+        if not user.username or not user.username.replace("-", "").replace("_", "").isalnum():
+            raise DeploymentError(f"{where}.username", "letters, digits, '-' or '_' only", src)
+        if user.username in seen:
+            raise DeploymentError(f"{where}.username", f"duplicate user {user.username!r}", src)
+        seen.add(user.username)
+        for project, role in user.projects.items():
+            if role not in ROLES:
+                raise DeploymentError(
+                    f"{where}.projects.{project}",
+                    f"unknown role {role!r}; use one of {', '.join(ROLES)}",
+                    src,
+                )
+    tok = dep.tokens
+    if tok.ttl <= 0:
+        raise DeploymentError("tokens.ttl", "must be a positive number of seconds", src)
+    if tok.ttl > dep.max_token_ttl:
+        raise DeploymentError(
+            "tokens.ttl",
+            f"{tok.ttl}s exceeds the {dep.enclave} enclave's cap of {dep.max_token_ttl}s; lower it",
+            src,
+        )
+    if tok.revocation_poll <= 0 or tok.revocation_poll > tok.ttl:
+        raise DeploymentError(
+            "tokens.revocation_poll", f"must be in (0, tokens.ttl={tok.ttl}]", src
+        )
+    det = dep.detector
+    if det.kind not in ("simulated",):
+        raise DeploymentError("detector.kind", "only 'simulated' is supported by `beamhub up`", src)
+    if det.rate_hz <= 0:
+        raise DeploymentError("detector.rate_hz", "must be > 0", src)
+    if len(det.shape) != 2 or any(n <= 0 for n in det.shape):
+        raise DeploymentError("detector.shape", "two positive integers, e.g. [64, 64]", src)
+    if not 0.0 <= det.hit_fraction <= 1.0:
+        raise DeploymentError("detector.hit_fraction", "must be between 0 and 1", src)
+    if dep.scheduler.backend not in ("local", "slurm"):
+        raise DeploymentError("scheduler.backend", "use 'local' or 'slurm'", src)
+    if dep.scheduler.nodes <= 0:
+        raise DeploymentError("scheduler.nodes", "must be >= 1", src)
+
+
+def load_deployment(path: str | os.PathLike | None = None) -> Deployment:
+    """Read and validate a deployment file; None reads the embedded defaults.
+
+    Raises :class:`DeploymentError` naming the first bad field.
+    """
+    src_path = Path(path) if path is not None else default_deployment_path()
+    src = str(path) if path is not None else "<embedded defaults>"
+    try:
+        text = src_path.read_text()
+    except OSError as exc:
+        raise DeploymentError("<file>", f"cannot read it: {exc.strerror}", src) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise DeploymentError("<file>", f"not valid YAML: {exc}", src) from exc
+    dep = _build(Deployment, data, "", src)
+    dep.source = src
+    _validate(dep, src)
+    return dep

@@ -1,0 +1,62 @@
+"""beamhub.yaml: the shipped example equals the embedded defaults; every bad field is named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hub.deployment import DeploymentError, default_deployment_path, load_deployment
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_example_is_the_embedded_default() -> None:
+    assert (ROOT / "beamhub.yaml").read_text() == default_deployment_path().read_text()
+    dep = load_deployment(ROOT / "beamhub.yaml")
+    assert dep.enclave == "dev"
+    assert dep.user("alice").projects == {"p-1001": "pi"}
+    assert dep.user("mallory").projects == {}
+    assert load_deployment(None).source == "<embedded defaults>"
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "words"),
+    [
+        ("hub: {prot: 1}\n", "hub.prot", "unknown key"),
+        ("bogus: 1\n", "bogus", "unknown key"),
+        ("hub: {port: 70000}\n", "hub.port", "65535"),
+        ("hub: {port: '80'}\n", "hub.port", "integer"),
+        ("enclave: secret\n", "enclave", "unknown enclave"),
+        ("tokens: {ttl: 0}\n", "tokens.ttl", "positive"),
+        (
+            "identity: {users: [{username: a, projects: {p-1: boss}}]}\n",
+            "identity.users[0].projects.p-1",
+            "unknown role",
+        ),
+        (
+            "identity: {users: [{username: a}, {username: a}]}\n",
+            "identity.users[1].username",
+            "duplicate",
+        ),
+        ("detector: {shape: [1]}\n", "detector.shape", "two positive"),
+        ("enclave: moderate\n", "identity.provider", "dev enclave only"),
+        ("hub: [1, 2]\n", "hub", "mapping"),
+        ("hub: {ip: 0.0.0.0}\n", "hub.ip", "loopback"),
+        ("tokens: {ttl: 5000, max_ttl: 600}\n", "tokens.ttl", "cap"),
+        ("a: [\n", "<file>", "YAML"),
+    ],
+)
+def test_bad_field_is_named(tmp_path: Path, text: str, field: str, words: str) -> None:
+    path = tmp_path / "beamhub.yaml"
+    path.write_text(text)
+    with pytest.raises(DeploymentError) as err:
+        load_deployment(path)
+    assert err.value.field == field
+    assert words in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DeploymentError, match="cannot read"):
+        load_deployment(tmp_path / "nope.yaml")
