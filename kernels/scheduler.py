@@ -1,0 +1,217 @@
+"""The one scheduler contract that the spawner, Dask-on-allocation and the CLI code against."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import enum
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = [
+    "TERMINAL_STATES",
+    "EventHub",
+    "JobInfo",
+    "JobSpec",
+    "JobState",
+    "Scheduler",
+    "SchedulerError",
+]
+
+
+class JobState(enum.Enum):
+    """Where a job is. Kept apart on purpose: completed, failed and unknown never look alike."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    PREEMPTED = "preempted"  # preempted and not requeued (terminal)
+    CANCELLED = "cancelled"
+    UNKNOWN = "unknown"  # the backend lost track of the job (e.g. purged from SLURM's memory)
+
+
+#: States a job never leaves.
+TERMINAL_STATES = frozenset(
+    {JobState.COMPLETED, JobState.FAILED, JobState.PREEMPTED, JobState.CANCELLED}
+)
+
+
+class SchedulerError(Exception):
+    """A user-facing error: the message says what was wrong and what to do.
+
+    ``status`` is the HTTP-style status a front end should answer with (400 bad input,
+    403 not allowed, 404 unknown id, 409 conflict, 503 scheduler unavailable).
+    """
+
+    def __init__(self, message: str, status: int = 400, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.field = field
+
+
+@dataclass
+class JobSpec:
+    """What to run, for whom, at which tier. ``argv`` is a command list, never a shell string."""
+
+    name: str
+    project: str
+    user: str
+    tier: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    cpus: int = 1
+    mem_mb: int = 512
+    nodes: int = 1
+    walltime_s: int = 3600
+    workdir: str | None = None
+    output: str | None = None  # stdout+stderr file, appended to (never truncated) across requeues
+    requeue: bool = False  # batch work: requeue on preemption instead of cancel
+    reservation: str | None = None  # SLURM only: run inside this `scontrol` reservation
+
+    def validate(self) -> None:
+        """Refuse malformed specs with an error naming the field."""
+        if not isinstance(self.argv, list | tuple) or not self.argv:
+            raise SchedulerError(
+                "argv must be a non-empty list of strings (the command), not a shell string",
+                field="argv",
+            )
+        if not all(isinstance(a, str) for a in self.argv):
+            raise SchedulerError("argv items must all be strings", field="argv")
+        for name in ("name", "project", "user", "tier"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise SchedulerError(f"{name} must be a non-empty string", field=name)
+        for name in ("cpus", "mem_mb", "nodes", "walltime_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SchedulerError(f"{name} must be a positive integer, got {value!r}", field=name)
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()):
+            raise SchedulerError("env keys and values must be strings", field="env")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobSpec:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class JobInfo:
+    """A snapshot of one job as the backend sees it."""
+
+    job_id: str
+    spec: JobSpec | None
+    state: JobState
+    node: str | None = None
+    reason: str = ""
+    submit_time: float | None = None
+    start_time: float | None = None
+    end_time: float | None = None
+    exit_code: int | None = None
+    requeues: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["state"] = self.state.value
+        return data
+
+
+class EventHub:
+    """Fan-out of scheduler events to any number of ``events()`` subscribers."""
+
+    def __init__(self, maxsize: int = 1000) -> None:
+        self._subscribers: list[asyncio.Queue[dict | None]] = []
+        self._maxsize = maxsize
+
+    def publish(self, type_: str, job_id: str, **fields: Any) -> dict:
+        event = {"type": type_, "job_id": job_id, "time": time.time(), **fields}
+        for queue in list(self._subscribers):
+            if queue.full():  # a slow subscriber loses its oldest event, never blocks the scheduler
+                queue.get_nowait()
+            queue.put_nowait(event)
+        return event
+
+    async def subscribe(self) -> AsyncIterator[dict]:
+        queue: asyncio.Queue[dict | None] = asyncio.Queue(self._maxsize)
+        self._subscribers.append(queue)
+        try:
+            while True:
+                event = await queue.get()
+                if event is None:
+                    return
+                yield event
+        finally:
+            if queue in self._subscribers:
+                self._subscribers.remove(queue)
+
+    def close(self) -> None:
+        for queue in list(self._subscribers):
+            if queue.full():
+                queue.get_nowait()
+            queue.put_nowait(None)
+
+
+class Scheduler(abc.ABC):
+    """Submit, watch and cancel jobs. Every backend (``local``, ``slurm``) implements this.
+
+    Events are dicts with at least ``type`` and ``job_id``; the types are ``queued``,
+    ``preempting`` (``victims``, ``node``, ``message``), ``preempted`` (``by``, ``node``),
+    ``requeued``, ``started`` (``node``, ``message``), ``completed``, ``failed``, ``cancelled``.
+    """
+
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    async def submit(self, spec: JobSpec) -> str:
+        """Queue a job; returns its id. Raises SchedulerError for bad or disallowed specs."""
+
+    @abc.abstractmethod
+    async def status(self, job_ids: list[str]) -> dict[str, JobInfo]:
+        """Batched status (one backend call); unknown ids map to state UNKNOWN."""
+
+    @abc.abstractmethod
+    async def cancel(self, job_id: str) -> None:
+        """Cancel a job (pending or running). Cancelling a finished job is a no-op."""
+
+    @abc.abstractmethod
+    async def list(self, project: str | None = None) -> list[JobInfo]:
+        """Jobs the backend knows, optionally only one project's."""
+
+    @abc.abstractmethod
+    def events(self) -> AsyncIterator[dict]:
+        """An async iterator of events from now on; ends when the scheduler closes."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop watching. Running jobs keep running (a restarted scheduler re-attaches)."""
+
+    async def wait(
+        self, job_id: str, states: set[JobState] | frozenset[JobState], timeout: float
+    ) -> JobInfo:
+        """Poll until the job is in one of ``states``; raises TimeoutError with the last state."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = (await self.status([job_id]))[job_id]
+            if info.state in states:
+                return info
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"job {job_id} still {info.state.value} ({info.reason}) after {timeout:.0f} s"
+                )
+            await asyncio.sleep(0.1)
+
+    async def __aenter__(self) -> Scheduler:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
