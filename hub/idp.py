@@ -1,0 +1,151 @@
+"""Starts and stops the dev enclave's OpenID provider (hub/idp.mjs, npm oidc-provider) on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from hub.deployment import UserSpec
+
+__all__ = ["EmbeddedIdP", "IdPError"]
+
+SCRIPT = Path(__file__).with_name("idp.mjs")
+
+
+class IdPError(RuntimeError):
+    """The identity provider could not start; the message says why and what to do."""
+
+
+class EmbeddedIdP:
+    """A subprocess running hub/idp.mjs; ``issuer`` is its URL once :meth:`start` returns."""
+
+    def __init__(
+        self,
+        users: Iterable[UserSpec],
+        client_id: str,
+        client_secret: str,
+        redirect_uris: list[str],
+        state_dir: str | os.PathLike,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_path: str | os.PathLike | None = None,
+    ) -> None:
+        self.users = list(users)
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.redirect_uris = redirect_uris
+        self.state_dir = Path(state_dir)
+        self.host = host
+        self.port = port
+        self.log_path = Path(log_path) if log_path else self.state_dir / "idp.log"
+        self.issuer = ""
+        self.proc: subprocess.Popen | None = None
+
+    def _write_config(self) -> Path:
+        cfg: dict[str, Any] = {
+            "host": self.host,
+            "port": self.port,
+            "client_id": self.client_id,
+            "client_secret": self.client_secret,
+            "redirect_uris": self.redirect_uris,
+            "users": [
+                {
+                    "username": u.username,
+                    "password": u.password,
+                    "email": u.email,
+                    "amr": u.amr,
+                    "acr": u.acr,
+                    "projects": u.projects,
+                }
+                for u in self.users
+            ],
+        }
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        path = self.state_dir / "idp-config.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds dev passwords
+        with os.fdopen(fd, "w") as f:
+            json.dump(cfg, f)
+        return path
+
+    def start(self, timeout: float = 30.0) -> str:
+        """Start the provider; return its issuer URL once discovery answers."""
+        node = shutil.which("node")
+        if node is None:
+            raise IdPError("node is not on PATH; run ./dev setup (it installs Node and npm deps)")
+        if not (SCRIPT.parent.parent / "node_modules" / "oidc-provider").exists():
+            raise IdPError("npm package oidc-provider is missing; run `npm install` at the repo root")
+        config = self._write_config()
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps writing to it
+        try:
+            self.proc = subprocess.Popen(
+                [node, str(SCRIPT), str(config)],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                start_new_session=True,
+                env={**os.environ, "NODE_ENV": "development"},
+            )
+        finally:
+            log.close()
+        deadline = time.monotonic() + timeout
+        line = b""
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline and not line.endswith(b"\n"):
+            if self.proc.poll() is not None:
+                raise IdPError(f"the identity provider exited ({self.proc.returncode}); see {self.log_path}")
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
+            if ready:
+                chunk = os.read(self.proc.stdout.fileno(), 4096)
+                line += chunk
+        if not line.endswith(b"\n"):
+            self.stop()
+            raise IdPError(f"the identity provider did not start within {timeout:.0f}s; see {self.log_path}")
+        self.issuer = json.loads(line.decode().splitlines()[0])["issuer"]
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.discovery_url, timeout=2) as resp:  # noqa: S310
+                    if json.load(resp).get("issuer") == self.issuer:
+                        return self.issuer
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise IdPError(f"discovery at {self.discovery_url} did not answer; see {self.log_path}")
+
+    @property
+    def discovery_url(self) -> str:
+        return f"{self.issuer}/.well-known/openid-configuration"
+
+    def endpoints(self) -> dict[str, str]:
+        """authorize/token/userinfo URLs from discovery."""
+        with urllib.request.urlopen(self.discovery_url, timeout=5) as resp:  # noqa: S310
+            doc = json.load(resp)
+        return {
+            "authorize_url": doc["authorization_endpoint"],
+            "token_url": doc["token_endpoint"],
+            "userdata_url": doc["userinfo_endpoint"],
+        }
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM the provider's process group; SIGKILL if it lingers."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout)
+            except ProcessLookupError:
+                pass
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout)
+        if proc.stdout is not None:
+            proc.stdout.close()
