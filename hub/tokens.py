@@ -9,7 +9,9 @@ tokens with only the public JWKS. Claims follow the SciTokens/WLCG JWT profile w
 from __future__ import annotations
 
 import json
+import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -26,6 +28,7 @@ __all__ = [
     "DEFAULT_AUDIENCE",
     "KNOWN_SCOPES",
     "Claims",
+    "RevocationCache",
     "SigningKey",
     "TokenError",
     "TokenIssuer",
@@ -302,3 +305,71 @@ class TokenVerifier:
         if scope is not None and scope not in claims.scopes:
             raise TokenError(403, "scope", f"the token lacks the {scope!r} scope")
         return claims
+
+
+class RevocationCache:
+    """Polls the hub's revocation list (``GET .../revoked``) so verifiers refuse revoked jtis.
+
+    Pass ``cache.is_revoked`` to :class:`TokenVerifier`. A jti revoked at the hub is refused here
+    within one ``interval`` (plus one request). If a poll fails, the last list is kept and the failure
+    is logged; ``last_success`` tells how fresh the list is.
+    """
+
+    def __init__(self, url: str, interval: float = 5.0, timeout: float = 5.0) -> None:
+        if interval <= 0:
+            raise ValueError("the revocation poll interval must be > 0 seconds")
+        self.url = url
+        self.interval = interval
+        self.timeout = timeout
+        self.last_success: float | None = None
+        self._revoked: frozenset[str] = frozenset()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._log = logging.getLogger("beamhub.tokens.revocation")
+
+    def poll_once(self) -> bool:
+        """Fetch the list now; True on success."""
+        from urllib.request import urlopen
+
+        try:
+            with urlopen(self.url, timeout=self.timeout) as resp:  # noqa: S310 - admin configuration
+                body = json.load(resp)
+            revoked = body["revoked"]
+            if not isinstance(revoked, list) or not all(isinstance(j, str) for j in revoked):
+                raise ValueError("'revoked' is not a list of jti strings")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self._log.warning(
+                "revocation list %s unavailable (%s); keeping the last one", self.url, exc
+            )
+            return False
+        self._revoked = frozenset(revoked)
+        self.last_success = time.time()
+        return True
+
+    def is_revoked(self, jti: str) -> bool:
+        return jti in self._revoked
+
+    def start(self) -> RevocationCache:
+        """Poll once now, then every ``interval`` seconds on a daemon thread."""
+        if self._thread is None:
+            self.poll_once()
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="revocation-poll", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll_once()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.timeout + 1)
+            self._thread = None
+
+    def __enter__(self) -> RevocationCache:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
