@@ -1,0 +1,477 @@
+"""The admin template: the bounds a facility puts on what users may ask of the DSN's channels.
+
+A template is YAML written by the facility's admins. :meth:`Template.load` validates the template
+itself (one clear error per bad field); :meth:`Template.check` turns a user's channel request into
+effective parameters or raises :class:`TemplateViolation` naming the field, the limit and what to do
+(HTTP 400 for malformed or out-of-range values, 403 for values the template does not allow).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+__all__ = [
+    "MODES",
+    "TEMPLATE_DIR",
+    "ChannelParams",
+    "Template",
+    "TemplateError",
+    "TemplateViolation",
+]
+
+MODES = ("l4", "l7")
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+STREAM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: Fields a channel request may carry; anything else is refused by name.
+REQUEST_FIELDS = frozenset(
+    {
+        "stream",
+        "mode",
+        "source_cidrs",
+        "consumer_cidrs",
+        "hwm",
+        "max_frame_bytes",
+        "max_rate_hz",
+        "encryption",
+        "producer_keys",
+        "consumer_keys",
+        "source_control",
+        "ttl",
+        "monitor",
+    }
+)
+MAX_LIST_ENTRIES = 64
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class TemplateError(ValueError):
+    """The template file itself is invalid (an admin's mistake): names the field."""
+
+
+class TemplateViolation(Exception):
+    """A channel request outside the template: ``status`` 400 (malformed) or 403 (not allowed)."""
+
+    def __init__(
+        self, field: str, limit: Any, message: str, status: int = 400, reason: str = "invalid"
+    ) -> None:
+        super().__init__(message)
+        self.field = field
+        self.limit = limit
+        self.message = message
+        self.status = status
+        self.reason = reason
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "error": self.message,
+            "reason": self.reason,
+            "field": self.field,
+            "limit": self.limit,
+        }
+
+
+@dataclass(frozen=True)
+class ChannelParams:
+    """A request after the template: every value explicit and inside the bounds."""
+
+    stream: str
+    mode: str
+    source_cidrs: tuple[str, ...]
+    consumer_cidrs: tuple[str, ...]
+    hwm: int
+    max_frame_bytes: int
+    max_rate_hz: float | None
+    encryption: bool
+    producer_keys: tuple[str, ...]
+    consumer_keys: tuple[str, ...]
+    source_control: str | None
+    ttl: int
+    monitor: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "stream": self.stream,
+            "mode": self.mode,
+            "source_cidrs": list(self.source_cidrs),
+            "consumer_cidrs": list(self.consumer_cidrs),
+            "hwm": self.hwm,
+            "max_frame_bytes": self.max_frame_bytes,
+            "max_rate_hz": self.max_rate_hz,
+            "encryption": self.encryption,
+            "producer_keys": list(self.producer_keys),
+            "consumer_keys": list(self.consumer_keys),
+            "source_control": self.source_control,
+            "ttl": self.ttl,
+            "monitor": self.monitor,
+        }
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _networks(value: Any, where: str) -> tuple[Network, ...]:
+    if not isinstance(value, list) or not value:
+        raise TemplateError(f"{where}: a non-empty list of networks, e.g. ['127.0.0.0/8']")
+    nets = []
+    for item in value:
+        try:
+            nets.append(ipaddress.ip_network(str(item), strict=True))
+        except ValueError as exc:
+            raise TemplateError(f"{where}: {item!r} is not a network ({exc})") from exc
+    return tuple(nets)
+
+
+def _bounded(section: Any, where: str, *, need_min: bool, allow_null: bool = False):
+    """Read ``{min?, max, default}`` of a positive number; ``None`` max means unbounded."""
+    if not isinstance(section, Mapping):
+        raise TemplateError(f"{where}: a mapping with 'max' and 'default'")
+    unknown = set(section) - {"min", "max", "default"}
+    if unknown:
+        raise TemplateError(f"{where}: unknown key(s) {sorted(unknown)}; use min, max, default")
+    lo = section.get("min", 1)
+    hi = section.get("max")
+    default = section.get("default", hi)
+    if hi is None and not allow_null:
+        raise TemplateError(f"{where}.max: required (a positive number)")
+    for name, val in (("min", lo), ("max", hi), ("default", default)):
+        if val is None and allow_null and name != "min":
+            continue
+        if not _is_number(val) or val <= 0:
+            raise TemplateError(f"{where}.{name}: must be a positive number, got {val!r}")
+    if hi is not None and lo > hi:
+        raise TemplateError(f"{where}: min {lo} is above max {hi}")
+    if default is not None and (default < lo or (hi is not None and default > hi)):
+        raise TemplateError(f"{where}.default: {default} is outside min {lo} .. max {hi}")
+    if need_min and not _is_int(lo):
+        raise TemplateError(f"{where}.min: must be an integer")
+    return lo, hi, default
+
+
+@dataclass(frozen=True)
+class Template:
+    """What an admin allows. Build with :meth:`load` or :meth:`from_mapping`."""
+
+    name: str
+    source_cidrs: tuple[Network, ...]
+    consumer_cidrs: tuple[Network, ...]
+    modes: tuple[str, ...]
+    default_mode: str
+    hwm_min: int
+    hwm_max: int
+    hwm_default: int
+    max_frame_bytes: int
+    default_frame_bytes: int
+    max_rate_hz: float | None
+    default_rate_hz: float | None
+    encryption_required: bool
+    max_lifetime_s: int
+    max_channels_per_project: int
+    source: str = field(default="<mapping>")
+
+    # ---- loading -----------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None) -> Template:
+        """Read and validate a template file; ``None`` is the packaged dev default."""
+        path = Path(path) if path is not None else TEMPLATE_DIR / "default.yaml"
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise TemplateError(f"{path}: cannot read the template ({exc.strerror})") from exc
+        except yaml.YAMLError as exc:
+            raise TemplateError(f"{path}: not valid YAML ({exc})") from exc
+        try:
+            return cls.from_mapping(data, source=str(path))
+        except TemplateError as exc:
+            raise TemplateError(f"{path}: {exc}") from None
+
+    @classmethod
+    def from_mapping(cls, data: Any, source: str = "<mapping>") -> Template:
+        if not isinstance(data, Mapping):
+            raise TemplateError("the template must be a YAML mapping of field: value")
+        known = {
+            "name", "description", "source_cidrs", "consumer_cidrs", "modes", "default_mode",
+            "hwm", "max_frame_bytes", "max_rate_hz", "encryption_required", "max_lifetime_s",
+            "max_channels_per_project",
+        }
+        unknown = set(data) - known
+        if unknown:
+            raise TemplateError(f"unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+        modes = data.get("modes", list(MODES))
+        if not isinstance(modes, list) or not modes or any(m not in MODES for m in modes):
+            raise TemplateError(f"modes: a non-empty list drawn from {list(MODES)}, got {modes!r}")
+        default_mode = data.get("default_mode", modes[-1])
+        if default_mode not in modes:
+            raise TemplateError(f"default_mode: {default_mode!r} is not one of modes {modes}")
+        hwm_min, hwm_max, hwm_default = _bounded(data.get("hwm"), "hwm", need_min=True)
+        if not all(_is_int(v) for v in (hwm_max, hwm_default)):
+            raise TemplateError("hwm: min, max and default must be integers (messages)")
+        _, fb_max, fb_default = _bounded(data.get("max_frame_bytes"), "max_frame_bytes",
+                                         need_min=False)
+        if not (_is_int(fb_max) and _is_int(fb_default)):
+            raise TemplateError("max_frame_bytes: max and default must be integers (bytes)")
+        _, rate_max, rate_default = _bounded(
+            data.get("max_rate_hz", {"max": None}), "max_rate_hz", need_min=False, allow_null=True
+        )
+        enc = data.get("encryption_required", False)
+        if not isinstance(enc, bool):
+            raise TemplateError(f"encryption_required: true or false, got {enc!r}")
+        lifetime = data.get("max_lifetime_s", 86400)
+        if not _is_int(lifetime) or lifetime <= 0:
+            raise TemplateError(f"max_lifetime_s: a positive integer (seconds), got {lifetime!r}")
+        max_channels = data.get("max_channels_per_project", 16)
+        if not _is_int(max_channels) or max_channels <= 0:
+            raise TemplateError(
+                f"max_channels_per_project: a positive integer, got {max_channels!r}"
+            )
+        name = data.get("name", Path(source).stem)
+        if not isinstance(name, str) or not name:
+            raise TemplateError(f"name: a non-empty string, got {name!r}")
+        return cls(
+            name=name,
+            source_cidrs=_networks(data.get("source_cidrs"), "source_cidrs"),
+            consumer_cidrs=_networks(data.get("consumer_cidrs"), "consumer_cidrs"),
+            modes=tuple(modes),
+            default_mode=default_mode,
+            hwm_min=int(hwm_min),
+            hwm_max=int(hwm_max),
+            hwm_default=int(hwm_default),
+            max_frame_bytes=int(fb_max),
+            default_frame_bytes=int(fb_default),
+            max_rate_hz=None if rate_max is None else float(rate_max),
+            default_rate_hz=None if rate_default is None else float(rate_default),
+            encryption_required=enc,
+            max_lifetime_s=lifetime,
+            max_channels_per_project=max_channels,
+            source=source,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The bounds as JSON, for users asking what they may request."""
+        return {
+            "name": self.name,
+            "source_cidrs": [str(n) for n in self.source_cidrs],
+            "consumer_cidrs": [str(n) for n in self.consumer_cidrs],
+            "modes": list(self.modes),
+            "default_mode": self.default_mode,
+            "hwm": {"min": self.hwm_min, "max": self.hwm_max, "default": self.hwm_default},
+            "max_frame_bytes": {"max": self.max_frame_bytes, "default": self.default_frame_bytes},
+            "max_rate_hz": {"max": self.max_rate_hz, "default": self.default_rate_hz},
+            "encryption_required": self.encryption_required,
+            "max_lifetime_s": self.max_lifetime_s,
+            "max_channels_per_project": self.max_channels_per_project,
+        }
+
+    # ---- checking a request ------------------------------------------------------------------
+
+    def check(self, request: Any, *, active_channels: int = 0) -> ChannelParams:
+        """Effective parameters for ``request`` (omitted fields get the defaults), or a violation."""
+        if not isinstance(request, Mapping):
+            raise TemplateViolation("body", None, "the request body must be a JSON object")
+        unknown = sorted(set(request) - REQUEST_FIELDS)
+        if unknown:
+            raise TemplateViolation(
+                unknown[0], sorted(REQUEST_FIELDS),
+                f"unknown field {unknown[0]!r}; a channel request may carry "
+                f"{', '.join(sorted(REQUEST_FIELDS))}", 400, "unknown_field",
+            )
+        if active_channels >= self.max_channels_per_project:
+            raise TemplateViolation(
+                "channels", self.max_channels_per_project,
+                f"the project already has {active_channels} channel(s), the template's maximum; "
+                "delete one or let one expire first", 403, "max_channels",
+            )
+        stream = request.get("stream")
+        if not isinstance(stream, str) or not STREAM_RE.match(stream):
+            raise TemplateViolation(
+                "stream", STREAM_RE.pattern,
+                "stream: a name of 1-64 letters, digits, '.', '_' or '-', e.g. 'detector-1'",
+            )
+        mode = request.get("mode", self.default_mode)
+        if mode not in MODES:
+            raise TemplateViolation("mode", list(self.modes), f"mode: one of {list(MODES)}")
+        if mode not in self.modes:
+            raise TemplateViolation(
+                "mode", list(self.modes),
+                f"mode {mode!r} is not allowed by template {self.name!r}; "
+                f"allowed: {list(self.modes)}", 403, "not_allowed",
+            )
+        sources = self._cidrs(request, "source_cidrs", self.source_cidrs)
+        consumers = self._cidrs(request, "consumer_cidrs", self.consumer_cidrs)
+        hwm = request.get("hwm", self.hwm_default)
+        if not _is_int(hwm) or not self.hwm_min <= hwm <= self.hwm_max:
+            raise TemplateViolation(
+                "hwm", {"min": self.hwm_min, "max": self.hwm_max},
+                f"hwm: an integer from {self.hwm_min} to {self.hwm_max} (messages buffered), "
+                f"got {hwm!r}", 400, "out_of_range",
+            )
+        frame = request.get("max_frame_bytes", self.default_frame_bytes)
+        if not _is_int(frame) or not 1 <= frame <= self.max_frame_bytes:
+            raise TemplateViolation(
+                "max_frame_bytes", self.max_frame_bytes,
+                f"max_frame_bytes: an integer from 1 to {self.max_frame_bytes}, got {frame!r}",
+                400, "out_of_range",
+            )
+        rate = request.get("max_rate_hz")
+        if rate is None:
+            rate = self.default_rate_hz
+        elif not _is_number(rate) or rate <= 0 or (
+            self.max_rate_hz is not None and rate > self.max_rate_hz
+        ):
+            limit = self.max_rate_hz
+            raise TemplateViolation(
+                "max_rate_hz", limit,
+                f"max_rate_hz: a positive number of frames per second"
+                f"{'' if limit is None else f' up to {limit:g}'}, got {rate!r}",
+                400, "out_of_range",
+            )
+        encryption, producer_keys, consumer_keys = self._encryption(request)
+        ttl = request.get("ttl", self.max_lifetime_s)
+        if not _is_int(ttl) or not 1 <= ttl <= self.max_lifetime_s:
+            raise TemplateViolation(
+                "ttl", self.max_lifetime_s,
+                f"ttl: channel lifetime in whole seconds from 1 to {self.max_lifetime_s}, "
+                f"got {ttl!r}", 400, "out_of_range",
+            )
+        monitor = request.get("monitor", True)
+        if not isinstance(monitor, bool):
+            raise TemplateViolation("monitor", None, "monitor: true or false")
+        return ChannelParams(
+            stream=stream,
+            mode=mode,
+            source_cidrs=tuple(str(n) for n in sources),
+            consumer_cidrs=tuple(str(n) for n in consumers),
+            hwm=hwm,
+            max_frame_bytes=frame,
+            max_rate_hz=None if rate is None else float(rate),
+            encryption=encryption,
+            producer_keys=producer_keys,
+            consumer_keys=consumer_keys,
+            source_control=self._source_control(request.get("source_control"), sources),
+            ttl=ttl,
+            monitor=monitor,
+        )
+
+    def _cidrs(self, request: Mapping, name: str, allowed: Sequence[Network]) -> list[Network]:
+        limit = [str(n) for n in allowed]
+        value = request.get(name)
+        if value is None:
+            return list(allowed)
+        if not isinstance(value, list) or not value or len(value) > MAX_LIST_ENTRIES:
+            raise TemplateViolation(
+                name, limit, f"{name}: a list of 1-{MAX_LIST_ENTRIES} networks such as "
+                f"'{limit[0]}' or single addresses",
+            )
+        nets = []
+        for item in value:
+            try:
+                net = ipaddress.ip_network(item, strict=True) if isinstance(item, str) else None
+            except ValueError:
+                net = None
+            if net is None:
+                raise TemplateViolation(
+                    name, limit, f"{name}: {item!r} is not a network (write e.g. '10.1.2.0/24' "
+                    "with the host bits zero, or one address such as '10.1.2.3')",
+                )
+            if not any(net.version == a.version and net.subnet_of(a) for a in allowed):
+                raise TemplateViolation(
+                    name, limit, f"{name}: {item} is outside the template's allowed networks "
+                    f"{limit}; ask the facility's admins to extend the template",
+                    403, "not_allowed",
+                )
+            nets.append(net)
+        return nets
+
+    def _encryption(self, request: Mapping) -> tuple[bool, tuple[str, ...], tuple[str, ...]]:
+        encryption = request.get("encryption", self.encryption_required)
+        if not isinstance(encryption, bool):
+            raise TemplateViolation("encryption", self.encryption_required,
+                                    "encryption: true or false")
+        if self.encryption_required and not encryption:
+            raise TemplateViolation(
+                "encryption", True,
+                f"template {self.name!r} requires encryption: send \"encryption\": true with the "
+                "CURVE public keys of the producer(s) and consumer(s)", 403, "encryption_required",
+            )
+        keys = {}
+        for name in ("producer_keys", "consumer_keys"):
+            value = request.get(name, [])
+            if not isinstance(value, list) or len(value) > MAX_LIST_ENTRIES:
+                raise TemplateViolation(name, MAX_LIST_ENTRIES,
+                                        f"{name}: a list of Z85 CURVE public keys")
+            for key in value:
+                if not _is_z85_key(key):
+                    raise TemplateViolation(
+                        name, None, f"{name}: {str(key)[:48]!r} is not a 40-character Z85 CURVE "
+                        "public key (make one with zmq.curve_keypair())",
+                    )
+            keys[name] = tuple(value)
+            if encryption and not value:
+                raise TemplateViolation(
+                    name, None, f"encryption needs {name}: the Z85 CURVE public keys allowed to "
+                    f"connect as {name.split('_')[0]}s", 403, "keys_required",
+                )
+        if not encryption and (keys["producer_keys"] or keys["consumer_keys"]):
+            raise TemplateViolation("encryption", self.encryption_required,
+                                    "keys were given but encryption is false: set "
+                                    "\"encryption\": true or drop the keys")
+        return encryption, keys["producer_keys"], keys["consumer_keys"]
+
+    def _source_control(self, value: Any, sources: Sequence[Network]) -> str | None:
+        """The source's control URL must point into the channel's source networks (no SSRF)."""
+        if value is None:
+            return None
+        limit = [str(n) for n in sources]
+        addr = parts = None
+        if isinstance(value, str):
+            parts = urlsplit(value)
+            try:
+                host = parts.hostname or ""
+                addr = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
+                _ = parts.port  # raises ValueError on a bad port
+            except ValueError:
+                addr = None
+        if (
+            addr is None
+            or parts.scheme not in ("http", "https")
+            or parts.path not in ("", "/")
+            or parts.query
+            or parts.fragment
+            or parts.username
+        ):
+            raise TemplateViolation(
+                "source_control", limit, "source_control: the source's control URL as "
+                "'http://ADDRESS:PORT' with an IP address, e.g. 'http://127.0.0.1:8200'",
+            )
+        if not any(addr in net for net in sources):
+            raise TemplateViolation(
+                "source_control", limit, f"source_control: {addr} is outside the channel's "
+                f"source networks {limit}; steering may only reach the source", 403, "not_allowed",
+            )
+        return f"{parts.scheme}://{parts.netloc}"
+
+
+def _is_z85_key(value: Any) -> bool:
+    if not isinstance(value, str) or len(value) != 40:
+        return False
+    from zmq.utils import z85
+
+    try:
+        return len(z85.decode(value)) == 32
+    except (ValueError, KeyError, TypeError):
+        return False
