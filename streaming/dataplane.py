@@ -1,0 +1,415 @@
+"""The DSN data plane: per-channel forwarding (L4 router or L7 gateway), provisioned by the control plane.
+
+Design
+------
+A channel has one producer face and up to three consumer faces, each a TCP socket the DSN binds:
+
+* ``producer`` (PULL): the source PUSH-connects. ``work`` (PUSH): consumers PULL-connect and
+  frames are *distributed* among them; PUSH blocks at the high-water mark, so the work stream is
+  lossless — back-pressure reaches the producer instead of frames being dropped.
+* ``monitor`` (PUB): dashboards SUB-connect; a slow viewer's queue overflows and libzmq drops
+  frames *for that viewer only*; the work stream never waits for a viewer.
+* ``report`` (PULL): consumers send small JSON status reports
+  ``{consumer_id, role, last_seq, received, lost, malformed, restarts}`` about every 0.5 s
+  (:class:`streaming.consumer.StreamConsumer` does this by itself).
+
+Modes. **L4** runs ``zmq.proxy_steerable`` in a thread: forwarding is C only, no Python per
+message; the proxy's capture socket is the monitor PUB, and its control socket answers the
+supervisor's ``STATISTICS`` polls (libzmq counts message *parts*; messages = parts / 2 for the
+``[header, payload]`` wire format). L4 cannot read headers, so it cannot enforce the stream name
+or a rate (``max_rate_hz`` is recorded and reported as not enforced); its only size guard is
+libzmq's per-part cap (``maxmsgsize``), which disconnects an offending producer. **L7** is a Python
+loop that decodes every header (:func:`streaming.wire.decode_header`), checks payload size,
+stream name and rate (token bucket), drops a bad message with a counted reason (the decoder's
+``DecodeError.reason``, ``parts``, ``stream``, ``rate``, ``shutdown``) while the stream goes on,
+and forwards the received ``zmq.Frame`` objects themselves (no payload copy).
+
+Loss is visible, never silent. PUSH cannot tell which consumer got which frame, so:
+
+* per consumer, ``lag = head - last_seq`` where ``head`` is the highest sequence the DSN forwarded
+  (L7) or the highest any consumer reported (L4); ``age_s`` says how fresh the report is (a
+  killed consumer's age grows).
+* ``unaccounted = forwarded - sum(received by work consumers)``: frames in flight, plus frames
+  lost in a dead consumer's queue. Once the stream is idle for a few report periods, it is loss.
+* a work consumer sees a *subset* of sequence numbers, so it cannot count gaps; monitor viewers
+  (who see every frame) count gaps and report them as ``lost``; L7 drops are counted by reason.
+
+Security. Every face has a ZAP domain ``beamhub/<channel>/<face>``: only source addresses in the
+channel's producer (resp. consumer) CIDRs may connect, and with ``curve=True`` every face is a
+CURVE server with the DSN's keypair and accepts only the registered public keys.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from streaming.dataplane_auth import ChannelAuthenticator, FacePolicy, zap_domain
+from streaming.dataplane_paths import ChannelCounters, FaceConfig, L4Router, L7Gateway, Supervisor
+
+__all__ = ["MODES", "ChannelEndpoints", "ChannelSpec", "DataPlane"]
+
+MODES = ("l4", "l7")
+_CHANNEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_Z85_KEY = re.compile(r"^[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
+START_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    """What the control plane asks for (already checked against the admin template)."""
+
+    channel_id: str
+    project: str
+    stream: str
+    mode: str
+    producer_cidrs: tuple[str, ...]
+    consumer_cidrs: tuple[str, ...]
+    hwm: int
+    max_frame_bytes: int
+    max_rate_hz: float | None
+    curve: bool = False
+    producer_keys: tuple[str, ...] = ()
+    consumer_keys: tuple[str, ...] = ()
+    monitor: bool = True
+
+
+@dataclass(frozen=True)
+class ChannelEndpoints:
+    """Where producers and consumers connect."""
+
+    producer: str
+    work: str
+    monitor: str | None
+    report: str | None
+    server_key: str | None
+
+
+def _networks(field: str, cidrs: tuple[str, ...]) -> tuple[Any, ...]:
+    if isinstance(cidrs, str) or not cidrs:
+        raise ValueError(f"{field}: give a non-empty list of CIDRs such as ['10.0.0.0/24']")
+    nets = []
+    for cidr in cidrs:
+        try:
+            nets.append(ipaddress.ip_network(cidr, strict=False))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{field}: {cidr!r} is not a CIDR such as '10.0.0.0/24'") from exc
+    return tuple(nets)
+
+
+def _keys(field: str, keys: tuple[str, ...]) -> tuple[bytes, ...]:
+    if isinstance(keys, str) or not keys:
+        raise ValueError(f"{field}: curve=True needs at least one z85 CURVE public key")
+    out = []
+    for key in keys:
+        text = key.decode() if isinstance(key, bytes) else key
+        if not isinstance(text, str) or not _Z85_KEY.match(text):
+            raise ValueError(f"{field}: {key!r} is not a 40-character z85 CURVE public key")
+        out.append(text.encode())
+    return tuple(out)
+
+
+def validate_spec(spec: ChannelSpec) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """Raise ValueError naming the field; return the parsed (producer, consumer) networks."""
+    if not isinstance(spec.channel_id, str) or not _CHANNEL_ID.match(spec.channel_id):
+        raise ValueError("channel_id: 1-64 letters, digits, '.', '_' or '-'")
+    if not isinstance(spec.stream, str) or not spec.stream:
+        raise ValueError("stream: give the stream name producers put in their headers")
+    if spec.mode not in MODES:
+        raise ValueError(f"mode: {spec.mode!r} is not one of {', '.join(MODES)}")
+    if (
+        isinstance(spec.hwm, bool)
+        or not isinstance(spec.hwm, int)
+        or not 1 <= spec.hwm <= 1_000_000
+    ):
+        raise ValueError(f"hwm: {spec.hwm!r} must be an integer between 1 and 1000000 messages")
+    if (
+        isinstance(spec.max_frame_bytes, bool)
+        or not isinstance(spec.max_frame_bytes, int)
+        or spec.max_frame_bytes < 1
+    ):
+        raise ValueError(f"max_frame_bytes: {spec.max_frame_bytes!r} must be a positive integer")
+    if spec.max_rate_hz is not None and not (
+        isinstance(spec.max_rate_hz, int | float) and 0 < spec.max_rate_hz < float("inf")
+    ):
+        raise ValueError(f"max_rate_hz: {spec.max_rate_hz!r} must be a positive number or None")
+    nets = (
+        _networks("producer_cidrs", spec.producer_cidrs),
+        _networks("consumer_cidrs", spec.consumer_cidrs),
+    )
+    if spec.curve:
+        _keys("producer_keys", spec.producer_keys)
+        _keys("consumer_keys", spec.consumer_keys)
+    return nets
+
+
+class _Channel:
+    """The threads and counters of one provisioned channel."""
+
+    def __init__(
+        self,
+        spec: ChannelSpec,
+        threads: list[Any],
+        supervisor: Supervisor,
+        counters: ChannelCounters,
+        endpoints: ChannelEndpoints,
+    ) -> None:
+        self.spec = spec
+        self.threads = threads
+        self.supervisor = supervisor
+        self.counters = counters
+        self.endpoints = endpoints
+        self.created = time.time()
+
+
+class DataPlane:
+    """Provision, inspect and remove channels; one ZeroMQ context and one ZAP handler for all."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        *,
+        context: zmq.Context | None = None,
+        log: logging.Logger | None = None,
+        advertise_host: str | None = None,
+        server_keypair: tuple[bytes, bytes] | None = None,
+    ) -> None:
+        self.host = host
+        self.advertise = advertise_host or host
+        self.log = log or logging.getLogger("beamhub.dsn.dataplane")
+        self._own_context = context is None
+        self.context = context or zmq.Context()
+        self.public_key, self._secret_key = server_keypair or zmq.curve_keypair()
+        self._channels: dict[str, _Channel] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self.auth = ChannelAuthenticator(self.context, log=self.log.getChild("zap"))
+        try:
+            self.auth.start()
+        except zmq.ZMQError as exc:
+            raise RuntimeError(
+                f"cannot start the data plane's ZAP handler ({exc}): another authenticator already "
+                "serves this ZeroMQ context; give DataPlane its own context"
+            ) from exc
+
+    def provision(self, spec: ChannelSpec) -> ChannelEndpoints:
+        """Bind the channel's faces and start forwarding; raise ValueError on a bad spec."""
+        producer_nets, consumer_nets = validate_spec(spec)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the data plane is closed")
+            if spec.channel_id in self._channels:
+                raise ValueError(f"channel_id: {spec.channel_id!r} is already provisioned")
+            self._channels[spec.channel_id] = None  # type: ignore[assignment]  # reserve the id
+        try:
+            channel = self._start(spec, producer_nets, consumer_nets)
+        except BaseException:
+            with self._lock:
+                self._channels.pop(spec.channel_id, None)
+            raise
+        with self._lock:
+            self._channels[spec.channel_id] = channel
+        self.log.info(
+            "channel %s (project %s, stream %s, %s) producer %s work %s monitor %s",
+            spec.channel_id,
+            spec.project,
+            spec.stream,
+            spec.mode,
+            channel.endpoints.producer,
+            channel.endpoints.work,
+            channel.endpoints.monitor,
+        )
+        if spec.mode == "l4" and spec.max_rate_hz is not None:
+            self.log.warning(
+                "channel %s: max_rate_hz=%s is not enforced in L4 mode (no per-message code); "
+                "use mode l7 to enforce it",
+                spec.channel_id,
+                spec.max_rate_hz,
+            )
+        return channel.endpoints
+
+    def _start(self, spec: ChannelSpec, producer_nets: tuple, consumer_nets: tuple) -> _Channel:
+        pdom, cdom = (
+            zap_domain(spec.channel_id, "producer"),
+            zap_domain(spec.channel_id, "consumer"),
+        )
+        pkeys = _keys("producer_keys", spec.producer_keys) if spec.curve else ()
+        ckeys = _keys("consumer_keys", spec.consumer_keys) if spec.curve else ()
+        self.auth.set_policy(pdom, FacePolicy(producer_nets, pkeys))
+        self.auth.set_policy(cdom, FacePolicy(consumer_nets, ckeys))
+        faces = FaceConfig(
+            host=self.host,
+            advertise=self.advertise,
+            hwm=spec.hwm,
+            max_frame_bytes=spec.max_frame_bytes,
+            producer_domain=pdom,
+            consumer_domain=cdom,
+            curve_secret=self._secret_key if spec.curve else None,
+            monitor=spec.monitor,
+            stream=spec.stream,
+            max_rate_hz=spec.max_rate_hz,
+        )
+        counters = ChannelCounters()
+        tag = f"dsn-{spec.channel_id}-{uuid.uuid4().hex[:6]}"
+        if spec.mode == "l4":
+            path: Any = L4Router(self.context, f"{tag}-l4", faces, self.log)
+            control = path.control_endpoint
+        else:
+            path = L7Gateway(self.context, f"{tag}-l7", faces, self.log, counters)
+            control = None
+        supervisor = Supervisor(self.context, f"{tag}-sup", faces, self.log, counters, control)
+        threads = [
+            path,
+            supervisor,
+        ]  # the proxy binds its control socket before the supervisor connects
+        started: list[Any] = []
+        try:
+            for thread in threads:
+                thread.start()
+                started.append(thread)
+                if not thread.ready.wait(START_TIMEOUT_S):
+                    raise RuntimeError(f"{thread.name} did not start within {START_TIMEOUT_S} s")
+                if thread.error is not None:
+                    raise RuntimeError(
+                        f"cannot bind the channel's sockets on {self.host}: {thread.error}"
+                    )
+        except BaseException:
+            self._stop_threads(started, supervisor)
+            self.auth.remove_policy(pdom)
+            self.auth.remove_policy(cdom)
+            raise
+        eps = {**path.endpoints, **supervisor.endpoints}
+        endpoints = ChannelEndpoints(
+            producer=eps["producer"],
+            work=eps["work"],
+            monitor=eps.get("monitor"),
+            report=eps.get("report"),
+            server_key=self.public_key.decode() if spec.curve else None,
+        )
+        return _Channel(spec, threads, supervisor, counters, endpoints)
+
+    @staticmethod
+    def _stop_threads(threads: list[Any], supervisor: Supervisor) -> None:
+        # The supervisor first: in L4 it sends TERMINATE to the proxy on its way out.
+        if supervisor in threads:
+            supervisor.stop()
+        for thread in threads:
+            if thread is not supervisor:
+                thread.stop()
+
+    def _get(self, channel_id: str) -> _Channel:
+        with self._lock:
+            channel = self._channels.get(channel_id)
+        if channel is None:
+            raise KeyError(f"no channel {channel_id!r} on this data plane")
+        return channel
+
+    def endpoints(self, channel_id: str) -> ChannelEndpoints:
+        return self._get(channel_id).endpoints
+
+    def channels(self) -> list[str]:
+        with self._lock:
+            return [cid for cid, ch in self._channels.items() if ch is not None]
+
+    def stats(self, channel_id: str) -> dict:
+        """Live counters: messages, bytes, rate, drops by reason, per-consumer lag and loss."""
+        channel = self._get(channel_id)
+        spec, c, sup = channel.spec, channel.counters, channel.supervisor
+        consumers = sup.consumer_table()
+        reported = [e["last_seq"] for e in consumers.values() if e["last_seq"] is not None]
+        if spec.mode == "l7":
+            head = c.last_seq
+        else:
+            head = max(reported) if reported else None
+        now = time.monotonic()
+        table = {}
+        for cid, e in consumers.items():
+            lag = None
+            if head is not None and e["last_seq"] is not None:
+                lag = max(0, head - e["last_seq"])
+            table[cid] = {
+                "role": e["role"],
+                "last_seq": e["last_seq"],
+                "lag": lag,
+                "received": e["received"],
+                "lost": e["lost"],
+                "malformed": e["malformed"],
+                "restarts": e["restarts"],
+                "age_s": round(now - e["t"], 3),
+            }
+        work_received = sum(e["received"] for e in consumers.values() if e["role"] == "work")
+        rate_hz, gb_per_s = sup.rates()
+        refused = {
+            face: self.auth.refused.get(zap_domain(channel_id, face), 0)
+            for face in ("producer", "consumer")
+        }
+        return {
+            "mode": spec.mode,
+            "stream": spec.stream,
+            "messages": c.messages,
+            "bytes": c.bytes,
+            "rate_hz": round(rate_hz, 3),
+            "gb_per_s": round(gb_per_s, 6),
+            "drops": dict(c.drops),
+            "head_seq": head,
+            "producer_restarts": c.producer_restarts if spec.mode == "l7" else None,
+            "unaccounted": max(0, c.messages - work_received) if consumers else None,
+            "consumers": table,
+            "monitor": {
+                "enabled": spec.monitor,
+                "endpoint": channel.endpoints.monitor,
+                "sent": c.monitor_sent if spec.mode == "l7" else c.messages,
+                "viewers": sum(1 for e in consumers.values() if e["role"] == "monitor"),
+                "viewer_lost": sum(e["lost"] for e in consumers.values() if e["role"] == "monitor"),
+            },
+            "limits": {
+                "hwm": spec.hwm,
+                "max_frame_bytes": spec.max_frame_bytes,
+                "max_rate_hz": spec.max_rate_hz,
+                "rate_enforced": spec.mode == "l7",
+                "stream_enforced": spec.mode == "l7",
+                "curve": spec.curve,
+            },
+            "refused_connections": refused,
+            "report_errors": sup.report_errors,
+        }
+
+    def remove(self, channel_id: str) -> None:
+        """Stop the channel's threads, close its sockets and forget its ZAP policies."""
+        with self._lock:
+            channel = self._channels.pop(channel_id, None)
+        if channel is None:
+            raise KeyError(f"no channel {channel_id!r} on this data plane")
+        self._stop_threads(channel.threads, channel.supervisor)
+        self.auth.remove_policy(zap_domain(channel_id, "producer"))
+        self.auth.remove_policy(zap_domain(channel_id, "consumer"))
+        alive = [t.name for t in channel.threads if t.is_alive()]
+        if alive:
+            self.log.error("channel %s: threads still running after stop: %s", channel_id, alive)
+        self.log.info("channel %s removed after %d messages", channel_id, channel.counters.messages)
+
+    def close(self) -> None:
+        """Remove every channel, stop the ZAP handler and (if ours) terminate the context."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        for channel_id in self.channels():
+            self.remove(channel_id)
+        self.auth.stop()
+        if self._own_context:
+            self.context.term()
+
+    def __enter__(self) -> DataPlane:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

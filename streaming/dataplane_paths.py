@@ -1,0 +1,398 @@
+"""The DSN's forwarding threads: L4 router (libzmq proxy, in C), L7 gateway (Python), supervisor.
+
+Each thread creates, binds and closes its own sockets; ``ready`` is set once they are bound (or
+``error`` is set); a stop message on an inproc pipe ends it, and ``ContextTerminated`` is a clean
+exit. The supervisor collects consumers' status reports and, for L4, polls the proxy's
+``STATISTICS`` so no Python runs per message. See :mod:`streaming.dataplane` for the design.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from streaming.wire import MAX_HEADER_BYTES, DecodeError, check_payload, decode_header
+
+__all__ = ["ChannelCounters", "FaceConfig", "L4Router", "L7Gateway", "Supervisor"]
+
+#: Messages handled per poll wake-up by the L7 gateway (keeps stop/latency checks regular).
+BURST = 256
+#: How often the supervisor samples counters (rate) and, in L4, asks the proxy for statistics.
+SAMPLE_S = 0.2
+#: At most this many consumers are tracked per channel; further reporters are counted, not kept.
+MAX_CONSUMERS = 1024
+REPORT_MAX_BYTES = 4096
+
+
+@dataclass
+class FaceConfig:
+    """How a channel's sockets are bound: where, with which limits and which ZAP domains."""
+
+    host: str
+    advertise: str
+    hwm: int
+    max_frame_bytes: int
+    producer_domain: str
+    consumer_domain: str
+    curve_secret: bytes | None = None
+    monitor: bool = True
+    stream: str = ""
+    max_rate_hz: float | None = None
+
+
+@dataclass
+class ChannelCounters:
+    """Counters written by one forwarding thread; read (racily, as plain ints) by stats()."""
+
+    messages: int = 0
+    bytes: int = 0
+    parts: int = 0
+    drops: dict[str, int] = field(default_factory=dict)
+    last_seq: int | None = None
+    last_run: int | None = None
+    producer_restarts: int = 0
+    monitor_sent: int = 0
+    in_flight_at_stop: int = 0
+
+    def drop(self, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+
+
+class _ChannelThread(threading.Thread):
+    """Common start/stop protocol: sockets live and die in this thread."""
+
+    def __init__(self, ctx: zmq.Context, name: str, faces: FaceConfig, log: logging.Logger) -> None:
+        super().__init__(name=name, daemon=True)
+        self.ctx = ctx
+        self.faces = faces
+        self.log = log
+        self.stop_endpoint = f"inproc://{name}-{uuid.uuid4().hex}-stop"
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.endpoints: dict[str, str] = {}
+        self._sockets: list[zmq.Socket] = []
+
+    def _socket(self, kind: int) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.linger = 0
+        self._sockets.append(sock)
+        return sock
+
+    def _bind_face(self, sock: zmq.Socket, face: str, domain: str) -> str:
+        """Bind a TCP face with its ZAP domain (and CURVE server key); return its endpoint."""
+        sock.zap_domain = domain.encode()
+        if self.faces.curve_secret is not None:
+            sock.curve_server = True
+            sock.curve_secretkey = self.faces.curve_secret
+        sock.bind(f"tcp://{self.faces.host}:*")
+        port = sock.last_endpoint.decode().rsplit(":", 1)[1]
+        self.endpoints[face] = f"tcp://{self.faces.advertise}:{port}"
+        return self.endpoints[face]
+
+    def run(self) -> None:
+        try:
+            stop = self._socket(zmq.PULL)
+            stop.bind(self.stop_endpoint)
+            self.setup()
+        except zmq.ZMQError as exc:
+            self.error = exc
+            self.ready.set()
+            self._close()
+            return
+        self.ready.set()
+        try:
+            self.loop(stop)
+        except zmq.ContextTerminated:
+            pass  # the DataPlane's context is going away: a clean exit
+        except Exception:
+            self.log.exception("data plane thread %s failed", self.name)
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        for sock in self._sockets:
+            sock.close(linger=0)
+        self._sockets.clear()
+
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def loop(self, stop: zmq.Socket) -> None:
+        raise NotImplementedError
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the thread to finish (from any thread) and wait for it."""
+        if self.is_alive():
+            pipe = self.ctx.socket(zmq.PUSH)
+            try:
+                pipe.linger = 0
+                pipe.connect(self.stop_endpoint)
+                pipe.send(b"STOP", flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # already stopping: its pipe is gone
+            finally:
+                pipe.close(linger=0)
+        self.join(timeout)
+
+
+class L4Router(_ChannelThread):
+    """``zmq.proxy_steerable``: PULL → PUSH in C; the capture socket is the PUB monitor."""
+
+    def __init__(self, ctx: zmq.Context, name: str, faces: FaceConfig, log: logging.Logger) -> None:
+        super().__init__(ctx, name, faces, log)
+        self.control_endpoint = f"inproc://{name}-{uuid.uuid4().hex}-control"
+
+    def setup(self) -> None:
+        f = self.faces
+        self.front = self._socket(zmq.PULL)
+        self.front.rcvhwm = f.hwm
+        # L4 cannot inspect headers; libzmq's per-part size cap is its only size guard.
+        self.front.maxmsgsize = max(f.max_frame_bytes, MAX_HEADER_BYTES)
+        self._bind_face(self.front, "producer", f.producer_domain)
+        self.work = self._socket(zmq.PUSH)
+        self.work.sndhwm = f.hwm
+        self._bind_face(self.work, "work", f.consumer_domain)
+        self.capture = None
+        if f.monitor:
+            self.capture = self._socket(zmq.PUB)
+            self.capture.sndhwm = f.hwm
+            self._bind_face(self.capture, "monitor", f.consumer_domain)
+        self.control = self._socket(zmq.PAIR)
+        self.control.bind(self.control_endpoint)
+
+    def loop(self, stop: zmq.Socket) -> None:
+        # Returns when the supervisor (owner of the control peer) sends TERMINATE.
+        zmq.proxy_steerable(self.front, self.work, self.capture, self.control)
+
+
+class L7Gateway(_ChannelThread):
+    """Validates every header, enforces stream/size/rate, forwards zmq.Frames without copying."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        name: str,
+        faces: FaceConfig,
+        log: logging.Logger,
+        counters: ChannelCounters,
+    ) -> None:
+        super().__init__(ctx, name, faces, log)
+        self.counters = counters
+
+    def setup(self) -> None:
+        f = self.faces
+        self.front = self._socket(zmq.PULL)
+        self.front.rcvhwm = f.hwm
+        # Beyond twice the limit libzmq disconnects the sender; up to it, we count "oversized".
+        self.front.maxmsgsize = 2 * max(f.max_frame_bytes, MAX_HEADER_BYTES)
+        self._bind_face(self.front, "producer", f.producer_domain)
+        self.work = self._socket(zmq.PUSH)
+        self.work.sndhwm = f.hwm
+        self._bind_face(self.work, "work", f.consumer_domain)
+        self.monitor = None
+        if f.monitor:
+            self.monitor = self._socket(zmq.PUB)
+            self.monitor.sndhwm = f.hwm
+            self._bind_face(self.monitor, "monitor", f.consumer_domain)
+
+    def loop(self, stop: zmq.Socket) -> None:
+        poller = zmq.Poller()
+        poller.register(stop, zmq.POLLIN)
+        poller.register(self.front, zmq.POLLIN)
+        blocked = zmq.Poller()  # used while the work stream is at its high-water mark
+        blocked.register(stop, zmq.POLLIN)
+        blocked.register(self.work, zmq.POLLOUT)
+        c = self.counters
+        f = self.faces
+        rate = f.max_rate_hz
+        capacity = max(1.0, rate or 0.0)
+        tokens = capacity
+        t_last = time.monotonic()
+        recv = self.front.recv_multipart
+        while True:
+            events = dict(poller.poll())
+            if stop in events:
+                return
+            for _ in range(BURST):
+                try:
+                    parts = recv(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                if len(parts) != 2:
+                    c.drop("parts")
+                    continue
+                head, payload = parts
+                try:
+                    header = decode_header(head.bytes)
+                    check_payload(header, len(payload), f.max_frame_bytes)
+                except DecodeError as exc:
+                    c.drop(exc.reason)
+                    continue
+                if header.stream != f.stream:
+                    c.drop("stream")
+                    continue
+                if rate is not None:
+                    now = time.monotonic()
+                    tokens = min(capacity, tokens + (now - t_last) * rate)
+                    t_last = now
+                    if tokens < 1.0:
+                        c.drop("rate")
+                        continue
+                    tokens -= 1.0
+                if c.last_seq is not None and (
+                    header.seq <= c.last_seq or header.run != c.last_run
+                ):
+                    c.producer_restarts += 1
+                    self.log.warning(
+                        "stream %s: sequence went from %d (run %s) to %d (run %d): producer restart",
+                        f.stream,
+                        c.last_seq,
+                        c.last_run,
+                        header.seq,
+                        header.run,
+                    )
+                if not self._send_work(parts, stop, blocked):
+                    c.drop("shutdown")
+                    return
+                c.last_seq = header.seq
+                c.last_run = header.run
+                c.messages += 1
+                c.bytes += len(head) + len(payload)
+                if self.monitor is not None:
+                    # PUB never blocks: a slow viewer's queue overflows and libzmq drops for it.
+                    self.monitor.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
+                    c.monitor_sent += 1
+
+    def _send_work(self, parts: list[Any], stop: zmq.Socket, blocked: zmq.Poller) -> bool:
+        """Lossless hand-off: wait at the high-water mark, but stay stoppable."""
+        while True:
+            try:
+                self.work.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
+                return True
+            except zmq.Again:
+                events = dict(blocked.poll(500))
+                if stop in events:
+                    return False
+
+
+class Supervisor(_ChannelThread):
+    """Collects consumer reports (lag, loss) and samples counters; L4: polls proxy STATISTICS."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        name: str,
+        faces: FaceConfig,
+        log: logging.Logger,
+        counters: ChannelCounters,
+        control_endpoint: str | None,
+    ) -> None:
+        super().__init__(ctx, name, faces, log)
+        self.counters = counters
+        self.control_endpoint = control_endpoint
+        self.consumers: dict[str, dict[str, Any]] = {}
+        self.report_errors = 0
+        self.untracked_reporters = 0
+        self.samples: deque[tuple[float, int, int]] = deque(maxlen=16)
+        self._lock = threading.Lock()
+
+    def setup(self) -> None:
+        self.report = self._socket(zmq.PULL)
+        self.report.rcvhwm = 1000
+        self.report.maxmsgsize = REPORT_MAX_BYTES
+        self._bind_face(self.report, "report", self.faces.consumer_domain)
+        self.control = None
+        if self.control_endpoint is not None:
+            self.control = self._socket(zmq.PAIR)
+            self.control.connect(self.control_endpoint)
+
+    def loop(self, stop: zmq.Socket) -> None:
+        poller = zmq.Poller()
+        poller.register(stop, zmq.POLLIN)
+        poller.register(self.report, zmq.POLLIN)
+        next_sample = 0.0
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= next_sample:
+                    self._sample(now)
+                    next_sample = now + SAMPLE_S
+                events = dict(poller.poll(max(1, int((next_sample - now) * 1000))))
+                if stop in events:
+                    return
+                if self.report in events:
+                    while True:
+                        try:
+                            self._on_report(self.report.recv(zmq.NOBLOCK))
+                        except zmq.Again:
+                            break
+        finally:
+            if self.control is not None:
+                self._statistics()  # final counters before the proxy goes
+                self.control.send(b"TERMINATE")
+
+    def _statistics(self) -> None:
+        """Ask the proxy for libzmq's counters (frontend in, backend out)."""
+        self.control.send(b"STATISTICS")
+        if not self.control.poll(2000):
+            self.log.warning("proxy %s did not answer STATISTICS", self.name)
+            return
+        values = [struct.unpack("<Q", p)[0] for p in self.control.recv_multipart()]
+        c = self.counters
+        c.parts = values[6]  # backend parts out = forwarded
+        c.messages = values[6] // 2  # the wire format is [header, payload]
+        c.bytes = values[7]
+        c.in_flight_at_stop = values[0] - values[6]
+
+    def _sample(self, now: float) -> None:
+        if self.control is not None:
+            self._statistics()
+        self.samples.append((now, self.counters.messages, self.counters.bytes))
+
+    def rates(self) -> tuple[float, float]:
+        """(messages/s, GB/s) over the last ~2 s of samples."""
+        samples = list(self.samples)
+        if len(samples) < 2 or samples[-1][0] <= samples[0][0]:
+            return 0.0, 0.0
+        (t0, m0, b0), (t1, m1, b1) = samples[0], samples[-1]
+        return (m1 - m0) / (t1 - t0), (b1 - b0) / (t1 - t0) / 1e9
+
+    def _on_report(self, raw: bytes) -> None:
+        try:
+            body = json.loads(raw)
+            cid = body["consumer_id"]
+            entry = {
+                "role": "monitor" if body.get("role") == "monitor" else "work",
+                "last_seq": body.get("last_seq"),
+                "received": int(body.get("received", 0)),
+                "lost": int(body.get("lost", 0)),
+                "malformed": int(body.get("malformed", 0)),
+                "restarts": int(body.get("restarts", 0)),
+                "t": time.monotonic(),
+            }
+            if not isinstance(cid, str) or not cid or len(cid) > 128:
+                raise ValueError("consumer_id must be a short non-empty string")
+            if entry["last_seq"] is not None and not isinstance(entry["last_seq"], int):
+                raise ValueError("last_seq must be an integer")
+        except (ValueError, KeyError, TypeError) as exc:
+            self.report_errors += 1
+            self.log.debug("bad consumer report: %s", exc)
+            return
+        with self._lock:
+            if cid not in self.consumers and len(self.consumers) >= MAX_CONSUMERS:
+                self.untracked_reporters += 1
+                return
+            self.consumers[cid] = entry
+
+    def consumer_table(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return {cid: dict(entry) for cid, entry in self.consumers.items()}
