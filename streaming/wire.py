@@ -118,6 +118,8 @@ def decode_header(raw: bytes | memoryview) -> FrameHeader:
         body = json.loads(bytes(raw))
     except (UnicodeDecodeError, ValueError) as exc:
         raise DecodeError("bad_header", f"header is not JSON ({exc})") from None
+    except RecursionError:
+        raise DecodeError("bad_header", "header JSON is nested too deeply") from None
     if not isinstance(body, dict):
         raise DecodeError("bad_header", "header must be a JSON object")
     version = body.get("v")
@@ -183,7 +185,10 @@ def decode(parts: Sequence[Any], max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Fr
     header = decode_header(_buffer(parts[0]))
     payload = _buffer(parts[1])
     check_payload(header, payload.nbytes, max_bytes)
-    data = np.frombuffer(payload, dtype=header.dtype).reshape(header.shape)
+    try:
+        data = np.frombuffer(payload, dtype=header.dtype).reshape(header.shape)
+    except ValueError as exc:  # e.g. an empty frame with a dimension numpy cannot represent
+        raise DecodeError("shape", f"shape {list(header.shape)} is not representable: {exc}") from None
     return Frame(header, data)
 
 
@@ -193,7 +198,8 @@ def encode(header: FrameHeader, data: np.ndarray) -> list[Any]:
         raise ValueError(
             f"header says {header.dtype} {header.shape}, array is {data.dtype.str} {data.shape}"
         )
-    return [header.to_bytes(), memoryview(np.ascontiguousarray(data)).cast("B")]
+    flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)  # views: works for empty arrays
+    return [header.to_bytes(), memoryview(flat)]
 
 
 def send_frame(sock: Any, header: FrameHeader, data: np.ndarray, *, flags: int = 0) -> None:
