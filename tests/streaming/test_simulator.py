@@ -1,0 +1,238 @@
+"""The simulated detector: honest frames, truth peaks on bright pixels, steerable physics, real ZeroMQ."""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+
+import numpy as np
+import pytest
+import zmq
+
+from streaming.params import ParamError
+from streaming.simulator import (
+    BEAMSTOP_RADIUS_PX,
+    MIN_SEPARATION_PX,
+    SimulatedDetector,
+    effective_hit_fraction,
+)
+from streaming.source import SourceRunner
+from streaming.wire import Frame, recv_frame
+
+
+class Receiver:
+    """A PULL socket bound on an ephemeral loopback port, as a DSN or consumer would be."""
+
+    def __init__(self, rcvhwm: int = 1000) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.PULL)
+        self.sock.rcvhwm = rcvhwm
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+
+    def recv(self, timeout: float = 5.0) -> Frame:
+        if not self.sock.poll(int(timeout * 1000)):
+            raise TimeoutError(f"no frame within {timeout} s")
+        return recv_frame(self.sock)
+
+    def drain(self, quiet: float = 0.3) -> list[Frame]:
+        frames = []
+        while self.sock.poll(int(quiet * 1000)):
+            frames.append(recv_frame(self.sock))
+        return frames
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+@pytest.fixture
+def receiver():
+    rx = Receiver()
+    yield rx
+    rx.close()
+
+
+def peak_radius(det: SimulatedDetector, peak) -> float:
+    return math.hypot(peak[0] - det.beam_center[0], peak[1] - det.beam_center[1])
+
+
+def test_schema_names_every_steerable_parameter():
+    det = SimulatedDetector((128, 128), seed=0)
+    schema = {p["name"]: p for p in det.params.schema()}
+    for name in ("rate_hz", "hit_fraction", "beam_intensity", "detector_distance_mm",
+                 "sample_position_um"):
+        spec = schema[name]
+        assert spec["type"] == "float"
+        assert spec["min"] < spec["max"]
+        assert spec["step"] > 0
+        assert spec["description"]
+        assert "units" in spec
+    assert schema["rate_hz"]["default"] == 120.0
+    assert schema["detector_distance_mm"]["units"] == "mm"
+
+
+def test_default_frames_are_4mib_float32_and_every_frame_fresh():
+    det = SimulatedDetector(seed=1, hit_fraction=1.0)
+    a, meta_a = det.generate()
+    b, meta_b = det.generate()
+    assert a.shape == (1024, 1024) and a.dtype == np.float32 and a.nbytes == 4 * 1024 * 1024
+    assert a is not b and not np.shares_memory(a, b)
+    assert not np.array_equal(a, b)
+    assert meta_a["hit"] and meta_b["hit"]
+    assert meta_a["peaks"] != meta_b["peaks"]
+    # the background shows the water ring: brighter at its radius than just inside it
+    ring = det.ring_radius_px()
+    r = np.hypot(*(np.indices(a.shape) - np.array(det.beam_center)[:, None, None]))
+    on_ring = np.median(a[np.abs(r - ring) < 3])
+    inside = np.median(a[np.abs(r - (ring - 80)) < 3])
+    assert on_ring > inside + 10
+
+
+def test_truth_peaks_sit_on_bright_pixels_inside_the_detector():
+    det = SimulatedDetector((512, 512), seed=2, hit_fraction=1.0)
+    h, w = det.shape
+    checked = 0
+    for _ in range(20):
+        frame, meta = det.generate()
+        assert meta["hit"] and len(meta["peaks"]) >= 5
+        peaks = np.array(meta["peaks"])
+        for y, x, height in peaks:
+            assert 0 <= y < h and 0 <= x < w
+            assert peak_radius(det, (y, x)) > BEAMSTOP_RADIUS_PX
+            iy, ix = round(y), round(x)
+            window = frame[max(iy - 12, 0):iy + 13, max(ix - 12, 0):ix + 13]
+            local = np.median(window)
+            noise = 1.4826 * np.median(np.abs(window - local))
+            assert frame[iy, ix] - local > 8 * noise, (y, x, height)
+            assert frame[iy, ix] - local > 0.5 * height
+            checked += 1
+        d = np.hypot(peaks[:, None, 0] - peaks[None, :, 0], peaks[:, None, 1] - peaks[None, :, 1])
+        assert d[np.triu_indices(len(peaks), 1)].min() >= MIN_SEPARATION_PX
+    assert checked > 300
+
+
+def test_measured_hit_fraction_matches_the_configured_one():
+    det = SimulatedDetector((256, 256), seed=3, hit_fraction=0.3)
+    n = 1000
+    hits = [det.generate()[1] for _ in range(n)]
+    measured = sum(m["hit"] for m in hits) / n
+    assert abs(measured - 0.3) < 0.05  # > 3 binomial standard deviations
+    assert all(bool(m["peaks"]) == m["hit"] for m in hits)
+
+
+def test_detector_distance_moves_peaks_radially():
+    det = SimulatedDetector((512, 512), seed=4, hit_fraction=1.0, detector_distance_mm=60.0)
+    for distance in (60.0, 120.0):
+        det.set_param("detector_distance_mm", distance)
+        for _ in range(5):
+            _, meta = det.generate()
+            for peak, two_theta in zip(meta["peaks"], meta["two_theta_deg"], strict=True):
+                expected = distance * 1000 * math.tan(math.radians(two_theta)) / 100.0
+                assert peak_radius(det, peak) == pytest.approx(expected, abs=0.01)
+    # the same reflection at twice the distance sits twice as far out (small-angle regime)
+    assert det.radius_px(0.05, 120.0) == pytest.approx(2 * det.radius_px(0.05, 60.0))
+
+
+def test_sample_position_lowers_the_hit_rate():
+    det = SimulatedDetector((256, 256), seed=5, hit_fraction=0.5)
+    centred = sum(det.generate()[1]["hit"] for _ in range(400))
+    det.set_param("sample_position_um", 75.0)
+    metas = [det.generate()[1] for _ in range(400)]
+    moved = sum(m["hit"] for m in metas)
+    assert metas[0]["effective_hit_fraction"] == pytest.approx(0.5 * math.exp(-((75 / 50) ** 2)),
+                                                                rel=1e-4)
+    assert centred > 150  # ~200 expected
+    assert moved < 60  # ~42 expected
+    assert effective_hit_fraction(0.5, 500.0) < 1e-40
+
+
+def test_beam_intensity_scales_background_and_peaks():
+    det = SimulatedDetector((256, 256), seed=6, hit_fraction=0.0)
+    low = det.generate()[0].mean()
+    det.set_param("beam_intensity", 4.0)
+    high = det.generate()[0].mean()
+    assert high == pytest.approx(4 * low, rel=0.05)
+
+
+def test_out_of_schema_values_are_refused_naming_field_and_bound():
+    det = SimulatedDetector((128, 128), seed=0)
+    with pytest.raises(ParamError) as info:
+        det.set_param("hit_fraction", 1.5)
+    assert info.value.field == "hit_fraction" and info.value.limit == {"max": 1.0}
+    assert "1.0" in str(info.value)
+    with pytest.raises(ParamError) as info:
+        det.set_param("detector_distance_mm", 10)
+    assert info.value.limit == {"min": 50.0}
+    with pytest.raises(ParamError):
+        det.set_param("rate_hz", "fast")
+    with pytest.raises(ParamError):
+        det.set_param("peaks_per_hit", 2.5)
+    with pytest.raises(ParamError):
+        SimulatedDetector((128, 128), beam_intensity=-1)
+    assert det.params["hit_fraction"] == 0.3  # unchanged by the refused values
+
+
+def test_frames_stream_over_zeromq_with_correct_headers_and_checksums(receiver):
+    twin = SimulatedDetector((256, 256), seed=7, hit_fraction=0.5, rate_hz=200.0)
+    det = SimulatedDetector((256, 256), seed=7, hit_fraction=0.5, rate_hz=200.0)
+    runner = SourceRunner(det, stream="sfx", connect=receiver.endpoint, sndhwm=1000).start()
+    try:
+        runner.start_run()
+        frames = [receiver.recv() for _ in range(60)]
+    finally:
+        runner.stop()
+    assert [f.header.seq for f in frames] == list(range(60))
+    producers = {f.header.meta["producer"] for f in frames}
+    assert producers == {runner.producer_id}
+    for f in frames:
+        h = f.header
+        assert (h.stream, h.run, h.rev, h.dtype, h.shape) == ("sfx", 1, 0, "<f4", (256, 256))
+        assert h.meta["crc32"] == zlib.crc32(f.data.tobytes())
+        assert h.meta["params"]["hit_fraction"] == 0.5
+        expected, meta = twin.generate()  # the same seed yields the same frame: bit-exact arrival
+        assert np.array_equal(f.data, expected)
+        assert h.meta["peaks"] == meta["peaks"]
+        assert abs(time.time_ns() - h.t_ns) < 10e9
+    assert runner.frames_sent >= 60 and runner.dropped_at_source == 0
+
+
+def test_seq_is_monotonic_across_runs_and_run_counts_starts(receiver):
+    det = SimulatedDetector((128, 128), seed=8, rate_hz=200.0)
+    with SourceRunner(det, stream="s", connect=receiver.endpoint, sndhwm=1000) as runner:
+        assert runner.start_run() == {"run": 1, "running": True}
+        first = [receiver.recv() for _ in range(5)]
+        runner.stop_run()
+        first += receiver.drain()
+        assert runner.start_run() == {"run": 2, "running": True}
+        second = [receiver.recv() for _ in range(5)]
+    seqs = [f.header.seq for f in first + second]
+    assert seqs == list(range(len(seqs)))  # no reset, no gap
+    assert {f.header.run for f in first} == {1}
+    assert {f.header.run for f in second} == {2}
+
+
+@pytest.mark.timeout(60)
+def test_a_full_queue_drops_at_source_and_the_loss_is_visible_downstream():
+    """4 MiB frames at 300 Hz into a consumer that does not read: the detector never blocks."""
+    rx = Receiver(rcvhwm=1)
+    det = SimulatedDetector(seed=9, rate_hz=300.0)
+    runner = SourceRunner(det, stream="s", connect=rx.endpoint, sndhwm=1).start()
+    try:
+        runner.start_run()
+        deadline = time.monotonic() + 20
+        while runner.dropped_at_source < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling a counter with a deadline
+        runner.stop_run()
+        produced = runner.status()["seq"]
+        received = [rx.recv(5.0), *rx.drain(1.0)]
+    finally:
+        runner.stop()
+        rx.close()
+    seqs = [f.header.seq for f in received]
+    assert runner.dropped_at_source >= 20
+    assert seqs == sorted(seqs)
+    gaps = produced - len(seqs)
+    assert gaps == runner.dropped_at_source  # every produced frame either arrived or was counted
+    assert runner.frames_sent == len(seqs)
