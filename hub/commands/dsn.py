@@ -1,0 +1,104 @@
+"""`beamhub dsn`: run a Data Streaming Node (control API + data plane) until Ctrl-C/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "dsn",
+        help="run a Data Streaming Node: token-checked control API and the data plane",
+        description="Channels are created over HTTP with a project access token and bounded by "
+        "an admin template; the data plane (L4 router / L7 gateway) binds on --data-host.",
+    )
+    parser.add_argument("--port", type=int, default=8100, help="control API port (default 8100)")
+    parser.add_argument("--host", default="127.0.0.1", help="control API address")
+    parser.add_argument(
+        "--data-host", default="127.0.0.1", help="address the data plane's sockets bind to"
+    )
+    parser.add_argument(
+        "--template", default=None, help="admin template YAML (default: the packaged dev template)"
+    )
+    parser.add_argument(
+        "--jwks",
+        default=None,
+        help="public JWKS (file or http(s) URL) of the token issuer; default: the dev signing "
+        "key in $BEAMHUB_HOME/signing-key.pem, so `beamhub token issue` tokens work",
+    )
+    parser.add_argument("--issuer", default=None, help="required iss claim (default beamhub-dev)")
+    parser.add_argument("--audience", default=None, help="required aud claim (default beamhub)")
+    parser.add_argument(
+        "--reap-interval", type=float, default=1.0, help="seconds between expiry sweeps"
+    )
+    parser.set_defaults(func=_run)
+
+
+def _verifier(args: argparse.Namespace):
+    from hub.tokens import DEFAULT_AUDIENCE, DEFAULT_ISSUER, SigningKey, TokenVerifier, load_jwks
+
+    if args.jwks:
+        jwks = load_jwks(args.jwks)
+        origin = args.jwks
+    else:
+        from hub.cli import state_dir
+
+        path = state_dir() / "signing-key.pem"
+        jwks = SigningKey.load_or_create(path).jwks()
+        origin = f"dev signing key {path}"
+    verifier = TokenVerifier(
+        jwks, issuer=args.issuer or DEFAULT_ISSUER, audience=args.audience or DEFAULT_AUDIENCE
+    )
+    return verifier, origin
+
+
+def _run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import signal
+
+    from streaming.template import Template, TemplateError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        template = Template.load(args.template)
+        verifier, origin = _verifier(args)
+    except (TemplateError, ValueError, OSError) as exc:
+        print(f"beamhub dsn: {exc}", file=sys.stderr)
+        return 2
+
+    async def serve() -> int:
+        from streaming.dsn import DataStreamingNode
+
+        node = DataStreamingNode(
+            verifier,
+            template,
+            host=args.host,
+            data_host=args.data_host,
+            reap_interval=args.reap_interval,
+        )
+        try:
+            url = await node.start(args.port)
+        except OSError as exc:
+            print(f"beamhub dsn: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+            await node.stop()
+            return 1
+        done = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, done.set)
+        print(f"beamhub dsn: control API {url}  (health: {url}/api/health)", flush=True)
+        print(f"beamhub dsn: data plane binds on {args.data_host}", flush=True)
+        print(f"beamhub dsn: template {template.name!r} ({template.source})", flush=True)
+        print(f"beamhub dsn: tokens verified with {origin}; Ctrl-C to stop", flush=True)
+        try:
+            await done.wait()
+        finally:
+            print("beamhub dsn: stopping (removing channels)", flush=True)
+            await node.stop()
+        return 0
+
+    return asyncio.run(serve())

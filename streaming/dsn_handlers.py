@@ -1,0 +1,261 @@
+"""The DSN control plane's HTTP handlers: JSON errors, token checks, channels, steering relay.
+
+Handlers stay thin: they verify the caller's token, then ask the :class:`~streaming.dsn.
+DataStreamingNode` to act. Every refusal is JSON ``{error, reason, field?, limit?}`` and an audit
+event naming the user, project and token ``jti`` (never the token).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import tornado.web
+
+from hub.tokens import Claims, TokenError
+
+if TYPE_CHECKING:
+    from streaming.dsn import Channel, DataStreamingNode
+
+__all__ = ["ApiError", "BaseHandler", "log_event", "make_app"]
+
+log = logging.getLogger("beamhub.dsn")
+audit_log = logging.getLogger("beamhub.dsn.audit")
+PARAM_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+
+
+def log_event(logger: logging.Logger, event: str, **fields: Any) -> None:
+    """One structured (JSON) log line; callers pass claims' log_fields, never a token."""
+    logger.info("%s", json.dumps({"event": event, **fields}, default=str, sort_keys=False))
+
+
+class ApiError(tornado.web.HTTPError):
+    """An error a person will read: JSON ``{error, reason, field?, limit?}``."""
+
+    def __init__(
+        self, status: int, reason: str, message: str, field: str | None = None, limit: Any = None
+    ) -> None:
+        super().__init__(status, log_message=None)
+        self.reason_key = reason
+        self.message = message
+        self.field = field
+        self.limit = limit
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"error": self.message, "reason": self.reason_key}
+        if self.field is not None:
+            body["field"] = self.field
+        if self.limit is not None:
+            body["limit"] = self.limit
+        return body
+
+
+class BaseHandler(tornado.web.RequestHandler):
+    """JSON in, JSON out, token checks, every error as JSON."""
+
+    node: DataStreamingNode
+
+    def initialize(self, node: DataStreamingNode) -> None:
+        self.node = node
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+
+    def write_json(self, body: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(body))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ApiError):
+            body = exc.to_json()
+        elif isinstance(exc, tornado.web.HTTPError) and status_code < 500:
+            body = {"error": exc.log_message or self._reason, "reason": "http"}
+        else:
+            body = {"error": "internal error in the DSN; the admins have the traceback in the log",
+                    "reason": "internal"}
+        self.finish(json.dumps(body))
+
+    def log_exception(self, typ, value, tb) -> None:  # type: ignore[override]
+        if isinstance(value, ApiError):
+            return  # an expected refusal, already logged as an event
+        super().log_exception(typ, value, tb)
+
+    def json_body(self) -> dict[str, Any]:
+        if not self.request.body:
+            return {}
+        try:
+            body = json.loads(self.request.body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, "malformed_json", f"the body is not JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise ApiError(400, "malformed_json", "the body must be a JSON object")
+        return body
+
+    def claims(self, scope: str | None = None, project: str | None = None) -> Claims:
+        """The caller's verified claims, or a 401/403 that names what was wrong."""
+        scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
+        token = token.strip() if scheme.lower() == "bearer" else ""
+        try:
+            claims = self.node.verifier.verify(token or None)
+        except TokenError as exc:
+            self._refuse(exc.status, exc.reason, exc.message, {})
+        if project is not None and claims.project != project:
+            self._refuse(403, "project", f"the token is for project {claims.project!r}, not "
+                         f"{project!r}; get a token for {project!r}", claims.log_fields())
+        if scope is not None and not claims.has_scope(scope):
+            self._refuse(403, "scope", f"the token lacks the {scope!r} scope; ask for a token "
+                         f"with scope {scope!r}", claims.log_fields())
+        return claims
+
+    def _refuse(self, status: int, reason: str, message: str, who: dict[str, str]) -> NoReturn:
+        log_event(audit_log, "auth.refused", reason=reason, status=status,
+                  method=self.request.method, path=self.request.path,
+                  remote=self.request.remote_ip, **who)
+        raise ApiError(status, reason, message)
+
+    def channel_for(self, channel_id: str, scope: str) -> tuple[Channel, Claims]:
+        """The channel, if the token is valid, has ``scope`` and belongs to its project."""
+        self.claims()
+        channel = self.node.channels.get(channel_id)
+        if channel is None:
+            raise ApiError(404, "not_found", f"no channel {channel_id!r} (expired or deleted?)")
+        return channel, self.claims(scope=scope, project=channel.project)
+
+
+class HealthHandler(BaseHandler):
+    def get(self) -> None:
+        self.write_json({"status": "ok", "channels": len(self.node.channels)})
+
+
+class TemplateHandler(BaseHandler):
+    def get(self) -> None:
+        self.claims()
+        self.write_json(self.node.template.describe())
+
+
+class ChannelsHandler(BaseHandler):
+    def get(self) -> None:
+        claims = self.claims(scope="stream.read")
+        mine = [c.to_json() for c in self.node.channels.values() if c.project == claims.project]
+        self.write_json({"channels": mine})
+
+    async def post(self) -> None:
+        claims = self.claims(scope="stream.publish")
+        body = self.json_body()
+        channel = await self.node.create_channel(claims, body)
+        self.write_json(channel.to_json(), status=201)
+
+
+class ChannelHandler(BaseHandler):
+    async def get(self, channel_id: str) -> None:
+        channel, _ = self.channel_for(channel_id, "stream.read")
+        try:
+            stats = await self.node.run(self.node.data_plane.stats, channel_id)
+        except KeyError:
+            raise ApiError(404, "not_found", f"channel {channel_id!r} was just removed") from None
+        body = channel.to_json()
+        body.update({"stats": stats, "expires_in": max(0.0, channel.expires_at - time.time())})
+        self.write_json(body)
+
+    async def delete(self, channel_id: str) -> None:
+        channel, claims = self.channel_for(channel_id, "stream.publish")
+        await self.node.remove_channel(channel, "deleted", claims.log_fields())
+        self.set_status(204)
+        self.finish()
+
+
+class RenewHandler(BaseHandler):
+    def post(self, channel_id: str) -> None:
+        channel, claims = self.channel_for(channel_id, "stream.publish")
+        ttl = self.json_body().get("ttl", self.node.template.max_lifetime_s)
+        limit = self.node.template.max_lifetime_s
+        if not isinstance(ttl, int) or isinstance(ttl, bool) or not 1 <= ttl <= limit:
+            raise ApiError(400, "out_of_range", f"ttl: whole seconds from 1 to {limit}",
+                           field="ttl", limit=limit)
+        wanted = min(time.time() + ttl, float(claims.exp))
+        channel.expires_at = max(channel.expires_at, wanted)
+        log_event(log, "channel.renewed", channel=channel.id, stream=channel.params.stream,
+                  expires_at=channel.expires_at, **claims.log_fields())
+        body = channel.to_json()
+        body["expires_in"] = max(0.0, channel.expires_at - time.time())
+        self.write_json(body)
+
+
+class SteerHandler(BaseHandler):
+    """The reverse channel: relays to the source's control endpoint, audit-logging each action."""
+
+    routes = {
+        ("GET", "schema"): ("stream.read", "GET", "/schema"),
+        ("GET", "params"): ("stream.read", "GET", "/params"),
+        ("POST", "run"): ("steer", "POST", "/run"),
+    }
+
+    async def get(self, channel_id: str, what: str) -> None:
+        await self.relay(channel_id, *self.route("GET", what))
+
+    async def post(self, channel_id: str, what: str) -> None:
+        await self.relay(channel_id, *self.route("POST", what))
+
+    async def put(self, channel_id: str, what: str) -> None:
+        prefix, _, name = what.partition("/")
+        if prefix != "params" or not PARAM_NAME_RE.match(name):
+            raise ApiError(404, "not_found", "steer with PUT .../steer/params/NAME")
+        await self.relay(channel_id, "steer", "PUT", f"/params/{name}", name)
+
+    def route(self, method: str, what: str) -> tuple[str, str, str]:
+        try:
+            return self.routes[(method, what)]
+        except KeyError:
+            raise ApiError(404, "not_found", "steering routes: GET steer/schema, GET "
+                           "steer/params, PUT steer/params/NAME, POST steer/run") from None
+
+    async def relay(
+        self, channel_id: str, scope: str, method: str, path: str, param: str | None = None
+    ) -> None:
+        channel, claims = self.channel_for(channel_id, scope)
+        base = channel.params.source_control
+        if base is None:
+            raise ApiError(409, "no_source_control", "this channel was created without "
+                           "'source_control'; create it with the source's control URL to steer")
+        body = None
+        if method in ("PUT", "POST"):
+            body = json.dumps(self.json_body())
+        status, answer = await self.node.relay(
+            base + path, method, body, self.request.headers["Authorization"]
+        )
+        if method != "GET":
+            log_event(audit_log, "steer", channel=channel.id, stream=channel.params.stream,
+                      action=path.lstrip("/"), param=param, request=json.loads(body or "{}"),
+                      status=status, rev=answer.get("rev"), first_seq=answer.get("first_seq"),
+                      **claims.log_fields())
+        self.write_json(answer, status=status)
+
+
+def make_app(node: DataStreamingNode) -> tornado.web.Application:
+    """The control plane's routes."""
+    args = {"node": node}
+    cid = r"(ch-[0-9a-f]{1,32})"
+    return tornado.web.Application(
+        [
+            (r"/api/health", HealthHandler, args),
+            (r"/api/template", TemplateHandler, args),
+            (r"/api/channels", ChannelsHandler, args),
+            (rf"/api/channels/{cid}", ChannelHandler, args),
+            (rf"/api/channels/{cid}/renew", RenewHandler, args),
+            (rf"/api/channels/{cid}/steer/(.+)", SteerHandler, args),
+        ],
+        default_handler_class=_NotFoundHandler,
+        default_handler_args=args,
+    )
+
+
+class _NotFoundHandler(BaseHandler):
+    def prepare(self) -> None:
+        raise ApiError(404, "not_found", f"no such DSN API route {self.request.path!r}")
+
+
