@@ -1,0 +1,226 @@
+"""The source control endpoint over real HTTP, checked against the frames on a real ZeroMQ socket."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import zmq
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+
+from hub.commands.source import start_simulated_source
+from hub.tokens import SigningKey, TokenIssuer, TokenVerifier
+from streaming.source import SourceRunner
+from streaming.source_control import SourceControlServer
+from streaming.wire import Frame, recv_frame
+
+
+class Receiver:
+    """A PULL socket bound on an ephemeral loopback port (stands in for the DSN's producer side)."""
+
+    def __init__(self) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.PULL)
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+
+    def recv(self, timeout: float = 5.0) -> Frame:
+        if not self.sock.poll(int(timeout * 1000)):
+            raise TimeoutError(f"no frame within {timeout} s")
+        return recv_frame(self.sock)
+
+    def until_seq(self, seq: int, timeout: float = 10.0) -> list[Frame]:
+        """Frames up to and including ``seq``."""
+        frames: list[Frame] = []
+        deadline = time.monotonic() + timeout
+        while not frames or frames[-1].header.seq < seq:
+            frames.append(self.recv(max(deadline - time.monotonic(), 0.01)))
+        return frames
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+def http(method: str, url: str, body=None, token: str | None = None) -> tuple[int, dict]:
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, method=method)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        assert exc.headers["Content-Type"].startswith("application/json")
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.fixture
+def receiver():
+    rx = Receiver()
+    yield rx
+    rx.close()
+
+
+@pytest.fixture
+def source(receiver):
+    src = start_simulated_source(receiver.endpoint, "sfx", shape=(384, 384), seed=11,
+                                 rate_hz=100.0, hit_fraction=0.5, sndhwm=1000)
+    yield src
+    src.stop()
+
+
+def test_schema_and_params_are_readable(source):
+    status, body = http("GET", f"{source.control_url}/schema")
+    assert status == 200
+    names = [p["name"] for p in body["params"]]
+    assert {"rate_hz", "hit_fraction", "beam_intensity", "detector_distance_mm",
+            "sample_position_um"} <= set(names)
+    status, body = http("GET", f"{source.control_url}/params")
+    assert status == 200
+    assert body["values"]["hit_fraction"] == 0.5
+    assert body["rev"] == 0 and body["run"] == 1 and body["running"] is True
+    assert isinstance(body["seq"], int)
+
+
+def test_distance_change_answers_rev_and_first_seq_and_frames_follow(source, receiver):
+    receiver.recv()  # the stream flows
+    status, answer = http("PUT", f"{source.control_url}/params/detector_distance_mm",
+                          {"value": 180})
+    assert status == 200
+    assert answer == {"name": "detector_distance_mm", "value": 180.0, "rev": 1,
+                      "first_seq": answer["first_seq"]}
+    first = answer["first_seq"]
+    frames = receiver.until_seq(first + 40)
+    det = source.generator
+    before = [f for f in frames if f.header.seq < first]
+    after = [f for f in frames if f.header.seq >= first]
+    assert after[0].header.seq == first
+    assert all(f.header.rev == 0 and f.header.meta["params"]["detector_distance_mm"] == 100.0
+               for f in before)
+    assert all(f.header.rev == 1 and f.header.meta["params"]["detector_distance_mm"] == 180.0
+               for f in after)
+    checked = 0
+    for f in after:
+        for peak, two_theta in zip(f.header.meta["peaks"], f.header.meta["two_theta_deg"],
+                                   strict=True):
+            r = math.hypot(peak[0] - det.beam_center[0], peak[1] - det.beam_center[1])
+            assert r == pytest.approx(180.0 * 1000 * math.tan(math.radians(two_theta)) / 100.0,
+                                      abs=0.01)
+            checked += 1
+    assert checked > 50
+
+
+def test_moving_the_sample_out_of_the_jet_lowers_the_hit_rate(source, receiver):
+    receiver.recv()
+    status, answer = http("PUT", f"{source.control_url}/params/sample_position_um",
+                          {"value": 150})
+    assert status == 200 and answer["rev"] == 1
+    frames = receiver.until_seq(answer["first_seq"] + 60)
+    before = [f.header.meta["hit"] for f in frames if f.header.seq < answer["first_seq"]]
+    after = [f.header for f in frames if f.header.seq >= answer["first_seq"]]
+    assert len(after) == 61
+    assert sum(h.meta["hit"] for h in after) <= 2  # expected 0.5 * exp(-9) * 61 ~ 0.004
+    assert all(h.meta["effective_hit_fraction"] < 1e-3 for h in after)
+    if len(before) >= 20:
+        assert sum(before) > 0
+
+
+def test_out_of_schema_and_malformed_requests_are_refused_by_name(source):
+    url = source.control_url
+    status, body = http("PUT", f"{url}/params/hit_fraction", {"value": 1.5})
+    assert status == 400
+    assert body["field"] == "hit_fraction" and body["limit"] == {"max": 1.0}
+    assert "maximum" in body["error"]
+    status, body = http("PUT", f"{url}/params/rate_hz", {"value": 0})
+    assert (status, body["field"], body["limit"]) == (400, "rate_hz", {"min": 0.1})
+    status, body = http("PUT", f"{url}/params/beam_intensity", {"value": "high"})
+    assert (status, body["field"]) == (400, "beam_intensity")
+    status, body = http("PUT", f"{url}/params/no_such_knob", {"value": 1})
+    assert (status, body["field"]) == (404, "no_such_knob")
+    status, body = http("PUT", f"{url}/params/hit_fraction", b"{not json")
+    assert (status, body["field"]) == (400, "body")
+    status, body = http("PUT", f"{url}/params/hit_fraction", {"val": 0.1})
+    assert (status, body["field"]) == (400, "value")
+    status, body = http("POST", f"{url}/run", {"action": "pause"})
+    assert (status, body["field"]) == (400, "action")
+    status, body = http("GET", f"{url}/nowhere")
+    assert status == 404 and "error" in body
+    status, body = http("GET", f"{url}/params")
+    assert body["rev"] == 0 and body["values"]["hit_fraction"] == 0.5  # nothing changed
+
+
+def test_run_stop_and_start_over_http(source, receiver):
+    url = source.control_url
+    last = receiver.recv().header.seq
+    assert http("POST", f"{url}/run", {"action": "stop"}) == (200, {"run": 1, "running": False})
+    status, body = http("GET", f"{url}/params")
+    stopped_at = body["seq"]
+    assert status == 200 and body["running"] is False
+    tail = receiver.until_seq(stopped_at - 1) if stopped_at - 1 > last else []
+    assert not receiver.sock.poll(300)  # nothing more arrives while stopped
+    assert http("GET", f"{url}/params")[1]["seq"] == stopped_at
+    assert http("POST", f"{url}/run", {"action": "start"}) == (200, {"run": 2, "running": True})
+    frame = receiver.recv()
+    assert frame.header.run == 2 and frame.header.seq == stopped_at  # seq continues
+    assert all(f.header.run == 1 for f in tail)
+
+
+@pytest.fixture(scope="module")
+def keys():
+    key = SigningKey.generate()
+    return TokenIssuer(key), TokenVerifier(key.jwks())
+
+
+def test_writes_need_a_steer_token_for_the_project(receiver, keys):
+    issuer, verifier = keys
+    src = start_simulated_source(receiver.endpoint, "sfx", shape=(128, 128), seed=1,
+                                 rate_hz=20.0, verifier=verifier, project="p1", sndhwm=1000)
+    try:
+        url = f"{src.control_url}/params/hit_fraction"
+        steer = issuer.issue(sub="ana", project="p1", scopes="steer", ttl=60)
+        read_only = issuer.issue(sub="ana", project="p1", scopes="stream.read", ttl=60)
+        other = issuer.issue(sub="ana", project="p2", scopes="steer", ttl=60)
+        forged = steer[:-4] + ("AAAA" if not steer.endswith("AAAA") else "BBBB")
+        assert http("PUT", url, {"value": 0.1})[0] == 401
+        assert http("PUT", url, {"value": 0.1}, token=forged)[0] == 401
+        status, body = http("PUT", url, {"value": 0.1}, token=read_only)
+        assert status == 403 and body["reason"] == "scope"
+        assert http("PUT", url, {"value": 0.1}, token=other)[1]["reason"] == "project"
+        assert http("POST", f"{src.control_url}/run", {"action": "stop"})[0] == 401
+        assert http("GET", f"{src.control_url}/params")[1]["rev"] == 0  # nothing changed
+        status, body = http("PUT", url, {"value": 0.1}, token=steer)
+        assert status == 200 and body["rev"] == 1
+        status, body = http("POST", f"{src.control_url}/run", {"action": "stop"}, token=steer)
+        assert status == 200 and body["running"] is False
+    finally:
+        src.stop()
+
+
+async def test_control_server_runs_inside_an_existing_event_loop(receiver):
+    from streaming.simulator import SimulatedDetector
+
+    runner = SourceRunner(SimulatedDetector((128, 128), seed=2, rate_hz=50.0), stream="s",
+                          connect=receiver.endpoint, sndhwm=1000).start()
+    server = SourceControlServer(runner)
+    url = await server.start()
+    client = AsyncHTTPClient()
+    try:
+        resp = await client.fetch(f"{url}/run", method="POST", body='{"action": "start"}')
+        assert json.loads(resp.body) == {"run": 1, "running": True}
+        resp = await client.fetch(f"{url}/params/rate_hz", method="PUT", body='{"value": 80}')
+        answer = json.loads(resp.body)
+        assert answer["rev"] == 1 and answer["value"] == 80.0
+        with pytest.raises(HTTPClientError) as info:
+            await client.fetch(f"{url}/params/rate_hz", method="PUT", body='{"value": 1e9}')
+        assert info.value.code == 400
+        assert json.loads(info.value.response.body)["limit"] == {"max": 1000.0}
+    finally:
+        await server.stop()
+        runner.stop()
+    frame = receiver.recv()
+    assert frame.header.run == 1
