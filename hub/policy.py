@@ -32,6 +32,7 @@ DEFAULT_POLICY_PATH = Path(__file__).with_name("policies") / "default.yaml"
 ACTIONS = frozenset(
     {
         "status.read",
+        "token.read",
         "channels.create",
         "channels.read",
         "channels.renew",
