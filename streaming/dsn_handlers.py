@@ -7,6 +7,7 @@ event naming the user, project and token ``jti`` (never the token).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import tornado.web
 
 from hub.tokens import Claims, TokenError
+from streaming.template import TemplateViolation
 
 if TYPE_CHECKING:
     from streaming.dsn import Channel, DataStreamingNode
@@ -186,6 +188,23 @@ class RenewHandler(BaseHandler):
         self.write_json(body)
 
 
+class SourceControlHandler(BaseHandler):
+    """Attach (or move) the source's control endpoint after creation: a source often starts
+    only once it knows the channel's producer endpoint, and learns its control port then."""
+
+    def put(self, channel_id: str) -> None:
+        channel, claims = self.channel_for(channel_id, "stream.publish")
+        value = self.json_body().get("source_control")
+        try:
+            url = self.node.template.check_source_control(value, channel.params.source_cidrs)
+        except TemplateViolation as exc:
+            raise ApiError(exc.status, exc.reason, exc.message, exc.field, exc.limit) from exc
+        channel.params = dataclasses.replace(channel.params, source_control=url)
+        log_event(log, "channel.source_control", channel=channel.id, source_control=url,
+                  stream=channel.params.stream, **claims.log_fields())
+        self.write_json(channel.to_json())
+
+
 class SteerHandler(BaseHandler):
     """The reverse channel: relays to the source's control endpoint, audit-logging each action."""
 
@@ -247,6 +266,7 @@ def make_app(node: DataStreamingNode) -> tornado.web.Application:
             (r"/api/channels", ChannelsHandler, args),
             (rf"/api/channels/{cid}", ChannelHandler, args),
             (rf"/api/channels/{cid}/renew", RenewHandler, args),
+            (rf"/api/channels/{cid}/source_control", SourceControlHandler, args),
             (rf"/api/channels/{cid}/steer/(.+)", SteerHandler, args),
         ],
         default_handler_class=_NotFoundHandler,

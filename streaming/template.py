@@ -362,7 +362,7 @@ class Template:
             encryption=encryption,
             producer_keys=producer_keys,
             consumer_keys=consumer_keys,
-            source_control=self._source_control(request.get("source_control"), sources),
+            source_control=self.check_source_control(request.get("source_control"), sources),
             ttl=ttl,
             monitor=monitor,
         )
@@ -432,10 +432,14 @@ class Template:
                                     "\"encryption\": true or drop the keys")
         return encryption, keys["producer_keys"], keys["consumer_keys"]
 
-    def _source_control(self, value: Any, sources: Sequence[Network]) -> str | None:
-        """The source's control URL must point into the channel's source networks (no SSRF)."""
+    def check_source_control(
+        self, value: Any, source_cidrs: Sequence[Network | str]
+    ) -> str | None:
+        """The source's control URL, normalised; it must point into the channel's source networks
+        (the DSN relays steering only to the source, never elsewhere)."""
         if value is None:
             return None
+        sources = [ipaddress.ip_network(n) for n in source_cidrs]
         limit = [str(n) for n in sources]
         addr = parts = None
         if isinstance(value, str):

@@ -1,0 +1,193 @@
+"""DSN control API over real HTTP with the real data plane: create → inspect (live stats while
+frames flow) → renew → delete; defaults from the template; expiry reaps the data path too."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from streaming.wire import FrameHeader, send_frame
+from tests.streaming.dsn_helpers import (
+    Tokens,
+    api,
+    assert_nothing_provisioned,
+    running_dsn,
+    wait_until,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def tokens() -> Tokens:
+    return Tokens()
+
+
+@pytest.fixture
+def zctx():
+    ctx = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+def send(sock: zmq.Socket, seqs, n: int = 1024) -> None:
+    for seq in seqs:
+        send_frame(sock, FrameHeader("det", seq, "<f4", (n,), t_ns=time.time_ns()),
+                   np.full(n, seq, dtype="<f4"))
+
+
+@pytest.mark.parametrize("mode", ["l4", "l7"])
+async def test_create_inspect_renew_delete(tokens: Tokens, zctx: zmq.Context, mode: str) -> None:
+    token = tokens.issue(ttl=600)
+    async with running_dsn(tokens) as node:
+        code, made = await api(node.url, "POST", "/api/channels", token,
+                               {"stream": "det", "mode": mode, "hwm": 32, "ttl": 300})
+        assert code == 201, made
+        cid = made["id"]
+        assert (made["project"], made["stream"], made["mode"]) == ("p1", "det", mode)
+        assert made["params"]["hwm"] == 32
+        assert made["params"]["max_frame_bytes"] == 64 * 1024 * 1024  # the template's default
+        assert made["params"]["source_cidrs"] == ["127.0.0.0/8"]
+        assert made["expires_at"] <= time.time() + 300
+        eps = made["endpoints"]
+        assert eps["producer"].startswith("tcp://127.0.0.1:") and eps["work"] != eps["producer"]
+        assert node.data_plane.channels() == [cid]
+
+        code, listing = await api(node.url, "GET", "/api/channels", token)
+        assert code == 200 and [c["id"] for c in listing["channels"]] == [cid]
+
+        work = zctx.socket(zmq.PULL)
+        work.connect(eps["work"])
+        producer = zctx.socket(zmq.PUSH)
+        producer.connect(eps["producer"])
+        send(producer, range(5))
+
+        async def stats(at_least: int) -> dict | None:
+            code, body = await api(node.url, "GET", f"/api/channels/{cid}", token)
+            assert code == 200
+            return body if body["stats"]["messages"] >= at_least else None
+
+        first = await wait_until(lambda: stats(5))
+        assert first["stats"]["messages"] == 5
+        assert first["stats"]["bytes"] >= 5 * 4096
+        assert 0 < first["expires_in"] <= 300
+        send(producer, range(5, 10))
+        second = await wait_until(lambda: stats(10))
+        assert second["stats"]["messages"] == 10
+        assert second["stats"]["bytes"] >= 2 * first["stats"]["bytes"]
+        assert "drops" in second["stats"] and "consumers" in second["stats"]
+        got = [np.frombuffer(work.recv_multipart()[1], "<f4")[0] for _ in range(10)
+               if work.poll(5000)]
+        assert got == list(range(10))
+
+        renewer = tokens.issue(ttl=1200)
+        code, renewed = await api(node.url, "POST", f"/api/channels/{cid}/renew", renewer,
+                                  {"ttl": 900})
+        assert code == 200, renewed
+        assert renewed["expires_at"] > made["expires_at"]
+        assert renewed["expires_at"] <= time.time() + 900
+        assert renewed["expires_at"] <= tokens.verifier.verify(renewer).exp
+
+        code, body = await api(node.url, "DELETE", f"/api/channels/{cid}", token)
+        assert (code, body) == (204, None)
+        assert_nothing_provisioned(node)
+        with pytest.raises(KeyError):
+            node.data_plane.stats(cid)
+        code, body = await api(node.url, "GET", f"/api/channels/{cid}", token)
+        assert (code, body["reason"]) == (404, "not_found")
+        code, body = await api(node.url, "DELETE", f"/api/channels/{cid}", token)
+        assert code == 404
+
+
+async def test_channel_lives_no_longer_than_its_token(tokens: Tokens) -> None:
+    short = tokens.issue(ttl=30)
+    async with running_dsn(tokens) as node:
+        code, made = await api(node.url, "POST", "/api/channels", short, {"stream": "det"})
+        assert code == 201
+        exp = tokens.verifier.verify(short).exp
+        assert made["expires_at"] == exp  # the template allows a day; the token only 30 s
+        # renewing never goes beyond the renewing token's own expiry ...
+        longer = tokens.issue(ttl=120)
+        code, body = await api(node.url, "POST", f"/api/channels/{made['id']}/renew", longer)
+        assert code == 200 and body["expires_at"] == tokens.verifier.verify(longer).exp
+        # ... and a renewal with a shorter-lived token does not cut the lifetime short
+        code, again = await api(node.url, "POST", f"/api/channels/{made['id']}/renew", short)
+        assert code == 200 and again["expires_at"] == body["expires_at"]
+        code, bad = await api(node.url, "POST", f"/api/channels/{made['id']}/renew", longer,
+                              {"ttl": 0})
+        assert (code, bad["field"], bad["limit"]) == (400, "ttl", 86400)
+
+
+async def test_expired_channels_are_reaped_with_their_data_path(tokens: Tokens, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="beamhub.dsn")
+    async with running_dsn(tokens, reap_interval=0.1) as node:
+        by_token = tokens.issue(ttl=2)  # the token runs out first
+        by_ttl = tokens.issue(ttl=600)  # the requested ttl runs out first
+        keep = tokens.issue("p2", ttl=600)
+        a = (await api(node.url, "POST", "/api/channels", by_token, {"stream": "a"}))[1]["id"]
+        b = (await api(node.url, "POST", "/api/channels", by_ttl, {"stream": "b", "ttl": 1}))[
+            1]["id"]
+        c = (await api(node.url, "POST", "/api/channels", keep, {"stream": "c"}))[1]["id"]
+        assert sorted(node.data_plane.channels()) == sorted([a, b, c])
+        await wait_until(lambda: node.data_plane.channels() == [c], timeout=10)
+        assert list(node.channels) == [c]
+        assert await api(node.url, "GET", "/api/health") == (200, {"status": "ok", "channels": 1})
+        assert (await api(node.url, "GET", f"/api/channels/{b}", by_ttl))[0] == 404
+    expired = [r.getMessage() for r in caplog.records if '"channel.expired"' in r.getMessage()]
+    assert len(expired) == 2 and any(a in m for m in expired) and any(b in m for m in expired)
+
+
+async def test_source_control_can_be_attached_later(tokens: Tokens) -> None:
+    token = tokens.issue()
+    async with running_dsn(tokens) as node:
+        code, made = await api(node.url, "POST", "/api/channels", token,
+                               {"stream": "det", "source_cidrs": ["127.0.0.0/24"]})
+        cid = made["id"]
+        assert made["params"]["source_control"] is None
+        path = f"/api/channels/{cid}/source_control"
+        code, body = await api(node.url, "PUT", path, token,
+                               {"source_control": "http://127.0.0.1:8200"})
+        assert (code, body["params"]["source_control"]) == (200, "http://127.0.0.1:8200")
+        code, body = await api(node.url, "PUT", path, token,
+                               {"source_control": "http://127.0.1.5:8200"})
+        assert (code, body["field"], body["limit"]) == (403, "source_control", ["127.0.0.0/24"])
+        code, body = await api(node.url, "PUT", path, tokens.issue(scopes="stream.read"),
+                               {"source_control": "http://127.0.0.2:1"})
+        assert code == 403
+        assert node.channels[cid].params.source_control == "http://127.0.0.1:8200"
+
+
+async def test_health_template_and_unknown_routes(tokens: Tokens) -> None:
+    async with running_dsn(tokens) as node:
+        code, body = await api(node.url, "GET", "/api/health")
+        assert (code, body) == (200, {"status": "ok", "channels": 0})
+        code, body = await api(node.url, "GET", "/api/template", tokens.issue())
+        assert code == 200 and body["name"] == "default" and body["modes"] == ["l4", "l7"]
+        code, body = await api(node.url, "GET", "/api/nothing-here", tokens.issue())
+        assert (code, body["reason"]) == (404, "not_found")
+        code, body = await api(node.url, "GET", "/api/channels/ch-00ff", tokens.issue())
+        assert (code, body["reason"]) == (404, "not_found")
+        code, body = await api(node.url, "PATCH", "/api/channels", tokens.issue(), {})
+        assert code == 405 and body["error"]
+
+
+async def test_concurrent_creates_respect_the_channel_bound(tokens: Tokens) -> None:
+    """Creates racing on the event loop (provisioning runs on a thread) cannot exceed the bound."""
+    from streaming.template import Template
+
+    bounded = Template.from_mapping({**Template.load().describe(), "max_channels_per_project": 3,
+                                     "hwm": {"min": 1, "max": 100, "default": 10},
+                                     "max_frame_bytes": {"max": 1 << 20, "default": 1 << 20}})
+    async with running_dsn(tokens, bounded) as node:
+        token = tokens.issue()
+        results = await asyncio.gather(
+            *(api(node.url, "POST", "/api/channels", token, {"stream": f"s{i}"}) for i in range(6))
+        )
+        codes = sorted(code for code, _ in results)
+        assert codes == [201, 201, 201, 403, 403, 403]
+        assert len(node.data_plane.channels()) == 3
