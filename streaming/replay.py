@@ -66,20 +66,18 @@ class ReplaySource:
         else:
             self._stack = self._open_hdf5()
             where = f"{self.path}:{self.dataset}"
+        problem = None
         if self._stack.ndim != 3:
+            problem = (f"{where} has shape {self._stack.shape} (ndim {self._stack.ndim}); replay "
+                       "needs a 3-D stack (frames, y, x)")
+        elif self._stack.shape[0] == 0:
+            problem = f"{where} holds no frames"
+        elif self._stack.dtype.str not in ALLOWED_DTYPES:
+            problem = (f"{where} has dtype {self._stack.dtype}; the wire carries plain numeric "
+                       "dtypes only")
+        if problem is not None:
             self.close()
-            raise ReplayError(
-                f"{where} has shape {self._stack.shape} (ndim {self._stack.ndim}); replay needs a "
-                "3-D stack (frames, y, x)"
-            )
-        if self._stack.shape[0] == 0:
-            self.close()
-            raise ReplayError(f"{where} holds no frames")
-        if self._stack.dtype.str not in ALLOWED_DTYPES:
-            self.close()
-            raise ReplayError(
-                f"{where} has dtype {self._stack.dtype}; the wire carries plain numeric dtypes only"
-            )
+            raise ReplayError(problem)
         self.n_frames = int(self._stack.shape[0])
         self.index = 0
         self.loops = 0
