@@ -236,3 +236,88 @@ def test_a_full_queue_drops_at_source_and_the_loss_is_visible_downstream():
     gaps = produced - len(seqs)
     assert gaps == runner.dropped_at_source  # every produced frame either arrived or was counted
     assert runner.frames_sent == len(seqs)
+
+
+def test_curve_encrypted_channel_delivers_only_to_the_right_server():
+    """A CURVE client source reaches a CURVE server; with a wrong server key nothing arrives."""
+    from streaming.source import CurveKeys
+
+    server_public, server_secret = zmq.curve_keypair()
+    rx = Receiver()
+    rx.sock.close(linger=0)
+    rx.sock = rx.ctx.socket(zmq.PULL)
+    rx.sock.curve_server = True
+    rx.sock.curve_secretkey = server_secret
+    rx.sock.curve_publickey = server_public
+    port = rx.sock.bind_to_random_port("tcp://127.0.0.1")
+    endpoint = f"tcp://127.0.0.1:{port}"
+    good = SourceRunner(SimulatedDetector((64, 64), seed=1, rate_hz=100.0), stream="enc",
+                        connect=endpoint, curve=CurveKeys.generate(server_public)).start()
+    wrong_key = zmq.curve_keypair()[0]
+    bad = SourceRunner(SimulatedDetector((64, 64), seed=2, rate_hz=100.0), stream="wrong",
+                       connect=endpoint, curve=CurveKeys.generate(wrong_key), linger_ms=0).start()
+    try:
+        good.start_run()
+        bad.start_run()
+        frames = [rx.recv() for _ in range(20)]
+    finally:
+        good.stop()
+        bad.stop()
+        rx.close()
+    assert {f.header.stream for f in frames} == {"enc"}
+    assert bad.frames_sent + bad.dropped_at_source > 0  # it tried, and nothing got through
+    with pytest.raises(ValueError, match="server's public key"):
+        SourceRunner(SimulatedDetector((64, 64)), stream="x", connect=endpoint,
+                     curve=CurveKeys.generate())
+
+
+def _beamhub(*args: str):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "hub.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.mark.timeout(90)
+def test_beamhub_source_sim_command_waits_for_a_run_and_stops_on_sigint(receiver):
+    import json
+    import re
+    import signal
+    import urllib.request
+
+    proc = _beamhub("source", "sim", "--connect", receiver.endpoint, "--shape", "128x128",
+                    "--rate", "50", "--hit-fraction", "1.0", "--seed", "3")
+    try:
+        url = None
+        for line in proc.stdout:
+            match = re.search(r"control endpoint: (http://127\.0\.0\.1:\d+)", line)
+            if match:
+                url = match.group(1)
+                break
+        assert url, proc.stderr.read() if proc.poll() is not None else "no control URL printed"
+        assert not receiver.sock.poll(200)  # no --run: idle until told
+        req = urllib.request.Request(f"{url}/run", data=b'{"action": "start"}', method="POST")
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert json.load(resp) == {"run": 1, "running": True}
+        frame = receiver.recv(20.0)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "source stopped" in out
+    assert frame.header.shape == (128, 128) and frame.header.meta["hit"] is True
+
+
+def test_beamhub_source_sim_command_refuses_bad_values():
+    proc = _beamhub("source", "sim", "--bind", "tcp://127.0.0.1:0", "--hit-fraction", "2")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "hit_fraction" in err and "maximum 1.0" in err
+    proc = _beamhub("source", "sim", "--bind", "tcp://127.0.0.1:0", "--shape", "big")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "--shape" in err
