@@ -1,0 +1,502 @@
+"""The API gateway service: every request verified, authorised by policy, rate-limited, audited.
+
+Routes, actions and request schemas come from ``hub/openapi.yaml`` (served at
+``/api/v1/openapi.json``); the operations themselves live in :mod:`hub.gateway_ops`. Runs as a
+JupyterHub service (``python -m hub.gateway``; see :func:`main`) or standalone in tests:
+``url = Gateway(verifier, ...).start(port=0)`` … ``stop()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+import yaml
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from hub.audit import AuditLog
+from hub.policy import Policy, PolicyRequest, load_policy
+from hub.ratelimit import RateLimiter
+from hub.tokens import Claims, TokenError, TokenVerifier
+
+__all__ = ["OPENAPI_PATH", "Gateway", "GatewayError", "RequestContext", "load_openapi"]
+
+log = logging.getLogger("beamhub.gateway")
+OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
+API_PREFIX = "api/v1"
+#: What a path parameter may look like; anything else is a 404 before any work is done.
+PARAM_PATTERNS = {
+    "project": r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}",
+    "channel_id": r"ch-[0-9a-f]{1,32}",
+    "window_id": r"[0-9]{1,12}",
+    "name": r"[A-Za-z_][A-Za-z0-9_.-]{0,63}",
+}
+PUBLIC_ACTIONS = frozenset({"status.read"})
+
+
+class GatewayError(tornado.web.HTTPError):
+    """An error a person will read: JSON ``{error, reason, ...extra}`` with an HTTP status."""
+
+    def __init__(self, status: int, reason: str, message: str, **extra: Any) -> None:
+        super().__init__(status)
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.extra = extra
+
+    def to_json(self) -> dict[str, Any]:
+        body = {"error": self.message, "reason": self.reason}
+        body.update({k: v for k, v in self.extra.items() if k != "headers"})
+        return body
+
+
+@dataclass
+class RequestContext:
+    """One request as an operation sees it: verified claims, path parameters, validated body."""
+
+    action: str
+    method: str
+    path: str
+    source: str
+    params: dict[str, str]
+    authorization: str = ""
+    claims: Claims | None = None
+    roles: frozenset[str] = frozenset()
+    body: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def project(self) -> str | None:
+        return self.params.get("project")
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One method on one path of the OpenAPI document."""
+
+    name: str
+    action: str
+    secured: bool
+    validator: jsonschema.protocols.Validator | None
+
+
+def load_openapi(path: str | Path = OPENAPI_PATH) -> dict[str, Any]:
+    """The gateway's OpenAPI document (the single source of routes, actions and schemas)."""
+    return yaml.safe_load(Path(path).read_text())
+
+
+def _routes(doc: Mapping[str, Any]) -> list[tuple[str, dict[str, Operation]]]:
+    schemas = doc["components"]["schemas"]
+    routes = []
+    for path, methods in doc["paths"].items():
+        regex = re.sub(r"\{(\w+)\}", lambda m: f"(?P<{m[1]}>{PARAM_PATTERNS[m[1]]})", path)
+        ops = {}
+        for method, spec in methods.items():
+            validator = None
+            if "x-body" in spec:
+                schema = dict(schemas[spec["x-body"]])
+                validator = jsonschema.Draft202012Validator(schema)
+            ops[method.upper()] = Operation(
+                spec["x-handler"], spec["x-action"], bool(spec.get("security")), validator
+            )
+        routes.append((regex.rstrip("/"), ops))
+    return routes
+
+
+def _bearer(header: str) -> str:
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _schema_error(errors: Iterable[jsonschema.ValidationError]) -> GatewayError:
+    error = jsonschema.exceptions.best_match(errors)
+    where = ".".join(str(p) for p in error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        unknown = sorted(set(error.instance) - set(allowed))
+        return GatewayError(
+            400, "unknown_field",
+            f"unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}",
+            field=unknown[0] if unknown else where,
+        )  # fmt: skip
+    if error.validator == "required":
+        missing = error.message.split("'")[1] if "'" in error.message else where
+        return GatewayError(400, "missing_field", f"missing field {missing!r}", field=missing)
+    return GatewayError(400, "invalid_field", f"{where or 'body'}: {error.message}", field=where)
+
+
+@tornado.web.stream_request_body
+class ApiHandler(tornado.web.RequestHandler):
+    """Runs the pipeline (token → policy → rate limit → audit) and then the operation.
+
+    The body is streamed in and only its first ``max_body_bytes`` are kept: a larger body is read
+    to its end and refused with a JSON 413 (up to the server's hard cap, 64 MiB).
+    """
+
+    SUPPORTED_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
+
+    def initialize(self, gateway: Gateway, ops: dict[str, Operation]) -> None:
+        self.gateway = gateway
+        self.ops = ops
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def data_received(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size <= self.gateway.max_body_bytes:
+            self._chunks.append(chunk)
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+
+    async def get(self, **params: str) -> None:
+        await self._handle(params)
+
+    post = put = delete = patch = head = options = get
+
+    async def _handle(self, params: dict[str, str]) -> None:
+        gw = self.gateway
+        started = time.perf_counter()
+        op = self.ops.get(self.request.method)
+        if op is None:
+            raise GatewayError(
+                405, "method_not_allowed",
+                f"{self.request.method} is not allowed on {self.request.path}; "
+                f"allowed: {', '.join(sorted(self.ops))}",
+            )  # fmt: skip
+        size = self._size
+        if size > gw.max_body_bytes:
+            raise GatewayError(
+                413, "body_too_large",
+                f"the request body is {size} bytes; the limit is {gw.max_body_bytes} bytes",
+                limit=gw.max_body_bytes,
+            )  # fmt: skip
+        if self.request.query_arguments:
+            names = ", ".join(sorted(self.request.query_arguments))
+            raise GatewayError(400, "unknown_parameter", f"unknown query parameter(s): {names}")
+        ctx = RequestContext(
+            action=op.action,
+            method=self.request.method,
+            path=self.request.path,
+            source=self.request.remote_ip or "",
+            params=params,
+            authorization=self.request.headers.get("Authorization", ""),
+        )
+        if op.secured:
+            try:
+                ctx.claims = gw.verifier.verify(_bearer(ctx.authorization) or None)
+            except TokenError as exc:
+                gw.record(ctx, "deny", "token", exc.status, exc.message)
+                raise GatewayError(exc.status, exc.reason, exc.message) from None
+            ctx.roles = gw.roles_for(ctx.claims)
+        if gw.layers:
+            gw.authorise(ctx)
+        ctx.body = self._body(op)
+        status, payload = await gw.ops.run(op.name, ctx)
+        gw.metrics_observe(op.action, "allow", time.perf_counter() - started)
+        self.set_status(status)
+        if status == 204 or payload is None:
+            self.clear_header("Content-Type")
+            self.finish()
+        else:
+            self.finish(json.dumps(payload))
+
+    def _body(self, op: Operation) -> dict[str, Any]:
+        raw = b"".join(self._chunks)
+        if op.validator is None:
+            if raw.strip():
+                raise GatewayError(
+                    400, "unexpected_body",
+                    f"{self.request.method} {self.request.path} takes no request body",
+                )  # fmt: skip
+            return {}
+        if not raw.strip():
+            body: Any = {}
+        else:
+            try:
+                body = json.loads(raw, parse_constant=_reject_constant)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise GatewayError(
+                    400, "malformed_json", f"the body is not valid JSON: {exc}"
+                ) from None
+        if not isinstance(body, dict):
+            raise GatewayError(400, "malformed_json", "the body must be a JSON object {...}")
+        errors = list(op.validator.iter_errors(body))
+        if errors:
+            raise _schema_error(errors)
+        return body
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        self.set_header("Content-Type", "application/json")
+        if isinstance(exc, GatewayError):
+            body = exc.to_json()
+            for name, value in exc.extra.get("headers", {}).items():
+                self.set_header(name, value)
+        elif isinstance(exc, tornado.web.HTTPError) and status_code < 500:
+            body = {"error": exc.log_message or self._reason, "reason": "http"}
+        else:
+            body = {
+                "error": "internal error in the gateway; the admins have the traceback in its log",
+                "reason": "internal",
+            }
+        self.finish(json.dumps(body))
+
+    def log_exception(self, typ, value, tb) -> None:  # type: ignore[override]
+        if isinstance(value, GatewayError):
+            self.gateway.metrics_observe((self.ops.get(self.request.method, None) and
+                                         self.ops[self.request.method].action) or "none",
+                                         "refused", 0.0)  # fmt: skip
+            return  # an expected refusal, already audited where it is a decision
+        super().log_exception(typ, value, tb)
+
+
+class NotFoundHandler(ApiHandler):
+    def initialize(self, gateway: Gateway, ops: dict[str, Operation] | None = None) -> None:
+        super().initialize(gateway, {})
+
+    async def _handle(self, params: dict[str, str]) -> None:
+        raise GatewayError(
+            404, "not_found",
+            f"no API route {self.request.path!r}; see {self.gateway.base_url}{API_PREFIX}/openapi.json",
+        )  # fmt: skip
+
+
+class MetricsHandler(tornado.web.RequestHandler):
+    def initialize(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(generate_latest(self.gateway.registry))
+
+
+class Gateway:
+    """The gateway: its layers are injected; ``layers=False`` keeps only token verification
+    (the benchmark's baseline)."""
+
+    def __init__(
+        self,
+        verifier: TokenVerifier,
+        *,
+        policy: Policy | None = None,
+        limiter: RateLimiter | None = None,
+        audit: AuditLog | None = None,
+        dsn_url: str | None = None,
+        reservations: Any = None,
+        scheduler: Any = None,
+        enclave: str = "dev",
+        admin_users: Iterable[str] = (),
+        maintenance: Iterable[Mapping[str, Any]] = (),
+        nodes: Callable[[], Awaitable[list[dict]]] | None = None,
+        base_url: str = "/",
+        max_body_bytes: int = 64 * 1024,
+        layers: bool = True,
+        openapi_path: str | Path = OPENAPI_PATH,
+    ) -> None:
+        from hub.gateway_ops import Operations
+
+        self.verifier = verifier
+        self.policy = policy or load_policy()
+        self.limiter = limiter
+        self.audit = audit
+        self.dsn_url = dsn_url.rstrip("/") if dsn_url else None
+        self.reservations = reservations
+        self.scheduler = scheduler
+        self.enclave = enclave
+        self.admin_users = frozenset(admin_users)
+        self.maintenance = [dict(m) for m in maintenance]
+        self.nodes = nodes
+        self.base_url = "/" + base_url.strip("/") + "/" if base_url.strip("/") else "/"
+        self.max_body_bytes = max_body_bytes
+        self.layers = layers
+        self.openapi = load_openapi(openapi_path)
+        self.ops = Operations(self)
+        self.registry = CollectorRegistry()
+        self._requests = Counter(
+            "beamhub_gateway_requests", "gateway requests by action and outcome",
+            ["action", "outcome"], registry=self.registry,
+        )  # fmt: skip
+        self._latency = Histogram(
+            "beamhub_gateway_request_seconds", "time to answer allowed requests", ["action"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.url: str | None = None
+        self._server: tornado.httpserver.HTTPServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- the layers --------------------------------------------------------------------------
+    def roles_for(self, claims: Claims) -> frozenset[str]:
+        return frozenset({"admin"}) if claims.sub in self.admin_users else frozenset()
+
+    def authorise(self, ctx: RequestContext) -> None:
+        """Policy, then rate limit, then the audit record of the decision; raise on refusal."""
+        claims = ctx.claims
+        request = PolicyRequest(
+            action=ctx.action,
+            user=claims.sub if claims else None,
+            token_project=claims.project if claims else None,
+            project=ctx.project or (claims.project if claims else None),
+            scopes=claims.scopes if claims else frozenset(),
+            roles=ctx.roles,
+            enclave=self.enclave,
+            source=ctx.source,
+            resource=ctx.path,
+        )
+        decision = self.policy.evaluate(request)
+        if not decision.allow:
+            self.record(ctx, "deny", decision.rule, 403, decision.reason)
+            raise GatewayError(
+                403, "policy", f"denied by policy: {decision.reason}", decision=decision.as_dict()
+            )
+        if self.limiter is not None:
+            if claims is not None:
+                verdict = self.limiter.check(claims.jti, ctx.project or claims.project)
+            else:
+                verdict = self.limiter.check(f"ip:{ctx.source}", None)
+            if not verdict.allowed:
+                wait = verdict.retry_after_header
+                why = f"rate limit of this {verdict.bucket} reached; retry after {wait} s"
+                self.record(ctx, "deny", f"ratelimit.{verdict.bucket}", 429, why)
+                raise GatewayError(
+                    429, "rate_limited", why, bucket=verdict.bucket,
+                    retry_after=verdict.retry_after, headers={"Retry-After": wait},
+                )  # fmt: skip
+        self.record(ctx, "allow", decision.rule, None, "")
+
+    def record(
+        self, ctx: RequestContext, outcome: str, rule: str, status: int | None, reason: str
+    ) -> None:
+        """One audit record per decision; the token's jti, never the token."""
+        if outcome == "deny":
+            self._requests.labels(ctx.action, outcome).inc()
+        if self.audit is None:
+            return
+        claims = ctx.claims
+        self.audit.append(
+            user=claims.sub if claims else None,
+            project=ctx.project or (claims.project if claims else None),
+            jti=claims.jti if claims else None,
+            action=ctx.action, resource=f"{ctx.method} {ctx.path}", rule=rule,
+            source=ctx.source, outcome=outcome, status=status, reason=reason,
+        )  # fmt: skip
+
+    def metrics_observe(self, action: str, outcome: str, seconds: float) -> None:
+        if outcome == "allow":
+            self._requests.labels(action, outcome).inc()
+            self._latency.labels(action).observe(seconds)
+
+    # -- serving -----------------------------------------------------------------------------
+    def make_app(self) -> tornado.web.Application:
+        prefix = re.escape(self.base_url + API_PREFIX)
+        handlers: list[Any] = [
+            (rf"{prefix}{regex}/?", ApiHandler, {"gateway": self, "ops": ops})
+            for regex, ops in _routes(self.openapi)
+        ]
+        handlers.append((rf"{re.escape(self.base_url)}metrics", MetricsHandler, {"gateway": self}))
+        return tornado.web.Application(
+            handlers,
+            default_handler_class=NotFoundHandler,
+            default_handler_args={"gateway": self},
+            log_function=_log_request,
+        )
+
+    async def start_async(self, port: int = 0, host: str = "127.0.0.1") -> str:
+        """Listen on ``host:port`` (0 = any free port) in the running loop; return the base URL."""
+        sockets = tornado.netutil.bind_sockets(port, address=host)
+        # bodies up to the hard cap (64 MiB) are read and refused with a JSON 413; larger ones are cut
+        # off by tornado with a bare 400 before any handler runs
+        self._server = tornado.httpserver.HTTPServer(
+            self.make_app(), max_body_size=max(16 * self.max_body_bytes, 64 << 20)
+        )
+        self._server.add_sockets(sockets)
+        bound = sockets[0].getsockname()[1]
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{bound}{self.base_url}{API_PREFIX}"
+        log.info("gateway listening on %s (enclave %s)", self.url, self.enclave)
+        return self.url
+
+    async def stop_async(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            await self._server.close_all_connections()
+            self._server = None
+        await self.ops.close()
+
+    def start(self, port: int = 0, host: str = "127.0.0.1") -> str:
+        """Serve on a background thread with its own event loop; return the API base URL."""
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            self._loop = loop
+            try:
+                loop.run_until_complete(self.start_async(port, host))
+            except BaseException as exc:  # reported to the caller of start()
+                failure.append(exc)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            try:
+                loop.run_forever()
+            finally:
+                loop.run_until_complete(self.stop_async())
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="beamhub-gateway", daemon=True)
+        self._thread.start()
+        ready.wait(30)
+        if failure:
+            raise failure[0]
+        if self.url is None:
+            raise RuntimeError("the gateway did not start within 30 s")
+        return self.url
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(15)
+            self._thread = None
+            self._loop = None
+
+
+def _log_request(handler: tornado.web.RequestHandler) -> None:
+    """Access log without query strings or headers (tokens never reach the log)."""
+    status = handler.get_status()
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    ms = 1000.0 * handler.request.request_time()
+    log.log(level, "%d %s %s %.2fms", status, handler.request.method, handler.request.path, ms)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point as a JupyterHub service; see :mod:`hub.gateway_service`."""
+    from hub.gateway_service import main as service_main
+
+    return service_main(argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""The gateway's operations (one per OpenAPI ``x-handler``): status, DSN channels, jobs, beamtime.
+
+They run after the gateway has verified the token, applied policy and rate limits and written the
+audit record; each returns ``(http_status, json_body)`` or raises :class:`GatewayError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+
+from hub.gateway import API_PREFIX, GatewayError, RequestContext
+
+if TYPE_CHECKING:
+    from hub.gateway import Gateway
+
+__all__ = ["Operations"]
+
+Result = tuple[int, Any]
+DSN_TIMEOUT_S = 10.0
+
+
+def _epoch(value: Any, field: str) -> float:
+    """ISO 8601 (UTC if no zone) or epoch seconds → epoch seconds, or a 400 naming the field."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    try:
+        moment = datetime.fromisoformat(str(value))
+    except ValueError:
+        raise GatewayError(
+            400, "invalid_field",
+            f"{field}: {value!r} is not an ISO 8601 time (e.g. 2026-12-01T08:00:00Z) "
+            "or epoch seconds",
+            field=field,
+        ) from None  # fmt: skip
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def _scheduler_error(exc: Exception) -> GatewayError:
+    """kernels.scheduler.SchedulerError (a user-facing error) → the same status and message."""
+    status = int(getattr(exc, "status", 400))
+    field = getattr(exc, "field", None)
+    extra = {"field": field} if field else {}
+    return GatewayError(status, "scheduler", str(getattr(exc, "message", exc)), **extra)
+
+
+class Operations:
+    """Holds the gateway's collaborators' adapters; ``run(name, ctx)`` dispatches."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+        self._http: AsyncHTTPClient | None = None
+        self._table: dict[str, dict[str, Callable[[RequestContext], Awaitable[Result]]]] = {
+            "index": {"GET": self.index},
+            "openapi": {"GET": self.openapi},
+            "status": {"GET": self.status},
+            "whoami": {"GET": self.whoami},
+            "channels": {"GET": self.channels_list, "POST": self.channels_create},
+            "channel": {"GET": self.channel_get, "DELETE": self.channel_delete},
+            "channel_renew": {"POST": self.channel_renew},
+            "steer_run": {"POST": self.steer_run},
+            "steer_param": {"PUT": self.steer_param},
+            "jobs": {"GET": self.jobs_list, "POST": self.jobs_submit},
+            "reservations": {"GET": self.reservations_list, "POST": self.reservations_request},
+            "reservation_decide": {"POST": self.reservation_decide},
+        }
+
+    async def run(self, name: str, ctx: RequestContext) -> Result:
+        return await self._table[name][ctx.method](ctx)
+
+    async def close(self) -> None:
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
+    # -- public --------------------------------------------------------------------------------
+    async def index(self, ctx: RequestContext) -> Result:
+        base = f"{self.gw.base_url}{API_PREFIX}"
+        return 200, {
+            "name": "beamhub API gateway",
+            "version": self.gw.openapi["info"]["version"],
+            "api": "v1",
+            "openapi": f"{base}/openapi.json",
+            "status": f"{base}/status",
+        }
+
+    async def openapi(self, ctx: RequestContext) -> Result:
+        doc = dict(self.gw.openapi)
+        doc["servers"] = [{"url": f"{self.gw.base_url}{API_PREFIX}"}]
+        return 200, doc
+
+    async def status(self, ctx: RequestContext) -> Result:
+        nodes: list[dict] = []
+        if self.gw.nodes is not None:
+            nodes = await self.gw.nodes()
+        windows: list[dict] = []
+        book = self.gw.reservations
+        if book is not None:
+            now = time.time()
+            for w in await asyncio.to_thread(book.list, None, None, now):
+                if w.state(now) in ("approved", "active"):  # requests stay private
+                    windows.append({"id": w.id, "project": w.project, "start": w.start,
+                                    "end": w.end, "tier": w.tier, "state": w.state(now)})  # fmt: skip
+        return 200, {
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            "enclave": self.gw.enclave,
+            "nodes": nodes,
+            "reservations": windows,
+            "maintenance": self.gw.maintenance,
+            "streams": await self._dsn_health(),
+        }
+
+    async def _dsn_health(self) -> dict[str, Any]:
+        if self.gw.dsn_url is None:
+            return {"dsn": "not configured"}
+        code, body = await self._dsn("GET", "/api/health", None, "", timeout=2.0, soft=True)
+        if code != 200 or not isinstance(body, dict):
+            return {"dsn": "unreachable"}
+        return {"dsn": "up", "channels": body.get("channels")}
+
+    async def whoami(self, ctx: RequestContext) -> Result:
+        c = ctx.claims
+        assert c is not None  # a secured operation: the pipeline verified the token
+        return 200, {
+            "user": c.sub, "project": c.project, "scopes": sorted(c.scopes),
+            "roles": sorted(ctx.roles), "jti": c.jti, "expires_in": round(c.expires_in, 1),
+        }  # fmt: skip
+
+    # -- DSN channels: forwarded with the caller's token ---------------------------------------
+    async def _dsn(
+        self, method: str, path: str, body: Any, authorization: str,
+        timeout: float = DSN_TIMEOUT_S, soft: bool = False,
+    ) -> Result:  # fmt: skip
+        if self.gw.dsn_url is None:
+            raise GatewayError(503, "dsn_not_configured",
+                               "stream channels need a DSN; this gateway has none configured")
+        if self._http is None:
+            self._http = AsyncHTTPClient(force_instance=True)
+        headers = {"Content-Type": "application/json"}
+        if authorization:
+            headers["Authorization"] = authorization
+        request = HTTPRequest(
+            self.gw.dsn_url + path, method=method, headers=headers,
+            body=None if method in ("GET", "DELETE") else json.dumps(body or {}),
+            request_timeout=timeout, follow_redirects=False,
+        )  # fmt: skip
+        response = await self._http.fetch(request, raise_error=False)
+        if response.code == 599:
+            if soft:
+                return 599, None
+            raise GatewayError(
+                503, "dsn_unavailable",
+                f"the Data Streaming Node at {self.gw.dsn_url} did not answer "
+                f"({response.error}); try again shortly",
+            )  # fmt: skip
+        if response.code == 204 or not response.body:
+            return response.code, None
+        try:
+            return response.code, json.loads(response.body)
+        except ValueError:
+            raise GatewayError(
+                502, "dsn_bad_answer", f"the DSN answered {response.code} without JSON"
+            ) from None
+
+    async def channels_list(self, ctx: RequestContext) -> Result:
+        return await self._dsn("GET", "/api/channels", None, ctx.authorization)
+
+    async def channels_create(self, ctx: RequestContext) -> Result:
+        return await self._dsn("POST", "/api/channels", ctx.body, ctx.authorization)
+
+    async def channel_get(self, ctx: RequestContext) -> Result:
+        return await self._dsn(
+            "GET", f"/api/channels/{ctx.params['channel_id']}", None, ctx.authorization
+        )
+
+    async def channel_delete(self, ctx: RequestContext) -> Result:
+        return await self._dsn(
+            "DELETE", f"/api/channels/{ctx.params['channel_id']}", None, ctx.authorization
+        )
+
+    async def channel_renew(self, ctx: RequestContext) -> Result:
+        path = f"/api/channels/{ctx.params['channel_id']}/renew"
+        return await self._dsn("POST", path, ctx.body, ctx.authorization)
+
+    async def steer_run(self, ctx: RequestContext) -> Result:
+        path = f"/api/channels/{ctx.params['channel_id']}/steer/run"
+        return await self._dsn("POST", path, ctx.body, ctx.authorization)
+
+    async def steer_param(self, ctx: RequestContext) -> Result:
+        path = f"/api/channels/{ctx.params['channel_id']}/steer/params/{ctx.params['name']}"
+        return await self._dsn("PUT", path, ctx.body, ctx.authorization)
+
+    # -- jobs (kernels.scheduler.Scheduler) ----------------------------------------------------
+    def _scheduler(self) -> Any:
+        if self.gw.scheduler is None:
+            raise GatewayError(503, "jobs_not_configured",
+                               "jobs need a scheduler; this gateway has none configured")
+        return self.gw.scheduler
+
+    async def jobs_list(self, ctx: RequestContext) -> Result:
+        jobs = await self._scheduler().list(ctx.project)
+        return 200, {"jobs": [job.to_dict() for job in jobs]}
+
+    async def jobs_submit(self, ctx: RequestContext) -> Result:
+        from kernels.scheduler import JobSpec, SchedulerError
+
+        scheduler = self._scheduler()
+        assert ctx.claims is not None and ctx.project is not None
+        body = dict(ctx.body)
+        tiers = getattr(scheduler, "tiers", None)
+        default_tier = getattr(tiers, "default_tier", "interactive")
+        spec = JobSpec(project=ctx.project, user=ctx.claims.sub,
+                       tier=body.pop("tier", default_tier), **body)  # fmt: skip
+        try:
+            spec.validate()
+            job_id = await scheduler.submit(spec)
+        except SchedulerError as exc:
+            raise _scheduler_error(exc) from exc
+        return 201, {"job_id": job_id, "project": ctx.project, "tier": spec.tier}
+
+    # -- beamtime reservations (kernels.reservations.ReservationBook) --------------------------
+    def _book(self) -> Any:
+        if self.gw.reservations is None:
+            raise GatewayError(503, "reservations_not_configured",
+                               "beamtime reservations are not enabled on this gateway")
+        return self.gw.reservations
+
+    async def reservations_list(self, ctx: RequestContext) -> Result:
+        windows = await asyncio.to_thread(self._book().list, ctx.project)
+        return 200, {"reservations": [w.to_dict() for w in windows]}
+
+    async def reservations_request(self, ctx: RequestContext) -> Result:
+        from kernels.scheduler import SchedulerError
+
+        book = self._book()
+        assert ctx.claims is not None and ctx.project is not None
+        body = ctx.body
+        start, end = _epoch(body["start"], "start"), _epoch(body["end"], "end")
+        try:
+            window_id = await asyncio.to_thread(
+                book.request, ctx.project, start, end, body.get("tier", "beamtime"),
+                body["justification"], ctx.claims.sub,
+            )  # fmt: skip
+            window = await asyncio.to_thread(book.get, window_id)
+        except SchedulerError as exc:
+            raise _scheduler_error(exc) from exc
+        return 201, window.to_dict()
+
+    async def reservation_decide(self, ctx: RequestContext) -> Result:
+        from kernels.scheduler import SchedulerError
+
+        book = self._book()
+        assert ctx.claims is not None
+        window_id = int(ctx.params["window_id"])
+        try:
+            if ctx.path.rstrip("/").endswith("/approve"):
+                window = await asyncio.to_thread(book.approve, window_id, ctx.claims.sub)
+            else:
+                window = await asyncio.to_thread(
+                    book.deny, window_id, ctx.claims.sub, ctx.body["reason"]
+                )
+        except SchedulerError as exc:
+            raise _scheduler_error(exc) from exc
+        return 200, window.to_dict()

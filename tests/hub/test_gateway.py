@@ -1,0 +1,272 @@
+"""API gateway over real HTTP: status, DSN channels, policy, rate limits, audit, reservations."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hub.audit import verify_log
+from hub.gateway import load_openapi
+from tests.hub.gateway_helpers import ALL_SCOPES, Keys, call, running_gateway
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def keys() -> Keys:
+    return Keys()
+
+
+async def test_status_is_public_and_the_api_is_published(keys: Keys, tmp_path: Path) -> None:
+    async with running_gateway(keys, tmp_path) as s:
+        code, body, _ = await call(s.url, "GET", "/status")
+        assert code == 200
+        assert body["enclave"] == "dev"
+        assert body["streams"] == {"dsn": "up", "channels": 0}
+        assert body["maintenance"][0]["what"] == "leadership system maintenance"
+        assert body["reservations"] == [] and body["nodes"] == []
+        code, doc, _ = await call(s.url, "GET", "/openapi.json")
+        assert code == 200 and doc["openapi"].startswith("3.")
+        assert doc["paths"].keys() == load_openapi()["paths"].keys()
+        code, index, _ = await call(s.url, "GET", "/")
+        assert code == 200 and index["openapi"] == "/api/v1/openapi.json"
+        code, body, _ = await call(s.url, "GET", "/no/such/thing")
+        assert code == 404 and "openapi.json" in body["error"]
+        code, text, _ = await call(s.url.replace("/api/v1", ""), "GET", "/metrics")
+        assert code == 200 and b'beamhub_gateway_requests_total{action="status.read"' in text
+
+
+async def test_channel_lifecycle_forwarded_to_the_real_dsn(keys: Keys, tmp_path: Path) -> None:
+    async with running_gateway(keys, tmp_path) as s:
+        token = keys.token("oscar", "p1", "stream.read stream.publish")
+        code, ch, _ = await call(s.url, "POST", "/projects/p1/channels", token, {"stream": "det"})
+        assert code == 201, ch
+        assert list(s.dsn.channels) == [ch["id"]]
+        assert s.dsn.channels[ch["id"]].project == "p1"
+        assert s.dsn.channels[ch["id"]].owner == "oscar"
+        code, listed, _ = await call(s.url, "GET", "/projects/p1/channels", token)
+        assert code == 200 and [c["id"] for c in listed["channels"]] == [ch["id"]]
+        code, one, _ = await call(s.url, "GET", f"/projects/p1/channels/{ch['id']}", token)
+        assert code == 200 and "stats" in one
+        code, renewed, _ = await call(
+            s.url, "POST", f"/projects/p1/channels/{ch['id']}/renew", token, {"ttl": 60}
+        )
+        assert code == 200 and renewed["id"] == ch["id"]
+        code, status, _ = await call(s.url, "GET", "/status")
+        assert status["streams"]["channels"] == 1
+        # the DSN's own refusals (its admin template) come back unchanged
+        code, refused, _ = await call(
+            s.url, "POST", "/projects/p1/channels", token, {"stream": "det", "hwm": 10**9}
+        )
+        assert code == 400 and refused["field"] == "hwm"
+        code, _, _ = await call(s.url, "DELETE", f"/projects/p1/channels/{ch['id']}", token)
+        assert code == 204 and s.dsn.channels == {}
+
+
+async def test_policy_denial_names_the_rule(keys: Keys, tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "version: 1\nrules:\n"
+        "  - {id: read-own, effect: allow, actions: ['channels.*'], project: own,"
+        " scope: stream.read}\n"
+        "  - {id: no-mallory, effect: deny, actions: ['*'], who: {users: [mallory]},"
+        " description: mallory is suspended}\n"
+    )
+    from hub.policy import load_policy
+
+    async with running_gateway(keys, tmp_path, policy=load_policy(rules)) as s:
+        viewer = keys.token("vera", "p1", "stream.read")
+        code, body, _ = await call(s.url, "GET", "/projects/p2/channels", viewer)
+        assert code == 403 and body["reason"] == "policy"
+        assert body["decision"]["rule"] == "default-deny"
+        assert "nearest rule 'read-own'" in body["decision"]["reason"]
+        assert "not 'p2'" in body["error"]
+        mallory = keys.token("mallory", "p1", "stream.read")
+        code, body, _ = await call(s.url, "GET", "/projects/p1/channels", mallory)
+        assert code == 403
+        assert body["decision"] == {
+            "decision": "deny", "rule": "no-mallory", "reason": "mallory is suspended"
+        }
+        assert s.dsn.channels == {}
+    records = [json.loads(line) for line in s.audit_path.read_text().splitlines()]
+    assert [(r["user"], r["rule"], r["outcome"], r["status"]) for r in records] == [
+        ("vera", "default-deny", "deny", 403),
+        ("mallory", "no-mallory", "deny", 403),
+    ]
+
+
+async def test_default_policy_viewer_cannot_create_operator_can(keys: Keys, tmp_path: Path) -> None:
+    async with running_gateway(keys, tmp_path) as s:
+        viewer = keys.token("vera", "p1", "stream.read dashboard")
+        code, body, _ = await call(s.url, "POST", "/projects/p1/channels", viewer, {"stream": "x"})
+        assert code == 403 and "channels-manage-own-project" in body["decision"]["reason"]
+        assert s.dsn.channels == {}
+        operator = keys.token("oscar", "p1", "stream.read stream.publish steer")
+        code, _, _ = await call(s.url, "POST", "/projects/p1/channels", operator, {"stream": "x"})
+        assert code == 201 and len(s.dsn.channels) == 1
+
+
+@pytest.mark.parametrize("burst", [1, 4])
+async def test_rate_limit_is_exact_to_the_bucket(keys: Keys, tmp_path: Path, burst: int) -> None:
+    async with running_gateway(keys, tmp_path, burst=burst, rate=0.25) as s:
+        token = keys.token()
+        codes = [(await call(s.url, "GET", "/whoami", token))[0] for _ in range(burst)]
+        assert codes == [200] * burst
+        code, body, headers = await call(s.url, "GET", "/whoami", token)
+        assert code == 429 and body["bucket"] == "token"
+        assert headers["Retry-After"] == "4"  # one token at 0.25/s, rounded up
+        other = keys.token("oscar", "p1")  # another token of the project still passes
+        assert (await call(s.url, "GET", "/whoami", other))[0] == 200
+        s.clock.now += 3.9
+        assert (await call(s.url, "GET", "/whoami", token))[0] == 429
+        s.clock.now += 0.1
+        assert (await call(s.url, "GET", "/whoami", token))[0] == 200
+    records = [json.loads(line) for line in s.audit_path.read_text().splitlines()]
+    assert [r["rule"] for r in records if r["outcome"] == "deny"] == ["ratelimit.token"] * 2
+
+
+async def test_project_bucket_is_shared_by_its_tokens(keys: Keys, tmp_path: Path) -> None:
+    async with running_gateway(keys, tmp_path, burst=100, project_burst=3) as s:
+        tokens = [keys.token(f"u{i}", "p1") for i in range(4)]
+        codes = [(await call(s.url, "GET", "/whoami", t))[0] for t in tokens]
+        assert codes == [200, 200, 200, 429]
+        assert (await call(s.url, "GET", "/whoami", keys.token("carol", "p2")))[0] == 200
+
+
+async def test_tokens_refused_and_audited_never_logged(keys: Keys, tmp_path: Path) -> None:
+    async with running_gateway(keys, tmp_path) as s:
+        code, body, _ = await call(s.url, "GET", "/projects/p1/channels")
+        assert code == 401 and body["reason"] == "missing"
+        code, body, _ = await call(s.url, "GET", "/projects/p1/channels", "not-a-jwt")
+        assert code == 401 and body["reason"] == "malformed"
+        token = keys.token()
+        code, me, _ = await call(s.url, "GET", "/whoami", token)
+        assert code == 200
+        keys.revoked.add(me["jti"])  # what the hub's revocation list feeds the verifier
+        code, body, _ = await call(s.url, "GET", "/whoami", token)
+        assert code == 401 and body["reason"] == "revoked"
+    text = s.audit_path.read_text()
+    assert token not in text and token.split(".")[2] not in text
+    records = [json.loads(line) for line in text.splitlines()]
+    assert [r["rule"] for r in records if r["outcome"] == "deny"] == ["token"] * 3
+    assert records[-1]["jti"] is None and "revoked" in records[-1]["reason"]
+
+
+async def test_audit_chain_verifies_and_a_flipped_byte_is_found(keys: Keys, tmp_path: Path) -> None:
+    async with running_gateway(keys, tmp_path) as s:
+        token = keys.token()
+        for path in ("/whoami", "/projects/p2/channels", "/projects/p1/reservations", "/whoami"):
+            await call(s.url, "GET", path, token)
+        await call(s.url, "GET", "/status")
+    result = verify_log(s.audit_path)
+    assert result.ok and result.records == 5
+    records = [json.loads(line) for line in s.audit_path.read_text().splitlines()]
+    assert [r["outcome"] for r in records] == ["allow", "deny", "allow", "allow", "allow"]
+    assert records[1]["resource"] == "GET /api/v1/projects/p2/channels"
+    assert records[4]["user"] is None and records[4]["source"] == "127.0.0.1"
+    data = bytearray(s.audit_path.read_bytes())
+    start = data.index(b"\n", data.index(b"\n") + 1) + 1  # record 3 begins here
+    data[start + data[start:].index(b"p1")] ^= 0x01  # "p1" → "q1" in record 3
+    s.audit_path.write_bytes(bytes(data))
+    result = verify_log(s.audit_path)
+    assert not result.ok and result.line == 3 and result.records == 2
+    cli = subprocess.run([sys.executable, "-m", "hub.cli", "audit", "verify", str(s.audit_path)],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert cli.returncode == 1 and "BROKEN at line 3" in cli.stdout
+
+
+async def test_reservation_request_then_admin_approval(keys: Keys, tmp_path: Path) -> None:
+    async with running_gateway(keys, tmp_path) as s:
+        pi = keys.token("alice", "p1", "reserve stream.read")
+        start = time.time() + 3600
+        request = {"start": start, "end": start + 7200, "tier": "beamtime",
+                   "justification": "SFX on lysozyme microcrystals, 120 Hz, 2 h"}  # fmt: skip
+        code, window, _ = await call(s.url, "POST", "/projects/p1/reservations", pi, request)
+        assert code == 201 and window["status"] == "requested" and window["requested_by"] == "alice"
+        code, body, _ = await call(s.url, "POST", f"/reservations/{window['id']}/approve", pi, {})
+        assert code == 403 and "reservations-approve-admin" in body["decision"]["reason"]
+        assert s.book.get(window["id"]).status == "requested"
+        admin = keys.token("admin", "facility", "stream.read")
+        code, body, _ = await call(s.url, "POST", f"/reservations/{window['id']}/approve", admin)
+        assert code == 200 and body["status"] == "approved" and body["decided_by"] == "admin"
+        code, body, _ = await call(s.url, "POST", f"/reservations/{window['id']}/approve", admin)
+        assert code == 409 and "already approved" in body["error"]
+        code, status, _ = await call(s.url, "GET", "/status")
+        assert [(w["project"], w["state"]) for w in status["reservations"]] == [("p1", "approved")]
+        assert "justification" not in status["reservations"][0]
+        iso = {"start": "2031-03-01T08:00:00Z", "end": "2031-03-01T20:00:00",
+               "justification": "time-resolved pump-probe series"}  # fmt: skip
+        code, second, _ = await call(s.url, "POST", "/projects/p1/reservations", pi, iso)
+        assert code == 201 and second["end"] - second["start"] == 12 * 3600
+        code, body, _ = await call(s.url, "POST", f"/reservations/{second['id']}/deny", admin,
+                                   {"reason": "the beamline is closed in March"})  # fmt: skip
+        assert code == 200 and body["status"] == "denied"
+        code, mine, _ = await call(s.url, "GET", "/projects/p1/reservations", pi)
+        assert [w["state"] for w in mine["reservations"]] == ["approved", "denied"]
+        short = dict(iso, justification="because")
+        code, body, _ = await call(s.url, "POST", "/projects/p1/reservations", pi, short)
+        assert code == 400 and body["field"] == "justification"
+        back = dict(iso, start="2031-03-02T08:00:00Z", justification="x" * 30)
+        code, body, _ = await call(s.url, "POST", "/projects/p1/reservations", pi, back)
+        assert code == 400 and body["field"] == "end" and "before it starts" in body["error"]
+
+
+def _endpoints() -> list[tuple[str, str, bool]]:
+    """Every (method, concrete path, takes a body) of the published API."""
+    values = {"project": "p1", "channel_id": "ch-00ff", "window_id": "1", "name": "gain"}
+    out = []
+    for path, methods in load_openapi()["paths"].items():
+        concrete = path
+        for name, value in values.items():
+            concrete = concrete.replace("{" + name + "}", value)
+        for method, spec in methods.items():
+            out.append((method.upper(), concrete, "x-body" in spec))
+    return out
+
+
+async def test_bad_input_on_every_endpoint_is_4xx_never_500(keys: Keys, tmp_path: Path) -> None:
+    async with running_gateway(keys, tmp_path) as s:
+        admin = keys.token("admin", "p1", ALL_SCOPES)
+        seen = 0
+        for method, path, takes_body in _endpoints():
+            cases = [
+                ("malformed", b"{not json", "malformed_json" if takes_body else "unexpected_body"),
+                ("array", b"[1, 2]", "malformed_json" if takes_body else "unexpected_body"),
+                ("NaN", b'{"x": NaN}', "malformed_json" if takes_body else "unexpected_body"),
+                ("oversized", b'{"a": "' + b"x" * 70_000 + b'"}', "body_too_large"),
+            ]
+            if takes_body and not path.endswith("/steer/run") and "/params/" not in path:
+                cases.append(("unknown field", b'{"colour": "red"}', "unknown_field"))
+            for case, raw, reason in cases:
+                code, body, _ = await call(s.url, method, path, admin, raw=raw)
+                assert 400 <= code < 500, (method, path, case, code, body)
+                assert body["reason"] == reason, (method, path, case, body)
+                assert body["error"], (method, path, case)
+                seen += 1
+            code, body, _ = await call(s.url, method, path + "?debug=1", admin)
+            assert code == 400 and body["reason"] == "unknown_parameter", (method, path)
+        assert seen >= 70  # 15 endpoints x 4-5 cases
+        code, body, _ = await call(s.url, "PATCH", "/status")
+        assert code == 405 and "allowed: GET" in body["error"]
+        huge = b"x" * (70 << 20)  # beyond the 64 MiB hard cap: tornado cuts it off with a 400
+        code, _, _ = await call(s.url, "POST", "/projects/p1/channels", admin, raw=huge)
+        assert code == 400
+
+
+async def test_unexpected_error_is_a_generic_500(keys: Keys, tmp_path: Path, caplog) -> None:
+    class BrokenScheduler:
+        async def list(self, project):
+            raise RuntimeError("database on fire")
+
+    async with running_gateway(keys, tmp_path, scheduler=BrokenScheduler()) as s:
+        token = keys.token()
+        code, body, _ = await call(s.url, "GET", "/projects/p1/jobs", token)
+        assert code == 500 and body["reason"] == "internal"
+        assert "fire" not in json.dumps(body)
+    assert any("database on fire" in r.getMessage() or (r.exc_info and "database on fire" in
+               str(r.exc_info[1])) for r in caplog.records)  # fmt: skip
