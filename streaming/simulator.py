@@ -214,3 +214,79 @@ class SimulatedDetector:
         gx = np.exp(-((self._patch + np.float32(ix - x)) ** 2) / np.float32(2 * sigma * sigma))
         r = PATCH_RADIUS
         frame[iy - r:iy + r + 1, ix - r:ix + r + 1] += np.float32(height) * np.outer(gy, gx)
+
+
+
+def _drain(queue: Any, stop: Any) -> None:
+    """A receiver in its own process, so that the measured process holds only the source."""
+    import zmq
+
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    queue.put(pull.bind_to_random_port("tcp://127.0.0.1"))
+    received = 0
+    while not stop.is_set():
+        if pull.poll(100):
+            pull.recv_multipart(copy=False)
+            received += 1
+    pull.close(linger=0)
+    ctx.term()
+    queue.put(received)
+
+
+def measure(seconds: float = 10.0, rate_hz: float = 120.0,
+            shape: tuple[int, int] = (1024, 1024)) -> dict[str, Any]:
+    """Generation speed, then this process's CPU share streaming at ``rate_hz`` over loopback TCP."""
+    import multiprocessing
+    import time
+
+    import psutil
+
+    from streaming.source import SourceRunner
+
+    det = SimulatedDetector(shape, seed=0, hit_fraction=0.3)
+    n = 300
+    wall, cpu = time.perf_counter(), time.thread_time()
+    for _ in range(n):
+        det.generate()
+    wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+    result: dict[str, Any] = {"shape": list(shape), "generate_fps": round(n / wall, 1),
+                              "generate_cpu_ms": round(1e3 * cpu / n, 3)}
+
+    mp = multiprocessing.get_context("spawn")
+    queue, stop = mp.Queue(), mp.Event()
+    child = mp.Process(target=_drain, args=(queue, stop), daemon=True)
+    child.start()
+    det.set_param("rate_hz", rate_hz)
+    runner = SourceRunner(det, stream="measure", connect=f"tcp://127.0.0.1:{queue.get(timeout=60)}")
+    runner.start()
+    process = psutil.Process()
+    try:
+        sender = runner._thread.native_id
+        before = {t.id: t.user_time + t.system_time for t in process.threads()}
+        runner.start_run()
+        stop.wait(seconds)  # the measurement window (nothing sets it early)
+        after = {t.id: t.user_time + t.system_time for t in process.threads()}
+    finally:
+        runner.stop()
+        stop.set()
+        received = queue.get(timeout=30)
+        child.join(30)
+    busy = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    result.update(
+        rate_hz=rate_hz,
+        seconds=seconds,
+        frames_sent=runner.frames_sent,
+        frames_received=received,
+        dropped_at_source=runner.dropped_at_source,
+        sender_thread_cpu_share=round(busy.get(sender, 0.0) / seconds, 3),
+        source_process_cpu_share=round(sum(busy.values()) / seconds, 3),
+    )
+    return result
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(measure(float(sys.argv[1]) if len(sys.argv) > 1 else 10.0)))
