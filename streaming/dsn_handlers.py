@@ -124,7 +124,7 @@ class BaseHandler(tornado.web.RequestHandler):
         """The channel, if the token is valid, has ``scope`` and belongs to its project."""
         self.claims()
         channel = self.node.channels.get(channel_id)
-        if channel is None:
+        if channel is None or channel.expires_at <= time.time():  # expired: the reaper is due
             raise ApiError(404, "not_found", f"no channel {channel_id!r} (expired or deleted?)")
         return channel, self.claims(scope=scope, project=channel.project)
 

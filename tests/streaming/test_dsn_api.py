@@ -191,3 +191,41 @@ async def test_concurrent_creates_respect_the_channel_bound(tokens: Tokens) -> N
         codes = sorted(code for code, _ in results)
         assert codes == [201, 201, 201, 403, 403, 403]
         assert len(node.data_plane.channels()) == 3
+
+
+async def test_beamhub_dsn_command_serves_and_stops_cleanly(tmp_path) -> None:
+    """`beamhub dsn` as a real process: prints where it listens, accepts a token from
+    `beamhub token issue` (same BEAMHUB_HOME), and exits 0 on SIGTERM with its channels removed."""
+    import os
+    import re
+    import signal
+    import sys
+
+    env = {**os.environ, "BEAMHUB_HOME": str(tmp_path)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "hub.cli", "dsn", "--port", "0", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        url = None
+        while url is None:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+            assert line, "beamhub dsn exited before printing its URL"
+            if m := re.search(r"control API (http://127\.0\.0\.1:\d+)", line):
+                url = m.group(1)
+        issue = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "hub.cli", "token", "issue", "--project", "p9", "--scope",
+            "stream.publish stream.read", "--ttl", "60", env=env, stdout=asyncio.subprocess.PIPE)
+        token = (await asyncio.wait_for(issue.communicate(), 20))[0].decode().strip()
+        assert issue.returncode == 0
+        code, made = await api(url, "POST", "/api/channels", token, {"stream": "det"})
+        assert code == 201 and made["project"] == "p9"
+        assert (await api(url, "GET", "/api/health"))[1]["channels"] == 1
+        proc.send_signal(signal.SIGTERM)
+        out = (await asyncio.wait_for(proc.stdout.read(), 20)).decode()
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        assert "channel.dsn_stopped" in out and made["id"] in out
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
