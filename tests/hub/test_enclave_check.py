@@ -1,0 +1,131 @@
+"""Enclave profiles and `beamhub check`: the dev example fails moderate by name, a ready one passes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hub.enclave import ENCLAVE_NAMES, EnclaveError, load_profile, parse_profile
+
+REPO = Path(__file__).resolve().parents[2]
+MODERATE_TEMPLATE = REPO / "streaming" / "templates" / "moderate.yaml"
+
+
+def beamhub_check(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "hub.cli", "check", *args],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )  # fmt: skip
+
+
+def moderate_ready(tmp_path: Path, **overrides) -> Path:
+    doc = {
+        "enclave": "moderate",
+        "identity": {
+            "provider": "https://idp.facility.example",
+            "authorize_url": "https://idp.facility.example/authorize",
+            "token_url": "https://idp.facility.example/token",
+            "userdata_url": "https://idp.facility.example/userinfo",
+            "client_secret": "from-the-facility-vault",
+        },
+        "tokens": {"ttl": 600, "max_ttl": 900},
+        "dsn": {"template": str(MODERATE_TEMPLATE)},
+        "gateway": {"enabled": True},
+    }
+    for key, value in overrides.items():
+        doc[key] = {**doc.get(key, {}), **value} if isinstance(value, dict) else value
+    path = tmp_path / "beamhub.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_profiles_load_and_tighten_upwards() -> None:
+    profiles = [load_profile(name) for name in ENCLAVE_NAMES]
+    assert [p.name for p in profiles] == list(ENCLAVE_NAMES)
+    ttls = [p.max_token_ttl for p in profiles]
+    assert ttls == sorted(ttls, reverse=True) == [86400, 3600, 900, 600]
+    assert [p.mfa_required for p in profiles] == [False, False, True, True]
+    assert [p.encryption_required for p in profiles] == [False, False, True, True]
+    assert profiles[2].dsn_modes == ("l7",) and profiles[0].dsn_modes == ("l4", "l7")
+    assert profiles[2].rate_per_token.burst == 20 and profiles[3].audit_fsync == "always"
+
+
+def test_dev_example_fails_moderate_with_named_requirements() -> None:
+    res = beamhub_check("--enclave", "moderate", "beamhub.yaml")
+    assert res.returncode == 1, res.stderr
+    failed = {line.split()[1] for line in res.stdout.splitlines() if line.strip().startswith("FAIL")}
+    assert failed == {"mfa", "identity", "token_ttl", "dsn_modes", "encryption"}
+    assert "identity.require_mfa: true" in res.stdout
+    assert "streaming/templates/moderate.yaml" in res.stdout
+    assert "5 of 9 requirements fail" in res.stdout
+    assert beamhub_check("--enclave", "dev", "beamhub.yaml").returncode == 0
+
+
+def test_moderate_ready_config_passes(tmp_path: Path) -> None:
+    res = beamhub_check("--enclave", "moderate", str(moderate_ready(tmp_path)), "--json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = json.loads(res.stdout)
+    assert report["ok"] and all(r["ok"] for r in report["requirements"])
+    assert {r["name"] for r in report["requirements"]} >= {
+        "mfa", "identity", "token_ttl", "dsn_modes", "encryption", "rate_limit_token",
+        "rate_limit_project", "audit", "qos_tiers",
+    }  # fmt: skip
+    # moderate-ready is not leadership-ready: tokens must be shorter still
+    res = beamhub_check("--enclave", "leadership", str(moderate_ready(tmp_path)))
+    assert res.returncode == 1 and "FAIL  token_ttl" in res.stdout
+
+
+@pytest.mark.parametrize(
+    "overrides,failing",
+    [
+        ({"gateway": {"rate_per_s": 100.0, "burst": 500}}, "rate_limit_token"),
+        ({"gateway": {"project_rate_per_s": 10.0, "project_burst": 1000}}, "rate_limit_project"),
+        ({"gateway": {"enabled": False}}, "audit"),
+        ({"identity": {"require_mfa": False}}, "mfa"),
+        ({"dsn": {"template": "streaming/templates/default.yaml"}}, "dsn_modes"),
+    ],
+)
+def test_each_requirement_fails_alone(tmp_path: Path, overrides: dict, failing: str) -> None:
+    res = beamhub_check("--enclave", "moderate", str(moderate_ready(tmp_path, **overrides)))
+    assert res.returncode == 1
+    failed = [line.split()[1] for line in res.stdout.splitlines() if line.strip().startswith("FAIL")]
+    assert failing in failed and (len(failed) == 1 or failing == "dsn_modes")
+
+
+def test_bad_enclave_and_bad_deployment_are_reported(tmp_path: Path) -> None:
+    res = beamhub_check("--enclave", "secret", "beamhub.yaml")
+    assert res.returncode == 2 and "unknown enclave 'secret'" in res.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("enclave: dev\ntokens: {ttl: -5}\n")
+    res = beamhub_check("--enclave", "moderate", str(bad))
+    assert res.returncode == 2 and "tokens.ttl" in res.stderr
+
+
+def good_profile(**kw) -> dict:
+    doc = yaml.safe_load((REPO / "hub" / "enclaves" / "moderate.yaml").read_text())
+    doc.update(kw)
+    return doc
+
+
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"mfa_required": "yes"}, "'mfa_required'"),
+        ({"max_token_ttl": 5}, "'max_token_ttl'"),
+        ({"dsn_modes": ["l5"]}, "'dsn_modes'"),
+        ({"audit_fsync": "sometimes"}, "'audit_fsync'"),
+        ({"rate_limits": {"per_token": {"rate": 1, "burst": 0}, "per_project": {"rate": 1,
+          "burst": 1}}}, "rate_limits.per_token"),
+        ({"qos_tiers": []}, "'qos_tiers'"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
+def test_profile_validation_names_the_field(change: dict, needle: str) -> None:
+    with pytest.raises(EnclaveError) as info:
+        parse_profile(good_profile(**change), "p.yaml")
+    assert needle in str(info.value) and "p.yaml" in str(info.value)
