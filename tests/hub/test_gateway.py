@@ -270,3 +270,80 @@ async def test_unexpected_error_is_a_generic_500(keys: Keys, tmp_path: Path, cap
         assert "fire" not in json.dumps(body)
     assert any("database on fire" in r.getMessage() or (r.exc_info and "database on fire" in
                str(r.exc_info[1])) for r in caplog.records)  # fmt: skip
+
+
+@pytest.mark.timeout(90)
+def test_service_process_revocation_and_sigterm(tmp_path: Path) -> None:
+    """`python -m hub.gateway` as beamhub up starts it: prints its URL, polls /revoked, stops on
+    SIGTERM with exit 0 and a verifiable audit log."""
+    import http.server
+    import os
+    import signal
+    import threading
+    import urllib.request
+
+    from hub.tokens import SigningKey, TokenIssuer
+
+    key = SigningKey.load_or_create(tmp_path / "signing-key.pem")
+    issuer = TokenIssuer(key)
+    token = issuer.issue("oscar", "p1", "stream.read", ttl=600)
+    jti = json.loads(__import__("base64").urlsafe_b64decode(token.split(".")[1] + "==="))["jti"]
+    revoked: list[str] = []
+
+    class Revoked(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"revoked": revoked}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Revoked)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    deployment = tmp_path / "beamhub.yaml"
+    deployment.write_text("tokens: {revocation_poll: 0.2}\n")
+    env = dict(os.environ, BEAMHUB_HOME=str(tmp_path), JUPYTERHUB_SERVICE_PREFIX="/services/gateway/")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hub.gateway", "--deployment", str(deployment), "--port", "0",
+         "--revoked-url", f"http://127.0.0.1:{server.server_port}/revoked"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        assert "listening on http://127.0.0.1:" in line, line + proc.stderr.read()
+        url = line.split("listening on ")[1].split()[0]
+        assert url.endswith("/services/gateway/api/v1")
+
+        def get(path: str, tok: str | None = None) -> int:
+            req = urllib.request.Request(url + path)
+            if tok:
+                req.add_header("Authorization", f"Bearer {tok}")
+            try:
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    return resp.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        assert get("/status") == 200
+        assert get("/whoami", token) == 200
+        revoked.append(jti)
+        deadline = time.monotonic() + 10
+        while get("/whoami", token) != 401:
+            assert time.monotonic() < deadline, "revoked token still accepted after 10 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        server.shutdown()
+        server.server_close()
+    result = verify_log(tmp_path / "audit.jsonl")
+    assert result.ok and result.records >= 3
+    records = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert records[-1]["outcome"] == "deny" and "revoked" in records[-1]["reason"]

@@ -1,0 +1,158 @@
+"""Run the API gateway as a JupyterHub service (or standalone): wire its layers from beamhub.yaml.
+
+``beamhub up`` starts it as ``python -m hub.gateway --deployment beamhub.yaml``; JupyterHub passes
+``JUPYTERHUB_SERVICE_URL`` (where to listen) and ``JUPYTERHUB_SERVICE_PREFIX`` (``/services/
+gateway/``). Standalone: ``python -m hub.gateway --port 8081 --dsn-url http://127.0.0.1:PORT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+__all__ = ["build_gateway", "main"]
+
+log = logging.getLogger("beamhub.gateway")
+EMBEDDED = "<embedded defaults>"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m hub.gateway", description=__doc__)
+    p.add_argument("--deployment", default=None, help="beamhub.yaml (default: embedded defaults)")
+    p.add_argument("--state-dir", default=None, help="keys, runtime.json, audit log (default: "
+                   "$BEAMHUB_HOME, the deployment's state_dir, ~/.beamhub)")  # fmt: skip
+    p.add_argument("--host", default=None, help="listen address (default from "
+                   "JUPYTERHUB_SERVICE_URL, else 127.0.0.1)")  # fmt: skip
+    p.add_argument("--port", type=int, default=None, help="listen port (0 = any free port)")
+    p.add_argument("--base-url", default=None, help="URL prefix (default JUPYTERHUB_SERVICE_PREFIX)")
+    p.add_argument("--dsn-url", default=None, help="the DSN's control API (default: runtime.json)")
+    p.add_argument("--jwks", default=None, help="verifiers' JWKS file or URL (default: the state "
+                   "dir's signing key)")  # fmt: skip
+    p.add_argument("--revoked-url", default=None, help="the token service's /revoked list")
+    p.add_argument("--policy", default=None, help="policy file (default: gateway.policy)")
+    p.add_argument("--audit-log", default=None, help="audit log (default: gateway.audit_log)")
+    p.add_argument("--admin", action="append", default=None, help="facility admin user(s)")
+    return p
+
+
+def _state_dir(args: argparse.Namespace, dep: Any) -> Path:
+    chosen = args.state_dir or os.environ.get("BEAMHUB_HOME") or dep.state_dir
+    return Path(chosen).expanduser() if chosen else Path.home() / ".beamhub"
+
+
+def build_gateway(argv: list[str] | None = None) -> tuple[Any, str, int, list[Any]]:
+    """The configured :class:`~hub.gateway.Gateway`, where to listen, and what to close after."""
+    from hub.audit import AuditLog
+    from hub.deployment import load_deployment
+    from hub.enclave import load_profile
+    from hub.gateway import Gateway
+    from hub.policy import load_policy
+    from hub.ratelimit import Limit, RateLimiter
+    from hub.tokens import RevocationCache, SigningKey, TokenVerifier, load_jwks
+
+    args = _parser().parse_args(argv)
+    dep = load_deployment(None if args.deployment in (None, EMBEDDED) else args.deployment)
+    profile = load_profile(dep.enclave)
+    state = _state_dir(args, dep)
+    runtime_path = Path(os.environ.get("BEAMHUB_RUNTIME") or state / "runtime.json")
+    runtime = json.loads(runtime_path.read_text()) if runtime_path.exists() else {}
+
+    service_url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", ""))
+    host = args.host or service_url.hostname or "127.0.0.1"
+    port = args.port if args.port is not None else (service_url.port or 0)
+    base_url = args.base_url or os.environ.get("JUPYTERHUB_SERVICE_PREFIX") or "/"
+
+    if args.jwks:
+        jwks = load_jwks(args.jwks)
+    else:
+        key_path = state / "signing-key.pem"
+        if not key_path.exists():
+            raise SystemExit(f"no signing key at {key_path}: run `beamhub token keygen` or pass "
+                             "--jwks with the token service's JWKS")  # fmt: skip
+        jwks = SigningKey.load(key_path).jwks()
+    closers: list[Any] = []
+    revoked_url = args.revoked_url
+    if revoked_url is None and runtime.get("port"):
+        revoked_url = f"http://{runtime.get('ip', '127.0.0.1')}:{runtime['port']}/services/tokens/revoked"
+    is_revoked = None
+    if revoked_url:
+        cache = RevocationCache(revoked_url, interval=dep.tokens.revocation_poll).start()
+        closers.append(cache)
+        is_revoked = cache.is_revoked
+    verifier = TokenVerifier(jwks, issuer=dep.tokens.issuer, audience=dep.tokens.audience,
+                             is_revoked=is_revoked)  # fmt: skip
+
+    gw = dep.gateway
+    per_token = Limit(gw.rate_per_s, gw.burst) if gw.rate_per_s and gw.burst else profile.rate_per_token
+    per_project = (Limit(gw.project_rate_per_s, gw.project_burst)
+                   if gw.project_rate_per_s and gw.project_burst else profile.rate_per_project)  # fmt: skip
+    audit_path = Path(args.audit_log or gw.audit_log or state / "audit.jsonl").expanduser()
+    audit = AuditLog(audit_path, fsync=profile.audit_fsync if profile.audit_fsync != "never"
+                     else "interval")  # fmt: skip
+    closers.append(audit)
+
+    reservations = None
+    admins = args.admin if args.admin is not None else runtime.get(
+        "admin_users", [u.username for u in dep.identity.users if u.admin])  # fmt: skip
+    try:
+        from kernels.placement import SchedulerConfig
+        from kernels.reservations import ReservationBook
+
+        config = SchedulerConfig(state_dir=str(state / "scheduler"))
+        reservations = ReservationBook(config.reservations_path, admins=admins)
+    except ImportError as exc:
+        log.warning("beamtime reservations disabled: %s", exc)
+
+    gateway = Gateway(
+        verifier,
+        policy=load_policy(args.policy or gw.policy or None),
+        limiter=RateLimiter(per_token, per_project),
+        audit=audit,
+        dsn_url=args.dsn_url or runtime.get("dsn_url") or None,
+        reservations=reservations,
+        enclave=dep.enclave,
+        admin_users=admins,
+        base_url=base_url,
+    )
+    log.info("audit log %s (fsync %s); policy %s", audit_path, audit.fsync, gateway.policy.source)
+    return gateway, host, port, closers
+
+
+async def _serve(gateway: Any, host: str, port: int) -> None:
+    url = await gateway.start_async(port, host)
+    print(f"beamhub gateway listening on {url} (status: {url}/status, API: {url}/openapi.json)",
+          flush=True)  # fmt: skip
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("beamhub gateway stopping", flush=True)
+    await gateway.stop_async()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from hub.deployment import DeploymentError
+    from hub.enclave import EnclaveError
+    from hub.policy import PolicyError
+
+    try:
+        gateway, host, port, closers = build_gateway(argv)
+    except (DeploymentError, EnclaveError, PolicyError, OSError, ValueError) as exc:
+        print(f"beamhub gateway: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_serve(gateway, host, port))
+    finally:
+        for closer in closers:
+            closer.close()
+    return 0
