@@ -1,0 +1,130 @@
+"""`beamhub consume`: read a DSN channel and print live figures (frames, loss, latency)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "consume",
+        help="read frames from a DSN channel and print frames, bytes, lost, malformed, latency",
+        description=(
+            "Connect to a channel's work endpoint (frames are shared with other work consumers) "
+            "or, with --monitor, its monitor fan-out (every frame; dropped if this viewer is slow)."
+        ),
+    )
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--endpoint", help="ZeroMQ endpoint, e.g. tcp://127.0.0.1:5555")
+    where.add_argument("--dsn", metavar="URL", help="DSN control API, e.g. http://127.0.0.1:8470")
+    parser.add_argument("--channel", help="channel id (with --dsn)")
+    parser.add_argument("--token", help="project access token (default: $BEAMHUB_TOKEN)")
+    parser.add_argument("--report", help="report endpoint (with --endpoint), so the DSN sees lag")
+    parser.add_argument("--monitor", action="store_true", help="subscribe to the monitor fan-out")
+    parser.add_argument(
+        "--exclusive",
+        action="store_true",
+        help="this is the only work consumer: count sequence gaps as lost",
+    )
+    parser.add_argument("--count", type=int, default=None, help="stop after N frames")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="stop after S seconds (exit 1 if --count not reached)",
+    )
+    parser.add_argument("--consumer-id", default=None, help="name reported to the DSN")
+    parser.add_argument("--hwm", type=int, default=16, help="receive high-water mark (frames)")
+    parser.add_argument("--json", action="store_true", help="print one JSON summary at the end")
+    parser.set_defaults(func=_consume)
+
+
+def _open(args: argparse.Namespace) -> Any:
+    from streaming.consumer import StreamConsumer
+
+    common = {
+        "consumer_id": args.consumer_id,
+        "monitor": args.monitor,
+        "exclusive": args.exclusive,
+        "hwm": args.hwm,
+    }
+    if args.endpoint:
+        return StreamConsumer(args.endpoint, report=args.report, **common)
+    if not args.channel:
+        raise ValueError("--channel: required with --dsn (the channel id the DSN gave you)")
+    token = args.token or os.environ.get("BEAMHUB_TOKEN")
+    if not token:
+        raise ValueError("--token: give a project token or set BEAMHUB_TOKEN (beamhub token issue)")
+    return StreamConsumer.from_dsn(args.dsn, args.channel, token, **common)
+
+
+def _line(stats: dict[str, Any], rate: float) -> str:
+    return (
+        f"frames {stats['frames']}  {stats['bytes'] / 1e6:.1f} MB  {rate:.1f} Hz  "
+        f"lost {stats['lost']}  malformed {stats['malformed']}  restarts {stats['restarts']}  "
+        f"latency p50 {stats['latency_p50_ms']} ms p99 {stats['latency_p99_ms']} ms"
+    )
+
+
+def _consume(args: argparse.Namespace) -> int:
+    from streaming.consumer import ChannelLookupError
+
+    if args.count is not None and args.count < 1:
+        print("beamhub consume: --count must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        consumer = _open(args)
+    except (ValueError, ChannelLookupError) as exc:
+        print(f"beamhub consume: {exc}", file=sys.stderr)
+        return 2
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    face = "monitor" if args.monitor else "work"
+    print(
+        f"consuming {face} stream from {consumer.endpoint} as {consumer.consumer_id}",
+        file=sys.stderr,
+    )
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    next_line = time.monotonic() + 1.0
+    last_frames = 0
+    code = 0
+    try:
+        while args.count is None or consumer.frames < args.count:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                code = 1 if args.count is not None else 0
+                break
+            wait = min(1.0, deadline - now) if deadline is not None else 1.0
+            consumer.receive(timeout=max(0.0, wait))
+            if not args.json and time.monotonic() >= next_line:
+                stats = consumer.stats()
+                print(_line(stats, stats["frames"] - last_frames), flush=True)
+                last_frames = stats["frames"]
+                next_line += 1.0
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        stats = consumer.stats()
+        consumer.close()
+    if args.json:
+        print(json.dumps(stats))
+    else:
+        print(_line(stats, 0.0).replace("  0.0 Hz", ""), flush=True)
+    if code == 1:
+        print(
+            f"beamhub consume: only {stats['frames']} of {args.count} frames within {args.timeout} s",
+            file=sys.stderr,
+        )
+    return code

@@ -1,0 +1,294 @@
+"""Read a DSN channel from a notebook or a Dask worker: frames as zero-copy numpy arrays, loss visible.
+
+A :class:`StreamConsumer` connects to a channel's ``work`` endpoint (PULL: frames are distributed
+among all work consumers) or, with ``monitor=True``, to its ``monitor`` endpoint (SUB: every frame,
+dropped for this viewer if it falls behind). It is used from one thread.
+
+What the counters mean:
+
+* ``lost`` counts sequence gaps, which only mean loss when this consumer sees *every* frame: in
+  monitor mode or with ``exclusive=True`` (the only work consumer). With work distribution each
+  consumer sees a subset, so ``lost`` stays 0 and loss is judged by the DSN: it compares frames
+  forwarded with the ``received`` counts that consumers report (``unaccounted`` in the channel's
+  stats). That is why the consumer sends a small JSON status report to the channel's ``report``
+  endpoint about every 0.5 s (from :meth:`receive`, no background thread).
+* ``restarts``: the sequence went backwards or the run id changed — the producer restarted. It is
+  counted, logged, kept in :attr:`StreamConsumer.events`, and reported to the DSN.
+* ``malformed``: messages that failed :func:`streaming.wire.decode`, by reason; the stream goes on.
+* latency p50/p99: now minus the producer's ``t_ns`` (same host or synchronised clocks).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import zmq
+
+from streaming.wire import DEFAULT_MAX_FRAME_BYTES, DecodeError, Frame, decode
+
+__all__ = ["ChannelLookupError", "StreamConsumer", "lookup_channel"]
+
+REPORT_INTERVAL_S = 0.5
+LATENCY_WINDOW = 10_000
+
+
+class ChannelLookupError(RuntimeError):
+    """The DSN control API did not give us the channel (``status`` is the HTTP status or 0)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def lookup_channel(dsn_url: str, channel_id: str, token: str, *, timeout: float = 10.0) -> dict:
+    """``GET {dsn_url}/api/channels/{id}`` with the project token; return the channel's JSON."""
+    url = f"{dsn_url.rstrip('/')}/api/channels/{urllib.request.quote(channel_id, safe='')}"
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"dsn_url: {dsn_url!r} must start with http:// or https://")
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})  # noqa: S310 - scheme checked above
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - scheme checked above
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read(2000).decode("utf-8", "replace")
+        raise ChannelLookupError(
+            exc.code, f"DSN refused channel {channel_id!r} (HTTP {exc.code}): {detail}"
+        ) from exc
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise ChannelLookupError(0, f"cannot reach the DSN at {dsn_url}: {exc}") from exc
+
+
+class StreamConsumer:
+    """Iterate frames from a DSN channel; counts frames, bytes, loss, malformed, restarts, latency."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        consumer_id: str | None = None,
+        report: str | None = None,
+        curve_server_key: str | bytes | None = None,
+        curve_keypair: tuple[str | bytes, str | bytes] | None = None,
+        monitor: bool = False,
+        exclusive: bool = False,
+        hwm: int = 16,
+        max_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        context: zmq.Context | None = None,
+        log: logging.Logger | None = None,
+    ) -> None:
+        if not isinstance(endpoint, str) or "://" not in endpoint:
+            raise ValueError(
+                f"endpoint: {endpoint!r} is not a ZeroMQ endpoint like tcp://host:port"
+            )
+        if curve_server_key is not None and curve_keypair is None:
+            raise ValueError(
+                "curve_keypair: this channel is encrypted; pass (public, secret) z85 keys whose "
+                "public half was registered when the channel was created"
+            )
+        self.consumer_id = (
+            consumer_id or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        )
+        self.role = "monitor" if monitor else "work"
+        self.count_gaps = monitor or exclusive
+        self.max_bytes = max_bytes
+        self.log = log or logging.getLogger("beamhub.consumer")
+        self._own_context = context is None
+        self.context = context or zmq.Context()
+        self.sock = self.context.socket(zmq.SUB if monitor else zmq.PULL)
+        self.sock.linger = 0
+        self.sock.rcvhwm = hwm
+        if monitor:
+            self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self._report_sock: zmq.Socket | None = None
+        self._closed = False
+        try:
+            self._secure(self.sock, curve_server_key, curve_keypair)
+            self.sock.connect(endpoint)
+            if report:
+                self._report_sock = self.context.socket(zmq.PUSH)
+                self._report_sock.linger = 0
+                self._report_sock.sndhwm = 4
+                self._secure(self._report_sock, curve_server_key, curve_keypair)
+                self._report_sock.connect(report)
+        except zmq.ZMQError as exc:
+            for sock in (self.sock, self._report_sock):
+                if sock is not None:
+                    sock.close(linger=0)
+            if self._own_context:
+                self.context.term()
+            raise ValueError(f"cannot connect to {endpoint}: {exc}") from exc
+        self.endpoint = endpoint
+        self.frames = 0
+        self.bytes = 0
+        self.lost = 0
+        self.malformed = 0
+        self.malformed_reasons: dict[str, int] = {}
+        self.restarts = 0
+        self.last_seq: int | None = None
+        self.run: int | None = None
+        self.events: deque[dict[str, Any]] = deque(maxlen=100)
+        self._latency_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self._started = time.monotonic()
+        self._next_report = 0.0
+
+    @staticmethod
+    def _secure(sock: zmq.Socket, server_key: Any, keypair: Any) -> None:
+        if server_key is None:
+            return
+        as_bytes = [k.encode() if isinstance(k, str) else k for k in (server_key, *keypair)]
+        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = as_bytes
+
+    @classmethod
+    def from_dsn(
+        cls,
+        dsn_url: str,
+        channel_id: str,
+        token: str,
+        *,
+        monitor: bool = False,
+        **kwargs: Any,
+    ) -> StreamConsumer:
+        """Look the channel's endpoints up on the DSN control API and connect to them."""
+        info = lookup_channel(dsn_url, channel_id, token)
+        endpoints = info.get("endpoints") or {}
+        endpoint = endpoints.get("monitor" if monitor else "work")
+        if not endpoint:
+            face = "monitor" if monitor else "work"
+            raise ChannelLookupError(200, f"channel {channel_id!r} has no {face} endpoint")
+        kwargs.setdefault("report", endpoints.get("report"))
+        if endpoints.get("server_key"):
+            kwargs.setdefault("curve_server_key", endpoints["server_key"])
+        return cls(endpoint, monitor=monitor, **kwargs)
+
+    def receive(self, timeout: float | None = None) -> Frame | None:
+        """The next valid frame, or ``None`` if none arrived within ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            now = time.monotonic()
+            if now >= self._next_report:
+                self.send_report()
+                self._next_report = now + REPORT_INTERVAL_S
+            until = self._next_report if deadline is None else min(self._next_report, deadline)
+            if not self.sock.poll(max(0, int((until - now) * 1000))):
+                if deadline is not None and time.monotonic() >= deadline:
+                    return None
+                continue
+            parts = self.sock.recv_multipart(copy=False)
+            try:
+                frame = decode(parts, max_bytes=self.max_bytes)
+            except DecodeError as exc:
+                self.malformed += 1
+                self.malformed_reasons[exc.reason] = self.malformed_reasons.get(exc.reason, 0) + 1
+                continue
+            self._account(frame, len(parts[0]) + len(parts[1]))
+            return frame
+
+    def _account(self, frame: Frame, nbytes: int) -> None:
+        header = frame.header
+        self.frames += 1
+        self.bytes += nbytes
+        if header.t_ns:
+            self._latency_ms.append((time.time_ns() - header.t_ns) / 1e6)
+        last = self.last_seq
+        if last is not None and (header.seq <= last or header.run != self.run):
+            self.restarts += 1
+            event = {
+                "event": "producer_restart",
+                "from_seq": last,
+                "to_seq": header.seq,
+                "from_run": self.run,
+                "to_run": header.run,
+                "t": time.time(),
+            }
+            self.events.append(event)
+            self.log.warning(
+                "stream %s: sequence went from %d (run %s) to %d (run %d): producer restarted",
+                header.stream,
+                last,
+                self.run,
+                header.seq,
+                header.run,
+            )
+        elif last is not None and self.count_gaps and header.seq > last + 1:
+            self.lost += header.seq - last - 1
+        self.last_seq = header.seq
+        self.run = header.run
+
+    def __iter__(self) -> Iterator[Frame]:
+        while not self._closed:
+            frame = self.receive(timeout=REPORT_INTERVAL_S)
+            if frame is not None:
+                yield frame
+
+    def latency_ms(self) -> tuple[float | None, float | None]:
+        """(p50, p99) of the last frames' latency in milliseconds."""
+        if not self._latency_ms:
+            return None, None
+        p50, p99 = np.percentile(np.fromiter(self._latency_ms, dtype=float), [50, 99])
+        return round(float(p50), 3), round(float(p99), 3)
+
+    def stats(self) -> dict[str, Any]:
+        p50, p99 = self.latency_ms()
+        elapsed = time.monotonic() - self._started
+        return {
+            "consumer_id": self.consumer_id,
+            "role": self.role,
+            "endpoint": self.endpoint,
+            "frames": self.frames,
+            "bytes": self.bytes,
+            "lost": self.lost,
+            "loss_counted": self.count_gaps,
+            "malformed": self.malformed,
+            "malformed_reasons": dict(self.malformed_reasons),
+            "restarts": self.restarts,
+            "last_seq": self.last_seq,
+            "run": self.run,
+            "latency_p50_ms": p50,
+            "latency_p99_ms": p99,
+            "elapsed_s": round(elapsed, 3),
+        }
+
+    def send_report(self) -> None:
+        """Tell the DSN what we have (never blocks; a report that cannot go now is skipped)."""
+        if self._report_sock is None:
+            return
+        body = {
+            "consumer_id": self.consumer_id,
+            "role": self.role,
+            "last_seq": self.last_seq,
+            "received": self.frames,
+            "lost": self.lost,
+            "malformed": self.malformed,
+            "restarts": self.restarts,
+        }
+        try:
+            self._report_sock.send(json.dumps(body).encode(), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the DSN is not reachable right now; the next report carries the totals
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._report_sock is not None:
+            self.send_report()
+            self._report_sock.close(linger=200)  # give the final report a moment to leave
+        self.sock.close(linger=0)
+        if self._own_context:
+            self.context.term()
+
+    def __enter__(self) -> StreamConsumer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
