@@ -1,0 +1,158 @@
+"""How the spawner and Dask-on-allocation reach one scheduler and one tier policy.
+
+The hub's spawner and a notebook's ``start_dask()`` must use the same backend, state folder and
+tier/project/reservation configuration; the spawner passes it to each job as ``BEAMHUB_*``
+environment variables and both sides build it with :meth:`SchedulerConfig.from_env`.
+Backends are opened once per process and event loop and shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kernels.scheduler import Scheduler, SchedulerError
+from kernels.tiers import TierPolicy, load_tiers
+
+__all__ = ["SchedulerConfig", "close_schedulers", "open_scheduler", "policy_for"]
+
+
+def _default_state_dir() -> str:
+    home = os.environ.get("BEAMHUB_HOME") or str(Path.home() / ".beamhub")
+    return str(Path(home) / "scheduler")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Which backend, where its state lives, and which tiers/projects/windows apply."""
+
+    backend: str = "local"
+    state_dir: str = field(default_factory=_default_state_dir)
+    options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    tiers_file: str = ""
+    projects_file: str = ""
+    reservations_db: str = ""
+    #: "hub" inside a job of the local backend: submit through the hub's jobs API
+    via: str = ""
+
+    @property
+    def key(self) -> str:
+        return json.dumps(
+            [
+                self.backend,
+                self.state_dir,
+                self.options,
+                self.tiers_file,
+                self.projects_file,
+                self.reservations_db,
+            ],
+            sort_keys=True,
+        )
+
+    @property
+    def reservations_path(self) -> str:
+        return self.reservations_db or str(Path(self.state_dir) / "reservations.sqlite")
+
+    def job_env(self, *, project: str, tier: str, user: str) -> dict[str, str]:
+        """The environment a job gets so that it can submit more jobs of its project and tier."""
+        return {
+            "BEAMHUB_PROJECT": project,
+            "BEAMHUB_TIER": tier,
+            "BEAMHUB_USER": user,
+            "BEAMHUB_SCHEDULER_BACKEND": self.backend,
+            "BEAMHUB_SCHEDULER_STATE_DIR": self.state_dir,
+            "BEAMHUB_SCHEDULER_OPTIONS": json.dumps(self.options),
+            "BEAMHUB_SCHEDULER_TIERS": self.tiers_file,
+            "BEAMHUB_SCHEDULER_PROJECTS": self.projects_file,
+            "BEAMHUB_SCHEDULER_RESERVATIONS": self.reservations_db,
+            # the local backend lives in the hub process: jobs reach it through the hub's API
+            "BEAMHUB_SCHEDULER_VIA": "hub" if self.backend == "local" else "",
+        }
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> SchedulerConfig:
+        """The configuration the spawner handed to this job (defaults outside a job)."""
+        env = os.environ if environ is None else environ
+        try:
+            options = json.loads(env.get("BEAMHUB_SCHEDULER_OPTIONS") or "{}")
+        except ValueError as exc:
+            raise SchedulerError(
+                f"BEAMHUB_SCHEDULER_OPTIONS is not JSON: {exc}", field="BEAMHUB_SCHEDULER_OPTIONS"
+            ) from exc
+        return cls(
+            backend=env.get("BEAMHUB_SCHEDULER_BACKEND") or "local",
+            state_dir=env.get("BEAMHUB_SCHEDULER_STATE_DIR") or _default_state_dir(),
+            options=options,
+            tiers_file=env.get("BEAMHUB_SCHEDULER_TIERS") or "",
+            projects_file=env.get("BEAMHUB_SCHEDULER_PROJECTS") or "",
+            reservations_db=env.get("BEAMHUB_SCHEDULER_RESERVATIONS") or "",
+            via=env.get("BEAMHUB_SCHEDULER_VIA") or "",
+        )
+
+
+_POLICIES: dict[str, TierPolicy] = {}
+_SCHEDULERS: dict[tuple[str, int], Scheduler] = {}
+
+
+def policy_for(config: SchedulerConfig) -> TierPolicy:
+    """The tier policy (tiers + projects + beamtime windows) of this configuration."""
+    policy = _POLICIES.get(config.key)
+    if policy is None:
+        from kernels.projects import ProjectDirectory
+        from kernels.reservations import ReservationBook
+
+        tiers = load_tiers(config.tiers_file or None)
+        projects = (
+            ProjectDirectory.from_yaml(config.projects_file, tiers)
+            if config.projects_file
+            else None
+        )
+        Path(config.reservations_path).parent.mkdir(parents=True, exist_ok=True)
+        policy = TierPolicy(tiers, projects, ReservationBook(config.reservations_path, tiers))
+        _POLICIES[config.key] = policy
+    return policy
+
+
+async def open_scheduler(config: SchedulerConfig) -> Scheduler:
+    """The backend for this configuration, opened once per process and event loop."""
+    key = (config.key, id(asyncio.get_running_loop()))
+    scheduler = _SCHEDULERS.get(key)
+    if scheduler is not None:
+        return scheduler
+    if config.via == "hub":
+        from kernels.jobs_api import HubScheduler
+
+        _SCHEDULERS[key] = HubScheduler()
+        return _SCHEDULERS[key]
+    Path(config.state_dir).mkdir(parents=True, exist_ok=True)
+    policy = policy_for(config)
+    if config.backend == "local":
+        from kernels.local import LocalBackend
+
+        scheduler = LocalBackend(
+            db_path=str(Path(config.state_dir) / "local-jobs.sqlite"),
+            policy=policy,
+            **config.options,
+        )
+    elif config.backend == "slurm":
+        from kernels.slurm import SlurmBackend
+
+        scheduler = SlurmBackend(policy=policy, **config.options)
+    else:
+        raise SchedulerError(
+            f"unknown scheduler backend {config.backend!r}; use 'local' or 'slurm'",
+            field="backend",
+        )
+    _SCHEDULERS[key] = scheduler
+    return scheduler
+
+
+async def close_schedulers() -> None:
+    """Close every backend this process opened on the running loop (jobs keep running)."""
+    loop_id = id(asyncio.get_running_loop())
+    for key in [k for k in _SCHEDULERS if k[1] == loop_id]:
+        await _SCHEDULERS.pop(key).close()

@@ -1,0 +1,452 @@
+"""JupyterHub spawner that places each single-user server on reserved nodes through the scheduler.
+
+The server runs as a scheduler job at the user's effective tier (elevated inside the project's
+beamtime window). The job reports its host:port in a file (`kernels.serverjob`) while the spawner
+watches the job's state, so a job that dies first fails the spawn at once with the reason; the job
+id, node and port are the spawner's state, so a hub restart re-attaches instead of losing servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from jupyterhub.spawner import Spawner, SpawnException
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+from traitlets import CaselessStrEnum, Dict, Float, Integer, TraitError, Unicode, default, validate
+
+from kernels.placement import SchedulerConfig, open_scheduler, policy_for
+from kernels.scheduler import TERMINAL_STATES, JobSpec, JobState, SchedulerError
+
+__all__ = ["ReservedNodeSpawner", "SpawnRefused"]
+
+_TERMINAL = TERMINAL_STATES
+
+
+class SpawnRefused(SpawnException):
+    """A spawn that cannot start; JupyterHub shows the user exactly this message."""
+
+    def __init__(self, message: str, *, reason: str, status_code: int = 400) -> None:
+        super().__init__(message, reason=reason, status_code=status_code)
+        self.jupyterhub_message = message
+
+
+def _output_tail(path: str | None, lines: int = 5) -> str:
+    if not path:
+        return ""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:] if line.strip())
+
+
+class ReservedNodeSpawner(Spawner):
+    """Start single-user servers as scheduler jobs on reserved nodes (local or SLURM backend)."""
+
+    backend = CaselessStrEnum(
+        ["local", "slurm"],
+        default_value="local",
+        help="""Scheduler backend: 'local' (virtual nodes on this machine) or 'slurm'.
+
+        Example: c.ReservedNodeSpawner.backend = "slurm"
+        """,
+    ).tag(config=True)
+
+    backend_options = Dict(
+        help="""Keyword arguments for the backend, e.g. {"nodes": 4, "cpus_per_node": 1}.
+
+        Passed to the job's environment too (BEAMHUB_SCHEDULER_OPTIONS) so Dask workers started
+        from a notebook reach the same scheduler. Example:
+        c.ReservedNodeSpawner.backend_options = {"nodes": 4}
+        """,
+    ).tag(config=True)
+
+    state_dir = Unicode(
+        help="""Folder for the scheduler's database, reservations, port reports and job output.
+
+        Default: $BEAMHUB_HOME/scheduler (~/.beamhub/scheduler).
+        """,
+    ).tag(config=True)
+
+    tiers_file = Unicode(
+        "",
+        help="YAML file with the QoS tiers; empty = the built-in tiers "
+        "(beamtime, interactive, normal, batch).",
+    ).tag(config=True)
+
+    projects_file = Unicode(
+        "",
+        help="YAML file with the projects, their members and granted tiers; empty = every user "
+        "holds every tier that is not window-only (a laptop's dev setup).",
+    ).tag(config=True)
+
+    reservations_db = Unicode(
+        "",
+        help="SQLite file of the beamtime windows (QoS reservations); empty = "
+        "<state_dir>/reservations.sqlite, where `beamhub scheduler reservation` writes them.",
+    ).tag(config=True)
+
+    project = Unicode(
+        "",
+        help="""Project charged when the spawn request names none.
+
+        Order: user_options['project'], then this, then the first of the user's JupyterHub groups
+        that is a project. Example: c.ReservedNodeSpawner.project = "lcls-p123"
+        """,
+    ).tag(config=True)
+
+    tier = Unicode(
+        "",
+        help="""Tier requested when user_options names none; empty = the user's effective tier
+        (the elevated beamtime tier inside an active window of the project).""",
+    ).tag(config=True)
+
+    cpus = Integer(1, min=1, help="CPUs requested for the server's job.").tag(config=True)
+    mem_mb = Integer(1024, min=64, help="Memory (MiB) requested for the server's job.").tag(
+        config=True
+    )
+    walltime_s = Integer(
+        8 * 3600, min=60, help="Wall time (seconds) of the server's job; capped by the tier."
+    ).tag(config=True)
+
+    queue_timeout = Float(
+        20.0,
+        help="""Seconds a spawn may stay queued before it fails with the reason
+        (nodes busy and nothing this tier may preempt). 0 = wait until start_timeout.""",
+    ).tag(config=True)
+
+    report_timeout = Float(
+        60.0,
+        help="Seconds from the job's start until its server must answer HTTP, else the spawn fails.",
+    ).tag(config=True)
+
+    status_interval = Float(
+        0.2, help="Seconds between job-state checks while a spawn is pending."
+    ).tag(config=True)
+
+    @default("state_dir")
+    def _default_state_dir(self) -> str:
+        home = os.environ.get("BEAMHUB_HOME") or str(Path.home() / ".beamhub")
+        return str(Path(home) / "scheduler")
+
+    @default("cmd")
+    def _default_cmd(self) -> list[str]:
+        # the venv is not on the job's PATH: an absolute path next to this interpreter
+        exe = Path(sys.executable).with_name("jupyterhub-singleuser")
+        return [str(exe) if exe.exists() else (shutil.which("jupyterhub-singleuser") or str(exe))]
+
+    @default("start_timeout")
+    def _default_start_timeout(self) -> int:
+        return 120
+
+    @validate("queue_timeout", "report_timeout", "status_interval")
+    def _non_negative(self, proposal: dict) -> float:
+        if proposal["value"] < 0:
+            raise TraitError(f"ReservedNodeSpawner.{proposal['trait'].name} must be >= 0 seconds")
+        return proposal["value"]
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.job_id: str | None = None
+        self.job_node: str | None = None
+        self.job_host: str | None = None
+        self.job_port: int | None = None
+        self.job_project: str | None = None
+        self.job_tier: str | None = None
+        self.port_file: str | None = None
+        self.output_file: str | None = None
+        self._events: list[dict] = []
+        self._events_changed = asyncio.Event()
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        self.job_id = state.get("job_id")
+        self.job_node = state.get("node")
+        self.job_host = state.get("host")
+        self.job_port = state.get("port")
+        self.job_project = state.get("project")
+        self.job_tier = state.get("tier")
+        self.port_file = state.get("port_file")
+        self.output_file = state.get("output")
+
+    def get_state(self) -> dict:
+        state = super().get_state()
+        if self.job_id:
+            state.update(
+                job_id=self.job_id,
+                node=self.job_node,
+                host=self.job_host,
+                port=self.job_port,
+                project=self.job_project,
+                tier=self.job_tier,
+                port_file=self.port_file,
+                output=self.output_file,
+            )
+        return state
+
+    def clear_state(self) -> None:
+        super().clear_state()
+        self.job_id = self.job_node = self.job_host = self.job_port = None
+        self.job_project = self.job_tier = self.port_file = self.output_file = None
+
+    # -- scheduler access ----------------------------------------------------------------------
+
+    def _config(self) -> SchedulerConfig:
+        return SchedulerConfig(
+            backend=self.backend,
+            state_dir=self.state_dir,
+            options=dict(self.backend_options),
+            tiers_file=self.tiers_file,
+            projects_file=self.projects_file,
+            reservations_db=self.reservations_db,
+        )
+
+    # -- progress ------------------------------------------------------------------------------
+
+    def _emit(self, progress: int, message: str) -> None:
+        if any(e["message"] == message for e in self._events):
+            return
+        self.log.info("spawn %s: %s", self._log_name, message)
+        self._events.append({"progress": progress, "message": message})
+        self._events_changed.set()
+
+    async def progress(self):  # type: ignore[override]
+        """Queued / preempting / starting / ready, as the scheduler reports them."""
+        sent = 0
+        while True:
+            while sent < len(self._events):
+                yield self._events[sent]
+                sent += 1
+            self._events_changed.clear()
+            await self._events_changed.wait()
+
+    # -- start ---------------------------------------------------------------------------------
+
+    def _resolve_project(self) -> str:
+        options = self.user_options or {}
+        if options.get("project"):
+            return str(options["project"])
+        if self.project:
+            return self.project
+        projects = policy_for(self._config()).projects
+        if projects is not None:
+            known = set(projects.names())
+            for group in getattr(self.user, "groups", []) or []:
+                name = getattr(group, "name", str(group))
+                if name in known:
+                    return name
+            mine = projects.projects_of(self.user.name)
+            if mine:
+                return mine[0]
+        raise SpawnRefused(
+            f"{self.user.name} has no project to charge: pass user_options "
+            "{'project': ...}, set ReservedNodeSpawner.project, or join a project's group.",
+            reason="no-project",
+        )
+
+    async def start(self) -> tuple[str, int]:
+        self._events = []
+        config = self._config()
+        # the policy reads YAML and the windows' SQLite: off the hub's event loop
+        policy = await asyncio.to_thread(policy_for, config)
+        project = self._resolve_project()
+        options = self.user_options or {}
+        requested = options.get("tier") or self.tier or None
+        try:
+            tier = await asyncio.to_thread(
+                policy.effective_tier, self.user.name, project, requested=requested
+            )
+        except SchedulerError as exc:
+            raise SpawnRefused(str(exc), reason="tier", status_code=403) from exc
+        scheduler = await open_scheduler(config)
+
+        run_dir = Path(config.state_dir) / "servers"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        stem = f"{self.user.name}-{self.name or 'default'}-{uuid.uuid4().hex[:8]}"
+        self.port_file = str(run_dir / f"{stem}.port.json")
+        self.output_file = str(run_dir / f"{stem}.log")
+        env = self.get_env()
+        env.update(config.job_env(project=project, tier=tier.name, user=self.user.name))
+        env["BEAMHUB_BIND_IP"] = self.ip or "127.0.0.1"
+        args = list(self.get_args())
+        if os.geteuid() == 0 and "--allow-root" not in args:
+            args.append("--allow-root")
+        argv = [sys.executable, "-m", "kernels.serverjob", self.port_file, "--", *self.cmd, *args]
+        spec = JobSpec(
+            name=f"jupyter-{self.user.name}" + (f"-{self.name}" if self.name else ""),
+            project=project,
+            user=self.user.name,
+            tier=tier.name,
+            argv=argv,
+            env=env,
+            cpus=self.cpus,
+            mem_mb=self.mem_mb,
+            walltime_s=self.walltime_s,
+            workdir=self.notebook_dir or None,
+            output=self.output_file,
+        )
+        self.job_project, self.job_tier = project, tier.name
+        watcher = asyncio.create_task(self._watch_events(scheduler))
+        try:
+            try:
+                self.job_id = await scheduler.submit(spec)
+            except SchedulerError as exc:
+                raise SpawnRefused(str(exc), reason="scheduler", status_code=400) from exc
+            self._emit(10, f"queued at tier {tier.name} (job {self.job_id})")
+            return await self._wait_for_server(scheduler, tier.name)
+        except BaseException:
+            if self.job_id:
+                with contextlib.suppress(SchedulerError, OSError):
+                    await scheduler.cancel(self.job_id)
+            raise
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watcher
+
+    async def _watch_events(self, scheduler) -> None:
+        """Turn the scheduler's events about this job into progress messages."""
+        early: list[dict] = []  # events published inside submit(), before its id is known
+        async for event in scheduler.events():
+            if self.job_id is None:
+                early.append(event)
+                continue
+            for ev in [*early, event]:
+                if ev.get("job_id") == self.job_id:
+                    self._progress_from_event(ev)
+            early = []
+
+    def _progress_from_event(self, event: dict) -> None:
+        kind, message = event.get("type"), event.get("message") or ""
+        if kind == "preempting":
+            self._emit(30, message or f"preempting {len(event.get('victims') or [])} jobs")
+        elif kind == "started":
+            self._emit(50, f"starting on {event.get('node') or '?'}")
+        elif kind == "waiting" and message:
+            self._emit(15, message)
+
+    def _read_report(self) -> dict | None:
+        try:
+            with open(self.port_file or "", encoding="utf-8") as fh:
+                return json.load(fh)
+        except (OSError, ValueError):
+            return None
+
+    async def _server_answers(self, host: str, port: int) -> bool:
+        base = self.server.base_url if self.server else "/"
+        url = f"http://{host}:{port}{base.rstrip('/')}/api"
+        try:
+            resp = await AsyncHTTPClient().fetch(url, request_timeout=2, raise_error=False)
+        except (OSError, HTTPClientError):
+            return False
+        return resp.code < 500 and resp.code != 599
+
+    async def _wait_for_server(self, scheduler, tier: str) -> tuple[str, int]:
+        """Until the server answers, failing at once if the job dies, is stuck, or is silent."""
+        t0 = time.monotonic()
+        started_at: float | None = None
+        while True:
+            info = (await scheduler.status([self.job_id])).get(self.job_id)
+            state = info.state if info else JobState.UNKNOWN
+            reason = (info.reason if info else "") or ""
+            now = time.monotonic()
+            if state is JobState.PENDING:
+                if reason.startswith("preempting"):
+                    self._emit(30, reason)
+                if self.queue_timeout and now - t0 > self.queue_timeout:
+                    why = reason or "all nodes are busy and nothing this tier may preempt"
+                    raise SpawnRefused(
+                        f"No node for {self.user.name}'s server at tier {tier} after "
+                        f"{self.queue_timeout:.0f} s: {why}. Try again later, or during your "
+                        "project's beamtime window.",
+                        reason="capacity",
+                        status_code=503,
+                    )
+            elif state in _TERMINAL:
+                tail = _output_tail(self.output_file)
+                code = f", exit code {info.exit_code}" if info and info.exit_code else ""
+                raise SpawnRefused(
+                    f"The server's job {self.job_id} {state.name.lower()}{code} before its "
+                    f"server was ready{': ' + reason if reason else ''}"
+                    f"{'; last output: ' + tail if tail else ''}",
+                    reason="job-died",
+                    status_code=500,
+                )
+            elif state is JobState.RUNNING:
+                if started_at is None:
+                    started_at = now
+                    self.job_node = info.node
+                    self._emit(50, f"starting on {info.node}")
+                report = self._read_report()
+                if report:
+                    self.job_host, self.job_port = str(report["host"]), int(report["port"])
+                    if await self._server_answers(self.job_host, self.job_port):
+                        self._emit(
+                            100, f"server ready on {info.node} ({self.job_host}:{self.job_port})"
+                        )
+                        return self.job_host, self.job_port
+                if now - started_at > self.report_timeout:
+                    raise SpawnRefused(
+                        f"The server's job {self.job_id} runs on {info.node} but its server "
+                        f"did not answer within {self.report_timeout:.0f} s "
+                        f"({'port ' + str(self.job_port) if report else 'no port reported'}).",
+                        reason="no-port",
+                        status_code=500,
+                    )
+            await asyncio.sleep(self.status_interval)
+
+    async def get_url(self) -> str:
+        """Where the job's server listens (its own report), for JupyterHub's restart check."""
+        if self.job_host and self.job_port and self.server:
+            return f"http://{self.job_host}:{self.job_port}{self.server.base_url}"
+        return await super().get_url()
+
+    # -- poll / stop ---------------------------------------------------------------------------
+
+    async def poll(self) -> int | None:
+        """None while the job runs (re-attached after a hub restart), its exit status after."""
+        if not self.job_id:
+            return 0
+        scheduler = await open_scheduler(self._config())
+        info = (await scheduler.status([self.job_id])).get(self.job_id)
+        if info is None:
+            return 0
+        if info.state in (JobState.PENDING, JobState.RUNNING):
+            return None
+        if info.state is JobState.UNKNOWN:
+            # the scheduler cannot tell: the server's own answer decides
+            if self.job_host and self.job_port:
+                alive = await self._server_answers(self.job_host, self.job_port)
+                return None if alive else 1
+            return 1
+        if info.state is JobState.COMPLETED:
+            return int(info.exit_code or 0)
+        return int(info.exit_code or 1) or 1
+
+    async def stop(self, now: bool = False) -> None:
+        if not self.job_id:
+            return
+        scheduler = await open_scheduler(self._config())
+        with contextlib.suppress(SchedulerError):
+            await scheduler.cancel(self.job_id)
+        deadline = time.monotonic() + (2 if now else 15)
+        while time.monotonic() < deadline:
+            info = (await scheduler.status([self.job_id])).get(self.job_id)
+            if info is None or info.state in _TERMINAL:
+                break
+            await asyncio.sleep(self.status_interval)
+        for path in (self.port_file,):
+            if path:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)

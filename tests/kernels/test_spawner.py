@@ -1,0 +1,219 @@
+"""The beamhub spawner in a real JupyterHub (subprocess, proxy, SQLite) on the local backend."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from bench.hubproc import Hub
+from kernels.local import read_jobs
+from kernels.reservations import ReservationBook
+
+PROJECTS = """
+projects:
+  beam:   {tiers: [interactive, batch], members: [alice, broken]}
+  beam2:  {tiers: [interactive, batch], members: [dave]}
+  other:  {tiers: [batch], members: [carol]}
+  filler: {tiers: [batch], members: [bob]}
+"""
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("spawner-hub")
+    state = workdir / "sched"
+    (workdir / "projects.yaml").write_text(PROJECTS)
+    config = f"""
+c.ReservedNodeSpawner.state_dir = {str(state)!r}
+c.ReservedNodeSpawner.backend_options = {{"nodes": 2}}
+c.ReservedNodeSpawner.projects_file = {str(workdir / "projects.yaml")!r}
+c.ReservedNodeSpawner.mem_mb = 256
+c.ReservedNodeSpawner.queue_timeout = 4
+
+def _break_singleuser(spawner):
+    # test configuration: this user's server command does not exist, so the job dies at once
+    if spawner.user.name == "broken":
+        spawner.cmd = ["/nonexistent/jupyterhub-singleuser"]
+
+c.Spawner.pre_spawn_hook = _break_singleuser
+"""
+    hub = Hub(workdir, config, ["alice", "bob", "carol", "broken", "dave"])
+    hub.state_dir = state
+    hub.start()
+    try:
+        yield hub
+    finally:
+        hub.stop()
+        hub.cleanup_jobs(state)
+
+
+def jobs_api(hub: Hub, token: str, method: str, path: str = "", body: dict | None = None):
+    req = urllib.request.Request(
+        f"{hub.url}/hub/api/beamhub/jobs{path}",
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Authorization": f"token {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def jobs_named(hub: Hub, prefix: str) -> list:
+    return [
+        j for j in read_jobs(hub.state_dir / "local-jobs.sqlite") if j.spec.name.startswith(prefix)
+    ]
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def spawn(hub: Hub, user: str, options: dict | None = None) -> tuple[int, list[dict]]:
+    """Request a spawn; the progress stream tells how it went (a refusal may come before the
+    POST's answer, which is then 201, or after it, 202: the stream reports both)."""
+    code, body = hub.api("POST", f"/users/{user}/server", options or {})
+    if code not in (201, 202):
+        return code, [body]
+    return code, hub.progress(user)
+
+
+def stop_server(hub: Hub, user: str) -> None:
+    code, _ = hub.api("DELETE", f"/users/{user}/server")
+    assert code in (202, 204), code
+    wait_for(lambda: "" not in hub.user_model(user)["servers"], 20, f"{user}'s server stops")
+
+
+@pytest.mark.timeout(60)
+def test_spawn_reports_progress_and_server_answers(hub):
+    code, events = spawn(hub, "alice")
+    assert code == 202  # the spawn waits for the scheduler, the API answers at once
+    messages = [e.get("message", "") for e in events]
+    assert events[-1].get("ready") is True, messages
+    assert any(m.startswith("queued at tier interactive") for m in messages), messages
+    assert any(m.startswith("starting on n") for m in messages), messages
+    status, body = hub.get("/user/alice/api")
+    assert status == 200 and b"version" in body
+    state = hub.user_model("alice")["servers"][""]["state"]
+    assert state["tier"] == "interactive" and state["project"] == "beam"
+    (job,) = [j for j in jobs_named(hub, "jupyter-alice") if j.job_id == state["job_id"]]
+    assert job.state.value == "running" and job.node == state["node"]
+    stop_server(hub, "alice")
+    (job,) = [j for j in jobs_named(hub, "jupyter-alice") if j.job_id == state["job_id"]]
+    assert job.state.value == "cancelled"
+
+
+@pytest.mark.timeout(30)
+def test_user_without_the_tier_is_refused_with_the_reason(hub):
+    _, events = spawn(hub, "carol", {"tier": "interactive"})
+    assert events[-1].get("failed") is True, events
+    assert events[-1]["message"] == (
+        "Spawn failed: user 'carol' does not hold tier 'interactive' in project 'other' "
+        "(held: batch); ask the project's PI or an admin to grant it"
+    )
+    _, events = spawn(hub, "carol", {"tier": "beamtime"})
+    assert events[-1].get("failed") is True, events
+    assert "only held inside an approved beamtime window" in events[-1]["message"]
+    assert not jobs_named(hub, "jupyter-carol")  # refused before anything was queued
+
+
+@pytest.mark.timeout(30)
+def test_job_that_dies_before_reporting_its_port_fails_promptly(hub):
+    t0 = time.monotonic()
+    _, events = spawn(hub, "broken")
+    elapsed = time.monotonic() - t0
+    assert events[-1].get("failed") is True, events
+    message = events[-1]["message"]
+    assert "failed, exit code 127 before its server was ready" in message, message
+    assert "/nonexistent/jupyterhub-singleuser" in message and "not found" in message
+    assert elapsed < 10, f"took {elapsed:.1f} s to fail"
+    assert "" not in hub.user_model("broken")["servers"]
+    (job,) = jobs_named(hub, "jupyter-broken")
+    assert job.state.value == "failed"
+
+
+@pytest.mark.timeout(90)
+def test_hub_restart_reattaches_to_the_running_server(hub):
+    _, events = spawn(hub, "alice")
+    assert events[-1].get("ready") is True, events
+    before = hub.user_model("alice")["servers"][""]["state"]
+    hub.stop()
+    # the hub is down; the job and its server are not
+    direct = f"http://{before['host']}:{before['port']}/user/alice/api"
+    with urllib.request.urlopen(direct, timeout=5) as resp:
+        assert resp.status == 200
+    hub.start()
+    server = hub.wait_server("alice", timeout=20)
+    assert server["state"]["job_id"] == before["job_id"]
+    assert server["state"]["port"] == before["port"]
+    status, _ = hub.get("/user/alice/api")
+    assert status == 200
+    running = [j for j in jobs_named(hub, "jupyter-alice") if j.state.value == "running"]
+    assert [j.job_id for j in running] == [before["job_id"]]  # re-attached, no new job
+    stop_server(hub, "alice")
+
+
+@pytest.mark.timeout(90)
+def test_beamtime_window_preempts_batch_and_outside_it_the_spawn_says_why(hub):
+    token = hub.user_token("bob")
+    batch = []
+    for i in range(2):  # every virtual node busy with batch work
+        code, body = jobs_api(
+            hub, token, "POST", body={
+                "name": f"batch-{i}", "project": "filler", "tier": "batch", "requeue": True,
+                "argv": ["/bin/sleep", "600"], "mem_mb": 256,
+            },
+        )  # fmt: skip
+        assert code == 201, body
+        batch.append(body["job_id"])
+    wait_for(
+        lambda: all(j.state.value == "running" for j in jobs_named(hub, "batch-")),
+        10,
+        "batch jobs fill the nodes",
+    )
+    try:
+        # outside a window: interactive may not preempt batch → a prompt refusal with the reason
+        t0 = time.monotonic()
+        code, events = spawn(hub, "dave")
+        assert events[-1].get("failed") is True, events
+        assert "No node for dave's server at tier interactive" in events[-1]["message"]
+        assert "all 2 busy" in events[-1]["message"]
+        assert time.monotonic() - t0 < 12
+        # inside an approved window: beamtime preempts one batch job, which is requeued
+        book = ReservationBook(hub.state_dir / "reservations.sqlite")
+        now = time.time()
+        wid = book.request(
+            "beam2", now - 1, now + 3600, "beamtime", "serial crystallography", "dave"
+        )
+        book.approve(wid, "admin")
+        code, events = spawn(hub, "dave")
+        messages = [e.get("message", "") for e in events]
+        assert events[-1].get("ready") is True, messages
+        assert any(m.startswith("queued at tier beamtime") for m in messages), messages
+        assert any(m.startswith("preempting 1 batch job on n") for m in messages), messages
+        status, _ = hub.get("/user/dave/api")
+        assert status == 200
+        states = sorted((j.state.value, j.requeues) for j in jobs_named(hub, "batch-"))
+        assert states == [("pending", 1), ("running", 0)]
+        stop_server(hub, "dave")
+        wait_for(
+            lambda: all(j.state.value == "running" for j in jobs_named(hub, "batch-")),
+            10,
+            "the requeued batch job runs again once the node is free",
+        )
+    finally:
+        for job_id in batch:
+            jobs_api(hub, token, "DELETE", f"/{job_id}")
