@@ -363,6 +363,16 @@ def _validate(dep: Deployment, src: str) -> None:
         raise DeploymentError("scheduler.nodes", "must be >= 1", src)
 
 
+def _merge(base: Any, over: Any) -> Any:
+    """``over`` on top of ``base``: mappings merge key by key; anything else replaces."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for key, value in over.items():
+            out[key] = _merge(base.get(key), value) if key in base else value
+        return out
+    return over
+
+
 def load_deployment(path: str | os.PathLike | None = None) -> Deployment:
     """Read and validate a deployment file; None reads the embedded defaults.
 
@@ -378,6 +388,12 @@ def load_deployment(path: str | os.PathLike | None = None) -> Deployment:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise DeploymentError("<file>", f"not valid YAML: {exc}", src) from exc
+    if path is not None:  # a key missing from the file takes the embedded default
+        if data is not None and not isinstance(data, dict):
+            raise DeploymentError(
+                "<top>", "expected a mapping of sections (enclave, hub, ...)", src
+            )
+        data = _merge(yaml.safe_load(default_deployment_path().read_text()), data or {})
     dep = _build(Deployment, data, "", src)
     dep.source = src
     _validate(dep, src)

@@ -60,3 +60,14 @@ def test_bad_field_is_named(tmp_path: Path, text: str, field: str, words: str) -
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DeploymentError, match="cannot read"):
         load_deployment(tmp_path / "nope.yaml")
+
+
+def test_missing_keys_take_the_embedded_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "beamhub.yaml"
+    path.write_text("hub: {port: 0}\ntokens: {ttl: 60}\n")
+    dep = load_deployment(path)
+    assert dep.hub.port == 0 and dep.hub.ip == "127.0.0.1"
+    assert dep.tokens.ttl == 60 and dep.tokens.issuer == "beamhub-dev"
+    assert [u.username for u in dep.identity.users][:2] == ["alice", "oscar"]
+    path.write_text("identity: {users: [{username: zed, projects: {p-9: viewer}}]}\n")
+    assert [u.username for u in load_deployment(path).identity.users] == ["zed"]

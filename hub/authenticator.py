@@ -1,0 +1,244 @@
+"""BeamhubAuthenticator: OIDC login with MFA by enclave, project roles, and delegated project tokens.
+
+Only GenericOAuthenticator's hooks are overridden (update_auth_model, get_user_groups,
+check_allowed, pre_spawn_start, load_managed_roles); the OAuth flow, auth_state encryption and
+refresh-before-spawn are oauthenticator's and JupyterHub's own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from oauthenticator.generic import GenericOAuthenticator
+from tornado import web
+from traitlets import Bool, Dict, Integer, List, TraitError, Unicode, default, validate
+
+from hub.deployment import ROLE_SCOPES, ROLES
+from hub.token_store import Delegator, TokenStore, best_project
+from hub.tokens import SigningKey, TokenIssuer
+
+__all__ = ["BeamhubAuthenticator", "MfaRequired", "NoProject"]
+
+#: JupyterHub scopes every project member holds: use the token service and the gateway.
+_SERVICE_ACCESS = ["access:services!service=tokens", "access:services!service=gateway"]
+
+
+class _LoginRefused(web.HTTPError):
+    """A 403 whose message JupyterHub's error page shows to the person logging in."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(403, "%s", message, reason="Login refused")
+        self.message = message
+        self.jupyterhub_message = message
+
+
+class MfaRequired(_LoginRefused):
+    """Login refused because the identity provider did not assert a second factor."""
+
+
+class NoProject(_LoginRefused):
+    """Login refused because the user holds no role in any project."""
+
+
+class BeamhubAuthenticator(GenericOAuthenticator):
+    """Log in at the facility's OpenID provider; act for one's projects with short-lived tokens."""
+
+    mfa_required = Bool(
+        False,
+        help="""Refuse logins whose `amr` claim lacks a second factor (see mfa_methods) and whose
+        `acr` is not in mfa_acr_values. Set from the enclave profile by `beamhub up`.
+
+        Example: c.BeamhubAuthenticator.mfa_required = True
+        """,
+    ).tag(config=True)
+
+    mfa_methods = List(
+        Unicode(),
+        ["otp", "mfa", "hwk", "swk", "sms"],
+        help="RFC 8176 `amr` values that count as a second factor.",
+    ).tag(config=True)
+
+    mfa_acr_values = List(
+        Unicode(),
+        ["mfa", "urn:beamhub:mfa"],
+        help="`acr` values that assert MFA on their own (when the IdP sends no `amr`).",
+    ).tag(config=True)
+
+    projects_claim = Unicode(
+        "projects",
+        help="Userinfo claim holding {project: role}; roles: pi, operator, member, viewer.",
+    ).tag(config=True)
+
+    role_scopes = Dict(
+        dict(ROLE_SCOPES),
+        help="""Project-token scopes per project role. pi/operator may steer; member may analyse;
+        viewer reads streams and dashboards only.""",
+    ).tag(config=True)
+
+    beamhub_state_dir = Unicode(
+        help="Folder with the signing key (signing-key.pem) and the token register (tokens.sqlite).",
+    ).tag(config=True)
+
+    token_issuer = Unicode("beamhub-dev", help="`iss` of project tokens.").tag(config=True)
+    token_audience = Unicode("beamhub", help="`aud` of project tokens.").tag(config=True)
+    token_ttl = Integer(900, help="Seconds a delegated server token lives.").tag(config=True)
+    max_token_ttl = Integer(3600, help="Enclave cap on any project token's lifetime, seconds.").tag(
+        config=True
+    )
+
+    token_service_url = Unicode(
+        help="Public URL of the token service, e.g. http://127.0.0.1:8000/services/tokens/",
+    ).tag(config=True)
+    dsn_url = Unicode(help="The DSN control API URL given to servers as BEAMHUB_DSN_URL.").tag(
+        config=True
+    )
+
+    @default("beamhub_state_dir")
+    def _state_dir_default(self) -> str:
+        from hub.cli import state_dir
+
+        return str(state_dir())
+
+    @validate("role_scopes")
+    def _check_role_scopes(self, proposal: dict) -> dict:
+        unknown = set(proposal["value"]) - set(ROLES)
+        if unknown:
+            raise TraitError(
+                f"BeamhubAuthenticator.role_scopes: unknown role(s) {sorted(unknown)}; use {ROLES}"
+            )
+        return proposal["value"]
+
+    # Defaults that make this authenticator what it is (still overridable in config).
+    @default("enable_auth_state")
+    def _auth_state_default(self) -> bool:
+        return True
+
+    @default("manage_groups")
+    def _manage_groups_default(self) -> bool:
+        return True
+
+    @default("manage_roles")
+    def _manage_roles_default(self) -> bool:
+        return True
+
+    @default("username_claim")
+    def _username_claim_default(self) -> str:
+        return "preferred_username"
+
+    @default("scope")
+    def _scope_default(self) -> list[str]:
+        return ["openid", "profile", "email", "projects", "offline_access"]
+
+    _delegator: Delegator | None = None
+
+    @property
+    def delegator(self) -> Delegator:
+        if self._delegator is None:
+            root = Path(self.beamhub_state_dir)
+            key = SigningKey.load_or_create(root / "signing-key.pem")
+            issuer = TokenIssuer(
+                key, self.token_issuer, self.token_audience, max_ttl=self.max_token_ttl
+            )
+            self._delegator = Delegator(issuer, TokenStore(root / "tokens.sqlite"), self.token_ttl)
+        return self._delegator
+
+    # --- hooks -------------------------------------------------------------------------------
+
+    def _has_mfa(self, user_info: dict[str, Any]) -> bool:
+        amr = user_info.get("amr") or []
+        if isinstance(amr, str):
+            amr = amr.split()
+        return bool(set(amr) & set(self.mfa_methods)) or user_info.get("acr") in self.mfa_acr_values
+
+    def _projects(self, user_info: dict[str, Any]) -> dict[str, str]:
+        raw = user_info.get(self.projects_claim) or {}
+        if not isinstance(raw, dict):
+            self.log.warning(
+                "claim %r is not a {project: role} mapping; ignored", self.projects_claim
+            )
+            return {}
+        return {str(p): str(r) for p, r in raw.items() if r in self.role_scopes}
+
+    async def update_auth_model(self, auth_model: dict[str, Any]) -> dict[str, Any]:
+        """Record projects, roles and MFA from the IdP's claims in auth_state and the register."""
+        auth_state = auth_model["auth_state"]
+        user_info = auth_state.get(self.user_auth_state_key) or {}
+        projects = self._projects(user_info)
+        mfa = self._has_mfa(user_info)
+        auth_state["beamhub"] = {"projects": projects, "mfa": mfa, "amr": user_info.get("amr")}
+        auth_model["roles"] = [self._role(r) for r in sorted(set(projects.values()))]
+        if auth_model.get("admin") is None and self.admin_users:
+            auth_model["admin"] = auth_model["name"] in self.admin_users
+        self.delegator.store.record_user(
+            auth_model["name"], projects, admin=bool(auth_model.get("admin")), mfa=mfa
+        )
+        return auth_model
+
+    async def get_user_groups(self, auth_state: dict[str, Any]) -> set[str]:
+        """One group per project, one per project role: ``p-1001``, ``p-1001:pi``."""
+        projects = auth_state.get("beamhub", {}).get("projects", {})
+        return {p for p in projects} | {f"{p}:{r}" for p, r in projects.items()}
+
+    async def check_allowed(self, username: str, auth_model: dict[str, Any]) -> bool:
+        """Refuse with a reason: no second factor where the enclave needs one; no project role."""
+        if auth_model is None:
+            return True
+        info = auth_model["auth_state"].get("beamhub", {})
+        if self.mfa_required and not info.get("mfa"):
+            self.log.warning(
+                "login refused for %s: no second factor (amr=%s)", username, info.get("amr")
+            )
+            raise MfaRequired(
+                "This enclave requires multi-factor authentication, but the identity provider "
+                f"reported only {info.get('amr') or 'no methods'}. Sign in again with a second "
+                "factor (e.g. a one-time code).",
+            )
+        if info.get("projects") or auth_model.get("admin"):
+            return True
+        if await super().check_allowed(username, auth_model):
+            return True
+        self.log.warning("login refused for %s: no project role", username)
+        raise NoProject(
+            "You hold no role in any beamhub project. Ask your project's PI to add you "
+            "(roles: pi, operator, member, viewer).",
+        )
+
+    def _role(self, role: str) -> dict[str, Any]:
+        scopes = self.role_scopes[role]
+        return {
+            "name": f"beamhub-{role}",
+            "description": f"project {role}: project tokens with {' '.join(scopes)}",
+            "scopes": ["self", *_SERVICE_ACCESS],
+        }
+
+    async def load_managed_roles(self) -> list[dict[str, Any]]:
+        """JupyterHub roles mirroring the project roles: all may use the token service/gateway."""
+        return [self._role(role) for role in self.role_scopes]
+
+    async def pre_spawn_start(self, user: Any, spawner: Any) -> None:
+        """Put a delegated project token for the server's project into its environment."""
+        auth_state = await user.get_auth_state() or {}
+        projects = auth_state.get("beamhub", {}).get("projects", {})
+        project = (spawner.user_options or {}).get("project") or best_project(projects)
+        if not project or project not in projects:
+            raise web.HTTPError(
+                403, f"{user.name} has no role in project {project!r}; cannot start a server for it"
+            )
+        token, claims = self.delegator.issue(
+            user.name, project, self.role_scopes[projects[project]], kind="server",
+            server=spawner.name or "",
+        )  # fmt: skip
+        self.log.info(
+            "delegated token jti=%s user=%s project=%s server=%r exp=%s",
+            claims["jti"], user.name, project, spawner.name, claims["exp"],
+        )  # fmt: skip
+        spawner.environment.update(
+            {
+                "BEAMHUB_TOKEN": token,
+                "BEAMHUB_PROJECT": project,
+                "BEAMHUB_ROLE": projects[project],
+                "BEAMHUB_TOKEN_URL": self.token_service_url,
+                "BEAMHUB_DSN_URL": self.dsn_url,
+            }
+        )

@@ -1,0 +1,120 @@
+"""`beamhub up`: start the whole deployment on 127.0.0.1 from one beamhub.yaml; stop it on Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "up",
+        help="start the identity provider, JupyterHub, token service, gateway, DSN and detector",
+        description="Reads beamhub.yaml (default: the embedded dev defaults), starts everything on "
+        "127.0.0.1, prints the URLs and dev logins, and stops it all on Ctrl-C/SIGTERM.",
+    )
+    parser.add_argument("config", nargs="?", default=None, help="deployment file (beamhub.yaml)")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import os
+    from pathlib import Path
+
+    from hub.cli import state_dir
+    from hub.deployment import DeploymentError, load_deployment
+    from hub.uplock import AlreadyRunning, UpLock
+
+    try:
+        dep = load_deployment(args.config)
+    except DeploymentError as exc:
+        print(f"beamhub up: {exc}", file=sys.stderr)
+        return 2
+    state = Path(dep.state_dir).expanduser() if dep.state_dir else state_dir()
+    state.mkdir(parents=True, exist_ok=True)
+    os.environ["BEAMHUB_HOME"] = str(state)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    lock = UpLock(state / "beamhub-up.lock")
+    try:
+        lock.acquire()
+    except AlreadyRunning as exc:
+        print(f"beamhub up: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return asyncio.run(_serve(dep, state, lock))
+    finally:
+        lock.release()
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+async def _serve(dep, state, lock) -> int:
+    import asyncio
+    import signal
+
+    from hub.stack import Stack, StackError
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    _say(f"beamhub up: {dep.enclave} enclave from {dep.source}; state in {state}")
+    stack = Stack(dep, state, progress=_say)
+    starting = asyncio.create_task(stack.start())
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({starting, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    status = 0
+    if starting in done and starting.exception() is None:
+        lock.write_info(stack.urls)
+        _print_ready(dep, stack)
+        why = await stack.watch(stop)
+        _say(f"beamhub up: {why}; stopping everything ...")
+        status = 0 if why == "stop requested" else 1
+    elif starting in done:
+        exc = starting.exception()
+        msg = str(exc) if isinstance(exc, StackError) else f"{type(exc).__name__}: {exc}"
+        print(f"beamhub up: failed to start: {msg}", file=sys.stderr)
+        status = 1
+    else:
+        _say("beamhub up: interrupted while starting; stopping what started ...")
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        status = 130
+    stopper.cancel()
+    await stack.stop()
+    _say("beamhub up: stopped")
+    return status
+
+
+def _print_ready(dep, stack) -> None:
+    u = stack.urls
+    _say("")
+    _say(f"  JupyterHub      {u['hub']}   <- open this and log in")
+    _say(f"  token service   {u['tokens']}   (mint tokens for a DAQ or a script)")
+    _say(f"  JWKS            {u['tokens']}jwks.json")
+    if "gateway" in u:
+        _say(f"  API gateway     {u['gateway']}")
+    if "dsn" in u:
+        _say(f"  DSN control API {u['dsn']}/api/channels")
+    if "detector_channel" in u:
+        _say(f"  detector        channel {u['detector_channel']} (project {dep.detector.project})")
+    _say(f"  identity        {u['idp']}")
+    if dep.identity.provider == "embedded" and dep.identity.users:
+        _say("")
+        _say("  dev logins (user / password: roles; MFA = the IdP asserts a second factor):")
+        for user in dep.identity.users:
+            roles = ", ".join(f"{r} of {p}" for p, r in user.projects.items()) or "no project"
+            mfa = "MFA" if set(user.amr) & set(dep.identity.mfa_methods) else "password only"
+            _say(f"    {user.username:8} / {user.password:12}  {roles}; {mfa}")
+    if dep.mfa_required:
+        _say(f"  the {dep.enclave} enclave requires MFA: password-only users are refused")
+    for note in stack.notes:
+        _say(f"  note: {note}")
+    _say("")
+    _say("beamhub up: running; Ctrl-C stops everything")

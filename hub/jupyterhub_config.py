@@ -1,0 +1,151 @@
+"""JupyterHub configuration for a beamhub deployment, built from the runtime file `beamhub up` writes.
+
+Used two ways: `jupyterhub -f hub/jupyterhub_config.py` with $BEAMHUB_RUNTIME pointing at the
+runtime JSON (what `beamhub up` does), or :func:`configure` called on a traitlets Config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["configure", "crypt_key", "single_user_cmd"]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def crypt_key(state_dir: Path) -> str:
+    """JUPYTERHUB_CRYPT_KEY for auth_state encryption: generated once, kept 0600 in the state dir."""
+    path = state_dir / "crypt-key"
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
+def single_user_cmd() -> list[str]:
+    """The venv's jupyterhub-singleuser, by absolute path (the venv is not on a server's PATH)."""
+    exe = Path(sys.executable).with_name("jupyterhub-singleuser")
+    return [str(exe) if exe.exists() else "jupyterhub-singleuser"]
+
+
+def configure(c: Any, rt: dict[str, Any]) -> None:
+    """Fill a traitlets Config ``c`` from the runtime dict ``rt`` written by `beamhub up`."""
+    state = Path(rt["state_dir"])
+    hub_state = state / "hub"
+    hub_state.mkdir(parents=True, exist_ok=True)
+    ip = rt["ip"]
+    public = f"http://{ip}:{rt['port']}"
+
+    c.JupyterHub.bind_url = public
+    c.JupyterHub.hub_bind_url = f"http://{ip}:{rt['hub_port']}"
+    c.JupyterHub.db_url = f"sqlite:///{hub_state / 'jupyterhub.sqlite'}"
+    c.JupyterHub.cookie_secret_file = str(hub_state / "cookie_secret")
+    c.JupyterHub.pid_file = str(hub_state / "jupyterhub.pid")
+    c.JupyterHub.cleanup_servers = True
+    c.JupyterHub.cleanup_proxy = True
+    c.ConfigurableHTTPProxy.api_url = f"http://{ip}:{rt['proxy_api_port']}"
+    c.ConfigurableHTTPProxy.auth_token = rt["proxy_auth_token"]
+    chp = REPO / "node_modules" / ".bin" / "configurable-http-proxy"
+    c.ConfigurableHTTPProxy.command = [
+        str(chp)
+        if chp.exists()
+        else shutil.which("configurable-http-proxy") or "configurable-http-proxy"
+    ]
+    c.ConfigurableHTTPProxy.pid_file = str(hub_state / "proxy.pid")
+    c.CryptKeeper.keys = [crypt_key(state).encode()]
+
+    # --- identity ---------------------------------------------------------------------------
+    c.JupyterHub.authenticator_class = "beamhub"
+    a = c.BeamhubAuthenticator
+    a.client_id = rt["client_id"]
+    a.client_secret = rt["client_secret"]
+    a.authorize_url = rt["authorize_url"]
+    a.token_url = rt["token_url"]
+    a.userdata_url = rt["userdata_url"]
+    a.oauth_callback_url = f"{public}/hub/oauth_callback"
+    a.login_service = rt.get("login_service", "beamhub dev identity provider")
+    a.mfa_required = rt["mfa_required"]
+    a.mfa_methods = rt["mfa_methods"]
+    a.admin_users = set(rt.get("admin_users", []))
+    a.auth_refresh_age = rt.get("auth_refresh_age", 300)
+    a.refresh_pre_spawn = True
+    a.enable_auth_state = True
+    a.beamhub_state_dir = str(state)
+    a.token_issuer = rt["token_issuer"]
+    a.token_audience = rt["token_audience"]
+    a.token_ttl = rt["token_ttl"]
+    a.max_token_ttl = rt["max_token_ttl"]
+    a.token_service_url = f"{public}/services/tokens/"
+    a.dsn_url = rt.get("dsn_url", "")
+
+    # --- servers ----------------------------------------------------------------------------
+    c.JupyterHub.spawner_class = rt.get("spawner", "simple")
+    c.Spawner.cmd = single_user_cmd()
+    if os.geteuid() == 0:
+        c.Spawner.args = ["--allow-root"]
+    c.Spawner.default_url = "/lab"
+    c.Spawner.start_timeout = 60
+    c.Spawner.http_timeout = 60
+    c.Spawner.server_token_scopes = [
+        "access:servers!server",
+        "users:activity!user",
+        "access:services!service=tokens",
+    ]
+    c.SimpleLocalProcessSpawner.home_dir_template = str(state / "users" / "{username}")
+    c.Spawner.environment = {"BEAMHUB_HOME": str(state)}
+
+    # --- services ---------------------------------------------------------------------------
+    py = sys.executable
+    services = [
+        {
+            "name": "tokens",
+            "url": f"http://{ip}:{rt['tokens_port']}",
+            "command": [
+                py, "-m", "hub.delegation", "--state-dir", str(state),
+                "--issuer", rt["token_issuer"], "--audience", rt["token_audience"],
+                "--max-ttl", str(rt["max_token_ttl"]), "--ttl", str(rt["token_ttl"]),
+                "--revocation-poll", str(rt["revocation_poll"]),
+            ],
+            "oauth_no_confirm": True,
+            "display": True,
+            "info": {"description": "mint, refresh, introspect and revoke project tokens"},
+        }
+    ]  # fmt: skip
+    if rt.get("gateway_command"):
+        services.append(
+            {
+                "name": "gateway",
+                "url": f"http://{ip}:{rt['gateway_port']}",
+                "command": rt["gateway_command"],
+                "oauth_no_confirm": True,
+                "display": True,
+            }
+        )
+    c.JupyterHub.services = services
+    c.JupyterHub.load_roles = [
+        {
+            "name": "beamhub-services",
+            "description": "the token service and gateway identify callers and their groups",
+            "scopes": ["read:users", "read:groups"],
+            "services": [s["name"] for s in services],
+        },
+    ]
+    if rt.get("admin_api_token"):
+        c.JupyterHub.services.append({"name": "beamhub-admin", "api_token": rt["admin_api_token"]})
+        c.JupyterHub.load_roles.append(
+            {"name": "beamhub-admin", "scopes": ["admin:users", "admin:servers", "tokens",
+             "access:services", "read:users", "admin:groups"], "services": ["beamhub-admin"]}
+        )  # fmt: skip
+
+
+if "get_config" in globals():  # loaded by `jupyterhub -f`
+    c = get_config()  # type: ignore[name-defined]  # noqa: F821
+    configure(c, json.loads(Path(os.environ["BEAMHUB_RUNTIME"]).read_text()))

@@ -1,0 +1,401 @@
+"""The running deployment `beamhub up` starts: IdP, JupyterHub (+proxy, services), DSN, detector.
+
+Each part is started in order with a readiness check and stopped in reverse; processes run in their
+own sessions and are stopped by process group, and JupyterHub's children are tracked so nothing
+outlives the stack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hub.deployment import Deployment
+
+__all__ = ["Stack", "StackError", "free_port"]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class StackError(RuntimeError):
+    """A part failed to start; the message names it and the log to read."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS says is free now (used where a child must be told its port in advance)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def http_ok(url: str, timeout: float = 2.0, headers: dict[str, str] | None = None) -> bool:
+    try:
+        req = urllib.request.Request(url, headers=headers or {})  # noqa: S310
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - loopback URLs
+            return 200 <= resp.status < 300
+    except OSError:
+        return False
+
+
+async def wait_until(check: Callable[[], bool], timeout: float, what: str, log: Path,
+                     proc: subprocess.Popen | None = None) -> None:  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise StackError(f"{what} exited with status {proc.returncode}; see {log}")
+        if await asyncio.to_thread(check):
+            return
+        await asyncio.sleep(0.1)
+    raise StackError(f"{what} was not ready within {timeout:.0f}s; see {log}")
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 15.0) -> None:
+    """SIGTERM the process (it stops its own children), then SIGKILL its group if it lingers."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # anything left in its group
+    except ProcessLookupError:
+        pass
+
+
+@dataclass
+class Stack:
+    """Start with :meth:`start` (async, reports progress), stop with :meth:`stop`."""
+
+    dep: Deployment
+    state: Path
+    progress: Callable[[str], None] = print
+    runtime: dict[str, Any] = field(default_factory=dict)
+    urls: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    _idp: Any = None
+    _hub: subprocess.Popen | None = None
+    _hub_children: set[int] = field(default_factory=set)
+    _dsn: Any = None
+    _revocations: Any = None
+    _source: Any = None
+    _renewer: asyncio.Task | None = None
+    _delegator: Any = None
+
+    STEPS = 6
+
+    def _step(self, n: int, name: str, t0: float, extra: str = "") -> None:
+        self.progress(
+            f"[{n}/{self.STEPS}] {name} ... ready in {time.monotonic() - t0:.1f} s{extra}"
+        )
+
+    async def start(self) -> None:
+        dep, state = self.dep, self.state
+        (state / "logs").mkdir(parents=True, exist_ok=True)
+        ip = dep.hub.ip
+        port = dep.hub.port or free_port(ip)
+        public = f"http://{ip}:{port}"
+        self.urls["hub"] = f"{public}/hub/"
+        self.urls["tokens"] = f"{public}/services/tokens/"
+
+        t0 = time.monotonic()
+        self.progress(f"[1/{self.STEPS}] identity provider ...")
+        await asyncio.to_thread(self._start_idp, public)
+        self._step(1, "identity provider", t0, f"  {self.urls['idp']}")
+
+        t0 = time.monotonic()
+        self.progress(f"[2/{self.STEPS}] data streaming node ...")
+        await self._start_dsn()
+        self._step(2, "data streaming node", t0, f"  {self.urls.get('dsn', 'disabled')}")
+
+        t0 = time.monotonic()
+        self.progress(f"[3/{self.STEPS}] JupyterHub + proxy ...")
+        self._start_hub(ip, port)
+        log = state / "logs" / "jupyterhub.log"
+        await wait_until(self._hub_check(f"{public}/hub/api/"), 90, "JupyterHub", log, self._hub)
+        self._step(3, "JupyterHub", t0, f"  {self.urls['hub']}")
+
+        t0 = time.monotonic()
+        self.progress(f"[4/{self.STEPS}] token service ...")
+        jwks = f"{public}/services/tokens/jwks.json"
+        await wait_until(self._hub_check(jwks), 60, "the token service", log, self._hub)
+        if self._revocations is not None:
+            await asyncio.to_thread(self._revocations.start)
+        self._step(4, "token service", t0, f"  {self.urls['tokens']}")
+
+        t0 = time.monotonic()
+        self.progress(f"[5/{self.STEPS}] API gateway ...")
+        if self.runtime.get("gateway_command"):
+            gw = f"{public}/services/gateway/"
+            self.urls["gateway"] = gw
+            await wait_until(
+                lambda: http_ok(gw + "api/v1/status"), 60, "the gateway", log, self._hub
+            )
+            self._step(5, "API gateway", t0, f"  {gw}")
+        else:
+            self.progress(f"[5/{self.STEPS}] API gateway ... skipped ({self._gateway_why})")
+
+        t0 = time.monotonic()
+        self.progress(f"[6/{self.STEPS}] simulated detector ...")
+        why = await self._start_detector()
+        if why:
+            self.progress(f"[6/{self.STEPS}] simulated detector ... skipped ({why})")
+        else:
+            self._step(6, "simulated detector", t0, f"  stream {self.dep.detector.channel!r}")
+        (state / "runtime-urls.json").write_text(json.dumps(self.urls, indent=2))
+
+    def _hub_check(self, url: str) -> Callable[[], bool]:
+        """Readiness of a URL behind the hub; records the hub's children on every poll."""
+
+        def check() -> bool:
+            self._remember_hub_children()
+            return http_ok(url)
+
+        return check
+
+    # --- parts ------------------------------------------------------------------------------
+
+    def _start_idp(self, public: str) -> None:
+        from hub.idp import EmbeddedIdP
+
+        ident = self.dep.identity
+        secret_path = self.state / "idp-client-secret"
+        if ident.client_secret:
+            secret = ident.client_secret
+        else:
+            if not secret_path.exists():
+                fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(secrets.token_urlsafe(32))
+            secret = secret_path.read_text().strip()
+        self.runtime.update(client_id=ident.client_id, client_secret=secret)
+        if ident.provider != "embedded":
+            self.urls["idp"] = ident.provider
+            self.runtime.update(
+                authorize_url=ident.authorize_url,
+                token_url=ident.token_url,
+                userdata_url=ident.userdata_url,
+                login_service="facility identity provider",
+            )
+            return
+        self._idp = EmbeddedIdP(
+            ident.users, ident.client_id, secret, [f"{public}/hub/oauth_callback"], self.state,
+            port=ident.port, log_path=self.state / "logs" / "idp.log",
+        )  # fmt: skip
+        self.urls["idp"] = self._idp.start()
+        self.runtime.update(self._idp.endpoints())
+
+    async def _start_dsn(self) -> None:
+        from hub.tokens import RevocationCache, SigningKey, TokenVerifier
+
+        dep = self.dep
+        if not dep.dsn.enabled:
+            return
+        try:
+            from streaming.dsn import DataStreamingNode
+            from streaming.template import Template
+        except ImportError as exc:
+            self.notes.append(f"DSN not started: {exc}")
+            return
+        key = SigningKey.load_or_create(self.state / "signing-key.pem")
+        revoked_url = self.urls["tokens"] + "revoked"
+        self._revocations = RevocationCache(revoked_url, interval=dep.tokens.revocation_poll)
+        verifier = TokenVerifier(
+            key.jwks(), issuer=dep.tokens.issuer, audience=dep.tokens.audience,
+            is_revoked=self._revocations.is_revoked,
+        )  # fmt: skip
+        template = Template.load(dep.dsn.template or None)
+        self._dsn = DataStreamingNode(verifier, template, data_host=dep.dsn.data_host)
+        self.urls["dsn"] = await self._dsn.start(dep.dsn.port)
+
+    @property
+    def _gateway_why(self) -> str:
+        return self.runtime.get("gateway_skipped", "disabled in beamhub.yaml")
+
+    def _gateway_command(self) -> list[str] | None:
+        import importlib.util
+
+        if not self.dep.gateway.enabled:
+            return None
+        if importlib.util.find_spec("hub.gateway_service") is None:
+            self.runtime["gateway_skipped"] = "hub/gateway_service.py is not installed yet"
+            return None
+        return [sys.executable, "-m", "hub.gateway", "--deployment", self.dep.source]
+
+    def _start_hub(self, ip: str, port: int) -> None:
+        dep = self.dep
+        gateway = self._gateway_command()
+        self.runtime.update(
+            state_dir=str(self.state),
+            ip=ip,
+            port=port,
+            hub_port=free_port(ip),
+            proxy_api_port=free_port(ip),
+            proxy_auth_token=secrets.token_hex(32),
+            tokens_port=free_port(ip),
+            mfa_required=dep.mfa_required,
+            mfa_methods=dep.identity.mfa_methods,
+            admin_users=[u.username for u in dep.identity.users if u.admin],
+            auth_refresh_age=dep.hub.auth_refresh_age,
+            token_issuer=dep.tokens.issuer,
+            token_audience=dep.tokens.audience,
+            token_ttl=dep.tokens.ttl,
+            max_token_ttl=dep.max_token_ttl,
+            revocation_poll=dep.tokens.revocation_poll,
+            dsn_url=self.urls.get("dsn", ""),
+            admin_api_token=secrets.token_hex(32),
+            spawner="simple",
+        )
+        if gateway:
+            self.runtime.update(gateway_command=gateway, gateway_port=free_port(ip))
+        path = self.state / "runtime.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds secrets
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.runtime, f, indent=2)
+        hub_dir = self.state / "hub"
+        hub_dir.mkdir(exist_ok=True)
+        exe = Path(sys.executable).with_name("jupyterhub")
+        log = open(self.state / "logs" / "jupyterhub.log", "ab")
+        try:
+            self._hub = subprocess.Popen(
+                [str(exe), "-f", str(Path(__file__).with_name("jupyterhub_config.py"))],
+                cwd=hub_dir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env={**os.environ, "BEAMHUB_RUNTIME": str(path), "BEAMHUB_HOME": str(self.state),
+                     "PYTHONPATH": str(REPO)},
+            )  # fmt: skip
+        finally:
+            log.close()
+
+    async def _start_detector(self) -> str:
+        det = self.dep.detector
+        if not det.enabled:
+            return "disabled in beamhub.yaml"
+        if self._dsn is None:
+            return "no DSN"
+        try:
+            from streaming.simulator import SimulatedDetector
+            from streaming.source import SourceRunner
+        except ImportError as exc:
+            return f"streaming sources unavailable: {exc}"
+        from hub.token_store import Delegator, TokenStore
+        from hub.tokens import SigningKey, TokenIssuer
+
+        key = SigningKey.load_or_create(self.state / "signing-key.pem")
+        issuer = TokenIssuer(key, self.dep.tokens.issuer, self.dep.tokens.audience,
+                             max_ttl=self.dep.max_token_ttl)  # fmt: skip
+        store = TokenStore(self.state / "tokens.sqlite")
+        store.record_user("beamhub-detector", {det.project: "operator"}, admin=False, mfa=True)
+        self._delegator = Delegator(issuer, store, self.dep.tokens.ttl)
+        token = self._detector_token()
+        claims = self._dsn.verifier.verify(token)
+        channel = await self._dsn.create_channel(claims, {"stream": det.channel})
+        self.urls["detector_channel"] = channel.id
+        generator = SimulatedDetector(tuple(det.shape), rate_hz=det.rate_hz,
+                                      hit_fraction=det.hit_fraction)  # fmt: skip
+        self._source = SourceRunner(generator, stream=det.channel,
+                                    connect=channel.endpoints.producer)  # fmt: skip
+        await asyncio.to_thread(self._source.start)
+        await asyncio.to_thread(self._source.start_run)
+        self._renewer = asyncio.create_task(self._renew_loop(channel.id), name="detector-renew")
+        return ""
+
+    def _detector_token(self) -> str:
+        token, _ = self._delegator.issue(
+            "beamhub-detector", self.dep.detector.project,
+            ["stream.read", "stream.publish", "steer"], kind="service",
+            description="beamhub up: simulated detector",
+        )  # fmt: skip
+        return token
+
+    async def _renew_loop(self, channel_id: str) -> None:
+        """Keep the detector's channel alive: renew it with a fresh token before it expires."""
+        while True:
+            channel = self._dsn.channels.get(channel_id)
+            if channel is None:
+                return
+            await asyncio.sleep(max(1.0, (channel.expires_at - time.time()) / 2))
+            token = self._detector_token()
+            url = f"{self.urls['dsn']}/api/channels/{channel_id}/renew"
+            req = urllib.request.Request(url, data=b"{}", method="POST",  # noqa: S310
+                                         headers={"Authorization": f"Bearer {token}",
+                                                  "Content-Type": "application/json"})  # fmt: skip
+            try:
+                await asyncio.to_thread(urllib.request.urlopen, req, timeout=5)
+            except OSError as exc:
+                self.progress(f"detector channel renewal failed: {exc}")
+
+    # --- stop -------------------------------------------------------------------------------
+
+    def _remember_hub_children(self) -> None:
+        import psutil
+
+        if self._hub is None:
+            return
+        try:
+            for child in psutil.Process(self._hub.pid).children(recursive=True):
+                self._hub_children.add(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+
+    async def stop(self) -> None:
+        """Stop everything in reverse order; safe to call after a partial start."""
+        import psutil
+
+        if self._renewer is not None:
+            self._renewer.cancel()
+            await asyncio.gather(self._renewer, return_exceptions=True)
+        if self._source is not None:
+            await asyncio.to_thread(self._source.stop)
+        if self._revocations is not None:
+            await asyncio.to_thread(self._revocations.close)
+        self._remember_hub_children()
+        await asyncio.to_thread(stop_process, self._hub)
+        for pid in self._hub_children:  # servers/services in their own sessions
+            try:
+                proc = psutil.Process(pid)
+                proc.terminate()
+                proc.wait(5)
+            except psutil.TimeoutExpired:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if self._dsn is not None:
+            await self._dsn.stop()
+        if self._idp is not None:
+            await asyncio.to_thread(self._idp.stop)
+
+    async def watch(self, stop: asyncio.Event) -> str:
+        """Wait until ``stop`` is set or a part dies; return why."""
+        while not stop.is_set():
+            self._remember_hub_children()
+            if self._hub is not None and self._hub.poll() is not None:
+                return f"JupyterHub exited with status {self._hub.returncode}"
+            if (
+                self._idp is not None
+                and self._idp.proc is not None
+                and self._idp.proc.poll() is not None
+            ):
+                return "the identity provider exited"
+            try:
+                await asyncio.wait_for(stop.wait(), 1.0)
+            except TimeoutError:
+                pass
+        return "stop requested"
