@@ -106,9 +106,10 @@ class AuditLog:
         with self._lock:
             record["seq"] = self._seq + 1
             record["prev"] = self._prev
-            record["hash"] = record_hash(record)
-            line = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-            data = (line + "\n").encode()
+            canonical = _canonical(record)
+            record["hash"] = hashlib.sha256(canonical).hexdigest()
+            # the canonical form plus the hash as the last key: one serialisation per record
+            data = canonical[:-1] + b',"hash":"' + record["hash"].encode() + b'"}\n'
             written = os.write(self._fd, data)
             if written != len(data):  # a full disk; never leave half a chain link unnoticed
                 raise AuditError(f"{self.path}: short write ({written}/{len(data)} bytes)")
