@@ -92,7 +92,7 @@ class FrameHeader:
 
 @dataclass(frozen=True)
 class Frame:
-    """A decoded frame: its header and a (read-only, zero-copy) numpy view of the payload."""
+    """A decoded frame: its header and a zero-copy numpy view of the payload (do not modify it)."""
 
     header: FrameHeader
     data: np.ndarray
