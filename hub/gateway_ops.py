@@ -215,11 +215,13 @@ class Operations:
         scheduler = self._scheduler()
         assert ctx.claims is not None and ctx.project is not None
         body = dict(ctx.body)
-        tiers = getattr(scheduler, "tiers", None)
-        default_tier = getattr(tiers, "default_tier", "interactive")
-        spec = JobSpec(project=ctx.project, user=ctx.claims.sub,
-                       tier=body.pop("tier", default_tier), **body)  # fmt: skip
         try:
+            tier = body.pop("tier", None)
+            policy = getattr(scheduler, "policy", None)
+            if tier is None and policy is not None:  # the best tier now: a window's, if open
+                tier = policy.effective_tier(ctx.claims.sub, ctx.project).name
+            tier = tier or getattr(getattr(scheduler, "tiers", None), "default_tier", "interactive")
+            spec = JobSpec(project=ctx.project, user=ctx.claims.sub, tier=tier, **body)
             spec.validate()
             job_id = await scheduler.submit(spec)
         except SchedulerError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -347,3 +348,54 @@ def test_service_process_revocation_and_sigterm(tmp_path: Path) -> None:
     assert result.ok and result.records >= 3
     records = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert records[-1]["outcome"] == "deny" and "revoked" in records[-1]["reason"]
+
+
+@pytest.mark.timeout(60)
+async def test_jobs_run_at_the_beamtime_tier_once_the_window_is_approved(
+    keys: Keys, tmp_path: Path
+) -> None:
+    """Gateway → kernels.local.LocalBackend (real processes) whose tier policy reads the same
+    ReservationBook the gateway's approval step writes."""
+    from kernels.local import LocalBackend
+    from kernels.reservations import ReservationBook
+    from kernels.tiers import TierPolicy
+
+    book = ReservationBook(tmp_path / "windows.db", admins=["admin"])
+    sched = LocalBackend(tmp_path / "jobs.db", nodes=2, policy=TierPolicy(reservations=book),
+                         poll_interval=0.05)  # fmt: skip
+    try:
+        async with running_gateway(keys, tmp_path, scheduler=sched) as s:
+            s.gateway.reservations = book
+            pi = keys.token("alice", "p1", "jobs reserve")
+            job = {"name": "hitfind", "argv": [sys.executable, "-c", "print('ok')"],
+                   "tier": "beamtime", "walltime_s": 600}  # fmt: skip
+            code, body, _ = await call(s.url, "POST", "/projects/p1/jobs", pi, job)
+            assert code == 403 and body["field"] == "tier"
+            assert "approved beamtime window" in body["error"]
+            now = time.time()
+            code, window, _ = await call(s.url, "POST", "/projects/p1/reservations", pi, {
+                "start": now - 1, "end": now + 600,
+                "justification": "live hit finding during the LCLS shift",
+            })  # fmt: skip
+            assert code == 201
+            admin = keys.token("admin", "ops", "stream.read")
+            code, _, _ = await call(s.url, "POST", f"/reservations/{window['id']}/approve", admin)
+            assert code == 200
+            code, body, _ = await call(s.url, "POST", "/projects/p1/jobs", pi, job)
+            assert code == 201 and body["tier"] == "beamtime", body
+            plain = {"name": "default-tier", "argv": [sys.executable, "-c", "pass"]}
+            code, second, _ = await call(s.url, "POST", "/projects/p1/jobs", pi, plain)
+            assert code == 201 and second["tier"] == "beamtime"  # inside the window
+            deadline = time.monotonic() + 30
+            while True:
+                code, listed, _ = await call(s.url, "GET", "/projects/p1/jobs", pi)
+                states = {j["job_id"]: j["state"] for j in listed["jobs"]}
+                if states.get(body["job_id"]) == "completed" or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+            assert states[body["job_id"]] == "completed", states
+            other = keys.token("carol", "p2", "jobs")
+            code, body, _ = await call(s.url, "POST", "/projects/p1/jobs", other, job)
+            assert code == 403 and body["decision"]["rule"] == "default-deny"
+    finally:
+        await sched.close(cancel_jobs=True)
