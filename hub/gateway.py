@@ -261,10 +261,7 @@ class ApiHandler(tornado.web.RequestHandler):
 
     def log_exception(self, typ, value, tb) -> None:  # type: ignore[override]
         if isinstance(value, GatewayError):
-            self.gateway.metrics_observe((self.ops.get(self.request.method, None) and
-                                         self.ops[self.request.method].action) or "none",
-                                         "refused", 0.0)  # fmt: skip
-            return  # an expected refusal, already audited where it is a decision
+            return  # an expected refusal, already audited (and counted) where it is a decision
         super().log_exception(typ, value, tb)
 
 

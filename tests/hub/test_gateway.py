@@ -399,3 +399,22 @@ async def test_jobs_run_at_the_beamtime_tier_once_the_window_is_approved(
             assert code == 403 and body["decision"]["rule"] == "default-deny"
     finally:
         await sched.close(cancel_jobs=True)
+
+
+def test_openapi_is_the_single_source_of_routes_and_schemas() -> None:
+    """Every documented operation has an implementation; the channel schema is the DSN's."""
+    from hub.gateway_ops import Operations
+    from hub.policy import ACTIONS
+    from streaming.template import REQUEST_FIELDS
+
+    doc = load_openapi()
+    table = Operations.__new__(Operations)
+    Operations.__init__(table, gateway=None)  # type: ignore[arg-type]
+    for path, methods in doc["paths"].items():
+        for method, spec in methods.items():
+            assert method.upper() in table._table[spec["x-handler"]], (path, method)
+            assert spec["x-action"] in ACTIONS, (path, spec["x-action"])
+            if "x-body" in spec:
+                assert spec["x-body"] in doc["components"]["schemas"], (path, method)
+    channel = doc["components"]["schemas"]["ChannelRequest"]["properties"]
+    assert set(channel) == set(REQUEST_FIELDS)
