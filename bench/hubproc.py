@@ -121,9 +121,12 @@ c.JupyterHub.extra_handlers = kernels.jobs_api.HANDLERS
         if db.exists():
             asyncio.run(LocalBackend(db_path=db).close(cancel_jobs=True))
 
-    def user_token(self, user: str) -> str:
-        """A new API token of ``user`` (as their server would hold)."""
-        code, body = self.api("POST", f"/users/{user}/tokens", {"note": "beamhub test"})
+    def user_token(self, user: str, scopes: list[str] | None = None) -> str:
+        """A new API token of ``user``; ``scopes`` narrows it (e.g. to a server token's)."""
+        request: dict = {"note": "beamhub test"}
+        if scopes is not None:
+            request["scopes"] = scopes
+        code, body = self.api("POST", f"/users/{user}/tokens", request)
         if code != 201:
             raise RuntimeError(f"cannot create a token for {user}: {code} {body}")
         return body["token"]

@@ -56,7 +56,11 @@ def in_erins_server(hub, monkeypatch):
     for key, value in config.job_env(project="sfx", tier="interactive", user="erin").items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("JUPYTERHUB_API_URL", f"{hub.url}/hub/api")
-    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", hub.user_token("erin"))
+    # as narrow as the token JupyterHub gives a server (Spawner.server_token_scopes)
+    server_token = hub.user_token(
+        "erin", ["access:servers!server=erin/", "users:activity!user=erin"]
+    )
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", server_token)
     monkeypatch.setenv("JUPYTERHUB_SERVICE_PREFIX", "/user/erin/")
     yield hub
     hub.api("DELETE", "/users/erin/server")
