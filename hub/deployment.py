@@ -63,11 +63,12 @@ class EnclaveRules:
     name: str
     mfa_required: bool
     max_token_ttl: int
+    embedded_identity_allowed: bool = False
 
 
 # Used when H7's profile files (hub/enclave.py) are not importable; same values as those profiles.
 _FALLBACK_RULES = {
-    "dev": EnclaveRules("dev", False, 86400),
+    "dev": EnclaveRules("dev", False, 86400, True),
     "open": EnclaveRules("open", False, 3600),
     "moderate": EnclaveRules("moderate", True, 900),
     "leadership": EnclaveRules("leadership", True, 600),
@@ -88,8 +89,9 @@ def enclave_rules(name: str) -> EnclaveRules:
             name,
             bool(profile.mfa_required),
             int(profile.max_token_ttl),
+            bool(getattr(profile, "embedded_identity_allowed", name == "dev")),
         )
-    except (ImportError, AttributeError, TypeError):
+    except (ImportError, AttributeError, TypeError, ValueError):
         return _FALLBACK_RULES[name]
 
 
@@ -313,13 +315,6 @@ def _validate(dep: Deployment, src: str) -> None:
         for name in ("authorize_url", "token_url", "userdata_url", "client_secret"):
             if not getattr(ident, name):
                 raise DeploymentError(f"identity.{name}", "required for an external issuer", src)
-    elif dep.enclave != "dev":
-        raise DeploymentError(
-            "identity.provider",
-            f"the embedded dev IdP is for the dev enclave only; enclave {dep.enclave!r} needs the "
-            "facility's issuer URL",
-            src,
-        )
     seen: set[str] = set()
     for i, user in enumerate(ident.users):
         where = f"identity.users[{i}]"

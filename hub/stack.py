@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,6 +96,7 @@ class Stack:
     _source: Any = None
     _renewer: asyncio.Task | None = None
     _delegator: Any = None
+    _control: Any = None
 
     STEPS = 6
 
@@ -234,7 +236,16 @@ class Stack:
         if importlib.util.find_spec("hub.gateway_service") is None:
             self.runtime["gateway_skipped"] = "hub/gateway_service.py is not installed yet"
             return None
-        return [sys.executable, "-m", "hub.gateway", "--deployment", self.dep.source]
+        cmd = [sys.executable, "-m", "hub.gateway", "--state-dir", str(self.state)]
+        if Path(self.dep.source).is_file():
+            cmd += ["--deployment", str(Path(self.dep.source).resolve())]
+        cmd += ["--revoked-url", self.urls["tokens"] + "revoked"]
+        if self.urls.get("dsn"):
+            cmd += ["--dsn-url", self.urls["dsn"]]
+        admins = [u.username for u in self.dep.identity.users if u.admin]
+        for name in admins:
+            cmd += ["--admin", name]
+        return cmd
 
     def _start_hub(self, ip: str, port: int) -> None:
         dep = self.dep
@@ -314,6 +325,21 @@ class Stack:
                                     connect=channel.endpoints.producer)  # fmt: skip
         await asyncio.to_thread(self._source.start)
         await asyncio.to_thread(self._source.start_run)
+        try:
+            from streaming.source_control import SourceControlServer
+        except ImportError:
+            self.notes.append("detector steering unavailable: streaming/source_control.py missing")
+        else:
+            self._control = SourceControlServer(
+                self._source, verifier=self._dsn.verifier, project=det.project
+            )
+            control_url = await self._control.start()
+            status, answer = await asyncio.to_thread(
+                self._dsn_call, "PUT", f"/api/channels/{channel.id}/source_control",
+                token, {"source_control": control_url},
+            )  # fmt: skip
+            if status != 200:
+                self.notes.append(f"detector steering not attached: {answer}")
         self._renewer = asyncio.create_task(self._renew_loop(channel.id), name="detector-renew")
         return ""
 
@@ -325,6 +351,21 @@ class Stack:
         )  # fmt: skip
         return token
 
+    def _dsn_call(self, method: str, path: str, token: str, body: Any) -> tuple[int, Any]:
+        req = urllib.request.Request(  # noqa: S310 - our own DSN on loopback
+            self.urls["dsn"] + path,
+            data=json.dumps(body).encode(),
+            method=method,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
+                return resp.status, json.load(resp)
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode(errors="replace")[:300]
+        except OSError as exc:
+            return 0, str(exc)
+
     async def _renew_loop(self, channel_id: str) -> None:
         """Keep the detector's channel alive: renew it with a fresh token before it expires."""
         while True:
@@ -333,14 +374,10 @@ class Stack:
                 return
             await asyncio.sleep(max(1.0, (channel.expires_at - time.time()) / 2))
             token = self._detector_token()
-            url = f"{self.urls['dsn']}/api/channels/{channel_id}/renew"
-            req = urllib.request.Request(url, data=b"{}", method="POST",  # noqa: S310
-                                         headers={"Authorization": f"Bearer {token}",
-                                                  "Content-Type": "application/json"})  # fmt: skip
-            try:
-                await asyncio.to_thread(urllib.request.urlopen, req, timeout=5)
-            except OSError as exc:
-                self.progress(f"detector channel renewal failed: {exc}")
+            path = f"/api/channels/{channel_id}/renew"
+            status, answer = await asyncio.to_thread(self._dsn_call, "POST", path, token, {})
+            if status != 200:
+                self.progress(f"beamhub up: detector channel renewal failed: {answer}")
 
     # --- stop -------------------------------------------------------------------------------
 
@@ -362,6 +399,8 @@ class Stack:
         if self._renewer is not None:
             self._renewer.cancel()
             await asyncio.gather(self._renewer, return_exceptions=True)
+        if self._control is not None:
+            await self._control.stop()
         if self._source is not None:
             await asyncio.to_thread(self._source.stop)
         if self._revocations is not None:

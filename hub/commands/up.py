@@ -65,6 +65,11 @@ async def _serve(dep, state, lock) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     _say(f"beamhub up: {dep.enclave} enclave from {dep.source}; state in {state}")
+    if dep.identity.provider == "embedded" and not dep.rules.embedded_identity_allowed:
+        _say(
+            f"beamhub up: WARNING: the embedded dev identity provider stands in for the facility's; "
+            f"the {dep.enclave} enclave does not allow it in production (see `beamhub check`)"
+        )
     stack = Stack(dep, state, progress=_say)
     starting = asyncio.create_task(stack.start())
     stopper = asyncio.create_task(stop.wait())

@@ -40,7 +40,6 @@ def test_example_is_the_embedded_default() -> None:
             "duplicate",
         ),
         ("detector: {shape: [1]}\n", "detector.shape", "two positive"),
-        ("enclave: moderate\n", "identity.provider", "dev enclave only"),
         ("hub: [1, 2]\n", "hub", "mapping"),
         ("hub: {ip: 0.0.0.0}\n", "hub.ip", "loopback"),
         ("tokens: {ttl: 5000, max_ttl: 600}\n", "tokens.ttl", "cap"),

@@ -1,0 +1,158 @@
+"""Test helpers: run `beamhub up` as a real subprocess and log in through the real OpenID provider."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urljoin
+
+import psutil
+import requests
+
+BEAMHUB = str(Path(sys.executable).with_name("beamhub"))
+
+
+class RunningStack:
+    """A `beamhub up` child process with its URLs, runtime secrets and every descendant seen."""
+
+    def __init__(self, workdir: Path, yaml_text: str, name: str) -> None:
+        self.state = workdir / f"state-{name}"
+        self.config = workdir / f"{name}.yaml"
+        self.config.write_text(f"state_dir: {self.state}\n{yaml_text}")
+        self.out_path = workdir / f"{name}.out"
+        self.proc: subprocess.Popen | None = None
+        self.seen: set[int] = set()
+        self.urls: dict[str, str] = {}
+        self.runtime: dict = {}
+
+    def start(self, timeout: float = 120.0) -> RunningStack:
+        with open(self.out_path, "wb") as out:
+            self.proc = subprocess.Popen(
+                [BEAMHUB, "up", str(self.config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env={**os.environ, "BEAMHUB_HOME": str(self.state)},
+            )
+        deadline = time.monotonic() + timeout
+        while "beamhub up: running" not in self.output():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"beamhub up did not start:\n{self.output()[-4000:]}")
+            time.sleep(0.2)
+        self.urls = json.loads((self.state / "runtime-urls.json").read_text())
+        self.runtime = json.loads((self.state / "runtime.json").read_text())
+        self.remember()
+        return self
+
+    def output(self) -> str:
+        return self.out_path.read_text(errors="replace") if self.out_path.exists() else ""
+
+    def remember(self) -> None:
+        """Record every descendant now alive (servers started later are recorded when asked)."""
+        if self.proc is None:
+            return
+        try:
+            self.seen |= {c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            pass
+
+    @property
+    def hub(self) -> str:
+        return self.urls["hub"]
+
+    @property
+    def tokens(self) -> str:
+        return self.urls["tokens"]
+
+    @property
+    def admin(self) -> dict[str, str]:
+        return {"Authorization": f"token {self.runtime['admin_api_token']}"}
+
+    def user_api_token(self, user: str) -> str:
+        r = requests.post(
+            f"{self.hub}api/users/{user}/tokens",
+            headers=self.admin,
+            json={"expires_in": 900, "note": "test"},
+            timeout=10,
+        )
+        assert r.status_code == 201, r.text
+        return r.json()["token"]
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM `beamhub up`; returns its exit status."""
+        if self.proc is None:
+            return None
+        self.remember()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def survivors(self) -> list[psutil.Process]:
+        alive = []
+        for pid in sorted(self.seen):
+            try:
+                p = psutil.Process(pid)
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        return alive
+
+    def kill_survivors(self) -> None:
+        for p in self.survivors():
+            p.kill()
+
+
+def _form_action(response: requests.Response) -> str:
+    match = re.search(r'<form method="post" action="([^"]+)"', response.text)
+    assert match, f"no form on {response.url}: {response.text[:500]}"
+    return urljoin(response.url, match.group(1))
+
+
+def login(
+    stack: RunningStack, user: str, password: str
+) -> tuple[requests.Session, requests.Response]:
+    """Browserless OIDC login: hub -> IdP login form -> consent form -> hub callback."""
+    s = requests.Session()
+    r = s.get(stack.hub + "oauth_login", params={"next": "/hub/home"}, timeout=20)
+    assert r.status_code == 200 and "/interaction/" in r.url, (r.status_code, r.url)
+    r = s.post(_form_action(r), data={"prompt": "login", "login": user, "password": password},
+               timeout=20)  # fmt: skip
+    if r.status_code != 200 or "Authorize" not in r.text:
+        return s, r  # refused at the IdP
+    r = s.post(_form_action(r), data={"prompt": "consent"}, timeout=30)
+    return s, r
+
+
+def spawn(stack: RunningStack, session: requests.Session, user: str, timeout: float = 90) -> dict:
+    """Start the user's server through the hub's spawn page; return the ready server model."""
+    r = session.get(stack.hub + "spawn", timeout=30)
+    assert r.status_code == 200, (r.status_code, r.url)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        model = requests.get(f"{stack.hub}api/users/{user}", headers=stack.admin, timeout=10).json()
+        server = model["servers"].get("")
+        if server and server["ready"]:
+            stack.remember()
+            return server
+        time.sleep(0.25)
+    raise AssertionError(f"{user}'s server was not ready within {timeout}s")
+
+
+def process_env(pid: int) -> dict[str, str]:
+    """The real environment of a running process (/proc/PID/environ)."""
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)

@@ -1,0 +1,138 @@
+"""Login through the real OpenID provider: delegated token in the server, MFA, projects and roles."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import jwt
+import pytest
+import requests
+
+from hub.tokens import TokenVerifier
+from tests.hub.hubstack import RunningStack, login, process_env, spawn
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _mint(stack: RunningStack, user: str, project: str, scopes: list[str], ttl: int = 120):
+    """Log ``user`` in (dev password: USER-dev), then mint through the token service's API."""
+    assert login(stack, user, f"{user}-dev")[1].status_code == 200
+    headers = {"Authorization": f"token {stack.user_api_token(user)}"}
+    return requests.post(
+        stack.tokens + "api/tokens",
+        headers=headers,
+        json={"project": project, "scopes": scopes, "ttl": ttl},
+        timeout=10,
+    )
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_login_spawn_delegated_token_works_for_its_project_only(dev_stack: RunningStack) -> None:
+    session, r = login(dev_stack, "alice", "alice-dev")
+    assert r.status_code == 200 and r.url.endswith("/hub/home"), (r.status_code, r.url)
+    server = spawn(dev_stack, session, "alice")
+    env = process_env(server["state"]["pid"])
+    assert env["BEAMHUB_PROJECT"] == "p-1001"
+    assert env["BEAMHUB_TOKEN_URL"] == dev_stack.tokens
+    assert env["BEAMHUB_DSN_URL"] == dev_stack.urls["dsn"]
+    token = env["BEAMHUB_TOKEN"]
+    # the published JWKS verifies it; the claims are the pi's scopes, for 30 s (tokens.ttl)
+    jwks = requests.get(dev_stack.tokens + "jwks.json", timeout=10).json()
+    claims = TokenVerifier(jwks).verify(token)
+    assert (claims.sub, claims.project) == ("alice", "p-1001")
+    assert claims.scopes == {
+        "stream.read",
+        "stream.publish",
+        "steer",
+        "reserve",
+        "jobs",
+        "dashboard",
+    }
+    assert claims.exp - claims.iat == 30
+    assert "refresh_token" not in " ".join(env)  # the upstream token stays in the hub
+    # the DSN accepts it for p-1001 ...
+    dsn = dev_stack.urls["dsn"]
+    r = requests.get(dsn + "/api/channels", headers=_bearer(token), timeout=10)
+    assert r.status_code == 200
+    assert dev_stack.urls["detector_channel"] in {c["id"] for c in r.json()["channels"]}
+    # ... and refuses it for p-2002's channel
+    carol = _mint(dev_stack, "carol", "p-2002", ["stream.read", "stream.publish"]).json()["token"]
+    r = requests.post(
+        dsn + "/api/channels", headers=_bearer(carol), json={"stream": "c"}, timeout=10
+    )
+    assert r.status_code == 201, r.text
+    other = r.json()["id"]
+    r = requests.get(f"{dsn}/api/channels/{other}", headers=_bearer(token), timeout=10)
+    assert r.status_code == 403 and r.json()["reason"] == "project", r.text
+    assert requests.get(f"{dsn}/api/channels/{other}", headers=_bearer(carol), timeout=10).ok
+
+
+def test_projects_become_groups_and_roles_auth_state_encrypted(dev_stack: RunningStack) -> None:
+    _, r = login(dev_stack, "oscar", "oscar-dev")
+    assert r.status_code == 200
+    model = requests.get(
+        f"{dev_stack.hub}api/users/oscar", headers=dev_stack.admin, timeout=10
+    ).json()
+    assert set(model["groups"]) == {"p-1001", "p-1001:operator"}
+    assert model["roles"] == ["beamhub-operator"]
+    state = model["auth_state"]
+    assert state["beamhub"] == {
+        "projects": {"p-1001": "operator"},
+        "mfa": True,
+        "amr": ["pwd", "otp"],
+    }
+    assert state["refresh_token"]
+    db = sqlite3.connect(dev_stack.state / "hub" / "jupyterhub.sqlite")
+    (blob,) = db.execute("SELECT encrypted_auth_state FROM users WHERE name='oscar'").fetchone()
+    db.close()
+    assert blob and state["refresh_token"].encode() not in blob and b"operator" not in blob
+
+
+def test_password_checked_by_the_provider(dev_stack: RunningStack) -> None:
+    _, r = login(dev_stack, "alice", "not-her-password")
+    assert r.status_code == 401 and "wrong password" in r.text
+
+
+def test_user_without_project_refused_with_reason(dev_stack: RunningStack) -> None:
+    _, r = login(dev_stack, "mallory", "mallory-dev")
+    assert r.status_code == 403
+    assert "no role in any beamhub project" in r.text
+
+
+def test_moderate_refuses_login_without_mfa(moderate_stack: RunningStack) -> None:
+    _, r = login(moderate_stack, "bob", "bob-dev")
+    assert r.status_code == 403
+    assert "requires multi-factor authentication" in r.text and "pwd" in r.text
+    _, r = login(moderate_stack, "alice", "alice-dev")  # pwd + otp
+    assert r.status_code == 200 and r.url.endswith("/hub/home")
+
+
+def test_viewer_cannot_create_a_channel_or_steer_operator_can(dev_stack: RunningStack) -> None:
+    dsn = dev_stack.urls["dsn"]
+    detector = dev_stack.urls["detector_channel"]
+    r = _mint(dev_stack, "vera", "p-1001", ["stream.read", "steer"])
+    assert r.status_code == 403 and "beyond your role" in r.json()["message"]
+    vera = _mint(dev_stack, "vera", "p-1001", ["stream.read", "dashboard"]).json()["token"]
+    r = requests.post(
+        dsn + "/api/channels", headers=_bearer(vera), json={"stream": "v"}, timeout=10
+    )
+    assert r.status_code == 403 and r.json()["reason"] == "scope"
+    steer = f"{dsn}/api/channels/{detector}/steer/params/hit_fraction"
+    r = requests.put(steer, headers=_bearer(vera), json={"value": 0.5}, timeout=10)
+    assert r.status_code == 403 and r.json()["reason"] == "scope"
+    assert requests.get(f"{dsn}/api/channels/{detector}", headers=_bearer(vera), timeout=10).ok
+
+    oscar = _mint(dev_stack, "oscar", "p-1001", ["stream.publish", "steer"]).json()["token"]
+    assert jwt.decode(oscar, options={"verify_signature": False})["scope"] == "steer stream.publish"
+    r = requests.post(
+        dsn + "/api/channels", headers=_bearer(oscar), json={"stream": "o"}, timeout=10
+    )
+    assert r.status_code == 201, r.text
+    r = requests.put(steer, headers=_bearer(oscar), json={"value": 0.5}, timeout=10)
+    assert r.status_code == 200, r.text
+    params = requests.get(f"{dsn}/api/channels/{detector}/steer/params", headers=_bearer(vera),
+                          timeout=10).json()  # fmt: skip
+    assert params["values"]["hit_fraction"] == 0.5
