@@ -15,19 +15,28 @@ import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
-import yaml
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from hub.audit import AuditLog
+from hub.gateway_api import (
+    API_PREFIX,
+    OPENAPI_PATH,
+    GatewayError,
+    Operation,
+    RequestContext,
+    bearer,
+    load_openapi,
+    parse_constant,
+    routes,
+    schema_error,
+)
 from hub.policy import Policy, PolicyRequest, load_policy
 from hub.ratelimit import RateLimiter
 from hub.tokens import Claims, TokenError, TokenVerifier
@@ -35,112 +44,6 @@ from hub.tokens import Claims, TokenError, TokenVerifier
 __all__ = ["OPENAPI_PATH", "Gateway", "GatewayError", "RequestContext", "load_openapi"]
 
 log = logging.getLogger("beamhub.gateway")
-OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
-API_PREFIX = "api/v1"
-#: What a path parameter may look like; anything else is a 404 before any work is done.
-PARAM_PATTERNS = {
-    "project": r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}",
-    "channel_id": r"ch-[0-9a-f]{1,32}",
-    "window_id": r"[0-9]{1,12}",
-    "name": r"[A-Za-z_][A-Za-z0-9_.-]{0,63}",
-}
-PUBLIC_ACTIONS = frozenset({"status.read"})
-
-
-class GatewayError(tornado.web.HTTPError):
-    """An error a person will read: JSON ``{error, reason, ...extra}`` with an HTTP status."""
-
-    def __init__(self, status: int, reason: str, message: str, **extra: Any) -> None:
-        super().__init__(status)
-        self.status = status
-        self.reason = reason
-        self.message = message
-        self.extra = extra
-
-    def to_json(self) -> dict[str, Any]:
-        body = {"error": self.message, "reason": self.reason}
-        body.update({k: v for k, v in self.extra.items() if k != "headers"})
-        return body
-
-
-@dataclass
-class RequestContext:
-    """One request as an operation sees it: verified claims, path parameters, validated body."""
-
-    action: str
-    method: str
-    path: str
-    source: str
-    params: dict[str, str]
-    authorization: str = ""
-    claims: Claims | None = None
-    roles: frozenset[str] = frozenset()
-    body: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def project(self) -> str | None:
-        return self.params.get("project")
-
-
-@dataclass(frozen=True)
-class Operation:
-    """One method on one path of the OpenAPI document."""
-
-    name: str
-    action: str
-    secured: bool
-    validator: jsonschema.protocols.Validator | None
-
-
-def load_openapi(path: str | Path = OPENAPI_PATH) -> dict[str, Any]:
-    """The gateway's OpenAPI document (the single source of routes, actions and schemas)."""
-    return yaml.safe_load(Path(path).read_text())
-
-
-def _routes(doc: Mapping[str, Any]) -> list[tuple[str, dict[str, Operation]]]:
-    schemas = doc["components"]["schemas"]
-    routes = []
-    for path, methods in doc["paths"].items():
-        regex = re.sub(r"\{(\w+)\}", lambda m: f"(?P<{m[1]}>{PARAM_PATTERNS[m[1]]})", path)
-        ops = {}
-        for method, spec in methods.items():
-            validator = None
-            if "x-body" in spec:
-                schema = dict(schemas[spec["x-body"]])
-                validator = jsonschema.Draft202012Validator(schema)
-            ops[method.upper()] = Operation(
-                spec["x-handler"], spec["x-action"], bool(spec.get("security")), validator
-            )
-        routes.append((regex.rstrip("/"), ops))
-    return routes
-
-
-def _bearer(header: str) -> str:
-    scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _schema_error(errors: Iterable[jsonschema.ValidationError]) -> GatewayError:
-    error = jsonschema.exceptions.best_match(errors)
-    where = ".".join(str(p) for p in error.absolute_path)
-    if error.validator == "additionalProperties":
-        allowed = sorted(error.schema.get("properties", {}))
-        unknown = sorted(set(error.instance) - set(allowed))
-        return GatewayError(
-            400, "unknown_field",
-            f"unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}",
-            field=unknown[0] if unknown else where,
-        )  # fmt: skip
-    if error.validator == "required":
-        missing = error.message.split("'")[1] if "'" in error.message else where
-        return GatewayError(400, "missing_field", f"missing field {missing!r}", field=missing)
-    return GatewayError(400, "invalid_field", f"{where or 'body'}: {error.message}", field=where)
-
-
 @tornado.web.stream_request_body
 class ApiHandler(tornado.web.RequestHandler):
     """Runs the pipeline (token → policy → rate limit → audit) and then the operation.
@@ -201,7 +104,7 @@ class ApiHandler(tornado.web.RequestHandler):
         )
         if op.secured:
             try:
-                ctx.claims = gw.verifier.verify(_bearer(ctx.authorization) or None)
+                ctx.claims = gw.verifier.verify(bearer(ctx.authorization) or None)
             except TokenError as exc:
                 gw.record(ctx, "deny", "token", exc.status, exc.message)
                 raise GatewayError(exc.status, exc.reason, exc.message) from None
@@ -231,7 +134,7 @@ class ApiHandler(tornado.web.RequestHandler):
             body: Any = {}
         else:
             try:
-                body = json.loads(raw, parse_constant=_reject_constant)
+                body = json.loads(raw, parse_constant=parse_constant)
             except (ValueError, UnicodeDecodeError) as exc:
                 raise GatewayError(
                     400, "malformed_json", f"the body is not valid JSON: {exc}"
@@ -240,7 +143,7 @@ class ApiHandler(tornado.web.RequestHandler):
             raise GatewayError(400, "malformed_json", "the body must be a JSON object {...}")
         errors = list(op.validator.iter_errors(body))
         if errors:
-            raise _schema_error(errors)
+            raise schema_error(errors)
         return body
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
@@ -406,7 +309,7 @@ class Gateway:
         prefix = re.escape(self.base_url + API_PREFIX)
         handlers: list[Any] = [
             (rf"{prefix}{regex}/?", ApiHandler, {"gateway": self, "ops": ops})
-            for regex, ops in _routes(self.openapi)
+            for regex, ops in routes(self.openapi)
         ]
         handlers.append((rf"{re.escape(self.base_url)}metrics", MetricsHandler, {"gateway": self}))
         return tornado.web.Application(

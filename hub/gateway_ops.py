@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from hub.gateway import API_PREFIX, GatewayError, RequestContext
+from hub.gateway_api import API_PREFIX, GatewayError, RequestContext
 
 if TYPE_CHECKING:
     from hub.gateway import Gateway
