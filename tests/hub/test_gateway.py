@@ -418,3 +418,20 @@ def test_openapi_is_the_single_source_of_routes_and_schemas() -> None:
                 assert spec["x-body"] in doc["components"]["schemas"], (path, method)
     channel = doc["components"]["schemas"]["ChannelRequest"]["properties"]
     assert set(channel) == set(REQUEST_FIELDS)
+
+
+async def test_steering_needs_the_steer_scope_and_reaches_the_dsn(keys: Keys, tmp_path: Path) -> None:
+    async with running_gateway(keys, tmp_path) as s:
+        operator = keys.token("oscar", "p1", "stream.read stream.publish steer")
+        code, ch, _ = await call(s.url, "POST", "/projects/p1/channels", operator, {"stream": "d"})
+        assert code == 201
+        member = keys.token("bob", "p1", "stream.read stream.publish")
+        run = f"/projects/p1/channels/{ch['id']}/steer/run"
+        code, body, _ = await call(s.url, "POST", run, member, {"running": False})
+        assert code == 403 and "steer-own-project" in body["decision"]["reason"]
+        # allowed by policy, forwarded; the DSN answers that this channel has no source control
+        code, body, _ = await call(s.url, "POST", run, operator, {"running": False})
+        assert code == 409 and body["reason"] == "no_source_control"
+        param = f"/projects/p1/channels/{ch['id']}/steer/params/gain"
+        code, body, _ = await call(s.url, "PUT", param, operator, {"value": 2})
+        assert code == 409 and body["reason"] == "no_source_control"
