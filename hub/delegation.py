@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 import jwt
 from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated
-from tornado import httpserver, web
+from tornado import httpserver, httputil, web
 
 from hub.token_store import Delegator, TokenStore
 from hub.tokens import (
@@ -39,6 +39,8 @@ log = logging.getLogger("beamhub.tokens.service")
 
 #: Largest JSON or form body accepted; bigger bodies get 413 with this limit in the message.
 MAX_BODY = 16 * 1024
+#: Beyond this the connection is closed unread (the proxy then answers 502/503).
+MAX_UPLOAD = 64 * 1024 * 1024
 
 
 class ApiError(web.HTTPError):
@@ -58,9 +60,39 @@ class ServiceContext:
     revocation_poll: float
 
 
+@web.stream_request_body
 class BaseHandler(HubOAuthenticated, web.RequestHandler):
+    """Bodies are streamed and only the first MAX_BODY bytes kept, so any size gets a clean 413."""
+
     def initialize(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def data_received(self, chunk: bytes) -> None:
+        # Past the limit, count but keep nothing; the handler answers 413 once the body is in
+        # (refusing mid-upload would close the connection, which the proxy reports as a 503).
+        self._size += len(chunk)
+        if self._size <= MAX_BODY:
+            self._chunks.append(chunk)
+
+    def _body(self) -> bytes:
+        if self._size > MAX_BODY:
+            raise ApiError(
+                413, "too_large", f"the body is {self._size} bytes; the limit is {MAX_BODY}"
+            )
+        if self._chunks and not self.request.body:
+            self.request.body = b"".join(self._chunks)
+            httputil.parse_body_arguments(
+                self.request.headers.get("Content-Type", ""),
+                self.request.body,
+                self.request.body_arguments,
+                self.request.files,
+                self.request.headers,
+            )
+            for name, values in self.request.body_arguments.items():
+                self.request.arguments.setdefault(name, []).extend(values)
+        return self.request.body or b""
 
     def set_default_headers(self) -> None:
         self.set_header("Cache-Control", "no-store")
@@ -90,7 +122,7 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
 
     def json_body(self, fields: dict[str, tuple[type, ...]], required: set[str]) -> dict[str, Any]:
         """Parse a JSON object body; 4xx naming the field for anything unexpected."""
-        body = self.request.body or b""
+        body = self._body()
         if len(body) > MAX_BODY:
             raise ApiError(
                 413, "too_large", f"the body is {len(body)} bytes; the limit is {MAX_BODY}"
@@ -268,8 +300,12 @@ class PageHandler(MintHandler):
     def get(self) -> None:
         self.write(self._page())
 
-    @web.authenticated
     def post(self) -> None:
+        self._body()  # the form's _xsrf must be parsed before cookie authentication checks it
+        if not self.get_current_user():
+            raise ApiError(
+                403, "forbidden", "log in to the hub and submit the form from its page (_xsrf)"
+            )
         token, claims = self.mint()
         self.write(self._page(token, claims))
 
@@ -372,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/tokens/")
 
     async def run() -> None:
-        server = httpserver.HTTPServer(make_app(ctx, prefix), max_body_size=1024 * 1024)
+        server = httpserver.HTTPServer(make_app(ctx, prefix), max_body_size=MAX_UPLOAD)
         server.listen(url.port or 0, url.hostname or "127.0.0.1")
         log.info("token service listening on %s%s", url.geturl().rstrip("/"), prefix)
         stop = asyncio.Event()

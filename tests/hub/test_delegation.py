@@ -1,0 +1,220 @@
+"""The token service over the real hub: refresh before expiry, revocation at the DSN, bad input."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import jwt
+import pytest
+import requests
+
+from hub.token_client import RefreshError, TokenRefresher
+from tests.hub.hubstack import RunningStack, login, process_env, spawn
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def bob_server(dev_stack: RunningStack) -> dict[str, str]:
+    """bob (member of p-1001) logged in with his server running: its real environment."""
+    session, r = login(dev_stack, "bob", "bob-dev")
+    assert r.status_code == 200
+    server = spawn(dev_stack, session, "bob")
+    return process_env(server["state"]["pid"])
+
+
+def _claims(token: str) -> dict:
+    return jwt.decode(token, options={"verify_signature": False})
+
+
+def _dsn_status(stack: RunningStack, token: str) -> requests.Response:
+    return requests.get(
+        stack.urls["dsn"] + "/api/channels",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=10,
+    )
+
+
+def test_server_token_refreshed_before_expiry(dev_stack: RunningStack, bob_server: dict) -> None:
+    first = bob_server["BEAMHUB_TOKEN"]
+    old = _claims(first)
+    assert old["scope"] == "dashboard jobs stream.publish stream.read"
+    refresher = TokenRefresher(
+        first, bob_server["BEAMHUB_TOKEN_URL"], bob_server["JUPYTERHUB_API_TOKEN"],
+        margin=0.9, update_env=False,
+    )  # fmt: skip
+    with refresher:
+        deadline = time.monotonic() + 20
+        while refresher.refreshes == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert refresher.refreshes >= 1, refresher.last_error
+    new = _claims(refresher.token)
+    assert new["jti"] != old["jti"] and new["exp"] >= old["exp"]
+    assert time.time() < old["exp"], "the refresh came only after the old token expired"
+    assert (new["sub"], new["project"], new["scope"]) == (old["sub"], old["project"], old["scope"])
+    assert _dsn_status(dev_stack, refresher.token).status_code == 200
+
+
+def test_revoked_token_refused_by_dsn_within_one_interval(
+    dev_stack: RunningStack, bob_server: dict
+) -> None:
+    refresher = TokenRefresher(
+        bob_server["BEAMHUB_TOKEN"], bob_server["BEAMHUB_TOKEN_URL"],
+        bob_server["JUPYTERHUB_API_TOKEN"], update_env=False,
+    )  # fmt: skip
+    token = refresher.refresh_now()
+    jti = _claims(token)["jti"]
+    assert _dsn_status(dev_stack, token).status_code == 200
+    bob = {"Authorization": f"token {dev_stack.user_api_token('bob')}"}
+    # carol (another project) may not revoke bob's token; bob may
+    assert login(dev_stack, "carol", "carol-dev")[1].status_code == 200
+    carol = {"Authorization": f"token {dev_stack.user_api_token('carol')}"}
+    r = requests.post(dev_stack.tokens + "revoke", headers=carol, json={"jti": jti}, timeout=10)
+    assert r.status_code == 403 and r.json()["error"] == "not_owner"
+    r = requests.post(dev_stack.tokens + "revoke", headers=bob, json={"jti": jti}, timeout=10)
+    assert r.status_code == 200 and r.json() == {"revoked": jti, "already_revoked": False}
+    revoked_at = time.monotonic()
+    assert jti in requests.get(dev_stack.tokens + "revoked", timeout=10).json()["revoked"]
+    interval = dev_stack.runtime["revocation_poll"]
+    while (r := _dsn_status(dev_stack, token)).status_code == 200:
+        assert time.monotonic() - revoked_at < interval + 2.0, "DSN still accepts a revoked token"
+        time.sleep(0.05)
+    assert r.status_code == 401 and r.json()["reason"] == "revoked"
+    assert time.monotonic() - revoked_at <= interval + 1.0
+    # the server cannot refresh its way around a revocation
+    with pytest.raises(RefreshError) as err:
+        refresher.refresh_now()
+    assert err.value.status == 401 and "revoked" in str(err.value)
+    # introspection says inactive, and why
+    r = requests.post(
+        dev_stack.tokens + "introspect", headers=bob, json={"token": token}, timeout=10
+    )
+    assert r.json() == {"active": False, "reason": "revoked"}
+
+
+def test_mint_for_external_software_within_role_and_cap(dev_stack: RunningStack) -> None:
+    assert login(dev_stack, "bob", "bob-dev")[1].status_code == 200
+    bob = {"Authorization": f"token {dev_stack.user_api_token('bob')}"}
+    body = {"project": "p-1001", "scopes": "stream.publish", "ttl": 600, "description": "DAQ"}
+    r = requests.post(dev_stack.tokens + "api/tokens", headers=bob, json=body, timeout=10)
+    assert r.status_code == 201, r.text
+    minted = r.json()
+    claims = _claims(minted["token"])
+    assert claims["scope"] == "stream.publish" and claims["exp"] - claims["iat"] == 600
+    r = requests.post(dev_stack.tokens + "introspect", headers=bob, json={"token": minted["token"]},
+                      timeout=10)  # fmt: skip
+    assert (
+        r.json()["active"] is True
+        and r.json()["kind"] == "user"
+        and r.json()["jti"] == minted["jti"]
+    )
+    listed = requests.get(dev_stack.tokens + "api/tokens", headers=bob, timeout=10).json()["tokens"]
+    assert minted["jti"] in {t["jti"] for t in listed}
+    assert all("token" not in t for t in listed)  # values are never stored
+    cap = dev_stack.runtime["max_token_ttl"]
+    r = requests.post(dev_stack.tokens + "api/tokens", headers=bob,
+                      json={"project": "p-1001", "ttl": cap + 1}, timeout=10)  # fmt: skip
+    assert r.status_code == 400 and str(cap) in r.json()["message"]
+    r = requests.post(dev_stack.tokens + "api/tokens", headers=bob,
+                      json={"project": "p-2002"}, timeout=10)  # fmt: skip
+    assert r.status_code == 403 and "no role in project" in r.json()["message"]
+
+
+def test_token_page_mints_with_the_browser_session(dev_stack: RunningStack) -> None:
+    session, r = login(dev_stack, "oscar", "oscar-dev")
+    assert r.status_code == 200
+    r = session.get(dev_stack.tokens, timeout=20)  # the service's own OAuth round trip
+    assert r.status_code == 200 and "Project tokens for oscar" in r.text, r.text[:500]
+    xsrf = re.search(r'name="_xsrf" value="([^"]+)"', r.text).group(1)
+    r = session.post(
+        dev_stack.tokens,
+        data={"_xsrf": xsrf, "project": "p-1001", "scopes": ["steer"], "ttl": "60"},
+        timeout=20,
+    )
+    assert r.status_code == 200, r.text[:500]
+    token = re.search(r'<textarea[^>]*id="token">([^<]+)</textarea>', r.text).group(1)
+    assert _claims(token)["scope"] == "steer" and _claims(token)["sub"] == "oscar"
+    r = session.post(dev_stack.tokens, data={"project": "p-1001", "ttl": "60"}, timeout=20)
+    assert r.status_code in (401, 403), "a cookie POST without _xsrf must be refused"
+
+
+def test_jwks_and_revocation_list_are_public(dev_stack: RunningStack) -> None:
+    jwks = requests.get(dev_stack.tokens + "jwks.json", timeout=10)
+    assert jwks.status_code == 200 and jwks.json()["keys"][0]["alg"] == "ES256"
+    assert (
+        requests.get(dev_stack.tokens + ".well-known/jwks.json", timeout=10).json() == jwks.json()
+    )
+    revoked = requests.get(dev_stack.tokens + "revoked", timeout=10).json()
+    assert isinstance(revoked["revoked"], list) and revoked["poll_interval"] == 1.0
+
+
+ENDPOINTS = ["api/tokens", "api/refresh", "introspect", "revoke"]
+BAD_BODIES = [
+    ("malformed_json", b"{not json", "application/json"),
+    ("malformed_json", b"[1, 2]", "application/json"),
+    ("malformed_json", b"\xff\xfe", "application/json"),
+    (
+        "unknown_field",
+        b'{"token": "x", "jti": "x", "project": "p", "bogus": 1}',
+        "application/json",
+    ),
+    ("too_large", b'{"token": "' + b"a" * 20000 + b'"}', "application/json"),
+    ("missing_field", b"{}", "application/json"),
+]
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+@pytest.mark.parametrize(("error", "body", "ctype"), BAD_BODIES)
+def test_bad_input_is_a_clear_4xx(dev_stack: RunningStack, endpoint: str, error: str, body: bytes,
+                                  ctype: str, bob_server: dict) -> None:  # fmt: skip
+    headers = {
+        "Authorization": f"token {bob_server['JUPYTERHUB_API_TOKEN']}",
+        "Content-Type": ctype,
+    }
+    r = requests.post(dev_stack.tokens + endpoint, data=body, headers=headers, timeout=10)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    if error == "missing_field" and endpoint == "api/tokens":
+        assert r.json()["message"] == "project: required"
+    else:
+        assert r.json()["error"] == error, r.text
+    assert r.json()["message"]
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_wrong_types_and_no_credentials(dev_stack: RunningStack, endpoint: str,
+                                        bob_server: dict) -> None:  # fmt: skip
+    auth = {"Authorization": f"token {bob_server['JUPYTERHUB_API_TOKEN']}"}
+    field = {
+        "api/tokens": "project",
+        "api/refresh": "token",
+        "introspect": "token",
+        "revoke": "jti",
+    }
+    r = requests.post(dev_stack.tokens + endpoint, json={field[endpoint]: 42}, headers=auth,
+                      timeout=10)  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"] == "bad_field"
+    assert r.json()["message"].startswith(f"{field[endpoint]}: expected str")
+    r = requests.post(dev_stack.tokens + endpoint, json={field[endpoint]: "x"}, timeout=10)
+    assert r.status_code == 401 and r.json()["error"] == "unauthenticated"
+
+
+def test_other_bad_requests(dev_stack: RunningStack, bob_server: dict) -> None:
+    auth = {"Authorization": f"token {bob_server['JUPYTERHUB_API_TOKEN']}"}
+    t = dev_stack.tokens
+    r = requests.get(t + "nope", timeout=10)
+    assert r.status_code == 404 and r.json()["error"] == "not_found"
+    r = requests.post(t + "revoke", json={"jti": "0" * 32}, headers=auth, timeout=10)
+    assert r.status_code == 404 and r.json()["error"] == "unknown_jti"
+    r = requests.post(t + "api/refresh", json={"token": "garbage"}, headers=auth, timeout=10)
+    assert r.status_code == 401 and r.json()["error"] == "invalid_token"
+    r = requests.post(t + "api/tokens", json={"project": "p-1001", "ttl": True}, headers=auth,
+                      timeout=10)  # fmt: skip
+    assert r.status_code == 400 and r.json()["message"].startswith("ttl: expected int")
+    r = requests.post(t + "api/tokens", json={"project": "p-1001", "scopes": [1]}, headers=auth,
+                      timeout=10)  # fmt: skip
+    assert r.status_code == 400 and "scopes" in r.json()["message"]
+    r = requests.post(t + "introspect", json={"token": "garbage"}, headers=auth, timeout=10)
+    assert r.json() == {"active": False, "reason": "malformed"}
+    r = requests.post(t + "api/tokens", data=b"x" * (2 * 1024 * 1024), headers=auth, timeout=30)
+    assert 400 <= r.status_code < 500
