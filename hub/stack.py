@@ -122,7 +122,11 @@ class Stack:
         t0 = time.monotonic()
         self.progress(f"[2/{self.STEPS}] data streaming node ...")
         await self._start_dsn()
-        self._step(2, "data streaming node", t0, f"  {self.urls.get('dsn', 'disabled')}")
+        if "dsn" in self.urls:
+            self._step(2, "data streaming node", t0, f"  {self.urls['dsn']}")
+        else:
+            why = self.notes[-1] if self.notes else "disabled in beamhub.yaml"
+            self.progress(f"[2/{self.STEPS}] data streaming node ... skipped ({why})")
 
         t0 = time.monotonic()
         self.progress(f"[3/{self.STEPS}] JupyterHub + proxy ...")
