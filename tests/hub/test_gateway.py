@@ -435,3 +435,18 @@ async def test_steering_needs_the_steer_scope_and_reaches_the_dsn(keys: Keys, tm
         param = f"/projects/p1/channels/{ch['id']}/steer/params/gain"
         code, body, _ = await call(s.url, "PUT", param, operator, {"value": 2})
         assert code == 409 and body["reason"] == "no_source_control"
+
+
+@pytest.mark.timeout(90)
+def test_bench_gateway_prints_the_agreed_json() -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "bench.gateway", "--json", "--rounds", "2", "--seconds", "0.1"],
+        capture_output=True, text=True, timeout=80,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert [r["path"] for r in report["results"]] == ["bare", "full"]
+    for row in report["results"]:
+        assert row["req_per_s"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
+    assert report["token_verify_us"] > 0
+    assert report["audit_records"] >= 2  # the full path audited its requests, the bare did not
