@@ -101,6 +101,8 @@ class Operations:
         nodes: list[dict] = []
         if self.gw.nodes is not None:
             nodes = await self.gw.nodes()
+        elif isinstance(getattr(self.gw.scheduler, "nodes", None), dict):
+            nodes = await self._scheduler_nodes()
         windows: list[dict] = []
         book = self.gw.reservations
         if book is not None:
@@ -117,6 +119,19 @@ class Operations:
             "maintenance": self.gw.maintenance,
             "streams": await self._dsn_health(),
         }
+
+    async def _scheduler_nodes(self) -> list[dict]:
+        """The scheduler's nodes with how many jobs run on each (no job details: public)."""
+        running: dict[str, int] = {}
+        for job in await self.gw.scheduler.list(None):
+            if getattr(job.state, "value", job.state) == "running" and job.node:
+                for name in str(job.node).split(","):
+                    running[name] = running.get(name, 0) + 1
+        return [
+            {"name": name, "cpus": getattr(node, "cpus", None), "jobs": running.get(name, 0),
+             "state": "busy" if running.get(name) else "idle"}
+            for name, node in self.gw.scheduler.nodes.items()
+        ]  # fmt: skip
 
     async def _dsn_health(self) -> dict[str, Any]:
         if self.gw.dsn_url is None:

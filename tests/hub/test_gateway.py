@@ -394,6 +394,10 @@ async def test_jobs_run_at_the_beamtime_tier_once_the_window_is_approved(
                     break
                 await asyncio.sleep(0.05)
             assert states[body["job_id"]] == "completed", states
+            code, status, _ = await call(s.url, "GET", "/status")
+            assert code == 200 and len(status["nodes"]) == 2
+            assert {n["state"] for n in status["nodes"]} <= {"idle", "busy"}
+            assert [(w["project"], w["state"]) for w in status["reservations"]] == [("p1", "active")]
             other = keys.token("carol", "p2", "jobs")
             code, body, _ = await call(s.url, "POST", "/projects/p1/jobs", other, job)
             assert code == 403 and body["decision"]["rule"] == "default-deny"
