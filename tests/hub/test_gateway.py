@@ -91,7 +91,9 @@ async def test_policy_denial_names_the_rule(keys: Keys, tmp_path: Path) -> None:
         code, body, _ = await call(s.url, "GET", "/projects/p1/channels", mallory)
         assert code == 403
         assert body["decision"] == {
-            "decision": "deny", "rule": "no-mallory", "reason": "mallory is suspended"
+            "decision": "deny",
+            "rule": "no-mallory",
+            "reason": "mallory is suspended",
         }
         assert s.dsn.channels == {}
     records = [json.loads(line) for line in s.audit_path.read_text().splitlines()]
@@ -307,7 +309,9 @@ def test_service_process_revocation_and_sigterm(tmp_path: Path) -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     deployment = tmp_path / "beamhub.yaml"
     deployment.write_text("tokens: {revocation_poll: 0.2}\n")
-    env = dict(os.environ, BEAMHUB_HOME=str(tmp_path), JUPYTERHUB_SERVICE_PREFIX="/services/gateway/")
+    env = dict(
+        os.environ, BEAMHUB_HOME=str(tmp_path), JUPYTERHUB_SERVICE_PREFIX="/services/gateway/"
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "hub.gateway", "--deployment", str(deployment), "--port", "0",
          "--revoked-url", f"http://127.0.0.1:{server.server_port}/revoked"],
@@ -397,7 +401,9 @@ async def test_jobs_run_at_the_beamtime_tier_once_the_window_is_approved(
             code, status, _ = await call(s.url, "GET", "/status")
             assert code == 200 and len(status["nodes"]) == 2
             assert {n["state"] for n in status["nodes"]} <= {"idle", "busy"}
-            assert [(w["project"], w["state"]) for w in status["reservations"]] == [("p1", "active")]
+            assert [(w["project"], w["state"]) for w in status["reservations"]] == [
+                ("p1", "active")
+            ]
             other = keys.token("carol", "p2", "jobs")
             code, body, _ = await call(s.url, "POST", "/projects/p1/jobs", other, job)
             assert code == 403 and body["decision"]["rule"] == "default-deny"
@@ -424,7 +430,9 @@ def test_openapi_is_the_single_source_of_routes_and_schemas() -> None:
     assert set(channel) == set(REQUEST_FIELDS)
 
 
-async def test_steering_needs_the_steer_scope_and_reaches_the_dsn(keys: Keys, tmp_path: Path) -> None:
+async def test_steering_needs_the_steer_scope_and_reaches_the_dsn(
+    keys: Keys, tmp_path: Path
+) -> None:
     async with running_gateway(keys, tmp_path) as s:
         operator = keys.token("oscar", "p1", "stream.read stream.publish steer")
         code, ch, _ = await call(s.url, "POST", "/projects/p1/channels", operator, {"stream": "d"})
@@ -454,3 +462,19 @@ def test_bench_gateway_prints_the_agreed_json() -> None:
         assert row["req_per_s"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
     assert report["token_verify_us"] > 0
     assert report["audit_records"] >= 2  # the full path audited its requests, the bare did not
+
+
+def test_start_and_stop_on_a_background_thread(keys: Keys) -> None:
+    import socket
+    import urllib.request
+
+    from hub.gateway import Gateway
+
+    gateway = Gateway(keys.verifier)
+    url = gateway.start(port=0)
+    with urllib.request.urlopen(url + "/status", timeout=10) as resp:
+        assert resp.status == 200 and json.load(resp)["enclave"] == "dev"
+    port = int(url.split(":")[2].split("/")[0])
+    gateway.stop()
+    with socket.socket() as sock, pytest.raises(ConnectionRefusedError):
+        sock.connect(("127.0.0.1", port))
