@@ -15,6 +15,7 @@ import atexit
 import contextlib
 import logging
 import os
+import re
 import sys
 import uuid
 import weakref
@@ -206,19 +207,26 @@ class AllocationCluster(SpecCluster):
             ) from exc
 
 
-def _slurm_cluster(n_workers: int, config: SchedulerConfig, tier: str, **kwargs: Any) -> Any:
-    """dask-jobqueue's SLURMCluster with the tier's sbatch flags (--qos/--partition)."""
+def _slurm_cluster(
+    n_workers: int, config: SchedulerConfig, project: str, tier: str, user: str, **kwargs: Any
+) -> Any:
+    """dask-jobqueue's SLURMCluster in the tier's partition (kernels.slurm_text maps each tier
+    onto a partition of the same name; ``options["qos"]`` maps tiers onto QoS names)."""
     from dask_jobqueue import SLURMCluster
 
-    from kernels.slurm import SlurmBackend
+    def safe(value: str) -> str:
+        return re.sub(r"[^A-Za-z0-9_.@+-]", "_", value)
 
-    flags = SlurmBackend.tier_flags(tier, **config.options)
-    partition = next((f.split("=", 1)[1] for f in flags if f.startswith("--partition=")), None)
-    extra = [f for f in flags if not f.startswith("--partition=")]
+    qos = (config.options.get("qos") or {}).get(tier)
+    # the same label kernels.slurm puts on its jobs, so `beamhub scheduler jobs` lists them too
+    extra = [f"--comment=beamhub project={safe(project)} user={safe(user)} tier={safe(tier)}"]
+    if qos:
+        extra.append(f"--qos={qos}")
     cluster = SLURMCluster(
-        queue=partition,
+        queue=(config.options.get("partitions") or {}).get(tier, tier),
         cores=kwargs.pop("nthreads", 1),
         memory=f"{kwargs.pop('memory_mb', 1024)}MiB",
+        walltime=None,
         job_extra_directives=extra,
         scheduler_options={"dashboard_address": ":0"},
         **kwargs,
@@ -256,7 +264,9 @@ def start_dask(
     config = kwargs.pop("config", None) or SchedulerConfig.from_env()
     tier = tier or os.environ.get("BEAMHUB_TIER") or ""
     if config.backend == "slurm":
-        cluster = _slurm_cluster(n_workers, config, tier, **kwargs)
+        project = project or os.environ.get("BEAMHUB_PROJECT") or ""
+        user = os.environ.get("BEAMHUB_USER") or os.environ.get("JUPYTERHUB_USER", "")
+        cluster = _slurm_cluster(n_workers, config, project, tier, user, **kwargs)
     else:
         cluster = AllocationCluster(n_workers, project=project, tier=tier, config=config, **kwargs)
     _LIVE.add(cluster)

@@ -297,6 +297,7 @@ class ReservedNodeSpawner(Spawner):
             output=self.output_file,
         )
         self.job_project, self.job_tier = project, tier.name
+        await self._cancel_stale_jobs(scheduler, spec.name)
         watcher = asyncio.create_task(self._watch_events(scheduler))
         try:
             try:
@@ -314,6 +315,16 @@ class ReservedNodeSpawner(Spawner):
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await watcher
+
+    async def _cancel_stale_jobs(self, scheduler, name: str) -> None:
+        """A live job of this same server is left from a spawn the hub never finished (it was
+        killed mid-start): cancel it rather than let it hold a node until its wall time."""
+        for info in await scheduler.list():
+            spec = info.spec
+            if spec and spec.name == name and spec.user == self.user.name and not info.done:
+                self.log.warning("cancelling stale job %s of %s", info.job_id, self._log_name)
+                with contextlib.suppress(SchedulerError):
+                    await scheduler.cancel(info.job_id)
 
     async def _watch_events(self, scheduler) -> None:
         """Turn the scheduler's events about this job into progress messages."""
