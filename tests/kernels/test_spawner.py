@@ -217,3 +217,39 @@ def test_beamtime_window_preempts_batch_and_outside_it_the_spawn_says_why(hub):
     finally:
         for job_id in batch:
             jobs_api(hub, token, "DELETE", f"/{job_id}")
+
+
+@pytest.mark.timeout(30)
+def test_jobs_api_refuses_bad_input_and_other_users_jobs(hub):
+    bob, carol = hub.user_token("bob"), hub.user_token("carol")
+    code, body = jobs_api(
+        hub,
+        bob,
+        "POST",
+        body={"argv": ["/bin/true"], "tier": "batch", "project": "filler", "cores": 4},
+    )
+    assert code == 400 and "unknown job field(s) ['cores']" in body["message"]
+    code, body = jobs_api(
+        hub, bob, "POST", body={"argv": "sleep 10", "tier": "batch", "project": "filler"}
+    )
+    assert code == 400 and "argv must be a non-empty list" in body["message"]
+    code, body = jobs_api(
+        hub, bob, "POST", body={"argv": ["/bin/true"], "tier": "interactive", "project": "filler"}
+    )
+    assert code == 403 and "does not hold tier 'interactive'" in body["message"]
+    code, body = jobs_api(
+        hub,
+        bob,
+        "POST",
+        body={"argv": ["/bin/sleep", "30"], "tier": "batch", "project": "filler", "name": "mine"},
+    )
+    assert code == 201
+    job_id = body["job_id"]
+    try:
+        assert jobs_api(hub, carol, "DELETE", f"/{job_id}")[0] == 404  # not hers
+        assert jobs_api(hub, carol, "GET", f"/{job_id}") == (200, {})
+        code, seen = jobs_api(hub, bob, "GET", f"?id={job_id}")
+        assert code == 200 and seen[job_id]["spec"]["user"] == "bob"
+        assert "env" not in seen[job_id]["spec"]  # a server's env holds its API token
+    finally:
+        assert jobs_api(hub, bob, "DELETE", f"/{job_id}")[0] == 204
