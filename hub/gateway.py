@@ -107,7 +107,9 @@ class ApiHandler(tornado.web.RequestHandler):
                 ctx.claims = gw.verifier.verify(bearer(ctx.authorization) or None)
             except TokenError as exc:
                 gw.record(ctx, "deny", "token", exc.status, exc.message)
-                raise GatewayError(exc.status, exc.reason, exc.message) from None
+                challenge = {"WWW-Authenticate": f'Bearer error="invalid_token", '
+                             f'error_description="{exc.reason}"'} if exc.status == 401 else {}
+                raise GatewayError(exc.status, exc.reason, exc.message, headers=challenge) from None
             ctx.roles = gw.roles_for(ctx.claims)
         if gw.layers:
             gw.authorise(ctx)

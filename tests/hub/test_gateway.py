@@ -143,8 +143,9 @@ async def test_project_bucket_is_shared_by_its_tokens(keys: Keys, tmp_path: Path
 
 async def test_tokens_refused_and_audited_never_logged(keys: Keys, tmp_path: Path) -> None:
     async with running_gateway(keys, tmp_path) as s:
-        code, body, _ = await call(s.url, "GET", "/projects/p1/channels")
+        code, body, headers = await call(s.url, "GET", "/projects/p1/channels")
         assert code == 401 and body["reason"] == "missing"
+        assert headers["WWW-Authenticate"].startswith("Bearer ")
         code, body, _ = await call(s.url, "GET", "/projects/p1/channels", "not-a-jwt")
         assert code == 401 and body["reason"] == "malformed"
         token = keys.token()
