@@ -107,8 +107,12 @@ class ApiHandler(tornado.web.RequestHandler):
                 ctx.claims = gw.verifier.verify(bearer(ctx.authorization) or None)
             except TokenError as exc:
                 gw.record(ctx, "deny", "token", exc.status, exc.message)
-                challenge = {"WWW-Authenticate": f'Bearer error="invalid_token", '
-                             f'error_description="{exc.reason}"'} if exc.status == 401 else {}
+                challenge = {}
+                if exc.status == 401:  # RFC 6750: no error code when no token was sent
+                    challenge["WWW-Authenticate"] = 'Bearer realm="beamhub"' + (
+                        "" if exc.reason == "missing" else f', error="invalid_token", '
+                        f'error_description="{exc.reason}"'
+                    )  # fmt: skip
                 raise GatewayError(exc.status, exc.reason, exc.message, headers=challenge) from None
             ctx.roles = gw.roles_for(ctx.claims)
         if gw.layers:
