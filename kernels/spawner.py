@@ -299,6 +299,7 @@ class ReservedNodeSpawner(Spawner):
         self.job_project, self.job_tier = project, tier.name
         await self._cancel_stale_jobs(scheduler, spec.name)
         watcher = asyncio.create_task(self._watch_events(scheduler))
+        await asyncio.sleep(0)  # let the watcher subscribe before submit() publishes
         try:
             try:
                 self.job_id = await scheduler.submit(spec)
