@@ -225,6 +225,8 @@ class BeamhubAuthenticator(GenericOAuthenticator):
             raise web.HTTPError(
                 403, f"{user.name} has no role in project {project!r}; cannot start a server for it"
             )
+        if spawner.has_trait("project") and not (spawner.user_options or {}).get("project"):
+            spawner.project = project  # ReservedNodeSpawner charges the same project
         token, claims = self.delegator.issue(
             user.name, project, self.role_scopes[projects[project]], kind="server",
             server=spawner.name or "",

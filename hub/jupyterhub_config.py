@@ -99,6 +99,10 @@ def configure(c: Any, rt: dict[str, Any]) -> None:
         "users:activity!user",
         "access:services!service=tokens",
     ]
+    c.ReservedNodeSpawner.backend = rt.get("scheduler_backend", "local")
+    c.ReservedNodeSpawner.backend_options = rt.get("scheduler_options", {})
+    c.ReservedNodeSpawner.state_dir = str(state / "scheduler")
+    c.ReservedNodeSpawner.mem_mb = 512  # fits the local backend's 1000 MB virtual nodes
     c.SimpleLocalProcessSpawner.home_dir_template = str(state / "users" / "{username}")
     c.Spawner.environment = {"BEAMHUB_HOME": str(state)}
 

@@ -251,6 +251,15 @@ class Stack:
             cmd += ["--admin", name]
         return cmd
 
+    def _spawner(self) -> str:
+        """ReservedNodeSpawner (kernels/) when installed; else JupyterHub's local-process one."""
+        import importlib.util
+
+        if importlib.util.find_spec("kernels.spawner") is not None:
+            return "beamhub"
+        self.notes.append("kernels/spawner.py missing: servers run as local processes")
+        return "simple"
+
     def _start_hub(self, ip: str, port: int) -> None:
         dep = self.dep
         gateway = self._gateway_command()
@@ -273,7 +282,9 @@ class Stack:
             revocation_poll=dep.tokens.revocation_poll,
             dsn_url=self.urls.get("dsn", ""),
             admin_api_token=secrets.token_hex(32),
-            spawner="simple",
+            spawner=self._spawner(),
+            scheduler_backend=dep.scheduler.backend,
+            scheduler_options={"nodes": dep.scheduler.nodes},
         )
         if gateway:
             self.runtime.update(gateway_command=gateway, gateway_port=free_port(ip))

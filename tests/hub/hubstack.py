@@ -156,3 +156,17 @@ def process_env(pid: int) -> dict[str, str]:
     """The real environment of a running process (/proc/PID/environ)."""
     raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def server_env(stack: RunningStack, user: str) -> dict[str, str]:
+    """The environment of ``user``'s running single-user server, found among the stack's processes."""
+    stack.remember()
+    for pid in sorted(stack.seen):
+        try:
+            env = process_env(pid)
+            cmdline = " ".join(psutil.Process(pid).cmdline())
+        except (OSError, psutil.Error):
+            continue
+        if env.get("JUPYTERHUB_USER") == user and "jupyterhub-singleuser" in cmdline:
+            return env
+    raise AssertionError(f"no running server process of {user} under `beamhub up`")

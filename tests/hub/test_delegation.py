@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from hub.token_client import RefreshError, TokenRefresher
-from tests.hub.hubstack import RunningStack, login, process_env, spawn
+from tests.hub.hubstack import RunningStack, login, server_env, spawn
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -20,8 +20,8 @@ def bob_server(dev_stack: RunningStack) -> dict[str, str]:
     """bob (member of p-1001) logged in with his server running: its real environment."""
     session, r = login(dev_stack, "bob", "bob-dev")
     assert r.status_code == 200
-    server = spawn(dev_stack, session, "bob")
-    return process_env(server["state"]["pid"])
+    spawn(dev_stack, session, "bob")
+    return server_env(dev_stack, "bob")
 
 
 def _claims(token: str) -> dict:

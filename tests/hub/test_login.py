@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from hub.tokens import TokenVerifier
-from tests.hub.hubstack import RunningStack, login, process_env, spawn
+from tests.hub.hubstack import RunningStack, login, server_env, spawn
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -33,8 +33,8 @@ def _bearer(token: str) -> dict[str, str]:
 def test_login_spawn_delegated_token_works_for_its_project_only(dev_stack: RunningStack) -> None:
     session, r = login(dev_stack, "alice", "alice-dev")
     assert r.status_code == 200 and r.url.endswith("/hub/home"), (r.status_code, r.url)
-    server = spawn(dev_stack, session, "alice")
-    env = process_env(server["state"]["pid"])
+    spawn(dev_stack, session, "alice")
+    env = server_env(dev_stack, "alice")
     assert env["BEAMHUB_PROJECT"] == "p-1001"
     assert env["BEAMHUB_TOKEN_URL"] == dev_stack.tokens
     assert env["BEAMHUB_DSN_URL"] == dev_stack.urls["dsn"]
