@@ -52,7 +52,9 @@ def _serve(state: Path) -> None:
     audit.close()
 
 
-def _round(conn: http.client.HTTPConnection, token: str, seconds: float) -> tuple[float, list[float]]:
+def _round(
+    conn: http.client.HTTPConnection, token: str, seconds: float
+) -> tuple[float, list[float]]:
     headers = {"Authorization": f"Bearer {token}"}
     latencies = []
     start = time.perf_counter()
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         "audit_fsync": "interval",
         "targets": {"throughput_cost_max": 0.20, "p99_added_ms_max": 1.0},
     }
-    report["targets_met"] = (report["throughput_cost"] <= 0.20 and report["p99_added_ms"] <= 1.0)
+    report["targets_met"] = report["throughput_cost"] <= 0.20 and report["p99_added_ms"] <= 1.0
     print(json.dumps(report, indent=None if args.json else 2))
     return 0
 

@@ -175,7 +175,9 @@ def verify_log(path: str | os.PathLike) -> VerifyResult:
             return VerifyResult(False, count, number, f"'seq' is {record.get('seq')!r}, expected "
                                 f"{count + 1}")  # fmt: skip
         if record.get("hash") != record_hash(record):
-            return VerifyResult(False, count, number, "the record's content does not match its hash")
+            return VerifyResult(
+                False, count, number, "the record's content does not match its hash"
+            )
         prev = record["hash"]
         count += 1
     return VerifyResult(True, count)

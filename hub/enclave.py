@@ -151,7 +151,9 @@ def _resolve(path: str, base: Path | None) -> Path:
     return (base or Path.cwd()) / candidate
 
 
-def check_deployment(dep: Any, target: EnclaveProfile, base: Path | None = None) -> list[Requirement]:
+def check_deployment(
+    dep: Any, target: EnclaveProfile, base: Path | None = None
+) -> list[Requirement]:
     """Each requirement of ``target`` against a loaded :class:`hub.deployment.Deployment`."""
     current = load_profile(dep.enclave) if dep.enclave in ENCLAVE_NAMES else target
     out: list[Requirement] = []

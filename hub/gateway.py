@@ -44,6 +44,8 @@ from hub.tokens import Claims, TokenError, TokenVerifier
 __all__ = ["OPENAPI_PATH", "Gateway", "GatewayError", "RequestContext", "load_openapi"]
 
 log = logging.getLogger("beamhub.gateway")
+
+
 @tornado.web.stream_request_body
 class ApiHandler(tornado.web.RequestHandler):
     """Runs the pipeline (token → policy → rate limit → audit) and then the operation.

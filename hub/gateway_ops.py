@@ -155,8 +155,11 @@ class Operations:
         timeout: float = DSN_TIMEOUT_S, soft: bool = False,
     ) -> Result:  # fmt: skip
         if self.gw.dsn_url is None:
-            raise GatewayError(503, "dsn_not_configured",
-                               "stream channels need a DSN; this gateway has none configured")
+            raise GatewayError(
+                503,
+                "dsn_not_configured",
+                "stream channels need a DSN; this gateway has none configured",
+            )
         if self._http is None:
             self._http = AsyncHTTPClient(force_instance=True)
         headers = {"Content-Type": "application/json"}
@@ -216,8 +219,11 @@ class Operations:
     # -- jobs (kernels.scheduler.Scheduler) ----------------------------------------------------
     def _scheduler(self) -> Any:
         if self.gw.scheduler is None:
-            raise GatewayError(503, "jobs_not_configured",
-                               "jobs need a scheduler; this gateway has none configured")
+            raise GatewayError(
+                503,
+                "jobs_not_configured",
+                "jobs need a scheduler; this gateway has none configured",
+            )
         return self.gw.scheduler
 
     async def jobs_list(self, ctx: RequestContext) -> Result:
@@ -246,8 +252,11 @@ class Operations:
     # -- beamtime reservations (kernels.reservations.ReservationBook) --------------------------
     def _book(self) -> Any:
         if self.gw.reservations is None:
-            raise GatewayError(503, "reservations_not_configured",
-                               "beamtime reservations are not enabled on this gateway")
+            raise GatewayError(
+                503,
+                "reservations_not_configured",
+                "beamtime reservations are not enabled on this gateway",
+            )
         return self.gw.reservations
 
     async def reservations_list(self, ctx: RequestContext) -> Result:

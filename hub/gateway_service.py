@@ -32,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=None, help="listen address (default from "
                    "JUPYTERHUB_SERVICE_URL, else 127.0.0.1)")  # fmt: skip
     p.add_argument("--port", type=int, default=None, help="listen port (0 = any free port)")
-    p.add_argument("--base-url", default=None, help="URL prefix (default JUPYTERHUB_SERVICE_PREFIX)")
+    p.add_argument(
+        "--base-url", default=None, help="URL prefix (default JUPYTERHUB_SERVICE_PREFIX)"
+    )
     p.add_argument("--dsn-url", default=None, help="the DSN's control API (default: runtime.json)")
     p.add_argument("--jwks", default=None, help="verifiers' JWKS file or URL (default: the state "
                    "dir's signing key)")  # fmt: skip
@@ -81,7 +83,9 @@ def build_gateway(argv: list[str] | None = None) -> tuple[Any, str, int, list[An
     closers: list[Any] = []
     revoked_url = args.revoked_url
     if revoked_url is None and runtime.get("port"):
-        revoked_url = f"http://{runtime.get('ip', '127.0.0.1')}:{runtime['port']}/services/tokens/revoked"
+        revoked_url = (
+            f"http://{runtime.get('ip', '127.0.0.1')}:{runtime['port']}/services/tokens/revoked"
+        )
     is_revoked = None
     if revoked_url:
         cache = RevocationCache(revoked_url, interval=dep.tokens.revocation_poll).start()
@@ -91,7 +95,9 @@ def build_gateway(argv: list[str] | None = None) -> tuple[Any, str, int, list[An
                              is_revoked=is_revoked)  # fmt: skip
 
     gw = dep.gateway
-    per_token = Limit(gw.rate_per_s, gw.burst) if gw.rate_per_s and gw.burst else profile.rate_per_token
+    per_token = (
+        Limit(gw.rate_per_s, gw.burst) if gw.rate_per_s and gw.burst else profile.rate_per_token
+    )
     per_project = (Limit(gw.project_rate_per_s, gw.project_burst)
                    if gw.project_rate_per_s and gw.project_burst else profile.rate_per_project)  # fmt: skip
     audit_path = Path(args.audit_log or gw.audit_log or state / "audit.jsonl").expanduser()

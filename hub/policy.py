@@ -81,7 +81,11 @@ class Decision:
     reason: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {"decision": "allow" if self.allow else "deny", "rule": self.rule, "reason": self.reason}
+        return {
+            "decision": "allow" if self.allow else "deny",
+            "rule": self.rule,
+            "reason": self.reason,
+        }
 
 
 @dataclass(frozen=True)
@@ -166,7 +170,9 @@ class Rule:
 class Policy:
     """An ordered rule set. A matching deny rule always wins; else a matching allow; else deny."""
 
-    def __init__(self, rules: Iterable[Rule], version: int = POLICY_VERSION, source: str = "") -> None:
+    def __init__(
+        self, rules: Iterable[Rule], version: int = POLICY_VERSION, source: str = ""
+    ) -> None:
         self.rules = tuple(rules)
         self.version = version
         self.source = source
@@ -243,7 +249,9 @@ def _str_list(value: Any, where: str, name: str) -> list[str]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise PolicyError(f"{where}: field {name!r} must be a string or a non-empty list of strings")
+        raise PolicyError(
+            f"{where}: field {name!r} must be a string or a non-empty list of strings"
+        )
     return value
 
 
@@ -256,7 +264,9 @@ def _parse_rule(raw: Any, where: str) -> Rule:
     where = f"{where} (id {rid})"
     unknown = set(raw) - _RULE_KEYS
     if unknown:
-        raise PolicyError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(_RULE_KEYS)}")
+        raise PolicyError(
+            f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(_RULE_KEYS)}"
+        )
     effect = raw.get("effect")
     if effect not in ("allow", "deny"):
         raise PolicyError(f"{where}: field 'effect' must be 'allow' or 'deny', not {effect!r}")
@@ -270,7 +280,9 @@ def _parse_rule(raw: Any, where: str) -> Rule:
     who = raw.get("who", "any")
     if who != "any":
         if not isinstance(who, Mapping) or not who or set(who) - {"users", "roles"}:
-            raise PolicyError(f"{where}: field 'who' must be 'any' or a mapping of users/roles lists")
+            raise PolicyError(
+                f"{where}: field 'who' must be 'any' or a mapping of users/roles lists"
+            )
         if "users" in who:
             users = frozenset(_str_list(who["users"], where, "who.users"))
         if "roles" in who:

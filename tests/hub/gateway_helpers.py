@@ -75,8 +75,13 @@ async def running_gateway(
         dsn_url=node.url if node else None,
         reservations=book,
         admin_users=["admin"],
-        maintenance=[{"start": "2026-12-01T06:00:00Z", "end": "2026-12-01T10:00:00Z",
-                      "what": "leadership system maintenance"}],
+        maintenance=[
+            {
+                "start": "2026-12-01T06:00:00Z",
+                "end": "2026-12-01T10:00:00Z",
+                "what": "leadership system maintenance",
+            }
+        ],
         **kw,
     )
     url = await gateway.start_async(0)
@@ -106,5 +111,7 @@ async def call(
     )  # fmt: skip
     parsed = None
     if resp.body:
-        parsed = json.loads(resp.body) if "json" in resp.headers.get("Content-Type", "") else resp.body
+        parsed = (
+            json.loads(resp.body) if "json" in resp.headers.get("Content-Type", "") else resp.body
+        )
     return resp.code, parsed, resp.headers

@@ -54,7 +54,9 @@ def test_every_flipped_byte_is_found_at_its_record(tmp_path: Path, target: int) 
         broken = bytearray(lines[target - 1])
         broken[offset] ^= 0x01
         tampered = tmp_path / "tampered.jsonl"
-        tampered.write_bytes(b"".join(lines[: target - 1]) + bytes(broken) + b"".join(lines[target:]))
+        tampered.write_bytes(
+            b"".join(lines[: target - 1]) + bytes(broken) + b"".join(lines[target:])
+        )
         result = verify_log(tampered)
         assert not result.ok, f"flip at byte {offset} went unnoticed"
         assert result.line == target, (offset, result)
@@ -87,8 +89,9 @@ def test_concurrent_writers_in_one_process(tmp_path: Path) -> None:
     log = AuditLog(path, fsync="never")
     threads = [
         threading.Thread(
-            target=lambda t=t: [log.append(user=f"t{t}", action="status.read", outcome="allow")
-                                for _ in range(200)]
+            target=lambda t=t: [
+                log.append(user=f"t{t}", action="status.read", outcome="allow") for _ in range(200)
+            ]
         )
         for t in range(8)
     ]

@@ -58,7 +58,9 @@ def test_profiles_load_and_tighten_upwards() -> None:
 def test_dev_example_fails_moderate_with_named_requirements() -> None:
     res = beamhub_check("--enclave", "moderate", "beamhub.yaml")
     assert res.returncode == 1, res.stderr
-    failed = {line.split()[1] for line in res.stdout.splitlines() if line.strip().startswith("FAIL")}
+    failed = {
+        line.split()[1] for line in res.stdout.splitlines() if line.strip().startswith("FAIL")
+    }
     assert failed == {"mfa", "identity", "token_ttl", "dsn_modes", "encryption"}
     assert "identity.require_mfa: true" in res.stdout
     assert "streaming/templates/moderate.yaml" in res.stdout
@@ -93,7 +95,9 @@ def test_moderate_ready_config_passes(tmp_path: Path) -> None:
 def test_each_requirement_fails_alone(tmp_path: Path, overrides: dict, failing: str) -> None:
     res = beamhub_check("--enclave", "moderate", str(moderate_ready(tmp_path, **overrides)))
     assert res.returncode == 1
-    failed = [line.split()[1] for line in res.stdout.splitlines() if line.strip().startswith("FAIL")]
+    failed = [
+        line.split()[1] for line in res.stdout.splitlines() if line.strip().startswith("FAIL")
+    ]
     assert failing in failed and (len(failed) == 1 or failing == "dsn_modes")
 
 
@@ -119,8 +123,15 @@ def good_profile(**kw) -> dict:
         ({"max_token_ttl": 5}, "'max_token_ttl'"),
         ({"dsn_modes": ["l5"]}, "'dsn_modes'"),
         ({"audit_fsync": "sometimes"}, "'audit_fsync'"),
-        ({"rate_limits": {"per_token": {"rate": 1, "burst": 0}, "per_project": {"rate": 1,
-          "burst": 1}}}, "rate_limits.per_token"),
+        (
+            {
+                "rate_limits": {
+                    "per_token": {"rate": 1, "burst": 0},
+                    "per_project": {"rate": 1, "burst": 1},
+                }
+            },
+            "rate_limits.per_token",
+        ),
         ({"qos_tiers": []}, "'qos_tiers'"),
         ({"colour": "red"}, "colour"),
     ],
