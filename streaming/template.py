@@ -8,6 +8,7 @@ effective parameters or raises :class:`TemplateViolation` naming the field, the 
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 import os
@@ -34,21 +35,8 @@ TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 STREAM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 #: Fields a channel request may carry; anything else is refused by name.
 REQUEST_FIELDS = frozenset(
-    {
-        "stream",
-        "mode",
-        "source_cidrs",
-        "consumer_cidrs",
-        "hwm",
-        "max_frame_bytes",
-        "max_rate_hz",
-        "encryption",
-        "producer_keys",
-        "consumer_keys",
-        "source_control",
-        "ttl",
-        "monitor",
-    }
+    "stream mode source_cidrs consumer_cidrs hwm max_frame_bytes max_rate_hz encryption "
+    "producer_keys consumer_keys source_control ttl monitor".split()
 )
 MAX_LIST_ENTRIES = 64
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -99,21 +87,8 @@ class ChannelParams:
     monitor: bool
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "stream": self.stream,
-            "mode": self.mode,
-            "source_cidrs": list(self.source_cidrs),
-            "consumer_cidrs": list(self.consumer_cidrs),
-            "hwm": self.hwm,
-            "max_frame_bytes": self.max_frame_bytes,
-            "max_rate_hz": self.max_rate_hz,
-            "encryption": self.encryption,
-            "producer_keys": list(self.producer_keys),
-            "consumer_keys": list(self.consumer_keys),
-            "source_control": self.source_control,
-            "ttl": self.ttl,
-            "monitor": self.monitor,
-        }
+        body = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in body.items()}
 
 
 def _is_int(value: Any) -> bool:

@@ -82,8 +82,9 @@ def _run(args: argparse.Namespace) -> int:
         )
         try:
             url = await node.start(args.port)
-        except OSError as exc:
-            print(f"beamhub dsn: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        except (OSError, RuntimeError) as exc:
+            print(f"beamhub dsn: cannot start on {args.host}:{args.port} (data plane on "
+                  f"{args.data_host}): {exc}", file=sys.stderr)
             await node.stop()
             return 1
         done = asyncio.Event()
