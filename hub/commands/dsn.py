@@ -32,12 +32,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--issuer", default=None, help="required iss claim (default beamhub-dev)")
     parser.add_argument("--audience", default=None, help="required aud claim (default beamhub)")
     parser.add_argument(
+        "--revocations",
+        default=None,
+        metavar="URL",
+        help="the hub's revocation list (GET -> {\"revoked\": [jti, ...]}), polled so a revoked "
+        "token is refused within one poll interval",
+    )
+    parser.add_argument(
+        "--revocation-poll", type=float, default=5.0, help="seconds between revocation polls"
+    )
+    parser.add_argument(
         "--reap-interval", type=float, default=1.0, help="seconds between expiry sweeps"
     )
     parser.set_defaults(func=_run)
 
 
-def _verifier(args: argparse.Namespace):
+def _verifier(args: argparse.Namespace, is_revoked=None):
     from hub.tokens import DEFAULT_AUDIENCE, DEFAULT_ISSUER, SigningKey, TokenVerifier, load_jwks
 
     if args.jwks:
@@ -50,7 +60,10 @@ def _verifier(args: argparse.Namespace):
         jwks = SigningKey.load_or_create(path).jwks()
         origin = f"dev signing key {path}"
     verifier = TokenVerifier(
-        jwks, issuer=args.issuer or DEFAULT_ISSUER, audience=args.audience or DEFAULT_AUDIENCE
+        jwks,
+        issuer=args.issuer or DEFAULT_ISSUER,
+        audience=args.audience or DEFAULT_AUDIENCE,
+        is_revoked=is_revoked,
     )
     return verifier, origin
 
@@ -60,15 +73,21 @@ def _run(args: argparse.Namespace) -> int:
     import logging
     import signal
 
+    from hub.tokens import RevocationCache
     from streaming.template import Template, TemplateError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    revocations = None
     try:
         template = Template.load(args.template)
-        verifier, origin = _verifier(args)
+        if args.revocations:
+            revocations = RevocationCache(args.revocations, interval=args.revocation_poll)
+        verifier, origin = _verifier(args, revocations.is_revoked if revocations else None)
     except (TemplateError, ValueError, OSError) as exc:
         print(f"beamhub dsn: {exc}", file=sys.stderr)
         return 2
+    if revocations is not None:
+        revocations.start()
 
     async def serve() -> int:
         from streaming.dsn import DataStreamingNode
@@ -95,6 +114,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"beamhub dsn: data plane binds on {args.data_host}", flush=True)
         print(f"beamhub dsn: template {template.name!r} ({template.source})", flush=True)
         print(f"beamhub dsn: tokens verified with {origin}; Ctrl-C to stop", flush=True)
+        if revocations is not None:
+            print(f"beamhub dsn: revocations polled from {revocations.url} every "
+                  f"{revocations.interval:g} s", flush=True)
         try:
             await done.wait()
         finally:
@@ -102,4 +124,8 @@ def _run(args: argparse.Namespace) -> int:
             await node.stop()
         return 0
 
-    return asyncio.run(serve())
+    try:
+        return asyncio.run(serve())
+    finally:
+        if revocations is not None:
+            revocations.close()

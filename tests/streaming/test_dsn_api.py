@@ -195,15 +195,34 @@ async def test_concurrent_creates_respect_the_channel_bound(tokens: Tokens) -> N
 
 async def test_beamhub_dsn_command_serves_and_stops_cleanly(tmp_path) -> None:
     """`beamhub dsn` as a real process: prints where it listens, accepts a token from
-    `beamhub token issue` (same BEAMHUB_HOME), and exits 0 on SIGTERM with its channels removed."""
+    `beamhub token issue` (same BEAMHUB_HOME), refuses it once its jti is on the revocation list
+    it polls, and exits 0 on SIGTERM with its channels removed. The revocation list is served by a
+    small tornado app standing in for the hub's token service (tested in tests/hub)."""
     import os
     import re
     import signal
     import sys
 
+    import jwt
+    import tornado.httpserver
+    import tornado.netutil
+    import tornado.web
+
+    revoked: list[str] = []
+
+    class Revoked(tornado.web.RequestHandler):
+        def get(self) -> None:
+            self.write({"revoked": revoked})
+
+    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+    server = tornado.httpserver.HTTPServer(tornado.web.Application([(r"/revoked", Revoked)]))
+    server.add_sockets(sockets)
+    revoked_url = f"http://127.0.0.1:{sockets[0].getsockname()[1]}/revoked"
+
     env = {**os.environ, "BEAMHUB_HOME": str(tmp_path)}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "hub.cli", "dsn", "--port", "0", env=env,
+        sys.executable, "-m", "hub.cli", "dsn", "--port", "0", "--revocations", revoked_url,
+        "--revocation-poll", "0.2", env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     try:
@@ -213,13 +232,25 @@ async def test_beamhub_dsn_command_serves_and_stops_cleanly(tmp_path) -> None:
             assert line, "beamhub dsn exited before printing its URL"
             if m := re.search(r"control API (http://127\.0\.0\.1:\d+)", line):
                 url = m.group(1)
-        issue = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "hub.cli", "token", "issue", "--project", "p9", "--scope",
-            "stream.publish stream.read", "--ttl", "60", env=env, stdout=asyncio.subprocess.PIPE)
-        token = (await asyncio.wait_for(issue.communicate(), 20))[0].decode().strip()
-        assert issue.returncode == 0
+
+        async def issue() -> str:
+            cmd = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "hub.cli", "token", "issue", "--project", "p9", "--scope",
+                "stream.publish stream.read", "--ttl", "60", env=env,
+                stdout=asyncio.subprocess.PIPE)
+            out = (await asyncio.wait_for(cmd.communicate(), 20))[0].decode().strip()
+            assert cmd.returncode == 0
+            return out
+
+        token, doomed = await issue(), await issue()
         code, made = await api(url, "POST", "/api/channels", token, {"stream": "det"})
         assert code == 201 and made["project"] == "p9"
+        assert (await api(url, "GET", "/api/channels", doomed))[0] == 200
+        revoked.append(jwt.decode(doomed, options={"verify_signature": False})["jti"])
+        code, body = await wait_until(
+            lambda: _refused(api(url, "GET", "/api/channels", doomed)), timeout=10)
+        assert (code, body["reason"]) == (401, "revoked")
+        assert (await api(url, "GET", "/api/channels", token))[0] == 200
         assert (await api(url, "GET", "/api/health"))[1]["channels"] == 1
         proc.send_signal(signal.SIGTERM)
         out = (await asyncio.wait_for(proc.stdout.read(), 20)).decode()
@@ -229,3 +260,9 @@ async def test_beamhub_dsn_command_serves_and_stops_cleanly(tmp_path) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+        server.stop()
+
+
+async def _refused(call) -> tuple[int, dict] | None:
+    code, body = await call
+    return (code, body) if code != 200 else None
