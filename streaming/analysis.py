@@ -5,9 +5,8 @@ parameters are swapped atomically by :meth:`Analyzer.set_params` and apply from 
 (a frame in progress keeps the set it started with). :class:`RunningStats` folds results — from one
 process or from many Dask workers, in any order — into a running hit rate, peaks per frame, a radial
 profile, a virtual powder pattern, latency and lost/duplicate frame counts. :func:`analyse_stream`
-is the worker loop; :class:`PullFrames` is a plain PULL consumer for it (any iterable of frames,
-such as ``streaming.consumer.StreamConsumer``, works too). The Dask side lives in
-``streaming.analysis_dask``.
+is the worker loop over a :class:`streaming.consumer.StreamConsumer` (or any iterable of frames).
+The Dask side lives in ``streaming.analysis_dask``.
 """
 
 from __future__ import annotations
@@ -15,16 +14,16 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from streaming.peakfinder import PEAK_COLUMNS, PeakFinderParams, find_peaks
-from streaming.wire import DEFAULT_MAX_FRAME_BYTES, DecodeError, Frame, recv_frame
+from streaming.wire import Frame
 
-__all__ = ["Analyzer", "FrameResult", "PullFrames", "RunningStats", "analyse_stream"]
+__all__ = ["Analyzer", "FrameResult", "RunningStats", "analyse_stream"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,17 +128,30 @@ class Analyzer:
 _NO_PEAKS = np.zeros((0, len(PEAK_COLUMNS)), dtype=np.float32)
 
 
-def analyse_stream(consumer: Iterable[Frame | None], analyzer: Analyzer,
+def _with_idle_ticks(consumer: Any, idle_timeout_s: float) -> Iterator[Frame | None]:
+    """Frames, with ``None`` after ``idle_timeout_s`` without one when the consumer can wait."""
+    receive = getattr(consumer, "receive", None)
+    if receive is None:
+        yield from consumer
+        return
+    while not getattr(consumer, "_closed", False):
+        yield receive(timeout=idle_timeout_s)
+
+
+def analyse_stream(consumer: Any, analyzer: Analyzer,
                    on_result: Callable[[FrameResult], Any], *,
                    stop: threading.Event | None = None, max_frames: int | None = None,
-                   on_idle: Callable[[], Any] | None = None) -> int:
+                   on_idle: Callable[[], Any] | None = None,
+                   idle_timeout_s: float = 0.1) -> int:
     """Analyse frames from ``consumer`` until it ends, ``stop`` is set or ``max_frames`` are done.
 
-    ``consumer`` yields frames, or ``None`` when idle (so that ``stop`` is noticed without frames);
-    ``on_idle`` runs on those ticks. Returns the number of frames analysed.
+    ``consumer`` is a :class:`streaming.consumer.StreamConsumer` (its ``receive(timeout)`` gives
+    idle ticks every ``idle_timeout_s``, so ``stop`` is noticed without frames and ``on_idle``
+    runs) or any iterable of frames (``None`` items count as idle ticks). Returns the number of
+    frames analysed.
     """
     done = 0
-    for frame in consumer:
+    for frame in _with_idle_ticks(consumer, idle_timeout_s):
         if stop is not None and stop.is_set():
             break
         if frame is None:
@@ -151,55 +163,6 @@ def analyse_stream(consumer: Iterable[Frame | None], analyzer: Analyzer,
         if max_frames is not None and done >= max_frames:
             break
     return done
-
-
-class PullFrames:
-    """A ZeroMQ PULL consumer yielding frames, or ``None`` after ``idle_timeout_s`` without one.
-
-    Create and iterate it in one thread (ZeroMQ sockets are not thread-safe). Malformed messages are
-    counted in :attr:`decode_errors` by reason and skipped.
-    """
-
-    def __init__(self, endpoint: str, *, idle_timeout_s: float = 0.1, hwm: int = 4,
-                 max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
-        import zmq
-
-        self.endpoint = endpoint
-        self.idle_timeout_ms = max(1, int(idle_timeout_s * 1000))
-        self.max_bytes = max_bytes
-        self.decode_errors: Counter[str] = Counter()
-        self.frames = 0
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.PULL)
-        self._sock.rcvhwm = hwm
-        self._sock.linger = 0
-        self._sock.connect(endpoint)
-        self._closed = False
-
-    def __iter__(self) -> Iterator[Frame | None]:
-        while not self._closed:
-            if not self._sock.poll(self.idle_timeout_ms):
-                yield None
-                continue
-            try:
-                frame = recv_frame(self._sock, max_bytes=self.max_bytes)
-            except DecodeError as exc:
-                self.decode_errors[exc.reason] += 1
-                continue
-            self.frames += 1
-            yield frame
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._sock.close(linger=0)
-            self._ctx.term()
-
-    def __enter__(self) -> PullFrames:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 @dataclass

@@ -4,6 +4,9 @@ No frame touches the Dask scheduler or the notebook kernel: every worker task op
 (``consumer_factory()``, e.g. a PULL socket on the DSN's data path) and runs
 :func:`streaming.analysis.analyse_stream`. What travels through Dask is small and plain (msgpack-able):
 
+* frames: ``consumer_factory`` runs inside the worker task (it must be picklable, e.g. a
+  ``functools.partial`` of :class:`streaming.consumer.StreamConsumer`); PULL sockets share the
+  channel's frames among the workers;
 * results: every ``flush_interval_s`` a worker puts one batch — compact per-frame results (peaks as
   float32 bytes) and the sum of the batch's radial profiles — on the session's results
   ``distributed.Queue``;
@@ -14,7 +17,8 @@ No frame touches the Dask scheduler or the notebook kernel: every worker task op
 
 A notebook does::
 
-    session = AnalysisSession(client, functools.partial(PullFrames, endpoint), workers=2)
+    factory = functools.partial(StreamConsumer.from_dsn, dsn_url, channel_id, token)
+    session = AnalysisSession(client, factory, workers=2)
     session.set_params(min_snr=8)        # every worker, from its next frame
     session.poll(); session.stats.snapshot()
     session.stop()
@@ -124,7 +128,8 @@ def analysis_worker(session: str, index: int, consumer_factory: Callable[[], Ite
     frames = 0
     try:
         send({"ready": True, "applied_rev": analyzer.rev})
-        frames = analyse_stream(consumer, analyzer, on_result, stop=stop, on_idle=flush)
+        frames = analyse_stream(consumer, analyzer, on_result, stop=stop, on_idle=flush,
+                                idle_timeout_s=flush_interval_s)
     finally:
         stop.set()
         flush()
@@ -134,9 +139,9 @@ def analysis_worker(session: str, index: int, consumer_factory: Callable[[], Ite
         if listener.is_alive():
             control.put({"wake": True})
             listener.join(timeout=JOIN_TIMEOUT_S)
-    errors = getattr(consumer, "decode_errors", None)
+    stats = getattr(consumer, "stats", None)
     return {"worker": label, "index": index, "frames": frames, "rev": analyzer.rev,
-            "decode_errors": dict(errors) if errors else {}}
+            "consumer": stats() if callable(stats) else {}}
 
 
 class AnalysisSession:

@@ -11,7 +11,8 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from streaming.analysis import Analyzer, FrameResult, PullFrames, RunningStats, analyse_stream
+from streaming.analysis import Analyzer, FrameResult, RunningStats, analyse_stream
+from streaming.consumer import StreamConsumer
 from streaming.params import ParamError
 from streaming.simulator import SimulatedDetector
 from streaming.wire import Frame, FrameHeader, send_frame
@@ -42,7 +43,7 @@ def push_socket(ctx):
     return sock, f"tcp://127.0.0.1:{port}"
 
 
-def send_all(sock, frames, **meta_overrides):
+def send_all(sock, frames):
     for f in frames:
         send_frame(sock, FrameHeader(**{**f.header.__dict__, "t_ns": time.time_ns()}), f.data)
 
@@ -93,8 +94,9 @@ def test_worker_loop_over_a_real_zeromq_stream(frames):
     try:
         sender = threading.Thread(target=send_all, args=(push, frames))
         sender.start()
-        with PullFrames(endpoint, idle_timeout_s=0.05) as consumer:
-            n = analyse_stream(consumer, Analyzer(), stats.add, max_frames=len(frames))
+        with StreamConsumer(endpoint) as consumer:
+            n = analyse_stream(consumer, Analyzer(), stats.add, max_frames=len(frames),
+                               idle_timeout_s=0.05)
         sender.join(timeout=10)
         assert not sender.is_alive()
     finally:
@@ -108,21 +110,6 @@ def test_worker_loop_over_a_real_zeromq_stream(frames):
     assert snap["hit_rate"] == pytest.approx(sum(f.header.meta["hit"] for f in frames[-10:]) / 10)
     assert snap["powder"].sum() == stats.peaks_total > 0
     assert snap["radial_profile"] is not None and snap["latency_p50_ms"] > 0
-
-
-def test_pull_frames_counts_malformed_messages():
-    ctx = zmq.Context()
-    push, endpoint = push_socket(ctx)
-    try:
-        with PullFrames(endpoint, idle_timeout_s=0.05) as consumer:
-            push.send_multipart([b"not json", b"xx"])
-            f = make_frames(1)[0]
-            send_frame(push, f.header, f.data)
-            got = next(x for x in consumer if x is not None)
-            assert got.header.seq == 0 and consumer.decode_errors == {"bad_header": 1}
-    finally:
-        push.close(linger=0)
-        ctx.term()
 
 
 def _result(seq, hit=False, peaks=(), worker="w", profile=None, stream="s"):
@@ -194,8 +181,7 @@ def test_dask_workers_pull_their_own_frames_and_follow_a_broadcast(dask_client):
     ctx = zmq.Context()
     push, endpoint = push_socket(ctx)
     monitor = push.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-    session = AnalysisSession(dask_client, functools.partial(PullFrames, endpoint,
-                                                             idle_timeout_s=0.05, hwm=2),
+    session = AnalysisSession(dask_client, functools.partial(StreamConsumer, endpoint, hwm=2),
                               workers=2, flush_interval_s=0.05)
     try:
         session.wait_ready(timeout=60)
@@ -225,3 +211,24 @@ def test_dask_workers_pull_their_own_frames_and_follow_a_broadcast(dask_client):
     workers = {r.worker for r in seen}
     assert len(workers) == 2 and {r.worker for r in late} == workers, "the broadcast reached both"
     assert snap["radial_profile"] is not None and snap["per_worker"].keys() == workers
+
+
+@pytest.mark.timeout(60)
+def test_dask_session_refuses_bad_requests_by_name(dask_client):
+    from streaming.analysis_dask import AnalysisSession
+
+    factory = functools.partial(StreamConsumer, "tcp://127.0.0.1:1")
+    with pytest.raises(ValueError, match="workers: asked for 5"):
+        AnalysisSession(dask_client, factory, workers=5)
+    with pytest.raises(ParamError) as info:
+        AnalysisSession(dask_client, factory, params={"min_snr": 0})
+    assert info.value.field == "min_snr"
+    session = AnalysisSession(dask_client, factory, workers=1)
+    try:
+        session.wait_ready(timeout=30)
+        with pytest.raises(ParamError) as info:
+            session.set_params(max_pixel_count=0)
+        assert info.value.field == "max_pixel_count" and session.rev == 0
+    finally:
+        summaries = session.stop()
+    assert summaries[0]["frames"] == 0 and summaries[0]["rev"] == 0
