@@ -110,6 +110,13 @@ class Stack:
         (state / "logs").mkdir(parents=True, exist_ok=True)
         ip = dep.hub.ip
         port = dep.hub.port or free_port(ip)
+        if dep.hub.port:
+            with socket.socket() as probe:
+                if probe.connect_ex((ip, port)) == 0:
+                    raise StackError(
+                        f"{ip}:{port} is already in use (another hub?); set hub.port in "
+                        "beamhub.yaml to a free port, or 0 for any free port"
+                    )
         public = f"http://{ip}:{port}"
         self.urls["hub"] = f"{public}/hub/"
         self.urls["tokens"] = f"{public}/services/tokens/"

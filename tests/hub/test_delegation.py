@@ -119,6 +119,14 @@ def test_mint_for_external_software_within_role_and_cap(dev_stack: RunningStack)
     r = requests.post(dev_stack.tokens + "api/tokens", headers=bob,
                       json={"project": "p-2002"}, timeout=10)  # fmt: skip
     assert r.status_code == 403 and "no role in project" in r.json()["message"]
+    # an admin (alice, admin in the dev deployment) may revoke anyone's token
+    assert login(dev_stack, "alice", "alice-dev")[1].status_code == 200
+    alice = {"Authorization": f"token {dev_stack.user_api_token('alice')}"}
+    r = requests.post(dev_stack.tokens + "revoke", headers=alice, json={"jti": minted["jti"]},
+                      timeout=10)  # fmt: skip
+    assert r.status_code == 200 and r.json()["revoked"] == minted["jti"]
+    listed = requests.get(dev_stack.tokens + "api/tokens", headers=bob, timeout=10).json()["tokens"]
+    assert {t["jti"]: t["revoked"] for t in listed}[minted["jti"]] is True
 
 
 def test_token_page_mints_with_the_browser_session(dev_stack: RunningStack) -> None:

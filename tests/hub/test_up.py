@@ -89,3 +89,18 @@ def test_sigterm_stops_everything_without_orphans(moderate_stack: RunningStack) 
     lock = UpLock(moderate_stack.state / "beamhub-up.lock")
     lock.acquire()
     lock.release()
+
+
+def test_busy_hub_port_is_a_clear_error(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = tmp_path / "beamhub.yaml"
+        cfg.write_text(f"state_dir: {tmp_path / 'state'}\nhub: {{port: {port}}}\n")
+        proc = subprocess.run([BEAMHUB, "up", str(cfg)], capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 1
+    assert f"127.0.0.1:{port} is already in use" in proc.stderr
+    assert "stopped" in proc.stdout
