@@ -75,6 +75,9 @@ class BaseHandler(tornado.web.RequestHandler):
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(exc, ApiError):
             body = exc.to_json()
+            if status_code == 401:  # RFC 6750: say how to authenticate, and why it failed
+                why = "" if exc.reason_key == "missing" else ', error="invalid_token"'
+                self.set_header("WWW-Authenticate", f'Bearer realm="beamhub-dsn"{why}')
         elif isinstance(exc, tornado.web.HTTPError) and status_code < 500:
             body = {"error": exc.log_message or self._reason, "reason": "http"}
         else:

@@ -10,6 +10,7 @@ import logging
 import numpy as np
 import pytest
 import zmq
+from tornado.httpclient import AsyncHTTPClient
 
 from streaming.template import TEMPLATE_DIR, Template
 from streaming.wire import FrameHeader, recv_frame, send_frame
@@ -49,8 +50,15 @@ async def test_bad_token_refused_and_nothing_provisioned(
     tokens: Tokens, case: str, make, status: int, reason: str
 ) -> None:
     async with running_dsn(tokens) as node:
-        code, body = await api(node.url, "POST", "/api/channels", make(tokens), BODY)
+        token = make(tokens)
+        code, body = await api(node.url, "POST", "/api/channels", token, BODY)
         assert (code, body["reason"]) == (status, reason), body
+        if status == 401:  # RFC 6750 challenge
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            resp = await AsyncHTTPClient().fetch(node.url + "/api/channels", headers=headers,
+                                                 raise_error=False)
+            why = "" if token is None else ', error="invalid_token"'
+            assert resp.headers["WWW-Authenticate"] == f'Bearer realm="beamhub-dsn"{why}'
         assert body["error"]
         assert_nothing_provisioned(node)
         code, health = await api(node.url, "GET", "/api/health")
