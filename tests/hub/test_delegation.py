@@ -66,6 +66,10 @@ def test_revoked_token_refused_by_dsn_within_one_interval(
     token = refresher.refresh_now()
     jti = _claims(token)["jti"]
     assert _dsn_status(dev_stack, token).status_code == 200
+    gateway = dev_stack.urls["gateway"] + "api/v1/projects/p-1001/channels"
+    bearer = {"Authorization": f"Bearer {token}"}
+    r = requests.get(gateway, headers=bearer, timeout=10)
+    assert r.status_code == 200, r.text
     bob = {"Authorization": f"token {dev_stack.user_api_token('bob')}"}
     # carol (another project) may not revoke bob's token; bob may
     assert login(dev_stack, "carol", "carol-dev")[1].status_code == 200
@@ -82,6 +86,10 @@ def test_revoked_token_refused_by_dsn_within_one_interval(
         time.sleep(0.05)
     assert r.status_code == 401 and r.json()["reason"] == "revoked"
     assert time.monotonic() - revoked_at <= interval + 1.0
+    while (r := requests.get(gateway, headers=bearer, timeout=10)).status_code == 200:
+        assert time.monotonic() - revoked_at < interval + 2.0, "gateway still accepts it"
+        time.sleep(0.05)
+    assert r.status_code == 401 and "revoked" in r.text, r.text
     # the server cannot refresh its way around a revocation
     with pytest.raises(RefreshError) as err:
         refresher.refresh_now()
