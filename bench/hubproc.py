@@ -74,7 +74,7 @@ c.JupyterHub.extra_handlers = kernels.jobs_api.HANDLERS
 """
 
     # -- process -------------------------------------------------------------------------------
-    def start(self, timeout: float = 30) -> None:
+    def start(self, timeout: float = 60) -> None:
         env = dict(os.environ)
         env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '')}"
         with open(self.log, "ab") as log:
@@ -130,6 +130,13 @@ c.JupyterHub.extra_handlers = kernels.jobs_api.HANDLERS
         if code != 201:
             raise RuntimeError(f"cannot create a token for {user}: {code} {body}")
         return body["token"]
+
+    def kill(self) -> None:
+        """SIGKILL the hub alone (a crash): its proxy and servers are left as they are."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+            self.proc = None
 
     def tail(self, n: int = 40) -> str:
         try:

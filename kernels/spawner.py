@@ -280,7 +280,8 @@ class ReservedNodeSpawner(Spawner):
         env.update(config.job_env(project=project, tier=tier.name, user=self.user.name))
         env["BEAMHUB_BIND_IP"] = self.ip or "127.0.0.1"
         args = list(self.get_args())
-        if os.geteuid() == 0 and "--allow-root" not in args:
+        is_jupyter = Path(self.cmd[0]).name.startswith("jupyter") if self.cmd else False
+        if os.geteuid() == 0 and is_jupyter and "--allow-root" not in args:
             args.append("--allow-root")
         argv = [sys.executable, "-m", "kernels.serverjob", self.port_file, "--", *self.cmd, *args]
         spec = JobSpec(
@@ -305,6 +306,7 @@ class ReservedNodeSpawner(Spawner):
                 self.job_id = await scheduler.submit(spec)
             except SchedulerError as exc:
                 raise SpawnRefused(str(exc), reason="scheduler", status_code=400) from exc
+            self._persist_state()
             self._emit(10, f"queued at tier {tier.name} (job {self.job_id})")
             return await self._wait_for_server(scheduler, tier.name)
         except BaseException:
@@ -316,6 +318,14 @@ class ReservedNodeSpawner(Spawner):
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await watcher
+
+    def _persist_state(self) -> None:
+        """Record the job in the hub's database now, not only when start() returns: a hub that
+        dies mid-spawn then finds the job on restart (poll/stop) instead of orphaning it."""
+        orm_spawner, db = getattr(self, "orm_spawner", None), getattr(self, "db", None)
+        if orm_spawner is not None and db is not None:
+            orm_spawner.state = self.get_state()
+            db.commit()
 
     async def _cancel_stale_jobs(self, scheduler, name: str) -> None:
         """A live job of this same server is left from a spawn the hub never finished (it was
@@ -402,7 +412,9 @@ class ReservedNodeSpawner(Spawner):
                     self._emit(50, f"starting on {info.node}")
                 report = self._read_report()
                 if report:
-                    self.job_host, self.job_port = str(report["host"]), int(report["port"])
+                    if self.job_port != int(report["port"]):
+                        self.job_host, self.job_port = str(report["host"]), int(report["port"])
+                        self._persist_state()
                     if await self._server_answers(self.job_host, self.job_port):
                         self._emit(
                             100, f"server ready on {info.node} ({self.job_host}:{self.job_port})"

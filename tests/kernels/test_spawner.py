@@ -15,7 +15,7 @@ from kernels.reservations import ReservationBook
 
 PROJECTS = """
 projects:
-  beam:   {tiers: [interactive, batch], members: [alice, broken]}
+  beam:   {tiers: [interactive, batch], members: [alice, broken, slowpoke]}
   beam2:  {tiers: [interactive, batch], members: [dave]}
   other:  {tiers: [batch], members: [carol]}
   filler: {tiers: [batch], members: [bob]}
@@ -38,10 +38,12 @@ def _break_singleuser(spawner):
     # test configuration: this user's server command does not exist, so the job dies at once
     if spawner.user.name == "broken":
         spawner.cmd = ["/nonexistent/jupyterhub-singleuser"]
+    if spawner.user.name == "slowpoke":  # runs, reports a port, never serves it
+        spawner.cmd = ["/bin/sleep", "600"]
 
 c.Spawner.pre_spawn_hook = _break_singleuser
 """
-    hub = Hub(workdir, config, ["alice", "bob", "carol", "broken", "dave"])
+    hub = Hub(workdir, config, ["alice", "bob", "carol", "broken", "dave", "slowpoke"])
     hub.state_dir = state
     hub.start()
     try:
@@ -253,3 +255,23 @@ def test_jobs_api_refuses_bad_input_and_other_users_jobs(hub):
         assert "env" not in seen[job_id]["spec"]  # a server's env holds its API token
     finally:
         assert jobs_api(hub, bob, "DELETE", f"/{job_id}")[0] == 204
+
+
+@pytest.mark.timeout(90)
+def test_hub_killed_mid_spawn_leaves_no_orphan_job(hub):
+    code, _ = hub.api("POST", "/users/slowpoke/server", {})
+    assert code == 202
+    wait_for(
+        lambda: [j for j in jobs_named(hub, "jupyter-slowpoke") if j.state.value == "running"],
+        20, "slowpoke's job runs",
+    )  # fmt: skip
+    hub.kill()  # SIGKILL: no cleanup at all, the spawn was still waiting for the server
+    assert [j.state.value for j in jobs_named(hub, "jupyter-slowpoke")] == ["running"]
+    hub.start()
+    # the job id was recorded when it was submitted: the restarted hub finds it, sees that no
+    # server answers and stops it, instead of leaving it on its node until its wall time
+    wait_for(
+        lambda: [j.state.value for j in jobs_named(hub, "jupyter-slowpoke")] == ["cancelled"],
+        45, "the half-spawned server's job is cancelled",
+    )  # fmt: skip
+    wait_for(lambda: "" not in hub.user_model("slowpoke")["servers"], 10, "no server left")
