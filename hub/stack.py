@@ -93,10 +93,7 @@ class Stack:
     _hub_children: set[int] = field(default_factory=set)
     _dsn: Any = None
     _revocations: Any = None
-    _source: Any = None
-    _renewer: asyncio.Task | None = None
-    _delegator: Any = None
-    _control: Any = None
+    _feed: Any = None
 
     STEPS = 6
 
@@ -318,88 +315,20 @@ class Stack:
             log.close()
 
     async def _start_detector(self) -> str:
+        """The simulated detector streaming into a DSN channel of its project; "" or why not."""
         det = self.dep.detector
         if not det.enabled:
             return "disabled in beamhub.yaml"
         if self._dsn is None:
             return "no DSN"
-        try:
-            from streaming.simulator import SimulatedDetector
-            from streaming.source import SourceRunner
-        except ImportError as exc:
-            return f"streaming sources unavailable: {exc}"
-        from hub.token_store import Delegator, TokenStore
-        from hub.tokens import SigningKey, TokenIssuer
+        from hub.detector_feed import DetectorFeed
 
-        key = SigningKey.load_or_create(self.state / "signing-key.pem")
-        issuer = TokenIssuer(key, self.dep.tokens.issuer, self.dep.tokens.audience,
-                             max_ttl=self.dep.max_token_ttl)  # fmt: skip
-        store = TokenStore(self.state / "tokens.sqlite")
-        store.record_user("beamhub-detector", {det.project: "operator"}, admin=False, mfa=True)
-        self._delegator = Delegator(issuer, store, self.dep.tokens.ttl)
-        token = self._detector_token()
-        claims = self._dsn.verifier.verify(token)
-        channel = await self._dsn.create_channel(claims, {"stream": det.channel})
-        self.urls["detector_channel"] = channel.id
-        generator = SimulatedDetector(tuple(det.shape), rate_hz=det.rate_hz,
-                                      hit_fraction=det.hit_fraction)  # fmt: skip
-        self._source = SourceRunner(generator, stream=det.channel,
-                                    connect=channel.endpoints.producer)  # fmt: skip
-        await asyncio.to_thread(self._source.start)
-        await asyncio.to_thread(self._source.start_run)
-        try:
-            from streaming.source_control import SourceControlServer
-        except ImportError:
-            self.notes.append("detector steering unavailable: streaming/source_control.py missing")
-        else:
-            self._control = SourceControlServer(
-                self._source, verifier=self._dsn.verifier, project=det.project
-            )
-            control_url = await self._control.start()
-            status, answer = await asyncio.to_thread(
-                self._dsn_call, "PUT", f"/api/channels/{channel.id}/source_control",
-                token, {"source_control": control_url},
-            )  # fmt: skip
-            if status != 200:
-                self.notes.append(f"detector steering not attached: {answer}")
-        self._renewer = asyncio.create_task(self._renew_loop(channel.id), name="detector-renew")
-        return ""
-
-    def _detector_token(self) -> str:
-        token, _ = self._delegator.issue(
-            "beamhub-detector", self.dep.detector.project,
-            ["stream.read", "stream.publish", "steer"], kind="service",
-            description="beamhub up: simulated detector",
-        )  # fmt: skip
-        return token
-
-    def _dsn_call(self, method: str, path: str, token: str, body: Any) -> tuple[int, Any]:
-        req = urllib.request.Request(  # noqa: S310 - our own DSN on loopback
-            self.urls["dsn"] + path,
-            data=json.dumps(body).encode(),
-            method=method,
-            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
-                return resp.status, json.load(resp)
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode(errors="replace")[:300]
-        except OSError as exc:
-            return 0, str(exc)
-
-    async def _renew_loop(self, channel_id: str) -> None:
-        """Keep the detector's channel alive: renew it with a fresh token before it expires."""
-        while True:
-            channel = self._dsn.channels.get(channel_id)
-            if channel is None:
-                return
-            await asyncio.sleep(max(1.0, (channel.expires_at - time.time()) / 2))
-            token = self._detector_token()
-            path = f"/api/channels/{channel_id}/renew"
-            status, answer = await asyncio.to_thread(self._dsn_call, "POST", path, token, {})
-            if status != 200:
-                self.progress(f"beamhub up: detector channel renewal failed: {answer}")
+        self._feed = DetectorFeed(self.dep, self.state, self._dsn, self.urls["dsn"], self.progress)
+        why = await self._feed.start()
+        if not why:
+            self.urls["detector_channel"] = self._feed.channel_id
+        self.notes.extend(self._feed.notes)
+        return why
 
     # --- stop -------------------------------------------------------------------------------
 
@@ -418,13 +347,8 @@ class Stack:
         """Stop everything in reverse order; safe to call after a partial start."""
         import psutil
 
-        if self._renewer is not None:
-            self._renewer.cancel()
-            await asyncio.gather(self._renewer, return_exceptions=True)
-        if self._control is not None:
-            await self._control.stop()
-        if self._source is not None:
-            await asyncio.to_thread(self._source.stop)
+        if self._feed is not None:
+            await self._feed.stop()
         if self._revocations is not None:
             await asyncio.to_thread(self._revocations.close)
         self._remember_hub_children()
