@@ -43,7 +43,9 @@ def _output_tail(path: str | None, lines: int = 5) -> str:
     if not path:
         return ""
     try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        with open(path, "rb") as fh:
+            fh.seek(max(0, os.fstat(fh.fileno()).st_size - 4096))  # the end is what explains
+            text = fh.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
     return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:] if line.strip())
