@@ -152,7 +152,8 @@ def dask_client():
     from distributed import Client, LocalCluster
 
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                           dashboard_address=None, host="127.0.0.1")
+                           dashboard_address="127.0.0.1:0", scheduler_kwargs={"dashboard": False},
+                           host="127.0.0.1")  # HTTP server on an ephemeral port, no bokeh
     client = Client(cluster)
     try:
         yield client
@@ -232,3 +233,19 @@ def test_dask_session_refuses_bad_requests_by_name(dask_client):
     finally:
         summaries = session.stop()
     assert summaries[0]["frames"] == 0 and summaries[0]["rev"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_bench_analysis_prints_the_agreed_json(capsys):
+    import json
+
+    from bench.analysis import main
+
+    assert main(["--json", "--frames", "6", "--pool", "3", "--repeats", "1", "--workers", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    modes = [(r["mode"], r["workers"]) for r in out["results"]]
+    assert modes == [("numpy", 1), ("dask", 1)]
+    for r in out["results"]:
+        assert r["frames_per_s"] > 0 and r["frames_per_s_per_core"] > 0
+    assert 0 <= out["recall"] <= 1 and 0 <= out["precision"] <= 1
+    assert out["efficiency"]["1"] > 0 and out["frame_bytes"] == 4 * 1024 * 1024

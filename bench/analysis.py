@@ -1,0 +1,241 @@
+"""Peak finding throughput per core on 4 MiB frames: one numpy process vs Dask workers, same frames.
+
+One run: simulate a pool of 1024x1024 float32 frames (the simulated detector at its default
+settings), score the finder against the truth in their headers (recall, precision, hit accuracy),
+then time
+
+* ``numpy``: :class:`streaming.analysis.Analyzer` in this process, frames already in memory;
+* ``dask`` with 1 and 2 workers: a ``LocalCluster`` of single-threaded worker processes, each
+  running :func:`streaming.analysis_dask.analysis_worker` and pulling its own frames with a
+  ``StreamConsumer`` from a PUSH socket that this process feeds (the real path: frames cross
+  ZeroMQ, never the scheduler).
+
+A pass ends when the last frame is analysed (producer stamp + the result's latency, both from this
+host's clock), not when its result batch arrives. Each mode runs ``--repeats`` passes; the JSON
+gives medians, per-pass figures, the parallel efficiency ``fps(dask, n) / (n * fps(numpy))`` and
+the scaling efficiency ``fps(dask, n) / (n * fps(dask, 1))`` (transport cost factored out).
+On a shared 2-core machine the sender (this process) competes with the workers; its CPU share is
+reported so that a missed target can be explained.
+
+    beamhub bench analysis --json        (or: python -m bench.analysis --json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+__all__ = ["main"]
+
+SHAPE = (1024, 1024)
+TARGET_FPS_PER_CORE = 50.0
+TARGET_EFFICIENCY = 0.8
+
+
+def _pool(n: int, seed: int) -> list[Any]:
+    from streaming.simulator import SimulatedDetector
+    from streaming.wire import Frame, FrameHeader
+
+    det = SimulatedDetector(SHAPE, seed=seed)
+    frames = []
+    for i in range(n):
+        data, meta = det.generate()
+        header = FrameHeader(stream="bench", seq=i, dtype=data.dtype.str, shape=data.shape,
+                             meta=meta)
+        frames.append(Frame(header, data))
+    return frames
+
+
+def _accuracy(pool: list[Any]) -> dict[str, float]:
+    from streaming.analysis import Analyzer
+    from streaming.peakfinder import match_peaks
+
+    analyzer = Analyzer()
+    tp = fp = fn = agree = 0
+    for frame in pool:
+        result = analyzer.analyse(frame)
+        a, b, c = match_peaks(result.peaks, frame.header.meta["peaks"], tolerance_px=2.0)
+        tp, fp, fn = tp + a, fp + b, fn + c
+        agree += result.hit == frame.header.meta["hit"]
+    return {
+        "recall": tp / (tp + fn) if tp + fn else 1.0,
+        "precision": tp / (tp + fp) if tp + fp else 1.0,
+        "hit_accuracy": agree / len(pool),
+        "true_peaks": tp + fn,
+        "hits_in_pool": sum(f.header.meta["hit"] for f in pool),
+    }
+
+
+def _numpy_passes(pool: list[Any], frames: int, repeats: int) -> list[float]:
+    from streaming.analysis import Analyzer
+
+    analyzer = Analyzer()
+    analyzer.analyse(pool[0])  # geometry cache
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i in range(frames):
+            analyzer.analyse(pool[i % len(pool)])
+        rates.append(frames / (time.perf_counter() - t0))
+    return rates
+
+
+def _send(push: Any, pool: list[Any], first_seq: int, n: int) -> dict[int, float]:
+    """Send ``n`` frames from the pool; returns each seq's send stamp (seconds, this host)."""
+    from streaming.wire import FrameHeader, send_frame
+
+    stamps = {}
+    for i in range(n):
+        frame = pool[(first_seq + i) % len(pool)]
+        t_ns = time.time_ns()
+        header = FrameHeader(**{**frame.header.__dict__, "seq": first_seq + i, "t_ns": t_ns})
+        send_frame(push, header, frame.data)
+        stamps[first_seq + i] = t_ns / 1e9
+    return stamps
+
+
+def _dask_passes(pool: list[Any], workers: int, frames: int,
+                 repeats: int) -> tuple[list[float], list[float], float]:
+    import dask
+    import zmq
+    from distributed import Client, LocalCluster
+    from zmq.utils.monitor import recv_monitor_message
+
+    from streaming.analysis_dask import STREAMING_WORKER_ENV, AnalysisSession
+    from streaming.consumer import StreamConsumer
+
+    rates, sender_cpu, analysis_ms = [], [], []
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.linger = 0
+    port = push.bind_to_random_port("tcp://127.0.0.1")
+    monitor = push.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": {
+            **dask.config.get("distributed.nanny.pre-spawn-environ"), **STREAMING_WORKER_ENV}}):
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                               dashboard_address="127.0.0.1:0",
+                               scheduler_kwargs={"dashboard": False}, host="127.0.0.1")
+    client = Client(cluster)
+    try:
+        factory = functools.partial(StreamConsumer, f"tcp://127.0.0.1:{port}", hwm=2)
+        session = AnalysisSession(client, factory, workers=workers, flush_interval_s=0.05)
+        session.wait_ready(timeout=60)
+        connected, deadline = 0, time.monotonic() + 30
+        while connected < workers:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {connected} of {workers} workers connected")
+            if monitor.poll(200):
+                connected += recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        seq = 0
+        warm = 2 * workers  # each worker builds its geometry cache once
+        _send(push, pool, seq, warm)
+        seq += warm
+        session.wait_for(lambda: session.stats.frames >= warm, 60, "warm-up frames")
+        for _ in range(repeats):
+            cpu0, t0 = time.process_time(), time.time()
+            stamps = _send(push, pool, seq, frames)
+            seq += frames
+            seen = session.wait_for(lambda s=seq: session.stats.frames >= s, 120, "frames")
+            cpu = time.process_time() - cpu0
+            # the pass ends when its last frame was analysed (send stamp + analysed latency)
+            end = max(stamps[r.seq] + r.latency_s for r in seen if r.seq in stamps)
+            rates.append(frames / (end - t0))
+            sender_cpu.append(cpu / (end - t0))
+            analysis_ms.extend(r.analysis_s * 1e3 for r in seen if r.seq in stamps)
+        session.stop()
+    finally:
+        client.close()
+        cluster.close()
+        push.disable_monitor()
+        monitor.close(linger=0)
+        push.close(linger=0)
+        ctx.term()
+    return rates, sender_cpu, statistics.median(analysis_ms)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="beamhub bench analysis", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print only the JSON result")
+    parser.add_argument("--frames", type=int, default=200, help="frames per timed pass")
+    parser.add_argument("--pool", type=int, default=24, help="distinct simulated frames")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per mode")
+    parser.add_argument("--workers", default="1,2", help="Dask worker counts, comma-separated")
+    parser.add_argument("--seed", type=int, default=2026)
+    args = parser.parse_args(argv)
+    try:
+        counts = [int(w) for w in args.workers.split(",") if w.strip()]
+    except ValueError:
+        parser.error(f"--workers: {args.workers!r} is not a comma-separated list of integers")
+    if args.frames < 1 or args.pool < 1 or args.repeats < 1 or not counts or min(counts) < 1:
+        parser.error("--frames, --pool, --repeats and every --workers count must be >= 1")
+
+    def say(message: str) -> None:
+        if not args.json:
+            print(message, file=sys.stderr, flush=True)
+
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    say(f"simulating {args.pool} frames of {SHAPE[0]}x{SHAPE[1]} float32 ...")
+    pool = _pool(args.pool, args.seed)
+    accuracy = _accuracy(pool)
+    say(f"recall {accuracy['recall']:.3f} precision {accuracy['precision']:.3f}")
+    numpy_rates = _numpy_passes(pool, args.frames, args.repeats)
+    base = statistics.median(numpy_rates)
+    say(f"numpy: {base:.1f} frames/s")
+    results: list[dict[str, Any]] = [{
+        "mode": "numpy", "workers": 1, "frames_per_s": round(base, 2),
+        "frames_per_s_per_core": round(base, 2), "passes": [round(r, 2) for r in numpy_rates],
+    }]
+    efficiency: dict[str, float] = {}
+    scaling: dict[str, float] = {}
+    one_worker = None
+    for n in sorted(counts):
+        rates, sender, worker_ms = _dask_passes(pool, n, args.frames, args.repeats)
+        fps = statistics.median(rates)
+        one_worker = one_worker or fps / n
+        efficiency[str(n)] = round(fps / (n * base), 3)
+        scaling[str(n)] = round(fps / (n * one_worker), 3)
+        results.append({
+            "mode": "dask", "workers": n, "frames_per_s": round(fps, 2),
+            "frames_per_s_per_core": round(fps / n, 2), "efficiency": efficiency[str(n)],
+            "scaling_efficiency": scaling[str(n)],
+            "passes": [round(r, 2) for r in rates],
+            "sender_cpu_cores": round(statistics.median(sender), 3),
+            "worker_analysis_ms_p50": round(worker_ms, 2),
+        })
+        say(f"dask x{n}: {fps:.1f} frames/s, efficiency {efficiency[str(n)]:.2f}")
+    out = {
+        "results": results,
+        "recall": round(accuracy["recall"], 4),
+        "precision": round(accuracy["precision"], 4),
+        "hit_accuracy": round(accuracy["hit_accuracy"], 4),
+        "true_peaks": accuracy["true_peaks"],
+        "efficiency": efficiency,
+        "scaling_efficiency": scaling,
+        "frame_bytes": SHAPE[0] * SHAPE[1] * 4,
+        "frames_per_pass": args.frames,
+        "repeats": args.repeats,
+        "cpu_count": os.cpu_count(),
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "targets": {"frames_per_s_per_core": TARGET_FPS_PER_CORE, "efficiency": TARGET_EFFICIENCY},
+        "meets_targets": {
+            "frames_per_s_per_core": min(r["frames_per_s_per_core"] for r in results)
+            >= TARGET_FPS_PER_CORE,
+            "efficiency": all(e >= TARGET_EFFICIENCY for e in efficiency.values()),
+            "recall_precision": accuracy["recall"] >= 0.95 and accuracy["precision"] >= 0.95,
+        },
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    print(json.dumps(out, indent=None if args.json else 2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
