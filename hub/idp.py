@@ -82,9 +82,11 @@ class EmbeddedIdP:
         if node is None:
             raise IdPError("node is not on PATH; run ./dev setup (it installs Node and npm deps)")
         if not (SCRIPT.parent.parent / "node_modules" / "oidc-provider").exists():
-            raise IdPError("npm package oidc-provider is missing; run `npm install` at the repo root")
+            raise IdPError(
+                "npm package oidc-provider is missing; run `npm install` at the repo root"
+            )
         config = self._write_config()
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps writing to it
+        log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(
                 [node, str(SCRIPT), str(config)],
@@ -100,14 +102,18 @@ class EmbeddedIdP:
         assert self.proc.stdout is not None
         while time.monotonic() < deadline and not line.endswith(b"\n"):
             if self.proc.poll() is not None:
-                raise IdPError(f"the identity provider exited ({self.proc.returncode}); see {self.log_path}")
+                raise IdPError(
+                    f"the identity provider exited ({self.proc.returncode}); see {self.log_path}"
+                )
             ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
             if ready:
                 chunk = os.read(self.proc.stdout.fileno(), 4096)
                 line += chunk
         if not line.endswith(b"\n"):
             self.stop()
-            raise IdPError(f"the identity provider did not start within {timeout:.0f}s; see {self.log_path}")
+            raise IdPError(
+                f"the identity provider did not start within {timeout:.0f}s; see {self.log_path}"
+            )
         self.issuer = json.loads(line.decode().splitlines()[0])["issuer"]
         while time.monotonic() < deadline:
             try:
