@@ -16,6 +16,7 @@ import shutil
 import sys
 import time
 import uuid
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,24 @@ def _output_tail(path: str | None, lines: int = 5) -> str:
     except OSError:
         return ""
     return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:] if line.strip())
+
+
+def _options_form(spawner: ReservedNodeSpawner) -> str:
+    """Project and tier pickers when there is a choice to make (else no form at all)."""
+    projects = policy_for(spawner._config()).projects
+    mine = projects.projects_of(spawner.user.name) if projects is not None else []
+    if len(mine) < 2:
+        return ""
+    tiers = policy_for(spawner._config()).tiers.names()
+    opts = "".join(f'<option value="{escape(p)}">{escape(p)}</option>' for p in mine)
+    tier_opts = "".join(f'<option value="{escape(t)}">{escape(t)}</option>' for t in tiers)
+    return (
+        f'<label for="project">Project</label><select class="form-control" name="project">'
+        f"{opts}</select>"
+        f'<label for="tier">Tier</label><select class="form-control" name="tier">'
+        f'<option value="">the best I hold now (beamtime inside a window)</option>{tier_opts}'
+        "</select>"
+    )
 
 
 class ReservedNodeSpawner(Spawner):
@@ -149,6 +168,20 @@ class ReservedNodeSpawner(Spawner):
     @default("start_timeout")
     def _default_start_timeout(self) -> int:
         return 120
+
+    @default("apply_user_options")
+    def _default_apply_user_options(self) -> dict:
+        # a request (REST body or the form) may name a project and a tier; start() still asks
+        # the policy whether the user holds them
+        return {"project": "project", "tier": "tier"}
+
+    @default("options_from_form")
+    def _default_options_from_form(self):
+        return self._simple_options_from_form
+
+    @default("options_form")
+    def _default_options_form(self):
+        return _options_form
 
     @validate("queue_timeout", "report_timeout", "status_interval")
     def _non_negative(self, proposal: dict) -> float:
