@@ -72,18 +72,28 @@ def _accuracy(pool: list[Any]) -> dict[str, float]:
     }
 
 
-def _numpy_passes(pool: list[Any], frames: int, repeats: int) -> list[float]:
+def _numpy_passes(pool: list[Any], frames: int, repeats: int) -> tuple[list[float], float]:
+    """Frames/s per pass, and the median CPU milliseconds per frame."""
     from streaming.analysis import Analyzer
 
     analyzer = Analyzer()
     analyzer.analyse(pool[0])  # geometry cache
-    rates = []
+    rates, cpu_ms = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        cpu0, t0 = time.process_time(), time.perf_counter()
         for i in range(frames):
             analyzer.analyse(pool[i % len(pool)])
         rates.append(frames / (time.perf_counter() - t0))
-    return rates
+        cpu_ms.append((time.process_time() - cpu0) * 1e3 / frames)
+    return rates, statistics.median(cpu_ms)
+
+
+def _worker_cpu_s() -> float:
+    """CPU seconds used so far by this process (run on each Dask worker)."""
+    import psutil
+
+    times = psutil.Process().cpu_times()
+    return times.user + times.system
 
 
 def _send(push: Any, pool: list[Any], first_seq: int, n: int) -> dict[int, float]:
@@ -101,7 +111,7 @@ def _send(push: Any, pool: list[Any], first_seq: int, n: int) -> dict[int, float
 
 
 def _dask_passes(pool: list[Any], workers: int, frames: int,
-                 repeats: int) -> tuple[list[float], list[float], float]:
+                 repeats: int) -> tuple[list[float], list[float], float, float]:
     import dask
     import zmq
     from distributed import Client, LocalCluster
@@ -110,7 +120,7 @@ def _dask_passes(pool: list[Any], workers: int, frames: int,
     from streaming.analysis_dask import STREAMING_WORKER_ENV, AnalysisSession
     from streaming.consumer import StreamConsumer
 
-    rates, sender_cpu, analysis_ms = [], [], []
+    rates, sender_cpu, analysis_ms, worker_cpu_ms = [], [], [], []
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
     push.linger = 0
@@ -138,11 +148,13 @@ def _dask_passes(pool: list[Any], workers: int, frames: int,
         seq += warm
         session.wait_for(lambda: session.stats.frames >= warm, 60, "warm-up frames")
         for _ in range(repeats):
+            wcpu0 = sum(client.run(_worker_cpu_s).values())
             cpu0, t0 = time.process_time(), time.time()
             stamps = _send(push, pool, seq, frames)
             seq += frames
             seen = session.wait_for(lambda s=seq: session.stats.frames >= s, 120, "frames")
             cpu = time.process_time() - cpu0
+            worker_cpu_ms.append((sum(client.run(_worker_cpu_s).values()) - wcpu0) * 1e3 / frames)
             # the pass ends when its last frame was analysed (send stamp + analysed latency)
             end = max(stamps[r.seq] + r.latency_s for r in seen if r.seq in stamps)
             rates.append(frames / (end - t0))
@@ -156,7 +168,7 @@ def _dask_passes(pool: list[Any], workers: int, frames: int,
         monitor.close(linger=0)
         push.close(linger=0)
         ctx.term()
-    return rates, sender_cpu, statistics.median(analysis_ms)
+    return rates, sender_cpu, statistics.median(analysis_ms), statistics.median(worker_cpu_ms)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,18 +198,19 @@ def main(argv: list[str] | None = None) -> int:
     pool = _pool(args.pool, args.seed)
     accuracy = _accuracy(pool)
     say(f"recall {accuracy['recall']:.3f} precision {accuracy['precision']:.3f}")
-    numpy_rates = _numpy_passes(pool, args.frames, args.repeats)
+    numpy_rates, numpy_cpu_ms = _numpy_passes(pool, args.frames, args.repeats)
     base = statistics.median(numpy_rates)
     say(f"numpy: {base:.1f} frames/s")
     results: list[dict[str, Any]] = [{
         "mode": "numpy", "workers": 1, "frames_per_s": round(base, 2),
         "frames_per_s_per_core": round(base, 2), "passes": [round(r, 2) for r in numpy_rates],
+        "cpu_ms_per_frame": round(numpy_cpu_ms, 3),
     }]
     efficiency: dict[str, float] = {}
     scaling: dict[str, float] = {}
     one_worker = None
     for n in sorted(counts):
-        rates, sender, worker_ms = _dask_passes(pool, n, args.frames, args.repeats)
+        rates, sender, worker_ms, worker_cpu = _dask_passes(pool, n, args.frames, args.repeats)
         fps = statistics.median(rates)
         one_worker = one_worker or fps / n
         efficiency[str(n)] = round(fps / (n * base), 3)
@@ -209,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             "passes": [round(r, 2) for r in rates],
             "sender_cpu_cores": round(statistics.median(sender), 3),
             "worker_analysis_ms_p50": round(worker_ms, 2),
+            "cpu_ms_per_frame": round(worker_cpu, 3),
+            "cpu_efficiency": round(numpy_cpu_ms / worker_cpu, 3),
         })
         say(f"dask x{n}: {fps:.1f} frames/s, efficiency {efficiency[str(n)]:.2f}")
     out = {
