@@ -69,6 +69,29 @@ def test_live_parameter_change_applies_from_the_next_frame(frames):
     assert any(truth[: changed_at + 1]), "the frames before the change must contain hits"
 
 
+def test_change_from_another_thread_never_mixes_parameters_within_a_frame(frames):
+    analyzer = Analyzer()
+    results: list[FrameResult] = []
+    halfway = threading.Event()
+
+    def feed():
+        for i, frame in enumerate(frames * 3):
+            if i == len(frames):
+                halfway.set()
+            yield frame
+
+    steerer = threading.Thread(
+        target=lambda: halfway.wait(30) and analyzer.set_params(adc_threshold=1e7))
+    steerer.start()
+    analyse_stream(feed(), analyzer, results.append)
+    steerer.join(timeout=30)
+    revs = [r.params_rev for r in results]
+    assert revs == sorted(revs) and revs[0] == 0 and revs[-1] == 1
+    assert all(r.n_peaks == 0 for r in results if r.params_rev == 1)
+    truth = {f.header.seq: f.header.meta["hit"] for f in frames}
+    assert all(r.hit == truth[r.seq] for r in results if r.params_rev == 0)
+
+
 def test_invalid_live_change_is_refused_and_changes_nothing():
     analyzer = Analyzer({"min_snr": 7})
     with pytest.raises(ParamError) as info:
