@@ -153,7 +153,7 @@ def radial_geometry(shape: tuple[int, int], center: tuple[float, float], min_res
     counts = np.bincount(bins, minlength=nbins + 1)
     starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
     rank = np.arange(bins.size) - starts[sorted_bins]
-    step = np.maximum(1, counts // max(1, samples_per_bin))
+    step = np.maximum(1, -(-counts // max(1, samples_per_bin)))  # ceil: at most ~samples_per_bin
     take = (rank % step[sorted_bins] == 0) & (sorted_bins < nbins)
     sample_idx = np.sort(order[take]).astype(np.int64)
     return RadialGeometry(
