@@ -69,69 +69,83 @@ def _server_env(hub: Hub, user: str, project: str, tier: str, config) -> Iterato
                 os.environ[key] = value
 
 
-class LocalBench:
-    """One hub on the local backend, reused for every measurement of a run."""
+class SpawnBench:
+    """One hub on one backend, reused for every measurement of a run."""
 
-    def __init__(self, workdir: Path, nodes: int, outside_wait: float) -> None:
+    def __init__(
+        self, workdir: Path, backend: str, options: dict, nodes: int, outside_wait: float
+    ) -> None:
         from kernels.placement import SchedulerConfig
 
+        self.backend = backend
         self.state = workdir / "sched"
         (workdir / "projects.yaml").write_text(PROJECTS)
         self.nodes = nodes
         self.config = SchedulerConfig(
-            backend="local",
+            backend=backend,
             state_dir=str(self.state),
-            options={"nodes": nodes},
+            options=options,
             projects_file=str(workdir / "projects.yaml"),
         )
         self.hub = Hub(
             workdir,
             f"""
+c.Authenticator.admin_users = {{"ops"}}
+c.ReservedNodeSpawner.backend = {backend!r}
 c.ReservedNodeSpawner.state_dir = {str(self.state)!r}
-c.ReservedNodeSpawner.backend_options = {{"nodes": {nodes}}}
+c.ReservedNodeSpawner.backend_options = {options!r}
 c.ReservedNodeSpawner.projects_file = {str(workdir / "projects.yaml")!r}
 c.ReservedNodeSpawner.mem_mb = 256
 c.ReservedNodeSpawner.queue_timeout = {outside_wait}
 """,
-            ["alice", "lena", "bob"],
+            ["alice", "lena", "bob", "ops"],
         )
-        self.batch_token = ""
+        self.batch_token = self.ops_token = ""
         self.batch_ids: list[str] = []
 
-    def jobs(self, prefix: str = "") -> list:
-        from kernels.local import read_jobs
-
-        return [
-            j for j in read_jobs(self.state / "local-jobs.sqlite") if j.spec.name.startswith(prefix)
-        ]
-
-    def fill_with_batch(self) -> None:
+    def _jobs_api(self, token: str, method: str, path: str = "", body: dict | None = None):
         import urllib.request
 
+        req = urllib.request.Request(
+            f"{self.hub.url}/hub/api/beamhub/jobs{path}",
+            method=method,
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Authorization": f"token {token}"},
+        )
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            raw = resp.read()
+            return json.loads(raw) if raw else None
+
+    def jobs(self, prefix: str = "") -> list[dict]:
+        """Every job the hub's scheduler knows (as the admin sees them), by name prefix."""
+        if not self.ops_token:
+            self.ops_token = self.hub.user_token("ops")
+        jobs = self._jobs_api(self.ops_token, "GET").values()
+        return [j for j in jobs if (j.get("spec") or {}).get("name", "").startswith(prefix)]
+
+    def fill_with_batch(self) -> None:
         self.batch_token = self.hub.user_token("bob")
         for i in range(self.nodes):
             body = {"name": f"batch-{i}", "project": "filler", "tier": "batch", "requeue": True,
                     "argv": ["/bin/sleep", "3600"], "mem_mb": 256}  # fmt: skip
-            req = urllib.request.Request(
-                f"{self.hub.url}/hub/api/beamhub/jobs",
-                method="POST",
-                data=json.dumps(body).encode(),
-                headers={"Authorization": f"token {self.batch_token}"},
-            )
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                self.batch_ids.append(json.loads(resp.read())["job_id"])
+            self.batch_ids.append(self._jobs_api(self.batch_token, "POST", "", body)["job_id"])
         self.wait_nodes_busy()
+
+    def cancel_batch(self) -> None:
+        for job_id in self.batch_ids:
+            with contextlib.suppress(OSError):
+                self._jobs_api(self.batch_token, "DELETE", f"/{job_id}")
 
     def wait_nodes_busy(self, timeout: float = 30) -> None:
         ok = _wait(
-            lambda: sum(j.state.value == "running" for j in self.jobs("batch-")) == self.nodes,
+            lambda: sum(j["state"] == "running" for j in self.jobs("batch-")) == self.nodes,
             timeout,
         )
         if not ok:
             raise RuntimeError(f"batch jobs did not fill the {self.nodes} nodes in {timeout} s")
 
     def requeues(self) -> int:
-        return sum(j.requeues for j in self.jobs("batch-"))
+        return sum(int(j.get("requeues") or 0) for j in self.jobs("batch-"))
 
     def spawn(self, user: str, timeout: float) -> tuple[float | None, str]:
         """Seconds from the request to HTTP 200 from the server, or None and the reason."""
@@ -170,7 +184,8 @@ c.ReservedNodeSpawner.queue_timeout = {outside_wait}
             elapsed = time.monotonic() - t0
             client.close()
             client.cluster.close()
-            _wait(lambda: not [j for j in self.jobs("dask-worker-") if not j.done], 20)
+            live = ("pending", "running")
+            _wait(lambda: not [j for j in self.jobs("dask-worker-") if j["state"] in live], 20)
             return elapsed, "ready"
 
     def run(self, runs: int, workers: int, outside_wait: float) -> dict:
@@ -192,7 +207,7 @@ c.ReservedNodeSpawner.queue_timeout = {outside_wait}
             self.stop("lena")
             dsecs, dwhy = self.dask("lena", "beam-late", "interactive", workers, outside_wait)
             results.append({
-                "backend": "local", "window": "outside", "ready_s": secs, "preempted": 0,
+                "backend": self.backend, "window": "outside", "ready_s": secs, "preempted": 0,
                 "dask_workers_ready_s": dsecs, "reason": why, "dask_reason": dwhy,
             })  # fmt: skip
             _log(f"outside window: {why}")
@@ -226,7 +241,7 @@ c.ReservedNodeSpawner.queue_timeout = {outside_wait}
                 self.stop("alice")
                 self.wait_nodes_busy()
             results.insert(0, {
-                "backend": "local", "window": "inside",
+                "backend": self.backend, "window": "inside",
                 "ready_s": round(statistics.median(ready), 3),
                 "preempted": int(statistics.median(preempted)),
                 "dask_workers_ready_s": round(statistics.median(dask_ready), 3),
@@ -236,12 +251,15 @@ c.ReservedNodeSpawner.queue_timeout = {outside_wait}
             baseline = statistics.median(idle)
             return {
                 "results": results,
-                "baseline": {"backend": "local", "idle_nodes_ready_s": round(baseline, 3)},
+                "baseline": {"backend": self.backend, "idle_nodes_ready_s": round(baseline, 3)},
                 "ratio_inside_vs_idle": round(statistics.median(ready) / baseline, 2),
             }
         finally:
+            with contextlib.suppress(OSError):
+                self.cancel_batch()
             self.hub.stop()
-            self.hub.cleanup_jobs(self.state)
+            if self.backend == "local":
+                self.hub.cleanup_jobs(self.state)
 
 
 def _slurm_row(reason: str) -> dict:
@@ -262,15 +280,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import logging
 
-    logging.getLogger("distributed").setLevel(logging.WARNING)  # the JSON is the output
+    import distributed  # noqa: F401  (configures its loggers on import; quiet them after)
+
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("distributed")]:
+        logging.getLogger(name).setLevel(logging.WARNING)  # the JSON is the output
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     if args.runs < 1 or args.nodes < args.workers + 1:
         parser.error("--runs must be >= 1 and --nodes >= --workers + 1 (server + workers)")
     t0 = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="beamhub-bench-spawn-"))
     try:
-        report = LocalBench(workdir, args.nodes, args.outside_wait).run(
-            args.runs, args.workers, args.outside_wait
-        )
+        report = SpawnBench(
+            workdir, "local", {"nodes": args.nodes}, args.nodes, args.outside_wait
+        ).run(args.runs, args.workers, args.outside_wait)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if shutil.which("sinfo") is None:
