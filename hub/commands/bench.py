@@ -1,4 +1,4 @@
-"""`beamhub bench KIND`: run a benchmark from bench/ (stream, spawn, analysis, steer) and print its JSON."""
+"""`beamhub bench KIND`: run a benchmark from bench/ (stream, spawn, analysis, steer, gateway) and print its JSON."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 __all__ = ["KINDS", "register"]
 
 #: Benchmark modules under ``bench/``; each exposes ``main(argv: list[str]) -> int``.
-KINDS = ("stream", "spawn", "analysis", "steer")
+KINDS = ("stream", "spawn", "analysis", "steer", "gateway")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
