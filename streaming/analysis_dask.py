@@ -129,9 +129,9 @@ def analysis_worker(session: str, index: int, consumer_factory: Callable[[], Ite
         if time.monotonic() - last_flush >= flush_interval_s:
             flush()
 
+    consumer = consumer_factory()  # may raise (bad endpoint): before any thread is started
     listener = threading.Thread(target=listen, name=f"{session}-control-{index}", daemon=True)
     listener.start()
-    consumer = consumer_factory()
     frames = 0
     try:
         send({"ready": True, "applied_rev": analyzer.rev})
@@ -262,7 +262,10 @@ class AnalysisSession:
             timeout, f"acknowledgement of rev {rev} from every worker")
 
     def stop(self, timeout: float = 30.0) -> list[dict[str, Any]]:
-        """Stop every worker task, collect what is left; returns the tasks' summaries."""
+        """Stop every worker task, collect what is left; returns the tasks' summaries.
+
+        A task that failed is summarised as ``{"index", "error"}`` (:meth:`poll` raised it).
+        """
         if self._stopped:
             return []
         self._stopped = True
@@ -272,9 +275,17 @@ class AnalysisSession:
 
         deadline = time.monotonic() + timeout
         wait(self.futures, timeout=timeout)  # raises TimeoutError if a task does not stop
-        summaries = self.client.gather(self.futures, errors="raise")
-        while self.poll() and time.monotonic() < deadline:
-            pass
+        summaries = [
+            {"index": i, "error": f"{type(f.exception()).__name__}: {f.exception()}"}
+            if f.status == "error" else f.result()
+            for i, f in enumerate(self.futures)
+        ]
+        while time.monotonic() < deadline:  # what the tasks flushed on their way out
+            messages = self._results.get(batch=True)
+            if not messages:
+                break
+            for message in messages:
+                self._handle(message)
         for queue in (self._results, *self._controls):
             queue.close()
         return summaries

@@ -272,3 +272,15 @@ def test_bench_analysis_prints_the_agreed_json(capsys):
         assert r["frames_per_s"] > 0 and r["frames_per_s_per_core"] > 0
     assert 0 <= out["recall"] <= 1 and 0 <= out["precision"] <= 1
     assert out["efficiency"]["1"] > 0 and out["frame_bytes"] == 4 * 1024 * 1024
+
+
+@pytest.mark.timeout(60)
+def test_a_failing_worker_task_surfaces_in_poll_and_stop(dask_client):
+    from streaming.analysis_dask import AnalysisSession
+
+    session = AnalysisSession(dask_client, functools.partial(StreamConsumer, "no-endpoint"),
+                              workers=1)
+    with pytest.raises(ValueError, match="endpoint"):
+        session.wait_ready(timeout=30)
+    summaries = session.stop()
+    assert summaries[0]["index"] == 0 and "endpoint" in summaries[0]["error"]
