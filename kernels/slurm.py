@@ -1,0 +1,276 @@
+"""The SLURM backend: sbatch/squeue/scancel run as argv lists; the text lives in slurm_text.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+
+from kernels.scheduler import (
+    TERMINAL_STATES,
+    EventHub,
+    JobInfo,
+    JobSpec,
+    JobState,
+    Scheduler,
+    SchedulerError,
+)
+from kernels.slurm_text import (
+    SACCT_FIELDS,
+    SQUEUE_FORMAT,
+    batch_script,
+    parse_sacct,
+    parse_sbatch,
+    parse_squeue,
+    partition_lines,
+    sbatch_argv,
+)
+from kernels.tiers import TierPolicy, load_tiers
+
+__all__ = ["SlurmBackend", "main"]
+
+_EVENT_FOR = {
+    JobState.COMPLETED: "completed",
+    JobState.FAILED: "failed",
+    JobState.CANCELLED: "cancelled",
+    JobState.PREEMPTED: "preempted",
+}
+
+
+class SlurmBackend(Scheduler):
+    """Jobs on a real SLURM. Each tier is a partition (see slurm_text's module docstring);
+    ``partitions``/``qos`` map tier names onto a site's own partition/QoS names.
+
+    ``slurm_conf``: the SLURM_CONF the commands use (default: the environment's).
+    ``use_sacct``: ask sacct about jobs squeue has forgotten (needs slurmdbd accounting).
+    """
+
+    name = "slurm"
+
+    def __init__(
+        self,
+        policy: TierPolicy | None = None,
+        slurm_conf: str | Path | None = None,
+        log_dir: str | Path | None = None,
+        partitions: Mapping[str, str] | None = None,
+        qos: Mapping[str, str] | None = None,
+        poll_interval: float = 1.0,
+        use_sacct: bool = False,
+        command_timeout: float = 30.0,
+        log: logging.Logger | None = None,
+    ) -> None:
+        self.policy = policy or TierPolicy()
+        self.tiers = self.policy.tiers
+        self.env = dict(os.environ)
+        if slurm_conf is not None:
+            self.env["SLURM_CONF"] = str(slurm_conf)
+        self.log_dir = Path(log_dir) if log_dir else None
+        if self.log_dir:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.partitions = dict(partitions or {})
+        self.qos = dict(qos or {})
+        self.poll_interval = poll_interval
+        self.use_sacct = use_sacct
+        self.command_timeout = command_timeout
+        self.log = log or logging.getLogger("beamhub.kernels.slurm")
+        self._specs: dict[str, JobSpec] = {}
+        self._last: dict[str, JobInfo] = {}
+        self._events = EventHub()
+        self._task: asyncio.Task | None = None
+        self._closed = False
+
+    # -- commands -------------------------------------------------------------------------
+    async def _run(self, argv: list[str], stdin: str | None = None) -> tuple[int, str, str]:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=self.env,
+            )
+        except FileNotFoundError as exc:
+            raise SchedulerError(
+                f"{argv[0]} is not installed; install slurm-client (and point SLURM_CONF at the "
+                "cluster's slurm.conf)",
+                status=503,
+            ) from exc
+        try:
+            out, err = await asyncio.wait_for(
+                proc.communicate(stdin.encode() if stdin is not None else None),
+                self.command_timeout,
+            )
+        except TimeoutError as exc:
+            proc.kill()
+            await proc.wait()
+            raise SchedulerError(
+                f"{argv[0]} did not answer within {self.command_timeout:.0f} s; is slurmctld up?",
+                status=503,
+            ) from exc
+        return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+    # -- the Scheduler interface ----------------------------------------------------------
+    async def submit(self, spec: JobSpec) -> str:
+        if self._closed:
+            raise SchedulerError("the SLURM backend is closed", status=503)
+        tier = self.policy.check(spec)
+        output = str(self.log_dir / "%j.out") if self.log_dir else None
+        argv = sbatch_argv(spec, tier, self.partitions.get(tier.name), self.qos.get(tier.name),
+                           output)
+        rc, out, err = await self._run(argv, stdin=batch_script(spec))
+        if rc != 0:
+            why = "; ".join(ln.removeprefix("sbatch: error: ").strip()
+                            for ln in (err.strip() or out.strip()).splitlines())
+            raise SchedulerError(f"sbatch refused the job: {why}",
+                                 status=400 if "error: " in err else 503)
+        job_id = parse_sbatch(out)
+        self._specs[job_id] = spec
+        self._last[job_id] = JobInfo(job_id=job_id, spec=spec, state=JobState.PENDING)
+        self._events.publish("queued", job_id, tier=tier.name,
+                             message=f"queued at tier {tier.name} (SLURM job {job_id})")
+        self._ensure_watching()
+        return job_id
+
+    async def status(self, job_ids: list[str]) -> dict[str, JobInfo]:
+        ids = [j for j in dict.fromkeys(job_ids) if j.isdigit()]
+        found: dict[str, JobInfo] = {}
+        if ids:
+            rc, out, err = await self._run(
+                ["squeue", "--noheader", "--states=all", f"--jobs={','.join(ids)}",
+                 f"--Format={SQUEUE_FORMAT}"])
+            if rc == 0:
+                found = parse_squeue(out)
+            elif "Invalid job id" not in err:  # all ids unknown is not an error
+                raise SchedulerError(f"squeue failed: {err.strip()}", status=503)
+        missing = [j for j in ids if j not in found]
+        if missing and self.use_sacct:
+            rc, out, err = await self._run(
+                ["sacct", "--parsable2", "--noheader", "--allocations",
+                 f"--jobs={','.join(missing)}", f"--format={','.join(SACCT_FIELDS)}"])
+            if rc == 0:
+                found.update({k: v for k, v in parse_sacct(out).items() if k in missing})
+        result = {}
+        for job_id in job_ids:
+            info = found.get(job_id) or JobInfo(
+                job_id=job_id, spec=None, state=JobState.UNKNOWN,
+                reason="SLURM does not know this job (finished longer than MinJobAge ago, "
+                "or never existed)",
+            )
+            if job_id in self._specs:
+                info.spec = self._specs[job_id]
+            result[job_id] = info
+        return result
+
+    async def cancel(self, job_id: str) -> None:
+        if not job_id.isdigit():
+            raise SchedulerError(f"no job with id {job_id!r}", status=404, field="job_id")
+        rc, _out, err = await self._run(["scancel", "--verbose", job_id])
+        # scancel exits 0 even for an unknown id: its stderr says what happened
+        if "Invalid job id" in err:
+            raise SchedulerError(f"no job with id {job_id!r}", status=404, field="job_id")
+        if "already completing or completed" in err:
+            return
+        if rc != 0:
+            raise SchedulerError(f"scancel failed: {err.strip()}", status=503)
+
+    async def list(self, project: str | None = None) -> list[JobInfo]:
+        rc, out, err = await self._run(
+            ["squeue", "--noheader", "--states=all", f"--Format={SQUEUE_FORMAT}"])
+        if rc != 0:
+            raise SchedulerError(f"squeue failed: {err.strip()}", status=503)
+        jobs = []
+        for job_id, info in parse_squeue(out).items():
+            if info.spec is None:  # not submitted by beamhub
+                continue
+            if job_id in self._specs:
+                info.spec = self._specs[job_id]
+            if project is None or info.spec.project == project:
+                jobs.append(info)
+        return jobs
+
+    def events(self) -> AsyncIterator[dict]:
+        self._ensure_watching()
+        return self._events.subscribe()
+
+    async def close(self) -> None:
+        """Stop watching; SLURM keeps the jobs (a new backend finds them with ``list``)."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._events.close()
+
+    # -- watching: squeue diffs → events ----------------------------------------------------
+    def _ensure_watching(self) -> None:
+        if self._task is None and not self._closed:
+            self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while not self._closed:
+            try:
+                await self.poll_once()
+            except SchedulerError as exc:  # slurmctld restarting: try again next round
+                self.log.warning("polling SLURM failed: %s", exc.message)
+            await asyncio.sleep(self.poll_interval)
+
+    async def poll_once(self) -> None:
+        """One squeue call for every watched job; publishes what changed since the last one."""
+        watched = [j for j, info in self._last.items() if info.state not in TERMINAL_STATES]
+        if not watched:
+            return
+        now = await self.status(watched)
+        preempted_nodes: dict[str, list[str]] = {}
+        for job_id in watched:
+            old, new = self._last[job_id], now[job_id]
+            if new.requeues > old.requeues:
+                node = old.node or "?"
+                preempted_nodes.setdefault(node, []).append(job_id)
+                self._events.publish("preempted", job_id, node=node, by=None,
+                                     message=f"preempted on {node} and requeued by SLURM")
+                self._events.publish("requeued", job_id, message=new.reason)
+        for job_id in watched:
+            old, new = self._last[job_id], now[job_id]
+            if new.state is JobState.RUNNING and (old.state is not JobState.RUNNING
+                                                  or new.requeues > old.requeues):
+                victims = [v for n, vs in preempted_nodes.items() if n == new.node for v in vs]
+                if victims:
+                    tiers = sorted({(self._specs.get(v) or JobSpec("", "", "", "?", [])).tier
+                                    for v in victims})
+                    noun = "job" if len(victims) == 1 else "jobs"
+                    self._events.publish(
+                        "preempting", job_id, victims=victims, node=new.node,
+                        message=f"preempting {len(victims)} {'/'.join(tiers)} {noun} on {new.node}")
+                self._events.publish("started", job_id, node=new.node,
+                                     message=f"started on {new.node}")
+            elif new.state in TERMINAL_STATES and old.state is not new.state:
+                self._events.publish(_EVENT_FOR[new.state], job_id, exit_code=new.exit_code,
+                                     message=new.reason)
+            self._last[job_id] = new
+
+    def watch(self, job_id: str) -> None:
+        """Also report events for a job submitted elsewhere (e.g. before a hub restart)."""
+        self._last.setdefault(job_id, JobInfo(job_id=job_id, spec=None, state=JobState.UNKNOWN))
+        self._ensure_watching()
+
+
+def main(argv: list[str]) -> int:
+    """``python -m kernels.slurm partitions [TIERS.yaml]``: slurm.conf lines for the tiers."""
+    if argv[:1] == ["partitions"]:
+        try:
+            print("\n".join(partition_lines(load_tiers(argv[1] if len(argv) > 1 else None))))
+        except SchedulerError as exc:
+            print(f"kernels.slurm: {exc.message}", file=sys.stderr)
+            return 2
+        return 0
+    print("usage: python -m kernels.slurm partitions [TIERS.yaml]", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

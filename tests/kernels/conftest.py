@@ -1,0 +1,75 @@
+"""A real SLURM for the slurm tests: munged, slurmctld and 4 `slurmd -N nX` on this host."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+START = REPO / "scripts" / "slurm" / "start.sh"
+STOP = REPO / "scripts" / "slurm" / "stop.sh"
+NODES = 4
+
+
+@dataclass
+class SlurmCluster:
+    conf: Path
+    state: Path
+    nodes: int
+    cold_start_s: float
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))  # slurmd/slurmctld bind the wildcard address
+        except OSError:
+            return False
+    return True
+
+
+def _port_block(count: int) -> int:
+    """The first of ``count`` consecutive free ports (SLURM wants its ports before it starts)."""
+    for _ in range(200):
+        first = random.randrange(20000, 32000 - count)
+        if all(_free(first + i) for i in range(count)):
+            return first
+    raise RuntimeError("no block of free ports found")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """Start the cluster once per test session (scripts/slurm/start.sh), stop it at the end."""
+    missing = [b for b in ("munged", "slurmctld", "slurmd", "sbatch") if shutil.which(b) is None]
+    if missing:
+        pytest.skip(f"SLURM binaries not installed ({', '.join(missing)}); `./dev setup` installs "
+                    "slurmctld slurmd slurm-client munge from scripts/apt-packages.txt")
+    if os.geteuid() != 0:
+        pytest.skip("starting munged and the SLURM daemons needs root")
+    state = Path(tempfile.mkdtemp(prefix="bh-slurm-", dir="/tmp"))  # short: unix socket paths
+    first = _port_block(NODES + 1)
+    env = {**os.environ, "SLURM_STATE_DIR": str(state), "SLURMCTLD_PORT": str(first),
+           "SLURMD_PORT": str(first + 1), "SLURM_NODES": str(NODES), "SLURM_CRED_EXPIRE": "5"}
+    t0 = time.monotonic()
+    proc = subprocess.run(["bash", str(START)], env=env, capture_output=True, text=True,
+                          timeout=90)
+    cold = time.monotonic() - t0
+    if proc.returncode != 0:
+        logs = "".join(p.read_text()[-2000:] for p in sorted((state / "log").glob("*.log")))
+        shutil.rmtree(state, ignore_errors=True)
+        pytest.fail(f"scripts/slurm/start.sh failed ({proc.returncode}): {proc.stderr}\n{logs}")
+    conf = state / "slurm.conf"
+    try:
+        yield SlurmCluster(conf=conf, state=state, nodes=NODES, cold_start_s=cold)
+    finally:
+        subprocess.run(["bash", str(STOP)], env=env, capture_output=True, timeout=60)
+        shutil.rmtree(state, ignore_errors=True)
