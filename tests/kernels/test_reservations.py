@@ -95,3 +95,42 @@ def test_unknown_window_id(book):
     with pytest.raises(SchedulerError, match="no window with id 99") as err:
         book.approve(99, "root")
     assert err.value.status == 404
+
+
+def _cli(home, *args, admins=None):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "BEAMHUB_HOME": str(home)}
+    env.pop("BEAMHUB_SCHEDULER_ADMINS", None)
+    if admins:
+        env["BEAMHUB_SCHEDULER_ADMINS"] = admins
+    beamhub = Path(sys.executable).with_name("beamhub")
+    return subprocess.run([str(beamhub), "scheduler", *args], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+@pytest.mark.timeout(60)
+def test_admin_cli_round_trip(tmp_path):
+    import json
+
+    out = _cli(tmp_path, "reservation", "request", "--project", "lcls01", "--start", "now",
+               "--end", "+2h", "--justification", "SFX run 7", "--as", "alice")
+    assert out.returncode == 0, out.stderr
+    assert "window 1 requested" in out.stdout
+    bad = _cli(tmp_path, "reservation", "request", "--project", "lcls01", "--start", "+2h",
+               "--end", "+1h", "--justification", "x")
+    assert bad.returncode == 2 and "before it starts" in bad.stderr and "status 400" in bad.stderr
+    refused = _cli(tmp_path, "reservation", "approve", "1", "--as", "alice", admins="root")
+    assert refused.returncode == 2 and "not a scheduler admin" in refused.stderr
+    ok = _cli(tmp_path, "reservation", "approve", "1", "--as", "root", admins="root")
+    assert ok.returncode == 0 and "approved by root; now active" in ok.stdout
+    listed = json.loads(_cli(tmp_path, "reservation", "list", "--json").stdout)
+    assert [(w["id"], w["state"], w["justification"]) for w in listed] == [
+        (1, "active", "SFX run 7")]
+    tiers = json.loads(_cli(tmp_path, "tiers", "--json").stdout)
+    assert [t["name"] for t in tiers] == ["beamtime", "interactive", "normal", "batch"]
+    jobs = _cli(tmp_path, "jobs", "--json")
+    assert jobs.returncode == 0 and json.loads(jobs.stdout) == []
