@@ -219,7 +219,8 @@ def _slurm_cluster(
 
     qos = (config.options.get("qos") or {}).get(tier)
     # the same label kernels.slurm puts on its jobs, so `beamhub scheduler jobs` lists them too
-    extra = [f"--comment=beamhub project={safe(project)} user={safe(user)} tier={safe(tier)}"]
+    label = f"beamhub project={safe(project)} user={safe(user)} tier={safe(tier)}"
+    extra = [f'--comment="{label}"']  # quoted: an #SBATCH line ends at the first space
     if qos:
         extra.append(f"--qos={qos}")
     cluster = SLURMCluster(
