@@ -152,7 +152,7 @@ def validate_spec(spec: ChannelSpec) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
 
 
 class _Channel:
-    """The threads and counters of one provisioned channel."""
+    """The threads and counters of one provisioned channel (and its context, if its own)."""
 
     def __init__(
         self,
@@ -161,7 +161,9 @@ class _Channel:
         supervisor: Supervisor,
         counters: ChannelCounters,
         endpoints: ChannelEndpoints,
+        zone: _Zone,
     ) -> None:
+        self.zone = zone
         self.spec = spec
         self.threads = threads
         self.supervisor = supervisor
@@ -170,8 +172,38 @@ class _Channel:
         self.created = time.time()
 
 
+class _Zone:
+    """A ZeroMQ context with its ZAP handler."""
+
+    def __init__(self, context: zmq.Context, owned: bool, log: logging.Logger) -> None:
+        self.context = context
+        self.owned = owned
+        self.auth = ChannelAuthenticator(context, log=log.getChild("zap"))
+        try:
+            self.auth.start()
+        except zmq.ZMQError as exc:
+            raise RuntimeError(
+                f"cannot start the data plane's ZAP handler ({exc}): another authenticator already "
+                "serves this ZeroMQ context; give DataPlane its own context (or none)"
+            ) from exc
+
+    def close(self) -> None:
+        """Stop the ZAP handler, then terminate the context if it is ours (idempotent)."""
+        if self.auth.is_alive():
+            self.auth.stop()
+        if self.owned and not self.context.closed:
+            self.context.term()
+
+
 class DataPlane:
-    """Provision, inspect and remove channels; one ZeroMQ context and one ZAP handler for all."""
+    """Provision, inspect and remove channels.
+
+    By default every channel gets its own ZeroMQ context and ZAP handler, so that ``remove()``
+    can always end an L4 proxy even while it waits in a send for a consumer that never reads
+    (terminating the channel's context is the only way to interrupt libzmq there). If a
+    ``context`` is given, all channels share it and its single ZAP handler; then an L4 proxy
+    stuck that way stops only when a consumer reads or the context is terminated by its owner.
+    """
 
     def __init__(
         self,
@@ -185,20 +217,11 @@ class DataPlane:
         self.host = host
         self.advertise = advertise_host or host
         self.log = log or logging.getLogger("beamhub.dsn.dataplane")
-        self._own_context = context is None
-        self.context = context or zmq.Context()
         self.public_key, self._secret_key = server_keypair or zmq.curve_keypair()
         self._channels: dict[str, _Channel] = {}
         self._lock = threading.Lock()
         self._closed = False
-        self.auth = ChannelAuthenticator(self.context, log=self.log.getChild("zap"))
-        try:
-            self.auth.start()
-        except zmq.ZMQError as exc:
-            raise RuntimeError(
-                f"cannot start the data plane's ZAP handler ({exc}): another authenticator already "
-                "serves this ZeroMQ context; give DataPlane its own context"
-            ) from exc
+        self._shared = _Zone(context, False, self.log) if context is not None else None
 
     def provision(self, spec: ChannelSpec) -> ChannelEndpoints:
         """Bind the channel's faces and start forwarding; raise ValueError on a bad spec."""
@@ -243,8 +266,9 @@ class DataPlane:
         )
         pkeys = _keys("producer_keys", spec.producer_keys) if spec.curve else ()
         ckeys = _keys("consumer_keys", spec.consumer_keys) if spec.curve else ()
-        self.auth.set_policy(pdom, FacePolicy(producer_nets, pkeys))
-        self.auth.set_policy(cdom, FacePolicy(consumer_nets, ckeys))
+        zone = self._shared or _Zone(zmq.Context(), True, self.log)
+        zone.auth.set_policy(pdom, FacePolicy(producer_nets, pkeys))
+        zone.auth.set_policy(cdom, FacePolicy(consumer_nets, ckeys))
         faces = FaceConfig(
             host=self.host,
             advertise=self.advertise,
@@ -260,12 +284,12 @@ class DataPlane:
         counters = ChannelCounters()
         tag = f"dsn-{spec.channel_id}-{uuid.uuid4().hex[:6]}"
         if spec.mode == "l4":
-            path: Any = L4Router(self.context, f"{tag}-l4", faces, self.log)
-            control = path.control_endpoint
+            path: Any = L4Router(zone.context, f"{tag}-l4", faces, self.log)
+            router = path
         else:
-            path = L7Gateway(self.context, f"{tag}-l7", faces, self.log, counters)
-            control = None
-        supervisor = Supervisor(self.context, f"{tag}-sup", faces, self.log, counters, control)
+            path = L7Gateway(zone.context, f"{tag}-l7", faces, self.log, counters)
+            router = None
+        supervisor = Supervisor(zone.context, f"{tag}-sup", faces, self.log, counters, router)
         threads = [
             path,
             supervisor,
@@ -282,9 +306,11 @@ class DataPlane:
                         f"cannot bind the channel's sockets on {self.host}: {thread.error}"
                     )
         except BaseException:
-            self._stop_threads(started, supervisor)
-            self.auth.remove_policy(pdom)
-            self.auth.remove_policy(cdom)
+            self._stop_threads(started, supervisor, zone)
+            zone.auth.remove_policy(pdom)
+            zone.auth.remove_policy(cdom)
+            if zone is not self._shared:
+                zone.close()
             raise
         eps = {**path.endpoints, **supervisor.endpoints}
         endpoints = ChannelEndpoints(
@@ -294,16 +320,20 @@ class DataPlane:
             report=eps.get("report"),
             server_key=self.public_key.decode() if spec.curve else None,
         )
-        return _Channel(spec, threads, supervisor, counters, endpoints)
+        return _Channel(spec, threads, supervisor, counters, endpoints, zone)
 
-    @staticmethod
-    def _stop_threads(threads: list[Any], supervisor: Supervisor) -> None:
+    def _stop_threads(self, threads: list[Any], supervisor: Supervisor, zone: _Zone) -> None:
         # The supervisor first: in L4 it sends TERMINATE to the proxy on its way out.
         if supervisor in threads:
             supervisor.stop()
         for thread in threads:
             if thread is not supervisor:
-                thread.stop()
+                thread.stop(timeout=2.0)
+        if zone is not self._shared and any(t.is_alive() for t in threads):
+            # An L4 proxy waiting in a send cannot read TERMINATE; ending its context frees it.
+            zone.close()
+            for thread in threads:
+                thread.join(5.0)
 
     def _get(self, channel_id: str) -> _Channel:
         with self._lock:
@@ -348,7 +378,7 @@ class DataPlane:
         work_received = sum(e["received"] for e in consumers.values() if e["role"] == "work")
         rate_hz, gb_per_s = sup.rates()
         refused = {
-            face: self.auth.refused.get(zap_domain(channel_id, face), 0)
+            face: channel.zone.auth.refused.get(zap_domain(channel_id, face), 0)
             for face in ("producer", "consumer")
         }
         return {
@@ -380,6 +410,11 @@ class DataPlane:
             },
             "refused_connections": refused,
             "report_errors": sup.report_errors,
+            "proxy": (
+                {"runs": sup.router.runs, "uncounted_runs": sup.uncounted_runs}
+                if sup.router is not None
+                else None
+            ),
         }
 
     def remove(self, channel_id: str) -> None:
@@ -388,25 +423,26 @@ class DataPlane:
             channel = self._channels.pop(channel_id, None)
         if channel is None:
             raise KeyError(f"no channel {channel_id!r} on this data plane")
-        self._stop_threads(channel.threads, channel.supervisor)
-        self.auth.remove_policy(zap_domain(channel_id, "producer"))
-        self.auth.remove_policy(zap_domain(channel_id, "consumer"))
+        self._stop_threads(channel.threads, channel.supervisor, channel.zone)
+        channel.zone.auth.remove_policy(zap_domain(channel_id, "producer"))
+        channel.zone.auth.remove_policy(zap_domain(channel_id, "consumer"))
+        if channel.zone is not self._shared:
+            channel.zone.close()
         alive = [t.name for t in channel.threads if t.is_alive()]
         if alive:
             self.log.error("channel %s: threads still running after stop: %s", channel_id, alive)
         self.log.info("channel %s removed after %d messages", channel_id, channel.counters.messages)
 
     def close(self) -> None:
-        """Remove every channel, stop the ZAP handler and (if ours) terminate the context."""
+        """Remove every channel and stop the ZAP handlers (a given context is left to its owner)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
         for channel_id in self.channels():
             self.remove(channel_id)
-        self.auth.stop()
-        if self._own_context:
-            self.context.term()
+        if self._shared is not None:
+            self._shared.close()
 
     def __enter__(self) -> DataPlane:
         return self

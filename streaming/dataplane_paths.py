@@ -150,6 +150,7 @@ class L4Router(_ChannelThread):
     def __init__(self, ctx: zmq.Context, name: str, faces: FaceConfig, log: logging.Logger) -> None:
         super().__init__(ctx, name, faces, log)
         self.control_endpoint = f"inproc://{name}-{uuid.uuid4().hex}-control"
+        self.runs = 0  # proxy invocations; libzmq's counters restart with each
 
     def setup(self) -> None:
         f = self.faces
@@ -171,7 +172,17 @@ class L4Router(_ChannelThread):
 
     def loop(self, stop: zmq.Socket) -> None:
         # Returns when the supervisor (owner of the control peer) sends TERMINATE.
-        zmq.proxy_steerable(self.front, self.work, self.capture, self.control)
+        while True:
+            self.runs += 1
+            try:
+                zmq.proxy_steerable(self.front, self.work, self.capture, self.control)
+                return
+            except zmq.Again:
+                # libzmq 4.3.5's proxy gives up with EAGAIN when a ZAP-authenticated connection
+                # makes the frontend look readable but the first recv finds nothing (before any
+                # part is forwarded). Nothing is lost; start it again. The supervisor carries the
+                # counters over (see Supervisor._statistics).
+                self.log.debug("proxy %s: spurious EAGAIN from libzmq, restarting", self.name)
 
 
 class L7Gateway(_ChannelThread):
@@ -294,11 +305,17 @@ class Supervisor(_ChannelThread):
         faces: FaceConfig,
         log: logging.Logger,
         counters: ChannelCounters,
-        control_endpoint: str | None,
+        router: L4Router | None,
     ) -> None:
         super().__init__(ctx, name, faces, log)
         self.counters = counters
-        self.control_endpoint = control_endpoint
+        self.router = router
+        self.control_endpoint = router.control_endpoint if router is not None else None
+        self._run = 0
+        self._asked_at_run: int | None = None
+        self._base = [0] * 8
+        self._last = [0] * 8
+        self.uncounted_runs = 0
         self.consumers: dict[str, dict[str, Any]] = {}
         self.report_errors = 0
         self.untracked_reporters = 0
@@ -337,21 +354,40 @@ class Supervisor(_ChannelThread):
                             break
         finally:
             if self.control is not None:
-                self._statistics()  # final counters before the proxy goes
+                self._statistics(wait_ms=500)  # final counters before the proxy goes
                 self.control.send(b"TERMINATE")
 
-    def _statistics(self) -> None:
-        """Ask the proxy for libzmq's counters (frontend in, backend out)."""
-        self.control.send(b"STATISTICS")
-        if not self.control.poll(2000):
-            self.log.warning("proxy %s did not answer STATISTICS", self.name)
+    def _statistics(self, wait_ms: int = 100) -> None:
+        """Ask the proxy for libzmq's counters; carry them over proxy restarts.
+
+        A proxy waiting in a send (all consumers full) answers late: keep one request pending
+        and pick the answer up on a later sample instead of stalling report collection.
+        """
+        if self._asked_at_run is None:
+            self._asked_at_run = self.router.runs
+            self.control.send(b"STATISTICS")
+        if not self.control.poll(wait_ms):
             return
-        values = [struct.unpack("<Q", p)[0] for p in self.control.recv_multipart()]
+        parts = self.control.recv_multipart()
+        run, self._asked_at_run = self._asked_at_run, None
+        if len(parts) != 8:
+            return  # not a STATISTICS answer
+        values = [struct.unpack("<Q", p)[0] for p in parts]
+        if self.router.runs != run:
+            return  # restarted while answering: ambiguous sample, take the next one
+        if run != self._run:
+            # A new proxy invocation: its counters start at 0; keep what the old one counted.
+            # Runs that started and ended between two samples are counted as uncounted_runs.
+            self._base = [b + last for b, last in zip(self._base, self._last, strict=True)]
+            self.uncounted_runs += max(0, run - self._run - 1)
+            self._run = run
+        self._last = values
+        total = [b + v for b, v in zip(self._base, values, strict=True)]
         c = self.counters
-        c.parts = values[6]  # backend parts out = forwarded
-        c.messages = values[6] // 2  # the wire format is [header, payload]
-        c.bytes = values[7]
-        c.in_flight_at_stop = values[0] - values[6]
+        c.parts = total[6]  # backend parts out = forwarded
+        c.messages = total[6] // 2  # the wire format is [header, payload]
+        c.bytes = total[7]
+        c.in_flight_at_stop = total[0] - total[6]
 
     def _sample(self, now: float) -> None:
         if self.control is not None:

@@ -226,3 +226,34 @@ def test_duplicate_channel_refused_and_remove_stops_threads(plane):
 def test_decode_error_reasons_are_counter_keys():
     # The L7 gateway counts DecodeError.reason: it must stay a short machine-readable key.
     assert DecodeError("truncated", "x").reason == "truncated"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", MODES)
+def test_remove_while_blocked_on_a_stuck_consumer(plane, ctx, mode):
+    ep = plane.provision(make_spec(mode, hwm=2))
+    stuck = pull(ctx, ep.work, rcvhwm=1)  # connected, never reads
+    producer = push(ctx, ep.producer, sndhwm=1000)
+    send_frames(producer, range(200), n=64 * 1024)  # far more than every queue on the way holds
+    assert stuck.poll(5000) == zmq.POLLIN  # frames flow, then every queue fills up
+    # (An L4 proxy waiting in a send does not answer STATISTICS: its counters lag until it can.)
+    plane.remove(f"ch-{mode}")  # must not hang although the forwarder waits in a send
+    assert no_dsn_threads() == []
+
+
+@pytest.mark.timeout(60)
+def test_l4_counts_survive_connection_churn(plane, ctx):
+    # libzmq 4.3.5's proxy may return EAGAIN when a ZAP-authenticated peer connects; the L4
+    # router restarts it and carries its counters over.
+    ep = plane.provision(make_spec("l4"))
+    consumer = pull(ctx, ep.work)
+    total = 0
+    for round_ in range(15):
+        producer = push(ctx, ep.producer)
+        send_frames(producer, range(total, total + 10))
+        frames = receive_all(consumer, 10)
+        assert [f.header.seq for f in frames] == list(range(total, total + 10))
+        total += 10
+        producer.close()
+    stats = wait_stats(plane, "ch-l4", lambda s: s["messages"] == total)
+    assert stats["proxy"]["uncounted_runs"] == 0

@@ -1,0 +1,194 @@
+"""End to end: producer → DataPlane (L4 and L7) → several consumers, one of them a real process killed mid-stream."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+import zmq
+
+from streaming.consumer import StreamConsumer
+from streaming.dataplane import DataPlane
+
+from .dataplane_helpers import (
+    frame_ok,
+    make_spec,
+    no_dsn_threads,
+    send_frames,
+    wait_for,
+    wait_stats,
+)
+
+MODES = ["l4", "l7"]
+
+
+@pytest.fixture
+def ctx():
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+@pytest.fixture
+def plane():
+    dp = DataPlane("127.0.0.1")
+    yield dp
+    dp.close()
+    assert no_dsn_threads() == []
+
+
+class ConsumerThread(threading.Thread):
+    """A StreamConsumer created, used and closed in its own thread; records (seq, run, intact)."""
+
+    def __init__(self, endpoint: str, report: str | None, name: str, **kwargs) -> None:
+        super().__init__(name=f"test-{name}", daemon=True)
+        self.args = (endpoint, report, name, kwargs)
+        self.seen: list[tuple[int, int, bool]] = []
+        self.stats: dict = {}
+        self.ready = threading.Event()
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        endpoint, report, name, kwargs = self.args
+        with StreamConsumer(endpoint, report=report, consumer_id=name, **kwargs) as consumer:
+            self.ready.set()
+            while not self.done.is_set():
+                frame = consumer.receive(timeout=0.1)
+                if frame is not None:
+                    self.seen.append((frame.header.seq, frame.header.run, frame_ok(frame)))
+            self.stats = consumer.stats()
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(10)
+        assert not self.is_alive()
+
+
+def producer_socket(ctx, endpoint):
+    sock = ctx.socket(zmq.PUSH)
+    sock.linger = 1000
+    sock.connect(endpoint)
+    return sock
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("mode", MODES)
+def test_several_consumers_one_killed_mid_stream(plane, ctx, mode):
+    ep = plane.provision(make_spec(mode, hwm=8))
+    survivors = [ConsumerThread(ep.work, ep.report, f"w{i}", hwm=4) for i in range(2)]
+    for thread in survivors:
+        thread.start()
+        assert thread.ready.wait(10)
+    victim = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hub.cli",
+            "consume",
+            "--endpoint",
+            ep.work,
+            "--report",
+            ep.report,
+            "--consumer-id",
+            "victim",
+            "--hwm",
+            "4",
+            "--json",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_stats(plane, f"ch-{mode}", lambda s: {"w0", "w1", "victim"} <= set(s["consumers"]), 20)
+        producer = producer_socket(ctx, ep.producer)
+        send_frames(producer, range(300), n=4096)
+        wait_stats(
+            plane, f"ch-{mode}", lambda s: (s["consumers"]["victim"]["received"] or 0) > 0, 20
+        )
+        victim.send_signal(signal.SIGKILL)
+        assert victim.wait(10) == -signal.SIGKILL
+        send_frames(producer, range(300, 600), n=4096)
+        # The stream goes on: the survivors get the last frame.
+        wait_for(lambda: any(s[0] == 599 for t in survivors for s in t.seen), timeout=30)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
+    for thread in survivors:
+        thread.stop()
+        seqs = [seq for seq, _, _ in thread.seen]
+        assert seqs == sorted(seqs), f"{thread.name} got frames out of order"
+        assert all(ok for _, _, ok in thread.seen), f"{thread.name} got a corrupted frame"
+        assert thread.stats["restarts"] == 0
+    survived = sum(len(t.seen) for t in survivors)
+    stats = wait_stats(
+        plane,
+        f"ch-{mode}",
+        lambda s: (
+            s["messages"] == 600
+            and all(s["consumers"][t.name[5:]]["received"] == len(t.seen) for t in survivors)
+        ),
+    )
+    victim_reported = stats["consumers"]["victim"]["received"]
+    # Nothing is silently lost: forwarded - reported received is what the victim took with it.
+    assert stats["unaccounted"] == 600 - survived - victim_reported
+    assert survived + victim_reported <= 600
+    # The frames a dead consumer can take with it are bounded by the queues (DSN hwm + its own).
+    assert stats["unaccounted"] <= 64, stats
+    assert stats["consumers"]["victim"]["age_s"] > stats["consumers"]["w0"]["age_s"]
+    assert stats["consumers"]["w0"]["lag"] is not None
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", MODES)
+def test_restarted_producer_is_detected_and_reported(plane, ctx, mode):
+    ep = plane.provision(make_spec(mode))
+    consumer = ConsumerThread(ep.work, ep.report, "solo", exclusive=True)
+    consumer.start()
+    assert consumer.ready.wait(10)
+    first = producer_socket(ctx, ep.producer)
+    send_frames(first, range(20), run=0)
+    wait_for(lambda: len(consumer.seen) == 20)
+    first.close()
+    second = producer_socket(ctx, ep.producer)  # the source restarted: seq from 0, a new run id
+    send_frames(second, range(10), run=1)
+    wait_for(lambda: len(consumer.seen) == 30)
+    stats = wait_stats(
+        plane, f"ch-{mode}", lambda s: s["consumers"].get("solo", {}).get("restarts") == 1
+    )
+    consumer.stop()
+    assert consumer.stats["restarts"] == 1 and consumer.stats["lost"] == 0
+    assert [s[0] for s in consumer.seen] == list(range(20)) + list(range(10))
+    if mode == "l7":
+        assert stats["producer_restarts"] == 1  # the gateway sees it too
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", MODES)
+def test_slow_monitor_viewer_does_not_stall_work(plane, ctx, mode):
+    ep = plane.provision(make_spec(mode, hwm=4, max_frame_bytes=1 << 20))
+    viewer = StreamConsumer(ep.monitor, monitor=True, hwm=1)  # connected, never reading
+    worker = ConsumerThread(ep.work, ep.report, "fast", hwm=4)
+    worker.start()
+    assert worker.ready.wait(10)
+    probe = producer_socket(ctx, ep.producer)
+    try:
+        # Wait until the viewer's subscription is in (it sees a probe frame), then stop reading.
+        seq = iter(range(10_000, 20_000))
+        wait_for(lambda: send_frames(probe, [next(seq)], n=16) or viewer.receive(timeout=0.05))
+        wait_for(lambda: worker.seen and worker.seen[-1][0] >= 10_000)
+        worker.seen.clear()
+        send_frames(probe, range(20_000, 20_200), n=256 * 1024 // 4)  # 1 MiB frames, 200 MiB
+        wait_for(lambda: len(worker.seen) == 200, timeout=40)
+        assert [s[0] for s in worker.seen] == list(range(20_000, 20_200))
+        drained = 0
+        while viewer.receive(timeout=0.2) is not None:
+            drained += 1
+        assert drained < 200, "the slow viewer got everything: nothing was dropped for it"
+        assert viewer.stats()["lost"] > 0  # and the viewer sees its loss as sequence gaps
+    finally:
+        worker.stop()
+        viewer.close()
