@@ -282,7 +282,7 @@ class DataPlane:
             max_rate_hz=spec.max_rate_hz,
         )
         counters = ChannelCounters()
-        tag = f"dsn-{spec.channel_id}-{uuid.uuid4().hex[:6]}"
+        tag = f"dataplane:{spec.channel_id}:{uuid.uuid4().hex[:6]}"
         if spec.mode == "l4":
             path: Any = L4Router(zone.context, f"{tag}-l4", faces, self.log)
             router = path

@@ -85,4 +85,4 @@ def wait_stats(plane, channel_id: str, predicate, timeout: float = 10.0) -> dict
 
 
 def no_dsn_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("dsn-")]
+    return [t.name for t in threading.enumerate() if t.name.startswith("dataplane:")]
