@@ -1,0 +1,86 @@
+"""The beamhub spawner on a real SLURM cluster (the one $SLURM_CONF points at)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from bench.hubproc import Hub
+
+pytestmark = pytest.mark.slurm
+
+PROJECTS = """
+projects:
+  beam: {tiers: [interactive, batch], members: [sam]}
+"""
+
+
+def _slurm_up() -> str:
+    conf = os.environ.get("SLURM_CONF", "")
+    if not conf or shutil.which("sinfo") is None:
+        return ""
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%a"], capture_output=True, text=True,
+                             timeout=10)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return conf if "up" in out.stdout else ""
+
+
+@pytest.fixture(scope="module")
+def slurm_hub(tmp_path_factory):
+    conf = _slurm_up()
+    if not conf:
+        pytest.skip("no SLURM cluster answers at $SLURM_CONF (scripts/slurm/start.sh starts one)")
+    workdir = tmp_path_factory.mktemp("slurm-hub")
+    (workdir / "projects.yaml").write_text(PROJECTS)
+    config = f"""
+c.ReservedNodeSpawner.backend = "slurm"
+c.ReservedNodeSpawner.backend_options = {{"slurm_conf": {conf!r}, "poll_interval": 0.5}}
+c.ReservedNodeSpawner.state_dir = {str(workdir / "sched")!r}
+c.ReservedNodeSpawner.projects_file = {str(workdir / "projects.yaml")!r}
+c.ReservedNodeSpawner.mem_mb = 256
+"""
+    hub = Hub(workdir, config, ["sam"])
+    hub.start()
+    try:
+        yield hub
+    finally:
+        hub.api("DELETE", "/users/sam/server")
+        hub.stop()
+
+
+def squeue_state(job_id: str) -> str:
+    out = subprocess.run(["squeue", "-h", "--states=all", "-j", job_id, "-o", "%T"],
+                         capture_output=True, text=True, timeout=10)  # fmt: skip
+    return out.stdout.strip()
+
+
+@pytest.mark.timeout(120)
+def test_server_runs_as_a_slurm_job_and_survives_a_hub_restart(slurm_hub):
+    hub = slurm_hub
+    code, _ = hub.api("POST", "/users/sam/server", {})
+    assert code in (201, 202)
+    events = hub.progress("sam", timeout=60)
+    messages = [e.get("message", "") for e in events]
+    assert events[-1].get("ready") is True, messages
+    assert any(m.startswith("queued at tier interactive") for m in messages), messages
+    state = hub.user_model("sam")["servers"][""]["state"]
+    assert squeue_state(state["job_id"]) == "RUNNING"
+    assert hub.get("/user/sam/api")[0] == 200
+
+    hub.stop()
+    hub.start()
+    server = hub.wait_server("sam", timeout=30)
+    assert server["state"]["job_id"] == state["job_id"]  # re-attached, same SLURM job
+    assert hub.get("/user/sam/api")[0] == 200
+
+    assert hub.api("DELETE", "/users/sam/server")[0] in (202, 204)
+    deadline = time.monotonic() + 30
+    while squeue_state(state["job_id"]) not in ("", "CANCELLED", "COMPLETED"):
+        assert time.monotonic() < deadline, squeue_state(state["job_id"])
+        time.sleep(0.2)
