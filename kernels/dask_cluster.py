@@ -267,6 +267,8 @@ def start_dask(
     if config.backend == "slurm":
         project = project or os.environ.get("BEAMHUB_PROJECT") or ""
         user = os.environ.get("BEAMHUB_USER") or os.environ.get("JUPYTERHUB_USER", "")
+        # the kernel's dashboard, through the hub's proxy (read whenever a link is formatted)
+        dask.config.set({"distributed.dashboard.link": dashboard_link_template()})
         cluster = _slurm_cluster(n_workers, config, project, tier, user, **kwargs)
     else:
         cluster = AllocationCluster(n_workers, project=project, tier=tier, config=config, **kwargs)

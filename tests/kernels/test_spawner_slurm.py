@@ -84,3 +84,36 @@ def test_server_runs_as_a_slurm_job_and_survives_a_hub_restart(slurm_hub):
     while squeue_state(state["job_id"]) not in ("", "CANCELLED", "COMPLETED"):
         assert time.monotonic() < deadline, squeue_state(state["job_id"])
         time.sleep(0.2)
+
+
+@pytest.mark.timeout(120)
+def test_start_dask_on_slurm_runs_workers_in_the_tiers_partition(slurm_hub, monkeypatch, tmp_path):
+    from kernels.dask_cluster import start_dask
+    from kernels.placement import SchedulerConfig
+
+    config = SchedulerConfig(backend="slurm", state_dir=str(tmp_path),
+                             options={"slurm_conf": os.environ["SLURM_CONF"]})  # fmt: skip
+    for key, value in config.job_env(project="beam", tier="interactive", user="sam").items():
+        monkeypatch.setenv(key, value)
+    client = start_dask(2, timeout=60, memory_mb=256)
+    cluster = client.cluster
+    try:
+        assert client.submit(sum, range(10)).result(timeout=30) == 45
+        jobs = subprocess.run(["squeue", "-h", "-n", "dask-worker", "-o", "%i %P %T %k"],
+                              capture_output=True, text=True, timeout=10).stdout.split("\n")  # fmt: skip
+        rows = [r.split(None, 3) for r in jobs if r.strip()]
+        assert len(rows) == 2, rows
+        assert {(r[1], r[2]) for r in rows} == {("interactive", "RUNNING")}
+        assert all("project=beam" in r[3] and "tier=interactive" in r[3] for r in rows)
+        cluster.scale(1)
+        deadline = time.monotonic() + 30
+        while len(client.scheduler_info()["workers"]) != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        client.close()
+        cluster.close()
+    deadline = time.monotonic() + 30
+    while any(squeue_state(r[0]) == "RUNNING" for r in rows):
+        assert time.monotonic() < deadline, "worker jobs still running after close()"
+        time.sleep(0.2)
