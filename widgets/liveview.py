@@ -1,0 +1,412 @@
+"""LiveView: live detector image, peaks, hit rate and radial profile in bokeh, throttled for Jupyter.
+
+Frames arrive at 120 Hz or more; a browser needs a few updates per second and Jupyter drops iopub
+traffic above ~1000 messages/s. So results are folded as they come (any thread, cheap) and the
+figures are updated at most ``max_hz`` times per second (default 10; the image at ``image_hz``),
+each update one bokeh PATCH-DOC (a handful of comm messages) applied on the kernel's IOLoop —
+the only thread that touches the bokeh document. In a notebook::
+
+    from widgets import LiveView
+    view = LiveView.from_dsn(channel="det")   # single process: StreamConsumer + Analyzer thread
+    view                                      # image + peaks, hit rate, peaks/frame, profile
+    view.stop()
+
+    view = LiveView.from_session(session)     # results of a streaming.analysis_dask session
+                                              # (no frames reach the kernel: the image panel
+                                              # shows the virtual powder pattern of the peaks)
+
+``view.add_listener(fn)`` calls ``fn(result)`` for every frame result (a
+:class:`widgets.steering.SteeringPanel` uses it to time its round trips).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import ipywidgets as w
+import numpy as np
+from bokeh.layouts import column, row
+from bokeh.models import ColumnDataSource, Div, LinearColorMapper
+from bokeh.plotting import figure
+from bokeh.protocol import Protocol
+from jupyter_bokeh import BokehModel
+from tornado.ioloop import IOLoop
+
+from streaming.analysis import Analyzer, FrameResult, RunningStats
+
+__all__ = ["LiveView", "downsample_max"]
+
+log = logging.getLogger("beamhub.widgets.liveview")
+
+
+def downsample_max(image: np.ndarray, size: int = 256) -> np.ndarray:
+    """Max-pool a 2-D image so neither side exceeds ``size`` (peaks survive, unlike striding)."""
+    h, w_ = image.shape
+    f = max(1, math.ceil(max(h, w_) / size))
+    if f == 1:
+        return np.asarray(image, dtype=np.float32)
+    h2, w2 = h // f, w_ // f
+    rows = image[: h2 * f, : w2 * f].reshape(h2 * f, w2, f).max(axis=2)
+    return rows.reshape(h2, f, w2).max(axis=1).astype(np.float32)
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    """Scale to 0..255 between the 1st and 99.7th percentile: 1 byte/pixel on the wire."""
+    finite = np.nan_to_num(image.astype(np.float32, copy=False))
+    lo, hi = np.percentile(finite[:: max(1, finite.shape[0] // 64)], [1.0, 99.7])
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    return np.clip((finite - lo) * scale, 0, 255).astype(np.uint8)
+
+
+class _BatchedBokehModel(BokehModel):
+    """BokehModel that sends all document events of one update as ONE PATCH-DOC, and counts."""
+
+    def __init__(self, model: Any, **kwargs: Any) -> None:
+        self._batch: list[Any] | None = None
+        self.messages_sent = 0
+        self.bytes_sent = 0
+        super().__init__(model, **kwargs)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except KeyError:  # the document already forgot this model (interpreter shutdown)
+            pass
+
+    def _document_patched(self, event: Any) -> None:
+        if event.setter is self:
+            return
+        if self._batch is not None:
+            self._batch.append(event)
+            return
+        self._send_patch([event])
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        self._batch = []
+        try:
+            yield
+        finally:
+            events, self._batch = self._batch, None
+            if events:
+                self._send_patch(events)
+
+    def _send_patch(self, events: list[Any]) -> None:
+        # the same comm protocol as BokehModel._document_patched, for a list of events
+        msg = Protocol().create("PATCH-DOC", events)
+        self.send({"msg": "patch", "payload": msg.header_json})
+        self.send({"msg": "patch", "payload": msg.metadata_json})
+        self.send({"msg": "patch", "payload": msg.content_json})
+        for buffer in msg.buffers:
+            self.send({"msg": "patch", "payload": json.dumps(buffer.ref)})
+            self.send({"msg": "patch"}, [buffer.to_bytes()])
+
+    def send(self, content: Any, buffers: Any = None) -> None:
+        self.messages_sent += 1
+        self.bytes_sent += len(json.dumps(content)) + sum(len(b) for b in buffers or ())
+        super().send(content, buffers)
+
+
+class _LoopThread:
+    """A private IOLoop on a daemon thread, for use outside a kernel (scripts, tests, services)."""
+
+    def __init__(self) -> None:
+        ready = threading.Event()
+        self.loop: IOLoop | None = None
+
+        def main() -> None:
+            asyncio.set_event_loop(asyncio.new_event_loop())
+            self.loop = IOLoop.current()
+            ready.set()
+            self.loop.start()
+            self.loop.close(all_fds=False)
+
+        self.thread = threading.Thread(target=main, name="liveview-loop", daemon=True)
+        self.thread.start()
+        ready.wait(10)
+
+    def stop(self) -> None:
+        if self.loop is not None:
+            self.loop.add_callback(self.loop.stop)
+            self.thread.join(5)
+
+
+def _kernel_loop() -> IOLoop | None:
+    """The IOLoop running in this thread (a kernel's main loop when called from a cell)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    return IOLoop.current()
+
+
+class LiveView(w.VBox):
+    """Throttled bokeh figures of a stream's analysis; see the module docstring."""
+
+    def __init__(self, *, max_hz: float = 10.0, image_hz: float = 2.0, image_size: int = 256,
+                 history: int = 600, stats: RunningStats | None = None,
+                 loop: IOLoop | None = None, title: str = "live analysis",
+                 **kwargs: Any) -> None:
+        if not 0 < max_hz <= 60:
+            raise ValueError(f"max_hz: {max_hz} must be in (0, 60] updates per second")
+        if not 0 < image_hz <= max_hz:
+            raise ValueError(f"image_hz: {image_hz} must be in (0, max_hz={max_hz}]")
+        self.max_hz = float(max_hz)
+        self.image_hz = float(image_hz)
+        self.image_size = int(image_size)
+        self.history = int(history)
+        self.stats = stats or RunningStats()
+        self._own_loop = None
+        if loop is None:
+            loop = _kernel_loop()
+        if loop is None:
+            self._own_loop = _LoopThread()
+            loop = self._own_loop.loop
+        self.loop = loop
+        self.updates = 0  # document updates applied (each = one PATCH-DOC)
+        self.results_seen = 0
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[FrameResult], Any]] = []
+        self._flush_requested = False
+        self._last_flush = 0.0
+        self._last_image = 0.0
+        self._last_slow = 0.0  # image (powder) and profile refresh at image_hz
+        self._pending_image: np.ndarray | None = None
+        self._image_shape: tuple[int, int] | None = None
+        self._latest: FrameResult | None = None
+        self._latest_hit: FrameResult | None = None
+        self._since_flush = [0, 0]  # frames, peaks since the last update
+        self._t0 = time.monotonic()
+        self._driver: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.error: str | None = None
+        self._build(title)
+        super().__init__([self.bokeh], **kwargs)
+
+    # -- figures ---------------------------------------------------------------------------
+    def _build(self, title: str) -> None:
+        self.image_source = ColumnDataSource({"image": [np.zeros((2, 2), np.uint8)],
+                                              "x": [0], "y": [0], "dw": [1], "dh": [1]})
+        self.peaks_source = ColumnDataSource({"x": [], "y": []})
+        self.series_source = ColumnDataSource({"t": [], "hit_rate": [], "peaks": []})
+        self.profile_source = ColumnDataSource({"r": [], "intensity": []})
+        img = figure(title="detector (max-pooled) + peaks", width=380, height=380,
+                     match_aspect=True, tools="pan,wheel_zoom,reset")
+        img.image(image="image", x="x", y="y", dw="dw", dh="dh", source=self.image_source,
+                  color_mapper=LinearColorMapper(palette="Viridis256", low=0, high=255))
+        img.scatter("x", "y", source=self.peaks_source, size=9, fill_alpha=0,
+                    line_color="#ff3030", line_width=1.5, marker="circle")
+        rate = figure(title="hit rate / peaks per frame", width=420, height=185,
+                      tools="xpan,xwheel_zoom,reset", x_axis_label="s")
+        rate.line("t", "hit_rate", source=self.series_source, legend_label="hit rate",
+                  color="#d62728")
+        rate.line("t", "peaks", source=self.series_source, legend_label="peaks/frame / 100",
+                  color="#1f77b4")
+        rate.legend.location = "top_left"
+        prof = figure(title="radial profile", width=420, height=185, x_axis_label="r (px)",
+                      tools="pan,wheel_zoom,reset")
+        prof.line("r", "intensity", source=self.profile_source, color="#2ca02c")
+        self.info = Div(text=f"<b>{title}</b>: waiting for frames", width=800)
+        self.bokeh = _BatchedBokehModel(column(self.info, row(img, column(rate, prof))))
+
+    # -- feeding (any thread) ---------------------------------------------------------------
+    def add_listener(self, fn: Callable[[FrameResult], Any]) -> None:
+        """Call ``fn(result)`` for each frame result (on the feeding thread; keep it short)."""
+        self._listeners.append(fn)
+
+    def feed(self, result: FrameResult, frame: Any = None, *, fold: bool = True) -> None:
+        """One analysed frame (and optionally its :class:`~streaming.wire.Frame` for the image)."""
+        now = time.monotonic()
+        image = None
+        if frame is not None and now - self._last_image >= 1.0 / self.image_hz:
+            data = np.asarray(frame.data)
+            if data.ndim == 2:
+                image = _to_uint8(downsample_max(data, self.image_size))
+                self._image_shape = (int(data.shape[0]), int(data.shape[1]))
+                self._last_image = now
+        with self._lock:
+            if fold:
+                self.stats.add(result)
+            self.results_seen += 1
+            self._latest = result
+            if result.hit:
+                self._latest_hit = result
+            self._since_flush[0] += 1
+            self._since_flush[1] += result.n_peaks
+            if image is not None:
+                self._pending_image = image
+        for fn in self._listeners:
+            try:
+                fn(result)
+            except Exception:  # a listener must not stop the stream
+                log.exception("live view listener failed")
+        self._request_flush()
+
+    def _request_flush(self) -> None:
+        """Coalesce: at most one update pending; it runs on the loop, >= 1/max_hz apart."""
+        with self._lock:
+            if self._flush_requested:
+                return
+            self._flush_requested = True
+        self.loop.add_callback(self._schedule_flush)  # thread-safe in tornado
+
+    def _schedule_flush(self) -> None:
+        delay = self._last_flush + 1.0 / self.max_hz - time.monotonic()
+        if delay > 0:
+            self.loop.call_later(delay, self.flush)
+        else:
+            self.flush()
+
+    # -- updating (the loop's thread only) --------------------------------------------------
+    def flush(self) -> None:
+        """Apply what arrived since the last update to the figures, as one document patch."""
+        with self._lock:
+            self._flush_requested = False
+            self._last_flush = time.monotonic()
+            snap = self.stats.snapshot()
+            profile = snap["radial_profile"]
+            profile = None if profile is None else np.array(profile)
+            powder = None if snap["powder"] is None else np.array(snap["powder"])
+            frames, peaks = self._since_flush
+            self._since_flush = [0, 0]
+            image, self._pending_image = self._pending_image, None
+            shown = self._latest_hit or self._latest
+        t = round(time.monotonic() - self._t0, 3)
+        now = time.monotonic()
+        slow_due = now - self._last_slow >= 1.0 / self.image_hz
+        with self.bokeh.batch():
+            if frames:
+                self.series_source.stream(
+                    {"t": [t], "hit_rate": [round(snap["hit_rate"], 4)],
+                     "peaks": [round(peaks / frames / 100.0, 4)]}, rollover=self.history)
+            if image is not None and self._image_shape is not None:
+                self._set_image(image, self._image_shape)
+            elif self._image_shape is None and powder is not None and slow_due:
+                # no frames reach this process (Dask session): the virtual powder pattern
+                b = self.stats.powder_bin
+                self._set_image(_to_uint8(powder.astype(np.float32)),
+                                (powder.shape[0] * b, powder.shape[1] * b))
+            if shown is not None:
+                self.peaks_source.data = {"x": shown.peaks[:, 1].round(1).tolist(),
+                                          "y": shown.peaks[:, 0].round(1).tolist()}
+            if profile is not None and slow_due:
+                self.profile_source.data = {"r": list(range(len(profile))),
+                                            "intensity": np.round(profile, 2).tolist()}
+            if slow_due:
+                self._last_slow = now
+            self.info.text = self._info_html(snap, shown)
+        self.updates += 1
+
+    def _set_image(self, image: np.ndarray, full_shape: tuple[int, int]) -> None:
+        self.image_source.data = {"image": [image], "x": [0], "y": [0],
+                                  "dw": [full_shape[1]], "dh": [full_shape[0]]}
+
+    def _info_html(self, snap: dict[str, Any], shown: FrameResult | None) -> str:
+        p50 = snap["latency_p50_ms"]
+        cells = [
+            ("frames", snap["frames"]), ("hit rate", f"{snap['hit_rate']:.1%}"),
+            ("peaks/frame", f"{snap['peaks_per_frame']:.1f}"), ("lost", snap["lost"]),
+            ("latency p50", "-" if p50 is None else f"{p50:.0f} ms"),
+            ("source rev", "-" if shown is None else shown.source_rev),
+            ("last seq", "-" if shown is None else shown.seq),
+        ]
+        if self.error:
+            cells.append(("error", self.error))
+        return " &nbsp;·&nbsp; ".join(f"{k}: <b>{v}</b>" for k, v in cells)
+
+    # -- drivers --------------------------------------------------------------------------
+    @classmethod
+    def from_dsn(cls, dsn_url: str | None = None, channel: str | None = None,
+                 token: str | Callable[[], str] | None = None, *,
+                 params: dict[str, Any] | None = None, monitor: bool = False,
+                 **kwargs: Any) -> LiveView:
+        """Analyse the channel in this process (a StreamConsumer + Analyzer thread) and show it."""
+        from streaming.consumer import StreamConsumer
+        from widgets.steering import DSNClient, _default_token
+
+        dsn_url = dsn_url or os.environ.get("BEAMHUB_DSN_URL", "")
+        client = DSNClient(dsn_url, token if token is not None else _default_token())
+        channel_id = client.resolve_channel(channel or os.environ.get("BEAMHUB_CHANNEL", ""))
+        consumer = StreamConsumer.from_dsn(dsn_url, channel_id, client.token, monitor=monitor)
+        view = cls(**kwargs)
+        view.analyzer = Analyzer(params)
+        view.consumer = consumer
+        view._start_driver(view._local_loop)
+        return view
+
+    @classmethod
+    def from_consumer(cls, consumer: Any, analyzer: Analyzer | None = None,
+                      **kwargs: Any) -> LiveView:
+        """Analyse frames from any consumer with ``receive(timeout)`` on a background thread."""
+        view = cls(**kwargs)
+        view.analyzer = analyzer or Analyzer()
+        view.consumer = consumer
+        view._start_driver(view._local_loop)
+        return view
+
+    @classmethod
+    def from_session(cls, session: Any, poll_period_s: float = 0.02, **kwargs: Any) -> LiveView:
+        """Show the results of a :class:`streaming.analysis_dask.AnalysisSession`."""
+        view = cls(stats=session.stats, **kwargs)
+        view.session = session
+        view._poll_period = poll_period_s
+        view._start_driver(view._session_loop)
+        return view
+
+    def _start_driver(self, target: Callable[[], None]) -> None:
+        self._driver = threading.Thread(target=self._guard, args=(target,),
+                                        name="liveview-feed", daemon=True)
+        self._driver.start()
+
+    def _guard(self, target: Callable[[], None]) -> None:
+        try:
+            target()
+        except Exception as exc:  # shown in the view, never a traceback in the notebook
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.exception("live view feed stopped")
+            self._request_flush()
+
+    def _local_loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                frame = self.consumer.receive(timeout=0.1)
+                if frame is not None:
+                    self.feed(self.analyzer.analyse(frame), frame)
+        finally:
+            self.consumer.close()
+
+    def _session_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:  # the session folds into self.stats; flush reads it under the lock
+                results = self.session.poll(timeout=0)
+            for result in results:
+                self.feed(result, fold=False)
+            if not results:
+                self._stop.wait(self._poll_period)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the feeding thread (closing its consumer); the figures stay as they are."""
+        self._stop.set()
+        if self._driver is not None:
+            self._driver.join(timeout)
+        if self._own_loop is not None:
+            done = threading.Event()
+            self.loop.add_callback(lambda: (self.flush(), done.set()))
+            done.wait(timeout)
+            self._own_loop.stop()
+        else:
+            self._request_flush()
+
+    def close(self) -> None:
+        self.stop()
+        self.bokeh.close()
+        super().close()
