@@ -1,0 +1,401 @@
+"""`beamhub bench stream`: direct ZeroMQ vs a bare proxy hop vs the DSN (L4, L7) vs files, one run.
+
+Three kinds of process: a *producer* process (sends frames stamped with ``t_ns``), a *hop*
+process per path (a bare ``zmq.proxy``, or a DataPlane channel in L4 or L7 mode; its CPU time is
+read with psutil around each transfer), and this process, the consumer. Every repeat visits every
+path in turn, so machine load shared by other work hits all paths alike; figures are medians.
+
+Per path and frame size: throughput at full speed (GB/s from the first to the last frame
+received), latency p50/p99 *paced* (``p50_ms``/``p99_ms``: frames at a fixed rate well below
+capacity, so it is the path's own delay) and at full speed (``*_full``: includes queueing behind
+the high-water marks), frames lost, and CPU seconds of the hop process per GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+__all__ = ["main"]
+
+PATHS = ("direct", "proxy", "l4", "l7", "file")
+SIZES = {4 * 1024 * 1024: (240, 16, 100.0, 40), 64 * 1024: (6000, 256, 1000.0, 400)}
+#        frame_bytes: (frames at full speed, hwm, paced rate Hz, paced frames)
+FILE_POLL_S = 0.001
+
+
+def _frame(frame_bytes: int) -> Any:
+    import numpy as np
+
+    return np.random.default_rng(0).integers(0, 65535, frame_bytes // 2, dtype="<u2")
+
+
+def _producer_main(conn: Any) -> None:
+    """Producer process: sends (or writes) frames on command."""
+    import zmq
+
+    from streaming.wire import FrameHeader, send_frame
+
+    ctx = zmq.Context()
+    arrays: dict[int, Any] = {}
+    while True:
+        cmd = conn.recv()
+        if cmd[0] == "stop":
+            break
+        kind, target, frame_bytes, count, rate, hwm = cmd
+        data = arrays.setdefault(frame_bytes, _frame(frame_bytes))
+        period = 1.0 / rate if rate else 0.0
+        t_next = time.perf_counter()
+        if kind == "file":
+            for seq in range(count):
+                header = FrameHeader("bench", seq, data.dtype.str, data.shape, t_ns=time.time_ns())
+                tmp = os.path.join(target, f".{seq:09d}.tmp")
+                with open(tmp, "wb") as fh:
+                    raw = header.to_bytes()
+                    fh.write(len(raw).to_bytes(4, "little") + raw)
+                    fh.write(memoryview(data).cast("B"))
+                os.rename(tmp, os.path.join(target, f"{seq:09d}.frame"))  # readers see whole files
+                if period:
+                    t_next += period
+                    time.sleep(max(0.0, t_next - time.perf_counter()))
+            conn.send("sent")
+            continue
+        sock = ctx.socket(zmq.PUSH)
+        sock.sndhwm = hwm
+        sock.connect(target)
+        for seq in range(count):
+            header = FrameHeader("bench", seq, data.dtype.str, data.shape, t_ns=time.time_ns())
+            send_frame(sock, header, data)
+            if period:
+                t_next += period
+                time.sleep(max(0.0, t_next - time.perf_counter()))
+        sock.close(linger=-1)  # returns once everything is handed to the peer
+        conn.send("sent")
+    ctx.term()
+
+
+def _hop_main(kind: str, conn: Any) -> None:
+    """Hop process: a bare zmq.proxy or a DataPlane channel, rebuilt per frame size."""
+    import zmq
+
+    from streaming.dataplane import ChannelSpec, DataPlane
+
+    plane = DataPlane("127.0.0.1") if kind in ("l4", "l7") else None
+    proxy: tuple[Any, threading.Thread] | None = None
+    n = 0
+
+    def close_proxy() -> None:
+        if proxy is not None:
+            proxy[0].term()  # the proxy thread gets ETERM, closes its sockets
+            proxy[1].join()
+
+    while True:
+        cmd = conn.recv()
+        if cmd[0] == "stop":
+            break
+        hwm = cmd[1]
+        n += 1
+        if plane is not None:
+            for cid in plane.channels():
+                plane.remove(cid)
+            spec = ChannelSpec(
+                f"bench{n}",
+                "bench",
+                "bench",
+                kind,
+                ("127.0.0.1/32",),
+                ("127.0.0.1/32",),
+                hwm,
+                8 * 1024 * 1024,
+                None,
+            )
+            ep = plane.provision(spec)
+            conn.send((ep.producer, ep.work))
+            continue
+        close_proxy()
+        ctx = zmq.Context()
+        ready: list[str] = []
+        started = threading.Event()
+
+        def run(
+            ctx: zmq.Context = ctx,
+            ready: list[str] = ready,
+            started: threading.Event = started,
+            hwm: int = hwm,
+        ) -> None:
+            front, back = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+            front.rcvhwm = back.sndhwm = hwm
+            for sock in (front, back):
+                sock.bind("tcp://127.0.0.1:*")
+                ready.append(sock.last_endpoint.decode())
+            started.set()
+            try:
+                zmq.proxy(front, back)
+            except zmq.ContextTerminated:
+                pass
+            finally:
+                front.close(linger=0)
+                back.close(linger=0)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        started.wait()
+        proxy = (ctx, thread)
+        conn.send((ready[0], ready[1]))
+    close_proxy()
+    if plane is not None:
+        plane.close()
+
+
+def _receive(sock: Any, count: int, timeout_s: float) -> tuple[list[float], float, float, int]:
+    """Receive up to ``count`` frames; return latencies (ms), first and last arrival, gaps."""
+    from streaming.wire import decode
+
+    latencies, first, last, expected, gaps = [], 0.0, 0.0, 0, 0
+    while len(latencies) < count:
+        if not sock.poll(int(timeout_s * 1000)):
+            break
+        frame = decode(sock.recv_multipart(copy=False), max_bytes=1 << 30)
+        now = time.time_ns()
+        latencies.append((now - frame.header.t_ns) / 1e6)
+        gaps += max(0, frame.header.seq - expected)
+        expected = frame.header.seq + 1
+        last = now / 1e9
+        if len(latencies) == 1:
+            first = last
+    return latencies, first, last, gaps
+
+
+def _receive_files(
+    folder: str, count: int, timeout_s: float
+) -> tuple[list[float], float, float, int]:
+    import numpy as np
+
+    from streaming.wire import decode_header
+
+    latencies, first, last = [], 0.0, 0.0
+    deadline = time.monotonic() + timeout_s
+    while len(latencies) < count and time.monotonic() < deadline:
+        names = sorted(e.name for e in os.scandir(folder) if e.name.endswith(".frame"))
+        if not names:
+            time.sleep(FILE_POLL_S)
+            continue
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as fh:
+                blob = fh.read()
+            os.unlink(path)
+            size = int.from_bytes(blob[:4], "little")
+            header = decode_header(blob[4 : 4 + size])
+            np.frombuffer(blob, dtype=header.dtype, offset=4 + size).reshape(header.shape)
+            now = time.time_ns()
+            latencies.append((now - header.t_ns) / 1e6)
+            last = now / 1e9
+            if len(latencies) == 1:
+                first = last
+        deadline = time.monotonic() + timeout_s
+    return latencies, first, last, 0
+
+
+def _percentile(values: list[float], q: float) -> float:
+    import numpy as np
+
+    return round(float(np.percentile(values, q)), 3) if values else float("nan")
+
+
+class Bench:
+    """Owns the producer and hop processes and runs one transfer at a time."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.mp = mp.get_context("spawn")
+        self.producer_conn, child = self.mp.Pipe()
+        self.producer = self.mp.Process(target=_producer_main, args=(child,), daemon=True)
+        self.producer.start()
+        self.hops: dict[str, tuple[Any, Any, Any]] = {}
+        for kind in ("proxy", "l4", "l7"):
+            conn, child = self.mp.Pipe()
+            proc = self.mp.Process(target=_hop_main, args=(kind, child), daemon=True)
+            proc.start()
+            self.hops[kind] = (proc, conn, psutil.Process(proc.pid))
+        self.tmp = tempfile.mkdtemp(prefix="beamhub-bench-files-")
+
+    def close(self) -> None:
+        self.producer_conn.send(("stop",))
+        for _proc, conn, _ in self.hops.values():
+            conn.send(("stop",))
+        for proc in [self.producer, *(p for p, _, _ in self.hops.values())]:
+            proc.join(10)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def transfer(
+        self, path: str, frame_bytes: int, count: int, hwm: int, rate: float | None
+    ) -> dict:
+        import zmq
+
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.PULL)
+        sock.rcvhwm = hwm
+        cpu_proc = None
+        try:
+            if path == "direct":
+                sock.bind("tcp://127.0.0.1:*")
+                target = sock.last_endpoint.decode()
+            elif path == "file":
+                target = self.tmp
+            else:
+                _proc, conn, cpu_proc = self.hops[path]
+                conn.send(("setup", hwm))
+                target, work = conn.recv()
+                sock.connect(work)
+            kind = "file" if path == "file" else "zmq"
+            cpu0 = sum(cpu_proc.cpu_times()[:2]) if cpu_proc else None
+            self.producer_conn.send((kind, target, frame_bytes, count, rate, hwm))
+            if path == "file":
+                lat, first, last, gaps = _receive_files(self.tmp, count, 20.0)
+            else:
+                lat, first, last, gaps = _receive(sock, count, 20.0)
+            cpu1 = sum(cpu_proc.cpu_times()[:2]) if cpu_proc else None
+            if not self.producer_conn.poll(30):
+                raise RuntimeError("the producer process did not finish")
+            self.producer_conn.recv()
+        finally:
+            sock.close(linger=0)
+            ctx.term()
+        gb = frame_bytes * len(lat) / 1e9
+        span = last - first
+        return {
+            "gb_per_s": (frame_bytes * (len(lat) - 1) / 1e9 / span) if span > 0 else float("nan"),
+            "p50_ms": _percentile(lat, 50),
+            "p99_ms": _percentile(lat, 99),
+            "lost": count - len(lat) + gaps,
+            "dsn_cpu_s_per_gb": ((cpu1 - cpu0) / gb) if cpu_proc and gb else None,
+        }
+
+
+def _median(values: list[Any]) -> Any:
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 4) if values else None
+
+
+def run(repeats: int, paths: tuple[str, ...], log: Any, *, quick: bool = False) -> dict:
+    sizes = SIZES
+    if quick:  # a smoke run for tests: few frames, same code paths
+        sizes = {
+            size: (max(20, n // 20), hwm, rate, 10) for size, (n, hwm, rate, _) in SIZES.items()
+        }
+    bench = Bench()
+    raw: dict[tuple[str, int], list[dict]] = {}
+    t0 = time.monotonic()
+    try:
+        for rep in range(repeats):
+            for frame_bytes, (count, hwm, rate, paced_count) in sizes.items():
+                for path in paths:
+                    full = bench.transfer(path, frame_bytes, count, hwm, None)
+                    paced = bench.transfer(path, frame_bytes, paced_count, hwm, rate)
+                    raw.setdefault((path, frame_bytes), []).append({"full": full, "paced": paced})
+                    log(
+                        f"repeat {rep + 1}/{repeats} {path:6s} {frame_bytes:>8d} B: "
+                        f"{full['gb_per_s']:.2f} GB/s, paced p50 {paced['p50_ms']} ms, "
+                        f"lost {full['lost'] + paced['lost']}"
+                    )
+    finally:
+        bench.close()
+    results = []
+    for (path, frame_bytes), runs in raw.items():
+        count, hwm, rate, paced_count = sizes[frame_bytes]
+        results.append(
+            {
+                "path": path,
+                "frame_bytes": frame_bytes,
+                "gb_per_s": _median([r["full"]["gb_per_s"] for r in runs]),
+                "p50_ms": _median([r["paced"]["p50_ms"] for r in runs]),
+                "p99_ms": _median([r["paced"]["p99_ms"] for r in runs]),
+                "lost": sum(r["full"]["lost"] + r["paced"]["lost"] for r in runs),
+                "dsn_cpu_s_per_gb": _median([r["full"]["dsn_cpu_s_per_gb"] for r in runs]),
+                "p50_ms_full": _median([r["full"]["p50_ms"] for r in runs]),
+                "p99_ms_full": _median([r["full"]["p99_ms"] for r in runs]),
+                "gb_per_s_runs": [round(r["full"]["gb_per_s"], 3) for r in runs],
+                "frames": count,
+                "hwm": hwm,
+                "latency": f"paced at {rate:g} Hz ({paced_count} frames); *_full at full speed",
+            }
+        )
+    ratios: dict[str, float | None] = {}
+    for frame_bytes in SIZES:
+        by = {r["path"]: r for r in results if r["frame_bytes"] == frame_bytes}
+        base = raw.get(("proxy", frame_bytes))
+        for path in ("l4", "l7", "direct"):
+            runs = raw.get((path, frame_bytes))
+            if base and runs:
+                # Median of per-repeat ratios: each pair ran back to back under the same load.
+                ratios[f"{path}_vs_proxy_{frame_bytes}"] = _median(
+                    [
+                        r["full"]["gb_per_s"] / b["full"]["gb_per_s"]
+                        for r, b in zip(runs, base, strict=True)
+                        if b["full"]["gb_per_s"] > 0
+                    ]
+                )
+        if "file" in by and "l7" in by and by["l7"]["p50_ms"]:
+            ratios[f"file_vs_l7_p50_{frame_bytes}"] = round(
+                by["file"]["p50_ms"] / by["l7"]["p50_ms"], 2
+            )
+    return {
+        "results": results,
+        "ratios": ratios,
+        "repeats": repeats,
+        "seconds": round(time.monotonic() - t0, 1),
+        "cpus": os.cpu_count(),
+        "note": "throughput at full speed; p50/p99 paced; DSN CPU = hop process (psutil); "
+        "l4/l7 channels run with their monitor PUB enabled (no viewers) and ZAP on every face",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="beamhub bench stream", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--json", action="store_true", help="print the JSON result only")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per path and size (median)")
+    parser.add_argument(
+        "--quick", action="store_true", help="few frames: a smoke test, not a measurement"
+    )
+    parser.add_argument(
+        "--paths", default=",".join(PATHS), help="comma-separated subset of " + ",".join(PATHS)
+    )
+    args = parser.parse_args(argv)
+    paths = tuple(p for p in args.paths.split(",") if p)
+    unknown = set(paths) - set(PATHS)
+    if unknown or args.repeats < 1:
+        parser.error(
+            f"--paths: unknown {sorted(unknown)}; choose from {', '.join(PATHS)}"
+            if unknown
+            else "--repeats must be at least 1"
+        )
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    result = run(args.repeats, paths, log, quick=args.quick)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
