@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
@@ -79,6 +80,7 @@ class SlurmBackend(Scheduler):
         self.log = log or logging.getLogger("beamhub.kernels.slurm")
         self._specs: dict[str, JobSpec] = {}
         self._last: dict[str, JobInfo] = {}
+        self._recent_start: dict[str, tuple[str, float]] = {}
         self._events = EventHub()
         self._task: asyncio.Task | None = None
         self._closed = False
@@ -220,38 +222,47 @@ class SlurmBackend(Scheduler):
             await asyncio.sleep(self.poll_interval)
 
     async def poll_once(self) -> None:
-        """One squeue call for every watched job; publishes what changed since the last one."""
+        """One squeue call for every watched job; publishes what changed since the last one.
+
+        SLURM does not say who preempted whom: a watched job that started on the node where
+        watched jobs were just requeued is reported as "preempting N <tier> jobs on nX" (also
+        when squeue shows the requeue one poll after the start)."""
         watched = [j for j, info in self._last.items() if info.state not in TERMINAL_STATES]
         if not watched:
             return
         now = await self.status(watched)
-        preempted_nodes: dict[str, list[str]] = {}
+        victims_on: dict[str, list[str]] = {}
         for job_id in watched:
             old, new = self._last[job_id], now[job_id]
             if new.requeues > old.requeues:
                 node = old.node or "?"
-                preempted_nodes.setdefault(node, []).append(job_id)
+                victims_on.setdefault(node, []).append(job_id)
                 self._events.publish("preempted", job_id, node=node, by=None,
                                      message=f"preempted on {node} and requeued by SLURM")
                 self._events.publish("requeued", job_id, message=new.reason)
         for job_id in watched:
             old, new = self._last[job_id], now[job_id]
+            self._last[job_id] = new
             if new.state is JobState.RUNNING and (old.state is not JobState.RUNNING
                                                   or new.requeues > old.requeues):
-                victims = [v for n, vs in preempted_nodes.items() if n == new.node for v in vs]
-                if victims:
-                    tiers = sorted({(self._specs.get(v) or JobSpec("", "", "", "?", [])).tier
-                                    for v in victims})
-                    noun = "job" if len(victims) == 1 else "jobs"
-                    self._events.publish(
-                        "preempting", job_id, victims=victims, node=new.node,
-                        message=f"preempting {len(victims)} {'/'.join(tiers)} {noun} on {new.node}")
-                self._events.publish("started", job_id, node=new.node,
-                                     message=f"started on {new.node}")
+                node = new.node or "?"
+                if node in victims_on:
+                    self._announce_preempting(job_id, node, victims_on.pop(node))
+                self._events.publish("started", job_id, node=node, message=f"started on {node}")
+                self._recent_start[node] = (job_id, time.monotonic())
             elif new.state in TERMINAL_STATES and old.state is not new.state:
                 self._events.publish(_EVENT_FOR[new.state], job_id, exit_code=new.exit_code,
                                      message=new.reason)
-            self._last[job_id] = new
+        for node, victims in victims_on.items():  # the requeue showed up after the start
+            job_id, started = self._recent_start.get(node, ("", 0.0))
+            if job_id and time.monotonic() - started < 30:
+                self._announce_preempting(job_id, node, victims)
+
+    def _announce_preempting(self, job_id: str, node: str, victims: list[str]) -> None:
+        tiers = sorted({self._specs[v].tier if v in self._specs else "?" for v in victims})
+        noun = "job" if len(victims) == 1 else "jobs"
+        self._events.publish("preempting", job_id, victims=victims, node=node,
+                             message=f"preempting {len(victims)} {'/'.join(tiers)} {noun} on {node}")
 
     def watch(self, job_id: str) -> None:
         """Also report events for a job submitted elsewhere (e.g. before a hub restart)."""

@@ -118,8 +118,13 @@ async def test_beamtime_preempts_one_batch_job_which_is_requeued_and_completes(
     beam = await slurm.submit(spec("beamtime", [PY, "-c", "import time; time.sleep(2)"]))
     info = await slurm.wait(beam, {JobState.RUNNING}, timeout=15)
     print(f"beamtime submit -> running (with preemption): {time.monotonic() - t0:.2f} s")
-    states = await slurm.status(batch)
-    requeued = [j for j in batch if states[j].state is JobState.PENDING]
+    deadline = time.monotonic() + 15  # squeue may still show the victim COMPLETING
+    while True:
+        states = await slurm.status(batch)
+        requeued = [j for j in batch if states[j].state is JobState.PENDING]
+        if requeued or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
     assert len(requeued) == 1 and states[requeued[0]].requeues == 1
     victim = requeued[0]
     assert info.node == nodes[victim]
@@ -135,7 +140,8 @@ async def test_beamtime_preempts_one_batch_job_which_is_requeued_and_completes(
     watcher.cancel()
     kinds = [(e["type"], e["job_id"]) for e in events]
     assert ("preempted", victim) in kinds and ("requeued", victim) in kinds
-    assert f"preempting 1 batch job on {info.node}" in [e["message"] for e in events]
+    assert (f"preempting 1 batch job on {info.node}", beam) in [
+        (e["message"], e["job_id"]) for e in events]
 
 
 @pytest.mark.timeout(90)
