@@ -173,6 +173,7 @@ class LiveView(w.VBox):
             loop = self._own_loop.loop
         self.loop = loop
         self.updates = 0  # document updates applied (each = one PATCH-DOC)
+        self.last_flush_thread = ""  # diagnostics: the thread that last touched the document
         self.results_seen = 0
         self._lock = threading.Lock()
         self._listeners: list[Callable[[FrameResult], Any]] = []
@@ -305,6 +306,7 @@ class LiveView(w.VBox):
                 self._last_slow = now
             self.info.text = self._info_html(snap, shown)
         self.updates += 1
+        self.last_flush_thread = threading.current_thread().name
 
     def _set_image(self, image: np.ndarray, full_shape: tuple[int, int]) -> None:
         self.image_source.data = {"image": [image], "x": [0], "y": [0],
