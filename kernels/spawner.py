@@ -292,6 +292,7 @@ class ReservedNodeSpawner(Spawner):
 
     async def start(self) -> tuple[str, int]:
         self._events = []
+        self.job_id = self.job_node = self.job_host = self.job_port = None  # a fresh job
         config = self._config()
         # the policy reads YAML and the windows' SQLite: off the hub's event loop
         policy = await asyncio.to_thread(policy_for, config)
