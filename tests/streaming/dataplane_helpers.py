@@ -13,7 +13,15 @@ import zmq
 from streaming.dataplane import ChannelSpec
 from streaming.wire import FrameHeader, send_frame
 
-__all__ = ["frame_ok", "make_spec", "no_dsn_threads", "send_frames", "wait_for", "wait_stats"]
+__all__ = [
+    "dataplane_threads",
+    "frame_ok",
+    "make_spec",
+    "no_dsn_threads",
+    "send_frames",
+    "wait_for",
+    "wait_stats",
+]
 
 LOOPBACK = ("127.0.0.1/32",)
 
@@ -84,5 +92,11 @@ def wait_stats(plane, channel_id: str, predicate, timeout: float = 10.0) -> dict
     return found[0]
 
 
-def no_dsn_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("dataplane:")]
+def dataplane_threads() -> set[threading.Thread]:
+    """Threads of every DataPlane in this process (other tests' planes included)."""
+    return {t for t in threading.enumerate() if t.name.startswith("dataplane:")}
+
+
+def no_dsn_threads(before: set[threading.Thread] | None = None) -> list[str]:
+    """Data-plane threads still alive that were not running at ``before``."""
+    return sorted(t.name for t in dataplane_threads() - (before or set()) if t.is_alive())

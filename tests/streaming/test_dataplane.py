@@ -11,6 +11,7 @@ from streaming.dataplane import DataPlane
 from streaming.wire import DecodeError, recv_frame
 
 from .dataplane_helpers import (
+    dataplane_threads,
     frame_ok,
     make_spec,
     no_dsn_threads,
@@ -31,10 +32,12 @@ def ctx():
 
 @pytest.fixture
 def plane():
+    before = dataplane_threads()
     dp = DataPlane("127.0.0.1")
+    dp.threads_before = before  # for tests that check for leftovers themselves
     yield dp
     dp.close()
-    assert no_dsn_threads() == [], "DataPlane.close() left threads running"
+    assert no_dsn_threads(before) == [], "DataPlane.close() left threads running"
 
 
 def pull(ctx, endpoint, **opts):
@@ -218,7 +221,7 @@ def test_duplicate_channel_refused_and_remove_stops_threads(plane):
     assert sorted(plane.channels()) == ["ch-l4", "ch-l7"]
     plane.remove("ch-l7")
     plane.remove("ch-l4")
-    assert no_dsn_threads() == []
+    assert no_dsn_threads(plane.threads_before) == []
     with pytest.raises(KeyError):
         plane.stats("ch-l7")
 
@@ -238,7 +241,7 @@ def test_remove_while_blocked_on_a_stuck_consumer(plane, ctx, mode):
     assert stuck.poll(5000) == zmq.POLLIN  # frames flow, then every queue fills up
     # (An L4 proxy waiting in a send does not answer STATISTICS: its counters lag until it can.)
     plane.remove(f"ch-{mode}")  # must not hang although the forwarder waits in a send
-    assert no_dsn_threads() == []
+    assert no_dsn_threads(plane.threads_before) == []
 
 
 @pytest.mark.timeout(60)

@@ -14,6 +14,7 @@ from streaming.consumer import StreamConsumer
 from streaming.dataplane import DataPlane
 
 from .dataplane_helpers import (
+    dataplane_threads,
     frame_ok,
     make_spec,
     no_dsn_threads,
@@ -34,10 +35,12 @@ def ctx():
 
 @pytest.fixture
 def plane():
+    before = dataplane_threads()
     dp = DataPlane("127.0.0.1")
+    dp.threads_before = before  # for tests that check for leftovers themselves
     yield dp
     dp.close()
-    assert no_dsn_threads() == []
+    assert no_dsn_threads(before) == []
 
 
 class ConsumerThread(threading.Thread):
