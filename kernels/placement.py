@@ -9,6 +9,7 @@ Backends are opened once per process and event loop and shared.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 from dataclasses import dataclass, field
@@ -18,7 +19,13 @@ from typing import Any
 from kernels.scheduler import Scheduler, SchedulerError
 from kernels.tiers import TierPolicy, load_tiers
 
-__all__ = ["SchedulerConfig", "close_schedulers", "open_scheduler", "policy_for"]
+__all__ = [
+    "SchedulerConfig",
+    "check_backend_options",
+    "close_schedulers",
+    "open_scheduler",
+    "policy_for",
+]
 
 
 def _default_state_dir() -> str:
@@ -94,6 +101,37 @@ class SchedulerConfig:
         )
 
 
+def _backend_class(backend: str) -> type[Scheduler]:
+    if backend == "local":
+        from kernels.local import LocalBackend
+
+        return LocalBackend
+    if backend == "slurm":
+        from kernels.slurm import SlurmBackend
+
+        return SlurmBackend
+    raise SchedulerError(
+        f"unknown scheduler backend {backend!r}; use 'local' or 'slurm'", field="backend"
+    )
+
+
+#: Arguments the placement code passes itself; not for backend_options.
+_RESERVED = {"self", "policy", "db_path", "log"}
+
+
+def check_backend_options(backend: str, options: dict[str, Any]) -> None:
+    """Refuse options the backend does not take, naming them and the ones it does."""
+    params = inspect.signature(_backend_class(backend).__init__).parameters
+    known = sorted(set(params) - _RESERVED)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise SchedulerError(
+            f"backend_options: {', '.join(map(repr, unknown))} not known to the {backend} "
+            f"backend; it takes {', '.join(known)}",
+            field="backend_options",
+        )
+
+
 _POLICIES: dict[str, TierPolicy] = {}
 _SCHEDULERS: dict[tuple[str, int], Scheduler] = {}
 
@@ -129,24 +167,14 @@ async def open_scheduler(config: SchedulerConfig) -> Scheduler:
         _SCHEDULERS[key] = HubScheduler()
         return _SCHEDULERS[key]
     Path(config.state_dir).mkdir(parents=True, exist_ok=True)
+    check_backend_options(config.backend, config.options)
     policy = policy_for(config)
+    cls = _backend_class(config.backend)
     if config.backend == "local":
-        from kernels.local import LocalBackend
-
-        scheduler = LocalBackend(
-            db_path=str(Path(config.state_dir) / "local-jobs.sqlite"),
-            policy=policy,
-            **config.options,
-        )
-    elif config.backend == "slurm":
-        from kernels.slurm import SlurmBackend
-
-        scheduler = SlurmBackend(policy=policy, **config.options)
+        db = str(Path(config.state_dir) / "local-jobs.sqlite")
+        scheduler = cls(db_path=db, policy=policy, **config.options)
     else:
-        raise SchedulerError(
-            f"unknown scheduler backend {config.backend!r}; use 'local' or 'slurm'",
-            field="backend",
-        )
+        scheduler = cls(policy=policy, **config.options)
     _SCHEDULERS[key] = scheduler
     return scheduler
 

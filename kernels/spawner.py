@@ -24,7 +24,7 @@ from jupyterhub.spawner import Spawner, SpawnException
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from traitlets import CaselessStrEnum, Dict, Float, Integer, TraitError, Unicode, default, validate
 
-from kernels.placement import SchedulerConfig, open_scheduler, policy_for
+from kernels.placement import SchedulerConfig, check_backend_options, open_scheduler, policy_for
 from kernels.scheduler import TERMINAL_STATES, JobSpec, JobState, SchedulerError
 
 __all__ = ["ReservedNodeSpawner", "SpawnRefused"]
@@ -183,6 +183,19 @@ class ReservedNodeSpawner(Spawner):
     def _default_options_form(self):
         return _options_form
 
+    @validate("backend_options")
+    def _known_backend_options(self, proposal: dict) -> dict:
+        # config may set backend after backend_options: refuse here only what neither backend
+        # takes (a typo); open_scheduler() checks against the chosen backend
+        errors = []
+        for backend in ("local", "slurm"):
+            try:
+                check_backend_options(backend, proposal["value"])
+                return proposal["value"]
+            except SchedulerError as exc:
+                errors.append(exc.message)
+        raise TraitError("ReservedNodeSpawner." + "; ".join(errors))
+
     @validate("queue_timeout", "report_timeout", "status_interval")
     def _non_negative(self, proposal: dict) -> float:
         if proposal["value"] < 0:
@@ -305,7 +318,14 @@ class ReservedNodeSpawner(Spawner):
             )
         except SchedulerError as exc:
             raise SpawnRefused(str(exc), reason="tier", status_code=403) from exc
-        scheduler = await open_scheduler(config)
+        try:
+            scheduler = await open_scheduler(config)
+        except SchedulerError as exc:  # a configuration error: the admin must fix it
+            raise SpawnRefused(
+                f"The scheduler is not available: {exc.message}",
+                reason="scheduler",
+                status_code=exc.status if exc.status >= 500 else 500,
+            ) from exc
 
         run_dir = Path(config.state_dir) / "servers"
         run_dir.mkdir(parents=True, exist_ok=True)

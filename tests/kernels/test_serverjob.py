@@ -91,3 +91,20 @@ def test_options_form_offers_only_the_users_projects(tmp_path):
         projects_file=str(tmp_path / "p.yaml"),
     )  # fmt: skip
     assert single.options_form(single) == ""  # nothing to choose: no form
+
+
+def test_backend_options_typo_is_refused_naming_the_option(tmp_path):
+    from types import SimpleNamespace
+
+    from traitlets import TraitError
+
+    from kernels.placement import check_backend_options
+    from kernels.scheduler import SchedulerError
+    from kernels.spawner import ReservedNodeSpawner
+
+    with pytest.raises(TraitError, match=r"'nodez' not known to the local backend; it takes"):
+        ReservedNodeSpawner(user=SimpleNamespace(name="ann"), backend_options={"nodez": 3})
+    with pytest.raises(SchedulerError, match=r"'slurm_conf' not known to the local backend"):
+        check_backend_options("local", {"slurm_conf": "/etc/slurm.conf"})
+    check_backend_options("slurm", {"slurm_conf": "/etc/slurm.conf"})
+    check_backend_options("local", {"nodes": 2})
