@@ -1,0 +1,348 @@
+"""The shared dashboard as a JupyterHub service: hub login, project membership check, live bokeh page.
+
+``beamhub up`` runs it as ``python -m widgets.dashboard_service --state-dir DIR`` under
+``/services/dashboard/``; JupyterHub passes ``JUPYTERHUB_SERVICE_URL``/``_PREFIX`` and the OAuth
+client settings. What a browser (and the browser tests) sees:
+
+* ``/services/dashboard/`` — hub OAuth login, then a redirect to the page of the caller's project
+  (strongest role first); a user in no project gets 403.
+* ``/services/dashboard/p/<project>/`` — members of any role: ``<main id="dashboard"
+  data-project=... data-role=...>`` with one ``<section class="stream" id="stream-<channel>">`` per
+  DSN channel: numbers ``.frames-analysed``, ``.hit-rate``, ``.peaks-per-frame``,
+  ``.frames-lost``, ``.latency-p50``, ``.latency-p99``, ``.rate-hz`` and bokeh figures (hit rate and
+  peaks per frame over time, radial profile, downsampled detector image with the found peaks)
+  updated from ``data.json`` at ``update_hz`` (default 2 Hz). ``#steering`` (a link to the
+  steering notebook) exists only for roles that may steer (pi, operator): viewers and members get
+  no controls. Non-members: 403 with ``<p id="forbidden">You are not a member of project X``.
+* ``p/<project>/data.json`` — the same numbers and figure data as JSON (401/403 JSON otherwise).
+* ``api/status`` — subscriptions (one monitor consumer per channel, shared by all viewers), open
+  consumers, the DSN's own count of monitor viewers, and active viewer pages, for the caller's
+  projects (admins: all). ``api/health`` — unauthenticated liveness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from jupyterhub.services.auth import HubOAuthenticated
+from tornado import httpserver, web
+
+from widgets.dashboard import Dashboard, TokenSource
+
+__all__ = ["DASHBOARD_USER", "build_app", "delegator_tokens", "main", "stream_figures"]
+
+log = logging.getLogger("beamhub.dashboard")
+HERE = Path(__file__).resolve().parent
+
+#: The token subject the dashboard reads streams as (a viewer of each project it serves).
+DASHBOARD_USER = "beamhub-dashboard"
+#: Roles that may steer: only they see the steering section.
+STEER_ROLES = ("pi", "operator")
+ROLE_ORDER = ("pi", "operator", "member", "viewer")
+
+
+def project_roles(user: dict[str, Any]) -> dict[str, str]:
+    """{project: role} from the hub groups the authenticator manages (``p-1001:viewer``)."""
+    roles: dict[str, str] = {}
+    for group in user.get("groups") or []:
+        project, _, role = group.rpartition(":")
+        if project and role in ROLE_ORDER:
+            best = roles.get(project)
+            if best is None or ROLE_ORDER.index(role) < ROLE_ORDER.index(best):
+                roles[project] = role
+    return roles
+
+
+def delegator_tokens(state: Path, runtime: dict[str, Any]) -> TokenSource:
+    """Mint ``stream.read`` tokens as :data:`DASHBOARD_USER` with the hub's key, recorded in the
+    token register (so they can be listed and revoked like any other)."""
+    from hub.token_store import Delegator, TokenStore
+    from hub.tokens import SigningKey, TokenIssuer
+
+    key = SigningKey.load(state / "signing-key.pem")
+    issuer = TokenIssuer(key, runtime.get("token_issuer", "beamhub-dev"),
+                         runtime.get("token_audience", "beamhub"),
+                         max_ttl=int(runtime.get("max_token_ttl", 3600)))  # fmt: skip
+    store = TokenStore(state / "tokens.sqlite")
+    delegator = Delegator(issuer, store, int(runtime.get("token_ttl", 900)))
+    served: dict[str, str] = {}
+    lock = threading.Lock()
+
+    def mint(project: str) -> tuple[str, float]:
+        with lock:
+            served[project] = "viewer"
+            store.record_user(DASHBOARD_USER, dict(served), admin=False, mfa=True)
+            token, claims = delegator.issue(DASHBOARD_USER, project, ["stream.read"],
+                                            kind="service",
+                                            description="shared dashboard: monitor subscription")  # fmt: skip
+        log.info("dashboard token jti=%s project=%s exp=%s", claims["jti"], project, claims["exp"])
+        return token, float(claims["exp"])
+
+    return mint
+
+
+def stream_figures(channel_id: str, stream: str, shape: tuple[int, int] | None = None) -> Any:
+    """Bokeh figures of one stream; their data sources are named ``<channel>:<what>``.
+
+    ``shape`` (height, width) fixes the image plot's ranges to the detector's pixels."""
+    from bokeh.layouts import column, row
+    from bokeh.models import ColumnDataSource, LinearColorMapper
+    from bokeh.plotting import figure
+
+    def src(what: str, **cols: list) -> ColumnDataSource:
+        return ColumnDataSource(data=cols, name=f"{channel_id}:{what}")
+
+    series = src("series", t=[], hit_rate=[], peaks_per_frame=[])
+    kw = {"height": 220, "width": 420, "x_axis_type": "datetime", "toolbar_location": None}
+    hits = figure(title=f"{stream}: hit rate", y_range=(0, 1), **kw)
+    hits.line("t", "hit_rate", source=series, line_width=2)
+    peaks = figure(title=f"{stream}: peaks per frame", **kw)
+    peaks.line("t", "peaks_per_frame", source=series, line_width=2, color="darkorange")
+    profile = figure(title=f"{stream}: radial profile", height=220, width=420,
+                     x_axis_label="radius (px)", toolbar_location=None)  # fmt: skip
+    profile.line("r", "value", source=src("profile", r=[], value=[]), line_width=2)
+    ranges = {}
+    if shape:
+        ranges = {"x_range": (0, shape[1]), "y_range": (0, shape[0])}
+    image = figure(title=f"{stream}: last frame (downsampled) and peaks", height=440, width=440,
+                   toolbar_location=None, **ranges)  # fmt: skip
+    image.image("image", x="x", y="y", dw="dw", dh="dh",
+                color_mapper=LinearColorMapper(palette="Greys256", low=0, high=255),
+                source=src("image", image=[], x=[], y=[], dw=[], dh=[]))  # fmt: skip
+    image.scatter("x", "y", source=src("peaks", x=[], y=[]), size=9, marker="circle",
+                  fill_alpha=0, line_color="red", line_width=2)  # fmt: skip
+    return row(column(hits, peaks, profile), image)
+
+
+class _Handler(web.RequestHandler):
+    def initialize(self, dashboard: Dashboard, options: dict[str, Any]) -> None:
+        self.dashboard = dashboard
+        self.options = options
+
+    def user_roles(self) -> tuple[dict[str, Any], dict[str, str]] | None:
+        user = self.current_user
+        return None if not user else (user, project_roles(user))
+
+    def write_json(self, body: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(json.dumps(body))
+
+    def forbidden(self, message: str) -> None:
+        self.set_status(403)
+        self.render("dashboard_error.html", message=message, prefix=self.options["prefix"])
+
+
+class _Page(HubOAuthenticated, _Handler):
+    """HTML pages: an unauthenticated browser is sent through the hub's OAuth login."""
+
+
+class _Api(HubOAuthenticated, _Handler):
+    """JSON endpoints: 401/403 as JSON, never a redirect."""
+
+    def get_login_url(self) -> str:
+        raise web.HTTPError(401)
+
+    def require(self) -> tuple[dict[str, Any], dict[str, str]]:
+        found = self.user_roles()
+        if found is None:
+            self.write_json({"error": "unauthenticated", "message": "log in to the hub first "
+                             "(or send 'Authorization: token <JupyterHub API token>')"}, 401)  # fmt: skip
+            raise web.Finish()
+        return found
+
+
+class RootHandler(_Page):
+    @web.authenticated
+    def get(self) -> None:
+        _, roles = self.user_roles() or ({}, {})
+        if not roles:
+            self.forbidden("You are not a member of any beamhub project; ask a project's PI to "
+                           "add you (any role, viewer included, may watch its dashboard).")  # fmt: skip
+            return
+        best = min(roles, key=lambda p: (ROLE_ORDER.index(roles[p]), p))
+        self.redirect(f"{self.options['prefix']}p/{best}/")
+
+
+class ProjectPageHandler(_Page):
+    @web.authenticated
+    async def get(self, project: str) -> None:
+        from bokeh.embed import components
+
+        user, roles = self.user_roles() or ({}, {})
+        role = roles.get(project)
+        if role is None:
+            self.forbidden(f"You are not a member of project {project}. Its dashboard is for its "
+                           "members (pi, operator, member, viewer); ask its PI to add you.")  # fmt: skip
+            return
+        feed = self.dashboard.feed(project)
+        await asyncio.to_thread(feed.wait_discovered, 5.0)
+        viewer = secrets.token_hex(8)
+        self.dashboard.touch(project, viewer, user["name"])
+        snap = feed.snapshot()
+        figures = {
+            s["channel"]: stream_figures(
+                s["channel"], s["stream"],
+                (s["image"]["height"], s["image"]["width"]) if s["image"] else None,
+            )
+            for s in snap["streams"]
+        }  # fmt: skip
+        script, divs = components(figures) if figures else ("", {})
+        xsrf = self.xsrf_token  # fetch() of data.json is CORS-mode: JupyterHub checks xsrf
+        self.render(
+            "dashboard.html",
+            xsrf=xsrf.decode() if isinstance(xsrf, bytes) else xsrf, project=project, role=role, user=user["name"], snap=snap,
+            script=script, divs=divs, viewer=viewer, can_steer=role in STEER_ROLES,
+            prefix=self.options["prefix"], interval_ms=int(1000 / self.options["update_hz"]),
+            other_projects=sorted(p for p in roles if p != project),
+        )  # fmt: skip
+
+
+class DataHandler(_Api):
+    def get(self, project: str) -> None:
+        user, roles = self.require()
+        if project not in roles:
+            self.write_json({"error": "not_member",
+                             "message": f"You are not a member of project {project}"}, 403)  # fmt: skip
+            return
+        viewer = self.get_argument("viewer", "") or f"api-{user['name']}"
+        self.dashboard.touch(project, viewer, user["name"])
+        body = self.dashboard.feed(project).snapshot()
+        body.update(role=roles[project], viewers=self.dashboard.viewers(project))
+        self.write_json(body)
+
+
+class StatusHandler(_Api):
+    def get(self) -> None:
+        user, roles = self.require()
+        scope = None if user.get("admin") else set(roles)
+        self.write_json(self.dashboard.status(scope))
+
+
+class HealthHandler(_Handler):
+    def get(self) -> None:
+        self.write_json({"status": "ok", "projects": len(self.dashboard.feeds)})
+
+
+class NotFoundHandler(_Handler):
+    def prepare(self) -> None:
+        self.write_json({"error": "not_found", "message": f"no page {self.request.path}; the "
+                         f"dashboard is at {self.options['prefix']}"}, 404)  # fmt: skip
+
+
+def build_app(dashboard: Dashboard, prefix: str = "/services/dashboard/", *,
+              update_hz: float = 2.0, cookie_secret: bytes | None = None) -> web.Application:  # fmt: skip
+    """The tornado app (JupyterHub's HubOAuth settings come from the service environment)."""
+    from bokeh.util.paths import bokehjs_path
+    from jupyterhub.services.auth import HubOAuthCallbackHandler
+
+    if not 0.2 <= update_hz <= 5.0:
+        raise ValueError(f"update_hz: {update_hz} is outside 0.2..5 (page updates per second)")
+    p = prefix if prefix.endswith("/") else prefix + "/"
+    args = {"dashboard": dashboard, "options": {"prefix": p, "update_hz": update_hz}}
+    return web.Application(
+        [
+            (p, RootHandler, args),
+            (p + r"p/([A-Za-z0-9_.-]+)/", ProjectPageHandler, args),
+            (p + r"p/([A-Za-z0-9_.-]+)/data\.json", DataHandler, args),
+            (p + "api/status", StatusHandler, args),
+            (p + "api/health", HealthHandler, args),
+            (p + "oauth_callback", HubOAuthCallbackHandler),
+            (p + "static/(.*)", web.StaticFileHandler, {"path": str(bokehjs_path())}),
+        ],
+        default_handler_class=NotFoundHandler,
+        default_handler_args=args,
+        template_path=str(HERE),
+        cookie_secret=cookie_secret or os.urandom(32),
+        xsrf_cookies=False,
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m widgets.dashboard_service", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="signing key, token register, runtime.json (default $BEAMHUB_HOME)")  # fmt: skip
+    p.add_argument("--dsn-url", default=None, help="the DSN control API (default: runtime.json)")
+    p.add_argument("--project", action="append", default=[],
+                   help="subscribe to this project's streams at start (repeatable)")  # fmt: skip
+    p.add_argument("--update-hz", type=float, default=2.0, help="page updates per second (0.2-5)")
+    p.add_argument("--discover-s", type=float, default=2.0, help="seconds between channel lists")
+    p.add_argument("--image-px", type=int, default=96, help="downsampled image side, pixels")
+    p.add_argument("--idle-stop-s", type=float, default=600.0,
+                   help="unsubscribe from a project nobody watched this long (0 = never)")  # fmt: skip
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s dashboard %(levelname)s %(message)s")  # fmt: skip
+    args = _parser().parse_args(argv)
+    state = args.state_dir or Path(os.environ.get("BEAMHUB_HOME") or Path.home() / ".beamhub")
+    runtime_path = state / "runtime.json"
+    runtime = json.loads(runtime_path.read_text()) if runtime_path.exists() else {}
+    dsn_url = args.dsn_url or runtime.get("dsn_url")
+    if not dsn_url:
+        print(f"dashboard: no DSN URL: pass --dsn-url or start it with `beamhub up` "
+              f"({runtime_path} has none)", file=sys.stderr)  # fmt: skip
+        return 2
+    if args.image_px < 8:
+        print(f"dashboard: --image-px {args.image_px} is below 8 pixels", file=sys.stderr)
+        return 2
+    try:
+        tokens = delegator_tokens(state, runtime)
+    except OSError as exc:
+        print(f"dashboard: cannot load the hub's signing key: {exc}", file=sys.stderr)
+        return 2
+    dashboard = Dashboard(dsn_url, tokens, discover_s=args.discover_s,
+                          idle_stop_s=args.idle_stop_s,
+                          monitor_kwargs={"image_px": args.image_px})  # fmt: skip
+    for project in args.project:
+        dashboard.feed(project, pin=True)
+    url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:0"))
+    prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/dashboard/")
+    try:
+        app = build_app(dashboard, prefix, update_hz=args.update_hz)
+    except ValueError as exc:
+        dashboard.close()
+        print(f"dashboard: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        server = httpserver.HTTPServer(app)
+        server.listen(url.port or 0, url.hostname or "127.0.0.1")
+        log.info("shared dashboard listening on %s%s (DSN %s)", url.geturl().rstrip("/"), prefix,
+                 dsn_url)  # fmt: skip
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), 30)
+            except TimeoutError:
+                await asyncio.to_thread(dashboard.reap)
+        server.stop()
+        log.info("shared dashboard stopping")
+
+    try:
+        asyncio.run(run())
+    finally:
+        dashboard.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
