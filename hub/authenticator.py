@@ -20,8 +20,13 @@ from hub.tokens import SigningKey, TokenIssuer
 
 __all__ = ["BeamhubAuthenticator", "MfaRequired", "NoProject"]
 
-#: JupyterHub scopes every project member holds: use the token service and the gateway.
-_SERVICE_ACCESS = ["access:services!service=tokens", "access:services!service=gateway"]
+#: JupyterHub scopes every project member holds: use the token service, the gateway and the
+#: shared dashboard (which itself checks project membership).
+_SERVICE_ACCESS = [
+    "access:services!service=tokens",
+    "access:services!service=gateway",
+    "access:services!service=dashboard",
+]
 
 
 class _LoginRefused(web.HTTPError):
