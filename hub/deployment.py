@@ -16,6 +16,7 @@ __all__ = [
     "ENCLAVES",
     "ROLES",
     "ROLE_SCOPES",
+    "DashboardConfig",
     "Deployment",
     "DeploymentError",
     "DetectorConfig",
@@ -185,6 +186,15 @@ class GatewayConfig:
 
 
 @dataclass
+class DashboardConfig:
+    enabled: bool = True
+    #: page updates per second (0.2..5); the shared subscription itself runs at the stream's rate
+    update_hz: float = 2.0
+    #: side of the downsampled detector image shown, pixels
+    image_px: int = 96
+
+
+@dataclass
 class Deployment:
     enclave: str = "dev"
     state_dir: str = ""
@@ -195,6 +205,7 @@ class Deployment:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     #: where this deployment was read from ("<embedded defaults>" if none)
     source: str = "<embedded defaults>"
 
@@ -304,6 +315,12 @@ def _validate(dep: Deployment, src: str) -> None:
     _check_port(dep.hub.port, "hub.port", src)
     _check_port(dep.identity.port, "identity.port", src)
     _check_port(dep.dsn.port, "dsn.port", src)
+    if not 0.2 <= dep.dashboard.update_hz <= 5.0:
+        raise DeploymentError("dashboard.update_hz", f"{dep.dashboard.update_hz} is outside "
+                              "0.2..5 updates per second", src)  # fmt: skip
+    if not 8 <= dep.dashboard.image_px <= 512:
+        raise DeploymentError("dashboard.image_px", f"{dep.dashboard.image_px} is outside "
+                              "8..512 pixels", src)  # fmt: skip
     if dep.hub.ip not in ("127.0.0.1", "localhost", "::1") and dep.enclave == "dev":
         raise DeploymentError("hub.ip", "the dev enclave listens on loopback only (127.0.0.1)", src)
     ident = dep.identity
