@@ -133,13 +133,24 @@ def configure(c: Any, rt: dict[str, Any]) -> None:
                 "display": True,
             }
         )
+    if rt.get("dashboard_command"):
+        services.append(
+            {
+                "name": "dashboard",
+                "url": f"http://{ip}:{rt['dashboard_port']}",
+                "command": rt["dashboard_command"],
+                "oauth_no_confirm": True,
+                "display": True,
+                "info": {"description": "live figures of your project's streams (any role)"},
+            }
+        )
     c.JupyterHub.services = services
     c.JupyterHub.load_roles = [
         {
             "name": "beamhub-services",
             "description": "the token service and gateway identify callers and their groups",
             "scopes": ["read:users", "read:groups"],
-            "services": [s["name"] for s in services],
+            "services": [s["name"] for s in services if s["name"] != "dashboard"],
         },
     ]
     if rt.get("admin_api_token"):

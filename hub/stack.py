@@ -158,6 +158,7 @@ class Stack:
             self._step(5, "API gateway", t0, f"  {gw}")
         else:
             self.progress(f"[5/{self.STEPS}] API gateway ... skipped ({self._gateway_why})")
+        await self._wait_dashboard(public, log)
 
         t0 = time.monotonic()
         self.progress(f"[6/{self.STEPS}] simulated detector ...")
@@ -255,6 +256,38 @@ class Stack:
             cmd += ["--admin", name]
         return cmd
 
+    def _dashboard_command(self) -> list[str] | None:
+        """The shared dashboard service (widgets/dashboard_service.py) when it can run."""
+        import importlib.util
+
+        board = self.dep.dashboard
+        if not board.enabled:
+            self.runtime["dashboard_skipped"] = "disabled in beamhub.yaml"
+            return None
+        if not self.urls.get("dsn"):
+            self.runtime["dashboard_skipped"] = "no DSN"
+            return None
+        if importlib.util.find_spec("widgets.dashboard_service") is None:
+            self.runtime["dashboard_skipped"] = "widgets/dashboard_service.py is not installed"
+            return None
+        cmd = [sys.executable, "-m", "widgets.dashboard_service", "--state-dir", str(self.state),
+               "--dsn-url", self.urls["dsn"], "--update-hz", str(board.update_hz),
+               "--image-px", str(board.image_px)]  # fmt: skip
+        if self.dep.detector.enabled:
+            cmd += ["--project", self.dep.detector.project]
+        return cmd
+
+    async def _wait_dashboard(self, public: str, log: Path) -> None:
+        t0 = time.monotonic()
+        if not self.runtime.get("dashboard_command"):
+            why = self.runtime.get("dashboard_skipped", "disabled")
+            self.progress(f"[5/{self.STEPS}] shared dashboard ... skipped ({why})")
+            return
+        url = f"{public}/services/dashboard/"
+        self.urls["dashboard"] = url
+        await wait_until(lambda: http_ok(url + "api/health"), 60, "the dashboard", log, self._hub)
+        self._step(5, "shared dashboard", t0, f"  {url}")
+
     def _spawner(self) -> str:
         """ReservedNodeSpawner (kernels/) when installed; else JupyterHub's local-process one."""
         import importlib.util
@@ -292,6 +325,9 @@ class Stack:
         )
         if gateway:
             self.runtime.update(gateway_command=gateway, gateway_port=free_port(ip))
+        dashboard = self._dashboard_command()
+        if dashboard:
+            self.runtime.update(dashboard_command=dashboard, dashboard_port=free_port(ip))
         path = self.state / "runtime.json"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds secrets
         with os.fdopen(fd, "w") as f:

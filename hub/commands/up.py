@@ -105,6 +105,8 @@ def _print_ready(dep, stack) -> None:
     _say(f"  JWKS            {u['tokens']}jwks.json")
     if "gateway" in u:
         _say(f"  API gateway     {u['gateway']}")
+    if "dashboard" in u:
+        _say(f"  dashboard       {u['dashboard']}   (live figures for every project member)")
     if "dsn" in u:
         _say(f"  DSN control API {u['dsn']}/api/channels")
     if "detector_channel" in u:
