@@ -1,0 +1,208 @@
+"""The shared dashboard against a real `beamhub up`: hub OAuth, membership, live numbers, one subscription.
+
+One stack for the module (IdP, JupyterHub + proxy, token service, DSN, simulated detector at 10 Hz,
+the dashboard as a hub service); users log in through the real OpenID provider without a browser.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+from streaming.consumer import StreamConsumer
+from tests.hub.hubstack import RunningStack, login
+
+pytestmark = pytest.mark.timeout(120)
+
+YAML = """\
+enclave: dev
+hub: {port: 0}
+tokens: {ttl: 30, revocation_poll: 1.0}
+detector: {rate_hz: 10, shape: [64, 64]}
+gateway: {enabled: false}
+dashboard: {update_hz: 5}
+"""
+
+
+def _drain(stack: RunningStack, stop: threading.Event) -> None:
+    """The project's analysis: a work consumer reading the detector channel (as Dask workers do).
+
+    The DSN's work face is lossless, so without a reader the stream stalls at the high-water
+    mark and the monitor fan-out (what the dashboard sees) stalls with it."""
+    assert login(stack, "alice", "alice-dev")[1].status_code == 200
+    headers = {"Authorization": f"token {stack.user_api_token('alice')}"}
+    r = requests.post(stack.tokens + "api/tokens", headers=headers, timeout=10,
+                      json={"project": "p-1001", "scopes": ["stream.read"], "ttl": 300})  # fmt: skip
+    assert r.status_code == 201, r.text
+    token = r.json()["token"]
+    with StreamConsumer.from_dsn(stack.urls["dsn"], stack.urls["detector_channel"], token) as c:
+        while not stop.is_set():
+            c.receive(timeout=0.2)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    running = RunningStack(tmp_path_factory.mktemp("dashboard"), YAML, "dashboard").start()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def analysis() -> None:
+        try:
+            _drain(running, stop)
+        except BaseException as exc:  # surfaced by the fixture's teardown
+            errors.append(exc)
+
+    worker = threading.Thread(target=analysis, name="test-analysis", daemon=True)
+    worker.start()
+    try:
+        yield running
+    finally:
+        stop.set()
+        worker.join(10)
+        running.stop()
+        leftovers = running.survivors()
+        running.kill_survivors()
+        assert not leftovers, f"`beamhub up` left processes behind: {leftovers}"
+        assert not errors, f"the test's work consumer failed: {errors}"
+
+
+def _dashboard(stack: RunningStack) -> str:
+    return stack.urls["dashboard"]
+
+
+def _session(stack: RunningStack, user: str) -> requests.Session:
+    """Logged in at the hub and, through the hub's OAuth, at the dashboard (its cookie set)."""
+    session, r = login(stack, user, f"{user}-dev")
+    assert r.status_code == 200, (user, r.status_code, r.text[:300])
+    r = session.get(_dashboard(stack), timeout=20)
+    assert r.status_code in (200, 403), (user, r.status_code, r.url)
+    return session
+
+
+def _poll(what: str, check, timeout: float = 30.0, every: float = 0.2):
+    """Poll ``check()`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(every)
+    raise AssertionError(f"{what} within {timeout}s (last: {last!r})")
+
+
+def _detector_stream(session: requests.Session, stack: RunningStack) -> dict:
+    url = _dashboard(stack) + "p/p-1001/data.json"
+    channel = stack.urls["detector_channel"]
+
+    def live() -> dict | None:
+        r = session.get(url, timeout=10)
+        assert r.status_code == 200, r.text
+        streams = {s["channel"]: s for s in r.json()["streams"]}
+        s = streams.get(channel)
+        return s if s and s["frames_analysed"] > 0 else None
+
+    return _poll(f"the dashboard analysing the detector channel {channel}", live)
+
+
+def test_banner_names_the_dashboard(stack: RunningStack) -> None:
+    out = stack.output()
+    assert "shared dashboard ... ready in" in out
+    assert f"dashboard       {_dashboard(stack)}" in out
+
+
+def test_viewer_sees_live_numbers_and_no_controls(stack: RunningStack) -> None:
+    vera = _session(stack, "vera")
+    first = _detector_stream(vera, stack)
+    # numbers move between two polls: frames analysed grows, the figures have data
+    later = _poll(
+        "frames analysed to grow",
+        lambda: (s := _detector_stream(vera, stack))["frames_analysed"] > first["frames_analysed"]
+        and s,
+        timeout=10,
+    )
+    assert later["state"] == "running" and later["error"] is None
+    assert later["series"]["t"] and len(later["series"]["hit_rate"]) == len(later["series"]["t"])
+    image = later["image"]
+    assert (image["width"], image["height"], image["rows"], image["cols"]) == (64, 64, 64, 64)
+    assert len(image["data"]) == 64 * 64 and max(image["data"]) == 255
+    assert later["radial_profile"] and later["latency_p50_ms"] is not None
+    assert later["frames_lost"] >= 0 and 0.0 <= later["hit_rate"] <= 1.0
+    # the page: vera's project, her role, the stream section with its numbers, no controls
+    r = vera.get(_dashboard(stack), timeout=20)
+    assert r.status_code == 200 and r.url == _dashboard(stack) + "p/p-1001/", r.url
+    page = r.text
+    assert 'id="dashboard" data-project="p-1001" data-role="viewer"' in page
+    assert f'id="stream-{stack.urls["detector_channel"]}"' in page
+    assert 'class="frames-analysed"' in page and "static/js/bokeh.min.js" in page
+    assert "Bokeh" in page  # the embedded figures' document
+    for control in ('id="steering"', "<input", "<button", "<form", "<select"):
+        assert control not in page, control
+    assert vera.get(_dashboard(stack) + "static/js/bokeh.min.js", timeout=20).status_code == 200
+
+
+def test_operator_sees_the_steering_section(stack: RunningStack) -> None:
+    r = _session(stack, "oscar").get(_dashboard(stack), timeout=20)
+    assert r.status_code == 200 and 'data-role="operator"' in r.text
+    assert 'id="steering"' in r.text and "03-steer-the-experiment.ipynb" in r.text
+
+
+def test_non_member_is_refused_with_a_message(stack: RunningStack) -> None:
+    carol = _session(stack, "carol")  # pi of p-2002, nothing in p-1001
+    r = carol.get(_dashboard(stack) + "p/p-1001/", timeout=20)
+    assert r.status_code == 403
+    assert '<p id="forbidden">You are not a member of project p-1001.' in r.text
+    r = carol.get(_dashboard(stack) + "p/p-1001/data.json", timeout=20)
+    assert r.status_code == 403 and r.json()["error"] == "not_member"
+    # her own project's dashboard works (it has no stream)
+    r = carol.get(_dashboard(stack), timeout=20)
+    assert r.status_code == 200 and r.url.endswith("/p/p-2002/")
+    assert 'data-role="pi"' in r.text and 'id="no-streams"' in r.text
+    status = carol.get(_dashboard(stack) + "api/status", timeout=20).json()
+    assert "p-1001" not in status["projects"]  # nor does she see p-1001's subscriptions
+
+
+def test_unauthenticated_goes_to_the_hub_login(stack: RunningStack) -> None:
+    r = requests.get(_dashboard(stack) + "p/p-1001/", allow_redirects=False, timeout=20)
+    assert r.status_code == 302 and "/hub/api/oauth2/authorize" in r.headers["Location"]
+    r = requests.get(_dashboard(stack), timeout=20)
+    assert r.status_code == 200 and "/hub/login" in r.url
+    for path in ("p/p-1001/data.json", "api/status"):
+        r = requests.get(_dashboard(stack) + path, allow_redirects=False, timeout=20)
+        assert r.status_code == 401 and r.json()["error"] == "unauthenticated"
+
+
+def test_many_viewers_share_one_subscription(stack: RunningStack) -> None:
+    channel = stack.urls["detector_channel"]
+    sessions = {user: _session(stack, user) for user in ("vera", "bob", "alice")}
+    for session in sessions.values():
+        assert session.get(_dashboard(stack), timeout=20).status_code == 200
+        _detector_stream(session, stack)
+
+    def shared() -> dict | None:
+        status = sessions["alice"].get(_dashboard(stack) + "api/status", timeout=10).json()
+        project = status["projects"]["p-1001"]
+        entry = project["channels"].get(channel)
+        ok = entry and entry["dsn_monitor_viewers"] == 1 and project["viewers"]["pages"] >= 3
+        return status if ok else None
+
+    status = _poll("the DSN to report the dashboard's one monitor consumer", shared, every=0.5)
+    project = status["projects"]["p-1001"]
+    assert set(project["viewers"]["users"]) >= {"vera", "bob", "alice"}
+    assert project["subscriptions"] == len(project["channels"]) >= 1
+    assert all(c["consumers_open"] == 1 for c in project["channels"].values())
+    assert project["channels"][channel]["dsn_monitor_viewers"] == 1
+    # and the DSN says so itself, to a token minted by alice through the token service
+    headers = {"Authorization": f"token {stack.user_api_token('alice')}"}
+    minted = requests.post(stack.tokens + "api/tokens", headers=headers, timeout=10,
+                           json={"project": "p-1001", "scopes": ["stream.read"], "ttl": 60})  # fmt: skip
+    assert minted.status_code == 201, minted.text
+    bearer = {"Authorization": f"Bearer {minted.json()['token']}"}
+    stats = requests.get(f"{stack.urls['dsn']}/api/channels/{channel}", headers=bearer,
+                         timeout=10).json()["stats"]  # fmt: skip
+    monitors = [c for c in stats["consumers"] if c.startswith("dashboard-")]
+    assert stats["monitor"]["viewers"] == 1 and len(monitors) == 1, stats
