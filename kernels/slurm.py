@@ -81,6 +81,7 @@ class SlurmBackend(Scheduler):
         self._specs: dict[str, JobSpec] = {}
         self._last: dict[str, JobInfo] = {}
         self._recent_start: dict[str, tuple[str, float]] = {}
+        self._recent_victims: dict[str, list[tuple[str, float]]] = {}
         self._events = EventHub()
         self._task: asyncio.Task | None = None
         self._closed = False
@@ -231,32 +232,44 @@ class SlurmBackend(Scheduler):
         if not watched:
             return
         now = await self.status(watched)
-        victims_on: dict[str, list[str]] = {}
+        clock = time.monotonic()
+        requeued = set()
         for job_id in watched:
             old, new = self._last[job_id], now[job_id]
             if new.requeues > old.requeues:
                 node = old.node or "?"
-                victims_on.setdefault(node, []).append(job_id)
+                requeued.add(job_id)
+                self._recent_victims.setdefault(node, []).append((job_id, clock))
                 self._events.publish("preempted", job_id, node=node, by=None,
                                      message=f"preempted on {node} and requeued by SLURM")
                 self._events.publish("requeued", job_id, message=new.reason)
         for job_id in watched:
             old, new = self._last[job_id], now[job_id]
             self._last[job_id] = new
-            if new.state is JobState.RUNNING and (old.state is not JobState.RUNNING
-                                                  or new.requeues > old.requeues):
+            started = new.state is JobState.RUNNING and job_id not in requeued and (
+                old.state is not JobState.RUNNING or new.start_time != old.start_time)
+            if started:
                 node = new.node or "?"
-                if node in victims_on:
-                    self._announce_preempting(job_id, node, victims_on.pop(node))
+                self._recent_start[node] = (job_id, clock)
+                self._match_preemption(node, clock)
                 self._events.publish("started", job_id, node=node, message=f"started on {node}")
-                self._recent_start[node] = (job_id, time.monotonic())
             elif new.state in TERMINAL_STATES and old.state is not new.state:
                 self._events.publish(_EVENT_FOR[new.state], job_id, exit_code=new.exit_code,
                                      message=new.reason)
-        for node, victims in victims_on.items():  # the requeue showed up after the start
-            job_id, started = self._recent_start.get(node, ("", 0.0))
-            if job_id and time.monotonic() - started < 30:
-                self._announce_preempting(job_id, node, victims)
+        for node in list(self._recent_victims):  # the requeue showed up after the start
+            self._match_preemption(node, clock)
+
+    def _match_preemption(self, node: str, clock: float, window: float = 30.0) -> None:
+        """Pair jobs requeued on ``node`` with the watched job that started there (±window s)."""
+        recent = [(v, t) for v, t in self._recent_victims.get(node, []) if clock - t < window]
+        victims = [v for v, _ in recent]
+        job_id, started = self._recent_start.get(node, ("", -window))
+        # the preemptor starts after its victims were requeued, seen at most a poll or two apart
+        slack = 2 * self.poll_interval + 1
+        if victims and job_id not in ("", *victims) and started >= min(t for _, t in recent) - slack:
+            self._recent_victims.pop(node, None)
+            self._recent_start.pop(node, None)
+            self._announce_preempting(job_id, node, victims)
 
     def _announce_preempting(self, job_id: str, node: str, victims: list[str]) -> None:
         tiers = sorted({self._specs[v].tier if v in self._specs else "?" for v in victims})

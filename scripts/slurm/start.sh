@@ -3,7 +3,7 @@
 # node, all state/logs/sockets under $SLURM_STATE_DIR. Prints the SLURM_CONF to export.
 #   SLURM_STATE_DIR   (default /tmp/beamhub-slurm)   SLURM_NODES (4)   SLURM_NODE_CPUS (1)
 #   SLURM_NODE_MEM_MB (1000)   SLURMCTLD_PORT (6817)  SLURMD_PORT (first node's port, 17001)
-#   SLURM_CRED_EXPIRE (10: seconds a requeued job waits before it may run again)
+#   SLURM_CRED_EXPIRE (5: seconds a requeued job waits before it may run again)
 # Needs root (munged runs as the munge user, the SLURM daemons as root). Stop with stop.sh.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -43,7 +43,7 @@ conf="$state/slurm.conf"
 sed -e "s#@STATE@#$state#g" -e "s#@CTLD_PORT@#$ctld_port#g" -e "s#@SLURMD_PORT@#$slurmd_port#g" \
     -e "s#@SLURMD_PORT_LAST@#$last_port#g" -e "s#@NODES@#$nodes#g" \
     -e "s#@CPUS@#${SLURM_NODE_CPUS:-1}#g" -e "s#@MEM_MB@#${SLURM_NODE_MEM_MB:-1000}#g" \
-    -e "s#@CRED_EXPIRE@#${SLURM_CRED_EXPIRE:-10}#g" \
+    -e "s#@CRED_EXPIRE@#${SLURM_CRED_EXPIRE:-5}#g" \
     "$here/slurm.conf.in" | awk -v parts="$partitions" '$0 == "@PARTITIONS@" { print parts; next } { print }' >"$conf"
 touch "$state/cgroup.conf"
 export SLURM_CONF="$conf"

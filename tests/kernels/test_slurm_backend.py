@@ -65,7 +65,9 @@ async def running(backend, tier, argv=SLEEPER, **kw) -> str:
 
 
 @pytest.mark.timeout(60)
-async def test_jobs_complete_or_fail_with_their_exit_code(slurm, tmp_path):
+async def test_jobs_complete_or_fail_with_their_exit_code(slurm, slurm_cluster, tmp_path):
+    print(f"SLURM cold start (munged, slurmctld, {slurm_cluster.nodes} slurmd): "
+          f"{slurm_cluster.cold_start_s:.2f} s")
     t0 = time.monotonic()
     ok = await slurm.submit(spec("interactive", [PY, "-c", "print('hello from slurm')"]))
     bad = await slurm.submit(spec("batch", [PY, "-c", "import sys; sys.exit(3)"]))
@@ -146,7 +148,10 @@ async def test_beamtime_preempts_one_batch_job_which_is_requeued_and_completes(
 
 @pytest.mark.timeout(90)
 async def test_beamtime_never_preempts_an_interactive_job(slurm, slurm_cluster):
-    jobs = [await running(slurm, "interactive") for _ in range(slurm_cluster.nodes)]
+    t0 = time.monotonic()
+    jobs = [await running(slurm, "interactive")]
+    print(f"submit -> running on an idle node: {time.monotonic() - t0:.2f} s")
+    jobs += [await running(slurm, "interactive") for _ in range(slurm_cluster.nodes - 1)]
     beam = await slurm.submit(spec("beamtime", SLEEPER))
     deadline = time.monotonic() + 4  # long enough for several scheduler passes (1 s each)
     while time.monotonic() < deadline:

@@ -167,3 +167,50 @@ def test_state_words_and_comments():
     assert parse_comment("beamhub project=p user=u tier=batch") == {
         "project": "p", "user": "u", "tier": "batch"}
     assert parse_comment("someone else's comment") == {}
+
+
+class ScriptedSqueue:
+    """Successive squeue snapshots (as parse_squeue returns them) for the event-diff logic."""
+
+    def __init__(self, snapshots):
+        self.snapshots = list(snapshots)
+
+    async def __call__(self, job_ids):
+        snap = self.snapshots.pop(0)
+        return {j: snap[j] for j in job_ids}
+
+
+def _info(job_id, state, node=None, requeues=0, start=None):
+    from kernels.scheduler import JobInfo
+
+    return JobInfo(job_id=job_id, spec=None, state=state, node=node, requeues=requeues,
+                   start_time=start)
+
+
+@pytest.mark.parametrize("victim_seen_late", [False, True])
+async def test_events_name_the_preemptor_not_the_completing_victim(victim_seen_late):
+    from kernels.slurm import SlurmBackend
+
+    backend = SlurmBackend(poll_interval=0.2)
+    R, P = JobState.RUNNING, JobState.PENDING
+    batch_running = _info("3", R, "n1", 0, 100.0)
+    backend._last = {"3": batch_running, "7": _info("7", P)}
+    backend._specs = {"3": spec(), "7": spec(tier="beamtime")}
+    completing_victim = _info("3", R, "n1", 1, 100.0)  # COMPLETING shows as RUNNING, restarts=1
+    requeued_victim = _info("3", P, None, 1)
+    beam = _info("7", R, "n1", 0, 200.0)
+    if victim_seen_late:  # squeue shows the preemptor running before the victim's restart count
+        snaps = [{"3": batch_running, "7": beam}, {"3": requeued_victim, "7": beam}]
+    else:
+        snaps = [{"3": completing_victim, "7": _info("7", P)},
+                 {"3": requeued_victim, "7": beam}]
+    backend.status = ScriptedSqueue(snaps)
+    events = []
+    backend._events.publish = lambda type_, job_id, **f: events.append((type_, job_id,
+                                                                        f.get("message")))
+    await backend.poll_once()
+    await backend.poll_once()
+    assert ("preempted", "3", "preempted on n1 and requeued by SLURM") in events
+    assert ("preempting", "7", "preempting 1 batch job on n1") in events
+    assert ("started", "7", "started on n1") in events
+    assert not [e for e in events if e[0] in ("started", "preempting") and e[1] == "3"]
