@@ -397,6 +397,8 @@ class LiveView(w.VBox):
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the feeding thread (closing its consumer); the figures stay as they are."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         if self._driver is not None:
             self._driver.join(timeout)
@@ -409,6 +411,7 @@ class LiveView(w.VBox):
             self._request_flush()
 
     def close(self) -> None:
-        self.stop()
-        self.bokeh.close()
+        if hasattr(self, "_stop"):  # close() also runs (from __del__) for a half-built view
+            self.stop()
+            self.bokeh.close()
         super().close()
