@@ -1,0 +1,117 @@
+"""The dashboard's data side against a real in-process DSN: one shared subscription, renewals, cleanup.
+
+A real DSN (control API + ZeroMQ data plane), a real simulated detector streaming 64x64 frames at
+50 Hz, and a real work consumer (the project's analysis) draining the lossless work face.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from streaming.consumer import StreamConsumer
+from streaming.simulator import SimulatedDetector
+from streaming.source import SourceRunner
+from tests.streaming.dsn_helpers import Tokens, api, running_dsn, wait_until
+from widgets.dashboard import Dashboard, StreamMonitor, downsample
+from widgets.dashboard_service import build_app, project_roles
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _threads(prefix: str) -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(prefix) and t.is_alive()]
+
+
+async def test_one_subscription_per_channel_renewed_token_and_clean_stop() -> None:
+    tokens = Tokens()
+    minted: list[float] = []
+
+    def token_source(project: str) -> tuple[str, float]:
+        minted.append(time.time())
+        return tokens.issue(project, "stream.read", ttl=3, sub="beamhub-dashboard"), time.time() + 3
+
+    async with running_dsn(tokens) as node:
+        publisher = tokens.issue("p1", "stream.read stream.publish")
+        status, channel = await api(node.url, "POST", "/api/channels", publisher, {"stream": "det"})
+        assert status == 201, channel
+        status, other = await api(node.url, "POST", "/api/channels",
+                                  tokens.issue("p2", "stream.read stream.publish"),
+                                  {"stream": "elsewhere"})  # fmt: skip
+        assert status == 201, other
+        source = SourceRunner(SimulatedDetector((64, 64), rate_hz=50, seed=1), stream="det",
+                              connect=channel["endpoints"]["producer"])  # fmt: skip
+        stop = threading.Event()
+        work = StreamConsumer(channel["endpoints"]["work"])
+
+        def drain() -> None:
+            while not stop.is_set():
+                work.receive(timeout=0.1)
+
+        drainer = threading.Thread(target=drain, name="test-drain")
+        source.start()
+        source.start_run()
+        drainer.start()
+        dashboard = Dashboard(node.url, token_source, discover_s=0.3, idle_stop_s=0.5)
+        try:
+            feed = dashboard.feed("p1")
+            for viewer in ("a", "b", "c"):  # three pages, one subscription
+                dashboard.touch("p1", viewer, f"user-{viewer}")
+
+            def analysed() -> list | bool:
+                streams = feed.snapshot()["streams"]
+                return len(streams) == 1 and streams[0]["frames_analysed"] > 20 and streams
+
+            (snap,) = await wait_until(analysed, timeout=20)
+            assert snap["channel"] == channel["id"] and snap["stream"] == "det"
+            assert snap["image"]["rows"] == 64 and len(snap["image"]["data"]) == 64 * 64
+            assert snap["series"]["t"] and snap["radial_profile"] and snap["rate_hz"] > 0
+            status = dashboard.status()
+            project = status["projects"]["p1"]
+            assert set(status["projects"]) == {"p1"}  # p2's channel was never subscribed
+            assert project["subscriptions"] == 1 and project["viewers"]["pages"] == 3
+            assert StreamMonitor.open_consumers == {channel["id"]: 1}
+            # the DSN sees exactly one monitor consumer (reported every 0.5 s, listed by discovery)
+            await wait_until(lambda: feed.dsn_viewers.get(channel["id"]) == 1, timeout=10)
+            # a 3 s token is renewed when a third of its life is left, i.e. about every 2 s
+            await wait_until(lambda: len(minted) >= 3, timeout=10)
+            assert feed.error is None
+            # the channel goes away: its subscription goes with it
+            status, _ = await api(node.url, "DELETE", f"/api/channels/{channel['id']}", publisher)
+            assert status == 204
+            await wait_until(lambda: StreamMonitor.open_consumers == {}, timeout=10)
+            assert feed.snapshot()["streams"] == []
+            # nobody watching for idle_stop_s: the project's feed stops, its threads end
+            await wait_until(lambda: dashboard.reap() == ["p1"] or not dashboard.feeds, timeout=10)
+            await wait_until(lambda: not _threads("dashboard-"), timeout=10)
+        finally:
+            dashboard.close()
+            stop.set()
+            drainer.join(5)
+            work.close()
+            source.stop()
+    assert not _threads("dashboard-")
+
+
+def test_project_roles_from_hub_groups() -> None:
+    user = {"groups": ["p-1001", "p-1001:viewer", "p-2002:operator", "p-2002:member", "staff"]}
+    assert project_roles(user) == {"p-1001": "viewer", "p-2002": "operator"}
+    assert project_roles({"groups": []}) == {} and project_roles({}) == {}
+
+
+def test_downsample_keeps_peaks_and_bounds_size() -> None:
+    image = np.zeros((1000, 600), dtype=np.float32)
+    image[999, 599] = 7.0
+    small, block = downsample(image, 96)
+    assert block == 11 and small.shape == (91, 55) and small.max() == 7.0
+    same, one = downsample(image[:64, :64], 96)
+    assert one == 1 and same.shape == (64, 64)
+
+
+def test_update_rate_is_bounded() -> None:
+    dashboard = Dashboard("http://127.0.0.1:9", lambda p: ("", 0.0))
+    with pytest.raises(ValueError, match="update_hz: 10"):
+        build_app(dashboard, update_hz=10)
