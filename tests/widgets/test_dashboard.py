@@ -121,8 +121,9 @@ def test_viewer_sees_live_numbers_and_no_controls(stack: RunningStack) -> None:
     # numbers move between two polls: frames analysed grows, the figures have data
     later = _poll(
         "frames analysed to grow",
-        lambda: (s := _detector_stream(vera, stack))["frames_analysed"] > first["frames_analysed"]
-        and s,
+        lambda: (
+            (s := _detector_stream(vera, stack))["frames_analysed"] > first["frames_analysed"] and s
+        ),
         timeout=10,
     )
     assert later["state"] == "running" and later["error"] is None
