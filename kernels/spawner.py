@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import sys
@@ -20,36 +19,16 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from jupyterhub.spawner import Spawner, SpawnException
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+from jupyterhub.spawner import Spawner
 from traitlets import CaselessStrEnum, Dict, Float, Integer, TraitError, Unicode, default, validate
 
 from kernels.placement import SchedulerConfig, check_backend_options, open_scheduler, policy_for
 from kernels.scheduler import TERMINAL_STATES, JobSpec, JobState, SchedulerError
+from kernels.server_wait import ServerWait, SpawnRefused, server_answers
 
 __all__ = ["ReservedNodeSpawner", "SpawnRefused"]
 
 _TERMINAL = TERMINAL_STATES
-
-
-class SpawnRefused(SpawnException):
-    """A spawn that cannot start; JupyterHub shows the user exactly this message."""
-
-    def __init__(self, message: str, *, reason: str, status_code: int = 400) -> None:
-        super().__init__(message, reason=reason, status_code=status_code)
-        self.jupyterhub_message = message
-
-
-def _output_tail(path: str | None, lines: int = 5) -> str:
-    if not path:
-        return ""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(max(0, os.fstat(fh.fileno()).st_size - 4096))  # the end is what explains
-            text = fh.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:] if line.strip())
 
 
 def _options_form(spawner: ReservedNodeSpawner) -> str:
@@ -414,77 +393,27 @@ class ReservedNodeSpawner(Spawner):
         elif kind == "waiting" and message:
             self._emit(15, message)
 
-    def _read_report(self) -> dict | None:
-        try:
-            with open(self.port_file or "", encoding="utf-8") as fh:
-                return json.load(fh)
-        except (OSError, ValueError):
-            return None
-
-    async def _server_answers(self, host: str, port: int) -> bool:
-        base = self.server.base_url if self.server else "/"
-        url = f"http://{host}:{port}{base.rstrip('/')}/api"
-        try:
-            resp = await AsyncHTTPClient().fetch(url, request_timeout=2, raise_error=False)
-        except (OSError, HTTPClientError):
-            return False
-        return resp.code < 500 and resp.code != 599
+    def _on_report(self, host: str, port: int, node: str | None) -> None:
+        self.job_host, self.job_port, self.job_node = host, port, node
+        self._persist_state()
 
     async def _wait_for_server(self, scheduler, tier: str) -> tuple[str, int]:
         """Until the server answers, failing at once if the job dies, is stuck, or is silent."""
-        t0 = time.monotonic()
-        started_at: float | None = None
-        while True:
-            info = (await scheduler.status([self.job_id])).get(self.job_id)
-            state = info.state if info else JobState.UNKNOWN
-            reason = (info.reason if info else "") or ""
-            now = time.monotonic()
-            if state is JobState.PENDING:
-                if reason.startswith("preempting"):
-                    self._emit(30, reason)
-                if self.queue_timeout and now - t0 > self.queue_timeout:
-                    why = reason or "all nodes are busy and nothing this tier may preempt"
-                    raise SpawnRefused(
-                        f"No node for {self.user.name}'s server at tier {tier} after "
-                        f"{self.queue_timeout:.0f} s: {why}. Try again later, or during your "
-                        "project's beamtime window.",
-                        reason="capacity",
-                        status_code=503,
-                    )
-            elif state in _TERMINAL:
-                tail = _output_tail(self.output_file)
-                code = f", exit code {info.exit_code}" if info and info.exit_code else ""
-                raise SpawnRefused(
-                    f"The server's job {self.job_id} {state.name.lower()}{code} before its "
-                    f"server was ready{': ' + reason if reason else ''}"
-                    f"{'; last output: ' + tail if tail else ''}",
-                    reason="job-died",
-                    status_code=500,
-                )
-            elif state is JobState.RUNNING:
-                if started_at is None:
-                    started_at = now
-                    self.job_node = info.node
-                    self._emit(50, f"starting on {info.node}")
-                report = self._read_report()
-                if report:
-                    if self.job_port != int(report["port"]):
-                        self.job_host, self.job_port = str(report["host"]), int(report["port"])
-                        self._persist_state()
-                    if await self._server_answers(self.job_host, self.job_port):
-                        self._emit(
-                            100, f"server ready on {info.node} ({self.job_host}:{self.job_port})"
-                        )
-                        return self.job_host, self.job_port
-                if now - started_at > self.report_timeout:
-                    raise SpawnRefused(
-                        f"The server's job {self.job_id} runs on {info.node} but its server "
-                        f"did not answer within {self.report_timeout:.0f} s "
-                        f"({'port ' + str(self.job_port) if report else 'no port reported'}).",
-                        reason="no-port",
-                        status_code=500,
-                    )
-            await asyncio.sleep(self.status_interval)
+        wait = ServerWait(
+            scheduler=scheduler,
+            job_id=self.job_id,
+            tier=tier,
+            user=self.user.name,
+            port_file=self.port_file,
+            output_file=self.output_file,
+            base_url=self.server.base_url if self.server else "/",
+            queue_timeout=self.queue_timeout,
+            report_timeout=self.report_timeout,
+            interval=self.status_interval,
+            emit=self._emit,
+            on_report=self._on_report,
+        )
+        return await wait.run()
 
     async def get_url(self) -> str:
         """Where the job's server listens (its own report), for JupyterHub's restart check."""
@@ -507,7 +436,8 @@ class ReservedNodeSpawner(Spawner):
         if info.state is JobState.UNKNOWN:
             # the scheduler cannot tell: the server's own answer decides
             if self.job_host and self.job_port:
-                alive = await self._server_answers(self.job_host, self.job_port)
+                base = self.server.base_url if self.server else "/"
+                alive = await server_answers(self.job_host, self.job_port, base)
                 return None if alive else 1
             return 1
         if info.state is JobState.COMPLETED:
