@@ -225,3 +225,76 @@ def test_simulated_detector_through_the_dsn(plane, mode):
     assert len(seqs) == len(set(seqs)) == sent["frames_sent"]
     assert seqs[-1] + 1 == sent["frames_sent"] + sent["dropped_at_source"]
     assert all(len(t.seen) > 0 for t in workers), "work was not distributed"
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("mode", MODES)
+async def test_beamhub_consume_through_the_real_control_plane(ctx, mode):
+    """Token → DSN control API (H3's DataStreamingNode) → data plane → `beamhub consume --dsn`."""
+    import asyncio
+    import json
+    import os
+
+    from .dsn_helpers import Tokens, api, running_dsn, wait_until
+
+    tokens = Tokens()
+    token = tokens.issue(scopes="stream.read stream.publish")
+    async with running_dsn(tokens) as node:
+        code, made = await api(
+            node.url,
+            "POST",
+            "/api/channels",
+            token,
+            {"stream": "det", "mode": mode, "hwm": 32, "ttl": 300},
+        )
+        assert code == 201, made
+        cid = made["id"]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "hub.cli",
+            "consume",
+            "--dsn",
+            node.url,
+            "--channel",
+            cid,
+            "--consumer-id",
+            "cli",
+            "--count",
+            "30",
+            "--timeout",
+            "60",
+            "--json",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "BEAMHUB_TOKEN": token},
+        )
+        try:
+
+            async def reported() -> bool:
+                code, body = await api(node.url, "GET", f"/api/channels/{cid}", token)
+                return code == 200 and "cli" in body["stats"]["consumers"]
+
+            await wait_until(reported, timeout=30)  # the consumer is connected and reporting
+            producer = producer_socket(ctx, made["endpoints"]["producer"])
+            send_frames(producer, range(30))
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode == 0, err.decode()
+        result = json.loads(out.decode().strip().splitlines()[-1])
+        assert (result["frames"], result["lost"], result["malformed"]) == (30, 0, 0)
+
+        async def final_report() -> dict | None:
+            _, body = await api(node.url, "GET", f"/api/channels/{cid}", token)
+            entry = body["stats"]["consumers"].get("cli", {})
+            # (L4 counters come from the proxy's STATISTICS, sampled every 0.2 s.)
+            done = entry.get("received") == 30 and body["stats"]["messages"] == 30
+            return body if done else None
+
+        body = await wait_until(final_report, timeout=10)
+        assert (
+            body["stats"]["messages"] == 30 and body["stats"]["consumers"]["cli"]["last_seq"] == 29
+        )
