@@ -166,7 +166,8 @@ class Scheduler(abc.ABC):
 
     Events are dicts with at least ``type`` and ``job_id``; the types are ``queued``,
     ``preempting`` (``victims``, ``node``, ``message``), ``preempted`` (``by``, ``node``),
-    ``requeued``, ``started`` (``node``, ``message``), ``completed``, ``failed``, ``cancelled``.
+    ``requeued``, ``waiting`` (no node free and nothing it may preempt; ``message`` says so),
+    ``started`` (``node``, ``message``), ``completed``, ``failed``, ``cancelled``.
     """
 
     name: str = "abstract"

@@ -15,8 +15,9 @@ __all__ = ["register"]
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("scheduler", help="QoS tiers, beamtime windows and jobs (admin)")
-    parser.add_argument("--tiers", default=os.environ.get("BEAMHUB_TIERS"),
-                        help="tiers YAML (default $BEAMHUB_TIERS or the packaged tiers.yaml)")
+    parser.add_argument("--tiers", default=os.environ.get("BEAMHUB_SCHEDULER_TIERS") or None,
+                        help="tiers YAML (default $BEAMHUB_SCHEDULER_TIERS or the packaged "
+                        "kernels/tiers.yaml)")
     ssub = parser.add_subparsers(dest="scheduler_command", metavar="ACTION", required=True)
 
     tiers = ssub.add_parser("tiers", help="list the QoS tiers and who preempts whom")
@@ -64,13 +65,22 @@ def _tier_set(args: argparse.Namespace):
     return load_tiers(args.tiers)
 
 
-def _book(args: argparse.Namespace):
+def _scheduler_dir():
+    """Where the spawner's scheduler keeps its databases (same rule as kernels.placement)."""
+    from pathlib import Path
+
     from hub.cli import state_dir
+
+    return Path(os.environ.get("BEAMHUB_SCHEDULER_STATE_DIR") or state_dir() / "scheduler")
+
+
+def _book(args: argparse.Namespace):
     from kernels.reservations import ReservationBook
 
     admins = os.environ.get("BEAMHUB_SCHEDULER_ADMINS")
     return ReservationBook(
-        state_dir() / "scheduler" / "reservations.sqlite",
+        os.environ.get("BEAMHUB_SCHEDULER_RESERVATIONS")
+        or _scheduler_dir() / "reservations.sqlite",
         tiers=_tier_set(args),
         admins=None if admins is None else [a.strip() for a in admins.split(",") if a.strip()],
     )
@@ -186,10 +196,9 @@ def _jobs(args: argparse.Namespace) -> int:
     from kernels.scheduler import SchedulerError
 
     if args.backend == "local":
-        from hub.cli import state_dir
         from kernels.local import read_jobs
 
-        db = state_dir() / "scheduler" / "local-jobs.sqlite"
+        db = _scheduler_dir() / "local-jobs.sqlite"
         jobs = read_jobs(db) if db.exists() else []
         if args.project:
             jobs = [j for j in jobs if j.spec and j.spec.project == args.project]

@@ -283,3 +283,25 @@ async def test_bad_submissions_are_refused(backend, changes, match, field):
         await backend.submit(job)
     assert err.value.field == field
     assert await backend.list() == []
+
+
+@pytest.mark.timeout(30)
+async def test_multi_node_job_holds_every_node_it_asked_for(backend):
+    show = [PY, "-c", "import os, time; print(os.environ['BEAMHUB_NODES'], flush=True); "
+                      "time.sleep(60)"]
+    wide = await running(backend, "normal", show, nodes=2)
+    info = (await backend.status([wide]))[wide]
+    assert len(info.node.split(",")) == 2
+    others = [await running(backend, "normal") for _ in range(2)]
+    used = {n for j in others for n in (await backend.status([j]))[j].node.split(",")}
+    assert used.isdisjoint(info.node.split(","))
+    queued = await backend.submit(spec("normal", SLEEPER))  # all 4 nodes are taken now
+    await asyncio.sleep(0.3)
+    assert (await backend.status([queued]))[queued].state is JobState.PENDING
+    deadline = time.monotonic() + 5
+    while not (backend.log_dir / f"{wide}.out").read_text():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    assert (backend.log_dir / f"{wide}.out").read_text().strip() == info.node
+    with pytest.raises(SchedulerError, match="nodes=5 is over tier 'normal'"):
+        await backend.submit(spec("normal", SLEEPER, nodes=5))
