@@ -25,7 +25,7 @@ from kernels.scheduler import (
     Scheduler,
     SchedulerError,
 )
-from kernels.tiers import Tier, TierPolicy
+from kernels.tiers import TierPolicy
 
 __all__ = ["LocalBackend", "VirtualNode", "read_jobs"]
 
@@ -424,10 +424,6 @@ class LocalBackend(Scheduler):
                 self._events.publish(kind, job.job_id, exit_code=code, message=job.reason)
         self._store.save(job)
         self._wake.set()
-
-    def tier_of(self, job_id: str) -> Tier:
-        """The tier a known job runs at (as decided when it was submitted)."""
-        return self.tiers.get(self._jobs[job_id].spec.tier)
 
 
 def read_jobs(db_path: str | Path) -> list[JobInfo]:
