@@ -228,6 +228,8 @@ class ProjectFeed:
         self.monitor_kwargs = monitor_kwargs or {}
         self.monitors: dict[str, StreamMonitor] = {}
         self.dsn_viewers: dict[str, int | None] = {}
+        #: the source's current steering values per channel (read-only here; viewers watch them)
+        self.source_params: dict[str, dict[str, Any]] = {}
         self.error: str | None = None
         self.discoveries = 0
         self._token: tuple[str, float, float] | None = None  # token, exp, issued (local clock)
@@ -297,14 +299,19 @@ class ProjectFeed:
                              self.project, channel.get("stream"))  # fmt: skip
         for m in gone + failed:
             m.stop()
-        for cid in wanted:
+        for cid, channel in wanted.items():
             try:
                 stats = self._get(f"/api/channels/{cid}").get("stats", {})
                 self.dsn_viewers[cid] = (stats.get("monitor") or {}).get("viewers")
+                if (channel.get("params") or {}).get("source_control"):
+                    status = self._get(f"/api/channels/{cid}/steer/params")
+                    self.source_params[cid] = {"rev": status.get("rev"),
+                                               "values": status.get("values") or {}}  # fmt: skip
             except (OSError, ValueError) as exc:
-                log.debug("no stats for %s: %s", cid, exc)
-        for cid in set(self.dsn_viewers) - set(wanted):
-            self.dsn_viewers.pop(cid, None)
+                log.debug("no stats or source parameters for %s: %s", cid, exc)
+        for table in (self.dsn_viewers, self.source_params):
+            for cid in set(table) - set(wanted):
+                table.pop(cid, None)
         self.discoveries += 1
 
     def _run(self) -> None:
@@ -320,8 +327,9 @@ class ProjectFeed:
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             monitors = sorted(self.monitors.values(), key=lambda m: (m.stream, m.channel_id))
-        return {"project": self.project, "error": self.error,
-                "streams": [m.snapshot() for m in monitors]}  # fmt: skip
+        streams = [{**m.snapshot(), "source": self.source_params.get(m.channel_id)}
+                   for m in monitors]  # fmt: skip
+        return {"project": self.project, "error": self.error, "streams": streams}
 
     def status(self) -> dict[str, Any]:
         with self._lock:

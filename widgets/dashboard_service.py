@@ -40,7 +40,15 @@ from tornado import httpserver, web
 
 from widgets.dashboard import Dashboard, TokenSource
 
-__all__ = ["DASHBOARD_USER", "build_app", "delegator_tokens", "main", "stream_figures"]
+__all__ = [
+    "DASHBOARD_USER",
+    "build_app",
+    "delegator_tokens",
+    "main",
+    "project_roles",
+    "source_text",
+    "stream_figures",
+]
 
 log = logging.getLogger("beamhub.dashboard")
 HERE = Path(__file__).resolve().parent
@@ -125,6 +133,14 @@ def stream_figures(channel_id: str, stream: str, shape: tuple[int, int] | None =
     return row(column(hits, peaks, profile), image)
 
 
+def source_text(source: dict[str, Any] | None) -> str:
+    """One line of the source's current steering values (the page's JS writes the same)."""
+    if not source:
+        return ""
+    values = ", ".join(f"{k} = {v}" for k, v in source["values"].items())
+    return f"detector settings (revision {source['rev']}): {values}"
+
+
 class _Handler(web.RequestHandler):
     def initialize(self, dashboard: Dashboard, options: dict[str, Any]) -> None:
         self.dashboard = dashboard
@@ -206,7 +222,7 @@ class ProjectPageHandler(_Page):
             xsrf=xsrf.decode() if isinstance(xsrf, bytes) else xsrf, project=project, role=role, user=user["name"], snap=snap,
             script=script, divs=divs, viewer=viewer, can_steer=role in STEER_ROLES,
             prefix=self.options["prefix"], interval_ms=int(1000 / self.options["update_hz"]),
-            other_projects=sorted(p for p in roles if p != project),
+            other_projects=sorted(p for p in roles if p != project), source_text=source_text,
         )  # fmt: skip
 
 

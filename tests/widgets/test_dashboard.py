@@ -133,6 +133,8 @@ def test_viewer_sees_live_numbers_and_no_controls(stack: RunningStack) -> None:
     assert len(image["data"]) == 64 * 64 and max(image["data"]) == 255
     assert later["radial_profile"] and later["latency_p50_ms"] is not None
     assert later["frames_lost"] >= 0 and 0.0 <= later["hit_rate"] <= 1.0
+    # the detector's current settings, read-only (the detector feed attaches source control)
+    assert "hit_fraction" in later["source"]["values"] and later["source"]["rev"] >= 0
     # the page: vera's project, her role, the stream section with its numbers, no controls
     r = vera.get(_dashboard(stack), timeout=20)
     assert r.status_code == 200 and r.url == _dashboard(stack) + "p/p-1001/", r.url
@@ -140,6 +142,7 @@ def test_viewer_sees_live_numbers_and_no_controls(stack: RunningStack) -> None:
     assert 'id="dashboard" data-project="p-1001" data-role="viewer"' in page
     assert f'id="stream-{stack.urls["detector_channel"]}"' in page
     assert 'class="frames-analysed"' in page and "static/js/bokeh.min.js" in page
+    assert "detector settings (revision" in page
     assert "Bokeh" in page  # the embedded figures' document
     for control in ('id="steering"', "<input", "<button", "<form", "<select"):
         assert control not in page, control
