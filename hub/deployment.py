@@ -192,6 +192,8 @@ class DashboardConfig:
     update_hz: float = 2.0
     #: side of the downsampled detector image shown, pixels
     image_px: int = 96
+    #: peak-finder settings of the dashboard's own analysis ({} = the peak finder's defaults)
+    analysis: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -321,6 +323,14 @@ def _validate(dep: Deployment, src: str) -> None:
     if not 8 <= dep.dashboard.image_px <= 512:
         raise DeploymentError("dashboard.image_px", f"{dep.dashboard.image_px} is outside "
                               "8..512 pixels", src)  # fmt: skip
+    if dep.dashboard.analysis:
+        from streaming.params import ParamError
+        from streaming.peakfinder import PeakFinderParams
+
+        try:
+            PeakFinderParams.create(dep.dashboard.analysis)
+        except ParamError as exc:
+            raise DeploymentError(f"dashboard.analysis.{exc.field}", exc.message, src) from exc
     if dep.hub.ip not in ("127.0.0.1", "localhost", "::1") and dep.enclave == "dev":
         raise DeploymentError("hub.ip", "the dev enclave listens on loopback only (127.0.0.1)", src)
     ident = dep.identity
