@@ -273,6 +273,8 @@ class Stack:
         cmd = [sys.executable, "-m", "widgets.dashboard_service", "--state-dir", str(self.state),
                "--dsn-url", self.urls["dsn"], "--update-hz", str(board.update_hz),
                "--image-px", str(board.image_px)]  # fmt: skip
+        if board.analysis:
+            cmd += ["--analysis", json.dumps(board.analysis)]
         if self.dep.detector.enabled:
             cmd += ["--project", self.dep.detector.project]
         return cmd
