@@ -297,6 +297,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--update-hz", type=float, default=2.0, help="page updates per second (0.2-5)")
     p.add_argument("--discover-s", type=float, default=2.0, help="seconds between channel lists")
     p.add_argument("--image-px", type=int, default=96, help="downsampled image side, pixels")
+    p.add_argument("--analysis", default="{}",
+                   help='peak-finder settings as JSON, e.g. \'{"min_peaks_for_hit": 3}\'')  # fmt: skip
     p.add_argument("--idle-stop-s", type=float, default=600.0,
                    help="unsubscribe from a project nobody watched this long (0 = never)")  # fmt: skip
     return p
@@ -318,13 +320,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dashboard: --image-px {args.image_px} is below 8 pixels", file=sys.stderr)
         return 2
     try:
+        from streaming.peakfinder import PeakFinderParams
+
+        analysis = json.loads(args.analysis)
+        PeakFinderParams.create(analysis)
+    except (ValueError, TypeError) as exc:  # JSON errors and ParamError (names the field)
+        print(f"dashboard: --analysis: {exc}", file=sys.stderr)
+        return 2
+    try:
         tokens = delegator_tokens(state, runtime)
     except OSError as exc:
         print(f"dashboard: cannot load the hub's signing key: {exc}", file=sys.stderr)
         return 2
     dashboard = Dashboard(dsn_url, tokens, discover_s=args.discover_s,
                           idle_stop_s=args.idle_stop_s,
-                          monitor_kwargs={"image_px": args.image_px})  # fmt: skip
+                          monitor_kwargs={"image_px": args.image_px, "params": analysis})  # fmt: skip
     for project in args.project:
         dashboard.feed(project, pin=True)
     url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:0"))

@@ -24,7 +24,7 @@ hub: {port: 0}
 tokens: {ttl: 30, revocation_poll: 1.0}
 detector: {rate_hz: 10, shape: [64, 64]}
 gateway: {enabled: false}
-dashboard: {update_hz: 5}
+dashboard: {update_hz: 5, analysis: {min_peaks_for_hit: 3}}
 """
 
 

@@ -115,3 +115,17 @@ def test_update_rate_is_bounded() -> None:
     dashboard = Dashboard("http://127.0.0.1:9", lambda p: ("", 0.0))
     with pytest.raises(ValueError, match="update_hz: 10"):
         build_app(dashboard, update_hz=10)
+
+
+def test_service_refuses_bad_settings_by_name(tmp_path, capsys) -> None:
+    from widgets.dashboard_service import main
+
+    base = ["--state-dir", str(tmp_path), "--dsn-url", "http://127.0.0.1:9"]
+    assert main([*base, "--analysis", '{"colour": 1}']) == 2
+    assert "--analysis: colour: unknown analysis parameter" in capsys.readouterr().err
+    assert main([*base, "--image-px", "4"]) == 2
+    assert "--image-px 4 is below 8 pixels" in capsys.readouterr().err
+    assert main(["--state-dir", str(tmp_path)]) == 2
+    assert "no DSN URL" in capsys.readouterr().err
+    assert main(base) == 2  # no signing key in an empty state dir
+    assert "cannot load the hub's signing key" in capsys.readouterr().err
