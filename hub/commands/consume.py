@@ -42,6 +42,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="stop after S seconds (exit 1 if --count not reached)",
     )
     parser.add_argument("--consumer-id", default=None, help="name reported to the DSN")
+    parser.add_argument(
+        "--curve-cert",
+        metavar="FILE",
+        help="pyzmq secret certificate (zmq.auth.create_certificates) whose public key was "
+        "registered with an encrypted channel",
+    )
+    parser.add_argument("--curve-server-key", help="the DSN's z85 public key (with --endpoint)")
     parser.add_argument("--hwm", type=int, default=16, help="receive high-water mark (frames)")
     parser.add_argument("--json", action="store_true", help="print one JSON summary at the end")
     parser.set_defaults(func=_consume)
@@ -50,13 +57,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _open(args: argparse.Namespace) -> Any:
     from streaming.consumer import StreamConsumer
 
-    common = {
+    common: dict[str, Any] = {
         "consumer_id": args.consumer_id,
         "monitor": args.monitor,
         "exclusive": args.exclusive,
         "hwm": args.hwm,
     }
+    if args.curve_cert:
+        import zmq.auth
+
+        try:
+            public, secret = zmq.auth.load_certificate(args.curve_cert)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--curve-cert: cannot read {args.curve_cert}: {exc}") from exc
+        if secret is None:
+            raise ValueError(f"--curve-cert: {args.curve_cert} holds no secret key")
+        common["curve_keypair"] = (public, secret)
     if args.endpoint:
+        if args.curve_server_key:
+            common["curve_server_key"] = args.curve_server_key
         return StreamConsumer(args.endpoint, report=args.report, **common)
     if not args.channel:
         raise ValueError("--channel: required with --dsn (the channel id the DSN gave you)")

@@ -240,3 +240,87 @@ def test_cli_refuses_missing_token(dsn_api, monkeypatch):
     from hub.cli import main
 
     assert main(["consume", "--dsn", dsn_api, "--channel", "c1", "--count", "1"]) == 2
+
+
+@pytest.mark.timeout(60)
+def test_cli_stops_cleanly_on_sigterm(producer):
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hub.cli", "consume", "--endpoint", ep(producer), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        send_frames(producer, range(3))
+        wait_for(lambda: producer.poll(0, zmq.POLLOUT) and proc.poll() is None, timeout=20)
+        # It prints where it consumes from once it is up; then it should hold the 3 frames.
+        line = proc.stderr.readline()
+        assert "consuming work stream from" in line
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert json.loads(out.strip().splitlines()[-1])["frames"] in (0, 1, 2, 3)
+
+
+@pytest.mark.timeout(60)
+def test_cli_consumes_an_encrypted_channel(tmp_path, ctx):
+    import zmq.auth
+
+    from streaming.dataplane import DataPlane
+
+    from .dataplane_helpers import make_spec
+
+    _, secret_file = zmq.auth.create_certificates(tmp_path, "reader")
+    reader_public, _ = zmq.auth.load_certificate(secret_file)
+    prod_public, prod_secret = zmq.curve_keypair()
+    with DataPlane() as plane:
+        channel = plane.provision(
+            make_spec(
+                "l7",
+                curve=True,
+                producer_keys=(prod_public.decode(),),
+                consumer_keys=(reader_public.decode(),),
+            )
+        )
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "hub.cli",
+                "consume",
+                "--endpoint",
+                channel.work,
+                "--curve-server-key",
+                channel.server_key,
+                "--curve-cert",
+                str(secret_file),
+                "--count",
+                "5",
+                "--timeout",
+                "30",
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            sock = ctx.socket(zmq.PUSH)
+            sock.linger = 0
+            sock.curve_serverkey = channel.server_key.encode()
+            sock.curve_publickey, sock.curve_secretkey = prod_public, prod_secret
+            sock.connect(channel.producer)
+            send_frames(sock, range(5))
+            out, err = proc.communicate(timeout=40)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["frames"] == 5
