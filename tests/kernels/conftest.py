@@ -73,3 +73,11 @@ def slurm_cluster():
     finally:
         subprocess.run(["bash", str(STOP)], env=env, capture_output=True, timeout=60)
         shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture
+def slurm_env(slurm_cluster, monkeypatch):
+    """The session cluster's SLURM_CONF in os.environ, for code that reads it (sbatch called by
+    dask-jobqueue, the spawner's slurm backend). Request this instead of skipping on $SLURM_CONF."""
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
+    return slurm_cluster
