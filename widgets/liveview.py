@@ -7,7 +7,7 @@ each update one bokeh PATCH-DOC (a handful of comm messages) applied on the kern
 the only thread that touches the bokeh document. In a notebook::
 
     from widgets import LiveView
-    view = LiveView.from_dsn(channel="det")   # single process: StreamConsumer + Analyzer thread
+    view = LiveView.from_dsn(channel="det")   # in the kernel: StreamConsumer + Analyzer thread
     view                                      # image + peaks, hit rate, peaks/frame, profile
     view.stop()
 
@@ -331,7 +331,13 @@ class LiveView(w.VBox):
                  token: str | Callable[[], str] | None = None, *,
                  params: dict[str, Any] | None = None, monitor: bool = False,
                  **kwargs: Any) -> LiveView:
-        """Analyse the channel in this process (a StreamConsumer + Analyzer thread) and show it."""
+        """Analyse the channel in this process (a StreamConsumer + Analyzer thread) and show it.
+
+        ``monitor=False`` (default): this kernel is the channel's analysis and pulls from its
+        work face (frames counted lost are seq gaps, so it should be the only work consumer).
+        ``monitor=True``: watch while others (Dask workers) consume the work face: a copy of
+        every frame they take, dropped for this viewer when it falls behind (shown as lost).
+        """
         from streaming.consumer import StreamConsumer
         from widgets.steering import DSNClient, _default_token
 

@@ -163,3 +163,49 @@ def test_in_a_real_kernel_updates_run_on_the_kernel_loop_within_iopub_limits() -
     assert out["flushed_on"] == out["kernel_main_thread"] == "MainThread"
     assert out["peak_msgs_per_s"] < IOPUB_MSG_RATE_LIMIT / 10, out
     assert out["would_warn"] is False and out["rate_warnings_in_kernel_output"] == 0
+
+
+def test_from_dsn_work_face_and_a_monitor_view_alongside() -> None:
+    with SteerStack(shape=(256, 256), rate_hz=60.0) as stack:
+        token = stack.token("stream.read")
+        work = LiveView.from_dsn(stack.dsn_url, "det", token, max_hz=5.0)
+        watch = LiveView.from_dsn(stack.dsn_url, stack.channel_id, token, monitor=True,
+                                  max_hz=5.0)
+        try:
+            assert work.consumer.role == "work" and watch.consumer.role == "monitor"
+            for view in (work, watch):
+                wait_for(lambda v=view: v.stats.frames >= 30 and v.updates >= 2, what="frames")
+                assert "lost: <b>" in view.info.text and view.error is None
+            assert work.stats.lost() == 0  # the only work consumer sees every seq
+        finally:
+            watch.close()
+            work.close()
+
+
+@pytest.mark.timeout(90)
+def test_from_session_shows_dask_results_and_the_powder_pattern() -> None:
+    import functools
+
+    from distributed import Client, LocalCluster
+
+    from streaming.analysis_dask import AnalysisSession
+
+    with SteerStack(shape=(256, 256), rate_hz=60.0) as stack, \
+            LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                         dashboard_address=None) as cluster, Client(cluster) as client:
+        factory = functools.partial(StreamConsumer.from_dsn, stack.dsn_url, stack.channel_id,
+                                    stack.token("stream.read"))
+        session = AnalysisSession(client, factory, workers=1)
+        view = LiveView.from_session(session, max_hz=5.0, image_hz=5.0)
+        try:
+            wait_for(lambda: view.stats.frames >= 30 and view.updates >= 2 and
+                     view.stats.powder is not None, timeout=30, what="session results")
+            wait_for(lambda: view.image_source.data["dw"] != [1], what="powder image")
+            image = view.image_source.data["image"][0]
+            assert image.dtype == np.uint8 and image.shape == view.stats.powder.shape
+            assert view.image_source.data["dw"] == [256]  # powder bins cover the detector
+            assert view.last_flush_thread == "liveview-loop"
+        finally:
+            view.stop()
+            session.stop()
+            view.close()
