@@ -70,6 +70,7 @@ class WorkerJob(ProcessInterface):
         self.output_dir = Path(output_dir or Path(config.state_dir) / "dask")
         self.death_timeout_s = death_timeout_s
         self.job_id: str | None = None
+        self.error = ""
 
     def argv(self) -> list[str]:
         return [
@@ -99,7 +100,11 @@ class WorkerJob(ProcessInterface):
             walltime_s=self.walltime_s,
             output=str(self.output_dir / f"worker-{self.name}.log"),
         )
-        self.job_id = await backend.submit(spec)
+        try:
+            self.job_id = await backend.submit(spec)
+        except SchedulerError as exc:  # e.g. the window closed: the tier is no longer held
+            self.error = exc.message
+            raise
         log.info("dask worker %s submitted as job %s at tier %s", self.name, self.job_id, self.tier)
         await super().start()
 
@@ -113,7 +118,7 @@ class WorkerJob(ProcessInterface):
     async def state(self) -> tuple[JobState, str]:
         """The job's state and the scheduler's reason (why it waits or failed)."""
         if self.job_id is None:
-            return JobState.UNKNOWN, "not submitted"
+            return JobState.FAILED, f"not submitted: {self.error or 'no job yet'}"
         backend = await open_scheduler(self.config)
         info = (await backend.status([self.job_id]))[self.job_id]
         return info.state, info.reason

@@ -157,3 +157,10 @@ def test_workers_end_with_the_kernel_that_started_them(in_erins_server):
         lambda: ENDED.get(worker_jobs(hub).get(job_id, ""), "") == "ended", 20,
         "the kernel's worker job ended with it",
     )  # fmt: skip
+
+
+@pytest.mark.timeout(60)
+def test_workers_at_a_tier_not_held_are_refused_with_the_reason(in_erins_server, monkeypatch):
+    monkeypatch.setenv("BEAMHUB_TIER", "beamtime")  # no approved window for project sfx
+    with pytest.raises(TimeoutError, match="only held inside an approved beamtime window"):
+        start_dask(1, timeout=5, memory_mb=256)
