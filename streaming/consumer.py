@@ -12,7 +12,8 @@ What the counters mean:
   forwarded with the ``received`` counts that consumers report (``unaccounted`` in the channel's
   stats). That is why the consumer sends a small JSON status report to the channel's ``report``
   endpoint about every 0.5 s (from :meth:`receive`, no background thread).
-* ``restarts``: the sequence went backwards or the run id changed — the producer restarted. It is
+* ``restarts``: the sequence did not increase — the producer restarted (a new *run* of the same
+  producer keeps counting ``seq`` up, so it is not a restart). It is
   counted, logged, kept in :attr:`StreamConsumer.events`, and reported to the DSN.
 * ``malformed``: messages that failed :func:`streaming.wire.decode`, by reason; the stream goes on.
 * latency p50/p99: now minus the producer's ``t_ns`` (same host or synchronised clocks).
@@ -200,7 +201,7 @@ class StreamConsumer:
         if header.t_ns:
             self._latency_ms.append((time.time_ns() - header.t_ns) / 1e6)
         last = self.last_seq
-        if last is not None and (header.seq <= last or header.run != self.run):
+        if last is not None and header.seq <= last:
             self.restarts += 1
             event = {
                 "event": "producer_restart",

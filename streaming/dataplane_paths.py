@@ -259,9 +259,8 @@ class L7Gateway(_ChannelThread):
                         c.drop("rate")
                         continue
                     tokens -= 1.0
-                if c.last_seq is not None and (
-                    header.seq <= c.last_seq or header.run != c.last_run
-                ):
+                if c.last_seq is not None and header.seq <= c.last_seq:
+                    # seq never goes back for one producer (a new run keeps counting up).
                     c.producer_restarts += 1
                     self.log.warning(
                         "stream %s: sequence went from %d (run %s) to %d (run %d): producer restart",

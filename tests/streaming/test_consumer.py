@@ -324,3 +324,13 @@ def test_cli_consumes_an_encrypted_channel(tmp_path, ctx):
                 proc.wait()
     assert proc.returncode == 0, err
     assert json.loads(out.strip().splitlines()[-1])["frames"] == 5
+
+
+def test_a_new_run_is_not_a_restart(producer):
+    # The source keeps counting seq up across runs of one producer; only a seq reset is a restart.
+    with StreamConsumer(ep(producer), exclusive=True) as consumer:
+        send_frames(producer, range(5), run=0)
+        send_frames(producer, range(5, 10), run=1)
+        take(consumer, 10)
+        stats = consumer.stats()
+        assert (stats["restarts"], stats["lost"], stats["run"]) == (0, 0, 1)

@@ -260,3 +260,15 @@ def test_l4_counts_survive_connection_churn(plane, ctx):
         producer.close()
     stats = wait_stats(plane, "ch-l4", lambda s: s["messages"] == total)
     assert stats["proxy"]["uncounted_runs"] == 0
+
+
+def test_l7_counts_a_seq_reset_as_producer_restart_but_not_a_new_run(plane, ctx):
+    ep = plane.provision(make_spec("l7"))
+    consumer = pull(ctx, ep.work)
+    producer = push(ctx, ep.producer)
+    send_frames(producer, range(5), run=0)
+    send_frames(producer, range(5, 10), run=1)  # a new run: seq keeps counting
+    send_frames(producer, range(3), run=0)  # a restarted producer: seq starts again
+    assert len(receive_all(consumer, 13)) == 13
+    stats = wait_stats(plane, "ch-l7", lambda s: s["messages"] == 13)
+    assert stats["producer_restarts"] == 1 and stats["head_seq"] == 2
