@@ -1,0 +1,57 @@
+"""A beamtime for the notebook and browser tests: a real `beamhub up` stack and alice's real server.
+
+The detector streams 256x256 frames at 20 Hz (64x64 frames are too small for the peak finder's
+10-peak hit threshold) with 30 % hits, so the notebooks' hit-rate checks have frames to count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.hub.hubstack import RunningStack, login, server_env, spawn
+
+__all__ = ["BEAMTIME_YAML", "NOTEBOOKS", "REPO", "jobs_api_missing", "run_stack", "spawned_env"]
+
+REPO = Path(__file__).resolve().parents[2]
+NOTEBOOKS = REPO / "notebooks"
+
+BEAMTIME_YAML = """\
+enclave: dev
+hub: {port: 0}
+tokens: {ttl: 600, revocation_poll: 1.0}
+detector: {rate_hz: 20, shape: [256, 256], hit_fraction: 0.3}
+"""
+
+
+def run_stack(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[RunningStack]:
+    """Start `beamhub up`; at the end SIGTERM it and fail if any process of it survives."""
+    stack = RunningStack(tmp_path_factory.mktemp(f"stack-{name}"), BEAMTIME_YAML, name).start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+        leftovers = stack.survivors()
+        stack.kill_survivors()
+        assert not leftovers, f"`beamhub up` left processes behind: {leftovers}"
+
+
+def spawned_env(stack: RunningStack, user: str = "alice") -> dict[str, str]:
+    """Log ``user`` in through the IdP's forms, start her server, return its real environment."""
+    session, answer = login(stack, user, f"{user}-dev")
+    assert answer.status_code == 200, (answer.status_code, answer.url)
+    spawn(stack, session, user)
+    return server_env(stack, user)
+
+
+def jobs_api_missing(env: dict[str, str]) -> bool:
+    """True when the hub does not serve /hub/api/beamhub/jobs (start_dask() cannot submit)."""
+    answer = requests.get(
+        env["JUPYTERHUB_API_URL"].rstrip("/") + "/beamhub/jobs",
+        headers={"Authorization": f"token {env['JUPYTERHUB_API_TOKEN']}"},
+        timeout=10,
+    )
+    return answer.status_code == 404
