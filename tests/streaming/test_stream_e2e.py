@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import zmq
@@ -70,6 +71,25 @@ class ConsumerThread(threading.Thread):
         assert not self.is_alive()
 
 
+class PacedProducer(threading.Thread):
+    """Sends ``count`` checksummed frames at a steady pace from its own socket."""
+
+    def __init__(self, ctx, endpoint: str, count: int, interval_s: float) -> None:
+        super().__init__(name="test-producer", daemon=True)
+        self.ctx, self.endpoint, self.count, self.interval_s = ctx, endpoint, count, interval_s
+
+    def run(self) -> None:
+        sock = producer_socket(self.ctx, self.endpoint)
+        try:
+            t_next = time.monotonic()
+            for seq in range(self.count):
+                send_frames(sock, [seq], n=4096)
+                t_next += self.interval_s
+                time.sleep(max(0.0, t_next - time.monotonic()))
+        finally:
+            sock.close(linger=5000)
+
+
 def producer_socket(ctx, endpoint):
     sock = ctx.socket(zmq.PUSH)
     sock.linger = 1000
@@ -106,16 +126,17 @@ def test_several_consumers_one_killed_mid_stream(plane, ctx, mode):
     )
     try:
         wait_stats(plane, f"ch-{mode}", lambda s: {"w0", "w1", "victim"} <= set(s["consumers"]), 20)
-        producer = producer_socket(ctx, ep.producer)
-        send_frames(producer, range(300), n=4096)
+        producer = PacedProducer(ctx, ep.producer, 600, interval_s=0.002)
+        producer.start()
         wait_stats(
             plane, f"ch-{mode}", lambda s: (s["consumers"]["victim"]["received"] or 0) > 0, 20
         )
-        victim.send_signal(signal.SIGKILL)
+        victim.send_signal(signal.SIGKILL)  # mid-stream: frames are flowing to it right now
         assert victim.wait(10) == -signal.SIGKILL
-        send_frames(producer, range(300, 600), n=4096)
+        assert producer.is_alive(), "the stream ended before the kill; nothing was tested"
         # The stream goes on: the survivors get the last frame.
         wait_for(lambda: any(s[0] == 599 for t in survivors for s in t.seen), timeout=30)
+        producer.join(10)
     finally:
         if victim.poll() is None:
             victim.kill()
