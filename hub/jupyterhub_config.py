@@ -103,6 +103,10 @@ def configure(c: Any, rt: dict[str, Any]) -> None:
     c.ReservedNodeSpawner.backend_options = rt.get("scheduler_options", {})
     c.ReservedNodeSpawner.state_dir = str(state / "scheduler")
     c.ReservedNodeSpawner.mem_mb = 512  # fits the local backend's 1000 MB virtual nodes
+    # the local scheduler lives in the hub process: notebooks submit Dask workers through it
+    import kernels.jobs_api
+
+    c.JupyterHub.extra_handlers = kernels.jobs_api.HANDLERS
     c.SimpleLocalProcessSpawner.home_dir_template = str(state / "users" / "{username}")
     c.Spawner.environment = {"BEAMHUB_HOME": str(state)}
 

@@ -228,6 +228,9 @@ def _slurm_cluster(
     extra = [f'--comment="{label}"']  # quoted: an #SBATCH line ends at the first space
     if qos:
         extra.append(f"--qos={qos}")
+    # job output goes to the state folder, never the kernel's working directory; `interface`
+    # (e.g. "lo" for a one-host test cluster) pins where the scheduler and workers listen
+    log_dir = config.options.get("log_directory") or str(Path(config.state_dir) / "dask-logs")
     cluster = SLURMCluster(
         queue=(config.options.get("partitions") or {}).get(tier, tier),
         cores=kwargs.pop("nthreads", 1),
@@ -235,6 +238,8 @@ def _slurm_cluster(
         walltime=None,
         job_extra_directives=extra,
         scheduler_options={"dashboard_address": ":0"},
+        interface=config.options.get("interface"),
+        log_directory=log_dir,
         **kwargs,
     )
     cluster.scale(n_workers)

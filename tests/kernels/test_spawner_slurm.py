@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 
@@ -19,23 +18,11 @@ projects:
 """
 
 
-def _slurm_up() -> str:
-    conf = os.environ.get("SLURM_CONF", "")
-    if not conf or shutil.which("sinfo") is None:
-        return ""
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%a"], capture_output=True, text=True,
-                             timeout=10)  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return conf if "up" in out.stdout else ""
-
-
 @pytest.fixture(scope="module")
-def slurm_hub(tmp_path_factory):
-    conf = _slurm_up()
-    if not conf:
-        pytest.skip("no SLURM cluster answers at $SLURM_CONF (scripts/slurm/start.sh starts one)")
+def slurm_hub(slurm_cluster, tmp_path_factory):
+    conf = str(slurm_cluster.conf)
+    old_conf = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf  # sbatch/squeue called by dask-jobqueue read it
     workdir = tmp_path_factory.mktemp("slurm-hub")
     (workdir / "projects.yaml").write_text(PROJECTS)
     config = f"""
@@ -52,6 +39,10 @@ c.ReservedNodeSpawner.mem_mb = 256
     finally:
         hub.api("DELETE", "/users/sam/server")
         hub.stop()
+        if old_conf is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old_conf
 
 
 def squeue_state(job_id: str) -> str:
@@ -92,7 +83,8 @@ def test_start_dask_on_slurm_runs_workers_in_the_tiers_partition(slurm_hub, monk
     from kernels.placement import SchedulerConfig
 
     config = SchedulerConfig(backend="slurm", state_dir=str(tmp_path),
-                             options={"slurm_conf": os.environ["SLURM_CONF"]})  # fmt: skip
+                             options={"slurm_conf": os.environ["SLURM_CONF"],
+                                      "interface": "lo"})  # fmt: skip
     for key, value in config.job_env(project="beam", tier="interactive", user="sam").items():
         monkeypatch.setenv(key, value)
     client = start_dask(2, timeout=60, memory_mb=256)
