@@ -15,6 +15,7 @@ jupyter_server's defaults (1000 msg/s, 1e6 B/s), plus whether the limiter would 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import queue
@@ -49,6 +50,10 @@ for _i in range(24):
                                    shape=_data.shape, meta=_meta), _data))
 _results = [_an.analyse(_f) for _f in _pool]
 view = LiveView(max_hz={max_hz})
+if {naive}:  # the baseline: every figure updated on every frame, one patch per change
+    import contextlib
+    view.bokeh.batch = contextlib.nullcontext
+    view._request_flush = view.flush
 display(view)
 _drive_done = threading.Event()
 
@@ -79,6 +84,8 @@ print(json.dumps({"updates": view.updates, "results_seen": view.results_seen,
 
 
 def _msg_bytes(msg: dict[str, Any]) -> int:
+    if "_bytes" in msg:  # as received on the websocket
+        return msg["_bytes"]
     parts = (msg.get("header"), msg.get("parent_header"), msg.get("metadata"), msg.get("content"))
     size = sum(len(json.dumps(p, default=str)) for p in parts)
     return size + sum(len(b) for b in msg.get("buffers") or ())
@@ -149,12 +156,139 @@ def run_in_kernel(cells: list[str], collect_s: float, timeout: float = 120.0,
     return messages, outputs
 
 
-def measure_liveview(seconds: float = 10.0, rate_hz: float = 120.0,
-                     max_hz: float = 10.0) -> dict[str, Any]:
-    """Run a LiveView fed at ``rate_hz`` in a real kernel; its iopub traffic while it streams."""
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _decode_ws(data: str | bytes) -> dict[str, Any]:
+    """A kernel message from jupyter_server's websocket (JSON text or its binary framing)."""
+    if isinstance(data, str):
+        msg = json.loads(data)
+    else:
+        import struct
+
+        nbufs = struct.unpack("!I", data[:4])[0]
+        offsets = struct.unpack("!" + "I" * nbufs, data[4:4 + 4 * nbufs])
+        end = offsets[1] if nbufs > 1 else len(data)
+        msg = json.loads(data[offsets[0]:end])
+    msg["_bytes"] = len(data)
+    return msg
+
+
+async def _run_via_server(cells: list[str], collect_s: float,
+                          timeout: float) -> tuple[list[dict[str, Any]], list[str]]:
+    import secrets
+    import subprocess
+    import tempfile
+    import uuid
+
+    from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+    from tornado.websocket import websocket_connect
+
+    token, port = secrets.token_hex(16), _free_port()
+    base = f"127.0.0.1:{port}"
+    headers = {"Authorization": f"token {token}"}
+    root = tempfile.mkdtemp(prefix="beamhub-bench-liveview-")
+    server = subprocess.Popen(  # the notebook server a user's browser talks to, default limits
+        [sys.executable, "-m", "jupyter_server", "--ServerApp.ip=127.0.0.1",
+         f"--ServerApp.port={port}", "--ServerApp.port_retries=0", "--allow-root",
+         f"--IdentityProvider.token={token}", "--ServerApp.open_browser=False",
+         f"--ServerApp.root_dir={root}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    http = AsyncHTTPClient()
+    messages: list[dict[str, Any]] = []
+    outputs: list[str] = []
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                resp = await http.fetch(f"http://{base}/api/status", headers=headers,
+                                        raise_error=False)
+                if resp.code == 200:
+                    break
+            except OSError:
+                pass  # not listening yet
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError(f"jupyter_server did not answer on {base} within 60 s")
+            await asyncio.sleep(0.2)
+        resp = await http.fetch(f"http://{base}/api/kernels", method="POST", headers=headers,
+                                body=json.dumps({"name": "python3"}))
+        kernel = json.loads(resp.body)["id"]
+        ws = await websocket_connect(HTTPRequest(
+            f"ws://{base}/api/kernels/{kernel}/channels?session_id={uuid.uuid4().hex}",
+            headers=headers))
+        session = uuid.uuid4().hex
+        deadline = time.monotonic() + timeout
+        for index, code in enumerate(cells):
+            msg_id = uuid.uuid4().hex
+            ws.write_message(json.dumps({
+                "header": {"msg_id": msg_id, "username": "bench", "session": session,
+                           "msg_type": "execute_request", "version": "5.3"},
+                "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+                "content": {"code": code, "silent": False, "store_history": False,
+                            "user_expressions": {}, "allow_stdin": False,
+                            "stop_on_error": True}}))
+            until = None
+            while True:
+                now = time.monotonic()
+                if now > deadline:
+                    raise TimeoutError(f"cell {index} did not finish within {timeout} s")
+                if until is not None and now >= until:
+                    break
+                wait = min(0.2, (until or deadline) - now)
+                try:
+                    data = await asyncio.wait_for(ws.read_message(), wait)
+                except TimeoutError:
+                    continue
+                if data is None:
+                    raise RuntimeError("the kernel websocket closed")
+                msg = _decode_ws(data)
+                if msg.get("channel") != "iopub":
+                    continue
+                msg["_t"] = time.monotonic()
+                messages.append(msg)
+                kind = msg["header"]["msg_type"]
+                if kind == "stream":
+                    outputs.append(msg["content"]["text"])
+                if kind == "error":
+                    raise RuntimeError("kernel error: " + "\n".join(msg["content"]["traceback"]))
+                if (kind == "status" and msg["parent_header"].get("msg_id") == msg_id
+                        and msg["content"]["execution_state"] == "idle" and until is None):
+                    until = time.monotonic() + (collect_s if index == 0 else 0.3)
+        ws.close()
+        await http.fetch(f"http://{base}/api/kernels/{kernel}", method="DELETE",
+                         headers=headers, raise_error=False)
+    finally:
+        server.terminate()
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(5)
+    return messages, outputs
+
+
+def measure_liveview(seconds: float = 10.0, rate_hz: float = 120.0, max_hz: float = 10.0, *,
+                     via: str = "kernel", naive: bool = False) -> dict[str, Any]:
+    """Run a LiveView fed at ``rate_hz``; its iopub traffic while it streams.
+
+    ``via="kernel"``: a kernel started with jupyter_client, messages read from iopub directly.
+    ``via="server"``: a real ``jupyter_server`` (default rate limits) and its kernel websocket,
+    so its own "IOPub message rate exceeded" warnings are seen if they happen. ``naive=True``:
+    the baseline, every figure patched on every frame from the feeding thread.
+    """
     n = int(seconds * rate_hz)
-    drive = DRIVE_CELL.format(max_hz=max_hz, n=n, rate=rate_hz)
-    messages, outputs = run_in_kernel([drive, REPORT_CELL], collect_s=seconds + 1.0)
+    cells = [DRIVE_CELL.format(max_hz=max_hz, n=n, rate=rate_hz, naive=naive), REPORT_CELL]
+    if via == "server":
+        messages, outputs = asyncio.run(_run_via_server(cells, seconds + 1.0, 180.0))
+    elif via == "kernel":
+        messages, outputs = run_in_kernel(cells, collect_s=seconds + 1.0)
+    else:
+        raise ValueError(f"via: {via!r} must be 'kernel' or 'server'")
     report = json.loads([line for line in "".join(outputs).splitlines()
                          if line.startswith("{")][-1])
     first_idle = next(i for i, m in enumerate(messages)
@@ -167,6 +301,7 @@ def measure_liveview(seconds: float = 10.0, rate_hz: float = 120.0,
     warnings = [m for m in messages if m["header"]["msg_type"] == "stream"
                 and "rate exceeded" in m["content"]["text"]]
     return {
+        "via": via, "naive": naive,
         "input_rate_hz": rate_hz, "max_hz": max_hz, "seconds": seconds,
         "results_fed": report["results_seen"], "updates": report["updates"],
         "updates_per_s": round(report["updates"] / seconds, 2),
@@ -177,7 +312,7 @@ def measure_liveview(seconds: float = 10.0, rate_hz: float = 120.0,
         "limits": {"iopub_msg_rate_limit": IOPUB_MSG_RATE_LIMIT,
                    "iopub_data_rate_limit": IOPUB_DATA_RATE_LIMIT,
                    "rate_limit_window_s": RATE_LIMIT_WINDOW_S},
-        "rate_warnings_in_kernel_output": len(warnings),
+        "server_rate_warnings": len(warnings) if via == "server" else None,
         "flushed_on": report["flush_thread"], "kernel_main_thread": report["main_thread"],
     }
 
@@ -189,8 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rate-hz", type=float, default=120.0)
     parser.add_argument("--max-hz", type=float, default=10.0)
+    parser.add_argument("--via", choices=("server", "kernel"), default="server")
+    parser.add_argument("--naive", action="store_true", help="the unthrottled baseline")
     args = parser.parse_args(argv)
-    out = measure_liveview(args.seconds, args.rate_hz, args.max_hz)
+    out = measure_liveview(args.seconds, args.rate_hz, args.max_hz, via=args.via,
+                           naive=args.naive)
     print(json.dumps(out) if args.json else json.dumps(out, indent=2))
     return 0
 

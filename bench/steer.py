@@ -7,7 +7,9 @@ Each sample PUTs ``sample_position_um`` through the DSN's steering relay with a 
 times until an analysed frame carries ``rev >= `` the answered revision. Interleaved with it, the
 baseline: the same change PUT straight to the source's control endpoint (no DSN hop). The floor is
 the frame interval (a change waits for the next frame). A second part drives a
-:class:`widgets.liveview.LiveView` at 120 Hz inside a real ipykernel and counts its iopub traffic.
+:class:`widgets.liveview.LiveView` at 120 Hz in a kernel behind a real jupyter_server and counts
+its iopub traffic and the server's rate-limit warnings, against an unthrottled baseline
+(``bench/liveview.py``).
 
     beamhub bench steer --json            (or: python -m bench.steer --json)
 """
@@ -19,6 +21,7 @@ import asyncio
 import dataclasses
 import json
 import random
+import signal
 import statistics
 import sys
 import threading
@@ -264,49 +267,69 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))], 2)
 
 
-def _phase(loop: AnalysisLoop, stack: Any, token: str, samples: int,
-           rng: random.Random) -> dict[str, Any]:
-    """``samples`` changes through the DSN interleaved with as many direct ones."""
-    relay = f"{stack.dsn_url}/api/channels/{stack.channel_id}/steer/params/sample_position_um"
-    direct = f"{stack.control_url}/params/sample_position_um"
-    via: dict[str, list[float]] = {"dsn": [], "direct": []}
-    http: dict[str, list[float]] = {"dsn": [], "direct": []}
-    timeouts = 0
-    frames0, t_start = loop.frames, time.monotonic()
-    for i in range(2 * samples):
-        kind = "dsn" if i % 2 == 0 else "direct"
-        time.sleep(rng.uniform(0.01, 0.04))  # decorrelate from the frame clock
-        t0 = time.perf_counter()
-        answer = _put(relay if kind == "dsn" else direct, token, float(rng.randrange(-20, 21)))
-        t1 = time.perf_counter()
-        if not loop.wait_rev(answer["rev"], 5.0):
-            timeouts += 1
-            continue
-        via[kind].append((time.perf_counter() - t0) * 1e3)
-        http[kind].append((t1 - t0) * 1e3)
-    rate = (loop.frames - frames0) / max(1e-9, time.monotonic() - t_start)
+class _Phase:
+    """Samples of one analysis policy, gathered over several interleaved rounds."""
 
-    def summary(kind: str) -> dict[str, Any]:
-        return {"p50_ms": _pct(via[kind], 50), "p99_ms": _pct(via[kind], 99),
-                "mean_ms": round(statistics.fmean(via[kind]), 2) if via[kind] else None,
-                "max_ms": round(max(via[kind]), 2) if via[kind] else None,
-                "http_p50_ms": _pct(http[kind], 50), "samples": len(via[kind])}
+    def __init__(self) -> None:
+        self.via: dict[str, list[float]] = {"dsn": [], "direct": []}
+        self.http: dict[str, list[float]] = {"dsn": [], "direct": []}
+        self.timeouts = 0
+        self.frames = 0
+        self.seconds = 0.0
+        self.cpu = 0.0  # CPU seconds of this (analysis) process
 
-    dsn, base = summary("dsn"), summary("direct")
-    ratio = (round(dsn["p50_ms"] / base["p50_ms"], 3)
-             if dsn["p50_ms"] and base["p50_ms"] else None)
-    return {"dsn": dsn, "direct": base, "dsn_hop_ratio_p50": ratio, "timeouts": timeouts,
-            "analysed_fps": round(rate, 1)}
+    def run(self, loop: AnalysisLoop, stack: Any, token: str, samples: int,
+            rng: random.Random) -> None:
+        """``samples`` changes through the DSN interleaved with as many direct ones."""
+        import psutil
+
+        relay = (f"{stack.dsn_url}/api/channels/{stack.channel_id}/steer/params/"
+                 "sample_position_um")
+        direct = f"{stack.control_url}/params/sample_position_um"
+        frames0, t_start, cpu0 = loop.frames, time.monotonic(), psutil.Process().cpu_times()
+        for i in range(2 * samples):
+            kind = "dsn" if i % 2 == 0 else "direct"
+            time.sleep(rng.uniform(0.01, 0.04))  # decorrelate from the frame clock
+            t0 = time.perf_counter()
+            answer = _put(relay if kind == "dsn" else direct, token,
+                          float(rng.randrange(-20, 21)))
+            t1 = time.perf_counter()
+            if not loop.wait_rev(answer["rev"], 5.0):
+                self.timeouts += 1
+                continue
+            self.via[kind].append((time.perf_counter() - t0) * 1e3)
+            self.http[kind].append((t1 - t0) * 1e3)
+        cpu1 = psutil.Process().cpu_times()
+        self.frames += loop.frames - frames0
+        self.seconds += time.monotonic() - t_start
+        self.cpu += cpu1.user + cpu1.system - cpu0.user - cpu0.system
+
+    def summary(self, kind: str) -> dict[str, Any]:
+        v = self.via[kind]
+        return {"p50_ms": _pct(v, 50), "p99_ms": _pct(v, 99),
+                "mean_ms": round(statistics.fmean(v), 2) if v else None,
+                "max_ms": round(max(v), 2) if v else None,
+                "http_p50_ms": _pct(self.http[kind], 50), "samples": len(v)}
+
+    def report(self) -> dict[str, Any]:
+        dsn, base = self.summary("dsn"), self.summary("direct")
+        ratio = (round(dsn["p50_ms"] / base["p50_ms"], 3)
+                 if dsn["p50_ms"] and base["p50_ms"] else None)
+        wall = max(1e-9, self.seconds)
+        return {"dsn": dsn, "direct": base, "dsn_hop_ratio_p50": ratio,
+                "timeouts": self.timeouts, "analysed_fps": round(self.frames / wall, 1),
+                "analysis_process_cores": round(self.cpu / wall, 2)}
 
 
 def measure_steering(samples: int, rate_hz: float, mode: str | None, hwm: int | None = None,
-                     stale_samples: int = 0) -> dict[str, Any]:
-    """Round trips with every frame analysed, then (optional) skipping stale frames."""
+                     stale_samples: int = 0, rounds: int = 4) -> dict[str, Any]:
+    """Round trips with every frame analysed and, in alternating rounds (so both policies see
+    the same machine load), with the analysis skipping stale frames."""
     import psutil
 
     rng = random.Random(1)
-    me = psutil.Process()
     load0 = psutil.getloadavg()[0]
+    every, stale = _Phase(), _Phase()
     with StackProcess(rate_hz=rate_hz, mode=mode, hwm=hwm) as stack:
         child = psutil.Process(stack.process.pid)
         steer = stack.token()
@@ -315,38 +338,42 @@ def measure_steering(samples: int, rate_hz: float, mode: str | None, hwm: int | 
             deadline = time.monotonic() + 20
             while loop.frames < 20 and time.monotonic() < deadline:  # warm-up: caches, sockets
                 loop.wait_rev(0, 0.5)
-            cpu0, child0, t0 = me.cpu_times(), child.cpu_times(), time.monotonic()
-            every = _phase(loop, stack, steer, samples, rng)
-            cpu1, child1, t1 = me.cpu_times(), child.cpu_times(), time.monotonic()
-            stale = None
-            if stale_samples:
-                loop.latest = True
-                stale = _phase(loop, stack, steer, stale_samples, rng)
-                stale["frames_skipped"] = loop.skipped
+            child0, t0 = child.cpu_times(), time.monotonic()
+            for r in range(rounds):
+                loop.latest = False
+                every.run(loop, stack, steer, samples // rounds + (r < samples % rounds), rng)
+                if stale_samples:
+                    loop.latest = True
+                    stale.run(loop, stack, steer,
+                              stale_samples // rounds + (r < stale_samples % rounds), rng)
+            child1, t1 = child.cpu_times(), time.monotonic()
             source = stack.source_stats()
             consumer = loop.consumer.stats()
         finally:
             loop.stop()
+    main_phase = every.report()
+    stale_phase = stale.report() if stale_samples else None
+    if stale_phase is not None:
+        stale_phase["frames_skipped"] = loop.skipped
     wall = max(1e-9, t1 - t0)
-    dsn = every["dsn"]
+    dsn = main_phase["dsn"]
     met = (dsn["p50_ms"] is not None and dsn["p50_ms"] <= TARGET_P50_MS
            and dsn["p99_ms"] <= TARGET_P99_MS)
     return {
         "p50_ms": dsn["p50_ms"], "p99_ms": dsn["p99_ms"], "rate_hz": rate_hz,
         "samples": dsn["samples"], "mean_ms": dsn["mean_ms"], "max_ms": dsn["max_ms"],
         "http_p50_ms": dsn["http_p50_ms"],
-        "baseline_direct": every["direct"], "dsn_hop_ratio_p50": every["dsn_hop_ratio_p50"],
+        "baseline_direct": main_phase["direct"],
+        "dsn_hop_ratio_p50": main_phase["dsn_hop_ratio_p50"],
         "frame_interval_floor_ms": round(1e3 / rate_hz, 2),
-        "analysed_fps": every["analysed_fps"], "timeouts": every["timeouts"],
-        "skip_stale": stale,
-        "frame_bytes": 1024 * 1024 * 4, "dsn_mode": mode or "template default",
-        "hwm": hwm,
+        "analysed_fps": main_phase["analysed_fps"], "timeouts": main_phase["timeouts"],
+        "skip_stale": stale_phase, "rounds": rounds,
+        "frame_bytes": 1024 * 1024 * 4, "dsn_mode": mode or "template default", "hwm": hwm,
         "source": {"frames_sent": source["frames_sent"],
                    "dropped_at_source": source["dropped_at_source"]},
         "analysed_frames": consumer["frames"], "consumer_lost": consumer["lost"],
         "frame_latency_p50_ms": consumer["latency_p50_ms"],
-        "cpu": {"analysis_process_cores": round(
-                    (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / wall, 2),
+        "cpu": {"analysis_process_cores": main_phase["analysis_process_cores"],
                 "dsn_and_detector_process_cores": round(
                     (child1.user + child1.system - child0.user - child0.system) / wall, 2),
                 "machine_cores": psutil.cpu_count(),
@@ -354,6 +381,14 @@ def measure_steering(samples: int, rate_hz: float, mode: str | None, hwm: int | 
                 "load_avg_1min_after": round(psutil.getloadavg()[0], 2)},
         "targets": {"p50_ms": TARGET_P50_MS, "p99_ms": TARGET_P99_MS, "met": met},
     }
+
+
+def _progress(text: str) -> None:
+    print(f"beamhub bench steer: {text}", file=sys.stderr, flush=True)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,12 +409,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.samples < 1:
         parser.error("--samples must be >= 1")
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM unwinds like Ctrl-C: children stop
     t0 = time.monotonic()
-    out = measure_steering(args.samples, args.rate_hz, args.mode, args.hwm, args.stale_samples)
-    if args.liveview_seconds > 0:
-        from bench.liveview import measure_liveview
+    try:
+        _progress(f"steering: {args.samples} changes via the DSN + as many direct, "
+                  f"{args.rate_hz:g} Hz, 4 MiB frames")
+        out = measure_steering(args.samples, args.rate_hz, args.mode, args.hwm,
+                               args.stale_samples)
+        _progress(f"steering: p50 {out['p50_ms']} ms, p99 {out['p99_ms']} ms")
+        if args.liveview_seconds > 0:
+            from bench.liveview import measure_liveview
 
-        out["liveview"] = measure_liveview(args.liveview_seconds, args.rate_hz)
+            _progress(f"live view: {args.liveview_seconds:g} s at {args.rate_hz:g} Hz behind "
+                      "a jupyter_server, then the unthrottled baseline")
+            live = measure_liveview(args.liveview_seconds, args.rate_hz, via="server")
+            naive = measure_liveview(min(args.liveview_seconds, 5.0), args.rate_hz,
+                                     via="server", naive=True)
+            live["baseline_unthrottled"] = {
+                k: naive[k] for k in ("updates_per_s", "iopub_msgs_per_s", "iopub_bytes_per_s",
+                                      "peak_msgs_per_s", "would_warn", "server_rate_warnings")}
+            live["msgs_ratio_vs_unthrottled"] = round(
+                live["peak_msgs_per_s"] / max(1e-9, naive["peak_msgs_per_s"]), 4)
+            out["liveview"] = live
+    except KeyboardInterrupt:
+        _progress("interrupted; stopped the DSN, the detector and the kernel")
+        return 130
     out["elapsed_s"] = round(time.monotonic() - t0, 1)
     if args.json:
         print(json.dumps(out))
