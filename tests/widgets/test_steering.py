@@ -158,3 +158,33 @@ def test_unreachable_or_foreign_channel_is_shown_not_raised(stack) -> None:
     dead = SteeringPanel("http://127.0.0.1:9", "ch-0123", stack.token(), timeout=2)
     assert "cannot reach the DSN" in dead.last_error and "cannot reach" in dead.status.value
     dead.close()
+
+
+def test_a_burst_of_slider_moves_sends_only_the_last_value(stack) -> None:
+    panel = SteeringPanel(stack.dsn_url, "det", stack.token(), debounce_s=0.3)
+    try:
+        rev = stack.runner.status()["rev"]
+        for value in range(1, 11):  # ten moves within the debounce window
+            panel.controls["sample_position_um"].value = float(value)
+        assert panel.wait_idle(10)
+        assert stack.runner.status()["rev"] == rev + 1  # one change reached the source
+        assert source_values(stack)["sample_position_um"] == 10.0
+        assert len(panel.changes) == 1 and panel.changes[0]["value"] == 10.0
+    finally:
+        panel.close()
+
+
+def test_recent_changes_name_who_and_notice_another_client(stack) -> None:
+    alice = SteeringPanel(stack.dsn_url, "det", stack.token(sub="alice"))
+    carol = SteeringPanel(stack.dsn_url, "det", stack.token(sub="carol"))
+    try:
+        assert alice.set("peaks_per_hit", 31)["value"] == 31
+        assert carol.set("peaks_per_hit", 32)["rev"] == alice.rev + 1
+        assert "carol" in carol.table.value and "alice" not in carol.table.value
+        alice.refresh()  # alice's panel learns the source moved on without her
+        assert alice.controls["peaks_per_hit"].value == 32
+        assert alice.changes[0]["user"] == "(another client)"
+        assert "(another client)" in alice.table.value and "alice" in alice.table.value
+    finally:
+        alice.close()
+        carol.close()
