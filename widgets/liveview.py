@@ -181,7 +181,8 @@ class LiveView(w.VBox):
         self._last_flush = 0.0
         self._last_image = 0.0
         self._last_slow = 0.0  # image (powder) and profile refresh at image_hz
-        self._pending_image: np.ndarray | None = None
+        self._pending_image: tuple[np.ndarray, FrameResult] | None = None
+        self.image_result: FrameResult | None = None  # the frame whose image is shown
         self._image_shape: tuple[int, int] | None = None
         self._latest: FrameResult | None = None
         self._latest_hit: FrameResult | None = None
@@ -228,7 +229,11 @@ class LiveView(w.VBox):
         """One analysed frame (and optionally its :class:`~streaming.wire.Frame` for the image)."""
         now = time.monotonic()
         image = None
-        if frame is not None and now - self._last_image >= 1.0 / self.image_hz:
+        since = now - self._last_image
+        # at image_hz, preferring hits (their peaks are what a person looks for); a stream
+        # without hits still refreshes at a third of that rate
+        due = since >= 1.0 / self.image_hz and (result.hit or since >= 3.0 / self.image_hz)
+        if frame is not None and due:
             data = np.asarray(frame.data)
             if data.ndim == 2:
                 image = _to_uint8(downsample_max(data, self.image_size))
@@ -244,7 +249,7 @@ class LiveView(w.VBox):
             self._since_flush[0] += 1
             self._since_flush[1] += result.n_peaks
             if image is not None:
-                self._pending_image = image
+                self._pending_image = (image, result)
         for fn in self._listeners:
             try:
                 fn(result)
@@ -279,8 +284,8 @@ class LiveView(w.VBox):
             powder = None if snap["powder"] is None else np.array(snap["powder"])
             frames, peaks = self._since_flush
             self._since_flush = [0, 0]
-            image, self._pending_image = self._pending_image, None
-            shown = self._latest_hit or self._latest
+            pending, self._pending_image = self._pending_image, None
+            latest, latest_hit = self._latest, self._latest_hit
         t = round(time.monotonic() - self._t0, 3)
         now = time.monotonic()
         slow_due = now - self._last_slow >= 1.0 / self.image_hz
@@ -289,22 +294,26 @@ class LiveView(w.VBox):
                 self.series_source.stream(
                     {"t": [t], "hit_rate": [round(snap["hit_rate"], 4)],
                      "peaks": [round(peaks / frames / 100.0, 4)]}, rollover=self.history)
-            if image is not None and self._image_shape is not None:
-                self._set_image(image, self._image_shape)
+            overlay = None
+            if pending is not None and self._image_shape is not None:
+                self._set_image(pending[0], self._image_shape)
+                overlay = self.image_result = pending[1]  # peaks found on the frame shown
             elif self._image_shape is None and powder is not None and slow_due:
-                # no frames reach this process (Dask session): the virtual powder pattern
+                # no frames reach this process (Dask session): the virtual powder pattern,
+                # with the latest hit's peaks on it
                 b = self.stats.powder_bin
                 self._set_image(_to_uint8(powder.astype(np.float32)),
                                 (powder.shape[0] * b, powder.shape[1] * b))
-            if shown is not None:
-                self.peaks_source.data = {"x": shown.peaks[:, 1].round(1).tolist(),
-                                          "y": shown.peaks[:, 0].round(1).tolist()}
+                overlay = latest_hit
+            if overlay is not None:
+                self.peaks_source.data = {"x": overlay.peaks[:, 1].round(1).tolist(),
+                                          "y": overlay.peaks[:, 0].round(1).tolist()}
             if profile is not None and slow_due:
                 self.profile_source.data = {"r": list(range(len(profile))),
                                             "intensity": np.round(profile, 2).tolist()}
             if slow_due:
                 self._last_slow = now
-            self.info.text = self._info_html(snap, shown)
+            self.info.text = self._info_html(snap, latest)
         self.updates += 1
         self.last_flush_thread = threading.current_thread().name
 

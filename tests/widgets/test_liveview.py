@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from bench.liveview import IOPUB_MSG_RATE_LIMIT, iopub_rates, measure_liveview
-from bench.steer import SteerStack
+from bench.steer_stack import SteerStack
 from streaming.analysis import Analyzer, FrameResult
 from streaming.consumer import StreamConsumer
 from streaming.simulator import SimulatedDetector
@@ -84,11 +84,12 @@ def test_120_results_per_second_give_at_most_10_updates_per_second(pool) -> None
         assert view.last_flush_thread == "liveview-loop"  # one thread touches the document
         # each update is one PATCH-DOC: 3 comm messages + 2 per binary buffer (the image)
         assert view.bokeh.messages_sent <= 5 * view.updates + 2
-        # the figures show the latest results
-        last_hit = next(r for r in reversed(fed) if r.hit)
+        # the figures show the latest results: a recent hit's image with its own peaks on it
+        shown = view.image_result
+        assert shown is not None and shown.hit and shown.seq >= fed[-1].seq - 120 * 1.5
         peaks = view.peaks_source.data
-        assert peaks["x"] == last_hit.peaks[:, 1].round(1).tolist()
-        assert peaks["y"] == last_hit.peaks[:, 0].round(1).tolist()
+        assert peaks["x"] == shown.peaks[:, 1].round(1).tolist()
+        assert peaks["y"] == shown.peaks[:, 0].round(1).tolist()
         hits = [r.hit for r in fed[-view.stats.window:]]
         assert view.series_source.data["hit_rate"][-1] == pytest.approx(sum(hits) / len(hits),
                                                                          abs=1e-3)
@@ -98,7 +99,7 @@ def test_120_results_per_second_give_at_most_10_updates_per_second(pool) -> None
         assert view.image_source.data["dw"] == [512]
         text = view.info.text
         assert "frames: <b>235</b>" in text and "lost: <b>5</b>" in text
-        assert "latency p50: <b>5 ms</b>" in text and f"last seq: <b>{last_hit.seq}</b>" in text
+        assert "latency p50: <b>5 ms</b>" in text and f"last seq: <b>{fed[-1].seq}</b>" in text
         assert len(view.profile_source.data["intensity"]) > 100
     finally:
         view.close()

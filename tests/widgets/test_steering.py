@@ -9,7 +9,7 @@ import time
 import ipywidgets as w
 import pytest
 
-from bench.steer import SteerStack
+from bench.steer_stack import SteerStack
 from streaming.analysis import Analyzer
 from streaming.consumer import StreamConsumer
 from widgets.liveview import LiveView
