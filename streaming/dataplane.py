@@ -328,7 +328,7 @@ class DataPlane:
             supervisor.stop()
         for thread in threads:
             if thread is not supervisor:
-                thread.stop(timeout=2.0)
+                thread.stop(timeout=1.0)
         if zone is not self._shared and any(t.is_alive() for t in threads):
             # An L4 proxy waiting in a send cannot read TERMINATE; ending its context frees it.
             zone.close()

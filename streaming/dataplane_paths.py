@@ -354,7 +354,17 @@ class Supervisor(_ChannelThread):
         finally:
             if self.control is not None:
                 self._statistics(wait_ms=500)  # final counters before the proxy goes
-                self.control.send(b"TERMINATE")
+                self._terminate_proxy()
+
+    def _terminate_proxy(self) -> None:
+        """TERMINATE, then wait for libzmq's (empty) reply: the proxy sends it on the PAIR before
+        returning, and a PAIR send to a peer that already closed would block the proxy forever."""
+        self.control.send(b"TERMINATE")
+        deadline = time.monotonic() + 1.0  # a proxy waiting in a send cannot answer; see remove()
+        while (left := deadline - time.monotonic()) > 0 and self.control.poll(int(left * 1000)):
+            if self.control.recv_multipart() == [b""]:
+                return
+        self.log.warning("proxy %s did not confirm TERMINATE", self.name)
 
     def _statistics(self, wait_ms: int = 100) -> None:
         """Ask the proxy for libzmq's counters; carry them over proxy restarts.
