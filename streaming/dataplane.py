@@ -34,6 +34,13 @@ Loss is visible, never silent. PUSH cannot tell which consumer got which frame, 
 * a work consumer sees a *subset* of sequence numbers, so it cannot count gaps; monitor viewers
   (who see every frame) count gaps and report them as ``lost``; L7 drops are counted by reason.
 
+L4 and libzmq 4.3.5. The supervisor samples ``STATISTICS`` every 0.2 s, so L4 counters lag by up
+to that (and while the proxy waits in a send for a full consumer, until it can answer). The proxy
+sometimes returns EAGAIN when a ZAP-authenticated peer connects (before forwarding anything): the
+router restarts it and the supervisor carries the counters over (``proxy.runs`` in the stats).
+The proxy replies to ``TERMINATE`` on the control PAIR, so the supervisor reads that reply before
+closing; if the proxy cannot answer, ``remove()`` ends the channel's own context.
+
 Security. Every face has a ZAP domain ``beamhub/<channel>/<face>``: only source addresses in the
 channel's producer (resp. consumer) CIDRs may connect, and with ``curve=True`` every face is a
 CURVE server with the DSN's keypair and accepts only the registered public keys.
