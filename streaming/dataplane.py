@@ -188,6 +188,7 @@ class _Zone:
         self.auth = ChannelAuthenticator(context, log=log.getChild("zap"))
         try:
             self.auth.start()
+            self.auth.thread.name = f"dataplane:zap:{id(self):x}"
         except zmq.ZMQError as exc:
             raise RuntimeError(
                 f"cannot start the data plane's ZAP handler ({exc}): another authenticator already "
