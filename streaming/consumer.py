@@ -91,6 +91,8 @@ class StreamConsumer:
             raise ValueError(
                 f"endpoint: {endpoint!r} is not a ZeroMQ endpoint like tcp://host:port"
             )
+        if isinstance(hwm, bool) or not isinstance(hwm, int) or hwm < 0:
+            raise ValueError(f"hwm: {hwm!r} must be a number of frames >= 0 (0 = no limit)")
         if curve_server_key is not None and curve_keypair is None:
             raise ValueError(
                 "curve_keypair: this channel is encrypted; pass (public, secret) z85 keys whose "

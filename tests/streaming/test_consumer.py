@@ -193,9 +193,13 @@ def test_from_dsn_looks_up_endpoints(dsn_api, producer):
         StreamConsumer.from_dsn(dsn_api, "c1", "good-token", monitor=True)
 
 
-def test_curve_channel_needs_a_keypair():
+def test_bad_arguments_name_the_field():
     with pytest.raises(ValueError, match="curve_keypair"):
         StreamConsumer("tcp://127.0.0.1:1", curve_server_key="x" * 40)
+    with pytest.raises(ValueError, match="hwm"):
+        StreamConsumer("tcp://127.0.0.1:1", hwm=-1)
+    with pytest.raises(ValueError, match="endpoint"):
+        StreamConsumer("127.0.0.1:1")
 
 
 @pytest.mark.timeout(60)
