@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import json
 import logging
 import math
@@ -43,7 +44,7 @@ from tornado.ioloop import IOLoop
 
 from streaming.analysis import Analyzer, FrameResult, RunningStats
 
-__all__ = ["LiveView", "downsample_max"]
+__all__ = ["LiveView", "downsample_max", "load_bokehjs"]
 
 log = logging.getLogger("beamhub.widgets.liveview")
 
@@ -149,6 +150,33 @@ def _kernel_loop() -> IOLoop | None:
     return IOLoop.current()
 
 
+_BOKEHJS_LOADED = False
+
+
+def load_bokehjs() -> None:
+    """Put BokehJS in the notebook page once per kernel (jupyter_bokeh's views need it).
+
+    INLINE resources: compute nodes and air-gapped facilities often cannot reach a CDN.
+    """
+    global _BOKEHJS_LOADED
+    if _BOKEHJS_LOADED:
+        return
+    from bokeh.io import output_notebook
+    from bokeh.resources import INLINE
+
+    output_notebook(INLINE, hide_banner=True)
+    _BOKEHJS_LOADED = True
+
+
+def _in_kernel() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
 class LiveView(w.VBox):
     """Throttled bokeh figures of a stream's analysis; see the module docstring."""
 
@@ -191,6 +219,8 @@ class LiveView(w.VBox):
         self._driver: threading.Thread | None = None
         self._stop = threading.Event()
         self.error: str | None = None
+        if _in_kernel():
+            load_bokehjs()
         self._build(title)
         super().__init__([self.bokeh], **kwargs)
 
@@ -214,10 +244,13 @@ class LiveView(w.VBox):
         rate.line("t", "peaks", source=self.series_source, legend_label="peaks/frame / 100",
                   color="#1f77b4")
         rate.legend.location = "top_left"
+        rate.legend.orientation = "horizontal"
+        rate.legend.background_fill_alpha = 0.6
         prof = figure(title="radial profile", width=420, height=185, x_axis_label="r (px)",
                       tools="pan,wheel_zoom,reset")
         prof.line("r", "intensity", source=self.profile_source, color="#2ca02c")
-        self.info = Div(text=f"<b>{title}</b>: waiting for frames", width=800)
+        self.title = title
+        self.info = Div(text=f"<b>{html.escape(title)}</b>: waiting for frames", width=800)
         self.bokeh = _BatchedBokehModel(column(self.info, row(img, column(rate, prof))))
 
     # -- feeding (any thread) ---------------------------------------------------------------
@@ -331,8 +364,9 @@ class LiveView(w.VBox):
             ("last seq", "-" if shown is None else shown.seq),
         ]
         if self.error:
-            cells.append(("error", self.error))
-        return " &nbsp;·&nbsp; ".join(f"{k}: <b>{v}</b>" for k, v in cells)
+            cells.append(("error", html.escape(self.error)))
+        return f"<b>{html.escape(self.title)}</b> &nbsp; " + " &nbsp;·&nbsp; ".join(
+            f"{k}: <b>{v}</b>" for k, v in cells)
 
     # -- drivers --------------------------------------------------------------------------
     @classmethod
