@@ -18,6 +18,7 @@ DSN refusals (400 out of bounds, 403 scope, 5xx) are shown in the panel, never r
 
 from __future__ import annotations
 
+import decimal
 import functools
 import html
 import json
@@ -140,6 +141,7 @@ class SteeringPanel(w.VBox):
         self.last_answer: dict[str, Any] | None = None
         self.last_error: str | None = None
         self.controls: dict[str, w.ValueWidget] = {}
+        self._digits: dict[str, int] = {}  # decimals of each float parameter's step
         self.schema: list[dict[str, Any]] = []
         self.rev = 0
         self._lock = threading.Lock()
@@ -177,6 +179,9 @@ class SteeringPanel(w.VBox):
         values = state.get("values", {})
         self.rev = int(state.get("rev", 0))
         for spec in self.schema:
+            if spec["type"] == "float" and spec.get("step"):
+                exponent = decimal.Decimal(str(spec["step"])).as_tuple().exponent
+                self._digits[spec["name"]] = max(0, -int(exponent))
             control = _control_for(spec, values.get(spec["name"], spec.get("default")))
             control.disabled = not self.can_steer
             control.observe(functools.partial(self._on_change, spec["name"]), names="value")
@@ -208,8 +213,12 @@ class SteeringPanel(w.VBox):
             self._show_error(f"{VIEW_ONLY_NOTE}; {name} was not changed")
             self._set_quietly(name, change["old"])
             return
+        value = change["new"]
+        digits = self._digits.get(name)
+        if digits is not None:  # a float slider's 4.000000000000057 is the step's 4.0
+            value = round(value, digits)
         with self._lock:
-            self._pending[name] = change["new"]
+            self._pending[name] = value
             self._idle.clear()
         self._wake.set()
 

@@ -188,3 +188,13 @@ def test_recent_changes_name_who_and_notice_another_client(stack) -> None:
     finally:
         alice.close()
         carol.close()
+
+
+def test_float_slider_values_are_sent_at_the_step_precision(stack) -> None:
+    panel = SteeringPanel(stack.dsn_url, "det", stack.token())
+    try:
+        panel.controls["hit_fraction"].value = 0.7 + 0.1  # 0.7999999999999999 in binary
+        assert panel.wait_idle(10)
+        assert panel.last_answer["value"] == 0.8 and source_values(stack)["hit_fraction"] == 0.8
+    finally:
+        panel.close()
