@@ -145,9 +145,10 @@ def run_in_kernel(cells: list[str], collect_s: float, timeout: float = 120.0,
                     outputs.append(msg["content"]["text"])
                 if kind == "error":
                     raise RuntimeError("kernel error: " + "\n".join(msg["content"]["traceback"]))
+                msg["_cell"] = index
                 if (kind == "status" and msg["parent_header"].get("msg_id") == msg_id
                         and msg["content"]["execution_state"] == "idle"):
-                    idle = True
+                    idle = msg["_idle"] = True
                 if idle and until is None:  # the first cell keeps the kernel busy afterwards
                     until = time.monotonic() + (collect_s if index == 0 else 0.3)
     finally:
@@ -256,8 +257,10 @@ async def _run_via_server(cells: list[str], collect_s: float,
                     outputs.append(msg["content"]["text"])
                 if kind == "error":
                     raise RuntimeError("kernel error: " + "\n".join(msg["content"]["traceback"]))
+                msg["_cell"] = index
                 if (kind == "status" and msg["parent_header"].get("msg_id") == msg_id
                         and msg["content"]["execution_state"] == "idle" and until is None):
+                    msg["_idle"] = True
                     until = time.monotonic() + (collect_s if index == 0 else 0.3)
         ws.close()
         await http.fetch(f"http://{base}/api/kernels/{kernel}", method="DELETE",
@@ -291,10 +294,10 @@ def measure_liveview(seconds: float = 10.0, rate_hz: float = 120.0, max_hz: floa
         raise ValueError(f"via: {via!r} must be 'kernel' or 'server'")
     report = json.loads([line for line in "".join(outputs).splitlines()
                          if line.startswith("{")][-1])
-    first_idle = next(i for i, m in enumerate(messages)
-                      if m["header"]["msg_type"] == "status"
-                      and m["content"]["execution_state"] == "idle")
-    during = messages[first_idle + 1:]  # the feeding phase: no cell runs, nothing resets limits
+    # the feeding phase: after the first cell returned, before the next one starts (no cell
+    # runs, so no idle status resets the server's counters)
+    first_idle = next(i for i, m in enumerate(messages) if m.get("_idle") and m["_cell"] == 0)
+    during = [m for m in messages[first_idle + 1:] if m["_cell"] == 0]
     rows = [(m["_t"], m["header"]["msg_type"], _msg_bytes(m)) for m in during]
     span = (rows[-1][0] - rows[0][0]) if len(rows) > 1 else 1.0
     comm = [r for r in rows if r[1] == "comm_msg"]

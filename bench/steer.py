@@ -255,13 +255,15 @@ def main(argv: list[str] | None = None) -> int:
             _progress(f"live view: {args.liveview_seconds:g} s at {args.rate_hz:g} Hz behind "
                       "a jupyter_server, then the unthrottled baseline")
             live = measure_liveview(args.liveview_seconds, args.rate_hz, via="server")
-            naive = measure_liveview(min(args.liveview_seconds, 5.0), args.rate_hz,
-                                     via="server", naive=True)
-            live["baseline_unthrottled"] = {
-                k: naive[k] for k in ("updates_per_s", "iopub_msgs_per_s", "iopub_bytes_per_s",
-                                      "peak_msgs_per_s", "would_warn", "server_rate_warnings")}
+            keys = ("input_rate_hz", "updates_per_s", "iopub_msgs_per_s", "iopub_bytes_per_s",
+                    "peak_msgs_per_s", "would_warn", "server_rate_warnings")
+            seconds = min(args.liveview_seconds, 5.0)
+            naive = measure_liveview(seconds, args.rate_hz, via="server", naive=True)
+            live["baseline_unthrottled"] = {k: naive[k] for k in keys}
             live["msgs_ratio_vs_unthrottled"] = round(
                 live["peak_msgs_per_s"] / max(1e-9, naive["peak_msgs_per_s"]), 4)
+            double = measure_liveview(seconds, 2 * args.rate_hz, via="server", naive=True)
+            live["baseline_unthrottled_2x_rate"] = {k: double[k] for k in keys}
             out["liveview"] = live
     except KeyboardInterrupt:
         _progress("interrupted; stopped the DSN, the detector and the kernel")
