@@ -10,11 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 
 from tests.hub.hubstack import RunningStack, login, server_env, spawn
 
-__all__ = ["BEAMTIME_YAML", "NOTEBOOKS", "REPO", "jobs_api_missing", "run_stack", "spawned_env"]
+__all__ = ["BEAMTIME_YAML", "NOTEBOOKS", "REPO", "run_stack", "spawned_env"]
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = REPO / "notebooks"
@@ -45,13 +44,3 @@ def spawned_env(stack: RunningStack, user: str = "alice") -> dict[str, str]:
     assert answer.status_code == 200, (answer.status_code, answer.url)
     spawn(stack, session, user)
     return server_env(stack, user)
-
-
-def jobs_api_missing(env: dict[str, str]) -> bool:
-    """True when the hub does not serve /hub/api/beamhub/jobs (start_dask() cannot submit)."""
-    answer = requests.get(
-        env["JUPYTERHUB_API_URL"].rstrip("/") + "/beamhub/jobs",
-        headers={"Authorization": f"token {env['JUPYTERHUB_API_TOKEN']}"},
-        timeout=10,
-    )
-    return answer.status_code == 404

@@ -21,10 +21,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from tests.notebooks.beamtime import NOTEBOOKS, jobs_api_missing
+from tests.notebooks.beamtime import NOTEBOOKS
 
 NAMES = ["01-first-look", "02-live-analysis", "03-steer-the-experiment"]
-USES_DASK = {"02-live-analysis", "03-steer-the-experiment"}
 
 
 def run_nbval(notebook: Path, env: dict[str, str], workdir: Path) -> tuple[int, str]:
@@ -47,12 +46,6 @@ def run_nbval(notebook: Path, env: dict[str, str], workdir: Path) -> tuple[int, 
 def test_notebook_runs_top_to_bottom(
     name: str, alice_server_env: dict[str, str], tmp_path: Path
 ) -> None:
-    if name in USES_DASK and jobs_api_missing(alice_server_env):
-        pytest.xfail(
-            "the hub of `beamhub up` does not serve /hub/api/beamhub/jobs, so start_dask() cannot "
-            "submit worker jobs: hub/jupyterhub_config.py needs "
-            "c.JupyterHub.extra_handlers = kernels.jobs_api.HANDLERS"
-        )
     notebook = NOTEBOOKS / f"{name}.ipynb"
     code_cells = sum(c.cell_type == "code" for c in nbformat.read(notebook, as_version=4).cells)
     checked = sum(
