@@ -24,6 +24,16 @@ stream name and rate (token bucket), drops a bad message with a counted reason (
 ``DecodeError.reason``, ``parts``, ``stream``, ``rate``, ``shutdown``) while the stream goes on,
 and forwards the received ``zmq.Frame`` objects themselves (no payload copy).
 
+No work consumer. The work stream waits for a consumer (``when_no_consumer="wait"``, the
+default): with none connected, PUSH holds frames at the high-water mark, back-pressure reaches the
+producer and *nothing* reaches the monitor fan-out either. A live detector whose dashboard must
+show frames before any analysis connects asks for ``when_no_consumer="drop"`` (L7 only: L4 has
+no per-message code, so it is refused): the gateway counts connected work consumers with a socket
+monitor on its PUSH socket and, while there are none, sends each frame to the monitor fan-out only
+and counts it as dropped (``no_consumer``); with at least one connected it is lossless again.
+``messages``/``bytes`` count frames handed to the work stream; ``consumers_connected`` is the
+gateway's count (TCP connections; a peer ZAP refuses counts until libzmq disconnects it).
+
 Loss is visible, never silent. PUSH cannot tell which consumer got which frame, so:
 
 * per consumer, ``lag = head - last_seq`` where ``head`` is the highest sequence the DSN forwarded
@@ -62,9 +72,11 @@ import zmq
 from streaming.dataplane_auth import ChannelAuthenticator, FacePolicy, zap_domain
 from streaming.dataplane_paths import ChannelCounters, FaceConfig, L4Router, L7Gateway, Supervisor
 
-__all__ = ["MODES", "ChannelEndpoints", "ChannelSpec", "DataPlane"]
+__all__ = ["MODES", "WHEN_NO_CONSUMER", "ChannelEndpoints", "ChannelSpec", "DataPlane"]
 
 MODES = ("l4", "l7")
+#: What the L7 gateway does with a frame while no work consumer is connected.
+WHEN_NO_CONSUMER = ("wait", "drop")
 _CHANNEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _Z85_KEY = re.compile(r"^[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
 START_TIMEOUT_S = 10.0
@@ -87,6 +99,7 @@ class ChannelSpec:
     producer_keys: tuple[str, ...] = ()
     consumer_keys: tuple[str, ...] = ()
     monitor: bool = True
+    when_no_consumer: str = "wait"
 
 
 @dataclass(frozen=True)
@@ -148,6 +161,16 @@ def validate_spec(spec: ChannelSpec) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         isinstance(spec.max_rate_hz, int | float) and 0 < spec.max_rate_hz < float("inf")
     ):
         raise ValueError(f"max_rate_hz: {spec.max_rate_hz!r} must be a positive number or None")
+    if spec.when_no_consumer not in WHEN_NO_CONSUMER:
+        raise ValueError(
+            f"when_no_consumer: {spec.when_no_consumer!r} is not one of "
+            f"{', '.join(WHEN_NO_CONSUMER)}"
+        )
+    if spec.when_no_consumer == "drop" and spec.mode != "l7":
+        raise ValueError(
+            "when_no_consumer: 'drop' needs mode l7 (the L4 router forwards in C and cannot "
+            "drop per message); use mode l7, or when_no_consumer 'wait'"
+        )
     nets = (
         _networks("producer_cidrs", spec.producer_cidrs),
         _networks("consumer_cidrs", spec.consumer_cidrs),
@@ -288,6 +311,7 @@ class DataPlane:
             monitor=spec.monitor,
             stream=spec.stream,
             max_rate_hz=spec.max_rate_hz,
+            when_no_consumer=spec.when_no_consumer,
         )
         counters = ChannelCounters()
         tag = f"dataplane:{spec.channel_id}:{uuid.uuid4().hex[:6]}"
@@ -385,6 +409,7 @@ class DataPlane:
             }
         work_received = sum(e["received"] for e in consumers.values() if e["role"] == "work")
         rate_hz, gb_per_s = sup.rates()
+        gateway = channel.threads[0] if spec.mode == "l7" else None
         refused = {
             face: channel.zone.auth.refused.get(zap_domain(channel_id, face), 0)
             for face in ("producer", "consumer")
@@ -397,6 +422,8 @@ class DataPlane:
             "rate_hz": round(rate_hz, 3),
             "gb_per_s": round(gb_per_s, 6),
             "drops": dict(c.drops),
+            "when_no_consumer": spec.when_no_consumer,
+            "consumers_connected": gateway.consumers_connected if gateway is not None else None,
             "head_seq": head,
             "producer_restarts": c.producer_restarts if spec.mode == "l7" else None,
             "unaccounted": max(0, c.messages - work_received) if consumers else None,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from streaming.wire import MAX_HEADER_BYTES, DecodeError, check_payload, decode_header
 
@@ -47,6 +48,9 @@ class FaceConfig:
     monitor: bool = True
     stream: str = ""
     max_rate_hz: float | None = None
+    #: L7 only: "wait" (lossless: frames wait for a work consumer) or "drop" (counted as
+    #: ``no_consumer`` while no work consumer is connected; the monitor fan-out still gets them)
+    when_no_consumer: str = "wait"
 
 
 @dataclass
@@ -186,7 +190,16 @@ class L4Router(_ChannelThread):
 
 
 class L7Gateway(_ChannelThread):
-    """Validates every header, enforces stream/size/rate, forwards zmq.Frames without copying."""
+    """Validates every header, enforces stream/size/rate, forwards zmq.Frames without copying.
+
+    It also counts the work consumers connected to its PUSH socket, from a ZeroMQ socket monitor
+    (``EVENT_ACCEPTED`` +1, ``EVENT_DISCONNECTED`` -1 per file descriptor; a peer ZAP refuses is
+    accepted, then disconnected). With ``when_no_consumer="drop"`` a frame that arrives while none
+    is connected goes to the monitor fan-out only and is counted as dropped (``no_consumer``); as
+    soon as one is connected the work stream is lossless again (it waits at the high-water mark).
+    The events are read in this thread, also while it waits at the high-water mark, so the last
+    consumer leaving turns waiting into dropping.
+    """
 
     def __init__(
         self,
@@ -198,6 +211,14 @@ class L7Gateway(_ChannelThread):
     ) -> None:
         super().__init__(ctx, name, faces, log)
         self.counters = counters
+        self.drop_without_consumer = faces.when_no_consumer == "drop"
+        self._peers: set[int] = set()  # file descriptors of connected work consumers
+        self._events: zmq.Socket | None = None
+
+    @property
+    def consumers_connected(self) -> int:
+        """Work consumers connected now (TCP level, as the socket monitor last told this thread)."""
+        return len(self._peers)
 
     def setup(self) -> None:
         f = self.faces
@@ -208,6 +229,7 @@ class L7Gateway(_ChannelThread):
         self._bind_face(self.front, "producer", f.producer_domain)
         self.work = self._socket(zmq.PUSH)
         self.work.sndhwm = f.hwm
+        self._events = self.work.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self._bind_face(self.work, "work", f.consumer_domain)
         self.monitor = None
         if f.monitor:
@@ -215,13 +237,38 @@ class L7Gateway(_ChannelThread):
             self.monitor.sndhwm = f.hwm
             self._bind_face(self.monitor, "monitor", f.consumer_domain)
 
+    def _close(self) -> None:
+        if self._events is not None:
+            try:
+                self.work.disable_monitor()
+            except zmq.ZMQError:
+                pass  # the context is going away: the monitor goes with it
+            self._events.close(linger=0)
+            self._events = None
+        super()._close()
+
+    def _read_events(self) -> None:
+        """Apply every pending socket-monitor event to the set of connected consumers."""
+        events = self._events
+        while events is not None:
+            try:
+                event = recv_monitor_message(events, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                self._peers.add(event["value"])
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self._peers.discard(event["value"])
+
     def loop(self, stop: zmq.Socket) -> None:
         poller = zmq.Poller()
         poller.register(stop, zmq.POLLIN)
         poller.register(self.front, zmq.POLLIN)
+        poller.register(self._events, zmq.POLLIN)
         blocked = zmq.Poller()  # used while the work stream is at its high-water mark
         blocked.register(stop, zmq.POLLIN)
         blocked.register(self.work, zmq.POLLOUT)
+        blocked.register(self._events, zmq.POLLIN)
         c = self.counters
         f = self.faces
         rate = f.max_rate_hz
@@ -229,10 +276,13 @@ class L7Gateway(_ChannelThread):
         tokens = capacity
         t_last = time.monotonic()
         recv = self.front.recv_multipart
+        drop_mode = self.drop_without_consumer
         while True:
             events = dict(poller.poll())
             if stop in events:
                 return
+            if self._events in events:
+                self._read_events()
             for _ in range(BURST):
                 try:
                     parts = recv(zmq.NOBLOCK, copy=False)
@@ -270,28 +320,43 @@ class L7Gateway(_ChannelThread):
                         header.seq,
                         header.run,
                     )
-                if not self._send_work(parts, stop, blocked):
+                if drop_mode and not self._peers:
+                    self._read_events()  # a consumer may have connected since the last poll
+                outcome = self._send_work(parts, stop, blocked, drop_mode)
+                if outcome == "stop":
                     c.drop("shutdown")
                     return
                 c.last_seq = header.seq
                 c.last_run = header.run
-                c.messages += 1
-                c.bytes += len(head) + len(payload)
+                if outcome == "sent":
+                    c.messages += 1
+                    c.bytes += len(head) + len(payload)
+                else:
+                    c.drop("no_consumer")
                 if self.monitor is not None:
                     # PUB never blocks: a slow viewer's queue overflows and libzmq drops for it.
                     self.monitor.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
                     c.monitor_sent += 1
 
-    def _send_work(self, parts: list[Any], stop: zmq.Socket, blocked: zmq.Poller) -> bool:
-        """Lossless hand-off: wait at the high-water mark, but stay stoppable."""
+    def _send_work(
+        self, parts: list[Any], stop: zmq.Socket, blocked: zmq.Poller, drop_mode: bool
+    ) -> str:
+        """Lossless hand-off: wait at the high-water mark, but stay stoppable.
+
+        Returns "sent", "stop", or (drop mode) "no_consumer" when no work consumer is connected.
+        """
         while True:
+            if drop_mode and not self._peers:
+                return "no_consumer"
             try:
                 self.work.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
-                return True
+                return "sent"
             except zmq.Again:
                 events = dict(blocked.poll(500))
                 if stop in events:
-                    return False
+                    return "stop"
+                if self._events in events:
+                    self._read_events()
 
 
 class Supervisor(_ChannelThread):

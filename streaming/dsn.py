@@ -169,6 +169,7 @@ class DataStreamingNode:
             producer_keys=params.producer_keys,
             consumer_keys=params.consumer_keys,
             monitor=params.monitor,
+            when_no_consumer=params.when_no_consumer,
         )
         self._pending[project] = self._pending.get(project, 0) + 1
         try:

@@ -24,6 +24,7 @@ import yaml
 __all__ = [
     "MODES",
     "TEMPLATE_DIR",
+    "WHEN_NO_CONSUMER",
     "ChannelParams",
     "Template",
     "TemplateError",
@@ -31,12 +32,14 @@ __all__ = [
 ]
 
 MODES = ("l4", "l7")
+#: What an L7 channel does with frames while no work consumer is connected (see dataplane.py).
+WHEN_NO_CONSUMER = ("wait", "drop")
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 STREAM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 #: Fields a channel request may carry; anything else is refused by name.
 REQUEST_FIELDS = frozenset(
     "stream mode source_cidrs consumer_cidrs hwm max_frame_bytes max_rate_hz encryption "
-    "producer_keys consumer_keys source_control ttl monitor".split()
+    "producer_keys consumer_keys source_control ttl monitor when_no_consumer".split()
 )
 MAX_LIST_ENTRIES = 64
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -85,6 +88,7 @@ class ChannelParams:
     source_control: str | None
     ttl: int
     monitor: bool
+    when_no_consumer: str = "wait"
 
     def to_json(self) -> dict[str, Any]:
         body = dataclasses.asdict(self)
@@ -156,6 +160,8 @@ class Template:
     encryption_required: bool
     max_lifetime_s: int
     max_channels_per_project: int
+    when_no_consumer_allowed: tuple[str, ...] = WHEN_NO_CONSUMER
+    when_no_consumer_default: str = "wait"
     source: str = field(default="<mapping>")
 
     # ---- loading -----------------------------------------------------------------------------
@@ -182,7 +188,7 @@ class Template:
         known = {
             "name", "description", "source_cidrs", "consumer_cidrs", "modes", "default_mode",
             "hwm", "max_frame_bytes", "max_rate_hz", "encryption_required", "max_lifetime_s",
-            "max_channels_per_project",
+            "max_channels_per_project", "when_no_consumer",
         }
         unknown = set(data) - known
         if unknown:
@@ -214,6 +220,7 @@ class Template:
             raise TemplateError(
                 f"max_channels_per_project: a positive integer, got {max_channels!r}"
             )
+        wnc_allowed, wnc_default = _when_no_consumer(data.get("when_no_consumer"))
         name = data.get("name", Path(source).stem)
         if not isinstance(name, str) or not name:
             raise TemplateError(f"name: a non-empty string, got {name!r}")
@@ -233,6 +240,8 @@ class Template:
             encryption_required=enc,
             max_lifetime_s=lifetime,
             max_channels_per_project=max_channels,
+            when_no_consumer_allowed=wnc_allowed,
+            when_no_consumer_default=wnc_default,
             source=source,
         )
 
@@ -250,6 +259,10 @@ class Template:
             "encryption_required": self.encryption_required,
             "max_lifetime_s": self.max_lifetime_s,
             "max_channels_per_project": self.max_channels_per_project,
+            "when_no_consumer": {
+                "allowed": list(self.when_no_consumer_allowed),
+                "default": self.when_no_consumer_default,
+            },
         }
 
     # ---- checking a request ------------------------------------------------------------------
@@ -326,6 +339,7 @@ class Template:
         monitor = request.get("monitor", True)
         if not isinstance(monitor, bool):
             raise TemplateViolation("monitor", None, "monitor: true or false")
+        when_no_consumer = self._when_no_consumer(request, mode)
         return ChannelParams(
             stream=stream,
             mode=mode,
@@ -340,7 +354,38 @@ class Template:
             source_control=self.check_source_control(request.get("source_control"), sources),
             ttl=ttl,
             monitor=monitor,
+            when_no_consumer=when_no_consumer,
         )
+
+    def _when_no_consumer(self, request: Mapping, mode: str) -> str:
+        allowed = list(self.when_no_consumer_allowed)
+        value = request.get("when_no_consumer")
+        if value is None:
+            value = self.when_no_consumer_default
+            if mode == "l4" and value == "drop":
+                value = "wait"  # the template's default cannot apply to an L4 channel
+            return value
+        if value not in WHEN_NO_CONSUMER:
+            raise TemplateViolation(
+                "when_no_consumer", allowed,
+                f"when_no_consumer: 'wait' (frames wait for a work consumer; lossless) or 'drop' "
+                f"(frames that arrive while no work consumer is connected are dropped and "
+                f"counted; L7 only), got {value!r}", 400, "invalid",
+            )
+        if value not in allowed:
+            raise TemplateViolation(
+                "when_no_consumer", allowed,
+                f"when_no_consumer {value!r} is not allowed by template {self.name!r}; "
+                f"allowed: {allowed}", 403, "not_allowed",
+            )
+        if value == "drop" and mode != "l7":
+            raise TemplateViolation(
+                "when_no_consumer", {"drop": ["l7"]},
+                f"when_no_consumer 'drop' needs mode 'l7': the {mode} router forwards in C with "
+                "no per-message code, so it cannot tell or drop frames nobody consumes; ask for "
+                "mode 'l7' or leave when_no_consumer at 'wait'", 400, "needs_l7",
+            )
+        return value
 
     def _cidrs(self, request: Mapping, name: str, allowed: Sequence[Network]) -> list[Network]:
         limit = [str(n) for n in allowed]
@@ -443,6 +488,31 @@ class Template:
                 f"source networks {limit}; steering may only reach the source", 403, "not_allowed",
             )
         return f"{parts.scheme}://{parts.netloc}"
+
+
+def _when_no_consumer(section: Any) -> tuple[tuple[str, ...], str]:
+    """Read ``{allowed: [wait, drop], default: wait}`` (omitted: both allowed, default wait)."""
+    if section is None:
+        return WHEN_NO_CONSUMER, "wait"
+    where = "when_no_consumer"
+    if not isinstance(section, Mapping):
+        raise TemplateError(f"{where}: a mapping with 'allowed' and 'default'")
+    unknown = set(section) - {"allowed", "default"}
+    if unknown:
+        raise TemplateError(f"{where}: unknown key(s) {sorted(unknown)}; use allowed, default")
+    allowed = section.get("allowed", list(WHEN_NO_CONSUMER))
+    if (
+        not isinstance(allowed, list)
+        or not allowed
+        or any(v not in WHEN_NO_CONSUMER for v in allowed)
+    ):
+        raise TemplateError(
+            f"{where}.allowed: a non-empty list drawn from {list(WHEN_NO_CONSUMER)}, got {allowed!r}"
+        )
+    default = section.get("default", "wait" if "wait" in allowed else allowed[0])
+    if default not in allowed:
+        raise TemplateError(f"{where}.default: {default!r} is not one of allowed {allowed}")
+    return tuple(allowed), default
 
 
 def _is_z85_key(value: Any) -> bool:
