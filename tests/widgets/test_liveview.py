@@ -181,7 +181,9 @@ def test_from_dsn_work_face_and_a_monitor_view_alongside() -> None:
             for view in (work, watch):
                 wait_for(lambda v=view: v.stats.frames >= 30 and v.updates >= 2, what="frames")
                 assert "lost: <b>" in view.info.text and view.error is None
-            assert work.stats.lost() == 0  # the only work consumer sees every seq
+            # the only work consumer: a seq gap is a frame the source itself dropped (its queue
+            # was full), never one lost between the DSN and this view
+            assert work.stats.lost() <= stack.runner.stats()["dropped_at_source"]
         finally:
             watch.close()
             work.close()
