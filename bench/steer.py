@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="changes through the DSN (as many direct ones, interleaved)")
     parser.add_argument("--stale-samples", type=int, default=40,
                         help="more changes with the analysis skipping stale frames (0: skip)")
-    parser.add_argument("--rate-hz", type=float, default=120.0)
+    parser.add_argument("--rate-hz", type=float, default=120.0, help="detector frame rate")
     parser.add_argument("--mode", choices=("l4", "l7"), default=None,
                         help="DSN data-plane mode (default: the template's)")
     parser.add_argument("--hwm", type=int, default=2,
@@ -239,8 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--liveview-seconds", type=float, default=10.0,
                         help="seconds of the LiveView-in-a-kernel part (0: skip)")
     args = parser.parse_args(argv)
-    if args.samples < 1:
-        parser.error("--samples must be >= 1")
+    if args.samples < 1 or args.stale_samples < 0:
+        parser.error("--samples must be >= 1 and --stale-samples >= 0")
+    if not 0 < args.rate_hz <= 1000:
+        parser.error("--rate-hz must be in (0, 1000], the simulated detector's range")
+    if args.hwm < 1:
+        parser.error("--hwm must be >= 1 frame")
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM unwinds like Ctrl-C: children stop
     t0 = time.monotonic()
     try:
