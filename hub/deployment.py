@@ -164,6 +164,8 @@ class DetectorConfig:
     rate_hz: float = 10.0
     shape: list[int] = field(default_factory=lambda: [64, 64])
     hit_fraction: float = 0.1
+    #: seconds between the live-figure lines `beamhub up` prints (0 = off)
+    print_every_s: float = 5.0
 
 
 @dataclass
@@ -379,6 +381,9 @@ def _validate(dep: Deployment, src: str) -> None:
         raise DeploymentError("detector.shape", "two positive integers, e.g. [64, 64]", src)
     if not 0.0 <= det.hit_fraction <= 1.0:
         raise DeploymentError("detector.hit_fraction", "must be between 0 and 1", src)
+    if det.print_every_s != 0 and not 0.5 <= det.print_every_s <= 3600:
+        raise DeploymentError("detector.print_every_s", f"{det.print_every_s} is outside "
+                              "0.5..3600 seconds (0 = print no live figures)", src)  # fmt: skip
     if dep.scheduler.backend not in ("local", "slurm"):
         raise DeploymentError("scheduler.backend", "use 'local' or 'slurm'", src)
     if dep.scheduler.nodes <= 0:

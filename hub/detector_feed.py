@@ -55,7 +55,7 @@ class DetectorFeed:
         self._delegator = Delegator(issuer, store, self.dep.tokens.ttl)
         token = self._token()
         claims = self.dsn.verifier.verify(token)
-        channel = await self.dsn.create_channel(claims, {"stream": det.channel})
+        channel = await self._create_channel(claims)
         self.channel_id = channel.id
         generator = SimulatedDetector(tuple(det.shape), rate_hz=det.rate_hz,
                                       hit_fraction=det.hit_fraction)  # fmt: skip
@@ -66,6 +66,32 @@ class DetectorFeed:
         await self._attach_steering(token)
         self._renewer = asyncio.create_task(self._renew_loop(), name="detector-renew")
         return ""
+
+    async def _create_channel(self, claims: Any) -> Any:
+        """An L7 channel that drops (counted) while no analysis is connected, so the dashboard
+        is live from the start; if the DSN's template forbids that, its default channel."""
+        from streaming.dsn_handlers import ApiError
+
+        stream = self.dep.detector.channel
+        live = {"stream": stream, "mode": "l7", "when_no_consumer": "drop"}
+        try:
+            return await self.dsn.create_channel(claims, live)
+        except ApiError as exc:
+            if exc.field not in ("mode", "when_no_consumer"):
+                raise
+            self.notes.append(
+                f"detector channel waits for a work consumer (the DSN template refused "
+                f"{exc.field}: {exc.message}); the dashboard shows frames once analysis connects"
+            )
+        return await self.dsn.create_channel(claims, {"stream": stream})
+
+    def read_token(self) -> str:
+        """A stream.read token of the detector's project (for the live figures' lookup)."""
+        token, _ = self._delegator.issue(
+            DETECTOR_USER, self.dep.detector.project, ["stream.read"], kind="service",
+            description="beamhub up: live figures",
+        )  # fmt: skip
+        return token
 
     async def _attach_steering(self, token: str) -> None:
         try:

@@ -94,6 +94,7 @@ class Stack:
     _dsn: Any = None
     _revocations: Any = None
     _feed: Any = None
+    _live: Any = None
 
     STEPS = 6
 
@@ -365,8 +366,29 @@ class Stack:
         why = await self._feed.start()
         if not why:
             self.urls["detector_channel"] = self._feed.channel_id
+            self._start_live_figures()
         self.notes.extend(self._feed.notes)
         return why
+
+    def _start_live_figures(self) -> None:
+        """A monitor consumer of the detector channel printing a live line (hub/live_figures.py)."""
+        det = self.dep.detector
+        if not det.print_every_s:
+            return
+        from hub.live_figures import LiveFigures
+
+        dsn, channel_id = self._dsn, self._feed.channel_id
+        self._live = LiveFigures(
+            self.urls["dsn"], channel_id, self._feed.read_token(),
+            f"{det.channel} {det.project}", every_s=det.print_every_s,
+            analysis=self.dep.dashboard.analysis,
+            dsn_stats=lambda: dsn.data_plane.stats(channel_id), progress=self.progress,
+        )  # fmt: skip
+        self._live.start()
+        self.notes.append(
+            f"live figures of the detector stream printed every {det.print_every_s:g} s "
+            "(detector.print_every_s in beamhub.yaml; 0 = off)"
+        )
 
     # --- stop -------------------------------------------------------------------------------
 
@@ -385,6 +407,8 @@ class Stack:
         """Stop everything in reverse order; safe to call after a partial start."""
         import psutil
 
+        if self._live is not None:
+            await asyncio.to_thread(self._live.stop)
         if self._feed is not None:
             await self._feed.stop()
         if self._revocations is not None:

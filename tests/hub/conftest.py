@@ -16,7 +16,7 @@ DEV_YAML = """\
 enclave: dev
 hub: {port: 0}
 tokens: {ttl: 30, revocation_poll: 1.0}
-detector: {rate_hz: 2, shape: [64, 64]}
+detector: {rate_hz: 2, shape: [64, 64], print_every_s: 1}
 """
 
 MODERATE_YAML = """\
