@@ -49,6 +49,9 @@ DOCS_SCREENSHOTS = REPO / "docs" / "screenshots"
 
 
 def launch(playwright: Playwright) -> Browser:
+    """Debian's headless Chromium (Playwright's own browser download is never used)."""
+    if not Path(CHROMIUM).exists():
+        raise RuntimeError(f"{CHROMIUM} is missing: run ./dev setup (apt package chromium)")
     return playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
 
 
