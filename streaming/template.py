@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -20,6 +19,18 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
+
+from streaming.template_fields import (
+    WHEN_NO_CONSUMER,
+    Network,
+    TemplateError,
+    is_int,
+    is_number,
+    is_z85_key,
+    read_bounded,
+    read_networks,
+    read_when_no_consumer,
+)
 
 __all__ = [
     "MODES",
@@ -32,8 +43,6 @@ __all__ = [
 ]
 
 MODES = ("l4", "l7")
-#: What an L7 channel does with frames while no work consumer is connected (see dataplane.py).
-WHEN_NO_CONSUMER = ("wait", "drop")
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 STREAM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 #: Fields a channel request may carry; anything else is refused by name.
@@ -42,11 +51,6 @@ REQUEST_FIELDS = frozenset(
     "producer_keys consumer_keys source_control ttl monitor when_no_consumer".split()
 )
 MAX_LIST_ENTRIES = 64
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-class TemplateError(ValueError):
-    """The template file itself is invalid (an admin's mistake): names the field."""
 
 
 class TemplateViolation(Exception):
@@ -93,52 +97,6 @@ class ChannelParams:
     def to_json(self) -> dict[str, Any]:
         body = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in body.items()}
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-
-
-def _networks(value: Any, where: str) -> tuple[Network, ...]:
-    if not isinstance(value, list) or not value:
-        raise TemplateError(f"{where}: a non-empty list of networks, e.g. ['127.0.0.0/8']")
-    nets = []
-    for item in value:
-        try:
-            nets.append(ipaddress.ip_network(str(item), strict=True))
-        except ValueError as exc:
-            raise TemplateError(f"{where}: {item!r} is not a network ({exc})") from exc
-    return tuple(nets)
-
-
-def _bounded(section: Any, where: str, *, need_min: bool, allow_null: bool = False):
-    """Read ``{min?, max, default}`` of a positive number; ``None`` max means unbounded."""
-    if not isinstance(section, Mapping):
-        raise TemplateError(f"{where}: a mapping with 'max' and 'default'")
-    unknown = set(section) - {"min", "max", "default"}
-    if unknown:
-        raise TemplateError(f"{where}: unknown key(s) {sorted(unknown)}; use min, max, default")
-    lo = section.get("min", 1)
-    hi = section.get("max")
-    default = section.get("default", hi)
-    if hi is None and not allow_null:
-        raise TemplateError(f"{where}.max: required (a positive number)")
-    for name, val in (("min", lo), ("max", hi), ("default", default)):
-        if val is None and allow_null and name != "min":
-            continue
-        if not _is_number(val) or val <= 0:
-            raise TemplateError(f"{where}.{name}: must be a positive number, got {val!r}")
-    if hi is not None and lo > hi:
-        raise TemplateError(f"{where}: min {lo} is above max {hi}")
-    if default is not None and (default < lo or (hi is not None and default > hi)):
-        raise TemplateError(f"{where}.default: {default} is outside min {lo} .. max {hi}")
-    if need_min and not _is_int(lo):
-        raise TemplateError(f"{where}.min: must be an integer")
-    return lo, hi, default
 
 
 @dataclass(frozen=True)
@@ -199,35 +157,35 @@ class Template:
         default_mode = data.get("default_mode", modes[-1])
         if default_mode not in modes:
             raise TemplateError(f"default_mode: {default_mode!r} is not one of modes {modes}")
-        hwm_min, hwm_max, hwm_default = _bounded(data.get("hwm"), "hwm", need_min=True)
-        if not all(_is_int(v) for v in (hwm_max, hwm_default)):
+        hwm_min, hwm_max, hwm_default = read_bounded(data.get("hwm"), "hwm", need_min=True)
+        if not all(is_int(v) for v in (hwm_max, hwm_default)):
             raise TemplateError("hwm: min, max and default must be integers (messages)")
-        _, fb_max, fb_default = _bounded(data.get("max_frame_bytes"), "max_frame_bytes",
+        _, fb_max, fb_default = read_bounded(data.get("max_frame_bytes"), "max_frame_bytes",
                                          need_min=False)
-        if not (_is_int(fb_max) and _is_int(fb_default)):
+        if not (is_int(fb_max) and is_int(fb_default)):
             raise TemplateError("max_frame_bytes: max and default must be integers (bytes)")
-        _, rate_max, rate_default = _bounded(
+        _, rate_max, rate_default = read_bounded(
             data.get("max_rate_hz", {"max": None}), "max_rate_hz", need_min=False, allow_null=True
         )
         enc = data.get("encryption_required", False)
         if not isinstance(enc, bool):
             raise TemplateError(f"encryption_required: true or false, got {enc!r}")
         lifetime = data.get("max_lifetime_s", 86400)
-        if not _is_int(lifetime) or lifetime <= 0:
+        if not is_int(lifetime) or lifetime <= 0:
             raise TemplateError(f"max_lifetime_s: a positive integer (seconds), got {lifetime!r}")
         max_channels = data.get("max_channels_per_project", 16)
-        if not _is_int(max_channels) or max_channels <= 0:
+        if not is_int(max_channels) or max_channels <= 0:
             raise TemplateError(
                 f"max_channels_per_project: a positive integer, got {max_channels!r}"
             )
-        wnc_allowed, wnc_default = _when_no_consumer(data.get("when_no_consumer"))
+        wnc_allowed, wnc_default = read_when_no_consumer(data.get("when_no_consumer"))
         name = data.get("name", Path(source).stem)
         if not isinstance(name, str) or not name:
             raise TemplateError(f"name: a non-empty string, got {name!r}")
         return cls(
             name=name,
-            source_cidrs=_networks(data.get("source_cidrs"), "source_cidrs"),
-            consumer_cidrs=_networks(data.get("consumer_cidrs"), "consumer_cidrs"),
+            source_cidrs=read_networks(data.get("source_cidrs"), "source_cidrs"),
+            consumer_cidrs=read_networks(data.get("consumer_cidrs"), "consumer_cidrs"),
             modes=tuple(modes),
             default_mode=default_mode,
             hwm_min=int(hwm_min),
@@ -302,14 +260,14 @@ class Template:
         sources = self._cidrs(request, "source_cidrs", self.source_cidrs)
         consumers = self._cidrs(request, "consumer_cidrs", self.consumer_cidrs)
         hwm = request.get("hwm", self.hwm_default)
-        if not _is_int(hwm) or not self.hwm_min <= hwm <= self.hwm_max:
+        if not is_int(hwm) or not self.hwm_min <= hwm <= self.hwm_max:
             raise TemplateViolation(
                 "hwm", {"min": self.hwm_min, "max": self.hwm_max},
                 f"hwm: an integer from {self.hwm_min} to {self.hwm_max} (messages buffered), "
                 f"got {hwm!r}", 400, "out_of_range",
             )
         frame = request.get("max_frame_bytes", self.default_frame_bytes)
-        if not _is_int(frame) or not 1 <= frame <= self.max_frame_bytes:
+        if not is_int(frame) or not 1 <= frame <= self.max_frame_bytes:
             raise TemplateViolation(
                 "max_frame_bytes", self.max_frame_bytes,
                 f"max_frame_bytes: an integer from 1 to {self.max_frame_bytes}, got {frame!r}",
@@ -318,7 +276,7 @@ class Template:
         rate = request.get("max_rate_hz")
         if rate is None:
             rate = self.default_rate_hz
-        elif not _is_number(rate) or rate <= 0 or (
+        elif not is_number(rate) or rate <= 0 or (
             self.max_rate_hz is not None and rate > self.max_rate_hz
         ):
             limit = self.max_rate_hz
@@ -330,7 +288,7 @@ class Template:
             )
         encryption, producer_keys, consumer_keys = self._encryption(request)
         ttl = request.get("ttl", self.max_lifetime_s)
-        if not _is_int(ttl) or not 1 <= ttl <= self.max_lifetime_s:
+        if not is_int(ttl) or not 1 <= ttl <= self.max_lifetime_s:
             raise TemplateViolation(
                 "ttl", self.max_lifetime_s,
                 f"ttl: channel lifetime in whole seconds from 1 to {self.max_lifetime_s}, "
@@ -435,7 +393,7 @@ class Template:
                 raise TemplateViolation(name, MAX_LIST_ENTRIES,
                                         f"{name}: a list of Z85 CURVE public keys")
             for key in value:
-                if not _is_z85_key(key):
+                if not is_z85_key(key):
                     raise TemplateViolation(
                         name, None, f"{name}: {str(key)[:48]!r} is not a 40-character Z85 CURVE "
                         "public key (make one with zmq.curve_keypair())",
@@ -488,39 +446,3 @@ class Template:
                 f"source networks {limit}; steering may only reach the source", 403, "not_allowed",
             )
         return f"{parts.scheme}://{parts.netloc}"
-
-
-def _when_no_consumer(section: Any) -> tuple[tuple[str, ...], str]:
-    """Read ``{allowed: [wait, drop], default: wait}`` (omitted: both allowed, default wait)."""
-    if section is None:
-        return WHEN_NO_CONSUMER, "wait"
-    where = "when_no_consumer"
-    if not isinstance(section, Mapping):
-        raise TemplateError(f"{where}: a mapping with 'allowed' and 'default'")
-    unknown = set(section) - {"allowed", "default"}
-    if unknown:
-        raise TemplateError(f"{where}: unknown key(s) {sorted(unknown)}; use allowed, default")
-    allowed = section.get("allowed", list(WHEN_NO_CONSUMER))
-    if (
-        not isinstance(allowed, list)
-        or not allowed
-        or any(v not in WHEN_NO_CONSUMER for v in allowed)
-    ):
-        raise TemplateError(
-            f"{where}.allowed: a non-empty list drawn from {list(WHEN_NO_CONSUMER)}, got {allowed!r}"
-        )
-    default = section.get("default", "wait" if "wait" in allowed else allowed[0])
-    if default not in allowed:
-        raise TemplateError(f"{where}.default: {default!r} is not one of allowed {allowed}")
-    return tuple(allowed), default
-
-
-def _is_z85_key(value: Any) -> bool:
-    if not isinstance(value, str) or len(value) != 40:
-        return False
-    from zmq.utils import z85
-
-    try:
-        return len(z85.decode(value)) == 32
-    except (ValueError, KeyError, TypeError):
-        return False
