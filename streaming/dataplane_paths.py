@@ -21,7 +21,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from streaming.wire import MAX_HEADER_BYTES, DecodeError, check_payload, decode_header
 
-__all__ = ["ChannelCounters", "FaceConfig", "L4Router", "L7Gateway"]
+__all__ = ["ChannelCounters", "ChannelThread", "FaceConfig", "L4Router", "L7Gateway"]
 
 #: Messages handled per poll wake-up by the L7 gateway (keeps stop/latency checks regular).
 BURST = 256
@@ -64,7 +64,7 @@ class ChannelCounters:
         self.drops[reason] = self.drops.get(reason, 0) + 1
 
 
-class _ChannelThread(threading.Thread):
+class ChannelThread(threading.Thread):
     """Common start/stop protocol: sockets live and die in this thread."""
 
     def __init__(self, ctx: zmq.Context, name: str, faces: FaceConfig, log: logging.Logger) -> None:
@@ -141,7 +141,7 @@ class _ChannelThread(threading.Thread):
         self.join(timeout)
 
 
-class L4Router(_ChannelThread):
+class L4Router(ChannelThread):
     """``zmq.proxy_steerable``: PULL → PUSH in C; the capture socket is the PUB monitor."""
 
     def __init__(self, ctx: zmq.Context, name: str, faces: FaceConfig, log: logging.Logger) -> None:
@@ -182,7 +182,7 @@ class L4Router(_ChannelThread):
                 self.log.debug("proxy %s: spurious EAGAIN from libzmq, restarting", self.name)
 
 
-class L7Gateway(_ChannelThread):
+class L7Gateway(ChannelThread):
     """Validates every header, enforces stream/size/rate, forwards zmq.Frames without copying.
 
     It also counts the work consumers connected to its PUSH socket, from a ZeroMQ socket monitor

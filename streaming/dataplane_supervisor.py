@@ -17,7 +17,7 @@ from typing import Any
 
 import zmq
 
-from streaming.dataplane_paths import ChannelCounters, FaceConfig, L4Router, _ChannelThread
+from streaming.dataplane_paths import ChannelCounters, ChannelThread, FaceConfig, L4Router
 
 __all__ = ["MAX_CONSUMERS", "SAMPLE_S", "Supervisor"]
 
@@ -28,7 +28,7 @@ MAX_CONSUMERS = 1024
 REPORT_MAX_BYTES = 4096
 
 
-class Supervisor(_ChannelThread):
+class Supervisor(ChannelThread):
     """Collects consumer reports (lag, loss) and samples counters; L4: polls proxy STATISTICS."""
 
     def __init__(

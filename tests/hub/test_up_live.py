@@ -14,7 +14,7 @@ from hub.deployment import DeploymentError, load_deployment
 from hub.live_figures import LiveFigures
 from streaming.simulator import SimulatedDetector
 from streaming.source import SourceRunner
-from tests.hub.hubstack import RunningStack
+from tests.hub.hubstack import RunningStack, login
 from tests.streaming.dsn_helpers import Tokens, api, running_dsn, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -42,6 +42,31 @@ def test_beamhub_up_prints_live_figures(dev_stack: RunningStack) -> None:
     # holding frames back, which is why the monitor (and the dashboard) see them at all.
     assert int(last[3]) > 0 and int(last[3]) >= int(first[3])
     assert "live figures of the detector stream printed every 1 s" in dev_stack.output()
+
+
+def test_dashboard_is_live_without_any_analysis(dev_stack: RunningStack) -> None:
+    """The shared dashboard (a monitor subscriber) analyses detector frames with no work consumer."""
+    if "dashboard" not in dev_stack.urls:
+        pytest.skip("the dashboard service is not part of this stack")
+    vera, r = login(dev_stack, "vera", "vera-dev")
+    assert r.status_code == 200, r.text[:300]
+    assert vera.get(dev_stack.urls["dashboard"], timeout=20).status_code == 200
+    url = dev_stack.urls["dashboard"] + "p/p-1001/data.json"
+    channel = dev_stack.urls["detector_channel"]
+
+    def analysed() -> int:
+        r = vera.get(url, timeout=10)
+        assert r.status_code == 200, r.text[:300]
+        streams = {s["channel"]: s for s in r.json()["streams"]}
+        return streams[channel]["frames_analysed"] if channel in streams else 0
+
+    deadline = time.monotonic() + 30
+    while (first := analysed()) == 0:
+        assert time.monotonic() < deadline, "the dashboard analysed no detector frame"
+        time.sleep(0.5)
+    while analysed() <= first:
+        assert time.monotonic() < deadline + 15, "the dashboard's frame count did not grow"
+        time.sleep(0.5)
 
 
 async def test_live_figures_against_a_real_dsn(tmp_path: Path) -> None:
