@@ -36,6 +36,22 @@ def single_user_cmd() -> list[str]:
     return [str(exe) if exe.exists() else "jupyterhub-singleuser"]
 
 
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def provide_notebooks(spawner: Any) -> None:
+    """Give each server a root folder with the beamtime notebooks in ``notebooks/``.
+
+    Copies only notebooks the user does not have yet, so her edits survive later spawns.
+    """
+    root = Path(spawner.format_string(spawner.notebook_dir))
+    target = root / "notebooks"
+    target.mkdir(parents=True, exist_ok=True)
+    for source in sorted(NOTEBOOKS.glob("*.ipynb")):
+        if not (target / source.name).exists():
+            shutil.copy2(source, target / source.name)
+
+
 def configure(c: Any, rt: dict[str, Any]) -> None:
     """Fill a traitlets Config ``c`` from the runtime dict ``rt`` written by `beamhub up`."""
     state = Path(rt["state_dir"])
@@ -108,6 +124,8 @@ def configure(c: Any, rt: dict[str, Any]) -> None:
 
     c.JupyterHub.extra_handlers = kernels.jobs_api.HANDLERS
     c.SimpleLocalProcessSpawner.home_dir_template = str(state / "users" / "{username}")
+    c.Spawner.notebook_dir = str(state / "users" / "{username}")
+    c.Spawner.pre_spawn_hook = provide_notebooks
     c.Spawner.environment = {"BEAMHUB_HOME": str(state)}
 
     # --- services ---------------------------------------------------------------------------

@@ -329,7 +329,7 @@ class ReservedNodeSpawner(Spawner):
             cpus=self.cpus,
             mem_mb=self.mem_mb,
             walltime_s=self.walltime_s,
-            workdir=self.notebook_dir or None,
+            workdir=self.format_string(self.notebook_dir) if self.notebook_dir else None,
             output=self.output_file,
         )
         self.job_project, self.job_tier = project, tier.name

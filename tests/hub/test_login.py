@@ -53,6 +53,13 @@ def test_login_spawn_delegated_token_works_for_its_project_only(dev_stack: Runni
     }
     assert claims.exp - claims.iat == 30
     assert "refresh_token" not in " ".join(env)  # the upstream token stays in the hub
+    # her server starts in her own folder, which holds the beamtime notebooks
+    notebooks = dev_stack.state / "users" / "alice" / "notebooks"
+    assert sorted(p.name for p in notebooks.glob("*.ipynb")) == [
+        "01-first-look.ipynb",
+        "02-live-analysis.ipynb",
+        "03-steer-the-experiment.ipynb",
+    ]
     # the DSN accepts it for p-1001 ...
     dsn = dev_stack.urls["dsn"]
     r = requests.get(dsn + "/api/channels", headers=_bearer(token), timeout=10)
