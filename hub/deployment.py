@@ -162,7 +162,7 @@ class DetectorConfig:
     project: str = "p-1001"
     channel: str = "detector"
     rate_hz: float = 10.0
-    shape: list[int] = field(default_factory=lambda: [64, 64])
+    shape: list[int] = field(default_factory=lambda: [256, 256])
     hit_fraction: float = 0.1
     #: seconds between the live-figure lines `beamhub up` prints (0 = off)
     print_every_s: float = 5.0
@@ -378,7 +378,7 @@ def _validate(dep: Deployment, src: str) -> None:
     if det.rate_hz <= 0:
         raise DeploymentError("detector.rate_hz", "must be > 0", src)
     if len(det.shape) != 2 or any(n <= 0 for n in det.shape):
-        raise DeploymentError("detector.shape", "two positive integers, e.g. [64, 64]", src)
+        raise DeploymentError("detector.shape", "two positive integers, e.g. [256, 256]", src)
     if not 0.0 <= det.hit_fraction <= 1.0:
         raise DeploymentError("detector.hit_fraction", "must be between 0 and 1", src)
     if det.print_every_s != 0 and not 0.5 <= det.print_every_s <= 3600:
