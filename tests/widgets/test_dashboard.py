@@ -22,7 +22,7 @@ YAML = """\
 enclave: dev
 hub: {port: 0}
 tokens: {ttl: 30, revocation_poll: 1.0}
-detector: {rate_hz: 10, shape: [64, 64]}
+detector: {rate_hz: 10, shape: [64, 64], print_every_s: 0}  # no printer: one monitor viewer
 gateway: {enabled: false}
 dashboard: {update_hz: 5, analysis: {min_peaks_for_hit: 3}}
 """
