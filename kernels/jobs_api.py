@@ -4,13 +4,17 @@ The local backend lives in the hub process (it owns the virtual nodes), so a not
 through the hub: ``/hub/api/beamhub/jobs``, authenticated with the server's own
 ``JUPYTERHUB_API_TOKEN``. The user is the token's owner; the project and tier default to the
 server's and are checked by the same TierPolicy as every other job. :class:`HubScheduler` is the
-``Scheduler`` a job uses to reach it. Register the handler in jupyterhub_config.py with::
+``Scheduler`` a job uses to reach it. A caller holding the custom scope :data:`ACT_FOR_SCOPE`
+(the API gateway service) may name the user it acts for (``"user"`` in the body, ``?user=`` in
+the query); anyone else may act only for themselves. Register in jupyterhub_config.py with::
 
     c.JupyterHub.extra_handlers = kernels.jobs_api.HANDLERS
+    c.JupyterHub.custom_scopes = kernels.jobs_api.CUSTOM_SCOPES
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import AsyncIterator
@@ -24,10 +28,20 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from kernels.scheduler import JobInfo, JobSpec, JobState, Scheduler, SchedulerError
 
-__all__ = ["HANDLERS", "HubScheduler", "JobsAPIHandler"]
+__all__ = ["ACT_FOR_SCOPE", "CUSTOM_SCOPES", "HANDLERS", "HubScheduler", "JobsAPIHandler"]
 
 _SPEC_FIELDS = {"name", "argv", "env", "cpus", "mem_mb", "nodes", "walltime_s", "workdir",
                 "output", "requeue", "project", "tier"}  # fmt: skip
+
+#: JupyterHub custom scope: submit, list and cancel beamhub jobs for the user a request names.
+#: Filters narrow it as usual, e.g. ``custom:beamhub:jobs:act-for!group=p-1001``.
+ACT_FOR_SCOPE = "custom:beamhub:jobs:act-for"
+#: For ``c.JupyterHub.custom_scopes``.
+CUSTOM_SCOPES = {
+    ACT_FOR_SCOPE: {
+        "description": "Submit, list and cancel beamhub jobs for the user named in the request.",
+    }
+}
 
 
 def _info_from_dict(data: dict[str, Any]) -> JobInfo:
@@ -56,10 +70,30 @@ def _public(info: JobInfo) -> dict[str, Any]:
 class JobsAPIHandler(APIHandler):
     """POST a job, GET jobs (``?id=`` repeated, or all of yours), DELETE /<id> to cancel."""
 
-    def _caller(self) -> User:
-        user = self.current_user
-        if not isinstance(user, User):
-            raise web.HTTPError(403, "only users (or their servers) may submit beamhub jobs")
+    def _caller(self, named: str | None) -> User:
+        """The user this request acts for: the caller, or the one it names if it may."""
+        caller = self.current_user
+        own = caller.name if isinstance(caller, User) else None
+        if named is not None and (not isinstance(named, str) or not named):
+            raise web.HTTPError(400, f"user: expected a user name, got {named!r}")
+        if named is None or named == own:
+            if own is None:
+                raise web.HTTPError(
+                    400, "user: a service must name the user it acts for (\"user\" in the "
+                    "body, ?user= in the query)",
+                )  # fmt: skip
+            return caller
+        if not self.has_scope(f"{ACT_FOR_SCOPE}!user={named}"):
+            who = f"user {own!r}" if own else f"service {caller.name!r}"
+            raise web.HTTPError(
+                403, f"user: {who} may not act for {named!r}; only a holder of the "
+                f"{ACT_FOR_SCOPE} scope may name another user",
+            )  # fmt: skip
+        user = self.find_user(named)
+        if user is None:
+            raise web.HTTPError(
+                404, f"user: no hub user {named!r} (a user exists once she has logged in)"
+            )
         return user
 
     async def _context(self, user: User):
@@ -78,38 +112,57 @@ class JobsAPIHandler(APIHandler):
     async def post(self, job_id: str | None = None) -> None:
         if job_id:
             raise web.HTTPError(405, "POST to /api/beamhub/jobs, not to a job id")
-        user = self._caller()
         body = self.get_json_body() or {}
+        if not isinstance(body, dict):
+            raise web.HTTPError(400, "the body must be a JSON object of job fields")
+        user = self._caller(body.pop("user", None))
         unknown = set(body) - _SPEC_FIELDS
         if unknown:
             raise web.HTTPError(
                 400, f"unknown job field(s) {sorted(unknown)}; allowed: {sorted(_SPEC_FIELDS)}"
-            )
+                " (and user)",
+            )  # fmt: skip
         spawner, scheduler = await self._context(user)
-        body.setdefault("project", spawner.job_project or spawner.project or "")
-        body.setdefault("tier", spawner.job_tier or spawner.tier or "")
+        project = body.setdefault("project", spawner.job_project or spawner.project or "")
         body.setdefault("name", "job")
-        spec = JobSpec.from_dict({**body, "user": user.name})
         try:
+            if not body.get("tier"):
+                body["tier"] = await self._default_tier(spawner, scheduler, user.name, project)
+            spec = JobSpec.from_dict({**body, "user": user.name})
             job_id = await scheduler.submit(spec)
         except SchedulerError as exc:
-            raise web.HTTPError(exc.status, exc.message) from exc
+            where = f"{exc.field}: " if exc.field and not exc.message.startswith(exc.field) else ""
+            raise web.HTTPError(exc.status, where + exc.message) from exc
         self.log.info(
-            "beamhub job %s for %s (project %s, tier %s)",
-            job_id,
-            user.name,
-            spec.project,
-            spec.tier,
-        )
+            "beamhub job %s for %s by %s (project %s, tier %s)",
+            job_id, user.name, self.current_user.name, spec.project, spec.tier,
+        )  # fmt: skip
         self.set_status(201)
-        self.write(json.dumps({"job_id": job_id}))
+        self.write(json.dumps({"job_id": job_id, "user": user.name, "project": spec.project,
+                               "tier": spec.tier}))  # fmt: skip
+
+    @staticmethod
+    async def _default_tier(spawner, scheduler: Scheduler, user: str, project: str) -> str:
+        """The server's tier for its own project, else the best tier the user may use now."""
+        if spawner.job_tier and project == spawner.job_project:
+            return spawner.job_tier
+        if spawner.tier:
+            return spawner.tier
+        policy = getattr(scheduler, "policy", None)
+        if policy is None or not project:
+            return ""  # JobSpec.validate names the missing field
+        return (await asyncio.to_thread(policy.effective_tier, user, project)).name
 
     @web.authenticated
     async def get(self, job_id: str | None = None) -> None:
-        user = self._caller()
+        """``?id=`` (repeated) or all visible jobs; ``?project=`` keeps one project's."""
+        user = self._caller(self.get_argument("user", None))
         _, scheduler = await self._context(user)
         ids = [job_id] if job_id else self.get_arguments("id")
+        project = self.get_argument("project", None)
         infos = list((await scheduler.status(ids)).values()) if ids else await scheduler.list()
+        if project is not None:
+            infos = [i for i in infos if i.spec is None or i.spec.project == project]
         visible = {
             i.job_id: _public(i)
             for i in infos
@@ -119,7 +172,7 @@ class JobsAPIHandler(APIHandler):
 
     @web.authenticated
     async def delete(self, job_id: str | None = None) -> None:
-        user = self._caller()
+        user = self._caller(self.get_argument("user", None))
         if not job_id:
             raise web.HTTPError(400, "DELETE /api/beamhub/jobs/<job id>")
         _, scheduler = await self._context(user)
