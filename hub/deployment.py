@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import types
 import typing
@@ -25,6 +26,7 @@ __all__ = [
     "GatewayConfig",
     "HubConfig",
     "IdentityConfig",
+    "MaintenanceWindow",
     "SchedulerConfig",
     "TokensConfig",
     "UserSpec",
@@ -175,6 +177,15 @@ class SchedulerConfig:
 
 
 @dataclass
+class MaintenanceWindow:
+    #: ISO 8601 times (UTC if no zone), e.g. "2026-12-01T06:00:00Z"
+    start: str = ""
+    end: str = ""
+    #: what is down, in words a user reads on the gateway's status
+    what: str = ""
+
+
+@dataclass
 class GatewayConfig:
     enabled: bool = True
     policy: str = ""
@@ -185,6 +196,8 @@ class GatewayConfig:
     #: per-project token bucket; 0 = the enclave profile's value
     project_rate_per_s: float = 0.0
     project_burst: int = 0
+    #: maintenance windows listed by the gateway's public status
+    maintenance: list[MaintenanceWindow] = field(default_factory=list)
 
 
 @dataclass
@@ -278,6 +291,8 @@ def _convert(value: Any, tp: Any, where: str, src: str) -> Any:
             raise DeploymentError(where, f"expected a number, got {value!r}", src)
         return float(value)
     if tp is str:
+        if isinstance(value, datetime.date):  # YAML reads an unquoted timestamp as a datetime
+            return value.isoformat()
         if not isinstance(value, str):
             raise DeploymentError(where, f"expected a string, got {value!r}", src)
         return value
@@ -309,6 +324,31 @@ def _build(cls: type, data: Any, where: str, src: str) -> Any:
 def _check_port(value: int, where: str, src: str) -> None:
     if not 0 <= value <= 65535:
         raise DeploymentError(where, f"port {value} is outside 0..65535 (0 = any free port)", src)
+
+
+def _utc(value: str, where: str, src: str) -> datetime.datetime:
+    try:
+        moment = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        raise DeploymentError(where, f"{value!r} is not an ISO 8601 time, e.g. "
+                              "2026-12-01T06:00:00Z", src) from None  # fmt: skip
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)
+
+
+def _validate_maintenance(windows: list[MaintenanceWindow], src: str) -> None:
+    """Each window: start < end (ISO 8601, stored as UTC) and a non-empty ``what``."""
+    for i, w in enumerate(windows):
+        where = f"gateway.maintenance[{i}]"
+        for name in ("start", "end", "what"):
+            if not getattr(w, name).strip():
+                raise DeploymentError(f"{where}.{name}", "required (start, end, what)", src)
+        start, end = _utc(w.start, f"{where}.start", src), _utc(w.end, f"{where}.end", src)
+        if end <= start:
+            raise DeploymentError(f"{where}.end", f"{w.end} is not after start {w.start}", src)
+        if len(w.what) > 200:
+            raise DeploymentError(f"{where}.what", "at most 200 characters", src)
+        w.start = start.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z")
+        w.end = end.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z")
 
 
 def _validate(dep: Deployment, src: str) -> None:
@@ -388,6 +428,7 @@ def _validate(dep: Deployment, src: str) -> None:
         raise DeploymentError("scheduler.backend", "use 'local' or 'slurm'", src)
     if dep.scheduler.nodes <= 0:
         raise DeploymentError("scheduler.nodes", "must be >= 1", src)
+    _validate_maintenance(dep.gateway.maintenance, src)
 
 
 def _merge(base: Any, over: Any) -> Any:

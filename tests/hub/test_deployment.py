@@ -44,6 +44,28 @@ def test_example_is_the_embedded_default() -> None:
         ("hub: {ip: 0.0.0.0}\n", "hub.ip", "loopback"),
         ("tokens: {ttl: 5000, max_ttl: 600}\n", "tokens.ttl", "cap"),
         ("a: [\n", "<file>", "YAML"),
+        ("gateway: {maintenance: {start: 1}}\n", "gateway.maintenance", "list"),
+        (
+            "gateway: {maintenance: [{start: x, end: y, what: z}]}\n",
+            "gateway.maintenance[0].start",
+            "ISO 8601",
+        ),
+        (
+            "gateway: {maintenance: [{start: 2030-01-01T06:00:00Z, end: 2030-01-01T05:00:00Z, "
+            "what: z}]}\n",
+            "gateway.maintenance[0].end",
+            "not after start",
+        ),
+        (
+            "gateway: {maintenance: [{start: 2030-01-01T06:00:00Z, end: 2030-01-01T07:00:00Z}]}\n",
+            "gateway.maintenance[0].what",
+            "required",
+        ),
+        (
+            "gateway: {maintenance: [{start: a, end: b, what: c, why: d}]}\n",
+            "gateway.maintenance[0].why",
+            "unknown key",
+        ),
     ],
 )
 def test_bad_field_is_named(tmp_path: Path, text: str, field: str, words: str) -> None:
@@ -54,6 +76,16 @@ def test_bad_field_is_named(tmp_path: Path, text: str, field: str, words: str) -
     assert err.value.field == field
     assert words in str(err.value)
     assert str(path) in str(err.value)
+
+
+def test_maintenance_windows_are_read_as_utc(tmp_path: Path) -> None:
+    path = tmp_path / "beamhub.yaml"
+    path.write_text("gateway: {maintenance: [{start: 2030-01-01T06:00:00Z, "
+                    "end: '2030-01-01T10:00:00+02:00', what: filesystem upgrade}]}\n")  # fmt: skip
+    (window,) = load_deployment(path).gateway.maintenance
+    assert (window.start, window.end) == ("2030-01-01T06:00:00Z", "2030-01-01T08:00:00Z")
+    assert window.what == "filesystem upgrade"
+    assert load_deployment(None).gateway.maintenance == []
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
