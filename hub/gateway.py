@@ -198,7 +198,8 @@ class MetricsHandler(tornado.web.RequestHandler):
 
 class Gateway:
     """The gateway: its layers are injected; ``layers=False`` keeps only token verification
-    (the benchmark's baseline)."""
+    (the benchmark's baseline). Jobs go to ``jobs`` (a :mod:`hub.gateway_jobs` client) or, in
+    tests, to a ``scheduler`` in this process."""
 
     def __init__(
         self,
@@ -210,6 +211,7 @@ class Gateway:
         dsn_url: str | None = None,
         reservations: Any = None,
         scheduler: Any = None,
+        jobs: Any = None,
         enclave: str = "dev",
         admin_users: Iterable[str] = (),
         maintenance: Iterable[Mapping[str, Any]] = (),
@@ -219,6 +221,7 @@ class Gateway:
         layers: bool = True,
         openapi_path: str | Path = OPENAPI_PATH,
     ) -> None:
+        from hub.gateway_jobs import SchedulerJobs
         from hub.gateway_ops import Operations
 
         self.verifier = verifier
@@ -228,6 +231,8 @@ class Gateway:
         self.dsn_url = dsn_url.rstrip("/") if dsn_url else None
         self.reservations = reservations
         self.scheduler = scheduler
+        #: HubJobs (the hub's jobs API) or SchedulerJobs (``scheduler`` in this process)
+        self.jobs = jobs if jobs is not None or scheduler is None else SchedulerJobs(scheduler)
         self.enclave = enclave
         self.admin_users = frozenset(admin_users)
         self.maintenance = [dict(m) for m in maintenance]

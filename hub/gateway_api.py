@@ -36,6 +36,7 @@ PARAM_PATTERNS = {
     "project": r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}",
     "channel_id": r"ch-[0-9a-f]{1,32}",
     "window_id": r"[0-9]{1,12}",
+    "job_id": r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}",
     "name": r"[A-Za-z_][A-Za-z0-9_.-]{0,63}",
 }
 

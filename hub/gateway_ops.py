@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from hub.gateway_api import API_PREFIX, GatewayError, RequestContext
+from hub.gateway_jobs import scheduler_error
 
 if TYPE_CHECKING:
     from hub.gateway import Gateway
@@ -44,14 +45,6 @@ def _epoch(value: Any, field: str) -> float:
     return moment.timestamp()
 
 
-def _scheduler_error(exc: Exception) -> GatewayError:
-    """kernels.scheduler.SchedulerError (a user-facing error) → the same status and message."""
-    status = int(getattr(exc, "status", 400))
-    field = getattr(exc, "field", None)
-    extra = {"field": field} if field else {}
-    return GatewayError(status, "scheduler", str(getattr(exc, "message", exc)), **extra)
-
-
 class Operations:
     """Holds the gateway's collaborators' adapters; ``run(name, ctx)`` dispatches."""
 
@@ -69,6 +62,7 @@ class Operations:
             "steer_run": {"POST": self.steer_run},
             "steer_param": {"PUT": self.steer_param},
             "jobs": {"GET": self.jobs_list, "POST": self.jobs_submit},
+            "job": {"GET": self.job_get, "DELETE": self.job_cancel},
             "reservations": {"GET": self.reservations_list, "POST": self.reservations_request},
             "reservation_decide": {"POST": self.reservation_decide},
         }
@@ -80,6 +74,8 @@ class Operations:
         if self._http is not None:
             self._http.close()
             self._http = None
+        if self.gw.jobs is not None:
+            await self.gw.jobs.close()
 
     # -- public --------------------------------------------------------------------------------
     async def index(self, ctx: RequestContext) -> Result:
@@ -216,38 +212,32 @@ class Operations:
         path = f"/api/channels/{ctx.params['channel_id']}/steer/params/{ctx.params['name']}"
         return await self._dsn("PUT", path, ctx.body, ctx.authorization)
 
-    # -- jobs (kernels.scheduler.Scheduler) ----------------------------------------------------
-    def _scheduler(self) -> Any:
-        if self.gw.scheduler is None:
+    # -- jobs: hub.gateway_jobs (the hub's jobs API, or an in-process scheduler) ----------------
+    def _jobs(self) -> Any:
+        if self.gw.jobs is None:
             raise GatewayError(
                 503,
                 "jobs_not_configured",
                 "jobs need a scheduler; this gateway has none configured",
             )
-        return self.gw.scheduler
+        return self.gw.jobs
 
     async def jobs_list(self, ctx: RequestContext) -> Result:
-        jobs = await self._scheduler().list(ctx.project)
-        return 200, {"jobs": [job.to_dict() for job in jobs]}
+        assert ctx.claims is not None and ctx.project is not None
+        return 200, {"jobs": await self._jobs().list(ctx.claims.sub, ctx.project)}
 
     async def jobs_submit(self, ctx: RequestContext) -> Result:
-        from kernels.scheduler import JobSpec, SchedulerError
-
-        scheduler = self._scheduler()
         assert ctx.claims is not None and ctx.project is not None
-        body = dict(ctx.body)
-        try:
-            tier = body.pop("tier", None)
-            policy = getattr(scheduler, "policy", None)
-            if tier is None and policy is not None:  # the best tier now: a window's, if open
-                tier = policy.effective_tier(ctx.claims.sub, ctx.project).name
-            tier = tier or getattr(getattr(scheduler, "tiers", None), "default_tier", "interactive")
-            spec = JobSpec(project=ctx.project, user=ctx.claims.sub, tier=tier, **body)
-            spec.validate()
-            job_id = await scheduler.submit(spec)
-        except SchedulerError as exc:
-            raise _scheduler_error(exc) from exc
-        return 201, {"job_id": job_id, "project": ctx.project, "tier": spec.tier}
+        return 201, await self._jobs().submit(ctx.claims.sub, ctx.project, dict(ctx.body))
+
+    async def job_get(self, ctx: RequestContext) -> Result:
+        assert ctx.claims is not None and ctx.project is not None
+        return 200, await self._jobs().get(ctx.claims.sub, ctx.project, ctx.params["job_id"])
+
+    async def job_cancel(self, ctx: RequestContext) -> Result:
+        assert ctx.claims is not None and ctx.project is not None
+        await self._jobs().cancel(ctx.claims.sub, ctx.project, ctx.params["job_id"])
+        return 204, None
 
     # -- beamtime reservations (kernels.reservations.ReservationBook) --------------------------
     def _book(self) -> Any:
@@ -277,7 +267,7 @@ class Operations:
             )  # fmt: skip
             window = await asyncio.to_thread(book.get, window_id)
         except SchedulerError as exc:
-            raise _scheduler_error(exc) from exc
+            raise scheduler_error(exc) from exc
         return 201, window.to_dict()
 
     async def reservation_decide(self, ctx: RequestContext) -> Result:
@@ -294,5 +284,5 @@ class Operations:
                     book.deny, window_id, ctx.claims.sub, ctx.body["reason"]
                 )
         except SchedulerError as exc:
-            raise _scheduler_error(exc) from exc
+            raise scheduler_error(exc) from exc
         return 200, window.to_dict()

@@ -1,14 +1,16 @@
 """Run the API gateway as a JupyterHub service (or standalone): wire its layers from beamhub.yaml.
 
 ``beamhub up`` starts it as ``python -m hub.gateway --deployment beamhub.yaml``; JupyterHub passes
-``JUPYTERHUB_SERVICE_URL`` (where to listen) and ``JUPYTERHUB_SERVICE_PREFIX`` (``/services/
-gateway/``). Standalone: ``python -m hub.gateway --port 8081 --dsn-url http://127.0.0.1:PORT``.
+``JUPYTERHUB_SERVICE_URL`` (where to listen), ``JUPYTERHUB_SERVICE_PREFIX`` (``/services/
+gateway/``) and ``JUPYTERHUB_API_URL``/``JUPYTERHUB_API_TOKEN``, with which jobs are forwarded to
+the hub's jobs API (the local scheduler lives in the hub process). Standalone: ``python -m hub.gateway --port 8081 --dsn-url http://127.0.0.1:PORT``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -117,6 +119,19 @@ def build_gateway(argv: list[str] | None = None) -> tuple[Any, str, int, list[An
     except ImportError as exc:
         log.warning("beamtime reservations disabled: %s", exc)
 
+    jobs = None
+    hub_api, hub_token = (
+        os.environ.get("JUPYTERHUB_API_URL"),
+        os.environ.get("JUPYTERHUB_API_TOKEN"),
+    )
+    if hub_api and hub_token:
+        from hub.gateway_jobs import HubJobs
+
+        jobs = HubJobs(hub_api, hub_token)
+    else:
+        log.warning("jobs disabled: JUPYTERHUB_API_URL/JUPYTERHUB_API_TOKEN are set only when "
+                    "the hub runs the gateway as a service")  # fmt: skip
+
     gateway = Gateway(
         verifier,
         policy=load_policy(args.policy or gw.policy or None),
@@ -124,7 +139,9 @@ def build_gateway(argv: list[str] | None = None) -> tuple[Any, str, int, list[An
         audit=audit,
         dsn_url=args.dsn_url or runtime.get("dsn_url") or None,
         reservations=reservations,
+        jobs=jobs,
         enclave=dep.enclave,
+        maintenance=[dataclasses.asdict(m) for m in gw.maintenance],
         admin_users=admins,
         base_url=base_url,
     )

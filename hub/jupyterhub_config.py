@@ -123,6 +123,7 @@ def configure(c: Any, rt: dict[str, Any]) -> None:
     import kernels.jobs_api
 
     c.JupyterHub.extra_handlers = kernels.jobs_api.HANDLERS
+    c.JupyterHub.custom_scopes = kernels.jobs_api.CUSTOM_SCOPES
     c.SimpleLocalProcessSpawner.home_dir_template = str(state / "users" / "{username}")
     c.Spawner.notebook_dir = str(state / "users" / "{username}")
     c.Spawner.pre_spawn_hook = provide_notebooks
@@ -175,6 +176,17 @@ def configure(c: Any, rt: dict[str, Any]) -> None:
             "services": [s["name"] for s in services if s["name"] != "dashboard"],
         },
     ]
+    if rt.get("gateway_command"):
+        # jobs through the gateway run in the hub's scheduler for the token's user: the gateway
+        # may name that user on /hub/api/beamhub/jobs, and nothing more (no admin:users)
+        c.JupyterHub.load_roles.append(
+            {
+                "name": "beamhub-gateway-jobs",
+                "description": "the gateway submits, lists and cancels jobs for its callers",
+                "scopes": [kernels.jobs_api.ACT_FOR_SCOPE],
+                "services": ["gateway"],
+            }
+        )
     if rt.get("admin_api_token"):
         c.JupyterHub.services.append({"name": "beamhub-admin", "api_token": rt["admin_api_token"]})
         c.JupyterHub.load_roles.append(

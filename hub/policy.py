@@ -40,6 +40,7 @@ ACTIONS = frozenset(
         "steer",
         "jobs.submit",
         "jobs.read",
+        "jobs.cancel",
         "reservations.request",
         "reservations.read",
         "reservations.approve",

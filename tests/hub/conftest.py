@@ -6,17 +6,24 @@ stopped with SIGTERM at the end and must leave no process behind.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
 
 from tests.hub.hubstack import RunningStack
 
-DEV_YAML = """\
+#: the dev stack's gateway lists this window on its public status
+DEV_MAINTENANCE = [
+    {"start": "2030-01-07T06:00:00Z", "end": "2030-01-07T10:00:00Z", "what": "filesystem upgrade"}
+]
+
+DEV_YAML = f"""\
 enclave: dev
-hub: {port: 0}
-tokens: {ttl: 30, revocation_poll: 1.0}
-detector: {rate_hz: 2, shape: [64, 64], print_every_s: 1}
+hub: {{port: 0}}
+tokens: {{ttl: 30, revocation_poll: 1.0}}
+detector: {{rate_hz: 2, shape: [64, 64], print_every_s: 1}}
+gateway: {{maintenance: {json.dumps(DEV_MAINTENANCE)}}}
 """
 
 MODERATE_YAML = """\

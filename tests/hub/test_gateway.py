@@ -222,7 +222,8 @@ async def test_reservation_request_then_admin_approval(keys: Keys, tmp_path: Pat
 
 def _endpoints() -> list[tuple[str, str, bool]]:
     """Every (method, concrete path, takes a body) of the published API."""
-    values = {"project": "p1", "channel_id": "ch-00ff", "window_id": "1", "name": "gain"}
+    values = {"project": "p1", "channel_id": "ch-00ff", "window_id": "1", "name": "gain",
+              "job_id": "7"}
     out = []
     for path, methods in load_openapi()["paths"].items():
         concrete = path

@@ -1,0 +1,148 @@
+"""Jobs through the gateway under a real `beamhub up`: forwarded to the hub's scheduler for the
+token's user, scoped to the token's project, audited; plus the maintenance windows of beamhub.yaml."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import psutil
+import pytest
+import requests
+
+from kernels.jobs_api import ACT_FOR_SCOPE
+from tests.hub.conftest import DEV_MAINTENANCE
+from tests.hub.hubstack import RunningStack, login, process_env
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _project_token(stack: RunningStack, user: str, project: str) -> str:
+    """Log ``user`` in at the IdP, then mint a project token with the jobs scope."""
+    assert login(stack, user, f"{user}-dev")[1].status_code == 200
+    hub = {"Authorization": f"token {stack.user_api_token(user)}"}
+    r = requests.post(stack.tokens + "api/tokens", headers=hub, timeout=10,
+                      json={"project": project, "scopes": "jobs", "ttl": 600})  # fmt: skip
+    assert r.status_code == 201, r.text
+    return r.json()["token"]
+
+
+def _gw(stack: RunningStack, method: str, path: str, token: str, body: dict | None = None):
+    r = requests.request(
+        method, stack.urls["gateway"] + "api/v1" + path, json=body, timeout=30,
+        headers={"Authorization": f"Bearer {token}"},
+    )  # fmt: skip
+    return r.status_code, (r.json() if r.content else None)
+
+
+def _wait_state(stack: RunningStack, token: str, path: str, states: set[str], timeout: float):
+    deadline = time.monotonic() + timeout
+    while True:
+        code, job = _gw(stack, "GET", path, token)
+        assert code == 200, job
+        if job["state"] in states or time.monotonic() > deadline:
+            return job
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def tokens(dev_stack: RunningStack) -> dict[str, str]:
+    return {
+        "alice": _project_token(dev_stack, "alice", "p-1001"),
+        "carol": _project_token(dev_stack, "carol", "p-2002"),
+    }
+
+
+def test_submit_list_complete_and_cancel_through_the_gateway(
+    dev_stack: RunningStack, tokens: dict[str, str]
+) -> None:
+    alice = tokens["alice"]
+    job = {"name": "gw-print", "argv": [sys.executable, "-c", "print(42)"], "mem_mb": 128}
+    code, body = _gw(dev_stack, "POST", "/projects/p-1001/jobs", alice, job)
+    assert code == 201, body
+    assert body["project"] == "p-1001" and body["tier"]
+    done = _wait_state(dev_stack, alice, f"/projects/p-1001/jobs/{body['job_id']}",
+                       {"completed", "failed"}, 60)  # fmt: skip
+    assert done["state"] == "completed" and done["exit_code"] == 0, done
+    assert done["spec"]["user"] == "alice" and done["spec"]["project"] == "p-1001"
+    assert "env" not in done["spec"]
+    code, listed = _gw(dev_stack, "GET", "/projects/p-1001/jobs", alice)
+    assert code == 200
+    assert {j["job_id"]: j["state"] for j in listed["jobs"]}[body["job_id"]] == "completed"
+
+    sleeper = {"name": "gw-sleep", "argv": [sys.executable, "-c", "import time; time.sleep(600)"],
+               "mem_mb": 128}  # fmt: skip
+    code, long = _gw(dev_stack, "POST", "/projects/p-1001/jobs", alice, sleeper)
+    assert code == 201, long
+    path = f"/projects/p-1001/jobs/{long['job_id']}"
+    assert _wait_state(dev_stack, alice, path, {"running"}, 30)["state"] == "running"
+    code, none = _gw(dev_stack, "DELETE", path, alice)
+    assert (code, none) == (204, None)
+    assert _wait_state(dev_stack, alice, path, {"cancelled"}, 30)["state"] == "cancelled"
+
+    # every decision audited with the token's jti and the user, never the token
+    audit = (dev_stack.state / "audit.jsonl").read_text()
+    assert alice not in audit
+    records = [json.loads(line) for line in audit.splitlines()]
+    cancels = [r for r in records if r["action"] == "jobs.cancel" and r["outcome"] == "allow"]
+    assert cancels and cancels[-1]["user"] == "alice" and cancels[-1]["project"] == "p-1001"
+
+
+def test_another_project_cannot_see_or_cancel_it(
+    dev_stack: RunningStack, tokens: dict[str, str]
+) -> None:
+    alice, carol = tokens["alice"], tokens["carol"]
+    job = {"name": "gw-private", "argv": [sys.executable, "-c", "print(1)"], "mem_mb": 128}
+    code, body = _gw(dev_stack, "POST", "/projects/p-1001/jobs", alice, job)
+    assert code == 201, body
+    job_id = body["job_id"]
+    code, listed = _gw(dev_stack, "GET", "/projects/p-2002/jobs", carol)
+    assert code == 200 and job_id not in {j["job_id"] for j in listed["jobs"]}
+    for method in ("GET", "DELETE"):
+        code, err = _gw(dev_stack, method, f"/projects/p-2002/jobs/{job_id}", carol)
+        assert code == 404 and err["reason"] == "no_such_job", err
+    # alice's own token is for p-1001: her job is not in p-2002 either
+    code, err = _gw(dev_stack, "GET", f"/projects/p-2002/jobs/{job_id}", alice)
+    assert code == 403 and err["reason"] == "policy", err
+    code, err = _gw(dev_stack, "GET", f"/projects/p-1001/jobs/{job_id}", carol)
+    assert code == 403 and err["reason"] == "policy", err
+
+
+def test_hub_refusals_come_back_as_clear_4xx(dev_stack: RunningStack, tokens: dict) -> None:
+    alice = tokens["alice"]
+    bad = {"name": "gw-bad", "argv": ["/bin/true"], "tier": "no-such-tier"}
+    code, err = _gw(dev_stack, "POST", "/projects/p-1001/jobs", alice, bad)
+    assert 400 <= code < 500 and err["reason"] == "scheduler" and "no-such-tier" in err["error"]
+    code, err = _gw(dev_stack, "GET", "/projects/p-1001/jobs/999999", alice)
+    assert code == 404 and "999999" in err["error"]
+    code, err = _gw(dev_stack, "POST", "/projects/p-1001/jobs", alice, {"name": "x", "argv": "ls"})
+    assert code == 400 and err["field"] == "argv"
+
+
+def test_only_the_gateway_may_name_another_user(dev_stack: RunningStack) -> None:
+    assert login(dev_stack, "bob", "bob-dev")[1].status_code == 200
+    bob = {"Authorization": f"token {dev_stack.user_api_token('bob')}"}
+    jobs = dev_stack.hub + "api/beamhub/jobs"
+    r = requests.get(jobs, params={"user": "alice"}, headers=bob, timeout=10)
+    assert r.status_code == 403 and r.json()["message"].startswith("user: ")
+    body = {"user": "alice", "name": "x", "argv": ["/bin/true"], "project": "p-1001"}
+    r = requests.post(jobs, json=body, headers=bob, timeout=10)
+    assert r.status_code == 403 and "may not act for 'alice'" in r.json()["message"]
+    r = requests.get(jobs, params={"user": "bob"}, headers=bob, timeout=10)  # himself: fine
+    assert r.status_code == 200
+    # the gateway service's own hub token holds the act-for scope and no admin scope
+    (gateway,) = [p for p in psutil.Process(dev_stack.proc.pid).children(recursive=True)
+                  if "hub.gateway" in " ".join(p.cmdline())]  # fmt: skip
+    service = {"Authorization": f"token {process_env(gateway.pid)['JUPYTERHUB_API_TOKEN']}"}
+    scopes = requests.get(dev_stack.hub + "api/user", headers=service, timeout=10).json()["scopes"]
+    assert ACT_FOR_SCOPE in scopes and not any(s.startswith("admin") for s in scopes), scopes
+    r = requests.post(dev_stack.hub + "api/users/alice/tokens", headers=service, json={},
+                      timeout=10)  # fmt: skip
+    assert r.status_code == 403
+
+
+def test_status_lists_the_configured_maintenance_window(dev_stack: RunningStack) -> None:
+    r = requests.get(dev_stack.urls["gateway"] + "api/v1/status", timeout=10)
+    assert r.status_code == 200
+    assert r.json()["maintenance"] == DEV_MAINTENANCE
