@@ -17,13 +17,6 @@ from .dataplane_helpers import frame_ok, send_frames, wait_for
 
 
 @pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-@pytest.fixture
 def producer(ctx):
     sock = ctx.socket(zmq.PUSH)
     sock.linger = 0

@@ -7,11 +7,9 @@ from dataclasses import replace
 import pytest
 import zmq
 
-from streaming.dataplane import DataPlane
 from streaming.wire import recv_frame
 
 from .dataplane_helpers import (
-    dataplane_threads,
     frame_ok,
     make_spec,
     no_dsn_threads,
@@ -21,23 +19,6 @@ from .dataplane_helpers import (
 )
 
 MODES = ["l4", "l7"]
-
-
-@pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-@pytest.fixture
-def plane():
-    before = dataplane_threads()
-    dp = DataPlane("127.0.0.1")
-    dp.threads_before = before  # for tests that check for leftovers themselves
-    yield dp
-    dp.close()
-    assert no_dsn_threads(before) == [], "DataPlane.close() left threads running"
 
 
 def pull(ctx, endpoint, **opts):

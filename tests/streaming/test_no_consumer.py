@@ -56,12 +56,6 @@ def zctx():
     ctx.destroy(linger=0)
 
 
-@pytest.fixture
-def plane():
-    with DataPlane("127.0.0.1") as p:
-        yield p
-
-
 def _subscriber(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
     sub = ctx.socket(zmq.SUB)
     sub.linger = 0

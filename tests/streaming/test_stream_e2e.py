@@ -12,36 +12,16 @@ import pytest
 import zmq
 
 from streaming.consumer import StreamConsumer
-from streaming.dataplane import DataPlane
 
 from .dataplane_helpers import (
-    dataplane_threads,
     frame_ok,
     make_spec,
-    no_dsn_threads,
     send_frames,
     wait_for,
     wait_stats,
 )
 
 MODES = ["l4", "l7"]
-
-
-@pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-@pytest.fixture
-def plane():
-    before = dataplane_threads()
-    dp = DataPlane("127.0.0.1")
-    dp.threads_before = before  # for tests that check for leftovers themselves
-    yield dp
-    dp.close()
-    assert no_dsn_threads(before) == []
 
 
 class ConsumerThread(threading.Thread):

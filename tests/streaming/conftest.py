@@ -1,0 +1,28 @@
+"""Fixtures shared by the streaming tests: a ZeroMQ context and a DataPlane that must not leak."""
+
+from __future__ import annotations
+
+import pytest
+import zmq
+
+from streaming.dataplane import DataPlane
+
+from .dataplane_helpers import dataplane_threads, no_dsn_threads
+
+
+@pytest.fixture
+def ctx():
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+@pytest.fixture
+def plane():
+    """A DataPlane on 127.0.0.1; the test fails if close() leaves data-plane threads running."""
+    before = dataplane_threads()
+    dp = DataPlane("127.0.0.1")
+    dp.threads_before = before  # for tests that check for leftovers themselves
+    yield dp
+    dp.close()
+    assert no_dsn_threads(before) == [], "DataPlane.close() left threads running"
