@@ -29,6 +29,14 @@ def scheduler_error(exc: Exception) -> GatewayError:
     return GatewayError(status, "scheduler", str(getattr(exc, "message", exc)), **extra)
 
 
+def _public(info: Any) -> dict[str, Any]:
+    """A job as callers see it: the spec without ``env`` (it may hold a server's API tokens)."""
+    data = info.to_dict()
+    if data.get("spec"):
+        data["spec"].pop("env", None)
+    return data
+
+
 def _not_found(job_id: str, project: str) -> GatewayError:
     return GatewayError(404, "no_such_job", f"no job {job_id!r} in project {project!r}",
                         field="job_id")  # fmt: skip
@@ -123,13 +131,13 @@ class SchedulerJobs:
         return {"job_id": job_id, "project": project, "tier": spec.tier}
 
     async def list(self, user: str, project: str) -> list[dict[str, Any]]:
-        return [job.to_dict() for job in await self.scheduler.list(project)]
+        return [_public(job) for job in await self.scheduler.list(project)]
 
     async def get(self, user: str, project: str, job_id: str) -> dict[str, Any]:
         info = (await self.scheduler.status([job_id]))[job_id]
         if info.spec is None or info.spec.project != project:
             raise _not_found(job_id, project)
-        return info.to_dict()
+        return _public(info)
 
     async def cancel(self, user: str, project: str, job_id: str) -> None:
         from kernels.scheduler import SchedulerError

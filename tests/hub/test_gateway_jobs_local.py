@@ -33,11 +33,15 @@ async def test_get_and_cancel_stay_inside_the_tokens_project(tmp_path: Path) -> 
     try:
         async with running_gateway(keys, tmp_path, scheduler=sched) as s:
             alice, carol = keys.token("alice", "p1", "jobs"), keys.token("carol", "p2", "jobs")
-            job = {"name": "sleep", "argv": [sys.executable, "-c", "import time; time.sleep(60)"]}
+            job = {"name": "sleep", "argv": [sys.executable, "-c", "import time; time.sleep(60)"],
+                   "env": {"SECRET_FOR_THE_JOB": "s3cr3t"}}  # fmt: skip
             code, body, _ = await call(s.url, "POST", "/projects/p1/jobs", alice, job)
             assert code == 201, body
             path = f"/projects/p1/jobs/{body['job_id']}"
-            assert (await _state(s.url, path, alice, "running"))["spec"]["user"] == "alice"
+            running = await _state(s.url, path, alice, "running")
+            assert running["spec"]["user"] == "alice" and "env" not in running["spec"], running
+            code, listed, _ = await call(s.url, "GET", "/projects/p1/jobs", alice)
+            assert code == 200 and [j["spec"].get("env") for j in listed["jobs"]] == [None], listed
             for method in ("GET", "DELETE"):
                 code, err, _ = await call(s.url, method, f"/projects/p2/jobs/{body['job_id']}",
                                           carol)  # fmt: skip
