@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -84,6 +85,8 @@ class LocalJobStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # owner-only: job specs keep their env, which holds spawned servers' API tokens
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         with self._db() as conn:
             conn.executescript(_SCHEMA)
 

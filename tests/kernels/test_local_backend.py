@@ -305,3 +305,11 @@ async def test_multi_node_job_holds_every_node_it_asked_for(backend):
     assert (backend.log_dir / f"{wide}.out").read_text().strip() == info.node
     with pytest.raises(SchedulerError, match="nodes=5 is over tier 'normal'"):
         await backend.submit(spec("normal", SLEEPER, nodes=5))
+
+
+def test_job_store_is_owner_only(tmp_path):
+    """Job specs keep their env (spawned servers' API tokens): the database is mode 0600."""
+    from kernels.local_store import LocalJobStore
+
+    LocalJobStore(tmp_path / "jobs.db")
+    assert (tmp_path / "jobs.db").stat().st_mode & 0o777 == 0o600
