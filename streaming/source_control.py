@@ -25,6 +25,9 @@ __all__ = ["ControlServerThread", "SourceControlServer", "make_app", "start_cont
 
 log = logging.getLogger("beamhub.source.control")
 
+#: steering bodies are a few hundred bytes; the DSN's control API has the same limit
+MAX_BODY_BYTES = 1 << 20
+
 
 class _JSONError(HTTPError):
     """An HTTP error whose JSON body is given in full."""
@@ -176,7 +179,7 @@ class SourceControlServer:
         """Bind (port 0 = ephemeral) and serve; returns the base URL."""
         sockets = bind_sockets(self.port, self.host)
         self.port = sockets[0].getsockname()[1]
-        self._server = HTTPServer(self.app)
+        self._server = HTTPServer(self.app, max_body_size=MAX_BODY_BYTES)
         self._server.add_sockets(sockets)
         self.url = f"http://{self.host}:{self.port}"
         log.info("source control endpoint at %s", self.url)

@@ -224,3 +224,13 @@ async def test_control_server_runs_inside_an_existing_event_loop(receiver):
         runner.stop()
     frame = receiver.recv()
     assert frame.header.run == 1
+
+
+def test_oversized_request_body_is_refused(source):
+    body = json.dumps({"value": 0.1, "note": "x" * (2 << 20)}).encode()  # valid, but 2 MiB
+    req = urllib.request.Request(f"{source.control_url}/params/hit_fraction", data=body,
+                                 method="PUT")  # fmt: skip
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10).close()
+    assert err.value.code == 400
+    assert http("GET", f"{source.control_url}/params")[1]["rev"] == 0  # nothing changed
