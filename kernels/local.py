@@ -60,9 +60,9 @@ class LocalBackend(Scheduler):
         log: logging.Logger | None = None,
     ) -> None:
         if db_path is None:
-            from hub.cli import state_dir  # the CLI's home folder; imported only when defaulted
-
-            db_path = state_dir() / "scheduler" / "local-jobs.sqlite"
+            # the CLI's home folder (hub.cli.state_dir); kernels imports nothing of ours
+            home = Path(os.environ.get("BEAMHUB_HOME") or Path.home() / ".beamhub")
+            db_path = home / "scheduler" / "local-jobs.sqlite"
         self.db_path = Path(db_path)
         self.log_dir = Path(log_dir) if log_dir else self.db_path.parent / "job-logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
