@@ -258,6 +258,14 @@ class NotFoundHandler(_Handler):
                          f"dashboard is at {self.options['prefix']}"}, 404)  # fmt: skip
 
 
+def _log_request(handler: web.RequestHandler) -> None:
+    """Access log by path: the query string may hold the OAuth ``code`` and ``state``."""
+    status = handler.get_status()
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    ms = 1000.0 * handler.request.request_time()
+    log.log(level, "%d %s %s %.1fms", status, handler.request.method, handler.request.path, ms)
+
+
 def build_app(dashboard: Dashboard, prefix: str = "/services/dashboard/", *,
               update_hz: float = 2.0, cookie_secret: bytes | None = None) -> web.Application:  # fmt: skip
     """The tornado app (JupyterHub's HubOAuth settings come from the service environment)."""
@@ -283,6 +291,7 @@ def build_app(dashboard: Dashboard, prefix: str = "/services/dashboard/", *,
         template_path=str(HERE),
         cookie_secret=cookie_secret or os.urandom(32),
         xsrf_cookies=False,
+        log_function=_log_request,
     )
 
 

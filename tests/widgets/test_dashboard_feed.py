@@ -129,3 +129,29 @@ def test_service_refuses_bad_settings_by_name(tmp_path, capsys) -> None:
     assert "no DSN URL" in capsys.readouterr().err
     assert main(base) == 2  # no signing key in an empty state dir
     assert "cannot load the hub's signing key" in capsys.readouterr().err
+
+
+async def test_access_log_leaves_out_query_strings(caplog) -> None:
+    """The OAuth callback's ``?code=...&state=...`` must not reach the service log."""
+    import logging
+
+    from tornado.httpclient import AsyncHTTPClient
+    from tornado.httpserver import HTTPServer
+    from tornado.netutil import bind_sockets
+
+    dashboard = Dashboard("http://127.0.0.1:9", lambda p: ("", 0.0))
+    sockets = bind_sockets(0, "127.0.0.1")
+    server = HTTPServer(build_app(dashboard))
+    server.add_sockets(sockets)
+    url = f"http://127.0.0.1:{sockets[0].getsockname()[1]}/services/dashboard/api/health"
+    try:
+        with caplog.at_level(logging.INFO):
+            response = await AsyncHTTPClient().fetch(url + "?code=s3cr3t-code")
+        assert response.code == 200
+        logged = [r.getMessage() for r in caplog.records]
+        assert any("/services/dashboard/api/health" in m for m in logged), logged
+        assert not any("s3cr3t-code" in m for m in logged), logged
+    finally:
+        server.stop()
+        await server.close_all_connections()
+        dashboard.close()
