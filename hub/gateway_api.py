@@ -66,7 +66,7 @@ class RequestContext:
     path: str
     source: str
     params: dict[str, str]
-    authorization: str = ""
+    authorization: str = field(default="", repr=False)  # the bearer token: never in a repr
     claims: Claims | None = None
     roles: frozenset[str] = frozenset()
     body: dict[str, Any] = field(default_factory=dict)
