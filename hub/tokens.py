@@ -107,7 +107,16 @@ class SigningKey:
         if path.exists():
             return cls.load(path)
         key = cls.generate()
-        key.save(path)
+        # processes starting together (hub, token service, DSN) must end up with one key: write
+        # a temporary file, then link it into place; whoever links second loads the winner's key
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        key.save(tmp)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return cls.load(path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return key
 
     def save(self, path: str | os.PathLike) -> None:

@@ -142,6 +142,18 @@ def test_key_round_trips_through_a_private_file(tmp_path):
     assert SigningKey.load_or_create(path).kid == key.kid
 
 
+def test_processes_starting_together_get_one_key(tmp_path):
+    """The hub, token service and DSN may create the key at once: all must load the same one."""
+    path = tmp_path / "k.pem"
+    code = "import sys; from hub.tokens import SigningKey; print(SigningKey.load_or_create(sys.argv[1]).kid)"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]  # fmt: skip
+    kids = {p.communicate(timeout=30)[0].strip() for p in procs}
+    assert kids == {SigningKey.load(path).kid}
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["k.pem"]  # no temporary files left
+
+
 def test_cli_issues_a_token_the_jwks_verifies(beamhub_home):
     run = [sys.executable, "-m", "hub.cli", "token"]
     token = subprocess.run(
