@@ -7,7 +7,7 @@ import asyncio
 import enum
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from typing import Any
 
 __all__ = [
@@ -89,15 +89,28 @@ class JobSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SchedulerError(f"{name} must be a positive integer, got {value!r}", field=name)
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()):
-            raise SchedulerError("env keys and values must be strings", field="env")
+        if not isinstance(self.env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()
+        ):
+            raise SchedulerError("env must be an object of string keys and values", field="env")
+        for name in ("workdir", "output", "reservation"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise SchedulerError(f"{name} must be a string or null, got {value!r}", field=name)
+        if not isinstance(self.requeue, bool):
+            raise SchedulerError(f"requeue must be true or false, got {self.requeue!r}",
+                                 field="requeue")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobSpec:
-        known = {f for f in cls.__dataclass_fields__}
+        known = cls.__dataclass_fields__
+        missing = [n for n, f in known.items() if n not in data
+                   and f.default is MISSING and f.default_factory is MISSING]  # fmt: skip
+        if missing:
+            raise SchedulerError(f"{missing[0]}: required", field=missing[0])
         return cls(**{k: v for k, v in data.items() if k in known})
 
 

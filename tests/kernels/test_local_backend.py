@@ -273,6 +273,10 @@ async def test_wall_time_is_enforced(tmp_path):
         ({"mem_mb": 5000}, "1 CPU/1000 MB", "cpus"),
         ({"project": "chem02", "user": "carol"}, "does not hold tier 'interactive'", "tier"),
         ({"argv": "sleep 10"}, "not a shell string", "argv"),
+        ({"env": "A=1"}, "env must be an object", "env"),
+        ({"output": 5}, "output must be a string or null", "output"),  # not the hub's fd 5
+        ({"workdir": ["/tmp"]}, "workdir must be a string or null", "workdir"),
+        ({"requeue": "yes"}, "requeue must be true or false", "requeue"),
     ],
 )
 async def test_bad_submissions_are_refused(backend, changes, match, field):
@@ -313,3 +317,9 @@ def test_job_store_is_owner_only(tmp_path):
 
     LocalJobStore(tmp_path / "jobs.db")
     assert (tmp_path / "jobs.db").stat().st_mode & 0o777 == 0o600
+
+
+def test_spec_from_json_names_a_missing_field():
+    with pytest.raises(SchedulerError, match="argv: required") as err:
+        JobSpec.from_dict({"name": "j", "project": "p", "user": "u", "tier": "batch"})
+    assert err.value.field == "argv"
