@@ -109,7 +109,7 @@ class HubConfig:
 @dataclass
 class UserSpec:
     username: str
-    password: str = ""
+    password: str = field(default="", repr=False)  # dev IdP password: never in a repr
     email: str = ""
     #: authentication methods the dev IdP asserts for this user; ["pwd", "otp"] counts as MFA
     amr: list[str] = field(default_factory=lambda: ["pwd"])
@@ -125,7 +125,7 @@ class IdentityConfig:
     provider: str = "embedded"
     port: int = 0
     client_id: str = "beamhub-hub"
-    client_secret: str = ""
+    client_secret: str = field(default="", repr=False)  # never in a repr
     #: for an external issuer (ignored by the embedded one, which publishes discovery)
     authorize_url: str = ""
     token_url: str = ""

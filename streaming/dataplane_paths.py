@@ -37,7 +37,7 @@ class FaceConfig:
     max_frame_bytes: int
     producer_domain: str
     consumer_domain: str
-    curve_secret: bytes | None = None
+    curve_secret: bytes | None = field(default=None, repr=False)  # never in a repr
     monitor: bool = True
     stream: str = ""
     max_rate_hz: float | None = None
