@@ -35,7 +35,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"beamhub up: {exc}", file=sys.stderr)
         return 2
     state = Path(dep.state_dir).expanduser() if dep.state_dir else state_dir()
-    state.mkdir(parents=True, exist_ok=True)
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)  # keys, secrets, databases: owner only
     os.environ["BEAMHUB_HOME"] = str(state)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     lock = UpLock(state / "beamhub-up.lock")
