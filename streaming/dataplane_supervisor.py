@@ -162,7 +162,7 @@ class Supervisor(ChannelThread):
                 raise ValueError("consumer_id must be a short non-empty string")
             if entry["last_seq"] is not None and not isinstance(entry["last_seq"], int):
                 raise ValueError("last_seq must be an integer")
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             self.report_errors += 1
             self.log.debug("bad consumer report: %s", exc)
             return

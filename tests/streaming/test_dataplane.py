@@ -248,3 +248,13 @@ def test_l7_counts_a_seq_reset_as_producer_restart_but_not_a_new_run(plane, ctx)
     assert len(receive_all(consumer, 13)) == 13
     stats = wait_stats(plane, "ch-l7", lambda s: s["messages"] == 13)
     assert stats["producer_restarts"] == 1 and stats["head_seq"] == 2
+
+
+def test_hostile_consumer_reports_are_counted_and_the_supervisor_goes_on(plane, ctx):
+    ep = plane.provision(make_spec("l7"))
+    reports = push(ctx, ep.report)
+    for bad in (b'{"consumer_id": "x", "received": Infinity}', b"[" * 2000 + b"]" * 2000):
+        reports.send(bad)
+    reports.send(b'{"consumer_id": "good", "received": 3, "last_seq": 2}')
+    stats = wait_stats(plane, "ch-l7", lambda s: "good" in s["consumers"])
+    assert stats["report_errors"] == 2
