@@ -135,7 +135,7 @@ def decode_header(raw: bytes | memoryview) -> FrameHeader:
         raise DecodeError("dtype", "header field 'dtype' must be a string such as '<f4'")
     try:
         dtype = np.dtype(dtype).str
-    except TypeError:
+    except (TypeError, ValueError):  # ValueError: e.g. "(-1,)f4"
         raise DecodeError("dtype", f"unknown dtype {body['dtype']!r}") from None
     if dtype not in ALLOWED_DTYPES:
         raise DecodeError("dtype", f"dtype {dtype!r} is not a plain numeric type")
