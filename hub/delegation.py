@@ -140,7 +140,7 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
         else:
             try:
                 data = json.loads(body or b"{}")
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested too deep
                 raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from exc
         if not isinstance(data, dict):
             raise ApiError(400, "malformed_json", "the body must be a JSON object")

@@ -143,7 +143,7 @@ class ApiHandler(tornado.web.RequestHandler):
         else:
             try:
                 body = json.loads(raw, parse_constant=parse_constant)
-            except (ValueError, UnicodeDecodeError) as exc:
+            except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
                 raise GatewayError(
                     400, "malformed_json", f"the body is not valid JSON: {exc}"
                 ) from None

@@ -95,7 +95,7 @@ class BaseHandler(tornado.web.RequestHandler):
             return {}
         try:
             body = json.loads(self.request.body)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
             raise ApiError(400, "malformed_json", f"the body is not JSON: {exc}") from exc
         if not isinstance(body, dict):
             raise ApiError(400, "malformed_json", "the body must be a JSON object")

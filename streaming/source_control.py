@@ -61,7 +61,7 @@ class _BaseHandler(RequestHandler):
     def json_body(self) -> dict[str, Any]:
         try:
             body = json.loads(self.request.body or b"{}")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise _JSONError(400, {"error": f"the body is not JSON: {exc}", "field": "body"}) from exc
         if not isinstance(body, dict):
             raise _JSONError(400, {"error": "the body must be a JSON object", "field": "body"})

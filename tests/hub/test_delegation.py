@@ -170,6 +170,7 @@ BAD_BODIES = [
     ("malformed_json", b"{not json", "application/json"),
     ("malformed_json", b"[1, 2]", "application/json"),
     ("malformed_json", b"\xff\xfe", "application/json"),
+    ("malformed_json", b"[" * 5000 + b"]" * 5000, "application/json"),  # nested too deep
     (
         "unknown_field",
         b'{"token": "x", "jti": "x", "project": "p", "bogus": 1}',

@@ -239,10 +239,12 @@ async def test_bad_input_on_every_endpoint_is_4xx_never_500(keys: Keys, tmp_path
         admin = keys.token("admin", "p1", ALL_SCOPES)
         seen = 0
         for method, path, takes_body in _endpoints():
+            bad_json = "malformed_json" if takes_body else "unexpected_body"
             cases = [
-                ("malformed", b"{not json", "malformed_json" if takes_body else "unexpected_body"),
-                ("array", b"[1, 2]", "malformed_json" if takes_body else "unexpected_body"),
-                ("NaN", b'{"x": NaN}', "malformed_json" if takes_body else "unexpected_body"),
+                ("malformed", b"{not json", bad_json),
+                ("array", b"[1, 2]", bad_json),
+                ("NaN", b'{"x": NaN}', bad_json),
+                ("nested", b"[" * 3000 + b"]" * 3000, bad_json),
                 ("oversized", b'{"a": "' + b"x" * 70_000 + b'"}', "body_too_large"),
             ]
             if takes_body and not path.endswith("/steer/run") and "/params/" not in path:

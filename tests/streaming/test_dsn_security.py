@@ -167,6 +167,9 @@ async def test_malformed_body_and_channel_count(tokens: Tokens) -> None:
         token = tokens.issue()
         code, body = await api(node.url, "POST", "/api/channels", token, raw=b"{not json")
         assert (code, body["reason"]) == (400, "malformed_json")
+        code, body = await api(node.url, "POST", "/api/channels", token,
+                               raw=b"[" * 3000 + b"]" * 3000)  # fmt: skip
+        assert (code, body["reason"]) == (400, "malformed_json")
         code, body = await api(node.url, "POST", "/api/channels", token, ["det"])
         assert code == 400
         assert_nothing_provisioned(node)

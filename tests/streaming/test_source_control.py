@@ -144,6 +144,8 @@ def test_out_of_schema_and_malformed_requests_are_refused_by_name(source):
     assert (status, body["field"]) == (404, "no_such_knob")
     status, body = http("PUT", f"{url}/params/hit_fraction", b"{not json")
     assert (status, body["field"]) == (400, "body")
+    status, body = http("PUT", f"{url}/params/hit_fraction", b"[" * 3000 + b"]" * 3000)
+    assert (status, body["field"]) == (400, "body")
     status, body = http("PUT", f"{url}/params/hit_fraction", {"val": 0.1})
     assert (status, body["field"]) == (400, "value")
     status, body = http("POST", f"{url}/run", {"action": "pause"})
