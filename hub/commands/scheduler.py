@@ -219,7 +219,10 @@ def _jobs(args: argparse.Namespace) -> int:
         except SchedulerError as exc:
             return _fail(exc)
     if args.json:
-        print(json.dumps([j.to_dict() for j in jobs], indent=2))
+        rows = [j.to_dict() for j in jobs]
+        for row in rows:  # a job's env may hold a spawned server's API tokens: never printed
+            (row.get("spec") or {}).pop("env", None)
+        print(json.dumps(rows, indent=2))
         return 0
     if not jobs:
         print("no jobs")

@@ -134,3 +134,20 @@ def test_admin_cli_round_trip(tmp_path):
     assert [t["name"] for t in tiers] == ["beamtime", "interactive", "normal", "batch"]
     jobs = _cli(tmp_path, "jobs", "--json")
     assert jobs.returncode == 0 and json.loads(jobs.stdout) == []
+
+
+@pytest.mark.timeout(60)
+def test_cli_job_listing_leaves_out_the_env(tmp_path):
+    """A job's env may hold a spawned server's API tokens: `scheduler jobs --json` omits it."""
+    import json
+
+    from kernels.local_store import LocalJob, LocalJobStore
+    from kernels.scheduler import JobSpec
+
+    spec = JobSpec(name="srv", project="lcls01", user="alice", tier="interactive",
+                   argv=["true"], env={"JUPYTERHUB_API_TOKEN": "s3cr3t"})  # fmt: skip
+    LocalJobStore(tmp_path / "scheduler" / "local-jobs.sqlite").save(LocalJob(1, spec, 10))
+    out = _cli(tmp_path, "jobs", "--json")
+    assert out.returncode == 0, out.stderr
+    assert [j["spec"]["user"] for j in json.loads(out.stdout)] == ["alice"]
+    assert "s3cr3t" not in out.stdout
