@@ -152,6 +152,8 @@ class ChannelsHandler(BaseHandler):
     async def post(self) -> None:
         claims = self.claims(scope="stream.publish")
         body = self.json_body()
+        if body.get("source_control") is not None:
+            require_steer_for_source_control(claims)
         channel = await self.node.create_channel(claims, body)
         self.write_json(channel.to_json(), status=201)
 
@@ -191,12 +193,26 @@ class RenewHandler(BaseHandler):
         self.write_json(body)
 
 
+def require_steer_for_source_control(claims: Claims) -> None:
+    """Only those who may steer may say where steering goes.
+
+    The relay forwards each steering caller's token to ``source_control``; if a member (no
+    ``steer``) could point it at a listener of her own, she would collect her PI's steer tokens.
+    """
+    if not claims.has_scope("steer"):
+        raise ApiError(
+            403, "scope", "setting a channel's source_control needs the 'steer' scope of its "
+            "project; ask an operator or the PI to attach the source", field="source_control",
+        )
+
+
 class SourceControlHandler(BaseHandler):
     """Attach (or move) the source's control endpoint after creation: a source often starts
     only once it knows the channel's producer endpoint, and learns its control port then."""
 
     def put(self, channel_id: str) -> None:
         channel, claims = self.channel_for(channel_id, "stream.publish")
+        require_steer_for_source_control(claims)
         value = self.json_body().get("source_control")
         try:
             url = self.node.template.check_source_control(value, channel.params.source_cidrs)

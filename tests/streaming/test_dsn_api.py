@@ -143,7 +143,7 @@ async def test_expired_channels_are_reaped_with_their_data_path(tokens: Tokens, 
 
 
 async def test_source_control_can_be_attached_later(tokens: Tokens) -> None:
-    token = tokens.issue()
+    token = tokens.issue(scopes="stream.read stream.publish steer")
     async with running_dsn(tokens) as node:
         code, made = await api(node.url, "POST", "/api/channels", token,
                                {"stream": "det", "source_cidrs": ["127.0.0.0/24"]})
@@ -159,7 +159,17 @@ async def test_source_control_can_be_attached_later(tokens: Tokens) -> None:
         code, body = await api(node.url, "PUT", path, tokens.issue(scopes="stream.read"),
                                {"source_control": "http://127.0.0.2:1"})
         assert code == 403
+        # a member (publish, no steer) cannot redirect steering to a listener of her own: the
+        # relay would hand her every steering caller's token
+        member = tokens.issue(scopes="stream.read stream.publish")
+        code, body = await api(node.url, "PUT", path, member,
+                               {"source_control": "http://127.0.0.1:9999"})
+        assert (code, body["reason"], body["field"]) == (403, "scope", "source_control")
+        code, body = await api(node.url, "POST", "/api/channels", member,
+                               {"stream": "m", "source_control": "http://127.0.0.1:9999"})
+        assert (code, body["reason"], body["field"]) == (403, "scope", "source_control")
         assert node.channels[cid].params.source_control == "http://127.0.0.1:8200"
+        assert [c.params.stream for c in node.channels.values()] == ["det"]
 
 
 async def test_health_template_and_unknown_routes(tokens: Tokens) -> None:

@@ -44,7 +44,8 @@ async def detector_on_channel(node, tokens: Tokens):
         runner.start()
         runner.start_run()
         url = await control.start()
-        code, body = await api(node.url, "PUT", f"/api/channels/{cid}/source_control", publish,
+        attach = tokens.issue("p1", "stream.read stream.publish steer")  # only steerers may
+        code, body = await api(node.url, "PUT", f"/api/channels/{cid}/source_control", attach,
                                {"source_control": url})
         assert code == 200, body
         yield cid, runner, work
