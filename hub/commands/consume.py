@@ -26,7 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     where.add_argument("--endpoint", help="ZeroMQ endpoint, e.g. tcp://127.0.0.1:5555")
     where.add_argument("--dsn", metavar="URL", help="DSN control API, e.g. http://127.0.0.1:8470")
     parser.add_argument("--channel", help="channel id (with --dsn)")
-    parser.add_argument("--token", help="project access token (default: $BEAMHUB_TOKEN)")
+    parser.add_argument(
+        "--token",
+        help="project access token (default: $BEAMHUB_TOKEN; prefer the variable: a command-line "
+        "argument is visible to other users in ps)",
+    )
     parser.add_argument("--report", help="report endpoint (with --endpoint), so the DSN sees lag")
     parser.add_argument("--monitor", action="store_true", help="subscribe to the monitor fan-out")
     parser.add_argument(
