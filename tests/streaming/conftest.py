@@ -1,4 +1,5 @@
-"""Fixtures shared by the streaming tests: a ZeroMQ context and a DataPlane that must not leak."""
+"""Fixtures shared by the streaming tests: a ZeroMQ context, a DataPlane that must not leak, and a
+receiver standing in for the DSN's producer face."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import zmq
 
 from streaming.dataplane import DataPlane
 
-from .dataplane_helpers import dataplane_threads, no_dsn_threads
+from .dataplane_helpers import Receiver, dataplane_threads, no_dsn_threads
 
 
 @pytest.fixture
@@ -26,3 +27,10 @@ def plane():
     yield dp
     dp.close()
     assert no_dsn_threads(before) == [], "DataPlane.close() left threads running"
+
+
+@pytest.fixture
+def receiver():
+    rx = Receiver()
+    yield rx
+    rx.close()

@@ -11,7 +11,7 @@ import numpy as np
 import zmq
 
 from streaming.dataplane import ChannelSpec
-from streaming.wire import FrameHeader, send_frame
+from streaming.wire import Frame, FrameHeader, recv_frame, send_frame
 
 __all__ = [
     "dataplane_threads",
@@ -100,3 +100,39 @@ def dataplane_threads() -> set[threading.Thread]:
 def no_dsn_threads(before: set[threading.Thread] | None = None) -> list[str]:
     """Data-plane threads still alive that were not running at ``before``."""
     return sorted(t.name for t in dataplane_threads() - (before or set()) if t.is_alive())
+
+
+class Receiver:
+    """A PULL socket bound on an ephemeral loopback port (stands in for a DSN's producer face)."""
+
+    def __init__(self, rcvhwm: int = 1000) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.PULL)
+        self.sock.rcvhwm = rcvhwm
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+
+    def recv(self, timeout: float = 5.0) -> Frame:
+        if not self.sock.poll(int(timeout * 1000)):
+            raise TimeoutError(f"no frame within {timeout} s")
+        return recv_frame(self.sock)
+
+    def until_seq(self, seq: int, timeout: float = 10.0) -> list[Frame]:
+        """Frames up to and including ``seq``."""
+        frames: list[Frame] = []
+        deadline = time.monotonic() + timeout
+        while not frames or frames[-1].header.seq < seq:
+            frames.append(self.recv(max(deadline - time.monotonic(), 0.01)))
+        return frames
+
+    def drain(self, quiet: float = 0.3) -> list[Frame]:
+        """Every frame that arrives until the socket has been quiet for ``quiet`` seconds."""
+        frames = []
+        while self.sock.poll(int(quiet * 1000)):
+            frames.append(recv_frame(self.sock))
+        return frames
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.ctx.term()
+

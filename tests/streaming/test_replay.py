@@ -14,37 +14,9 @@ import urllib.request
 import h5py
 import numpy as np
 import pytest
-import zmq
 
 from hub.commands.source import start_replay_source
 from streaming.replay import ReplayError, ReplaySource
-from streaming.wire import Frame, recv_frame
-
-
-class Receiver:
-    """A PULL socket bound on an ephemeral loopback port (stands in for the DSN's producer side)."""
-
-    def __init__(self) -> None:
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.PULL)
-        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
-        self.endpoint = f"tcp://127.0.0.1:{port}"
-
-    def recv(self, timeout: float = 5.0) -> Frame:
-        if not self.sock.poll(int(timeout * 1000)):
-            raise TimeoutError(f"no frame within {timeout} s")
-        return recv_frame(self.sock)
-
-    def close(self) -> None:
-        self.sock.close(linger=0)
-        self.ctx.term()
-
-
-@pytest.fixture
-def receiver():
-    rx = Receiver()
-    yield rx
-    rx.close()
 
 
 @pytest.fixture

@@ -18,40 +18,8 @@ from streaming.simulator import (
     effective_hit_fraction,
 )
 from streaming.source import SourceRunner
-from streaming.wire import Frame, recv_frame
 
-
-class Receiver:
-    """A PULL socket bound on an ephemeral loopback port, as a DSN or consumer would be."""
-
-    def __init__(self, rcvhwm: int = 1000) -> None:
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.PULL)
-        self.sock.rcvhwm = rcvhwm
-        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
-        self.endpoint = f"tcp://127.0.0.1:{port}"
-
-    def recv(self, timeout: float = 5.0) -> Frame:
-        if not self.sock.poll(int(timeout * 1000)):
-            raise TimeoutError(f"no frame within {timeout} s")
-        return recv_frame(self.sock)
-
-    def drain(self, quiet: float = 0.3) -> list[Frame]:
-        frames = []
-        while self.sock.poll(int(quiet * 1000)):
-            frames.append(recv_frame(self.sock))
-        return frames
-
-    def close(self) -> None:
-        self.sock.close(linger=0)
-        self.ctx.term()
-
-
-@pytest.fixture
-def receiver():
-    rx = Receiver()
-    yield rx
-    rx.close()
+from .dataplane_helpers import Receiver
 
 
 def peak_radius(det: SimulatedDetector, peak) -> float:

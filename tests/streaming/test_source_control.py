@@ -4,46 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-import time
 import urllib.error
 import urllib.request
 
 import pytest
-import zmq
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from hub.commands.source import start_simulated_source
 from hub.tokens import SigningKey, TokenIssuer, TokenVerifier
 from streaming.source import SourceRunner
 from streaming.source_control import SourceControlServer
-from streaming.wire import Frame, recv_frame
-
-
-class Receiver:
-    """A PULL socket bound on an ephemeral loopback port (stands in for the DSN's producer side)."""
-
-    def __init__(self) -> None:
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.PULL)
-        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
-        self.endpoint = f"tcp://127.0.0.1:{port}"
-
-    def recv(self, timeout: float = 5.0) -> Frame:
-        if not self.sock.poll(int(timeout * 1000)):
-            raise TimeoutError(f"no frame within {timeout} s")
-        return recv_frame(self.sock)
-
-    def until_seq(self, seq: int, timeout: float = 10.0) -> list[Frame]:
-        """Frames up to and including ``seq``."""
-        frames: list[Frame] = []
-        deadline = time.monotonic() + timeout
-        while not frames or frames[-1].header.seq < seq:
-            frames.append(self.recv(max(deadline - time.monotonic(), 0.01)))
-        return frames
-
-    def close(self) -> None:
-        self.sock.close(linger=0)
-        self.ctx.term()
 
 
 def http(method: str, url: str, body=None, token: str | None = None) -> tuple[int, dict]:
@@ -57,13 +27,6 @@ def http(method: str, url: str, body=None, token: str | None = None) -> tuple[in
     except urllib.error.HTTPError as exc:
         assert exc.headers["Content-Type"].startswith("application/json")
         return exc.code, json.loads(exc.read())
-
-
-@pytest.fixture
-def receiver():
-    rx = Receiver()
-    yield rx
-    rx.close()
 
 
 @pytest.fixture
