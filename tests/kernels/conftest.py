@@ -14,6 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from kernels.projects import ProjectDirectory
+from kernels.reservations import ReservationBook
+from kernels.tiers import DEFAULT_TIERS, TierPolicy
+
 REPO = Path(__file__).resolve().parents[2]
 START = REPO / "scripts" / "slurm" / "start.sh"
 STOP = REPO / "scripts" / "slurm" / "stop.sh"
@@ -81,3 +85,17 @@ def slurm_env(slurm_cluster, monkeypatch):
     dask-jobqueue, the spawner's slurm backend). Request this instead of skipping on $SLURM_CONF."""
     monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
     return slurm_cluster
+
+
+@pytest.fixture
+def policy(tmp_path):
+    """Project lcls01 (alice) holds interactive/normal/batch and an approved beamtime window now;
+    chem02 (carol) holds batch only."""
+    projects = ProjectDirectory.from_dict({"projects": {
+        "lcls01": {"tiers": ["interactive", "normal", "batch"], "members": ["alice"]},
+        "chem02": {"tiers": ["batch"], "members": ["carol"]},
+    }})
+    book = ReservationBook(tmp_path / "res.sqlite", admins={"root"})
+    now = time.time()
+    book.approve(book.request("lcls01", now - 60, now + 3600, "beamtime", "SFX", "alice"), "root")
+    return TierPolicy(DEFAULT_TIERS, projects, book)

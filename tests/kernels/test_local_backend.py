@@ -15,26 +15,12 @@ from pathlib import Path
 import pytest
 
 from kernels.local import LocalBackend, VirtualNode
-from kernels.projects import ProjectDirectory
-from kernels.reservations import ReservationBook
 from kernels.scheduler import JobSpec, JobState, SchedulerError
-from kernels.tiers import DEFAULT_TIERS, TierPolicy, load_tiers
+from kernels.tiers import TierPolicy, load_tiers
 
 PY = sys.executable
 DONE = {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.PREEMPTED}
 SLEEPER = [PY, "-c", "import time; time.sleep(60)"]
-
-
-@pytest.fixture
-def policy(tmp_path):
-    projects = ProjectDirectory.from_dict({"projects": {
-        "lcls01": {"tiers": ["interactive", "normal", "batch"], "members": ["alice"]},
-        "chem02": {"tiers": ["batch"], "members": ["carol"]},
-    }})
-    book = ReservationBook(tmp_path / "res.sqlite", admins={"root"})
-    now = time.time()
-    book.approve(book.request("lcls01", now - 60, now + 3600, "beamtime", "SFX", "alice"), "root")
-    return TierPolicy(DEFAULT_TIERS, projects, book)
 
 
 @pytest.fixture
