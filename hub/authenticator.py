@@ -127,6 +127,15 @@ class BeamhubAuthenticator(GenericOAuthenticator):
     def _manage_roles_default(self) -> bool:
         return True
 
+    @default("reset_managed_roles_on_startup")
+    def _reset_managed_roles_default(self) -> bool:
+        # load_managed_roles() lists every role this authenticator can grant, so a reset on start
+        # only drops roles that no longer exist; assignments are kept (the roles name no users).
+        # It must be on: JupyterHub 6.1.1's init_role_assignment reads its table of stale
+        # assignments for every managed role that has members, but fills it only when the reset
+        # is on, so with it off the hub fails to start (KeyError: 'users') once anyone logged in.
+        return True
+
     @default("username_claim")
     def _username_claim_default(self) -> str:
         return "preferred_username"

@@ -86,13 +86,13 @@ class RunningStack:
         assert r.status_code == 201, r.text
         return r.json()["token"]
 
-    def stop(self, timeout: float = 60.0) -> int | None:
-        """SIGTERM `beamhub up`; returns its exit status."""
+    def stop(self, timeout: float = 60.0, sig: int = signal.SIGTERM) -> int | None:
+        """Send `beamhub up` ``sig`` (SIGTERM, or SIGINT as Ctrl-C does); returns its exit status."""
         if self.proc is None:
             return None
         self.remember()
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
