@@ -4,9 +4,9 @@ One run: simulate a pool of 1024x1024 float32 frames (the simulated detector at 
 settings), score the finder against the truth in their headers (recall, precision, hit accuracy),
 then time
 
-* ``numpy``: :class:`streaming.analysis.Analyzer` in this process, frames already in memory;
+* ``numpy``: :class:`beamhub.streaming.analysis.Analyzer` in this process, frames already in memory;
 * ``dask`` with 1 and 2 workers: a ``LocalCluster`` of single-threaded worker processes, each
-  running :func:`streaming.analysis_dask.analysis_worker` and pulling its own frames with a
+  running :func:`beamhub.streaming.analysis_dask.analysis_worker` and pulling its own frames with a
   ``StreamConsumer`` from a PUSH socket that this process feeds (the real path: frames cross
   ZeroMQ, never the scheduler).
 
@@ -39,8 +39,8 @@ TARGET_EFFICIENCY = 0.8
 
 
 def _pool(n: int, seed: int) -> list[Any]:
-    from streaming.simulator import SimulatedDetector
-    from streaming.wire import Frame, FrameHeader
+    from beamhub.streaming.simulator import SimulatedDetector
+    from beamhub.streaming.wire import Frame, FrameHeader
 
     det = SimulatedDetector(SHAPE, seed=seed)
     frames = []
@@ -53,8 +53,8 @@ def _pool(n: int, seed: int) -> list[Any]:
 
 
 def _accuracy(pool: list[Any]) -> dict[str, float]:
-    from streaming.analysis import Analyzer
-    from streaming.peakfinder import match_peaks
+    from beamhub.streaming.analysis import Analyzer
+    from beamhub.streaming.peakfinder import match_peaks
 
     analyzer = Analyzer()
     tp = fp = fn = agree = 0
@@ -74,7 +74,7 @@ def _accuracy(pool: list[Any]) -> dict[str, float]:
 
 def _numpy_passes(pool: list[Any], frames: int, repeats: int) -> tuple[list[float], float]:
     """Frames/s per pass, and the median CPU milliseconds per frame."""
-    from streaming.analysis import Analyzer
+    from beamhub.streaming.analysis import Analyzer
 
     analyzer = Analyzer()
     analyzer.analyse(pool[0])  # geometry cache
@@ -98,7 +98,7 @@ def _worker_cpu_s() -> float:
 
 def _send(push: Any, pool: list[Any], first_seq: int, n: int) -> dict[int, float]:
     """Send ``n`` frames from the pool; returns each seq's send stamp (seconds, this host)."""
-    from streaming.wire import FrameHeader, send_frame
+    from beamhub.streaming.wire import FrameHeader, send_frame
 
     stamps = {}
     for i in range(n):
@@ -117,8 +117,8 @@ def _dask_passes(pool: list[Any], workers: int, frames: int,
     from distributed import Client, LocalCluster
     from zmq.utils.monitor import recv_monitor_message
 
-    from streaming.analysis_dask import STREAMING_WORKER_ENV, AnalysisSession
-    from streaming.consumer import StreamConsumer
+    from beamhub.streaming.analysis_dask import STREAMING_WORKER_ENV, AnalysisSession
+    from beamhub.streaming.consumer import StreamConsumer
 
     rates, sender_cpu, analysis_ms, worker_cpu_ms = [], [], [], []
     ctx = zmq.Context()

@@ -30,10 +30,10 @@ ENDPOINT = "/api/v1/whoami"
 
 def _serve(state: Path) -> None:
     """Server process: both gateways in one event loop; print their ports; run until stdin ends."""
-    from hub.audit import AuditLog
-    from hub.gateway import Gateway
-    from hub.ratelimit import Limit, RateLimiter
-    from hub.tokens import SigningKey, TokenVerifier
+    from beamhub.auth.tokens import SigningKey, TokenVerifier
+    from beamhub.hub.gateway.app import Gateway
+    from beamhub.hub.gateway.audit import AuditLog
+    from beamhub.hub.gateway.ratelimit import Limit, RateLimiter
 
     key = SigningKey.load(state / "key.pem")
     audit = AuditLog(state / "audit.jsonl", fsync="interval")
@@ -78,7 +78,7 @@ def _quantile(values: list[float], q: float) -> float:
 
 
 def _token_verify_us(key_path: Path, token: str, n: int = 2000) -> float:
-    from hub.tokens import SigningKey, TokenVerifier
+    from beamhub.auth.tokens import SigningKey, TokenVerifier
 
     verifier = TokenVerifier(SigningKey.load(key_path).jwks())
     for _ in range(100):
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1 or args.seconds <= 0:
         parser.error("--rounds must be >= 1 and --seconds > 0")
 
-    from hub.tokens import SigningKey, TokenIssuer
+    from beamhub.auth.tokens import SigningKey, TokenIssuer
 
     with tempfile.TemporaryDirectory(prefix="beamhub-bench-gw-") as tmp:
         state = Path(tmp)
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         key.save(state / "key.pem")
         token = TokenIssuer(key).issue("bench", "p-bench", "stream.read", ttl=3600)
         server = subprocess.Popen(
-            [sys.executable, "-m", "bench.gateway", "--serve", str(state)],
+            [sys.executable, "-m", "beamhub.bench.gateway", "--serve", str(state)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )  # fmt: skip

@@ -68,8 +68,8 @@ c.Spawner.http_timeout = 20
 c.Spawner.poll_interval = 2
 # POST /users/x/server answers 202 at once, so callers can follow the progress stream
 c.JupyterHub.tornado_settings = {{"slow_spawn_timeout": 0}}
-import kernels.jobs_api
-c.JupyterHub.extra_handlers = kernels.jobs_api.HANDLERS
+from beamhub.kernels import jobs_api
+c.JupyterHub.extra_handlers = jobs_api.HANDLERS
 {spawner_config}
 """
 
@@ -115,7 +115,7 @@ c.JupyterHub.extra_handlers = kernels.jobs_api.HANDLERS
         """Cancel every job the hub's local backend left running (after ``stop``)."""
         import asyncio
 
-        from kernels.local import LocalBackend
+        from beamhub.kernels.local import LocalBackend
 
         db = Path(state_dir) / "local-jobs.sqlite"
         if db.exists():

@@ -2,7 +2,7 @@
 
 A kernel is started with jupyter_client (the same ipykernel a notebook server runs). One cell builds
 a pool of simulated 1024x1024 frames with their analysis results, displays a
-:class:`widgets.liveview.LiveView` and starts a thread that feeds it ``rate_hz`` results per second
+:class:`beamhub.widgets.liveview.LiveView` and starts a thread that feeds it ``rate_hz`` results per second
 (with the frames, so the image path runs) for ``seconds``; the cell returns, as in a notebook, and
 the kernel's IOLoop applies the throttled updates. This process reads every iopub message and
 reports messages/s and bytes/s (peak over jupyter_server's 3 s window, as its rate limiter counts:
@@ -36,10 +36,10 @@ DRIVE_CELL = """
 import threading, time
 from dataclasses import replace
 from IPython.display import display
-from streaming.analysis import Analyzer
-from streaming.simulator import SimulatedDetector
-from streaming.wire import Frame, FrameHeader
-from widgets.liveview import LiveView
+from beamhub.streaming.analysis import Analyzer
+from beamhub.streaming.simulator import SimulatedDetector
+from beamhub.streaming.wire import Frame, FrameHeader
+from beamhub.widgets.liveview import LiveView
 
 _det = SimulatedDetector((1024, 1024), seed=1)
 _an = Analyzer()

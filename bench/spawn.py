@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench.hubproc import Hub
+from beamhub.bench.hubproc import Hub
 
 __all__ = ["main"]
 
@@ -75,7 +75,7 @@ class SpawnBench:
     def __init__(
         self, workdir: Path, backend: str, options: dict, nodes: int, outside_wait: float
     ) -> None:
-        from kernels.placement import SchedulerConfig
+        from beamhub.kernels.placement import SchedulerConfig
 
         self.backend = backend
         if options.get("slurm_conf"):
@@ -175,7 +175,7 @@ c.ReservedNodeSpawner.queue_timeout = {outside_wait}
 
     def dask(self, user: str, project: str, tier: str, n: int, timeout: float):
         """Seconds to n connected workers from the call, or None and the reason."""
-        from kernels.dask_cluster import start_dask
+        from beamhub.kernels.dask_cluster import start_dask
 
         with _server_env(self.hub, user, project, tier, self.config):
             t0 = time.monotonic()
@@ -215,7 +215,7 @@ c.ReservedNodeSpawner.queue_timeout = {outside_wait}
             _log(f"outside window: {why}")
             self.wait_nodes_busy()
             # (a) inside an approved window: beamtime preempts batch
-            from kernels.reservations import ReservationBook
+            from beamhub.kernels.reservations import ReservationBook
 
             book = ReservationBook(self.config.reservations_path)
             now = time.time()

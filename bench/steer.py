@@ -1,13 +1,13 @@
 """Steering round trip: parameter change through the DSN -> first ANALYSED frame that reflects it.
 
-One process, real parts: a :class:`streaming.dsn.DataStreamingNode` on loopback, a simulated
+One process, real parts: a :class:`beamhub.streaming.dsn.DataStreamingNode` on loopback, a simulated
 detector (1024x1024 float32 = 4 MiB frames at 120 Hz) streaming into a channel with its control
-endpoint attached, and a StreamConsumer + :class:`streaming.analysis.Analyzer` loop on a thread.
+endpoint attached, and a StreamConsumer + :class:`beamhub.streaming.analysis.Analyzer` loop on a thread.
 Each sample PUTs ``sample_position_um`` through the DSN's steering relay with a ``steer`` token and
 times until an analysed frame carries ``rev >= `` the answered revision. Interleaved with it, the
 baseline: the same change PUT straight to the source's control endpoint (no DSN hop). The floor is
 the frame interval (a change waits for the next frame). A second part drives a
-:class:`widgets.liveview.LiveView` at 120 Hz in a kernel behind a real jupyter_server and counts
+:class:`beamhub.widgets.liveview.LiveView` at 120 Hz in a kernel behind a real jupyter_server and counts
 its iopub traffic and the server's rate-limit warnings, against an unthrottled baseline
 (``bench/liveview.py``).
 
@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Any
 
-from bench.steer_stack import StackProcess
+from beamhub.bench.steer_stack import StackProcess
 
 __all__ = ["AnalysisLoop", "main", "measure_steering"]
 
@@ -38,8 +38,8 @@ class AnalysisLoop:
     """StreamConsumer + Analyzer on a thread; remembers when each source revision was analysed."""
 
     def __init__(self, stack: Any, token: str, hwm: int = 16, latest: bool = False) -> None:
-        from streaming.analysis import Analyzer
-        from streaming.consumer import StreamConsumer
+        from beamhub.streaming.analysis import Analyzer
+        from beamhub.streaming.consumer import StreamConsumer
 
         self.consumer = StreamConsumer.from_dsn(stack.dsn_url, stack.channel_id, token,
                                                 exclusive=True, hwm=hwm)
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                                args.stale_samples)
         _progress(f"steering: p50 {out['p50_ms']} ms, p99 {out['p99_ms']} ms")
         if args.liveview_seconds > 0:
-            from bench.liveview import measure_liveview
+            from beamhub.bench.liveview import measure_liveview
 
             _progress(f"live view: {args.liveview_seconds:g} s at {args.rate_hz:g} Hz behind "
                       "a jupyter_server, then the unthrottled baseline")

@@ -1,7 +1,7 @@
 """An in-process DSN + steerable simulated detector: for the steering benchmark and widget tests.
 
 :class:`SteerStack` runs, on one background event loop of this process, a
-:class:`streaming.dsn.DataStreamingNode` on loopback, a channel of project ``p1``, a simulated
+:class:`beamhub.streaming.dsn.DataStreamingNode` on loopback, a channel of project ``p1``, a simulated
 detector streaming into it and its control endpoint attached to the channel (steering goes
 through the DSN's relay, as with ``beamhub up``). :class:`StackProcess` runs the same in a child
 process, so that an analysis measured in this process shares no GIL with frame generation.
@@ -25,7 +25,7 @@ class SteerStack:
                  project: str = "p1", stream: str = "det", mode: str | None = None,
                  hwm: int | None = None, seed: int = 0, key: Any = None,
                  **sim_params: Any) -> None:
-        from hub.tokens import SigningKey, TokenIssuer, TokenVerifier
+        from beamhub.auth.tokens import SigningKey, TokenIssuer, TokenVerifier
 
         key = key or SigningKey.generate()
         self.key = key
@@ -58,10 +58,10 @@ class SteerStack:
         return self
 
     async def _start(self) -> None:
-        from streaming.dsn import DataStreamingNode
-        from streaming.simulator import SimulatedDetector
-        from streaming.source import SourceRunner
-        from streaming.source_control import SourceControlServer
+        from beamhub.streaming.dsn import DataStreamingNode
+        from beamhub.streaming.simulator import SimulatedDetector
+        from beamhub.streaming.source import SourceRunner
+        from beamhub.streaming.source_control import SourceControlServer
 
         self.node = DataStreamingNode(self.verifier)
         self.dsn_url = await self.node.start(0)
@@ -115,7 +115,7 @@ def _serve_stack(key_pem: bytes, conn: Any, kwargs: dict[str, Any]) -> None:
     """Child process: run a SteerStack until the parent says stop (or goes away)."""
     from cryptography.hazmat.primitives import serialization
 
-    from hub.tokens import SigningKey
+    from beamhub.auth.tokens import SigningKey
 
     key = SigningKey(serialization.load_pem_private_key(key_pem, password=None))
     with SteerStack(key=key, **kwargs) as stack:
@@ -141,7 +141,7 @@ class StackProcess:
 
         from cryptography.hazmat.primitives import serialization
 
-        from hub.tokens import SigningKey, TokenIssuer
+        from beamhub.auth.tokens import SigningKey, TokenIssuer
 
         self.key = SigningKey.generate()
         self.issuer = TokenIssuer(self.key, max_ttl=86400)

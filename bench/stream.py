@@ -44,7 +44,7 @@ def _producer_main(conn: Any) -> None:
     """Producer process: sends (or writes) frames on command."""
     import zmq
 
-    from streaming.wire import FrameHeader, send_frame
+    from beamhub.streaming.wire import FrameHeader, send_frame
 
     ctx = zmq.Context()
     arrays: dict[int, Any] = {}
@@ -88,7 +88,7 @@ def _hop_main(kind: str, conn: Any) -> None:
     """Hop process: a bare zmq.proxy or a DataPlane channel, rebuilt per frame size."""
     import zmq
 
-    from streaming.dataplane import ChannelSpec, DataPlane
+    from beamhub.streaming.dataplane import ChannelSpec, DataPlane
 
     plane = DataPlane("127.0.0.1") if kind in ("l4", "l7") else None
     proxy: tuple[Any, threading.Thread] | None = None
@@ -159,7 +159,7 @@ def _hop_main(kind: str, conn: Any) -> None:
 
 def _receive(sock: Any, count: int, timeout_s: float) -> tuple[list[float], float, float, int]:
     """Receive up to ``count`` frames; return latencies (ms), first and last arrival, gaps."""
-    from streaming.wire import decode
+    from beamhub.streaming.wire import decode
 
     latencies, first, last, expected, gaps = [], 0.0, 0.0, 0, 0
     while len(latencies) < count:
@@ -181,7 +181,7 @@ def _receive_files(
 ) -> tuple[list[float], float, float, int]:
     import numpy as np
 
-    from streaming.wire import decode_header
+    from beamhub.streaming.wire import decode_header
 
     latencies, first, last = [], 0.0, 0.0
     deadline = time.monotonic() + timeout_s

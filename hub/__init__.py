@@ -1,1 +1,1 @@
-"""JupyterHub side of beamhub: tokens, authenticator, API gateway, enclave profiles, the CLI."""
+"""JupyterHub side of beamhub: authenticator, token service, API gateway, `beamhub up`, the CLI."""

@@ -14,9 +14,9 @@ from oauthenticator.generic import GenericOAuthenticator
 from tornado import web
 from traitlets import Bool, Dict, Integer, List, TraitError, Unicode, default, validate
 
-from hub.deployment import ROLE_SCOPES, ROLES
-from hub.token_store import Delegator, TokenStore, best_project
-from hub.tokens import SigningKey, TokenIssuer
+from beamhub.auth.roles import ROLE_SCOPES, ROLES
+from beamhub.auth.tokens import SigningKey, TokenIssuer
+from beamhub.hub.tokens.store import Delegator, TokenStore, best_project
 
 __all__ = ["BeamhubAuthenticator", "MfaRequired", "NoProject"]
 
@@ -101,7 +101,7 @@ class BeamhubAuthenticator(GenericOAuthenticator):
 
     @default("beamhub_state_dir")
     def _state_dir_default(self) -> str:
-        from hub.cli import state_dir
+        from beamhub.auth.home import state_dir
 
         return str(state_dir())
 

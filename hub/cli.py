@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import os
 import sys
-from pathlib import Path
 
-__all__ = ["COMMANDS", "main", "state_dir"]
+__all__ = ["COMMANDS", "main"]
 
 #: Subcommand modules under ``hub.commands``, in the order ``--help`` lists them.
 COMMANDS = [
@@ -26,11 +24,6 @@ COMMANDS = [
 ]
 
 
-def state_dir() -> Path:
-    """Where keys, databases and logs live: ``$BEAMHUB_HOME`` or ``~/.beamhub``."""
-    return Path(os.environ.get("BEAMHUB_HOME") or Path.home() / ".beamhub")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="beamhub",
@@ -38,10 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        module_name = f"hub.commands.{name}"
-        if importlib.util.find_spec(module_name) is None:
-            continue  # the command has not been built yet
-        importlib.import_module(module_name).register(sub)
+        importlib.import_module(f"beamhub.hub.commands.{name}").register(sub)
     return parser
 
 

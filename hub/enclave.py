@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from hub.ratelimit import Limit
+from beamhub.hub.gateway.ratelimit import Limit
 
 __all__ = [
     "ENCLAVE_DIR",
@@ -154,7 +154,7 @@ def _resolve(path: str, base: Path | None) -> Path:
 def check_deployment(
     dep: Any, target: EnclaveProfile, base: Path | None = None
 ) -> list[Requirement]:
-    """Each requirement of ``target`` against a loaded :class:`hub.deployment.Deployment`."""
+    """Each requirement of ``target`` against a loaded :class:`beamhub.hub.deployment.Deployment`."""
     current = load_profile(dep.enclave) if dep.enclave in ENCLAVE_NAMES else target
     out: list[Requirement] = []
 
@@ -182,7 +182,9 @@ def check_deployment(
         f"set tokens.max_ttl: {target.max_token_ttl} and tokens.ttl <= {target.max_token_ttl}",
     ))  # fmt: skip
 
-    from streaming.template import Template  # the DSN's admin template says modes/encryption
+    from beamhub.streaming.template import (
+        Template,  # the DSN's admin template says modes/encryption
+    )
 
     template_path = _resolve(dep.dsn.template, base) if dep.dsn.template else None
     try:
@@ -228,7 +230,7 @@ def check_deployment(
             "set gateway.enabled: true",
         ))  # fmt: skip
 
-    from kernels.tiers import DEFAULT_TIERS, load_tiers
+    from beamhub.kernels.tiers import DEFAULT_TIERS, load_tiers
 
     tiers_path = getattr(dep.scheduler, "tiers", "") or ""
     tiers = load_tiers(_resolve(tiers_path, base)) if tiers_path else DEFAULT_TIERS

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from beamhub.kernels import jobs_api
+
 __all__ = ["configure", "crypt_key", "single_user_cmd"]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -120,10 +122,8 @@ def configure(c: Any, rt: dict[str, Any]) -> None:
     c.ReservedNodeSpawner.state_dir = str(state / "scheduler")
     c.ReservedNodeSpawner.mem_mb = 512  # fits the local backend's 1000 MB virtual nodes
     # the local scheduler lives in the hub process: notebooks submit Dask workers through it
-    import kernels.jobs_api
-
-    c.JupyterHub.extra_handlers = kernels.jobs_api.HANDLERS
-    c.JupyterHub.custom_scopes = kernels.jobs_api.CUSTOM_SCOPES
+    c.JupyterHub.extra_handlers = jobs_api.HANDLERS
+    c.JupyterHub.custom_scopes = jobs_api.CUSTOM_SCOPES
     c.SimpleLocalProcessSpawner.home_dir_template = str(state / "users" / "{username}")
     c.Spawner.notebook_dir = str(state / "users" / "{username}")
     c.Spawner.pre_spawn_hook = provide_notebooks
@@ -136,7 +136,7 @@ def configure(c: Any, rt: dict[str, Any]) -> None:
             "name": "tokens",
             "url": f"http://{ip}:{rt['tokens_port']}",
             "command": [
-                py, "-m", "hub.delegation", "--state-dir", str(state),
+                py, "-m", "beamhub.hub.tokens.service", "--state-dir", str(state),
                 "--issuer", rt["token_issuer"], "--audience", rt["token_audience"],
                 "--max-ttl", str(rt["max_token_ttl"]), "--ttl", str(rt["token_ttl"]),
                 "--revocation-poll", str(rt["revocation_poll"]),
@@ -183,7 +183,7 @@ def configure(c: Any, rt: dict[str, Any]) -> None:
             {
                 "name": "beamhub-gateway-jobs",
                 "description": "the gateway submits, lists and cancels jobs for its callers",
-                "scopes": [kernels.jobs_api.ACT_FOR_SCOPE],
+                "scopes": [jobs_api.ACT_FOR_SCOPE],
                 "services": ["gateway"],
             }
         )

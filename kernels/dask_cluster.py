@@ -26,8 +26,8 @@ import dask
 from distributed import Client, Scheduler, SpecCluster
 from distributed.deploy.spec import ProcessInterface
 
-from kernels.placement import SchedulerConfig, open_scheduler
-from kernels.scheduler import JobSpec, JobState, SchedulerError
+from beamhub.kernels.placement import SchedulerConfig, open_scheduler
+from beamhub.kernels.scheduler import JobSpec, JobState, SchedulerError
 
 __all__ = ["AllocationCluster", "WorkerJob", "dashboard_link_template", "start_dask"]
 

@@ -26,7 +26,7 @@ from jupyterhub.user import User
 from tornado import web
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from kernels.scheduler import JobInfo, JobSpec, JobState, Scheduler, SchedulerError
+from beamhub.kernels.scheduler import JobInfo, JobSpec, JobState, Scheduler, SchedulerError
 
 __all__ = ["ACT_FOR_SCOPE", "CUSTOM_SCOPES", "HANDLERS", "HubScheduler", "JobsAPIHandler"]
 
@@ -97,8 +97,8 @@ class JobsAPIHandler(APIHandler):
         return user
 
     async def _context(self, user: User):
-        from kernels.placement import open_scheduler
-        from kernels.spawner import ReservedNodeSpawner
+        from beamhub.kernels.placement import open_scheduler
+        from beamhub.kernels.spawner import ReservedNodeSpawner
 
         spawner = user.spawners[""]
         if not isinstance(spawner, ReservedNodeSpawner):

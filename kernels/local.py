@@ -16,8 +16,9 @@ from pathlib import Path
 
 import psutil
 
-from kernels.local_store import LocalJob, LocalJobStore
-from kernels.scheduler import (
+from beamhub.auth.home import state_dir
+from beamhub.kernels.local_store import LocalJob, LocalJobStore
+from beamhub.kernels.scheduler import (
     EventHub,
     JobInfo,
     JobSpec,
@@ -25,7 +26,7 @@ from kernels.scheduler import (
     Scheduler,
     SchedulerError,
 )
-from kernels.tiers import TierPolicy
+from beamhub.kernels.tiers import TierPolicy
 
 __all__ = ["LocalBackend", "VirtualNode", "read_jobs"]
 
@@ -60,9 +61,7 @@ class LocalBackend(Scheduler):
         log: logging.Logger | None = None,
     ) -> None:
         if db_path is None:
-            # the CLI's home folder (hub.cli.state_dir); kernels imports nothing of ours
-            home = Path(os.environ.get("BEAMHUB_HOME") or Path.home() / ".beamhub")
-            db_path = home / "scheduler" / "local-jobs.sqlite"
+            db_path = state_dir() / "scheduler" / "local-jobs.sqlite"
         self.db_path = Path(db_path)
         self.log_dir = Path(log_dir) if log_dir else self.db_path.parent / "job-logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kernels.scheduler import JobInfo, JobSpec, JobState
+from beamhub.kernels.scheduler import JobInfo, JobSpec, JobState
 
 __all__ = ["LocalJob", "LocalJobStore"]
 

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kernels.scheduler import Scheduler, SchedulerError
-from kernels.tiers import TierPolicy, load_tiers
+from beamhub.auth.home import state_dir
+from beamhub.kernels.scheduler import Scheduler, SchedulerError
+from beamhub.kernels.tiers import TierPolicy, load_tiers
 
 __all__ = [
     "SchedulerConfig",
@@ -29,8 +30,7 @@ __all__ = [
 
 
 def _default_state_dir() -> str:
-    home = os.environ.get("BEAMHUB_HOME") or str(Path.home() / ".beamhub")
-    return str(Path(home) / "scheduler")
+    return str(state_dir() / "scheduler")
 
 
 @dataclass(frozen=True)
@@ -103,11 +103,11 @@ class SchedulerConfig:
 
 def _backend_class(backend: str) -> type[Scheduler]:
     if backend == "local":
-        from kernels.local import LocalBackend
+        from beamhub.kernels.local import LocalBackend
 
         return LocalBackend
     if backend == "slurm":
-        from kernels.slurm import SlurmBackend
+        from beamhub.kernels.slurm import SlurmBackend
 
         return SlurmBackend
     raise SchedulerError(
@@ -140,8 +140,8 @@ def policy_for(config: SchedulerConfig) -> TierPolicy:
     """The tier policy (tiers + projects + beamtime windows) of this configuration."""
     policy = _POLICIES.get(config.key)
     if policy is None:
-        from kernels.projects import ProjectDirectory
-        from kernels.reservations import ReservationBook
+        from beamhub.kernels.projects import ProjectDirectory
+        from beamhub.kernels.reservations import ReservationBook
 
         tiers = load_tiers(config.tiers_file or None)
         projects = (
@@ -162,7 +162,7 @@ async def open_scheduler(config: SchedulerConfig) -> Scheduler:
     if scheduler is not None:
         return scheduler
     if config.via == "hub":
-        from kernels.jobs_api import HubScheduler
+        from beamhub.kernels.jobs_api import HubScheduler
 
         _SCHEDULERS[key] = HubScheduler()
         return _SCHEDULERS[key]

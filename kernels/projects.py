@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kernels.scheduler import SchedulerError
-from kernels.tiers import DEFAULT_TIERS, TierSet
+from beamhub.kernels.scheduler import SchedulerError
+from beamhub.kernels.tiers import DEFAULT_TIERS, TierSet
 
 __all__ = ["Project", "ProjectDirectory"]
 

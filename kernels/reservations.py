@@ -9,8 +9,8 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kernels.scheduler import SchedulerError
-from kernels.tiers import DEFAULT_TIERS, TierSet
+from beamhub.kernels.scheduler import SchedulerError
+from beamhub.kernels.tiers import DEFAULT_TIERS, TierSet
 
 __all__ = ["ReservationBook", "Window"]
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from jupyterhub.spawner import SpawnException
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
-from kernels.scheduler import TERMINAL_STATES, JobState, Scheduler
+from beamhub.kernels.scheduler import TERMINAL_STATES, JobState, Scheduler
 
 __all__ = ["ServerWait", "SpawnRefused", "output_tail", "read_report", "server_answers"]
 

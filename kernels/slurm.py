@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
-from kernels.scheduler import (
+from beamhub.kernels.scheduler import (
     TERMINAL_STATES,
     EventHub,
     JobInfo,
@@ -20,7 +20,7 @@ from kernels.scheduler import (
     Scheduler,
     SchedulerError,
 )
-from kernels.slurm_text import (
+from beamhub.kernels.slurm_text import (
     SACCT_FIELDS,
     SQUEUE_FORMAT,
     batch_script,
@@ -30,7 +30,7 @@ from kernels.slurm_text import (
     partition_lines,
     sbatch_argv,
 )
-from kernels.tiers import TierPolicy, load_tiers
+from beamhub.kernels.tiers import TierPolicy, load_tiers
 
 __all__ = ["SlurmBackend", "main"]
 

@@ -21,8 +21,8 @@ import re
 import shlex
 import time
 
-from kernels.scheduler import TERMINAL_STATES, JobInfo, JobSpec, JobState, SchedulerError
-from kernels.tiers import Tier, TierSet
+from beamhub.kernels.scheduler import TERMINAL_STATES, JobInfo, JobSpec, JobState, SchedulerError
+from beamhub.kernels.tiers import Tier, TierSet
 
 __all__ = [
     "SACCT_FIELDS",

@@ -22,9 +22,15 @@ from typing import Any
 from jupyterhub.spawner import Spawner
 from traitlets import CaselessStrEnum, Dict, Float, Integer, TraitError, Unicode, default, validate
 
-from kernels.placement import SchedulerConfig, check_backend_options, open_scheduler, policy_for
-from kernels.scheduler import TERMINAL_STATES, JobSpec, JobState, SchedulerError
-from kernels.server_wait import ServerWait, SpawnRefused, server_answers
+from beamhub.auth.home import state_dir
+from beamhub.kernels.placement import (
+    SchedulerConfig,
+    check_backend_options,
+    open_scheduler,
+    policy_for,
+)
+from beamhub.kernels.scheduler import TERMINAL_STATES, JobSpec, JobState, SchedulerError
+from beamhub.kernels.server_wait import ServerWait, SpawnRefused, server_answers
 
 __all__ = ["ReservedNodeSpawner", "SpawnRefused"]
 
@@ -135,8 +141,7 @@ class ReservedNodeSpawner(Spawner):
 
     @default("state_dir")
     def _default_state_dir(self) -> str:
-        home = os.environ.get("BEAMHUB_HOME") or str(Path.home() / ".beamhub")
-        return str(Path(home) / "scheduler")
+        return str(state_dir() / "scheduler")
 
     @default("cmd")
     def _default_cmd(self) -> list[str]:
@@ -318,7 +323,7 @@ class ReservedNodeSpawner(Spawner):
         is_jupyter = Path(self.cmd[0]).name.startswith("jupyter") if self.cmd else False
         if os.geteuid() == 0 and is_jupyter and "--allow-root" not in args:
             args.append("--allow-root")
-        argv = [sys.executable, "-m", "kernels.serverjob", self.port_file, "--", *self.cmd, *args]
+        argv = [sys.executable, "-m", "beamhub.kernels.serverjob", self.port_file, "--", *self.cmd, *args]
         spec = JobSpec(
             name=f"jupyter-{self.user.name}" + (f"-{self.name}" if self.name else ""),
             project=project,

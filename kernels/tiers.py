@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from kernels.scheduler import JobSpec, SchedulerError
+from beamhub.kernels.scheduler import JobSpec, SchedulerError
 
 if TYPE_CHECKING:
-    from kernels.projects import ProjectDirectory
-    from kernels.reservations import ReservationBook
+    from beamhub.kernels.projects import ProjectDirectory
+    from beamhub.kernels.reservations import ReservationBook
 
 __all__ = [
     "DEFAULT_TIERS",

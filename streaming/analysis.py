@@ -1,11 +1,11 @@
 """Live per-frame analysis (peaks, hit, radial profile) with live-swappable parameters and aggregates.
 
-:class:`Analyzer` turns one :class:`~streaming.wire.Frame` into a small :class:`FrameResult`; its
+:class:`Analyzer` turns one :class:`~beamhub.streaming.wire.Frame` into a small :class:`FrameResult`; its
 parameters are swapped atomically by :meth:`Analyzer.set_params` and apply from the next frame
 (a frame in progress keeps the set it started with). :class:`RunningStats` folds results — from one
 process or from many Dask workers, in any order — into a running hit rate, peaks per frame, a radial
 profile, a virtual powder pattern, latency and lost/duplicate frame counts. :func:`analyse_stream`
-is the worker loop over a :class:`streaming.consumer.StreamConsumer` (or any iterable of frames).
+is the worker loop over a :class:`beamhub.streaming.consumer.StreamConsumer` (or any iterable of frames).
 The Dask side lives in ``streaming.analysis_dask``.
 """
 
@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from streaming.peakfinder import PEAK_COLUMNS, PeakFinderParams, find_peaks
-from streaming.wire import Frame
+from beamhub.streaming.peakfinder import PEAK_COLUMNS, PeakFinderParams, find_peaks
+from beamhub.streaming.wire import Frame
 
 __all__ = ["Analyzer", "FrameResult", "RunningStats", "analyse_stream"]
 
@@ -94,7 +94,7 @@ class Analyzer:
                    **kwargs: Any) -> int:
         """Validate and swap in new parameters; returns the new revision.
 
-        Invalid values raise :class:`streaming.params.ParamError` naming the field and nothing
+        Invalid values raise :class:`beamhub.streaming.params.ParamError` naming the field and nothing
         changes. ``rev`` lets a coordinator impose one revision number on every worker.
         """
         with self._lock:
@@ -145,7 +145,7 @@ def analyse_stream(consumer: Any, analyzer: Analyzer,
                    idle_timeout_s: float = 0.1) -> int:
     """Analyse frames from ``consumer`` until it ends, ``stop`` is set or ``max_frames`` are done.
 
-    ``consumer`` is a :class:`streaming.consumer.StreamConsumer` (its ``receive(timeout)`` gives
+    ``consumer`` is a :class:`beamhub.streaming.consumer.StreamConsumer` (its ``receive(timeout)`` gives
     idle ticks every ``idle_timeout_s``, so ``stop`` is noticed without frames and ``on_idle``
     runs) or any iterable of frames (``None`` items count as idle ticks). Returns the number of
     frames analysed.

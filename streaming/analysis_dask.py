@@ -2,17 +2,17 @@
 
 No frame touches the Dask scheduler or the notebook kernel: every worker task opens its own consumer
 (``consumer_factory()``, e.g. a PULL socket on the DSN's data path) and runs
-:func:`streaming.analysis.analyse_stream`. What travels through Dask is small and plain (msgpack-able):
+:func:`beamhub.streaming.analysis.analyse_stream`. What travels through Dask is small and plain (msgpack-able):
 
 * frames: ``consumer_factory`` runs inside the worker task (it must be picklable, e.g. a
-  ``functools.partial`` of :class:`streaming.consumer.StreamConsumer`); PULL sockets share the
+  ``functools.partial`` of :class:`beamhub.streaming.consumer.StreamConsumer`); PULL sockets share the
   channel's frames among the workers;
 * results: every ``flush_interval_s`` a worker puts one batch — compact per-frame results (peaks as
   float32 bytes) and the sum of the batch's radial profiles — on the session's results
   ``distributed.Queue``;
 * steering: :meth:`AnalysisSession.set_params` puts ``{"rev", "params"}`` on one control Queue per
   worker; a thread in the worker task blocks on it, swaps the parameters into the worker's
-  :class:`~streaming.analysis.Analyzer` (applied from that worker's next frame) and acknowledges the
+  :class:`~beamhub.streaming.analysis.Analyzer` (applied from that worker's next frame) and acknowledges the
   revision, so the notebook can tell when every worker has it. ``stop`` travels the same way.
 
 A notebook does::
@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from streaming.analysis import Analyzer, FrameResult, RunningStats, analyse_stream
-from streaming.params import ParamError
-from streaming.peakfinder import PEAK_COLUMNS, PeakFinderParams
+from beamhub.streaming.analysis import Analyzer, FrameResult, RunningStats, analyse_stream
+from beamhub.streaming.params import ParamError
+from beamhub.streaming.peakfinder import PEAK_COLUMNS, PeakFinderParams
 
 __all__ = ["STREAMING_WORKER_ENV", "AnalysisSession", "analysis_worker", "result_from_wire",
            "result_to_wire"]

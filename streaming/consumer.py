@@ -15,7 +15,7 @@ What the counters mean:
 * ``restarts``: the sequence did not increase — the producer restarted (a new *run* of the same
   producer keeps counting ``seq`` up, so it is not a restart). It is
   counted, logged, kept in :attr:`StreamConsumer.events`, and reported to the DSN.
-* ``malformed``: messages that failed :func:`streaming.wire.decode`, by reason; the stream goes on.
+* ``malformed``: messages that failed :func:`beamhub.streaming.wire.decode`, by reason; the stream goes on.
 * latency p50/p99: now minus the producer's ``t_ns`` (same host or synchronised clocks).
 """
 
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from streaming.wire import DEFAULT_MAX_FRAME_BYTES, DecodeError, Frame, decode
+from beamhub.streaming.wire import DEFAULT_MAX_FRAME_BYTES, DecodeError, Frame, decode
 
 __all__ = ["ChannelLookupError", "StreamConsumer", "lookup_channel"]
 

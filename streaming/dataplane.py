@@ -11,7 +11,7 @@ A channel has one producer face and up to three consumer faces, each a TCP socke
   frames *for that viewer only*; the work stream never waits for a viewer.
 * ``report`` (PULL): consumers send small JSON status reports
   ``{consumer_id, role, last_seq, received, lost, malformed, restarts}`` about every 0.5 s
-  (:class:`streaming.consumer.StreamConsumer` does this by itself).
+  (:class:`beamhub.streaming.consumer.StreamConsumer` does this by itself).
 
 Modes. **L4** runs ``zmq.proxy_steerable`` in a thread: forwarding is C only, no Python per
 message; the proxy's capture socket is the monitor PUB, and its control socket answers the
@@ -19,7 +19,7 @@ supervisor's ``STATISTICS`` polls (libzmq counts message *parts*; messages = par
 ``[header, payload]`` wire format). L4 cannot read headers, so it cannot enforce the stream name
 or a rate (``max_rate_hz`` is recorded and reported as not enforced); its only size guard is
 libzmq's per-part cap (``maxmsgsize``), which disconnects an offending producer. **L7** is a Python
-loop that decodes every header (:func:`streaming.wire.decode_header`), checks payload size,
+loop that decodes every header (:func:`beamhub.streaming.wire.decode_header`), checks payload size,
 stream name and rate (token bucket), drops a bad message with a counted reason (the decoder's
 ``DecodeError.reason``, ``parts``, ``stream``, ``rate``, ``shutdown``) while the stream goes on,
 and forwards the received ``zmq.Frame`` objects themselves (no payload copy).
@@ -66,9 +66,9 @@ from typing import Any
 
 import zmq
 
-from streaming.dataplane_auth import ChannelAuthenticator, FacePolicy, zap_domain
-from streaming.dataplane_paths import ChannelCounters, FaceConfig, L4Router, L7Gateway
-from streaming.dataplane_spec import (
+from beamhub.streaming.dataplane_auth import ChannelAuthenticator, FacePolicy, zap_domain
+from beamhub.streaming.dataplane_paths import ChannelCounters, FaceConfig, L4Router, L7Gateway
+from beamhub.streaming.dataplane_spec import (
     MODES,
     WHEN_NO_CONSUMER,
     ChannelEndpoints,
@@ -76,7 +76,7 @@ from streaming.dataplane_spec import (
     curve_keys,
     validate_spec,
 )
-from streaming.dataplane_supervisor import Supervisor
+from beamhub.streaming.dataplane_supervisor import Supervisor
 
 __all__ = ["MODES", "WHEN_NO_CONSUMER", "ChannelEndpoints", "ChannelSpec", "DataPlane"]
 

@@ -2,9 +2,9 @@
 
 Each thread creates, binds and closes its own sockets; ``ready`` is set once they are bound (or
 ``error`` is set); a stop message on an inproc pipe ends it, and ``ContextTerminated`` is a clean
-exit. The supervisor (:mod:`streaming.dataplane_supervisor`) collects consumers' status reports
+exit. The supervisor (:mod:`beamhub.streaming.dataplane_supervisor`) collects consumers' status reports
 and, for L4, polls the proxy's ``STATISTICS`` so no Python runs per message. See
-:mod:`streaming.dataplane` for the design.
+:mod:`beamhub.streaming.dataplane` for the design.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from streaming.wire import MAX_HEADER_BYTES, DecodeError, check_payload, decode_header
+from beamhub.streaming.wire import MAX_HEADER_BYTES, DecodeError, check_payload, decode_header
 
 __all__ = ["ChannelCounters", "ChannelThread", "FaceConfig", "L4Router", "L7Gateway"]
 

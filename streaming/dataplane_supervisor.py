@@ -2,7 +2,7 @@
 
 It collects the small JSON reports consumers send to the channel's ``report`` face (lag, loss),
 samples the counters for rates and, for an L4 channel, polls the libzmq proxy's ``STATISTICS`` on
-its control socket, so no Python runs per message. See :mod:`streaming.dataplane` for the design.
+its control socket, so no Python runs per message. See :mod:`beamhub.streaming.dataplane` for the design.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import zmq
 
-from streaming.dataplane_paths import ChannelCounters, ChannelThread, FaceConfig, L4Router
+from beamhub.streaming.dataplane_paths import ChannelCounters, ChannelThread, FaceConfig, L4Router
 
 __all__ = ["MAX_CONSUMERS", "SAMPLE_S", "Supervisor"]
 

@@ -1,7 +1,7 @@
 """The Data Streaming Node's control plane: token-checked HTTP API that provisions the data plane.
 
 Every call (but the health check) carries a project access token verified locally with the public
-JWKS; channel requests are bounded by the admin :class:`~streaming.template.Template`; only then is
+JWKS; channel requests are bounded by the admin :class:`~beamhub.streaming.template.Template`; only then is
 the data path provisioned. Channels die with their token (unless renewed): a reaper removes them.
 The reverse (steering) channel relays to the source's control endpoint for ``steer`` tokens only.
 """
@@ -22,9 +22,9 @@ import tornado.httpserver
 import tornado.netutil
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
-from hub.tokens import Claims, TokenVerifier
-from streaming.dsn_handlers import ApiError, log_event, make_app
-from streaming.template import ChannelParams, Template, TemplateViolation
+from beamhub.auth.tokens import Claims, TokenVerifier
+from beamhub.streaming.dsn_handlers import ApiError, log_event, make_app
+from beamhub.streaming.template import ChannelParams, Template, TemplateViolation
 
 __all__ = ["Channel", "DataStreamingNode"]
 
@@ -64,7 +64,7 @@ class DataStreamingNode:
     """Owns the control-plane app, the data plane and the verifier; start/stop in any event loop.
 
     ``data_plane`` may be given (the caller then owns it); otherwise a
-    :class:`streaming.dataplane.DataPlane` on ``data_host`` is created at start and closed at stop.
+    :class:`beamhub.streaming.dataplane.DataPlane` on ``data_host`` is created at start and closed at stop.
     Data-plane calls run on one worker thread so they never block the event loop.
     """
 
@@ -104,7 +104,7 @@ class DataStreamingNode:
         """Provision the data plane, listen on ``host:port`` (0 = any free port); return the URL."""
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="dsn-dataplane")
         if self.data_plane is None:
-            from streaming.dataplane import DataPlane
+            from beamhub.streaming.dataplane import DataPlane
 
             self.data_plane = await self.run(
                 lambda: DataPlane(self.data_host, log=log.getChild("dataplane"))
@@ -143,7 +143,7 @@ class DataStreamingNode:
 
     async def create_channel(self, claims: Claims, request: dict[str, Any]) -> Channel:
         """Check ``request`` against the template, then provision; nothing happens on refusal."""
-        from streaming.dataplane import ChannelSpec
+        from beamhub.streaming.dataplane import ChannelSpec
 
         project = claims.project
         active = sum(c.project == project for c in self.channels.values())

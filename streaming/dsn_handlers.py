@@ -1,6 +1,6 @@
 """The DSN control plane's HTTP handlers: JSON errors, token checks, channels, steering relay.
 
-Handlers stay thin: they verify the caller's token, then ask the :class:`~streaming.dsn.
+Handlers stay thin: they verify the caller's token, then ask the :class:`~beamhub.streaming.dsn.
 DataStreamingNode` to act. Every refusal is JSON ``{error, reason, field?, limit?}`` and an audit
 event naming the user, project and token ``jti`` (never the token).
 """
@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import tornado.web
 
-from hub.tokens import Claims, TokenError
-from streaming.template import TemplateViolation
+from beamhub.auth.tokens import Claims, TokenError
+from beamhub.streaming.template import TemplateViolation
 
 if TYPE_CHECKING:
-    from streaming.dsn import Channel, DataStreamingNode
+    from beamhub.streaming.dsn import Channel, DataStreamingNode
 
 __all__ = ["ApiError", "BaseHandler", "log_event", "make_app"]
 
@@ -118,7 +118,7 @@ class BaseHandler(tornado.web.RequestHandler):
         return claims
 
     def _refuse(self, status: int, reason: str, message: str, who: dict[str, str]) -> NoReturn:
-        log_event(audit_log, "auth.refused", reason=reason, status=status,
+        log_event(audit_log, "beamhub.auth.refused", reason=reason, status=status,
                   method=self.request.method, path=self.request.path,
                   remote=self.request.remote_ip, **who)
         raise ApiError(status, reason, message)

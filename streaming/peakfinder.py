@@ -27,7 +27,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from streaming.params import ParamError, ParamSet, ParamSpec
+from beamhub.streaming.params import ParamError, ParamSet, ParamSpec
 
 __all__ = [
     "PEAKFINDER_PARAMS",

@@ -2,7 +2,7 @@
 
 What facilities do between beamtimes: re-run the live analysis on recorded data. ``.npy`` stacks
 are memory-mapped (frames leave zero-copy from the page cache); HDF5 datasets are read frame by
-frame with h5py. The same :class:`streaming.source.SourceRunner` paces and sends them.
+frame with h5py. The same :class:`beamhub.streaming.source.SourceRunner` paces and sends them.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from streaming.params import ParamSet, ParamSpec
-from streaming.wire import ALLOWED_DTYPES
+from beamhub.streaming.params import ParamSet, ParamSpec
+from beamhub.streaming.wire import ALLOWED_DTYPES
 
 __all__ = ["REPLAY_PARAMS", "ReplayError", "ReplaySource"]
 

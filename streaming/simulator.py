@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from streaming.params import ParamSet, ParamSpec
+from beamhub.streaming.params import ParamSet, ParamSpec
 
 __all__ = ["SIM_PARAMS", "SimulatedDetector", "effective_hit_fraction", "lattice_two_theta"]
 
@@ -242,7 +242,7 @@ def measure(seconds: float = 10.0, rate_hz: float = 120.0,
 
     import psutil
 
-    from streaming.source import SourceRunner
+    from beamhub.streaming.source import SourceRunner
 
     det = SimulatedDetector(shape, seed=0, hit_fraction=0.3)
     n = 300

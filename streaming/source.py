@@ -23,8 +23,8 @@ from typing import Any, Protocol
 import numpy as np
 import zmq
 
-from streaming.params import ParamSet
-from streaming.wire import FrameHeader, send_frame
+from beamhub.streaming.params import ParamSet
+from beamhub.streaming.wire import FrameHeader, send_frame
 
 __all__ = ["CurveKeys", "FrameGenerator", "SourceRunner"]
 

@@ -2,7 +2,7 @@
 
 A small tornado app on loopback. The DSN's steering relay forwards ``GET /schema``, ``GET /params``,
 ``PUT /params/{name}`` and ``POST /run`` here with the caller's token; when the endpoint is built
-with a :class:`hub.tokens.TokenVerifier` and a project, writes need a Bearer token with the
+with a :class:`beamhub.hub.tokens.TokenVerifier` and a project, writes need a Bearer token with the
 ``steer`` scope for that project. Every answer, errors included, is JSON.
 """
 
@@ -18,8 +18,8 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.web import Application, HTTPError, RequestHandler
 
-from streaming.params import ParamError, UnknownParamError
-from streaming.source import SourceRunner
+from beamhub.streaming.params import ParamError, UnknownParamError
+from beamhub.streaming.source import SourceRunner
 
 __all__ = ["ControlServerThread", "SourceControlServer", "make_app", "start_control_thread"]
 
@@ -71,7 +71,7 @@ class _BaseHandler(RequestHandler):
         """With a verifier configured, writes need a ``steer`` token for this source's project."""
         if self.verifier is None:
             return
-        from hub.tokens import TokenError
+        from beamhub.auth.tokens import TokenError
 
         header = self.request.headers.get("Authorization", "")
         token = header[7:].strip() if header[:7].lower() == "bearer " else None

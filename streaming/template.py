@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from streaming.template_fields import (
+from beamhub.streaming.template_fields import (
     WHEN_NO_CONSUMER,
     Network,
     TemplateError,

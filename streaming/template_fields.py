@@ -1,7 +1,7 @@
 """Field readers of the admin template (and their shared error), kept apart from the checks.
 
 Each reader validates one section of an admin's template YAML and raises :class:`TemplateError`
-naming the field; :mod:`streaming.template` assembles them into a :class:`~streaming.template.
+naming the field; :mod:`beamhub.streaming.template` assembles them into a :class:`~beamhub.streaming.template.
 Template`.
 """
 

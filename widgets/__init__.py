@@ -1,6 +1,6 @@
 """Steering panel, live plots and the shared dashboard (imported only by notebooks and dashboard).
 
-``from widgets import SteeringPanel, LiveView`` (loaded on first use, so the dashboard service does
+``from beamhub.widgets import SteeringPanel, LiveView`` (loaded on first use, so the dashboard service does
 not import ipywidgets and jupyter_bokeh unless it needs them).
 """
 

@@ -3,9 +3,9 @@
 The dashboard service (``widgets.dashboard_service``) keeps one :class:`Dashboard` per process. A
 :class:`ProjectFeed` per project lists the project's DSN channels with a ``stream.read`` token
 (minted by a ``token_source``, renewed when a third of its life is left) and runs one
-:class:`StreamMonitor` per channel: a :class:`streaming.consumer.StreamConsumer` on the channel's
-``monitor`` (PUB fan-out) endpoint, an :class:`streaming.analysis.Analyzer` and a
-:class:`streaming.analysis.RunningStats`, in one background thread. Page requests only read the
+:class:`StreamMonitor` per channel: a :class:`beamhub.streaming.consumer.StreamConsumer` on the channel's
+``monitor`` (PUB fan-out) endpoint, an :class:`beamhub.streaming.analysis.Analyzer` and a
+:class:`beamhub.streaming.analysis.RunningStats`, in one background thread. Page requests only read the
 latest snapshot, so a hundred viewers cost what one does.
 """
 
@@ -129,8 +129,8 @@ class StreamMonitor:
                 "radial_profile": [], "image": None, "peaks": {"x": [], "y": []}}  # fmt: skip
 
     def _run(self) -> None:
-        from streaming.analysis import Analyzer, RunningStats
-        from streaming.consumer import StreamConsumer
+        from beamhub.streaming.analysis import Analyzer, RunningStats
+        from beamhub.streaming.consumer import StreamConsumer
 
         endpoints = self.channel["endpoints"]
         try:

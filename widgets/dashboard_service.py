@@ -38,7 +38,8 @@ from urllib.parse import urlparse
 from jupyterhub.services.auth import HubOAuthenticated
 from tornado import httpserver, web
 
-from widgets.dashboard import Dashboard, TokenSource
+from beamhub.auth.home import state_dir
+from beamhub.widgets.dashboard import Dashboard, TokenSource
 
 __all__ = [
     "DASHBOARD_USER",
@@ -75,8 +76,8 @@ def project_roles(user: dict[str, Any]) -> dict[str, str]:
 def delegator_tokens(state: Path, runtime: dict[str, Any]) -> TokenSource:
     """Mint ``stream.read`` tokens as :data:`DASHBOARD_USER` with the hub's key, recorded in the
     token register (so they can be listed and revoked like any other)."""
-    from hub.token_store import Delegator, TokenStore
-    from hub.tokens import SigningKey, TokenIssuer
+    from beamhub.auth.tokens import SigningKey, TokenIssuer
+    from beamhub.hub.tokens.store import Delegator, TokenStore
 
     key = SigningKey.load(state / "signing-key.pem")
     issuer = TokenIssuer(key, runtime.get("token_issuer", "beamhub-dev"),
@@ -317,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s dashboard %(levelname)s %(message)s")  # fmt: skip
     args = _parser().parse_args(argv)
-    state = args.state_dir or Path(os.environ.get("BEAMHUB_HOME") or Path.home() / ".beamhub")
+    state = args.state_dir or state_dir()
     runtime_path = state / "runtime.json"
     runtime = json.loads(runtime_path.read_text()) if runtime_path.exists() else {}
     dsn_url = args.dsn_url or runtime.get("dsn_url")
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dashboard: --image-px {args.image_px} is below 8 pixels", file=sys.stderr)
         return 2
     try:
-        from streaming.peakfinder import PeakFinderParams
+        from beamhub.streaming.peakfinder import PeakFinderParams
 
         analysis = json.loads(args.analysis)
         PeakFinderParams.create(analysis)

@@ -6,7 +6,7 @@ figures are updated at most ``max_hz`` times per second (default 10; the image a
 each update one bokeh PATCH-DOC (a handful of comm messages) applied on the kernel's IOLoop —
 the only thread that touches the bokeh document. In a notebook::
 
-    from widgets import LiveView
+    from beamhub.widgets import LiveView
     view = LiveView.from_dsn(channel="det")   # in the kernel: StreamConsumer + Analyzer thread
     view                                      # image + peaks, hit rate, peaks/frame, profile
     view.stop()
@@ -16,7 +16,7 @@ the only thread that touches the bokeh document. In a notebook::
                                               # shows the virtual powder pattern of the peaks)
 
 ``view.add_listener(fn)`` calls ``fn(result)`` for every frame result (a
-:class:`widgets.steering.SteeringPanel` uses it to time its round trips).
+:class:`beamhub.widgets.steering.SteeringPanel` uses it to time its round trips).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from bokeh.protocol import Protocol
 from jupyter_bokeh import BokehModel
 from tornado.ioloop import IOLoop
 
-from streaming.analysis import Analyzer, FrameResult, RunningStats
+from beamhub.streaming.analysis import Analyzer, FrameResult, RunningStats
 
 __all__ = ["LiveView", "downsample_max", "load_bokehjs"]
 
@@ -259,7 +259,7 @@ class LiveView(w.VBox):
         self._listeners.append(fn)
 
     def feed(self, result: FrameResult, frame: Any = None, *, fold: bool = True) -> None:
-        """One analysed frame (and optionally its :class:`~streaming.wire.Frame` for the image)."""
+        """One analysed frame (and optionally its :class:`~beamhub.streaming.wire.Frame` for the image)."""
         now = time.monotonic()
         image = None
         since = now - self._last_image
@@ -381,8 +381,8 @@ class LiveView(w.VBox):
         ``monitor=True``: watch while others (Dask workers) consume the work face: a copy of
         every frame they take, dropped for this viewer when it falls behind (shown as lost).
         """
-        from streaming.consumer import StreamConsumer
-        from widgets.steering import DSNClient, _default_token
+        from beamhub.streaming.consumer import StreamConsumer
+        from beamhub.widgets.steering import DSNClient, _default_token
 
         dsn_url = dsn_url or os.environ.get("BEAMHUB_DSN_URL", "")
         client = DSNClient(dsn_url, token if token is not None else _default_token())
@@ -406,7 +406,7 @@ class LiveView(w.VBox):
 
     @classmethod
     def from_session(cls, session: Any, poll_period_s: float = 0.02, **kwargs: Any) -> LiveView:
-        """Show the results of a :class:`streaming.analysis_dask.AnalysisSession`."""
+        """Show the results of a :class:`beamhub.streaming.analysis_dask.AnalysisSession`."""
         view = cls(stats=session.stats, **kwargs)
         view.session = session
         view._poll_period = poll_period_s

@@ -2,7 +2,7 @@
 
 In a notebook (the server's environment holds BEAMHUB_DSN_URL and BEAMHUB_TOKEN)::
 
-    from widgets import LiveView, SteeringPanel
+    from beamhub.widgets import LiveView, SteeringPanel
     view = LiveView.from_dsn(channel="det")      # optional: measures the round trip
     panel = SteeringPanel(channel="det", live_view=view)
     panel                                        # sliders, dropdowns, toggles, run buttons
@@ -106,7 +106,7 @@ class DSNClient:
 
 
 def _default_token() -> str | Callable[[], str]:
-    from hub.token_client import RefreshError, TokenRefresher
+    from beamhub.auth.token_client import RefreshError, TokenRefresher
 
     try:
         refresher = TokenRefresher.from_env().start()

@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from hub.audit import verify_log
+    from beamhub.hub.gateway.audit import verify_log
 
     try:
         result = verify_log(args.log)

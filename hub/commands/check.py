@@ -27,8 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _check(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from hub.deployment import DeploymentError, load_deployment
-    from hub.enclave import EnclaveError, check_deployment, load_profile
+    from beamhub.hub.enclave import EnclaveError, check_deployment, load_profile
+    from beamhub.hub.up.deployment import DeploymentError, load_deployment
 
     try:
         target = load_profile(args.enclave)

@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _open(args: argparse.Namespace) -> Any:
-    from streaming.consumer import StreamConsumer
+    from beamhub.streaming.consumer import StreamConsumer
 
     common: dict[str, Any] = {
         "consumer_id": args.consumer_id,
@@ -98,7 +98,7 @@ def _line(stats: dict[str, Any], rate: float) -> str:
 
 
 def _consume(args: argparse.Namespace) -> int:
-    from streaming.consumer import ChannelLookupError
+    from beamhub.streaming.consumer import ChannelLookupError
 
     if args.count is not None and args.count < 1:
         print("beamhub consume: --count must be at least 1", file=sys.stderr)

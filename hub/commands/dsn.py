@@ -48,13 +48,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _verifier(args: argparse.Namespace, is_revoked=None):
-    from hub.tokens import DEFAULT_AUDIENCE, DEFAULT_ISSUER, SigningKey, TokenVerifier, load_jwks
+    from beamhub.auth.tokens import (
+        DEFAULT_AUDIENCE,
+        DEFAULT_ISSUER,
+        SigningKey,
+        TokenVerifier,
+        load_jwks,
+    )
 
     if args.jwks:
         jwks = load_jwks(args.jwks)
         origin = args.jwks
     else:
-        from hub.cli import state_dir
+        from beamhub.auth.home import state_dir
 
         path = state_dir() / "signing-key.pem"
         jwks = SigningKey.load_or_create(path).jwks()
@@ -73,8 +79,8 @@ def _run(args: argparse.Namespace) -> int:
     import logging
     import signal
 
-    from hub.tokens import RevocationCache
-    from streaming.template import Template, TemplateError
+    from beamhub.auth.tokens import RevocationCache
+    from beamhub.streaming.template import Template, TemplateError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     revocations = None
@@ -90,7 +96,7 @@ def _run(args: argparse.Namespace) -> int:
         revocations.start()
 
     async def serve() -> int:
-        from streaming.dsn import DataStreamingNode
+        from beamhub.streaming.dsn import DataStreamingNode
 
         node = DataStreamingNode(
             verifier,

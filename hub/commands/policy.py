@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _test(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from hub.policy import ACTIONS, PolicyError, PolicyRequest, load_policy
+    from beamhub.hub.gateway.policy import ACTIONS, PolicyError, PolicyRequest, load_policy
 
     try:
         policy = load_policy(args.rules)
@@ -84,7 +84,7 @@ def _test(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from hub.policy import PolicyError, load_policy
+    from beamhub.hub.gateway.policy import PolicyError, load_policy
 
     try:
         policy = load_policy(args.rules)

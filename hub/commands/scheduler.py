@@ -60,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _tier_set(args: argparse.Namespace):
-    from kernels.tiers import load_tiers
+    from beamhub.kernels.tiers import load_tiers
 
     return load_tiers(args.tiers)
 
@@ -69,13 +69,13 @@ def _scheduler_dir():
     """Where the spawner's scheduler keeps its databases (same rule as kernels.placement)."""
     from pathlib import Path
 
-    from hub.cli import state_dir
+    from beamhub.auth.home import state_dir
 
     return Path(os.environ.get("BEAMHUB_SCHEDULER_STATE_DIR") or state_dir() / "scheduler")
 
 
 def _book(args: argparse.Namespace):
-    from kernels.reservations import ReservationBook
+    from beamhub.kernels.reservations import ReservationBook
 
     admins = os.environ.get("BEAMHUB_SCHEDULER_ADMINS")
     return ReservationBook(
@@ -113,12 +113,12 @@ def _iso(t: float | None) -> str:
 
 
 def _tiers(args: argparse.Namespace) -> int:
-    from kernels.scheduler import SchedulerError
+    from beamhub.kernels.scheduler import SchedulerError
 
     try:
         tiers = _tier_set(args)
         if args.slurm:
-            from kernels.slurm_text import partition_lines
+            from beamhub.kernels.slurm_text import partition_lines
 
             print("\n".join(partition_lines(tiers)))
             return 0
@@ -141,7 +141,7 @@ def _tiers(args: argparse.Namespace) -> int:
 
 
 def _request(args: argparse.Namespace) -> int:
-    from kernels.scheduler import SchedulerError
+    from beamhub.kernels.scheduler import SchedulerError
 
     try:
         start, end = _when(args.start), _when(args.end)
@@ -159,7 +159,7 @@ def _request(args: argparse.Namespace) -> int:
 
 
 def _decide(args: argparse.Namespace) -> int:
-    from kernels.scheduler import SchedulerError
+    from beamhub.kernels.scheduler import SchedulerError
 
     book = _book(args)
     try:
@@ -193,10 +193,10 @@ def _list_windows(args: argparse.Namespace) -> int:
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    from kernels.scheduler import SchedulerError
+    from beamhub.kernels.scheduler import SchedulerError
 
     if args.backend == "local":
-        from kernels.local import read_jobs
+        from beamhub.kernels.local import read_jobs
 
         db = _scheduler_dir() / "local-jobs.sqlite"
         jobs = read_jobs(db) if db.exists() else []
@@ -205,7 +205,7 @@ def _jobs(args: argparse.Namespace) -> int:
     else:
         import asyncio
 
-        from kernels.slurm import SlurmBackend
+        from beamhub.kernels.slurm import SlurmBackend
 
         async def listing():
             backend = SlurmBackend()

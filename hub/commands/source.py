@@ -45,8 +45,8 @@ class RunningSource:
 def _start(generator: Any, *, stream: str, connect: str | None, bind: str | None,
            control_port: int | None, run: bool, verifier: Any = None, project: str | None = None,
            curve: Any = None, sndhwm: int = 16, checksum: bool = True) -> RunningSource:
-    from streaming.source import SourceRunner
-    from streaming.source_control import start_control_thread
+    from beamhub.streaming.source import SourceRunner
+    from beamhub.streaming.source_control import start_control_thread
 
     runner = SourceRunner(generator, stream=stream, connect=connect, bind=bind, curve=curve,
                           sndhwm=sndhwm, checksum=checksum).start()
@@ -83,9 +83,9 @@ def start_simulated_source(
     """Start a simulated detector in this process (``control_port=None``: no control endpoint).
 
     ``params`` are initial steerable values (``rate_hz``, ``hit_fraction``, ...); a bad one raises
-    :class:`streaming.params.ParamError` naming it.
+    :class:`beamhub.streaming.params.ParamError` naming it.
     """
-    from streaming.simulator import SimulatedDetector
+    from beamhub.streaming.simulator import SimulatedDetector
 
     generator = SimulatedDetector(shape, seed=seed, **params)
     return _start(generator, stream=stream, connect=connect, bind=bind, control_port=control_port,
@@ -110,7 +110,7 @@ def start_replay_source(
     **params: Any,
 ) -> RunningSource:
     """Start a file replay in this process; ``params``: ``rate_hz``, ``loop``."""
-    from streaming.replay import ReplaySource
+    from beamhub.streaming.replay import ReplaySource
 
     generator = ReplaySource(path, dataset, **params)
     try:
@@ -170,7 +170,7 @@ def _curve_keys(args: argparse.Namespace) -> Any:
         return None
     import zmq.auth
 
-    from streaming.source import CurveKeys
+    from beamhub.streaming.source import CurveKeys
 
     server = args.curve_server_key
     if server is not None and len(server) != 40:
@@ -193,7 +193,7 @@ def _verifier(args: argparse.Namespace) -> Any:
         return None
     if args.jwks is None or args.project is None:
         raise ValueError("--jwks and --project go together (both protect the control endpoint)")
-    from hub.tokens import TokenVerifier, load_jwks
+    from beamhub.auth.tokens import TokenVerifier, load_jwks
 
     return TokenVerifier(load_jwks(args.jwks))
 

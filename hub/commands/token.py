@@ -35,13 +35,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _key_path():
-    from hub.cli import state_dir
+    from beamhub.auth.home import state_dir
 
     return state_dir() / "signing-key.pem"
 
 
 def _issuer(max_ttl: int = 86400):
-    from hub.tokens import SigningKey, TokenIssuer
+    from beamhub.auth.tokens import SigningKey, TokenIssuer
 
     key = SigningKey.load_or_create(_key_path())
     return TokenIssuer(key, max_ttl=max_ttl)

@@ -25,9 +25,9 @@ def _run(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from hub.cli import state_dir
-    from hub.deployment import DeploymentError, load_deployment
-    from hub.uplock import AlreadyRunning, UpLock
+    from beamhub.auth.home import state_dir
+    from beamhub.hub.up.deployment import DeploymentError, load_deployment
+    from beamhub.hub.up.lock import AlreadyRunning, UpLock
 
     try:
         dep = load_deployment(args.config)
@@ -58,7 +58,7 @@ async def _serve(dep, state, lock) -> int:
     import asyncio
     import signal
 
-    from hub.stack import Stack, StackError
+    from beamhub.hub.up.stack import Stack, StackError
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

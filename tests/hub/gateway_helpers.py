@@ -11,12 +11,12 @@ from typing import Any
 
 from tornado.httpclient import AsyncHTTPClient
 
-from hub.audit import AuditLog
-from hub.gateway import Gateway
-from hub.ratelimit import Limit, RateLimiter
-from hub.tokens import SigningKey, TokenIssuer, TokenVerifier
-from kernels.reservations import ReservationBook
-from streaming.dsn import DataStreamingNode
+from beamhub.auth.tokens import SigningKey, TokenIssuer, TokenVerifier
+from beamhub.hub.gateway.app import Gateway
+from beamhub.hub.gateway.audit import AuditLog
+from beamhub.hub.gateway.ratelimit import Limit, RateLimiter
+from beamhub.kernels.reservations import ReservationBook
+from beamhub.streaming.dsn import DataStreamingNode
 
 ALL_SCOPES = "stream.read stream.publish steer reserve jobs dashboard"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hub.audit import GENESIS, AuditError, AuditLog, record_hash, verify_log
+from beamhub.hub.gateway.audit import GENESIS, AuditError, AuditLog, record_hash, verify_log
 
 
 def write_records(path: Path, n: int, **kw) -> None:
@@ -111,7 +111,7 @@ def test_unknown_field_and_token_are_refused(tmp_path: Path) -> None:
 
 def run_cli(log: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "hub.cli", "audit", "verify", str(log)],
+        [sys.executable, "-m", "beamhub.hub.cli", "audit", "verify", str(log)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
 

@@ -12,10 +12,10 @@ import pytest
 import requests
 from traitlets import TraitError
 
-from hub.authenticator import BeamhubAuthenticator, MfaRequired, NoProject
-from hub.deployment import UserSpec
-from hub.idp import EmbeddedIdP
-from hub.tokens import SigningKey, TokenVerifier
+from beamhub.auth.tokens import SigningKey, TokenVerifier
+from beamhub.hub.authenticator import BeamhubAuthenticator, MfaRequired, NoProject
+from beamhub.hub.up.deployment import UserSpec
+from beamhub.hub.up.idp import EmbeddedIdP
 
 
 def _auth(tmp_path: Path, **kw) -> BeamhubAuthenticator:

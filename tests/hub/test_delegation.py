@@ -9,7 +9,7 @@ import jwt
 import pytest
 import requests
 
-from hub.token_client import RefreshError, TokenRefresher
+from beamhub.auth.token_client import RefreshError, TokenRefresher
 from tests.hub.hubstack import RunningStack, login, server_env, spawn
 
 pytestmark = pytest.mark.timeout(180)

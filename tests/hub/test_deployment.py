@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hub.deployment import DeploymentError, default_deployment_path, load_deployment
+from beamhub.hub.up.deployment import DeploymentError, default_deployment_path, load_deployment
 
 ROOT = Path(__file__).resolve().parents[2]
 

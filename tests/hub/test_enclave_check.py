@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hub.enclave import ENCLAVE_NAMES, EnclaveError, load_profile, parse_profile
+from beamhub.hub.enclave import ENCLAVE_NAMES, EnclaveError, load_profile, parse_profile
 
 REPO = Path(__file__).resolve().parents[2]
 MODERATE_TEMPLATE = REPO / "streaming" / "templates" / "moderate.yaml"
@@ -18,7 +18,7 @@ MODERATE_TEMPLATE = REPO / "streaming" / "templates" / "moderate.yaml"
 
 def beamhub_check(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "hub.cli", "check", *args],
+        [sys.executable, "-m", "beamhub.hub.cli", "check", *args],
         capture_output=True, text=True, timeout=60, cwd=REPO,
     )  # fmt: skip
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from hub.audit import verify_log
-from hub.gateway import load_openapi
+from beamhub.hub.gateway.app import load_openapi
+from beamhub.hub.gateway.audit import verify_log
 from tests.hub.gateway_helpers import ALL_SCOPES, Keys, call, running_gateway
 
 pytestmark = pytest.mark.timeout(60)
@@ -78,7 +78,7 @@ async def test_policy_denial_names_the_rule(keys: Keys, tmp_path: Path) -> None:
         "  - {id: no-mallory, effect: deny, actions: ['*'], who: {users: [mallory]},"
         " description: mallory is suspended}\n"
     )
-    from hub.policy import load_policy
+    from beamhub.hub.gateway.policy import load_policy
 
     async with running_gateway(keys, tmp_path, policy=load_policy(rules)) as s:
         viewer = keys.token("vera", "p1", "stream.read")
@@ -179,7 +179,7 @@ async def test_audit_chain_verifies_and_a_flipped_byte_is_found(keys: Keys, tmp_
     s.audit_path.write_bytes(bytes(data))
     result = verify_log(s.audit_path)
     assert not result.ok and result.line == 3 and result.records == 2
-    cli = subprocess.run([sys.executable, "-m", "hub.cli", "audit", "verify", str(s.audit_path)],
+    cli = subprocess.run([sys.executable, "-m", "beamhub.hub.cli", "audit", "verify", str(s.audit_path)],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert cli.returncode == 1 and "BROKEN at line 3" in cli.stdout
 
@@ -289,7 +289,7 @@ def test_service_process_revocation_and_sigterm(tmp_path: Path) -> None:
     import threading
     import urllib.request
 
-    from hub.tokens import SigningKey, TokenIssuer
+    from beamhub.auth.tokens import SigningKey, TokenIssuer
 
     key = SigningKey.load_or_create(tmp_path / "signing-key.pem")
     issuer = TokenIssuer(key)
@@ -317,7 +317,7 @@ def test_service_process_revocation_and_sigterm(tmp_path: Path) -> None:
         os.environ, BEAMHUB_HOME=str(tmp_path), JUPYTERHUB_SERVICE_PREFIX="/services/gateway/"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hub.gateway", "--deployment", str(deployment), "--port", "0",
+        [sys.executable, "-m", "beamhub.hub.gateway.app", "--deployment", str(deployment), "--port", "0",
          "--revoked-url", f"http://127.0.0.1:{server.server_port}/revoked"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
@@ -364,9 +364,9 @@ async def test_jobs_run_at_the_beamtime_tier_once_the_window_is_approved(
 ) -> None:
     """Gateway → kernels.local.LocalBackend (real processes) whose tier policy reads the same
     ReservationBook the gateway's approval step writes."""
-    from kernels.local import LocalBackend
-    from kernels.reservations import ReservationBook
-    from kernels.tiers import TierPolicy
+    from beamhub.kernels.local import LocalBackend
+    from beamhub.kernels.reservations import ReservationBook
+    from beamhub.kernels.tiers import TierPolicy
 
     book = ReservationBook(tmp_path / "windows.db", admins=["admin"])
     sched = LocalBackend(tmp_path / "jobs.db", nodes=2, policy=TierPolicy(reservations=book),
@@ -417,9 +417,9 @@ async def test_jobs_run_at_the_beamtime_tier_once_the_window_is_approved(
 
 def test_openapi_is_the_single_source_of_routes_and_schemas() -> None:
     """Every documented operation has an implementation; the channel schema is the DSN's."""
-    from hub.gateway_ops import Operations
-    from hub.policy import ACTIONS
-    from streaming.template import REQUEST_FIELDS
+    from beamhub.hub.gateway.ops import Operations
+    from beamhub.hub.gateway.policy import ACTIONS
+    from beamhub.streaming.template import REQUEST_FIELDS
 
     doc = load_openapi()
     table = Operations.__new__(Operations)
@@ -456,7 +456,7 @@ async def test_steering_needs_the_steer_scope_and_reaches_the_dsn(
 @pytest.mark.timeout(90)
 def test_bench_gateway_prints_the_agreed_json() -> None:
     res = subprocess.run(
-        [sys.executable, "-m", "bench.gateway", "--json", "--rounds", "2", "--seconds", "0.1"],
+        [sys.executable, "-m", "beamhub.bench.gateway", "--json", "--rounds", "2", "--seconds", "0.1"],
         capture_output=True, text=True, timeout=80,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
@@ -472,7 +472,7 @@ def test_start_and_stop_on_a_background_thread(keys: Keys) -> None:
     import socket
     import urllib.request
 
-    from hub.gateway import Gateway
+    from beamhub.hub.gateway.app import Gateway
 
     gateway = Gateway(keys.verifier)
     url = gateway.start(port=0)

@@ -11,7 +11,7 @@ import psutil
 import pytest
 import requests
 
-from kernels.jobs_api import ACT_FOR_SCOPE
+from beamhub.kernels.jobs_api import ACT_FOR_SCOPE
 from tests.hub.conftest import DEV_MAINTENANCE
 from tests.hub.hubstack import RunningStack, login, process_env
 
@@ -133,7 +133,7 @@ def test_only_the_gateway_may_name_another_user(dev_stack: RunningStack) -> None
     assert r.status_code == 200
     # the gateway service's own hub token holds the act-for scope and no admin scope
     (gateway,) = [p for p in psutil.Process(dev_stack.proc.pid).children(recursive=True)
-                  if "hub.gateway" in " ".join(p.cmdline())]  # fmt: skip
+                  if "beamhub.hub.gateway.app" in " ".join(p.cmdline())]  # fmt: skip
     service = {"Authorization": f"token {process_env(gateway.pid)['JUPYTERHUB_API_TOKEN']}"}
     scopes = requests.get(dev_stack.hub + "api/user", headers=service, timeout=10).json()["scopes"]
     assert ACT_FOR_SCOPE in scopes and not any(s.startswith("admin") for s in scopes), scopes

@@ -8,7 +8,7 @@ import jwt
 import pytest
 import requests
 
-from hub.tokens import TokenVerifier
+from beamhub.auth.tokens import TokenVerifier
 from tests.hub.hubstack import RunningStack, login, server_env, spawn
 
 pytestmark = pytest.mark.timeout(180)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hub.policy import PolicyError, PolicyRequest, load_policy, parse_policy
+from beamhub.hub.gateway.policy import PolicyError, PolicyRequest, load_policy, parse_policy
 
 
 def req(action: str, **kw) -> PolicyRequest:
@@ -122,7 +122,7 @@ def test_validation_names_the_field(doc, needle: str) -> None:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "hub.cli", "policy", *args],
+        [sys.executable, "-m", "beamhub.hub.cli", "policy", *args],
         capture_output=True,
         text=True,
         timeout=60,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hub.ratelimit import Limit, RateLimiter
+from beamhub.hub.gateway.ratelimit import Limit, RateLimiter
 
 
 class FakeClock:

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from hub.tokens import RevocationCache, SigningKey, TokenError, TokenIssuer, TokenVerifier
+from beamhub.auth.tokens import RevocationCache, SigningKey, TokenError, TokenIssuer, TokenVerifier
 
 
 class _ListServer:

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from hub.token_client import RefreshError, TokenRefresher
-from hub.tokens import SigningKey, TokenIssuer
+from beamhub.auth.token_client import RefreshError, TokenRefresher
+from beamhub.auth.tokens import SigningKey, TokenIssuer
 
 
 def test_from_env_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,7 +11,7 @@ import time
 import jwt
 import pytest
 
-from hub.tokens import SigningKey, TokenError, TokenIssuer, TokenVerifier
+from beamhub.auth.tokens import SigningKey, TokenError, TokenIssuer, TokenVerifier
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_key_round_trips_through_a_private_file(tmp_path):
 def test_processes_starting_together_get_one_key(tmp_path):
     """The hub, token service and DSN may create the key at once: all must load the same one."""
     path = tmp_path / "k.pem"
-    code = "import sys; from hub.tokens import SigningKey; print(SigningKey.load_or_create(sys.argv[1]).kid)"
+    code = "import sys; from beamhub.auth.tokens import SigningKey; print(SigningKey.load_or_create(sys.argv[1]).kid)"
     procs = [subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
              for _ in range(4)]  # fmt: skip
     kids = {p.communicate(timeout=30)[0].strip() for p in procs}
@@ -155,7 +155,7 @@ def test_processes_starting_together_get_one_key(tmp_path):
 
 
 def test_cli_issues_a_token_the_jwks_verifies(beamhub_home):
-    run = [sys.executable, "-m", "hub.cli", "token"]
+    run = [sys.executable, "-m", "beamhub.hub.cli", "token"]
     token = subprocess.run(
         [*run, "issue", "--project", "p-9", "--scope", "stream.read", "--ttl", "30"],
         check=True,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from hub.uplock import AlreadyRunning, UpLock
+from beamhub.hub.up.lock import AlreadyRunning, UpLock
 from tests.hub.hubstack import BEAMHUB, RunningStack
 
 pytestmark = pytest.mark.timeout(180)

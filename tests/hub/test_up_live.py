@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from hub.deployment import DeploymentError, load_deployment
-from hub.live_figures import LiveFigures
-from streaming.simulator import SimulatedDetector
-from streaming.source import SourceRunner
+from beamhub.hub.up.deployment import DeploymentError, load_deployment
+from beamhub.hub.up.live_figures import LiveFigures
+from beamhub.streaming.simulator import SimulatedDetector
+from beamhub.streaming.source import SourceRunner
 from tests.hub.hubstack import RunningStack, login
 from tests.streaming.dsn_helpers import Tokens, api, running_dsn, wait_until
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from kernels.projects import ProjectDirectory
-from kernels.reservations import ReservationBook
-from kernels.tiers import DEFAULT_TIERS, TierPolicy
+from beamhub.kernels.projects import ProjectDirectory
+from beamhub.kernels.reservations import ReservationBook
+from beamhub.kernels.tiers import DEFAULT_TIERS, TierPolicy
 
 REPO = Path(__file__).resolve().parents[2]
 START = REPO / "scripts" / "slurm" / "start.sh"

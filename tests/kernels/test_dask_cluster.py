@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.hubproc import Hub
-from kernels.dask_cluster import start_dask
-from kernels.local import read_jobs
-from kernels.placement import SchedulerConfig
+from beamhub.bench.hubproc import Hub
+from beamhub.kernels.dask_cluster import start_dask
+from beamhub.kernels.local import read_jobs
+from beamhub.kernels.placement import SchedulerConfig
 
 PROJECTS = """
 projects:
@@ -140,7 +140,7 @@ def test_workers_end_with_the_kernel_that_started_them(in_erins_server):
     hub = in_erins_server
     before = set(worker_jobs(hub))
     script = (
-        "from kernels.dask_cluster import start_dask\n"
+        "from beamhub.kernels.dask_cluster import start_dask\n"
         "client = start_dask(1, timeout=60, memory_mb=256)\n"
         "assert client.submit(lambda: 6 * 7).result(timeout=30) == 42\n"
         "print(client.cluster.job_ids()[0])\n"

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from kernels.local import LocalBackend, VirtualNode
-from kernels.scheduler import JobSpec, JobState, SchedulerError
-from kernels.tiers import TierPolicy, load_tiers
+from beamhub.kernels.local import LocalBackend, VirtualNode
+from beamhub.kernels.scheduler import JobSpec, JobState, SchedulerError
+from beamhub.kernels.tiers import TierPolicy, load_tiers
 
 PY = sys.executable
 DONE = {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.PREEMPTED}
@@ -159,8 +159,8 @@ async def test_preempted_batch_job_is_requeued_and_completes_with_output_intact(
 
 FIRST_SCHEDULER = textwrap.dedent("""
     import asyncio, json, sys
-    from kernels.local import LocalBackend
-    from kernels.scheduler import JobSpec, JobState
+    from beamhub.kernels.local import LocalBackend
+    from beamhub.kernels.scheduler import JobSpec, JobState
     async def main():
         sched = LocalBackend(sys.argv[1], nodes=2)
         job = await sched.submit(JobSpec(name="nb", project="p", user="u", tier="interactive",
@@ -299,7 +299,7 @@ async def test_multi_node_job_holds_every_node_it_asked_for(backend):
 
 def test_job_store_is_owner_only(tmp_path):
     """Job specs keep their env (spawned servers' API tokens): the database is mode 0600."""
-    from kernels.local_store import LocalJobStore
+    from beamhub.kernels.local_store import LocalJobStore
 
     LocalJobStore(tmp_path / "jobs.db")
     assert (tmp_path / "jobs.db").stat().st_mode & 0o777 == 0o600

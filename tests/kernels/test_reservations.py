@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kernels.reservations import ReservationBook
-from kernels.scheduler import SchedulerError
+from beamhub.kernels.reservations import ReservationBook
+from beamhub.kernels.scheduler import SchedulerError
 
 T0 = 2_000_000_000.0
 
@@ -141,8 +141,8 @@ def test_cli_job_listing_leaves_out_the_env(tmp_path):
     """A job's env may hold a spawned server's API tokens: `scheduler jobs --json` omits it."""
     import json
 
-    from kernels.local_store import LocalJob, LocalJobStore
-    from kernels.scheduler import JobSpec
+    from beamhub.kernels.local_store import LocalJob, LocalJobStore
+    from beamhub.kernels.scheduler import JobSpec
 
     spec = JobSpec(name="srv", project="lcls01", user="alice", tier="interactive",
                    argv=["true"], env={"JUPYTERHUB_API_TOKEN": "s3cr3t"})  # fmt: skip

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from kernels.placement import SchedulerConfig
+from beamhub.kernels.placement import SchedulerConfig
 
 
 @pytest.mark.timeout(30)
@@ -23,7 +23,7 @@ def test_report_names_the_port_the_server_then_binds(tmp_path):
     env = {**os.environ, "BEAMHUB_BIND_IP": "127.0.0.1", "BEAMHUB_NODE": "n7",
            "JUPYTERHUB_SERVICE_URL": "http://127.0.0.1:0/user/x/"}  # fmt: skip
     done = subprocess.run(
-        [sys.executable, "-m", "kernels.serverjob", str(report), "--", sys.executable, "-c", probe],
+        [sys.executable, "-m", "beamhub.kernels.serverjob", str(report), "--", sys.executable, "-c", probe],
         capture_output=True, text=True, timeout=20, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -37,7 +37,7 @@ def test_report_names_the_port_the_server_then_binds(tmp_path):
 def test_missing_command_dies_before_any_report(tmp_path):
     report = tmp_path / "port.json"
     done = subprocess.run(
-        [sys.executable, "-m", "kernels.serverjob", str(report), "--", "/nonexistent/server"],
+        [sys.executable, "-m", "beamhub.kernels.serverjob", str(report), "--", "/nonexistent/server"],
         capture_output=True, text=True, timeout=20,
     )  # fmt: skip
     assert done.returncode == 127
@@ -71,7 +71,7 @@ def test_job_env_round_trips_the_scheduler_config():
 def test_options_form_offers_only_the_users_projects(tmp_path):
     from types import SimpleNamespace
 
-    from kernels.spawner import ReservedNodeSpawner
+    from beamhub.kernels.spawner import ReservedNodeSpawner
 
     (tmp_path / "p.yaml").write_text(
         "projects:\n  a: {tiers: [batch], members: [ann]}\n"
@@ -98,9 +98,9 @@ def test_backend_options_typo_is_refused_naming_the_option(tmp_path):
 
     from traitlets import TraitError
 
-    from kernels.placement import check_backend_options
-    from kernels.scheduler import SchedulerError
-    from kernels.spawner import ReservedNodeSpawner
+    from beamhub.kernels.placement import check_backend_options
+    from beamhub.kernels.scheduler import SchedulerError
+    from beamhub.kernels.spawner import ReservedNodeSpawner
 
     with pytest.raises(TraitError, match=r"'nodez' not known to the local backend; it takes"):
         ReservedNodeSpawner(user=SimpleNamespace(name="ann"), backend_options={"nodez": 3})

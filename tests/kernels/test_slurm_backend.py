@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from kernels.scheduler import JobSpec, JobState, SchedulerError
-from kernels.slurm import SlurmBackend
+from beamhub.kernels.scheduler import JobSpec, JobState, SchedulerError
+from beamhub.kernels.slurm import SlurmBackend
 
 pytestmark = pytest.mark.slurm
 PY = sys.executable

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from kernels.scheduler import JobSpec, JobState, SchedulerError
-from kernels.slurm_text import (
+from beamhub.kernels.scheduler import JobSpec, JobState, SchedulerError
+from beamhub.kernels.slurm_text import (
     SQUEUE_FIELDS,
     batch_script,
     parse_comment,
@@ -20,7 +20,7 @@ from kernels.slurm_text import (
     sbatch_argv,
     slurm_state,
 )
-from kernels.tiers import DEFAULT_TIERS, load_tiers
+from beamhub.kernels.tiers import DEFAULT_TIERS, load_tiers
 
 
 def spec(**kw) -> JobSpec:
@@ -181,7 +181,7 @@ class ScriptedSqueue:
 
 
 def _info(job_id, state, node=None, requeues=0, start=None):
-    from kernels.scheduler import JobInfo
+    from beamhub.kernels.scheduler import JobInfo
 
     return JobInfo(job_id=job_id, spec=None, state=state, node=node, requeues=requeues,
                    start_time=start)
@@ -189,7 +189,7 @@ def _info(job_id, state, node=None, requeues=0, start=None):
 
 @pytest.mark.parametrize("victim_seen_late", [False, True])
 async def test_events_name_the_preemptor_not_the_completing_victim(victim_seen_late):
-    from kernels.slurm import SlurmBackend
+    from beamhub.kernels.slurm import SlurmBackend
 
     backend = SlurmBackend(poll_interval=0.2)
     R, P = JobState.RUNNING, JobState.PENDING

@@ -9,9 +9,9 @@ import urllib.request
 
 import pytest
 
-from bench.hubproc import Hub
-from kernels.local import read_jobs
-from kernels.reservations import ReservationBook
+from beamhub.bench.hubproc import Hub
+from beamhub.kernels.local import read_jobs
+from beamhub.kernels.reservations import ReservationBook
 
 PROJECTS = """
 projects:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from kernels.projects import ProjectDirectory
-from kernels.reservations import ReservationBook
-from kernels.scheduler import JobSpec, SchedulerError
-from kernels.tiers import DEFAULT_TIERS, TierPolicy, load_tiers
+from beamhub.kernels.projects import ProjectDirectory
+from beamhub.kernels.reservations import ReservationBook
+from beamhub.kernels.scheduler import JobSpec, SchedulerError
+from beamhub.kernels.tiers import DEFAULT_TIERS, TierPolicy, load_tiers
 
 T0 = 2_000_000_000.0  # a fixed clock: windows below are relative to it
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import zmq
 
-from streaming.dataplane import DataPlane
+from beamhub.streaming.dataplane import DataPlane
 
 from .dataplane_helpers import Receiver, dataplane_threads, no_dsn_threads
 

@@ -10,8 +10,8 @@ from dataclasses import replace
 import numpy as np
 import zmq
 
-from streaming.dataplane import ChannelSpec
-from streaming.wire import Frame, FrameHeader, recv_frame, send_frame
+from beamhub.streaming.dataplane import ChannelSpec
+from beamhub.streaming.wire import Frame, FrameHeader, recv_frame, send_frame
 
 __all__ = [
     "dataplane_threads",

@@ -15,7 +15,7 @@ from typing import Any
 import jwt
 from tornado.httpclient import AsyncHTTPClient
 
-from hub.tokens import (
+from beamhub.auth.tokens import (
     ALGORITHM,
     DEFAULT_AUDIENCE,
     DEFAULT_ISSUER,
@@ -23,8 +23,8 @@ from hub.tokens import (
     TokenIssuer,
     TokenVerifier,
 )
-from streaming.dsn import DataStreamingNode
-from streaming.template import Template
+from beamhub.streaming.dsn import DataStreamingNode
+from beamhub.streaming.template import Template
 
 __all__ = [
     "Tokens",

@@ -11,11 +11,11 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from streaming.analysis import Analyzer, FrameResult, RunningStats, analyse_stream
-from streaming.consumer import StreamConsumer
-from streaming.params import ParamError
-from streaming.simulator import SimulatedDetector
-from streaming.wire import Frame, FrameHeader, send_frame
+from beamhub.streaming.analysis import Analyzer, FrameResult, RunningStats, analyse_stream
+from beamhub.streaming.consumer import StreamConsumer
+from beamhub.streaming.params import ParamError
+from beamhub.streaming.simulator import SimulatedDetector
+from beamhub.streaming.wire import Frame, FrameHeader, send_frame
 
 SHAPE = (384, 384)
 
@@ -198,7 +198,7 @@ def _wait_handshakes(monitor, n, timeout=30.0):
 
 @pytest.mark.timeout(150)
 def test_dask_workers_pull_their_own_frames_and_follow_a_broadcast(dask_client):
-    from streaming.analysis_dask import AnalysisSession
+    from beamhub.streaming.analysis_dask import AnalysisSession
 
     phase1 = make_frames(30, seed=21)
     phase2 = make_frames(30, seed=22, first_seq=30)
@@ -239,7 +239,7 @@ def test_dask_workers_pull_their_own_frames_and_follow_a_broadcast(dask_client):
 
 @pytest.mark.timeout(60)
 def test_dask_session_refuses_bad_requests_by_name(dask_client):
-    from streaming.analysis_dask import AnalysisSession
+    from beamhub.streaming.analysis_dask import AnalysisSession
 
     factory = functools.partial(StreamConsumer, "tcp://127.0.0.1:1")
     with pytest.raises(ValueError, match="workers: asked for 5"):
@@ -262,7 +262,7 @@ def test_dask_session_refuses_bad_requests_by_name(dask_client):
 def test_bench_analysis_prints_the_agreed_json(capsys):
     import json
 
-    from bench.analysis import main
+    from beamhub.bench.analysis import main
 
     assert main(["--json", "--frames", "6", "--pool", "3", "--repeats", "1", "--workers", "1"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -276,7 +276,7 @@ def test_bench_analysis_prints_the_agreed_json(capsys):
 
 @pytest.mark.timeout(60)
 def test_a_failing_worker_task_surfaces_in_poll_and_stop(dask_client):
-    from streaming.analysis_dask import AnalysisSession
+    from beamhub.streaming.analysis_dask import AnalysisSession
 
     session = AnalysisSession(dask_client, functools.partial(StreamConsumer, "no-endpoint"),
                               workers=1)

@@ -12,7 +12,7 @@ import pytest
 @pytest.mark.timeout(120)
 def test_bench_stream_quick_json_shape():
     proc = subprocess.run(
-        [sys.executable, "-m", "hub.cli", "bench", "stream", "--quick", "--repeats", "1", "--json"],
+        [sys.executable, "-m", "beamhub.hub.cli", "bench", "stream", "--quick", "--repeats", "1", "--json"],
         capture_output=True,
         text=True,
         timeout=110,
@@ -35,7 +35,7 @@ def test_bench_stream_quick_json_shape():
 
 def test_bench_refuses_unknown_path():
     proc = subprocess.run(
-        [sys.executable, "-m", "hub.cli", "bench", "stream", "--paths", "carrier-pigeon"],
+        [sys.executable, "-m", "beamhub.hub.cli", "bench", "stream", "--paths", "carrier-pigeon"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import zmq
 
-from streaming.consumer import ChannelLookupError, StreamConsumer
+from beamhub.streaming.consumer import ChannelLookupError, StreamConsumer
 
 from .dataplane_helpers import frame_ok, send_frames, wait_for
 
@@ -201,7 +201,7 @@ def test_cli_consume_json(producer, dsn_api):
         [
             sys.executable,
             "-m",
-            "hub.cli",
+            "beamhub.hub.cli",
             "consume",
             "--dsn",
             dsn_api,
@@ -234,7 +234,7 @@ def test_cli_consume_json(producer, dsn_api):
 
 def test_cli_refuses_missing_token(dsn_api, monkeypatch):
     monkeypatch.delenv("BEAMHUB_TOKEN", raising=False)
-    from hub.cli import main
+    from beamhub.hub.cli import main
 
     assert main(["consume", "--dsn", dsn_api, "--channel", "c1", "--count", "1"]) == 2
 
@@ -244,7 +244,7 @@ def test_cli_stops_cleanly_on_sigterm(producer):
     import signal
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hub.cli", "consume", "--endpoint", ep(producer), "--json"],
+        [sys.executable, "-m", "beamhub.hub.cli", "consume", "--endpoint", ep(producer), "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -269,7 +269,7 @@ def test_cli_stops_cleanly_on_sigterm(producer):
 def test_cli_consumes_an_encrypted_channel(tmp_path, ctx):
     import zmq.auth
 
-    from streaming.dataplane import DataPlane
+    from beamhub.streaming.dataplane import DataPlane
 
     from .dataplane_helpers import make_spec
 
@@ -289,7 +289,7 @@ def test_cli_consumes_an_encrypted_channel(tmp_path, ctx):
             [
                 sys.executable,
                 "-m",
-                "hub.cli",
+                "beamhub.hub.cli",
                 "consume",
                 "--endpoint",
                 channel.work,

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import zmq
 
-from streaming.wire import recv_frame
+from beamhub.streaming.wire import recv_frame
 
 from .dataplane_helpers import (
     frame_ok,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import zmq
 
-from streaming.wire import FrameHeader, send_frame
+from beamhub.streaming.wire import FrameHeader, send_frame
 from tests.streaming.dsn_helpers import (
     Tokens,
     api,
@@ -188,7 +188,7 @@ async def test_health_template_and_unknown_routes(tokens: Tokens) -> None:
 
 async def test_concurrent_creates_respect_the_channel_bound(tokens: Tokens) -> None:
     """Creates racing on the event loop (provisioning runs on a thread) cannot exceed the bound."""
-    from streaming.template import Template
+    from beamhub.streaming.template import Template
 
     bounded = Template.from_mapping({**Template.load().describe(), "max_channels_per_project": 3,
                                      "hwm": {"min": 1, "max": 100, "default": 10},
@@ -231,7 +231,7 @@ async def test_beamhub_dsn_command_serves_and_stops_cleanly(tmp_path) -> None:
 
     env = {**os.environ, "BEAMHUB_HOME": str(tmp_path)}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "hub.cli", "dsn", "--port", "0", "--revocations", revoked_url,
+        sys.executable, "-m", "beamhub.hub.cli", "dsn", "--port", "0", "--revocations", revoked_url,
         "--revocation-poll", "0.2", env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
@@ -245,7 +245,7 @@ async def test_beamhub_dsn_command_serves_and_stops_cleanly(tmp_path) -> None:
 
         async def issue() -> str:
             cmd = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "hub.cli", "token", "issue", "--project", "p9", "--scope",
+                sys.executable, "-m", "beamhub.hub.cli", "token", "issue", "--project", "p9", "--scope",
                 "stream.publish stream.read", "--ttl", "60", env=env,
                 stdout=asyncio.subprocess.PIPE)
             out = (await asyncio.wait_for(cmd.communicate(), 20))[0].decode().strip()

@@ -12,8 +12,8 @@ import pytest
 import zmq
 from tornado.httpclient import AsyncHTTPClient
 
-from streaming.template import TEMPLATE_DIR, Template
-from streaming.wire import FrameHeader, recv_frame, send_frame
+from beamhub.streaming.template import TEMPLATE_DIR, Template
+from beamhub.streaming.wire import FrameHeader, recv_frame, send_frame
 from tests.streaming.dsn_helpers import (
     Tokens,
     api,

@@ -9,10 +9,10 @@ import time
 import pytest
 import zmq
 
-from streaming.consumer import StreamConsumer
-from streaming.dataplane import DataPlane
-from streaming.template import TEMPLATE_DIR, Template, TemplateError, TemplateViolation
-from streaming.wire import decode
+from beamhub.streaming.consumer import StreamConsumer
+from beamhub.streaming.dataplane import DataPlane
+from beamhub.streaming.template import TEMPLATE_DIR, Template, TemplateError, TemplateViolation
+from beamhub.streaming.wire import decode
 from tests.streaming.dataplane_helpers import frame_ok, make_spec, send_frames, wait_stats
 from tests.streaming.dsn_helpers import Tokens, api, running_dsn, wait_until
 

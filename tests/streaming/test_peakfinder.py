@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streaming.params import ParamError
-from streaming.peakfinder import (
+from beamhub.streaming.params import ParamError
+from beamhub.streaming.peakfinder import (
     PEAK_COLUMNS,
     PeakFinderParams,
     find_peaks,
     match_peaks,
     radial_geometry,
 )
-from streaming.simulator import SimulatedDetector
+from beamhub.streaming.simulator import SimulatedDetector
 
 
 def synthetic_frame(shape=(256, 256), spots=(), seed=0, center=None):

@@ -15,8 +15,8 @@ import h5py
 import numpy as np
 import pytest
 
-from hub.commands.source import start_replay_source
-from streaming.replay import ReplayError, ReplaySource
+from beamhub.hub.commands.source import start_replay_source
+from beamhub.streaming.replay import ReplayError, ReplaySource
 
 
 @pytest.fixture
@@ -136,7 +136,7 @@ def test_bad_files_get_clear_errors(tmp_path, h5_file, npy_file):
 
 def _beamhub(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "hub.cli", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "beamhub.hub.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
 
 

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import zmq
 
-from streaming.params import ParamError
-from streaming.simulator import (
+from beamhub.streaming.params import ParamError
+from beamhub.streaming.simulator import (
     BEAMSTOP_RADIUS_PX,
     MIN_SEPARATION_PX,
     SimulatedDetector,
     effective_hit_fraction,
 )
-from streaming.source import SourceRunner
+from beamhub.streaming.source import SourceRunner
 
 from .dataplane_helpers import Receiver
 
@@ -208,7 +208,7 @@ def test_a_full_queue_drops_at_source_and_the_loss_is_visible_downstream():
 
 def test_curve_encrypted_channel_delivers_only_to_the_right_server():
     """A CURVE client source reaches a CURVE server; with a wrong server key nothing arrives."""
-    from streaming.source import CurveKeys
+    from beamhub.streaming.source import CurveKeys
 
     server_public, server_secret = zmq.curve_keypair()
     rx = Receiver()
@@ -245,7 +245,7 @@ def _beamhub(*args: str):
     import sys
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "hub.cli", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "beamhub.hub.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
 
 

@@ -12,10 +12,10 @@ from http.client import HTTPConnection
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
-from hub.commands.source import start_simulated_source
-from hub.tokens import SigningKey, TokenIssuer, TokenVerifier
-from streaming.source import SourceRunner
-from streaming.source_control import SourceControlServer
+from beamhub.auth.tokens import SigningKey, TokenIssuer, TokenVerifier
+from beamhub.hub.commands.source import start_simulated_source
+from beamhub.streaming.source import SourceRunner
+from beamhub.streaming.source_control import SourceControlServer
 
 
 def http(method: str, url: str, body=None, token: str | None = None) -> tuple[int, dict]:
@@ -169,7 +169,7 @@ def test_writes_need_a_steer_token_for_the_project(receiver, keys):
 
 
 async def test_control_server_runs_inside_an_existing_event_loop(receiver):
-    from streaming.simulator import SimulatedDetector
+    from beamhub.streaming.simulator import SimulatedDetector
 
     runner = SourceRunner(SimulatedDetector((128, 128), seed=2, rate_hz=50.0), stream="s",
                           connect=receiver.endpoint, sndhwm=1000).start()

@@ -11,10 +11,10 @@ import logging
 import pytest
 import zmq
 
-from streaming.simulator import SimulatedDetector
-from streaming.source import SourceRunner
-from streaming.source_control import SourceControlServer
-from streaming.wire import recv_frame
+from beamhub.streaming.simulator import SimulatedDetector
+from beamhub.streaming.source import SourceRunner
+from beamhub.streaming.source_control import SourceControlServer
+from beamhub.streaming.wire import recv_frame
 from tests.streaming.dsn_helpers import Tokens, api, free_port, running_dsn
 
 pytestmark = pytest.mark.timeout(60)

@@ -11,7 +11,7 @@ import time
 import pytest
 import zmq
 
-from streaming.consumer import StreamConsumer
+from beamhub.streaming.consumer import StreamConsumer
 
 from .dataplane_helpers import (
     frame_ok,
@@ -89,7 +89,7 @@ def test_several_consumers_one_killed_mid_stream(plane, ctx, mode):
         [
             sys.executable,
             "-m",
-            "hub.cli",
+            "beamhub.hub.cli",
             "consume",
             "--endpoint",
             ep.work,
@@ -201,8 +201,8 @@ def test_slow_monitor_viewer_does_not_stall_work(plane, ctx, mode):
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("mode", MODES)
 def test_simulated_detector_through_the_dsn(plane, mode):
-    from streaming.simulator import SimulatedDetector
-    from streaming.source import SourceRunner
+    from beamhub.streaming.simulator import SimulatedDetector
+    from beamhub.streaming.source import SourceRunner
 
     ep = plane.provision(make_spec(mode, stream="sim", hwm=32, max_frame_bytes=4 << 20))
     workers = [ConsumerThread(ep.work, ep.report, f"sim{i}", hwm=8) for i in range(2)]
@@ -253,7 +253,7 @@ async def test_beamhub_consume_through_the_real_control_plane(ctx, mode):
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "hub.cli",
+            "beamhub.hub.cli",
             "consume",
             "--dsn",
             node.url,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import zmq
 
-from streaming.template import TEMPLATE_DIR, Template, TemplateError, TemplateViolation
+from beamhub.streaming.template import TEMPLATE_DIR, Template, TemplateError, TemplateViolation
 
 KEY = zmq.curve_keypair()[0].decode()
 

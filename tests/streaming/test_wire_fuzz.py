@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from streaming.wire import (
+from beamhub.streaming.wire import (
     ALLOWED_DTYPES,
     MAX_HEADER_BYTES,
     WIRE_VERSION,

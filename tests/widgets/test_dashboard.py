@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from streaming.consumer import StreamConsumer
+from beamhub.streaming.consumer import StreamConsumer
 from tests.hub.hubstack import RunningStack, login
 
 pytestmark = pytest.mark.timeout(120)

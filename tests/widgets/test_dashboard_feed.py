@@ -12,12 +12,12 @@ import time
 import numpy as np
 import pytest
 
-from streaming.consumer import StreamConsumer
-from streaming.simulator import SimulatedDetector
-from streaming.source import SourceRunner
+from beamhub.streaming.consumer import StreamConsumer
+from beamhub.streaming.simulator import SimulatedDetector
+from beamhub.streaming.source import SourceRunner
+from beamhub.widgets.dashboard import Dashboard, StreamMonitor, downsample
+from beamhub.widgets.dashboard_service import build_app, project_roles
 from tests.streaming.dsn_helpers import Tokens, api, running_dsn, wait_until
-from widgets.dashboard import Dashboard, StreamMonitor, downsample
-from widgets.dashboard_service import build_app, project_roles
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -118,7 +118,7 @@ def test_update_rate_is_bounded() -> None:
 
 
 def test_service_refuses_bad_settings_by_name(tmp_path, capsys) -> None:
-    from widgets.dashboard_service import main
+    from beamhub.widgets.dashboard_service import main
 
     base = ["--state-dir", str(tmp_path), "--dsn-url", "http://127.0.0.1:9"]
     assert main([*base, "--analysis", '{"colour": 1}']) == 2

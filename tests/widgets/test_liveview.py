@@ -11,13 +11,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from bench.liveview import IOPUB_MSG_RATE_LIMIT, iopub_rates, measure_liveview
-from bench.steer_stack import SteerStack
-from streaming.analysis import Analyzer, FrameResult
-from streaming.consumer import StreamConsumer
-from streaming.simulator import SimulatedDetector
-from streaming.wire import Frame, FrameHeader
-from widgets.liveview import LiveView, downsample_max
+from beamhub.bench.liveview import IOPUB_MSG_RATE_LIMIT, iopub_rates, measure_liveview
+from beamhub.bench.steer_stack import SteerStack
+from beamhub.streaming.analysis import Analyzer, FrameResult
+from beamhub.streaming.consumer import StreamConsumer
+from beamhub.streaming.simulator import SimulatedDetector
+from beamhub.streaming.wire import Frame, FrameHeader
+from beamhub.widgets.liveview import LiveView, downsample_max
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -195,7 +195,7 @@ def test_from_session_shows_dask_results_and_the_powder_pattern() -> None:
 
     from distributed import Client, LocalCluster
 
-    from streaming.analysis_dask import AnalysisSession
+    from beamhub.streaming.analysis_dask import AnalysisSession
 
     with SteerStack(shape=(256, 256), rate_hz=60.0) as stack, \
             LocalCluster(n_workers=1, threads_per_worker=2, processes=False,

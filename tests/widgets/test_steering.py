@@ -9,11 +9,11 @@ import time
 import ipywidgets as w
 import pytest
 
-from bench.steer_stack import SteerStack
-from streaming.analysis import Analyzer
-from streaming.consumer import StreamConsumer
-from widgets.liveview import LiveView
-from widgets.steering import VIEW_ONLY_NOTE, SteeringPanel, _control_for
+from beamhub.bench.steer_stack import SteerStack
+from beamhub.streaming.analysis import Analyzer
+from beamhub.streaming.consumer import StreamConsumer
+from beamhub.widgets.liveview import LiveView
+from beamhub.widgets.steering import VIEW_ONLY_NOTE, SteeringPanel, _control_for
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from beamhub.auth.home import state_dir
+
 __all__ = ["build_gateway", "main"]
 
 log = logging.getLogger("beamhub.gateway")
@@ -48,19 +50,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _state_dir(args: argparse.Namespace, dep: Any) -> Path:
-    chosen = args.state_dir or os.environ.get("BEAMHUB_HOME") or dep.state_dir
-    return Path(chosen).expanduser() if chosen else Path.home() / ".beamhub"
+    if args.state_dir or os.environ.get("BEAMHUB_HOME") or not dep.state_dir:
+        return Path(args.state_dir).expanduser() if args.state_dir else state_dir()
+    return Path(dep.state_dir).expanduser()
 
 
 def build_gateway(argv: list[str] | None = None) -> tuple[Any, str, int, list[Any]]:
-    """The configured :class:`~hub.gateway.Gateway`, where to listen, and what to close after."""
-    from hub.audit import AuditLog
-    from hub.deployment import load_deployment
-    from hub.enclave import load_profile
-    from hub.gateway import Gateway
-    from hub.policy import load_policy
-    from hub.ratelimit import Limit, RateLimiter
-    from hub.tokens import RevocationCache, SigningKey, TokenVerifier, load_jwks
+    """The configured :class:`~beamhub.hub.gateway.app.Gateway`, where to listen, and what to close after."""
+    from beamhub.auth.tokens import RevocationCache, SigningKey, TokenVerifier, load_jwks
+    from beamhub.hub.enclave import load_profile
+    from beamhub.hub.gateway.app import Gateway
+    from beamhub.hub.gateway.audit import AuditLog
+    from beamhub.hub.gateway.policy import load_policy
+    from beamhub.hub.gateway.ratelimit import Limit, RateLimiter
+    from beamhub.hub.up.deployment import load_deployment
 
     args = _parser().parse_args(argv)
     dep = load_deployment(None if args.deployment in (None, EMBEDDED) else args.deployment)
@@ -111,8 +114,8 @@ def build_gateway(argv: list[str] | None = None) -> tuple[Any, str, int, list[An
     admins = args.admin if args.admin is not None else runtime.get(
         "admin_users", [u.username for u in dep.identity.users if u.admin])  # fmt: skip
     try:
-        from kernels.placement import SchedulerConfig
-        from kernels.reservations import ReservationBook
+        from beamhub.kernels.placement import SchedulerConfig
+        from beamhub.kernels.reservations import ReservationBook
 
         config = SchedulerConfig(state_dir=str(state / "scheduler"))
         reservations = ReservationBook(config.reservations_path, admins=admins)
@@ -125,7 +128,7 @@ def build_gateway(argv: list[str] | None = None) -> tuple[Any, str, int, list[An
         os.environ.get("JUPYTERHUB_API_TOKEN"),
     )
     if hub_api and hub_token:
-        from hub.gateway_jobs import HubJobs
+        from beamhub.hub.gateway.jobs import HubJobs
 
         jobs = HubJobs(hub_api, hub_token)
     else:
@@ -164,9 +167,9 @@ async def _serve(gateway: Any, host: str, port: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from hub.deployment import DeploymentError
-    from hub.enclave import EnclaveError
-    from hub.policy import PolicyError
+    from beamhub.hub.enclave import EnclaveError
+    from beamhub.hub.gateway.policy import PolicyError
+    from beamhub.hub.up.deployment import DeploymentError
 
     try:
         gateway, host, port, closers = build_gateway(argv)

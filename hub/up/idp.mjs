@@ -1,6 +1,6 @@
 // The dev enclave's OpenID provider: npm oidc-provider on loopback, users from beamhub.yaml.
 //
-// usage: node hub/idp.mjs CONFIG.json
+// usage: node hub/up/idp.mjs CONFIG.json
 // CONFIG: {host, port, client_id, client_secret, redirect_uris: [...], users: [{username, password,
 //          email, amr: [...], acr, projects: {project: role}}]}
 // Prints one JSON line {"issuer": URL} on stdout once listening. Stops on SIGTERM/SIGINT.

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hub.deployment import Deployment
+from beamhub.hub.up.deployment import Deployment
 
 __all__ = ["DETECTOR_USER", "DetectorFeed"]
 
@@ -40,12 +40,12 @@ class DetectorFeed:
         """Start streaming; return "" or why the detector cannot run."""
         det = self.dep.detector
         try:
-            from streaming.simulator import SimulatedDetector
-            from streaming.source import SourceRunner
+            from beamhub.streaming.simulator import SimulatedDetector
+            from beamhub.streaming.source import SourceRunner
         except ImportError as exc:
             return f"streaming sources unavailable: {exc}"
-        from hub.token_store import Delegator, TokenStore
-        from hub.tokens import SigningKey, TokenIssuer
+        from beamhub.auth.tokens import SigningKey, TokenIssuer
+        from beamhub.hub.tokens.store import Delegator, TokenStore
 
         key = SigningKey.load_or_create(self.state / "signing-key.pem")
         issuer = TokenIssuer(key, self.dep.tokens.issuer, self.dep.tokens.audience,
@@ -70,7 +70,7 @@ class DetectorFeed:
     async def _create_channel(self, claims: Any) -> Any:
         """An L7 channel that drops (counted) while no analysis is connected, so the dashboard
         is live from the start; if the DSN's template forbids that, its default channel."""
-        from streaming.dsn_handlers import ApiError
+        from beamhub.streaming.dsn_handlers import ApiError
 
         stream = self.dep.detector.channel
         live = {"stream": stream, "mode": "l7", "when_no_consumer": "drop"}
@@ -95,7 +95,7 @@ class DetectorFeed:
 
     async def _attach_steering(self, token: str) -> None:
         try:
-            from streaming.source_control import SourceControlServer
+            from beamhub.streaming.source_control import SourceControlServer
         except ImportError:
             self.notes.append("detector steering unavailable: streaming/source_control.py missing")
             return

@@ -3,7 +3,7 @@
 The local scheduler lives in the hub process, so the gateway service forwards to
 ``/hub/api/beamhub/jobs`` with its own hub API token, naming the user it acts for (the token's
 ``sub``; the service holds the ``custom:beamhub:jobs:act-for`` scope). Both classes offer the same
-four calls and raise :class:`~hub.gateway_api.GatewayError`; the project is always the caller's.
+four calls and raise :class:`~beamhub.hub.gateway.api.GatewayError`; the project is always the caller's.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from urllib.parse import quote, urlencode
 
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from hub.gateway_api import GatewayError
+from beamhub.hub.gateway.api import GatewayError
 
 __all__ = ["HubJobs", "SchedulerJobs", "scheduler_error"]
 
@@ -107,13 +107,13 @@ class HubJobs:
 
 
 class SchedulerJobs:
-    """A :class:`kernels.scheduler.Scheduler` in the gateway's own process (tests, standalone)."""
+    """A :class:`beamhub.kernels.scheduler.Scheduler` in the gateway's own process (tests, standalone)."""
 
     def __init__(self, scheduler: Any) -> None:
         self.scheduler = scheduler
 
     async def submit(self, user: str, project: str, fields: dict[str, Any]) -> dict[str, Any]:
-        from kernels.scheduler import JobSpec, SchedulerError
+        from beamhub.kernels.scheduler import JobSpec, SchedulerError
 
         body = dict(fields)
         try:
@@ -140,7 +140,7 @@ class SchedulerJobs:
         return _public(info)
 
     async def cancel(self, user: str, project: str, job_id: str) -> None:
-        from kernels.scheduler import SchedulerError
+        from beamhub.kernels.scheduler import SchedulerError
 
         await self.get(user, project, job_id)
         try:

@@ -13,10 +13,10 @@ from typing import Any
 
 import yaml
 
+from beamhub.auth.roles import ROLES
+
 __all__ = [
     "ENCLAVES",
-    "ROLES",
-    "ROLE_SCOPES",
     "DashboardConfig",
     "Deployment",
     "DeploymentError",
@@ -37,16 +37,6 @@ __all__ = [
 
 ENCLAVES = ("dev", "open", "moderate", "leadership")
 
-#: Project roles, strongest first. pi/operator may steer; member may analyse; viewer only watches.
-ROLES = ("pi", "operator", "member", "viewer")
-
-#: Token scopes each project role may hold (a user mints any subset of these, never more).
-ROLE_SCOPES: dict[str, tuple[str, ...]] = {
-    "pi": ("stream.read", "stream.publish", "steer", "reserve", "jobs", "dashboard"),
-    "operator": ("stream.read", "stream.publish", "steer", "reserve", "jobs", "dashboard"),
-    "member": ("stream.read", "stream.publish", "jobs", "dashboard"),
-    "viewer": ("stream.read", "dashboard"),
-}
 
 
 class DeploymentError(ValueError):
@@ -85,7 +75,7 @@ def enclave_rules(name: str) -> EnclaveRules:
             "enclave", f"unknown enclave {name!r}; use one of {', '.join(ENCLAVES)}"
         )
     try:
-        from hub import enclave as profiles  # H7's profiles; optional at import time
+        from beamhub.hub import enclave as profiles  # H7's profiles; optional at import time
 
         profile = profiles.load_profile(name)
         return EnclaveRules(
@@ -366,8 +356,8 @@ def _validate(dep: Deployment, src: str) -> None:
         raise DeploymentError("dashboard.image_px", f"{dep.dashboard.image_px} is outside "
                               "8..512 pixels", src)  # fmt: skip
     if dep.dashboard.analysis:
-        from streaming.params import ParamError
-        from streaming.peakfinder import PeakFinderParams
+        from beamhub.streaming.params import ParamError
+        from beamhub.streaming.peakfinder import PeakFinderParams
 
         try:
             PeakFinderParams.create(dep.dashboard.analysis)

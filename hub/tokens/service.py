@@ -22,8 +22,7 @@ import jwt
 from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated
 from tornado import httpserver, httputil, web
 
-from hub.token_store import Delegator, TokenStore
-from hub.tokens import (
+from beamhub.auth.tokens import (
     DEFAULT_AUDIENCE,
     DEFAULT_ISSUER,
     SigningKey,
@@ -31,6 +30,7 @@ from hub.tokens import (
     TokenIssuer,
     TokenVerifier,
 )
+from beamhub.hub.tokens.store import Delegator, TokenStore
 
 __all__ = ["MAX_BODY", "ApiError", "MintHandler", "ServiceContext", "main", "make_app"]
 
@@ -313,7 +313,7 @@ def _log_request(handler: web.RequestHandler) -> None:
 
 def make_app(ctx: ServiceContext, prefix: str = "/services/tokens/") -> web.Application:
     p = prefix if prefix.endswith("/") else prefix + "/"
-    from hub.token_page import PageHandler
+    from beamhub.hub.tokens.page import PageHandler
 
     routes = [
         (p, PageHandler),
@@ -351,7 +351,7 @@ def build_context(
 
 def main(argv: list[str] | None = None) -> int:
     """Run as a hub-managed service: listens on $JUPYTERHUB_SERVICE_URL."""
-    parser = argparse.ArgumentParser(prog="python -m hub.delegation")
+    parser = argparse.ArgumentParser(prog="python -m beamhub.hub.tokens.service")
     parser.add_argument("--state-dir", required=True, type=Path)
     parser.add_argument("--issuer", default=DEFAULT_ISSUER)
     parser.add_argument("--audience", default=DEFAULT_AUDIENCE)

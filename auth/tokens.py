@@ -1,6 +1,6 @@
 """Project access tokens: short-lived ES256 JWTs, their keys, JWKS and local verification.
 
-A leaf module (nothing of ours, no JupyterHub) so the DSN, the gateway and Dask workers can verify
+Part of the bottom layer (nothing of ours above it, no JupyterHub) so the DSN, the gateway and Dask workers can verify
 tokens with only the public JWKS. Claims follow the SciTokens/WLCG JWT profile where it fits
 (``wlcg.ver``, space-separated ``scope``, ``sub``, ``aud``, ``iss``, ``iat``, ``nbf``, ``exp``,
 ``jti``) plus ``project``, so existing WLCG verifiers can read them.
@@ -23,6 +23,8 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from beamhub.auth.roles import KNOWN_SCOPES
+
 __all__ = [
     "ALGORITHM",
     "DEFAULT_AUDIENCE",
@@ -39,9 +41,6 @@ __all__ = [
 ALGORITHM = "ES256"
 DEFAULT_AUDIENCE = "beamhub"
 DEFAULT_ISSUER = "beamhub-dev"
-KNOWN_SCOPES = frozenset(
-    {"stream.read", "stream.publish", "stream.admin", "steer", "reserve", "jobs", "dashboard"}
-)
 
 
 class TokenError(Exception):

@@ -1,7 +1,7 @@
 """The API gateway service: every request verified, authorised by policy, rate-limited, audited.
 
-Routes, actions and request schemas come from ``hub/openapi.yaml`` (served at
-``/api/v1/openapi.json``); the operations themselves live in :mod:`hub.gateway_ops`. Runs as a
+Routes, actions and request schemas come from ``hub/gateway/openapi.yaml`` (served at
+``/api/v1/openapi.json``); the operations themselves live in :mod:`beamhub.hub.gateway.ops`. Runs as a
 JupyterHub service (``python -m hub.gateway``; see :func:`main`) or standalone in tests:
 ``url = Gateway(verifier, ...).start(port=0)`` … ``stop()``.
 """
@@ -24,8 +24,8 @@ import tornado.web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from hub.audit import AuditLog
-from hub.gateway_api import (
+from beamhub.auth.tokens import Claims, TokenError, TokenVerifier
+from beamhub.hub.gateway.api import (
     API_PREFIX,
     OPENAPI_PATH,
     GatewayError,
@@ -37,9 +37,9 @@ from hub.gateway_api import (
     routes,
     schema_error,
 )
-from hub.policy import Policy, PolicyRequest, load_policy
-from hub.ratelimit import RateLimiter
-from hub.tokens import Claims, TokenError, TokenVerifier
+from beamhub.hub.gateway.audit import AuditLog
+from beamhub.hub.gateway.policy import Policy, PolicyRequest, load_policy
+from beamhub.hub.gateway.ratelimit import RateLimiter
 
 __all__ = ["OPENAPI_PATH", "Gateway", "GatewayError", "RequestContext", "load_openapi"]
 
@@ -198,7 +198,7 @@ class MetricsHandler(tornado.web.RequestHandler):
 
 class Gateway:
     """The gateway: its layers are injected; ``layers=False`` keeps only token verification
-    (the benchmark's baseline). Jobs go to ``jobs`` (a :mod:`hub.gateway_jobs` client) or, in
+    (the benchmark's baseline). Jobs go to ``jobs`` (a :mod:`beamhub.hub.gateway.jobs` client) or, in
     tests, to a ``scheduler`` in this process."""
 
     def __init__(
@@ -221,8 +221,8 @@ class Gateway:
         layers: bool = True,
         openapi_path: str | Path = OPENAPI_PATH,
     ) -> None:
-        from hub.gateway_jobs import SchedulerJobs
-        from hub.gateway_ops import Operations
+        from beamhub.hub.gateway.jobs import SchedulerJobs
+        from beamhub.hub.gateway.ops import Operations
 
         self.verifier = verifier
         self.policy = policy or load_policy()
@@ -403,8 +403,8 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point as a JupyterHub service; see :mod:`hub.gateway_service`."""
-    from hub.gateway_service import main as service_main
+    """Entry point as a JupyterHub service; see :mod:`beamhub.hub.gateway.service`."""
+    from beamhub.hub.gateway.service import main as service_main
 
     return service_main(argv)
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hub.deployment import ROLE_SCOPES, ROLES
-from hub.tokens import TokenIssuer
+from beamhub.auth.roles import ROLE_SCOPES, ROLES
+from beamhub.auth.tokens import TokenIssuer
 
 __all__ = ["Delegator", "IssuedToken", "TokenStore", "best_project", "scopes_for"]
 

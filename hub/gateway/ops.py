@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from hub.gateway_api import API_PREFIX, GatewayError, RequestContext
-from hub.gateway_jobs import scheduler_error
+from beamhub.hub.gateway.api import API_PREFIX, GatewayError, RequestContext
+from beamhub.hub.gateway.jobs import scheduler_error
 
 if TYPE_CHECKING:
-    from hub.gateway import Gateway
+    from beamhub.hub.gateway.app import Gateway
 
 __all__ = ["Operations"]
 
@@ -212,7 +212,7 @@ class Operations:
         path = f"/api/channels/{ctx.params['channel_id']}/steer/params/{ctx.params['name']}"
         return await self._dsn("PUT", path, ctx.body, ctx.authorization)
 
-    # -- jobs: hub.gateway_jobs (the hub's jobs API, or an in-process scheduler) ----------------
+    # -- jobs: hub/gateway/jobs.py (the hub's jobs API, or an in-process scheduler) ----------------
     def _jobs(self) -> Any:
         if self.gw.jobs is None:
             raise GatewayError(
@@ -254,7 +254,7 @@ class Operations:
         return 200, {"reservations": [w.to_dict() for w in windows]}
 
     async def reservations_request(self, ctx: RequestContext) -> Result:
-        from kernels.scheduler import SchedulerError
+        from beamhub.kernels.scheduler import SchedulerError
 
         book = self._book()
         assert ctx.claims is not None and ctx.project is not None
@@ -271,7 +271,7 @@ class Operations:
         return 201, window.to_dict()
 
     async def reservation_decide(self, ctx: RequestContext) -> Result:
-        from kernels.scheduler import SchedulerError
+        from beamhub.kernels.scheduler import SchedulerError
 
         book = self._book()
         assert ctx.claims is not None

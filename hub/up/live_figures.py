@@ -1,6 +1,6 @@
 """Live figures `beamhub up` prints: a monitor consumer of the detector channel with peak finding.
 
-A thread subscribes to the channel's monitor fan-out (:class:`streaming.consumer.StreamConsumer`,
+A thread subscribes to the channel's monitor fan-out (:class:`beamhub.streaming.consumer.StreamConsumer`,
 ``monitor=True``, endpoints looked up on the DSN's control API) and prints one compact line every
 ``detector.print_every_s`` seconds::
 
@@ -8,7 +8,7 @@ A thread subscribes to the channel's monitor fan-out (:class:`streaming.consumer
           hit rate 0.31  peaks/hit 28  (dsn drops: no_consumer 0; work consumers 0)
 
 It never stalls anything: the monitor PUB drops for it if it falls behind (that shows as ``lost``),
-and the peak finder (:class:`streaming.analysis.Analyzer`) runs on at most
+and the peak finder (:class:`beamhub.streaming.analysis.Analyzer`) runs on at most
 :data:`ANALYSIS_CPU_FRACTION` of the thread's wall time — frames beyond that budget are counted but
 not analysed (the line says how many were). Frames, rate and latency are over every frame seen;
 hit rate and peaks/hit over the frames analysed in the last interval.
@@ -105,8 +105,8 @@ class LiveFigures:
         return self._thread.is_alive()
 
     def _run(self) -> None:
-        from streaming.analysis import Analyzer
-        from streaming.consumer import ChannelLookupError, StreamConsumer
+        from beamhub.streaming.analysis import Analyzer
+        from beamhub.streaming.consumer import ChannelLookupError, StreamConsumer
 
         try:
             consumer = StreamConsumer.from_dsn(

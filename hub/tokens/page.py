@@ -7,7 +7,7 @@ from typing import Any
 
 from tornado import web
 
-from hub.delegation import ApiError, MintHandler
+from beamhub.hub.tokens.service import ApiError, MintHandler
 
 __all__ = ["PageHandler"]
 

@@ -1,4 +1,4 @@
-"""Starts and stops the dev enclave's OpenID provider (hub/idp.mjs, npm oidc-provider) on loopback."""
+"""Starts and stops the dev enclave's OpenID provider (hub/up/idp.mjs, npm oidc-provider) on loopback."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from hub.deployment import UserSpec
+from beamhub.hub.up.deployment import UserSpec
 
 __all__ = ["EmbeddedIdP", "IdPError"]
 
@@ -26,7 +26,7 @@ class IdPError(RuntimeError):
 
 
 class EmbeddedIdP:
-    """A subprocess running hub/idp.mjs; ``issuer`` is its URL once :meth:`start` returns."""
+    """A subprocess running hub/up/idp.mjs; ``issuer`` is its URL once :meth:`start` returns."""
 
     def __init__(
         self,
@@ -81,7 +81,7 @@ class EmbeddedIdP:
         node = shutil.which("node")
         if node is None:
             raise IdPError("node is not on PATH; run ./dev setup (it installs Node and npm deps)")
-        if not (SCRIPT.parent.parent / "node_modules" / "oidc-provider").exists():
+        if not (SCRIPT.parents[2] / "node_modules" / "oidc-provider").exists():
             raise IdPError(
                 "npm package oidc-provider is missing; run `npm install` at the repo root"
             )

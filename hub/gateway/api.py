@@ -1,5 +1,5 @@
 """The gateway's API contract: user-facing errors, the request context, and the routes, actions
-and body validation read from ``hub/openapi.yaml`` (the single source of truth)."""
+and body validation read from ``hub/gateway/openapi.yaml`` (the single source of truth)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import jsonschema
 import tornado.web
 import yaml
 
-from hub.tokens import Claims
+from beamhub.auth.tokens import Claims
 
 __all__ = [
     "API_PREFIX",

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hub.deployment import Deployment
+from beamhub.hub.up.deployment import Deployment
 
 __all__ = ["Stack", "StackError", "free_port"]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 class StackError(RuntimeError):
@@ -182,7 +182,7 @@ class Stack:
     # --- parts ------------------------------------------------------------------------------
 
     def _start_idp(self, public: str) -> None:
-        from hub.idp import EmbeddedIdP
+        from beamhub.hub.up.idp import EmbeddedIdP
 
         ident = self.dep.identity
         secret_path = self.state / "idp-client-secret"
@@ -212,14 +212,14 @@ class Stack:
         self.runtime.update(self._idp.endpoints())
 
     async def _start_dsn(self) -> None:
-        from hub.tokens import RevocationCache, SigningKey, TokenVerifier
+        from beamhub.auth.tokens import RevocationCache, SigningKey, TokenVerifier
 
         dep = self.dep
         if not dep.dsn.enabled:
             return
         try:
-            from streaming.dsn import DataStreamingNode
-            from streaming.template import Template
+            from beamhub.streaming.dsn import DataStreamingNode
+            from beamhub.streaming.template import Template
         except ImportError as exc:
             self.notes.append(f"DSN not started: {exc}")
             return
@@ -239,14 +239,9 @@ class Stack:
         return self.runtime.get("gateway_skipped", "disabled in beamhub.yaml")
 
     def _gateway_command(self) -> list[str] | None:
-        import importlib.util
-
         if not self.dep.gateway.enabled:
             return None
-        if importlib.util.find_spec("hub.gateway_service") is None:
-            self.runtime["gateway_skipped"] = "hub/gateway_service.py is not installed yet"
-            return None
-        cmd = [sys.executable, "-m", "hub.gateway", "--state-dir", str(self.state)]
+        cmd = [sys.executable, "-m", "beamhub.hub.gateway.app", "--state-dir", str(self.state)]
         if Path(self.dep.source).is_file():
             cmd += ["--deployment", str(Path(self.dep.source).resolve())]
         cmd += ["--revoked-url", self.urls["tokens"] + "revoked"]
@@ -259,8 +254,6 @@ class Stack:
 
     def _dashboard_command(self) -> list[str] | None:
         """The shared dashboard service (widgets/dashboard_service.py) when it can run."""
-        import importlib.util
-
         board = self.dep.dashboard
         if not board.enabled:
             self.runtime["dashboard_skipped"] = "disabled in beamhub.yaml"
@@ -268,10 +261,7 @@ class Stack:
         if not self.urls.get("dsn"):
             self.runtime["dashboard_skipped"] = "no DSN"
             return None
-        if importlib.util.find_spec("widgets.dashboard_service") is None:
-            self.runtime["dashboard_skipped"] = "widgets/dashboard_service.py is not installed"
-            return None
-        cmd = [sys.executable, "-m", "widgets.dashboard_service", "--state-dir", str(self.state),
+        cmd = [sys.executable, "-m", "beamhub.widgets.dashboard_service", "--state-dir", str(self.state),
                "--dsn-url", self.urls["dsn"], "--update-hz", str(board.update_hz),
                "--image-px", str(board.image_px)]  # fmt: skip
         if board.analysis:
@@ -290,15 +280,6 @@ class Stack:
         self.urls["dashboard"] = url
         await wait_until(lambda: http_ok(url + "api/health"), 60, "the dashboard", log, self._hub)
         self._step(5, "shared dashboard", t0, f"  {url}")
-
-    def _spawner(self) -> str:
-        """ReservedNodeSpawner (kernels/) when installed; else JupyterHub's local-process one."""
-        import importlib.util
-
-        if importlib.util.find_spec("kernels.spawner") is not None:
-            return "beamhub"
-        self.notes.append("kernels/spawner.py missing: servers run as local processes")
-        return "simple"
 
     def _start_hub(self, ip: str, port: int) -> None:
         dep = self.dep
@@ -322,7 +303,7 @@ class Stack:
             revocation_poll=dep.tokens.revocation_poll,
             dsn_url=self.urls.get("dsn", ""),
             admin_api_token=secrets.token_hex(32),
-            spawner=self._spawner(),
+            spawner="beamhub",
             scheduler_backend=dep.scheduler.backend,
             scheduler_options={"nodes": dep.scheduler.nodes},
         )
@@ -341,7 +322,7 @@ class Stack:
         log = open(self.state / "logs" / "jupyterhub.log", "ab")
         try:
             self._hub = subprocess.Popen(
-                [str(exe), "-f", str(Path(__file__).with_name("jupyterhub_config.py"))],
+                [str(exe), "-f", str(Path(__file__).parents[1] / "jupyterhub_config.py")],
                 cwd=hub_dir,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -360,7 +341,7 @@ class Stack:
             return "disabled in beamhub.yaml"
         if self._dsn is None:
             return "no DSN"
-        from hub.detector_feed import DetectorFeed
+        from beamhub.hub.up.detector_feed import DetectorFeed
 
         self._feed = DetectorFeed(self.dep, self.state, self._dsn, self.urls["dsn"], self.progress)
         why = await self._feed.start()
@@ -371,11 +352,11 @@ class Stack:
         return why
 
     def _start_live_figures(self) -> None:
-        """A monitor consumer of the detector channel printing a live line (hub/live_figures.py)."""
+        """A monitor consumer of the detector channel printing a live line (hub/up/live_figures.py)."""
         det = self.dep.detector
         if not det.print_every_s:
             return
-        from hub.live_figures import LiveFigures
+        from beamhub.hub.up.live_figures import LiveFigures
 
         dsn, channel_id = self._dsn, self._feed.channel_id
         self._live = LiveFigures(

@@ -1,0 +1,1 @@
+"""The token service (a JupyterHub service): the one process that holds the signing key and mints."""
