@@ -46,8 +46,9 @@ def _pool(n: int, seed: int) -> list[Any]:
     frames = []
     for i in range(n):
         data, meta = det.generate()
-        header = FrameHeader(stream="bench", seq=i, dtype=data.dtype.str, shape=data.shape,
-                             meta=meta)
+        header = FrameHeader(
+            stream="bench", seq=i, dtype=data.dtype.str, shape=data.shape, meta=meta
+        )
         frames.append(Frame(header, data))
     return frames
 
@@ -110,8 +111,9 @@ def _send(push: Any, pool: list[Any], first_seq: int, n: int) -> dict[int, float
     return stamps
 
 
-def _dask_passes(pool: list[Any], workers: int, frames: int,
-                 repeats: int) -> tuple[list[float], list[float], float, float]:
+def _dask_passes(
+    pool: list[Any], workers: int, frames: int, repeats: int
+) -> tuple[list[float], list[float], float, float]:
     import dask
     import zmq
     from distributed import Client, LocalCluster
@@ -126,11 +128,22 @@ def _dask_passes(pool: list[Any], workers: int, frames: int,
     push.linger = 0
     port = push.bind_to_random_port("tcp://127.0.0.1")
     monitor = push.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": {
-            **dask.config.get("distributed.nanny.pre-spawn-environ"), **STREAMING_WORKER_ENV}}):
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               dashboard_address="127.0.0.1:0",
-                               scheduler_kwargs={"dashboard": False}, host="127.0.0.1")
+    with dask.config.set(
+        {
+            "distributed.nanny.pre-spawn-environ": {
+                **dask.config.get("distributed.nanny.pre-spawn-environ"),
+                **STREAMING_WORKER_ENV,
+            }
+        }
+    ):
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address="127.0.0.1:0",
+            scheduler_kwargs={"dashboard": False},
+            host="127.0.0.1",
+        )
     client = Client(cluster)
     try:
         factory = functools.partial(StreamConsumer, f"tcp://127.0.0.1:{port}", hwm=2)
@@ -172,8 +185,11 @@ def _dask_passes(pool: list[Any], workers: int, frames: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="beamhub bench analysis", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="beamhub bench analysis",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
     parser.add_argument("--frames", type=int, default=200, help="frames per timed pass")
     parser.add_argument("--pool", type=int, default=24, help="distinct simulated frames")
@@ -201,11 +217,16 @@ def main(argv: list[str] | None = None) -> int:
     numpy_rates, numpy_cpu_ms = _numpy_passes(pool, args.frames, args.repeats)
     base = statistics.median(numpy_rates)
     say(f"numpy: {base:.1f} frames/s")
-    results: list[dict[str, Any]] = [{
-        "mode": "numpy", "workers": 1, "frames_per_s": round(base, 2),
-        "frames_per_s_per_core": round(base, 2), "passes": [round(r, 2) for r in numpy_rates],
-        "cpu_ms_per_frame": round(numpy_cpu_ms, 3),
-    }]
+    results: list[dict[str, Any]] = [
+        {
+            "mode": "numpy",
+            "workers": 1,
+            "frames_per_s": round(base, 2),
+            "frames_per_s_per_core": round(base, 2),
+            "passes": [round(r, 2) for r in numpy_rates],
+            "cpu_ms_per_frame": round(numpy_cpu_ms, 3),
+        }
+    ]
     efficiency: dict[str, float] = {}
     scaling: dict[str, float] = {}
     one_worker = None
@@ -215,16 +236,21 @@ def main(argv: list[str] | None = None) -> int:
         one_worker = one_worker or fps / n
         efficiency[str(n)] = round(fps / (n * base), 3)
         scaling[str(n)] = round(fps / (n * one_worker), 3)
-        results.append({
-            "mode": "dask", "workers": n, "frames_per_s": round(fps, 2),
-            "frames_per_s_per_core": round(fps / n, 2), "efficiency": efficiency[str(n)],
-            "scaling_efficiency": scaling[str(n)],
-            "passes": [round(r, 2) for r in rates],
-            "sender_cpu_cores": round(statistics.median(sender), 3),
-            "worker_analysis_ms_p50": round(worker_ms, 2),
-            "cpu_ms_per_frame": round(worker_cpu, 3),
-            "cpu_efficiency": round(numpy_cpu_ms / worker_cpu, 3),
-        })
+        results.append(
+            {
+                "mode": "dask",
+                "workers": n,
+                "frames_per_s": round(fps, 2),
+                "frames_per_s_per_core": round(fps / n, 2),
+                "efficiency": efficiency[str(n)],
+                "scaling_efficiency": scaling[str(n)],
+                "passes": [round(r, 2) for r in rates],
+                "sender_cpu_cores": round(statistics.median(sender), 3),
+                "worker_analysis_ms_p50": round(worker_ms, 2),
+                "cpu_ms_per_frame": round(worker_cpu, 3),
+                "cpu_efficiency": round(numpy_cpu_ms / worker_cpu, 3),
+            }
+        )
         say(f"dask x{n}: {fps:.1f} frames/s, efficiency {efficiency[str(n)]:.2f}")
     out = {
         "results": results,

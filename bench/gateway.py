@@ -93,8 +93,11 @@ def _token_verify_us(key_path: Path, token: str, n: int = 2000) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="beamhub bench gateway", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="beamhub bench gateway",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
     parser.add_argument("--rounds", type=int, default=30, help="alternating rounds per path")
     parser.add_argument("--seconds", type=float, default=0.3, help="length of one round")
@@ -115,9 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         token = TokenIssuer(key).issue("bench", "p-bench", "stream.read", ttl=3600)
         server = subprocess.Popen(
             [sys.executable, "-m", "beamhub.bench.gateway", "--serve", str(state)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
             env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )  # fmt: skip
+        )
         try:
             urls = json.loads(server.stdout.readline())
             conns = {}

@@ -23,8 +23,14 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["IOPUB_DATA_RATE_LIMIT", "IOPUB_MSG_RATE_LIMIT", "RATE_LIMIT_WINDOW_S",
-           "iopub_rates", "measure_liveview", "run_in_kernel"]
+__all__ = [
+    "IOPUB_DATA_RATE_LIMIT",
+    "IOPUB_MSG_RATE_LIMIT",
+    "RATE_LIMIT_WINDOW_S",
+    "iopub_rates",
+    "measure_liveview",
+    "run_in_kernel",
+]
 
 #: jupyter_server's ZMQChannelsWebsocketConnection defaults (checked in jupyter_server 2.21).
 IOPUB_MSG_RATE_LIMIT = 1000.0
@@ -91,8 +97,9 @@ def _msg_bytes(msg: dict[str, Any]) -> int:
     return size + sum(len(b) for b in msg.get("buffers") or ())
 
 
-def iopub_rates(messages: list[tuple[float, str, int]],
-                window_s: float = RATE_LIMIT_WINDOW_S) -> dict[str, Any]:
+def iopub_rates(
+    messages: list[tuple[float, str, int]], window_s: float = RATE_LIMIT_WINDOW_S
+) -> dict[str, Any]:
     """Peak msg/s and stream-B/s over any ``window_s`` window, as jupyter_server counts them."""
     counted = [(t, kind, n) for t, kind, n in messages if kind not in UNCOUNTED]
     peak_msgs = peak_bytes = 0.0
@@ -107,12 +114,16 @@ def iopub_rates(messages: list[tuple[float, str, int]],
             start += 1
         peak_msgs = max(peak_msgs, msgs / window_s)
         peak_bytes = max(peak_bytes, stream_bytes / window_s)
-    return {"peak_msgs_per_s": round(peak_msgs, 1), "peak_stream_bytes_per_s": round(peak_bytes),
-            "would_warn": peak_msgs > IOPUB_MSG_RATE_LIMIT or peak_bytes > IOPUB_DATA_RATE_LIMIT}
+    return {
+        "peak_msgs_per_s": round(peak_msgs, 1),
+        "peak_stream_bytes_per_s": round(peak_bytes),
+        "would_warn": peak_msgs > IOPUB_MSG_RATE_LIMIT or peak_bytes > IOPUB_DATA_RATE_LIMIT,
+    }
 
 
-def run_in_kernel(cells: list[str], collect_s: float, timeout: float = 120.0,
-                  cwd: str | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+def run_in_kernel(
+    cells: list[str], collect_s: float, timeout: float = 120.0, cwd: str | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
     """Execute ``cells`` in a fresh ipykernel; iopub messages (with arrival times) and outputs."""
     from jupyter_client.manager import KernelManager
 
@@ -146,8 +157,11 @@ def run_in_kernel(cells: list[str], collect_s: float, timeout: float = 120.0,
                 if kind == "error":
                     raise RuntimeError("kernel error: " + "\n".join(msg["content"]["traceback"]))
                 msg["_cell"] = index
-                if (kind == "status" and msg["parent_header"].get("msg_id") == msg_id
-                        and msg["content"]["execution_state"] == "idle"):
+                if (
+                    kind == "status"
+                    and msg["parent_header"].get("msg_id") == msg_id
+                    and msg["content"]["execution_state"] == "idle"
+                ):
                     idle = msg["_idle"] = True
                 if idle and until is None:  # the first cell keeps the kernel busy afterwards
                     until = time.monotonic() + (collect_s if index == 0 else 0.3)
@@ -173,15 +187,16 @@ def _decode_ws(data: str | bytes) -> dict[str, Any]:
         import struct
 
         nbufs = struct.unpack("!I", data[:4])[0]
-        offsets = struct.unpack("!" + "I" * nbufs, data[4:4 + 4 * nbufs])
+        offsets = struct.unpack("!" + "I" * nbufs, data[4 : 4 + 4 * nbufs])
         end = offsets[1] if nbufs > 1 else len(data)
-        msg = json.loads(data[offsets[0]:end])
+        msg = json.loads(data[offsets[0] : end])
     msg["_bytes"] = len(data)
     return msg
 
 
-async def _run_via_server(cells: list[str], collect_s: float,
-                          timeout: float) -> tuple[list[dict[str, Any]], list[str]]:
+async def _run_via_server(
+    cells: list[str], collect_s: float, timeout: float
+) -> tuple[list[dict[str, Any]], list[str]]:
     import secrets
     import subprocess
     import tempfile
@@ -195,11 +210,21 @@ async def _run_via_server(cells: list[str], collect_s: float,
     headers = {"Authorization": f"token {token}"}
     root = tempfile.mkdtemp(prefix="beamhub-bench-liveview-")
     server = subprocess.Popen(  # the notebook server a user's browser talks to, default limits
-        [sys.executable, "-m", "jupyter_server", "--ServerApp.ip=127.0.0.1",
-         f"--ServerApp.port={port}", "--ServerApp.port_retries=0", "--allow-root",
-         f"--IdentityProvider.token={token}", "--ServerApp.open_browser=False",
-         f"--ServerApp.root_dir={root}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "jupyter_server",
+            "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={port}",
+            "--ServerApp.port_retries=0",
+            "--allow-root",
+            f"--IdentityProvider.token={token}",
+            "--ServerApp.open_browser=False",
+            f"--ServerApp.root_dir={root}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     http = AsyncHTTPClient()
     messages: list[dict[str, Any]] = []
     outputs: list[str] = []
@@ -207,8 +232,9 @@ async def _run_via_server(cells: list[str], collect_s: float,
         deadline = time.monotonic() + 60
         while True:
             try:
-                resp = await http.fetch(f"http://{base}/api/status", headers=headers,
-                                        raise_error=False)
+                resp = await http.fetch(
+                    f"http://{base}/api/status", headers=headers, raise_error=False
+                )
                 if resp.code == 200:
                     break
             except OSError:
@@ -216,23 +242,48 @@ async def _run_via_server(cells: list[str], collect_s: float,
             if time.monotonic() > deadline or server.poll() is not None:
                 raise RuntimeError(f"jupyter_server did not answer on {base} within 60 s")
             await asyncio.sleep(0.2)
-        resp = await http.fetch(f"http://{base}/api/kernels", method="POST", headers=headers,
-                                body=json.dumps({"name": "python3"}))
+        resp = await http.fetch(
+            f"http://{base}/api/kernels",
+            method="POST",
+            headers=headers,
+            body=json.dumps({"name": "python3"}),
+        )
         kernel = json.loads(resp.body)["id"]
-        ws = await websocket_connect(HTTPRequest(
-            f"ws://{base}/api/kernels/{kernel}/channels?session_id={uuid.uuid4().hex}",
-            headers=headers))
+        ws = await websocket_connect(
+            HTTPRequest(
+                f"ws://{base}/api/kernels/{kernel}/channels?session_id={uuid.uuid4().hex}",
+                headers=headers,
+            )
+        )
         session = uuid.uuid4().hex
         deadline = time.monotonic() + timeout
         for index, code in enumerate(cells):
             msg_id = uuid.uuid4().hex
-            ws.write_message(json.dumps({
-                "header": {"msg_id": msg_id, "username": "bench", "session": session,
-                           "msg_type": "execute_request", "version": "5.3"},
-                "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
-                "content": {"code": code, "silent": False, "store_history": False,
-                            "user_expressions": {}, "allow_stdin": False,
-                            "stop_on_error": True}}))
+            ws.write_message(
+                json.dumps(
+                    {
+                        "header": {
+                            "msg_id": msg_id,
+                            "username": "bench",
+                            "session": session,
+                            "msg_type": "execute_request",
+                            "version": "5.3",
+                        },
+                        "parent_header": {},
+                        "metadata": {},
+                        "channel": "shell",
+                        "buffers": [],
+                        "content": {
+                            "code": code,
+                            "silent": False,
+                            "store_history": False,
+                            "user_expressions": {},
+                            "allow_stdin": False,
+                            "stop_on_error": True,
+                        },
+                    }
+                )
+            )
             until = None
             while True:
                 now = time.monotonic()
@@ -258,13 +309,21 @@ async def _run_via_server(cells: list[str], collect_s: float,
                 if kind == "error":
                     raise RuntimeError("kernel error: " + "\n".join(msg["content"]["traceback"]))
                 msg["_cell"] = index
-                if (kind == "status" and msg["parent_header"].get("msg_id") == msg_id
-                        and msg["content"]["execution_state"] == "idle" and until is None):
+                if (
+                    kind == "status"
+                    and msg["parent_header"].get("msg_id") == msg_id
+                    and msg["content"]["execution_state"] == "idle"
+                    and until is None
+                ):
                     msg["_idle"] = True
                     until = time.monotonic() + (collect_s if index == 0 else 0.3)
         ws.close()
-        await http.fetch(f"http://{base}/api/kernels/{kernel}", method="DELETE",
-                         headers=headers, raise_error=False)
+        await http.fetch(
+            f"http://{base}/api/kernels/{kernel}",
+            method="DELETE",
+            headers=headers,
+            raise_error=False,
+        )
     finally:
         server.terminate()
         try:
@@ -275,8 +334,14 @@ async def _run_via_server(cells: list[str], collect_s: float,
     return messages, outputs
 
 
-def measure_liveview(seconds: float = 10.0, rate_hz: float = 120.0, max_hz: float = 10.0, *,
-                     via: str = "kernel", naive: bool = False) -> dict[str, Any]:
+def measure_liveview(
+    seconds: float = 10.0,
+    rate_hz: float = 120.0,
+    max_hz: float = 10.0,
+    *,
+    via: str = "kernel",
+    naive: bool = False,
+) -> dict[str, Any]:
     """Run a LiveView fed at ``rate_hz``; its iopub traffic while it streams.
 
     ``via="kernel"``: a kernel started with jupyter_client, messages read from iopub directly.
@@ -292,37 +357,50 @@ def measure_liveview(seconds: float = 10.0, rate_hz: float = 120.0, max_hz: floa
         messages, outputs = run_in_kernel(cells, collect_s=seconds + 1.0)
     else:
         raise ValueError(f"via: {via!r} must be 'kernel' or 'server'")
-    report = json.loads([line for line in "".join(outputs).splitlines()
-                         if line.startswith("{")][-1])
+    report = json.loads(
+        [line for line in "".join(outputs).splitlines() if line.startswith("{")][-1]
+    )
     # the feeding phase: after the first cell returned, before the next one starts (no cell
     # runs, so no idle status resets the server's counters)
     first_idle = next(i for i, m in enumerate(messages) if m.get("_idle") and m["_cell"] == 0)
-    during = [m for m in messages[first_idle + 1:] if m["_cell"] == 0]
+    during = [m for m in messages[first_idle + 1 :] if m["_cell"] == 0]
     rows = [(m["_t"], m["header"]["msg_type"], _msg_bytes(m)) for m in during]
     span = (rows[-1][0] - rows[0][0]) if len(rows) > 1 else 1.0
     comm = [r for r in rows if r[1] == "comm_msg"]
-    warnings = [m for m in messages if m["header"]["msg_type"] == "stream"
-                and "rate exceeded" in m["content"]["text"]]
+    warnings = [
+        m
+        for m in messages
+        if m["header"]["msg_type"] == "stream" and "rate exceeded" in m["content"]["text"]
+    ]
     return {
-        "via": via, "naive": naive,
-        "input_rate_hz": rate_hz, "max_hz": max_hz, "seconds": seconds,
-        "results_fed": report["results_seen"], "updates": report["updates"],
+        "via": via,
+        "naive": naive,
+        "input_rate_hz": rate_hz,
+        "max_hz": max_hz,
+        "seconds": seconds,
+        "results_fed": report["results_seen"],
+        "updates": report["updates"],
         "updates_per_s": round(report["updates"] / seconds, 2),
-        "iopub_msgs": len(rows), "iopub_msgs_per_s": round(len(rows) / span, 1),
+        "iopub_msgs": len(rows),
+        "iopub_msgs_per_s": round(len(rows) / span, 1),
         "iopub_bytes_per_s": round(sum(r[2] for r in rows) / span),
         "comm_msgs_per_update": round(len(comm) / max(1, report["updates"]), 2),
         **iopub_rates(rows),
-        "limits": {"iopub_msg_rate_limit": IOPUB_MSG_RATE_LIMIT,
-                   "iopub_data_rate_limit": IOPUB_DATA_RATE_LIMIT,
-                   "rate_limit_window_s": RATE_LIMIT_WINDOW_S},
+        "limits": {
+            "iopub_msg_rate_limit": IOPUB_MSG_RATE_LIMIT,
+            "iopub_data_rate_limit": IOPUB_DATA_RATE_LIMIT,
+            "rate_limit_window_s": RATE_LIMIT_WINDOW_S,
+        },
         "server_rate_warnings": len(warnings) if via == "server" else None,
-        "flushed_on": report["flush_thread"], "kernel_main_thread": report["main_thread"],
+        "flushed_on": report["flush_thread"],
+        "kernel_main_thread": report["main_thread"],
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.liveview",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.liveview", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--json", action="store_true", help="one line of JSON")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rate-hz", type=float, default=120.0)
@@ -330,8 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--via", choices=("server", "kernel"), default="server")
     parser.add_argument("--naive", action="store_true", help="the unthrottled baseline")
     args = parser.parse_args(argv)
-    out = measure_liveview(args.seconds, args.rate_hz, args.max_hz, via=args.via,
-                           naive=args.naive)
+    out = measure_liveview(args.seconds, args.rate_hz, args.max_hz, via=args.via, naive=args.naive)
     print(json.dumps(out) if args.json else json.dumps(out, indent=2))
     return 0
 

@@ -128,8 +128,14 @@ c.ReservedNodeSpawner.queue_timeout = {outside_wait}
     def fill_with_batch(self) -> None:
         self.batch_token = self.hub.user_token("bob")
         for i in range(self.nodes):
-            body = {"name": f"batch-{i}", "project": "filler", "tier": "batch", "requeue": True,
-                    "argv": ["/bin/sleep", "3600"], "mem_mb": 256}  # fmt: skip
+            body = {
+                "name": f"batch-{i}",
+                "project": "filler",
+                "tier": "batch",
+                "requeue": True,
+                "argv": ["/bin/sleep", "3600"],
+                "mem_mb": 256,
+            }
             self.batch_ids.append(self._jobs_api(self.batch_token, "POST", "", body)["job_id"])
         self.wait_nodes_busy()
 
@@ -208,10 +214,17 @@ c.ReservedNodeSpawner.queue_timeout = {outside_wait}
             secs, why = self.spawn("lena", outside_wait)
             self.stop("lena")
             dsecs, dwhy = self.dask("lena", "beam-late", "interactive", workers, outside_wait)
-            results.append({
-                "backend": self.backend, "window": "outside", "ready_s": secs, "preempted": 0,
-                "dask_workers_ready_s": dsecs, "reason": why, "dask_reason": dwhy,
-            })  # fmt: skip
+            results.append(
+                {
+                    "backend": self.backend,
+                    "window": "outside",
+                    "ready_s": secs,
+                    "preempted": 0,
+                    "dask_workers_ready_s": dsecs,
+                    "reason": why,
+                    "dask_reason": dwhy,
+                }
+            )
             _log(f"outside window: {why}")
             self.wait_nodes_busy()
             # (a) inside an approved window: beamtime preempts batch
@@ -237,19 +250,25 @@ c.ReservedNodeSpawner.queue_timeout = {outside_wait}
                 dask_ready.append(secs + dsecs)
                 preempted.append(self.requeues() - before)
                 _log(self.timeline("alice"))
-                _log(f"inside run {i + 1}: server {secs:.2f} s, +{workers} workers "
-                     f"{secs + dsecs:.2f} s, {preempted[-1]} batch jobs preempted "
-                     f"(wall {time.monotonic() - t0:.1f} s)")  # fmt: skip
+                _log(
+                    f"inside run {i + 1}: server {secs:.2f} s, +{workers} workers "
+                    f"{secs + dsecs:.2f} s, {preempted[-1]} batch jobs preempted "
+                    f"(wall {time.monotonic() - t0:.1f} s)"
+                )
                 self.stop("alice")
                 self.wait_nodes_busy()
-            results.insert(0, {
-                "backend": self.backend, "window": "inside",
-                "ready_s": round(statistics.median(ready), 3),
-                "preempted": int(statistics.median(preempted)),
-                "dask_workers_ready_s": round(statistics.median(dask_ready), 3),
-                "runs": [round(s, 3) for s in ready],
-                "dask_runs": [round(s, 3) for s in dask_ready],
-            })  # fmt: skip
+            results.insert(
+                0,
+                {
+                    "backend": self.backend,
+                    "window": "inside",
+                    "ready_s": round(statistics.median(ready), 3),
+                    "preempted": int(statistics.median(preempted)),
+                    "dask_workers_ready_s": round(statistics.median(dask_ready), 3),
+                    "runs": [round(s, 3) for s in ready],
+                    "dask_runs": [round(s, 3) for s in dask_ready],
+                },
+            )
             baseline = statistics.median(idle)
             results[0]["idle_nodes_ready_s"] = round(baseline, 3)
             results[0]["ratio_vs_idle"] = round(statistics.median(ready) / baseline, 2)
@@ -266,8 +285,14 @@ c.ReservedNodeSpawner.queue_timeout = {outside_wait}
 
 
 def _slurm_row(reason: str) -> dict:
-    return {"backend": "slurm", "window": "inside", "ready_s": None, "preempted": 0,
-            "dask_workers_ready_s": None, "reason": reason}  # fmt: skip
+    return {
+        "backend": "slurm",
+        "window": "inside",
+        "ready_s": None,
+        "preempted": 0,
+        "dask_workers_ready_s": None,
+        "reason": reason,
+    }
 
 
 def _slurm_nodes(conf: str) -> tuple[int, str]:
@@ -279,8 +304,13 @@ def _slurm_nodes(conf: str) -> tuple[int, str]:
     if not conf:
         return 0, "no SLURM cluster configured (set SLURM_CONF or --slurm-conf)"
     try:
-        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True,
-                             timeout=10, env={**os.environ, "SLURM_CONF": conf})  # fmt: skip
+        out = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%N %t"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            env={**os.environ, "SLURM_CONF": conf},
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return 0, f"sinfo failed: {exc}"
     up = {
@@ -307,13 +337,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=4, help="virtual nodes (all batch-busy)")
     parser.add_argument("--workers", type=int, default=2, help="Dask workers to wait for")
     parser.add_argument(
-        "--outside-wait", type=float, default=15.0,
+        "--outside-wait",
+        type=float,
+        default=15.0,
         help="seconds the outside-window request may wait before it gives up with the reason",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--slurm-conf", default=os.environ.get("SLURM_CONF", ""),
+        "--slurm-conf",
+        default=os.environ.get("SLURM_CONF", ""),
         help="slurm.conf of a running cluster to measure too (default: $SLURM_CONF)",
-    )  # fmt: skip
+    )
     args = parser.parse_args(argv)
     import logging
 

@@ -21,10 +21,19 @@ __all__ = ["StackProcess", "SteerStack"]
 class SteerStack:
     """An in-process DSN + steerable simulated detector on one background event loop."""
 
-    def __init__(self, shape: tuple[int, int] = (1024, 1024), rate_hz: float = 120.0, *,
-                 project: str = "p1", stream: str = "det", mode: str | None = None,
-                 hwm: int | None = None, seed: int = 0, key: Any = None,
-                 **sim_params: Any) -> None:
+    def __init__(
+        self,
+        shape: tuple[int, int] = (1024, 1024),
+        rate_hz: float = 120.0,
+        *,
+        project: str = "p1",
+        stream: str = "det",
+        mode: str | None = None,
+        hwm: int | None = None,
+        seed: int = 0,
+        key: Any = None,
+        **sim_params: Any,
+    ) -> None:
         from beamhub.auth.tokens import SigningKey, TokenIssuer, TokenVerifier
 
         key = key or SigningKey.generate()
@@ -38,11 +47,17 @@ class SteerStack:
         self.runner: Any = None
         self._control: Any = None
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="steer-stack",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="steer-stack", daemon=True
+        )
 
-    def token(self, scopes: str = "stream.read steer", sub: str = "alice",
-              project: str | None = None, ttl: int = 3600) -> str:
+    def token(
+        self,
+        scopes: str = "stream.read steer",
+        sub: str = "alice",
+        project: str | None = None,
+        ttl: int = 3600,
+    ) -> str:
         return self.issuer.issue(sub, project or self.project, scopes, ttl=ttl)
 
     def _await(self, coro: Any, timeout: float = 30.0) -> Any:
@@ -73,17 +88,18 @@ class SteerStack:
             request["hwm"] = self.hwm
         channel = await self.node.create_channel(self.verifier.verify(publisher), request)
         self.channel_id = channel.id
-        generator = SimulatedDetector(self.shape, seed=self.seed, rate_hz=self.rate_hz,
-                                      **self.sim_params)
-        self.runner = SourceRunner(generator, stream=self.stream,
-                                   connect=channel.endpoints.producer,
-                                   sndhwm=self.hwm or 16)
+        generator = SimulatedDetector(
+            self.shape, seed=self.seed, rate_hz=self.rate_hz, **self.sim_params
+        )
+        self.runner = SourceRunner(
+            generator, stream=self.stream, connect=channel.endpoints.producer, sndhwm=self.hwm or 16
+        )
         await asyncio.to_thread(self.runner.start)
-        self._control = SourceControlServer(self.runner, verifier=self.verifier,
-                                            project=self.project)
+        self._control = SourceControlServer(
+            self.runner, verifier=self.verifier, project=self.project
+        )
         self.control_url = await self._control.start()
-        url = self.node.template.check_source_control(self.control_url,
-                                                      channel.params.source_cidrs)
+        url = self.node.template.check_source_control(self.control_url, channel.params.source_cidrs)
         channel.params = dataclasses.replace(channel.params, source_control=url)
         await asyncio.to_thread(self.runner.start_run)
 
@@ -119,8 +135,13 @@ def _serve_stack(key_pem: bytes, conn: Any, kwargs: dict[str, Any]) -> None:
 
     key = SigningKey(serialization.load_pem_private_key(key_pem, password=None))
     with SteerStack(key=key, **kwargs) as stack:
-        conn.send({"dsn_url": stack.dsn_url, "channel_id": stack.channel_id,
-                   "control_url": stack.control_url})
+        conn.send(
+            {
+                "dsn_url": stack.dsn_url,
+                "channel_id": stack.channel_id,
+                "control_url": stack.control_url,
+            }
+        )
         try:
             while True:
                 message = conn.recv()
@@ -145,13 +166,16 @@ class StackProcess:
 
         self.key = SigningKey.generate()
         self.issuer = TokenIssuer(self.key, max_ttl=86400)
-        pem = self.key.private_key.private_bytes(serialization.Encoding.PEM,
-                                                 serialization.PrivateFormat.PKCS8,
-                                                 serialization.NoEncryption())
+        pem = self.key.private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve_stack, args=(pem, child, kwargs),
-                                   name="beamhub-bench-stack", daemon=True)
+        self.process = ctx.Process(
+            target=_serve_stack, args=(pem, child, kwargs), name="beamhub-bench-stack", daemon=True
+        )
         self.process.start()
         child.close()
         if not self._conn.poll(60):

@@ -242,13 +242,20 @@ class BeamhubAuthenticator(GenericOAuthenticator):
         if spawner.has_trait("project") and not (spawner.user_options or {}).get("project"):
             spawner.project = project  # ReservedNodeSpawner charges the same project
         token, claims = self.delegator.issue(
-            user.name, project, self.role_scopes[projects[project]], kind="server",
+            user.name,
+            project,
+            self.role_scopes[projects[project]],
+            kind="server",
             server=spawner.name or "",
-        )  # fmt: skip
+        )
         self.log.info(
             "delegated token jti=%s user=%s project=%s server=%r exp=%s",
-            claims["jti"], user.name, project, spawner.name, claims["exp"],
-        )  # fmt: skip
+            claims["jti"],
+            user.name,
+            project,
+            spawner.name,
+            claims["exp"],
+        )
         spawner.environment.update(
             {
                 "BEAMHUB_TOKEN": token,

@@ -26,9 +26,18 @@ __all__ = [
 ENCLAVE_DIR = Path(__file__).with_name("enclaves")
 ENCLAVE_NAMES = ("dev", "open", "moderate", "leadership")
 _FIELDS = {
-    "name", "description", "mfa_required", "max_token_ttl", "dsn_modes", "encryption_required",
-    "embedded_identity_allowed", "rate_limits", "audit_required", "audit_fsync", "qos_tiers",
-}  # fmt: skip
+    "name",
+    "description",
+    "mfa_required",
+    "max_token_ttl",
+    "dsn_modes",
+    "encryption_required",
+    "embedded_identity_allowed",
+    "rate_limits",
+    "audit_required",
+    "audit_fsync",
+    "qos_tiers",
+}
 _MODES = ("l4", "l7")
 _FSYNC = ("always", "interval", "never")
 
@@ -161,26 +170,39 @@ def check_deployment(
     mfa = dep.identity.require_mfa
     mfa_on = current.mfa_required if mfa is None else bool(mfa)
     if target.mfa_required:
-        out.append(Requirement(
-            "mfa", "logins must assert a second factor", "required" if mfa_on else "not required",
-            mfa_on, "set identity.require_mfa: true (or enclave: " + target.name + ")",
-        ))  # fmt: skip
+        out.append(
+            Requirement(
+                "mfa",
+                "logins must assert a second factor",
+                "required" if mfa_on else "not required",
+                mfa_on,
+                "set identity.require_mfa: true (or enclave: " + target.name + ")",
+            )
+        )
     embedded = dep.identity.provider == "embedded"
     if not target.embedded_identity_allowed:
-        out.append(Requirement(
-            "identity", "the facility's OpenID provider", "embedded dev IdP" if embedded
-            else dep.identity.provider, not embedded,
-            "set identity.provider to the facility issuer's https URL with authorize_url, "
-            "token_url, userdata_url and client_secret",
-        ))  # fmt: skip
+        out.append(
+            Requirement(
+                "identity",
+                "the facility's OpenID provider",
+                "embedded dev IdP" if embedded else dep.identity.provider,
+                not embedded,
+                "set identity.provider to the facility issuer's https URL with authorize_url, "
+                "token_url, userdata_url and client_secret",
+            )
+        )
     cap = dep.tokens.max_ttl if dep.tokens.max_ttl is not None else current.max_token_ttl
     cap = min(cap, current.max_token_ttl)
     worst = max(cap, dep.tokens.ttl)
-    out.append(Requirement(
-        "token_ttl", f"project tokens live <= {target.max_token_ttl} s",
-        f"tokens.ttl {dep.tokens.ttl} s, mint cap {cap} s", worst <= target.max_token_ttl,
-        f"set tokens.max_ttl: {target.max_token_ttl} and tokens.ttl <= {target.max_token_ttl}",
-    ))  # fmt: skip
+    out.append(
+        Requirement(
+            "token_ttl",
+            f"project tokens live <= {target.max_token_ttl} s",
+            f"tokens.ttl {dep.tokens.ttl} s, mint cap {cap} s",
+            worst <= target.max_token_ttl,
+            f"set tokens.max_ttl: {target.max_token_ttl} and tokens.ttl <= {target.max_token_ttl}",
+        )
+    )
 
     from beamhub.streaming.template import (
         Template,  # the DSN's admin template says modes/encryption
@@ -191,24 +213,40 @@ def check_deployment(
         template = Template.load(template_path)
         where = str(dep.dsn.template or "built-in default template")
     except (OSError, ValueError) as exc:
-        out.append(Requirement("dsn_template", "a readable DSN template", f"{exc}", False,
-                               "fix dsn.template (see streaming/templates/)"))  # fmt: skip
+        out.append(
+            Requirement(
+                "dsn_template",
+                "a readable DSN template",
+                f"{exc}",
+                False,
+                "fix dsn.template (see streaming/templates/)",
+            )
+        )
         template = None
     if template is not None and dep.dsn.enabled:
         bad = [m for m in template.modes if m not in target.dsn_modes]
-        out.append(Requirement(
-            "dsn_modes", f"only {list(target.dsn_modes)}", f"{list(template.modes)} ({where})",
-            not bad, f"use a DSN template with modes: {list(target.dsn_modes)}, e.g. "
-            f"dsn.template: streaming/templates/moderate.yaml",
-        ))  # fmt: skip
+        out.append(
+            Requirement(
+                "dsn_modes",
+                f"only {list(target.dsn_modes)}",
+                f"{list(template.modes)} ({where})",
+                not bad,
+                f"use a DSN template with modes: {list(target.dsn_modes)}, e.g. "
+                f"dsn.template: streaming/templates/moderate.yaml",
+            )
+        )
         if target.encryption_required:
             enc = bool(template.encryption_required)
-            out.append(Requirement(
-                "encryption", "CURVE on every data-plane channel",
-                f"{'required' if enc else 'optional'} ({where})", enc,
-                "use a DSN template with encryption_required: true "
-                "(streaming/templates/moderate.yaml)",
-            ))  # fmt: skip
+            out.append(
+                Requirement(
+                    "encryption",
+                    "CURVE on every data-plane channel",
+                    f"{'required' if enc else 'optional'} ({where})",
+                    enc,
+                    "use a DSN template with encryption_required: true "
+                    "(streaming/templates/moderate.yaml)",
+                )
+            )
 
     gw = dep.gateway
     for label, rate, burst, limit in (
@@ -219,24 +257,38 @@ def check_deployment(
         ok = inherit or (0 < rate <= limit.rate and 0 < burst <= limit.burst)
         actual = "the enclave's value" if inherit else f"{rate:g}/s burst {burst}"
         prefix = "gateway." + ("" if label.endswith("token") else "project_")
-        out.append(Requirement(
-            label, f"<= {limit.rate:g}/s, burst <= {limit.burst}", actual, ok,
-            f"set {prefix}rate_per_s/{prefix}burst within the limit, or 0 for the enclave's value",
-        ))  # fmt: skip
+        out.append(
+            Requirement(
+                label,
+                f"<= {limit.rate:g}/s, burst <= {limit.burst}",
+                actual,
+                ok,
+                f"set {prefix}rate_per_s/{prefix}burst within the limit, or 0 for the enclave's value",
+            )
+        )
     if target.audit_required:
-        out.append(Requirement(
-            "audit", "every decision in the hash-chained audit log (gateway on)",
-            "gateway on" if gw.enabled else "gateway off", bool(gw.enabled),
-            "set gateway.enabled: true",
-        ))  # fmt: skip
+        out.append(
+            Requirement(
+                "audit",
+                "every decision in the hash-chained audit log (gateway on)",
+                "gateway on" if gw.enabled else "gateway off",
+                bool(gw.enabled),
+                "set gateway.enabled: true",
+            )
+        )
 
     from beamhub.kernels.tiers import DEFAULT_TIERS, load_tiers
 
     tiers_path = getattr(dep.scheduler, "tiers", "") or ""
     tiers = load_tiers(_resolve(tiers_path, base)) if tiers_path else DEFAULT_TIERS
     extra = [t for t in tiers.names() if t not in target.qos_tiers]
-    out.append(Requirement(
-        "qos_tiers", f"only {list(target.qos_tiers)}", str(tiers.names()), not extra,
-        f"remove tier(s) {extra} from the scheduler's tiers file",
-    ))  # fmt: skip
+    out.append(
+        Requirement(
+            "qos_tiers",
+            f"only {list(target.qos_tiers)}",
+            str(tiers.names()),
+            not extra,
+            f"remove tier(s) {extra} from the scheduler's tiers file",
+        )
+    )
     return out

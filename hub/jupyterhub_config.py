@@ -136,16 +136,27 @@ def configure(c: Any, rt: dict[str, Any]) -> None:
             "name": "tokens",
             "url": f"http://{ip}:{rt['tokens_port']}",
             "command": [
-                py, "-m", "beamhub.hub.tokens.service", "--state-dir", str(state),
-                "--issuer", rt["token_issuer"], "--audience", rt["token_audience"],
-                "--max-ttl", str(rt["max_token_ttl"]), "--ttl", str(rt["token_ttl"]),
-                "--revocation-poll", str(rt["revocation_poll"]),
+                py,
+                "-m",
+                "beamhub.hub.tokens.service",
+                "--state-dir",
+                str(state),
+                "--issuer",
+                rt["token_issuer"],
+                "--audience",
+                rt["token_audience"],
+                "--max-ttl",
+                str(rt["max_token_ttl"]),
+                "--ttl",
+                str(rt["token_ttl"]),
+                "--revocation-poll",
+                str(rt["revocation_poll"]),
             ],
             "oauth_no_confirm": True,
             "display": True,
             "info": {"description": "mint, refresh, introspect and revoke project tokens"},
         }
-    ]  # fmt: skip
+    ]
     if rt.get("gateway_command"):
         services.append(
             {
@@ -190,9 +201,19 @@ def configure(c: Any, rt: dict[str, Any]) -> None:
     if rt.get("admin_api_token"):
         c.JupyterHub.services.append({"name": "beamhub-admin", "api_token": rt["admin_api_token"]})
         c.JupyterHub.load_roles.append(
-            {"name": "beamhub-admin", "scopes": ["admin:users", "admin:servers", "tokens",
-             "access:services", "read:users", "admin:groups"], "services": ["beamhub-admin"]}
-        )  # fmt: skip
+            {
+                "name": "beamhub-admin",
+                "scopes": [
+                    "admin:users",
+                    "admin:servers",
+                    "tokens",
+                    "access:services",
+                    "read:users",
+                    "admin:groups",
+                ],
+                "services": ["beamhub-admin"],
+            }
+        )
 
 
 if "get_config" in globals():  # loaded by `jupyterhub -f`

@@ -74,14 +74,21 @@ class WorkerJob(ProcessInterface):
 
     def argv(self) -> list[str]:
         return [
-            sys.executable, "-m", "distributed.cli.dask_worker", self.scheduler_address,
-            "--name", str(self.name),
-            "--nthreads", str(self.nthreads),
-            "--memory-limit", f"{self.memory_mb}MiB",
+            sys.executable,
+            "-m",
+            "distributed.cli.dask_worker",
+            self.scheduler_address,
+            "--name",
+            str(self.name),
+            "--nthreads",
+            str(self.nthreads),
+            "--memory-limit",
+            f"{self.memory_mb}MiB",
             "--no-nanny",
             "--no-dashboard",
-            "--death-timeout", str(self.death_timeout_s),
-        ]  # fmt: skip
+            "--death-timeout",
+            str(self.death_timeout_s),
+        ]
 
     async def start(self) -> None:
         backend = await open_scheduler(self.config)

@@ -30,8 +30,20 @@ from beamhub.kernels.scheduler import JobInfo, JobSpec, JobState, Scheduler, Sch
 
 __all__ = ["ACT_FOR_SCOPE", "CUSTOM_SCOPES", "HANDLERS", "HubScheduler", "JobsAPIHandler"]
 
-_SPEC_FIELDS = {"name", "argv", "env", "cpus", "mem_mb", "nodes", "walltime_s", "workdir",
-                "output", "requeue", "project", "tier"}  # fmt: skip
+_SPEC_FIELDS = {
+    "name",
+    "argv",
+    "env",
+    "cpus",
+    "mem_mb",
+    "nodes",
+    "walltime_s",
+    "workdir",
+    "output",
+    "requeue",
+    "project",
+    "tier",
+}
 
 #: JupyterHub custom scope: submit, list and cancel beamhub jobs for the user a request names.
 #: Filters narrow it as usual, e.g. ``custom:beamhub:jobs:act-for!group=p-1001``.
@@ -79,16 +91,18 @@ class JobsAPIHandler(APIHandler):
         if named is None or named == own:
             if own is None:
                 raise web.HTTPError(
-                    400, "user: a service must name the user it acts for (\"user\" in the "
+                    400,
+                    'user: a service must name the user it acts for ("user" in the '
                     "body, ?user= in the query)",
-                )  # fmt: skip
+                )
             return caller
         if not self.has_scope(f"{ACT_FOR_SCOPE}!user={named}"):
             who = f"user {own!r}" if own else f"service {caller.name!r}"
             raise web.HTTPError(
-                403, f"user: {who} may not act for {named!r}; only a holder of the "
+                403,
+                f"user: {who} may not act for {named!r}; only a holder of the "
                 f"{ACT_FOR_SCOPE} scope may name another user",
-            )  # fmt: skip
+            )
         user = self.find_user(named)
         if user is None:
             raise web.HTTPError(
@@ -119,9 +133,10 @@ class JobsAPIHandler(APIHandler):
         unknown = set(body) - _SPEC_FIELDS
         if unknown:
             raise web.HTTPError(
-                400, f"unknown job field(s) {sorted(unknown)}; allowed: {sorted(_SPEC_FIELDS)}"
+                400,
+                f"unknown job field(s) {sorted(unknown)}; allowed: {sorted(_SPEC_FIELDS)}"
                 " (and user)",
-            )  # fmt: skip
+            )
         spawner, scheduler = await self._context(user)
         project = body.setdefault("project", spawner.job_project or spawner.project or "")
         body.setdefault("name", "job")
@@ -135,11 +150,18 @@ class JobsAPIHandler(APIHandler):
             raise web.HTTPError(exc.status, where + exc.message) from exc
         self.log.info(
             "beamhub job %s for %s by %s (project %s, tier %s)",
-            job_id, user.name, self.current_user.name, spec.project, spec.tier,
-        )  # fmt: skip
+            job_id,
+            user.name,
+            self.current_user.name,
+            spec.project,
+            spec.tier,
+        )
         self.set_status(201)
-        self.write(json.dumps({"job_id": job_id, "user": user.name, "project": spec.project,
-                               "tier": spec.tier}))  # fmt: skip
+        self.write(
+            json.dumps(
+                {"job_id": job_id, "user": user.name, "project": spec.project, "tier": spec.tier}
+            )
+        )
 
     @staticmethod
     async def _default_tier(spawner, scheduler: Scheduler, user: str, project: str) -> str:
@@ -234,10 +256,11 @@ class HubScheduler(Scheduler):
             return {}
         data = await self._call("GET", "?" + urlencode([("id", j) for j in job_ids]))
         return {
-            j: _info_from_dict(data[j]) if j in data
+            j: _info_from_dict(data[j])
+            if j in data
             else JobInfo(job_id=j, spec=None, state=JobState.UNKNOWN, reason="not visible")
             for j in job_ids
-        }  # fmt: skip
+        }
 
     async def cancel(self, job_id: str) -> None:
         await self._call("DELETE", "/" + quote(job_id, safe=""))

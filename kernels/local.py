@@ -66,7 +66,9 @@ class LocalBackend(Scheduler):
         self.log_dir = Path(log_dir) if log_dir else self.db_path.parent / "job-logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if isinstance(nodes, int):
-            nodes = [VirtualNode(f"n{i}", cpus_per_node, mem_mb_per_node) for i in range(1, nodes + 1)]
+            nodes = [
+                VirtualNode(f"n{i}", cpus_per_node, mem_mb_per_node) for i in range(1, nodes + 1)
+            ]
         self.nodes = {n.name: n for n in nodes}
         self.policy = policy or TierPolicy()
         self.tiers = self.policy.tiers
@@ -97,8 +99,12 @@ class LocalBackend(Scheduler):
         self._jobs[job.job_id] = job
         self._store.save(job)
         self._events.publish(
-            "queued", job.job_id, tier=tier.name, message=f"queued at tier {tier.name} ({ahead} "
-            "pending ahead)" if ahead else f"queued at tier {tier.name}",
+            "queued",
+            job.job_id,
+            tier=tier.name,
+            message=f"queued at tier {tier.name} ({ahead} pending ahead)"
+            if ahead
+            else f"queued at tier {tier.name}",
         )
         self._tick()
         return job.job_id
@@ -198,7 +204,9 @@ class LocalBackend(Scheduler):
 
     # -- placement ------------------------------------------------------------------------
     def _check_fits(self, spec: JobSpec) -> None:
-        fitting = [n for n in self.nodes.values() if n.cpus >= spec.cpus and n.mem_mb >= spec.mem_mb]
+        fitting = [
+            n for n in self.nodes.values() if n.cpus >= spec.cpus and n.mem_mb >= spec.mem_mb
+        ]
         if len(fitting) < spec.nodes:
             sizes = ", ".join(f"{n.name}: {n.cpus} CPU/{n.mem_mb} MB" for n in self.nodes.values())
             raise SchedulerError(
@@ -238,8 +246,10 @@ class LocalBackend(Scheduler):
             victims = []
             candidates = sorted(
                 (
-                    v for v in self._running()
-                    if name in v.nodes and v.kill_reason is None
+                    v
+                    for v in self._running()
+                    if name in v.nodes
+                    and v.kill_reason is None
                     and tier.can_preempt(self.tiers.get(v.spec.tier))
                 ),
                 key=lambda v: (v.priority, -(v.start_time or 0), -v.seq),
@@ -258,8 +268,11 @@ class LocalBackend(Scheduler):
                 plans.append((key, name, victims))
         plans.sort(key=lambda p: p[0])
         if len(plans) < job.spec.nodes:
-            held = "no lower tier it may preempt" if not tier.preempts else (
-                f"nothing preemptible ({', '.join(tier.preempts)}) to make room")
+            held = (
+                "no lower tier it may preempt"
+                if not tier.preempts
+                else (f"nothing preemptible ({', '.join(tier.preempts)}) to make room")
+            )
             reason = f"waiting for free nodes: all {len(self.nodes)} busy, {held}"
             if job.reason != reason:
                 job.reason = reason
@@ -273,7 +286,10 @@ class LocalBackend(Scheduler):
             victim.preempted_by = job.job_id
             self._terminate(victim, "preempt")
             self._events.publish(
-                "preempted", victim.job_id, by=job.job_id, node=",".join(victim.nodes),
+                "preempted",
+                victim.job_id,
+                by=job.job_id,
+                node=",".join(victim.nodes),
                 message=f"preempted by job {job.job_id} (tier {tier.name})",
             )
         if victims:
@@ -283,8 +299,11 @@ class LocalBackend(Scheduler):
                 f"preempting {len(victims)} {'/'.join(tiers)} {noun} on {', '.join(job.reserved)}"
             )
             self._events.publish(
-                "preempting", job.job_id, victims=[v.job_id for v in victims],
-                node=",".join(job.reserved), message=job.reason,
+                "preempting",
+                job.job_id,
+                victims=[v.job_id for v in victims],
+                node=",".join(job.reserved),
+                message=job.reason,
             )
         self._store.save(job)
 
@@ -308,8 +327,12 @@ class LocalBackend(Scheduler):
             with open(job.output, "ab") as out:  # append: a requeued job's output is kept
                 popen = subprocess.Popen(
                     [sys.executable, "-I", WRAPPER, exit_file, "--", *job.spec.argv],
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                    cwd=job.spec.workdir, env=env, start_new_session=True,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=job.spec.workdir,
+                    env=env,
+                    start_new_session=True,
                 )
         except OSError as exc:
             job.state, job.end_time = JobState.FAILED, time.time()
@@ -342,8 +365,11 @@ class LocalBackend(Scheduler):
         job.kill_reason = why
         grace = self.tiers.get(job.spec.tier).grace_s if why != "cancel" else 2.0
         job.kill_deadline = time.monotonic() + grace
-        job.reason = {"preempt": f"preempted by job {job.preempted_by}", "cancel": "cancelling",
-                      "walltime": "wall time exceeded"}[why]
+        job.reason = {
+            "preempt": f"preempted by job {job.preempted_by}",
+            "cancel": "cancelling",
+            "walltime": "wall time exceeded",
+        }[why]
         self._signal(job, signal.SIGTERM)
 
     def _alive(self, job: LocalJob) -> int | bool | None:
@@ -417,8 +443,11 @@ class LocalBackend(Scheduler):
                 job.state, job.reason = JobState.COMPLETED, "exit code 0"
             else:
                 job.state, job.reason = JobState.FAILED, f"exit code {code}"
-            kind = {JobState.COMPLETED: "completed", JobState.CANCELLED: "cancelled",
-                    JobState.PREEMPTED: "preempted"}.get(job.state, "failed")
+            kind = {
+                JobState.COMPLETED: "completed",
+                JobState.CANCELLED: "cancelled",
+                JobState.PREEMPTED: "preempted",
+            }.get(job.state, "failed")
             if kind != "preempted":  # the preempted event went out with the SIGTERM
                 self._events.publish(kind, job.job_id, exit_code=code, message=job.reason)
         self._store.save(job)
@@ -428,4 +457,3 @@ class LocalBackend(Scheduler):
 def read_jobs(db_path: str | Path) -> list[JobInfo]:
     """The local backend's jobs from its database, read-only (for `beamhub scheduler jobs`)."""
     return [j.info() for j in LocalJobStore(db_path).load()]
-

@@ -88,7 +88,9 @@ class JobSpec:
         for name in ("cpus", "mem_mb", "nodes", "walltime_s"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise SchedulerError(f"{name} must be a positive integer, got {value!r}", field=name)
+                raise SchedulerError(
+                    f"{name} must be a positive integer, got {value!r}", field=name
+                )
         if not isinstance(self.env, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()
         ):
@@ -98,8 +100,9 @@ class JobSpec:
             if value is not None and not isinstance(value, str):
                 raise SchedulerError(f"{name} must be a string or null, got {value!r}", field=name)
         if not isinstance(self.requeue, bool):
-            raise SchedulerError(f"requeue must be true or false, got {self.requeue!r}",
-                                 field="requeue")  # fmt: skip
+            raise SchedulerError(
+                f"requeue must be true or false, got {self.requeue!r}", field="requeue"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,8 +110,11 @@ class JobSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobSpec:
         known = cls.__dataclass_fields__
-        missing = [n for n, f in known.items() if n not in data
-                   and f.default is MISSING and f.default_factory is MISSING]  # fmt: skip
+        missing = [
+            n
+            for n, f in known.items()
+            if n not in data and f.default is MISSING and f.default_factory is MISSING
+        ]
         if missing:
             raise SchedulerError(f"{missing[0]}: required", field=missing[0])
         return cls(**{k: v for k, v in data.items() if k in known})

@@ -122,19 +122,27 @@ class SlurmBackend(Scheduler):
             raise SchedulerError("the SLURM backend is closed", status=503)
         tier = self.policy.check(spec)
         output = str(self.log_dir / "%j.out") if self.log_dir else None
-        argv = sbatch_argv(spec, tier, self.partitions.get(tier.name), self.qos.get(tier.name),
-                           output)
+        argv = sbatch_argv(
+            spec, tier, self.partitions.get(tier.name), self.qos.get(tier.name), output
+        )
         rc, out, err = await self._run(argv, stdin=batch_script(spec))
         if rc != 0:
-            why = "; ".join(ln.removeprefix("sbatch: error: ").strip()
-                            for ln in (err.strip() or out.strip()).splitlines())
-            raise SchedulerError(f"sbatch refused the job: {why}",
-                                 status=400 if "error: " in err else 503)
+            why = "; ".join(
+                ln.removeprefix("sbatch: error: ").strip()
+                for ln in (err.strip() or out.strip()).splitlines()
+            )
+            raise SchedulerError(
+                f"sbatch refused the job: {why}", status=400 if "error: " in err else 503
+            )
         job_id = parse_sbatch(out)
         self._specs[job_id] = spec
         self._last[job_id] = JobInfo(job_id=job_id, spec=spec, state=JobState.PENDING)
-        self._events.publish("queued", job_id, tier=tier.name,
-                             message=f"queued at tier {tier.name} (SLURM job {job_id})")
+        self._events.publish(
+            "queued",
+            job_id,
+            tier=tier.name,
+            message=f"queued at tier {tier.name} (SLURM job {job_id})",
+        )
         self._ensure_watching()
         return job_id
 
@@ -143,8 +151,14 @@ class SlurmBackend(Scheduler):
         found: dict[str, JobInfo] = {}
         if ids:
             rc, out, err = await self._run(
-                ["squeue", "--noheader", "--states=all", f"--jobs={','.join(ids)}",
-                 f"--Format={SQUEUE_FORMAT}"])
+                [
+                    "squeue",
+                    "--noheader",
+                    "--states=all",
+                    f"--jobs={','.join(ids)}",
+                    f"--Format={SQUEUE_FORMAT}",
+                ]
+            )
             if rc == 0:
                 found = parse_squeue(out)
             elif "Invalid job id" not in err:  # all ids unknown is not an error
@@ -152,14 +166,23 @@ class SlurmBackend(Scheduler):
         missing = [j for j in ids if j not in found]
         if missing and self.use_sacct:
             rc, out, err = await self._run(
-                ["sacct", "--parsable2", "--noheader", "--allocations",
-                 f"--jobs={','.join(missing)}", f"--format={','.join(SACCT_FIELDS)}"])
+                [
+                    "sacct",
+                    "--parsable2",
+                    "--noheader",
+                    "--allocations",
+                    f"--jobs={','.join(missing)}",
+                    f"--format={','.join(SACCT_FIELDS)}",
+                ]
+            )
             if rc == 0:
                 found.update({k: v for k, v in parse_sacct(out).items() if k in missing})
         result = {}
         for job_id in job_ids:
             info = found.get(job_id) or JobInfo(
-                job_id=job_id, spec=None, state=JobState.UNKNOWN,
+                job_id=job_id,
+                spec=None,
+                state=JobState.UNKNOWN,
                 reason="SLURM does not know this job (finished longer than MinJobAge ago, "
                 "or never existed)",
             )
@@ -182,7 +205,8 @@ class SlurmBackend(Scheduler):
 
     async def list(self, project: str | None = None) -> list[JobInfo]:
         rc, out, err = await self._run(
-            ["squeue", "--noheader", "--states=all", f"--Format={SQUEUE_FORMAT}"])
+            ["squeue", "--noheader", "--states=all", f"--Format={SQUEUE_FORMAT}"]
+        )
         if rc != 0:
             raise SchedulerError(f"squeue failed: {err.strip()}", status=503)
         jobs = []
@@ -240,22 +264,31 @@ class SlurmBackend(Scheduler):
                 node = old.node or "?"
                 requeued.add(job_id)
                 self._recent_victims.setdefault(node, []).append((job_id, clock))
-                self._events.publish("preempted", job_id, node=node, by=None,
-                                     message=f"preempted on {node} and requeued by SLURM")
+                self._events.publish(
+                    "preempted",
+                    job_id,
+                    node=node,
+                    by=None,
+                    message=f"preempted on {node} and requeued by SLURM",
+                )
                 self._events.publish("requeued", job_id, message=new.reason)
         for job_id in watched:
             old, new = self._last[job_id], now[job_id]
             self._last[job_id] = new
-            started = new.state is JobState.RUNNING and job_id not in requeued and (
-                old.state is not JobState.RUNNING or new.start_time != old.start_time)
+            started = (
+                new.state is JobState.RUNNING
+                and job_id not in requeued
+                and (old.state is not JobState.RUNNING or new.start_time != old.start_time)
+            )
             if started:
                 node = new.node or "?"
                 self._recent_start[node] = (job_id, clock)
                 self._match_preemption(node, clock)
                 self._events.publish("started", job_id, node=node, message=f"started on {node}")
             elif new.state in TERMINAL_STATES and old.state is not new.state:
-                self._events.publish(_EVENT_FOR[new.state], job_id, exit_code=new.exit_code,
-                                     message=new.reason)
+                self._events.publish(
+                    _EVENT_FOR[new.state], job_id, exit_code=new.exit_code, message=new.reason
+                )
         for node in list(self._recent_victims):  # the requeue showed up after the start
             self._match_preemption(node, clock)
 
@@ -266,7 +299,11 @@ class SlurmBackend(Scheduler):
         job_id, started = self._recent_start.get(node, ("", -window))
         # the preemptor starts after its victims were requeued, seen at most a poll or two apart
         slack = 2 * self.poll_interval + 1
-        if victims and job_id not in ("", *victims) and started >= min(t for _, t in recent) - slack:
+        if (
+            victims
+            and job_id not in ("", *victims)
+            and started >= min(t for _, t in recent) - slack
+        ):
             self._recent_victims.pop(node, None)
             self._recent_start.pop(node, None)
             self._announce_preempting(job_id, node, victims)
@@ -274,8 +311,13 @@ class SlurmBackend(Scheduler):
     def _announce_preempting(self, job_id: str, node: str, victims: list[str]) -> None:
         tiers = sorted({self._specs[v].tier if v in self._specs else "?" for v in victims})
         noun = "job" if len(victims) == 1 else "jobs"
-        self._events.publish("preempting", job_id, victims=victims, node=node,
-                             message=f"preempting {len(victims)} {'/'.join(tiers)} {noun} on {node}")
+        self._events.publish(
+            "preempting",
+            job_id,
+            victims=victims,
+            node=node,
+            message=f"preempting {len(victims)} {'/'.join(tiers)} {noun} on {node}",
+        )
 
     def watch(self, job_id: str) -> None:
         """Also report events for a job submitted elsewhere (e.g. before a hub restart)."""

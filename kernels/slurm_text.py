@@ -219,8 +219,20 @@ def _exit_code(text: str) -> int | None:
     return int(code)
 
 
-SQUEUE_FIELDS = ("JobID", "State", "Reason", "NodeList", "SubmitTime", "StartTime", "EndTime",
-                 "Partition", "RestartCnt", "exit_code", "Name", "Comment")
+SQUEUE_FIELDS = (
+    "JobID",
+    "State",
+    "Reason",
+    "NodeList",
+    "SubmitTime",
+    "StartTime",
+    "EndTime",
+    "Partition",
+    "RestartCnt",
+    "exit_code",
+    "Name",
+    "Comment",
+)
 #: squeue --Format: every field gets a wide column and a '|' suffix; comment last.
 SQUEUE_FORMAT = ",".join(f"{f}:256|" if f != "Comment" else f"{f}:512" for f in SQUEUE_FIELDS)
 
@@ -239,9 +251,13 @@ def parse_squeue(text: str) -> dict[str, JobInfo]:
         fields = parse_comment(row["Comment"])
         spec = None
         if fields:
-            spec = JobSpec(name=row["Name"], project=fields.get("project", ""),
-                           user=fields.get("user", ""), tier=fields.get("tier", row["Partition"]),
-                           argv=[])
+            spec = JobSpec(
+                name=row["Name"],
+                project=fields.get("project", ""),
+                user=fields.get("user", ""),
+                tier=fields.get("tier", row["Partition"]),
+                argv=[],
+            )
         restarts = row["RestartCnt"]
         jobs[row["JobID"]] = JobInfo(
             job_id=row["JobID"],
@@ -251,8 +267,9 @@ def parse_squeue(text: str) -> dict[str, JobInfo]:
             reason=_reason(row["State"], row["Reason"]),
             submit_time=_time(row["SubmitTime"]),
             start_time=_time(row["StartTime"]) if state is not JobState.PENDING else None,
-            end_time=_time(row["EndTime"]) if state not in (JobState.PENDING,
-                                                             JobState.RUNNING) else None,
+            end_time=_time(row["EndTime"])
+            if state not in (JobState.PENDING, JobState.RUNNING)
+            else None,
             exit_code=_wait_status(row["exit_code"]) if state in TERMINAL_STATES else None,
             requeues=int(restarts) if restarts.isdigit() else 0,
         )
@@ -266,8 +283,17 @@ def _reason(state: str, reason: str) -> str:
     return f"{state.strip().lower()}: {reason}"
 
 
-SACCT_FIELDS = ("JobID", "State", "ExitCode", "NodeList", "Submit", "Start", "End", "Partition",
-                "JobName")
+SACCT_FIELDS = (
+    "JobID",
+    "State",
+    "ExitCode",
+    "NodeList",
+    "Submit",
+    "Start",
+    "End",
+    "Partition",
+    "JobName",
+)
 
 
 def parse_sacct(text: str) -> dict[str, JobInfo]:

@@ -323,7 +323,15 @@ class ReservedNodeSpawner(Spawner):
         is_jupyter = Path(self.cmd[0]).name.startswith("jupyter") if self.cmd else False
         if os.geteuid() == 0 and is_jupyter and "--allow-root" not in args:
             args.append("--allow-root")
-        argv = [sys.executable, "-m", "beamhub.kernels.serverjob", self.port_file, "--", *self.cmd, *args]
+        argv = [
+            sys.executable,
+            "-m",
+            "beamhub.kernels.serverjob",
+            self.port_file,
+            "--",
+            *self.cmd,
+            *args,
+        ]
         spec = JobSpec(
             name=f"jupyter-{self.user.name}" + (f"-{self.name}" if self.name else ""),
             project=project,

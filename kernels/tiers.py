@@ -222,16 +222,16 @@ class TierPolicy:
             )
         if requested in granted or (window is not None and window.tier == requested):
             return self.tiers.get(requested)
-        raise SchedulerError(self._refusal(user, project, requested, granted, now),
-                             status=403, field="tier")
+        raise SchedulerError(
+            self._refusal(user, project, requested, granted, now), status=403, field="tier"
+        )
 
     def _refusal(
         self, user: str, project: str, requested: str, granted: Iterable[str], now: float
     ) -> str:
         held = ", ".join(granted) or "none"
         msg = (
-            f"user {user!r} does not hold tier {requested!r} in project {project!r} "
-            f"(held: {held})"
+            f"user {user!r} does not hold tier {requested!r} in project {project!r} (held: {held})"
         )
         if self.tiers.get(requested).window_only:
             msg += f"; {requested!r} is only held inside an approved beamtime window"

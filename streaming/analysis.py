@@ -48,13 +48,18 @@ class FrameResult:
     def to_dict(self, *, profile: bool = False) -> dict[str, Any]:
         """JSON-ready form (peaks as ``[y, x, intensity, snr, npix]`` rows)."""
         out = {
-            "stream": self.stream, "seq": self.seq, "run": self.run,
-            "source_rev": self.source_rev, "params_rev": self.params_rev,
-            "hit": self.hit, "n_peaks": self.n_peaks,
+            "stream": self.stream,
+            "seq": self.seq,
+            "run": self.run,
+            "source_rev": self.source_rev,
+            "params_rev": self.params_rev,
+            "hit": self.hit,
+            "n_peaks": self.n_peaks,
             "peaks": np.round(self.peaks.astype(np.float64), 3).tolist(),
             "latency_ms": round(self.latency_s * 1e3, 3),
             "analysis_ms": round(self.analysis_s * 1e3, 3),
-            "worker": self.worker, "error": self.error,
+            "worker": self.worker,
+            "error": self.error,
         }
         if profile and self.radial_profile is not None:
             out["radial_profile"] = np.nan_to_num(self.radial_profile).round(3).tolist()
@@ -72,9 +77,14 @@ class Analyzer:
     when present, else the image centre.
     """
 
-    def __init__(self, params: dict[str, Any] | PeakFinderParams | None = None, *,
-                 rev: int = 0, center: tuple[float, float] | None = None,
-                 worker: str = "") -> None:
+    def __init__(
+        self,
+        params: dict[str, Any] | PeakFinderParams | None = None,
+        *,
+        rev: int = 0,
+        center: tuple[float, float] | None = None,
+        worker: str = "",
+    ) -> None:
         if not isinstance(params, PeakFinderParams):
             params = PeakFinderParams.create(params)
         self._lock = threading.Lock()
@@ -90,8 +100,9 @@ class Analyzer:
     def rev(self) -> int:
         return self._current[1]
 
-    def set_params(self, changes: dict[str, Any] | None = None, *, rev: int | None = None,
-                   **kwargs: Any) -> int:
+    def set_params(
+        self, changes: dict[str, Any] | None = None, *, rev: int | None = None, **kwargs: Any
+    ) -> int:
         """Validate and swap in new parameters; returns the new revision.
 
         Invalid values raise :class:`beamhub.streaming.params.ParamError` naming the field and nothing
@@ -110,18 +121,40 @@ class Analyzer:
         t0 = time.perf_counter()
         try:
             center = self.center or header.meta.get("beam_center")
-            result = find_peaks(frame.data, params,
-                                center=tuple(center) if center is not None else None)
+            result = find_peaks(
+                frame.data, params, center=tuple(center) if center is not None else None
+            )
         except (ValueError, TypeError) as exc:
-            return FrameResult(header.stream, header.seq, header.run, header.rev, rev,
-                               tuple(header.shape), False, 0, _NO_PEAKS, None,
-                               frame.latency_s, time.perf_counter() - t0, self.worker,
-                               error=f"{type(exc).__name__}: {exc}")
+            return FrameResult(
+                header.stream,
+                header.seq,
+                header.run,
+                header.rev,
+                rev,
+                tuple(header.shape),
+                False,
+                0,
+                _NO_PEAKS,
+                None,
+                frame.latency_s,
+                time.perf_counter() - t0,
+                self.worker,
+                error=f"{type(exc).__name__}: {exc}",
+            )
         return FrameResult(
-            stream=header.stream, seq=header.seq, run=header.run, source_rev=header.rev,
-            params_rev=rev, shape=tuple(header.shape), hit=result.hit, n_peaks=result.n_peaks,
-            peaks=result.peaks, radial_profile=result.radial_profile,
-            latency_s=frame.latency_s, analysis_s=time.perf_counter() - t0, worker=self.worker,
+            stream=header.stream,
+            seq=header.seq,
+            run=header.run,
+            source_rev=header.rev,
+            params_rev=rev,
+            shape=tuple(header.shape),
+            hit=result.hit,
+            n_peaks=result.n_peaks,
+            peaks=result.peaks,
+            radial_profile=result.radial_profile,
+            latency_s=frame.latency_s,
+            analysis_s=time.perf_counter() - t0,
+            worker=self.worker,
         )
 
 
@@ -138,11 +171,16 @@ def _with_idle_ticks(consumer: Any, idle_timeout_s: float) -> Iterator[Frame | N
         yield receive(timeout=idle_timeout_s)
 
 
-def analyse_stream(consumer: Any, analyzer: Analyzer,
-                   on_result: Callable[[FrameResult], Any], *,
-                   stop: threading.Event | None = None, max_frames: int | None = None,
-                   on_idle: Callable[[], Any] | None = None,
-                   idle_timeout_s: float = 0.1) -> int:
+def analyse_stream(
+    consumer: Any,
+    analyzer: Analyzer,
+    on_result: Callable[[FrameResult], Any],
+    *,
+    stop: threading.Event | None = None,
+    max_frames: int | None = None,
+    on_idle: Callable[[], Any] | None = None,
+    idle_timeout_s: float = 0.1,
+) -> int:
     """Analyse frames from ``consumer`` until it ends, ``stop`` is set or ``max_frames`` are done.
 
     ``consumer`` is a :class:`beamhub.streaming.consumer.StreamConsumer` (its ``receive(timeout)`` gives
@@ -305,12 +343,17 @@ class RunningStats:
         """Plain numbers (and two arrays) for plots, dashboards and tests."""
         lat = sorted(self._latency)
         return {
-            "frames": self.frames, "hits": self.hits, "errors": self.errors,
+            "frames": self.frames,
+            "hits": self.hits,
+            "errors": self.errors,
             "hit_rate": self.hit_rate,
             "hit_rate_total": self.hits / self.frames if self.frames else 0.0,
             "peaks_per_frame": float(np.mean(self._peaks)) if self._peaks else 0.0,
             "latency_p50_ms": lat[len(lat) // 2] * 1e3 if lat else None,
-            "lost": self.lost(), "duplicates": self.duplicates(),
-            "params_rev": self.last_params_rev, "per_worker": dict(self.per_worker),
-            "radial_profile": self.radial_profile, "powder": self.powder,
+            "lost": self.lost(),
+            "duplicates": self.duplicates(),
+            "params_rev": self.last_params_rev,
+            "per_worker": dict(self.per_worker),
+            "radial_profile": self.radial_profile,
+            "powder": self.powder,
         }

@@ -39,8 +39,13 @@ from beamhub.streaming.analysis import Analyzer, FrameResult, RunningStats, anal
 from beamhub.streaming.params import ParamError
 from beamhub.streaming.peakfinder import PEAK_COLUMNS, PeakFinderParams
 
-__all__ = ["STREAMING_WORKER_ENV", "AnalysisSession", "analysis_worker", "result_from_wire",
-           "result_to_wire"]
+__all__ = [
+    "STREAMING_WORKER_ENV",
+    "AnalysisSession",
+    "analysis_worker",
+    "result_from_wire",
+    "result_to_wire",
+]
 
 log = logging.getLogger("beamhub.analysis")
 #: Environment for Dask workers that receive detector frames. Dask's nanny sets
@@ -57,22 +62,66 @@ POLL_PERIOD_S = 0.01
 
 def result_to_wire(r: FrameResult) -> list[Any]:
     """A compact msgpack-friendly row (no profile: batches carry profile sums)."""
-    return [r.stream, r.seq, r.run, r.source_rev, r.params_rev, list(r.shape), r.hit, r.n_peaks,
-            np.ascontiguousarray(r.peaks, dtype=np.float32).tobytes(), r.latency_s, r.analysis_s,
-            r.worker, r.error]
+    return [
+        r.stream,
+        r.seq,
+        r.run,
+        r.source_rev,
+        r.params_rev,
+        list(r.shape),
+        r.hit,
+        r.n_peaks,
+        np.ascontiguousarray(r.peaks, dtype=np.float32).tobytes(),
+        r.latency_s,
+        r.analysis_s,
+        r.worker,
+        r.error,
+    ]
 
 
 def result_from_wire(row: list[Any]) -> FrameResult:
-    (stream, seq, run, source_rev, params_rev, shape, hit, n_peaks, peaks, latency_s, analysis_s,
-     worker, error) = row
+    (
+        stream,
+        seq,
+        run,
+        source_rev,
+        params_rev,
+        shape,
+        hit,
+        n_peaks,
+        peaks,
+        latency_s,
+        analysis_s,
+        worker,
+        error,
+    ) = row
     array = np.frombuffer(peaks, dtype=np.float32).reshape(-1, len(PEAK_COLUMNS))
-    return FrameResult(stream, seq, run, source_rev, params_rev, tuple(shape), hit, n_peaks, array,
-                       None, latency_s, analysis_s, worker, error)
+    return FrameResult(
+        stream,
+        seq,
+        run,
+        source_rev,
+        params_rev,
+        tuple(shape),
+        hit,
+        n_peaks,
+        array,
+        None,
+        latency_s,
+        analysis_s,
+        worker,
+        error,
+    )
 
 
-def analysis_worker(session: str, index: int, consumer_factory: Callable[[], Iterable[Any]],
-                    params: dict[str, Any], rev: int = 0,
-                    flush_interval_s: float = 0.1) -> dict[str, Any]:
+def analysis_worker(
+    session: str,
+    index: int,
+    consumer_factory: Callable[[], Iterable[Any]],
+    params: dict[str, Any],
+    rev: int = 0,
+    flush_interval_s: float = 0.1,
+) -> dict[str, Any]:
     """The long-running Dask task of one worker (submit with ``pure=False``); returns a summary."""
     from distributed import Queue, get_worker
 
@@ -111,8 +160,12 @@ def analysis_worker(session: str, index: int, consumer_factory: Callable[[], Ite
         last_flush = time.monotonic()
         if not pending and not profile["n"]:
             return
-        batch = {"results": pending[:], "rev": analyzer.rev, "profile_n": profile["n"],
-                 "profile_sum": None if profile["sum"] is None else profile["sum"].tobytes()}
+        batch = {
+            "results": pending[:],
+            "rev": analyzer.rev,
+            "profile_n": profile["n"],
+            "profile_sum": None if profile["sum"] is None else profile["sum"].tobytes(),
+        }
         pending.clear()
         profile.update(sum=None, n=0)
         send(batch)
@@ -135,8 +188,9 @@ def analysis_worker(session: str, index: int, consumer_factory: Callable[[], Ite
     frames = 0
     try:
         send({"ready": True, "applied_rev": analyzer.rev})
-        frames = analyse_stream(consumer, analyzer, on_result, stop=stop, on_idle=flush,
-                                idle_timeout_s=flush_interval_s)
+        frames = analyse_stream(
+            consumer, analyzer, on_result, stop=stop, on_idle=flush, idle_timeout_s=flush_interval_s
+        )
     finally:
         stop.set()
         flush()
@@ -147,25 +201,39 @@ def analysis_worker(session: str, index: int, consumer_factory: Callable[[], Ite
             control.put({"wake": True})
             listener.join(timeout=JOIN_TIMEOUT_S)
     stats = getattr(consumer, "stats", None)
-    return {"worker": label, "index": index, "frames": frames, "rev": analyzer.rev,
-            "consumer": stats() if callable(stats) else {}}
+    return {
+        "worker": label,
+        "index": index,
+        "frames": frames,
+        "rev": analyzer.rev,
+        "consumer": stats() if callable(stats) else {},
+    }
 
 
 class AnalysisSession:
     """N analysis tasks on N Dask workers, steered and collected from one client (a notebook)."""
 
-    def __init__(self, client: Any, consumer_factory: Callable[[], Iterable[Any]], *,
-                 workers: int | None = None, params: dict[str, Any] | None = None,
-                 flush_interval_s: float = 0.1, stats: RunningStats | None = None,
-                 name: str | None = None) -> None:
+    def __init__(
+        self,
+        client: Any,
+        consumer_factory: Callable[[], Iterable[Any]],
+        *,
+        workers: int | None = None,
+        params: dict[str, Any] | None = None,
+        flush_interval_s: float = 0.1,
+        stats: RunningStats | None = None,
+        name: str | None = None,
+    ) -> None:
         from distributed import Queue
 
         self.params = PeakFinderParams.create(params)  # refuse bad values before starting
         addresses = sorted(client.scheduler_info()["workers"])
         n = len(addresses) if workers is None else workers
         if not 1 <= n <= len(addresses):
-            raise ValueError(f"workers: asked for {n} analysis tasks, the cluster has "
-                             f"{len(addresses)} workers; scale the cluster or ask for fewer")
+            raise ValueError(
+                f"workers: asked for {n} analysis tasks, the cluster has "
+                f"{len(addresses)} workers; scale the cluster or ask for fewer"
+            )
         self.client = client
         self.name = name or f"beamhub-analysis-{uuid.uuid4().hex[:8]}"
         self.rev = 0
@@ -177,9 +245,19 @@ class AnalysisSession:
         self._results = Queue(f"{self.name}-results", client=client)
         self._controls = [Queue(f"{self.name}-control-{i}", client=client) for i in range(n)]
         self.futures = [
-            client.submit(analysis_worker, self.name, i, consumer_factory, self.params.to_dict(),
-                          0, flush_interval_s, workers=[addr], allow_other_workers=False,
-                          pure=False, key=f"{self.name}-worker-{i}")
+            client.submit(
+                analysis_worker,
+                self.name,
+                i,
+                consumer_factory,
+                self.params.to_dict(),
+                0,
+                flush_interval_s,
+                workers=[addr],
+                allow_other_workers=False,
+                pure=False,
+                key=f"{self.name}-worker-{i}",
+            )
             for i, addr in enumerate(addresses[:n])
         ]
         self._stopped = False
@@ -226,18 +304,24 @@ class AnalysisSession:
             self.applied[index] = max(self.applied.get(index, 0), message["applied_rev"])
         if "error" in message:
             self.errors.append(message)
-            log.warning("analysis worker %s refused rev %s: %s", message.get("worker"),
-                        message.get("rev"), message["error"])
+            log.warning(
+                "analysis worker %s refused rev %s: %s",
+                message.get("worker"),
+                message.get("rev"),
+                message["error"],
+            )
         results = [result_from_wire(row) for row in message.get("results", ())]
         for result in results:
             self.stats.add(result)
         if message.get("profile_sum") is not None and message.get("profile_n"):
-            self.stats.add_profile(np.frombuffer(message["profile_sum"], dtype=np.float64),
-                                   message["profile_n"])
+            self.stats.add_profile(
+                np.frombuffer(message["profile_sum"], dtype=np.float64), message["profile_n"]
+            )
         return results
 
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = 30.0,
-                 what: str = "condition") -> list[FrameResult]:
+    def wait_for(
+        self, predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition"
+    ) -> list[FrameResult]:
         """Poll until ``predicate()`` holds; returns the results seen meanwhile."""
         deadline = time.monotonic() + timeout
         seen: list[FrameResult] = []
@@ -247,7 +331,8 @@ class AnalysisSession:
                 raise TimeoutError(
                     f"analysis session {self.name}: no {what} after {timeout} s (frames "
                     f"{self.stats.frames}, per worker {dict(self.stats.per_worker)}, ready "
-                    f"{sorted(self.ready)}, applied {self.applied})")
+                    f"{sorted(self.ready)}, applied {self.applied})"
+                )
             seen.extend(self.poll(timeout=min(0.2, remaining)))
         return seen
 
@@ -259,7 +344,9 @@ class AnalysisSession:
         rev = self.rev if rev is None else rev
         return self.wait_for(
             lambda: all(self.applied.get(i, 0) >= rev for i in range(self.n_workers)),
-            timeout, f"acknowledgement of rev {rev} from every worker")
+            timeout,
+            f"acknowledgement of rev {rev} from every worker",
+        )
 
     def stop(self, timeout: float = 30.0) -> list[dict[str, Any]]:
         """Stop every worker task, collect what is left; returns the tasks' summaries.
@@ -277,7 +364,8 @@ class AnalysisSession:
         wait(self.futures, timeout=timeout)  # raises TimeoutError if a task does not stop
         summaries = [
             {"index": i, "error": f"{type(f.exception()).__name__}: {f.exception()}"}
-            if f.status == "error" else f.result()
+            if f.status == "error"
+            else f.result()
             for i, f in enumerate(self.futures)
         ]
         while time.monotonic() < deadline:  # what the tasks flushed on their way out

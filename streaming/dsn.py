@@ -116,8 +116,9 @@ class DataStreamingNode:
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.url = f"http://{host}:{bound}"
         self._reaper = asyncio.create_task(self._reap_loop(), name="dsn-reaper")
-        log_event(log, "dsn.started", url=self.url, data_host=self.data_host,
-                  template=self.template.name)
+        log_event(
+            log, "dsn.started", url=self.url, data_host=self.data_host, template=self.template.name
+        )
         return self.url
 
     async def stop(self) -> None:
@@ -151,8 +152,13 @@ class DataStreamingNode:
         try:
             params = self.template.check(request, active_channels=active)
         except TemplateViolation as exc:
-            log_event(audit_log, "channel.refused", reason=exc.reason, field=exc.field,
-                      **claims.log_fields())
+            log_event(
+                audit_log,
+                "channel.refused",
+                reason=exc.reason,
+                field=exc.field,
+                **claims.log_fields(),
+            )
             raise ApiError(exc.status, exc.reason, exc.message, exc.field, exc.limit) from exc
         channel_id = f"ch-{secrets.token_hex(8)}"
         spec = ChannelSpec(
@@ -178,8 +184,12 @@ class DataStreamingNode:
             raise ApiError(400, "data_plane_refused", f"the data plane refused: {exc}") from exc
         except RuntimeError as exc:
             log_event(log, "channel.provision_failed", error=str(exc), **claims.log_fields())
-            raise ApiError(503, "data_plane_unavailable", f"the data plane could not provision "
-                           f"the channel ({exc}); try again or ask the DSN's admins") from exc
+            raise ApiError(
+                503,
+                "data_plane_unavailable",
+                f"the data plane could not provision "
+                f"the channel ({exc}); try again or ask the DSN's admins",
+            ) from exc
         finally:
             self._pending[project] -= 1
         now = time.time()
@@ -194,9 +204,17 @@ class DataStreamingNode:
             expires_at=min(now + params.ttl, float(claims.exp)),
         )
         self.channels[channel_id] = channel
-        log_event(log, "channel.created", channel=channel_id, stream=params.stream,
-                  mode=params.mode, expires_at=channel.expires_at, producer=endpoints.producer,
-                  work=endpoints.work, **claims.log_fields())
+        log_event(
+            log,
+            "channel.created",
+            channel=channel_id,
+            stream=params.stream,
+            mode=params.mode,
+            expires_at=channel.expires_at,
+            producer=endpoints.producer,
+            work=endpoints.work,
+            **claims.log_fields(),
+        )
         return channel
 
     async def remove_channel(self, channel: Channel, why: str, who: dict[str, str]) -> None:
@@ -207,9 +225,14 @@ class DataStreamingNode:
             await self.run(self.data_plane.remove, channel.id)
         except KeyError:
             pass  # the data plane had already let it go
-        fields = {"channel": channel.id, "project": channel.project,
-                  "stream": channel.params.stream, "owner": channel.owner,
-                  "creator_jti": channel.jti, **who}
+        fields = {
+            "channel": channel.id,
+            "project": channel.project,
+            "stream": channel.params.stream,
+            "owner": channel.owner,
+            "creator_jti": channel.jti,
+            **who,
+        }
         log_event(log, f"channel.{why}", **fields)
 
     async def reap(self, now: float | None = None) -> list[str]:
@@ -235,21 +258,37 @@ class DataStreamingNode:
         headers = {"Authorization": authorization, "Content-Type": "application/json"}
         try:
             resp = await AsyncHTTPClient().fetch(
-                url, method=method, body=body, headers=headers, raise_error=False,
-                follow_redirects=False, connect_timeout=self.relay_timeout,
+                url,
+                method=method,
+                body=body,
+                headers=headers,
+                raise_error=False,
+                follow_redirects=False,
+                connect_timeout=self.relay_timeout,
                 request_timeout=self.relay_timeout,
             )
         except (HTTPClientError, OSError, TimeoutError) as exc:
-            raise ApiError(502, "source_unreachable", f"the source's control endpoint {url} "
-                           f"did not answer ({exc}); is the source running?") from exc
+            raise ApiError(
+                502,
+                "source_unreachable",
+                f"the source's control endpoint {url} "
+                f"did not answer ({exc}); is the source running?",
+            ) from exc
         try:
             answer = json.loads(resp.body or b"null")
         except ValueError:
             answer = None
         if not isinstance(answer, dict):
-            raise ApiError(502, "source_bad_answer", f"the source's control endpoint {url} "
-                           f"answered {resp.code} without a JSON object")
+            raise ApiError(
+                502,
+                "source_bad_answer",
+                f"the source's control endpoint {url} answered {resp.code} without a JSON object",
+            )
         if resp.code >= 500:
-            raise ApiError(502, "source_failed", f"the source's control endpoint {url} failed "
-                           f"({resp.code}): {answer.get('error', answer)}")
+            raise ApiError(
+                502,
+                "source_failed",
+                f"the source's control endpoint {url} failed "
+                f"({resp.code}): {answer.get('error', answer)}",
+            )
         return resp.code, answer

@@ -81,8 +81,10 @@ class BaseHandler(tornado.web.RequestHandler):
         elif isinstance(exc, tornado.web.HTTPError) and status_code < 500:
             body = {"error": exc.log_message or self._reason, "reason": "http"}
         else:
-            body = {"error": "internal error in the DSN; the admins have the traceback in the log",
-                    "reason": "internal"}
+            body = {
+                "error": "internal error in the DSN; the admins have the traceback in the log",
+                "reason": "internal",
+            }
         self.finish(json.dumps(body))
 
     def log_exception(self, typ, value, tb) -> None:  # type: ignore[override]
@@ -110,17 +112,33 @@ class BaseHandler(tornado.web.RequestHandler):
         except TokenError as exc:
             self._refuse(exc.status, exc.reason, exc.message, {})
         if project is not None and claims.project != project:
-            self._refuse(403, "project", f"the token is for project {claims.project!r}, not "
-                         f"{project!r}; get a token for {project!r}", claims.log_fields())
+            self._refuse(
+                403,
+                "project",
+                f"the token is for project {claims.project!r}, not "
+                f"{project!r}; get a token for {project!r}",
+                claims.log_fields(),
+            )
         if scope is not None and not claims.has_scope(scope):
-            self._refuse(403, "scope", f"the token lacks the {scope!r} scope; ask for a token "
-                         f"with scope {scope!r}", claims.log_fields())
+            self._refuse(
+                403,
+                "scope",
+                f"the token lacks the {scope!r} scope; ask for a token with scope {scope!r}",
+                claims.log_fields(),
+            )
         return claims
 
     def _refuse(self, status: int, reason: str, message: str, who: dict[str, str]) -> NoReturn:
-        log_event(audit_log, "beamhub.auth.refused", reason=reason, status=status,
-                  method=self.request.method, path=self.request.path,
-                  remote=self.request.remote_ip, **who)
+        log_event(
+            audit_log,
+            "beamhub.auth.refused",
+            reason=reason,
+            status=status,
+            method=self.request.method,
+            path=self.request.path,
+            remote=self.request.remote_ip,
+            **who,
+        )
         raise ApiError(status, reason, message)
 
     def channel_for(self, channel_id: str, scope: str) -> tuple[Channel, Claims]:
@@ -182,12 +200,23 @@ class RenewHandler(BaseHandler):
         ttl = self.json_body().get("ttl", self.node.template.max_lifetime_s)
         limit = self.node.template.max_lifetime_s
         if not isinstance(ttl, int) or isinstance(ttl, bool) or not 1 <= ttl <= limit:
-            raise ApiError(400, "out_of_range", f"ttl: whole seconds from 1 to {limit}",
-                           field="ttl", limit=limit)
+            raise ApiError(
+                400,
+                "out_of_range",
+                f"ttl: whole seconds from 1 to {limit}",
+                field="ttl",
+                limit=limit,
+            )
         wanted = min(time.time() + ttl, float(claims.exp))
         channel.expires_at = max(channel.expires_at, wanted)
-        log_event(log, "channel.renewed", channel=channel.id, stream=channel.params.stream,
-                  expires_at=channel.expires_at, **claims.log_fields())
+        log_event(
+            log,
+            "channel.renewed",
+            channel=channel.id,
+            stream=channel.params.stream,
+            expires_at=channel.expires_at,
+            **claims.log_fields(),
+        )
         body = channel.to_json()
         body["expires_in"] = max(0.0, channel.expires_at - time.time())
         self.write_json(body)
@@ -201,8 +230,11 @@ def require_steer_for_source_control(claims: Claims) -> None:
     """
     if not claims.has_scope("steer"):
         raise ApiError(
-            403, "scope", "setting a channel's source_control needs the 'steer' scope of its "
-            "project; ask an operator or the PI to attach the source", field="source_control",
+            403,
+            "scope",
+            "setting a channel's source_control needs the 'steer' scope of its "
+            "project; ask an operator or the PI to attach the source",
+            field="source_control",
         )
 
 
@@ -219,8 +251,14 @@ class SourceControlHandler(BaseHandler):
         except TemplateViolation as exc:
             raise ApiError(exc.status, exc.reason, exc.message, exc.field, exc.limit) from exc
         channel.params = dataclasses.replace(channel.params, source_control=url)
-        log_event(log, "channel.source_control", channel=channel.id, source_control=url,
-                  stream=channel.params.stream, **claims.log_fields())
+        log_event(
+            log,
+            "channel.source_control",
+            channel=channel.id,
+            source_control=url,
+            stream=channel.params.stream,
+            **claims.log_fields(),
+        )
         self.write_json(channel.to_json())
 
 
@@ -249,8 +287,12 @@ class SteerHandler(BaseHandler):
         try:
             return self.routes[(method, what)]
         except KeyError:
-            raise ApiError(404, "not_found", "steering routes: GET steer/schema, GET "
-                           "steer/params, PUT steer/params/NAME, POST steer/run") from None
+            raise ApiError(
+                404,
+                "not_found",
+                "steering routes: GET steer/schema, GET "
+                "steer/params, PUT steer/params/NAME, POST steer/run",
+            ) from None
 
     async def relay(
         self, channel_id: str, scope: str, method: str, path: str, param: str | None = None
@@ -258,8 +300,12 @@ class SteerHandler(BaseHandler):
         channel, claims = self.channel_for(channel_id, scope)
         base = channel.params.source_control
         if base is None:
-            raise ApiError(409, "no_source_control", "this channel was created without "
-                           "'source_control'; create it with the source's control URL to steer")
+            raise ApiError(
+                409,
+                "no_source_control",
+                "this channel was created without "
+                "'source_control'; create it with the source's control URL to steer",
+            )
         body = None
         if method in ("PUT", "POST"):
             body = json.dumps(self.json_body())
@@ -267,10 +313,19 @@ class SteerHandler(BaseHandler):
             base + path, method, body, self.request.headers["Authorization"]
         )
         if method != "GET":
-            log_event(audit_log, "steer", channel=channel.id, stream=channel.params.stream,
-                      action=path.lstrip("/"), param=param, request=json.loads(body or "{}"),
-                      status=status, rev=answer.get("rev"), first_seq=answer.get("first_seq"),
-                      **claims.log_fields())
+            log_event(
+                audit_log,
+                "steer",
+                channel=channel.id,
+                stream=channel.params.stream,
+                action=path.lstrip("/"),
+                param=param,
+                request=json.loads(body or "{}"),
+                status=status,
+                rev=answer.get("rev"),
+                first_seq=answer.get("first_seq"),
+                **claims.log_fields(),
+            )
         self.write_json(answer, status=status)
 
 
@@ -296,5 +351,3 @@ def make_app(node: DataStreamingNode) -> tornado.web.Application:
 class _NotFoundHandler(BaseHandler):
     def prepare(self) -> None:
         raise ApiError(404, "not_found", f"no such DSN API route {self.request.path!r}")
-
-

@@ -56,7 +56,8 @@ class ParamSpec:
         if self.type == "choice":
             if value not in self.choices:
                 raise ParamError(
-                    self.name, f"must be one of {list(self.choices)}, got {value!r}",
+                    self.name,
+                    f"must be one of {list(self.choices)}, got {value!r}",
                     limit=list(self.choices),
                 )
             return value
@@ -75,12 +76,14 @@ class ParamSpec:
                 )
         if self.min is not None and value < self.min:
             raise ParamError(
-                self.name, f"{value!r} is below the minimum {self.min} {self.units}".rstrip(),
+                self.name,
+                f"{value!r} is below the minimum {self.min} {self.units}".rstrip(),
                 limit={"min": self.min},
             )
         if self.max is not None and value > self.max:
             raise ParamError(
-                self.name, f"{value!r} is above the maximum {self.max} {self.units}".rstrip(),
+                self.name,
+                f"{value!r} is above the maximum {self.max} {self.units}".rstrip(),
                 limit={"max": self.max},
             )
         return value

@@ -48,29 +48,107 @@ _CONNECTIVITY = np.ones((3, 3), dtype=bool)
 _THREAD = threading.local()
 
 PEAKFINDER_PARAMS = (
-    ParamSpec("adc_threshold", "float", 0.0,
-              "no pixel below this value is part of a peak, whatever the background", "ADU",
-              min=0.0, max=1e9, step=1.0),
-    ParamSpec("min_snr", "float", 6.0,
-              "signal-to-noise a pixel (against its radius bin) and a peak (against its local "
-              "background) must reach", "", min=0.5, max=1000.0, step=0.5),
-    ParamSpec("min_pixel_count", "int", 2, "fewest connected pixels a peak may have", "px",
-              min=1, max=10000, step=1),
-    ParamSpec("max_pixel_count", "int", 100, "most connected pixels a peak may have", "px",
-              min=1, max=10000, step=1),
-    ParamSpec("local_bg_radius", "int", 3,
-              "local background comes from pixels within twice this radius of a peak", "px",
-              min=1, max=50, step=1),
-    ParamSpec("min_res", "float", 20.0, "inner radius limit (beam stop); no peaks inside", "px",
-              min=0.0, max=1e5, step=1.0),
-    ParamSpec("max_res", "float", 2000.0, "outer radius limit; no peaks outside", "px",
-              min=1.0, max=1e5, step=1.0),
-    ParamSpec("min_peaks_for_hit", "int", 10, "a frame with at least this many peaks is a hit", "",
-              min=1, max=10000, step=1),
-    ParamSpec("max_peaks", "int", 2048, "peaks kept per frame (brightest first)", "",
-              min=1, max=100000, step=1),
-    ParamSpec("bg_iterations", "int", 3,
-              "sigma-clipping passes of the radial background statistics", "", min=1, max=20, step=1),
+    ParamSpec(
+        "adc_threshold",
+        "float",
+        0.0,
+        "no pixel below this value is part of a peak, whatever the background",
+        "ADU",
+        min=0.0,
+        max=1e9,
+        step=1.0,
+    ),
+    ParamSpec(
+        "min_snr",
+        "float",
+        6.0,
+        "signal-to-noise a pixel (against its radius bin) and a peak (against its local "
+        "background) must reach",
+        "",
+        min=0.5,
+        max=1000.0,
+        step=0.5,
+    ),
+    ParamSpec(
+        "min_pixel_count",
+        "int",
+        2,
+        "fewest connected pixels a peak may have",
+        "px",
+        min=1,
+        max=10000,
+        step=1,
+    ),
+    ParamSpec(
+        "max_pixel_count",
+        "int",
+        100,
+        "most connected pixels a peak may have",
+        "px",
+        min=1,
+        max=10000,
+        step=1,
+    ),
+    ParamSpec(
+        "local_bg_radius",
+        "int",
+        3,
+        "local background comes from pixels within twice this radius of a peak",
+        "px",
+        min=1,
+        max=50,
+        step=1,
+    ),
+    ParamSpec(
+        "min_res",
+        "float",
+        20.0,
+        "inner radius limit (beam stop); no peaks inside",
+        "px",
+        min=0.0,
+        max=1e5,
+        step=1.0,
+    ),
+    ParamSpec(
+        "max_res",
+        "float",
+        2000.0,
+        "outer radius limit; no peaks outside",
+        "px",
+        min=1.0,
+        max=1e5,
+        step=1.0,
+    ),
+    ParamSpec(
+        "min_peaks_for_hit",
+        "int",
+        10,
+        "a frame with at least this many peaks is a hit",
+        "",
+        min=1,
+        max=10000,
+        step=1,
+    ),
+    ParamSpec(
+        "max_peaks",
+        "int",
+        2048,
+        "peaks kept per frame (brightest first)",
+        "",
+        min=1,
+        max=100000,
+        step=1,
+    ),
+    ParamSpec(
+        "bg_iterations",
+        "int",
+        3,
+        "sigma-clipping passes of the radial background statistics",
+        "",
+        min=1,
+        max=20,
+        step=1,
+    ),
 )
 
 
@@ -94,13 +172,18 @@ class PeakFinderParams:
         for name, value in checked.items():
             object.__setattr__(self, name, value)
         if self.min_pixel_count > self.max_pixel_count:
-            raise ParamError("min_pixel_count",
-                             f"{self.min_pixel_count} is above max_pixel_count "
-                             f"{self.max_pixel_count}; lower it or raise max_pixel_count",
-                             limit={"max": self.max_pixel_count})
+            raise ParamError(
+                "min_pixel_count",
+                f"{self.min_pixel_count} is above max_pixel_count "
+                f"{self.max_pixel_count}; lower it or raise max_pixel_count",
+                limit={"max": self.max_pixel_count},
+            )
         if self.min_res >= self.max_res:
-            raise ParamError("min_res", f"{self.min_res} must be below max_res {self.max_res}",
-                             limit={"max": self.max_res})
+            raise ParamError(
+                "min_res",
+                f"{self.min_res} must be below max_res {self.max_res}",
+                limit={"max": self.max_res},
+            )
 
     @classmethod
     def create(cls, values: dict[str, Any] | None = None) -> PeakFinderParams:
@@ -111,7 +194,9 @@ class PeakFinderParams:
         known = {f.name for f in fields(self)}
         for name in changes:
             if name not in known:
-                raise ParamError(name, f"unknown analysis parameter; known: {', '.join(sorted(known))}")
+                raise ParamError(
+                    name, f"unknown analysis parameter; known: {', '.join(sorted(known))}"
+                )
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -137,8 +222,13 @@ class RadialGeometry:
 
 
 @functools.lru_cache(maxsize=8)
-def radial_geometry(shape: tuple[int, int], center: tuple[float, float], min_res: float,
-                    max_res: float, samples_per_bin: int = 256) -> RadialGeometry:
+def radial_geometry(
+    shape: tuple[int, int],
+    center: tuple[float, float],
+    min_res: float,
+    max_res: float,
+    samples_per_bin: int = 256,
+) -> RadialGeometry:
     """Radius bins and a per-bin pixel sample (cached: frames of one detector share it)."""
     h, w = shape
     yy, xx = np.indices(shape, dtype=np.float32)
@@ -157,8 +247,12 @@ def radial_geometry(shape: tuple[int, int], center: tuple[float, float], min_res
     take = (rank % step[sorted_bins] == 0) & (sorted_bins < nbins)
     sample_idx = np.sort(order[take]).astype(np.int64)
     return RadialGeometry(
-        shape=(h, w), center=(float(center[0]), float(center[1])), nbins=nbins, bins=bins,
-        sample_idx=sample_idx, sample_bins=bins[sample_idx],
+        shape=(h, w),
+        center=(float(center[0]), float(center[1])),
+        nbins=nbins,
+        bins=bins,
+        sample_idx=sample_idx,
+        sample_bins=bins[sample_idx],
         radius_px=np.arange(nbins, dtype=np.float32),
     )
 
@@ -187,9 +281,13 @@ def _scratch(geom: RadialGeometry) -> dict[str, np.ndarray]:
     held = getattr(_THREAD, "scratch", None)
     if held is None or held[0] is not geom:
         n, s = geom.bins.size, geom.sample_idx.size
-        buffers = {"thr": np.empty(n, np.float32), "above": np.empty(n, bool),
-                   "labels": np.empty(geom.shape, np.int32), "v32": np.empty(s, np.float32),
-                   "keep": np.empty(s, bool)}
+        buffers = {
+            "thr": np.empty(n, np.float32),
+            "above": np.empty(n, bool),
+            "labels": np.empty(geom.shape, np.int32),
+            "v32": np.empty(s, np.float32),
+            "keep": np.empty(s, bool),
+        }
         for name in ("v", "sq", "t", "w", "wv", "wsq"):
             buffers[name] = np.empty(s, np.float64)
         held = (geom, buffers)
@@ -197,8 +295,9 @@ def _scratch(geom: RadialGeometry) -> dict[str, np.ndarray]:
     return held[1]
 
 
-def _radial_stats(flat: np.ndarray, geom: RadialGeometry, params: PeakFinderParams,
-                  buf: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _radial_stats(
+    flat: np.ndarray, geom: RadialGeometry, params: PeakFinderParams, buf: dict[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     """Azimuthal mean and the sigma-clipped threshold per bin, from the geometry's sample."""
     n = geom.nbins + 1
     bins = geom.sample_bins
@@ -240,14 +339,17 @@ def _radial_stats(flat: np.ndarray, geom: RadialGeometry, params: PeakFinderPara
 
 
 def _disk(radius: int) -> tuple[np.ndarray, np.ndarray]:
-    dy, dx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    dy, dx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
     inside = dy * dy + dx * dx <= radius * radius
     return dy[inside].astype(np.int64), dx[inside].astype(np.int64)
 
 
-def find_peaks(frame: np.ndarray, params: PeakFinderParams | None = None,
-               center: tuple[float, float] | None = None,
-               geometry: RadialGeometry | None = None) -> PeakResult:
+def find_peaks(
+    frame: np.ndarray,
+    params: PeakFinderParams | None = None,
+    center: tuple[float, float] | None = None,
+    geometry: RadialGeometry | None = None,
+) -> PeakResult:
     """Find the Bragg peaks of one 2-D frame. ``center`` is the beam centre (y, x) in pixels."""
     params = params or PeakFinderParams()
     if frame.ndim != 2:
@@ -255,8 +357,9 @@ def find_peaks(frame: np.ndarray, params: PeakFinderParams | None = None,
     h, w = frame.shape
     if geometry is None:
         c = center if center is not None else ((h - 1) / 2, (w - 1) / 2)
-        geometry = radial_geometry((h, w), (float(c[0]), float(c[1])), params.min_res,
-                                   params.max_res)
+        geometry = radial_geometry(
+            (h, w), (float(c[0]), float(c[1])), params.min_res, params.max_res
+        )
     flat = np.ascontiguousarray(frame, dtype=np.float32).ravel()
     buf = _scratch(geometry)
     profile, threshold = _radial_stats(flat, geometry, params, buf)
@@ -301,8 +404,9 @@ def find_peaks(frame: np.ndarray, params: PeakFinderParams | None = None,
     n_bg = bg_ok.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         local_offset = bg_vals.sum(axis=1) / n_bg
-        local_sigma = np.sqrt(np.maximum((bg_vals * bg_vals).sum(axis=1) / n_bg
-                                         - local_offset**2, 0.0))
+        local_sigma = np.sqrt(
+            np.maximum((bg_vals * bg_vals).sum(axis=1) / n_bg - local_offset**2, 0.0)
+        )
     bg_max = np.where(bg_ok, flat[nb_idx], -np.inf).max(axis=1)
     # re-integrate against the local background; intensity-weighted centroid
     net = values - local_offset[comp]
@@ -315,8 +419,13 @@ def find_peaks(frame: np.ndarray, params: PeakFinderParams | None = None,
         y = np.bincount(comp, weight * py, minlength=k) / wsum
         x = np.bincount(comp, weight * px, minlength=k) / wsum
         snr = total / local_sigma
-    accept = ((n_bg > 0) & (local_sigma > 1e-10) & (wsum > 0) & (snr >= params.min_snr)
-              & (peak_max >= bg_max - local_offset))
+    accept = (
+        (n_bg > 0)
+        & (local_sigma > 1e-10)
+        & (wsum > 0)
+        & (snr >= params.min_snr)
+        & (peak_max >= bg_max - local_offset)
+    )
     n_pix = np.bincount(comp, minlength=k)
     peaks = np.stack([y, x, total, snr, n_pix], axis=1)[accept]
     order = np.argsort(-peaks[:, 2], kind="stable")[: params.max_peaks]
@@ -328,8 +437,9 @@ def _positions(rows: Any) -> np.ndarray:
     return np.zeros((0, 2)) if arr.size == 0 else arr.reshape(-1, arr.shape[-1])[:, :2]
 
 
-def match_peaks(found: np.ndarray, truth: np.ndarray,
-                tolerance_px: float = 2.0) -> tuple[int, int, int]:
+def match_peaks(
+    found: np.ndarray, truth: np.ndarray, tolerance_px: float = 2.0
+) -> tuple[int, int, int]:
     """``(true positives, false positives, false negatives)`` matching found to true (y, x).
 
     Each true peak matches at most one found peak (nearest within ``tolerance_px``, greedy by

@@ -19,8 +19,9 @@ from beamhub.streaming.wire import ALLOWED_DTYPES
 __all__ = ["REPLAY_PARAMS", "ReplayError", "ReplaySource"]
 
 REPLAY_PARAMS = (
-    ParamSpec("rate_hz", "float", 10.0, "frames per second to replay", "Hz",
-              min=0.1, max=1000.0, step=0.1),
+    ParamSpec(
+        "rate_hz", "float", 10.0, "frames per second to replay", "Hz", min=0.1, max=1000.0, step=0.1
+    ),
     ParamSpec("loop", "bool", False, "start again at the first frame after the last one"),
 )
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs", ".cxi")
@@ -68,13 +69,16 @@ class ReplaySource:
             where = f"{self.path}:{self.dataset}"
         problem = None
         if self._stack.ndim != 3:
-            problem = (f"{where} has shape {self._stack.shape} (ndim {self._stack.ndim}); replay "
-                       "needs a 3-D stack (frames, y, x)")
+            problem = (
+                f"{where} has shape {self._stack.shape} (ndim {self._stack.ndim}); replay "
+                "needs a 3-D stack (frames, y, x)"
+            )
         elif self._stack.shape[0] == 0:
             problem = f"{where} holds no frames"
         elif self._stack.dtype.str not in ALLOWED_DTYPES:
-            problem = (f"{where} has dtype {self._stack.dtype}; the wire carries plain numeric "
-                       "dtypes only")
+            problem = (
+                f"{where} has dtype {self._stack.dtype}; the wire carries plain numeric dtypes only"
+            )
         if problem is not None:
             self.close()
             raise ReplayError(problem)

@@ -40,22 +40,66 @@ BEAMSTOP_RADIUS_PX = 20.0
 EDGE_MARGIN_PX = PATCH_RADIUS + 2
 
 SIM_PARAMS = (
-    ParamSpec("rate_hz", "float", 120.0, "frames per second the detector sends", "Hz",
-              min=0.1, max=1000.0, step=0.1),
-    ParamSpec("hit_fraction", "float", 0.3,
-              "fraction of frames with a crystal in the beam when the jet is centred", "",
-              min=0.0, max=1.0, step=0.01),
-    ParamSpec("beam_intensity", "float", 1.0,
-              "X-ray pulse intensity relative to nominal; scales background and peaks", "rel.",
-              min=0.0, max=10.0, step=0.1),
-    ParamSpec("detector_distance_mm", "float", 100.0,
-              "sample-to-detector distance; peaks and the water ring move radially with it", "mm",
-              min=50.0, max=300.0, step=0.5),
-    ParamSpec("sample_position_um", "float", 0.0,
-              f"jet position across the beam; hit rate falls off as exp(-(pos/{JET_WIDTH_UM:g})^2)",
-              "um", min=-500.0, max=500.0, step=1.0),
-    ParamSpec("peaks_per_hit", "int", 30, "mean number of Bragg peaks on a hit frame", "",
-              min=1, max=200, step=1),
+    ParamSpec(
+        "rate_hz",
+        "float",
+        120.0,
+        "frames per second the detector sends",
+        "Hz",
+        min=0.1,
+        max=1000.0,
+        step=0.1,
+    ),
+    ParamSpec(
+        "hit_fraction",
+        "float",
+        0.3,
+        "fraction of frames with a crystal in the beam when the jet is centred",
+        "",
+        min=0.0,
+        max=1.0,
+        step=0.01,
+    ),
+    ParamSpec(
+        "beam_intensity",
+        "float",
+        1.0,
+        "X-ray pulse intensity relative to nominal; scales background and peaks",
+        "rel.",
+        min=0.0,
+        max=10.0,
+        step=0.1,
+    ),
+    ParamSpec(
+        "detector_distance_mm",
+        "float",
+        100.0,
+        "sample-to-detector distance; peaks and the water ring move radially with it",
+        "mm",
+        min=50.0,
+        max=300.0,
+        step=0.5,
+    ),
+    ParamSpec(
+        "sample_position_um",
+        "float",
+        0.0,
+        f"jet position across the beam; hit rate falls off as exp(-(pos/{JET_WIDTH_UM:g})^2)",
+        "um",
+        min=-500.0,
+        max=500.0,
+        step=1.0,
+    ),
+    ParamSpec(
+        "peaks_per_hit",
+        "int",
+        30,
+        "mean number of Bragg peaks on a hit frame",
+        "",
+        min=1,
+        max=200,
+        step=1,
+    ),
 )
 
 
@@ -64,8 +108,9 @@ def effective_hit_fraction(hit_fraction: float, sample_position_um: float) -> fl
     return hit_fraction * math.exp(-(((sample_position_um - JET_CENTRE_UM) / JET_WIDTH_UM) ** 2))
 
 
-def lattice_two_theta(cell_a: float = CELL_A, wavelength_a: float = WAVELENGTH_A,
-                      max_two_theta_deg: float = 60.0) -> np.ndarray:
+def lattice_two_theta(
+    cell_a: float = CELL_A, wavelength_a: float = WAVELENGTH_A, max_two_theta_deg: float = 60.0
+) -> np.ndarray:
     """Distinct scattering angles (radians) of a primitive cubic lattice, ascending."""
     n_max = int((2 * cell_a * math.sin(math.radians(max_two_theta_deg) / 2) / wavelength_a) ** 2)
     squares = set()
@@ -104,13 +149,15 @@ class SimulatedDetector:
         h, w = self.shape
         self.beam_center = (h / 2 + 2.5, w / 2 - 3.5)
         yy, xx = np.indices(self.shape, dtype=np.float32)
-        self._radius = np.hypot(yy - np.float32(self.beam_center[0]),
-                                xx - np.float32(self.beam_center[1])).astype(np.float32)
+        self._radius = np.hypot(
+            yy - np.float32(self.beam_center[0]), xx - np.float32(self.beam_center[1])
+        ).astype(np.float32)
         self._two_theta = lattice_two_theta()
         self._pad = int(bank_pad)
         # the unit-noise bank: drawn once, reused at random offsets
-        self._bank = self.rng.standard_normal((bank_size, h + self._pad, w + self._pad),
-                                              dtype=np.float32)
+        self._bank = self.rng.standard_normal(
+            (bank_size, h + self._pad, w + self._pad), dtype=np.float32
+        )
         self._patch = np.arange(-PATCH_RADIUS, PATCH_RADIUS + 1, dtype=np.float32)
         self._rebuild_background()
 
@@ -153,7 +200,7 @@ class SimulatedDetector:
         k = int(rng.integers(self._bank.shape[0]))
         oy, ox = (int(v) for v in rng.integers(self._pad + 1, size=2))
         frame = np.empty(self.shape, dtype=np.float32)
-        np.multiply(self._bank[k, oy:oy + h, ox:ox + w], self._sigma, out=frame)
+        np.multiply(self._bank[k, oy : oy + h, ox : ox + w], self._sigma, out=frame)
         frame += self._background
         p = self.params
         fraction = effective_hit_fraction(p["hit_fraction"], p["sample_position_um"])
@@ -213,8 +260,7 @@ class SimulatedDetector:
         gy = np.exp(-((self._patch + np.float32(iy - y)) ** 2) / np.float32(2 * sigma * sigma))
         gx = np.exp(-((self._patch + np.float32(ix - x)) ** 2) / np.float32(2 * sigma * sigma))
         r = PATCH_RADIUS
-        frame[iy - r:iy + r + 1, ix - r:ix + r + 1] += np.float32(height) * np.outer(gy, gx)
-
+        frame[iy - r : iy + r + 1, ix - r : ix + r + 1] += np.float32(height) * np.outer(gy, gx)
 
 
 def _drain(queue: Any, stop: Any) -> None:
@@ -234,8 +280,9 @@ def _drain(queue: Any, stop: Any) -> None:
     queue.put(received)
 
 
-def measure(seconds: float = 10.0, rate_hz: float = 120.0,
-            shape: tuple[int, int] = (1024, 1024)) -> dict[str, Any]:
+def measure(
+    seconds: float = 10.0, rate_hz: float = 120.0, shape: tuple[int, int] = (1024, 1024)
+) -> dict[str, Any]:
     """Generation speed, then this process's CPU share streaming at ``rate_hz`` over loopback TCP."""
     import multiprocessing
     import time
@@ -250,8 +297,11 @@ def measure(seconds: float = 10.0, rate_hz: float = 120.0,
     for _ in range(n):
         det.generate()
     wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
-    result: dict[str, Any] = {"shape": list(shape), "generate_fps": round(n / wall, 1),
-                              "generate_cpu_ms": round(1e3 * cpu / n, 3)}
+    result: dict[str, Any] = {
+        "shape": list(shape),
+        "generate_fps": round(n / wall, 1),
+        "generate_cpu_ms": round(1e3 * cpu / n, 3),
+    }
 
     mp = multiprocessing.get_context("spawn")
     queue, stop = mp.Queue(), mp.Event()

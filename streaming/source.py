@@ -183,8 +183,14 @@ class SourceRunner:
             self._rev += 1
             answer = {"name": name, "value": value, "rev": self._rev, "first_seq": self._next_seq}
         self._wake.set()
-        log.info("stream %s: %s=%r (rev %d, from seq %d)", self.stream, name, value,
-                 answer["rev"], answer["first_seq"])
+        log.info(
+            "stream %s: %s=%r (rev %d, from seq %d)",
+            self.stream,
+            name,
+            value,
+            answer["rev"],
+            answer["first_seq"],
+        )
         return answer
 
     def schema(self) -> list[dict[str, Any]]:

@@ -62,7 +62,9 @@ class _BaseHandler(RequestHandler):
         try:
             body = json.loads(self.request.body or b"{}")
         except (ValueError, RecursionError) as exc:
-            raise _JSONError(400, {"error": f"the body is not JSON: {exc}", "field": "body"}) from exc
+            raise _JSONError(
+                400, {"error": f"the body is not JSON: {exc}", "field": "body"}
+            ) from exc
         if not isinstance(body, dict):
             raise _JSONError(400, {"error": "the body must be a JSON object", "field": "body"})
         return body
@@ -112,7 +114,8 @@ class ParamHandler(_BaseHandler):
             raise _JSONError(404, {"error": exc.message, "field": exc.field}) from exc
         except ParamError as exc:
             raise _JSONError(
-                400, {"error": f"{exc.field}: {exc.message}", "field": exc.field, "limit": exc.limit}
+                400,
+                {"error": f"{exc.field}: {exc.message}", "field": exc.field, "limit": exc.limit},
             ) from exc
         self.write_json(answer)
 
@@ -128,8 +131,12 @@ class RunHandler(_BaseHandler):
         actions = {"start": self.runner.start_run, "stop": self.runner.stop_run}
         if action not in actions:
             raise _JSONError(
-                400, {"error": 'action must be "start" or "stop"', "field": "action",
-                      "limit": sorted(actions)},
+                400,
+                {
+                    "error": 'action must be "start" or "stop"',
+                    "field": "action",
+                    "limit": sorted(actions),
+                },
             )
         loop = asyncio.get_running_loop()
         self.write_json(await loop.run_in_executor(None, actions[action]))

@@ -144,9 +144,19 @@ class Template:
         if not isinstance(data, Mapping):
             raise TemplateError("the template must be a YAML mapping of field: value")
         known = {
-            "name", "description", "source_cidrs", "consumer_cidrs", "modes", "default_mode",
-            "hwm", "max_frame_bytes", "max_rate_hz", "encryption_required", "max_lifetime_s",
-            "max_channels_per_project", "when_no_consumer",
+            "name",
+            "description",
+            "source_cidrs",
+            "consumer_cidrs",
+            "modes",
+            "default_mode",
+            "hwm",
+            "max_frame_bytes",
+            "max_rate_hz",
+            "encryption_required",
+            "max_lifetime_s",
+            "max_channels_per_project",
+            "when_no_consumer",
         }
         unknown = set(data) - known
         if unknown:
@@ -160,8 +170,9 @@ class Template:
         hwm_min, hwm_max, hwm_default = read_bounded(data.get("hwm"), "hwm", need_min=True)
         if not all(is_int(v) for v in (hwm_max, hwm_default)):
             raise TemplateError("hwm: min, max and default must be integers (messages)")
-        _, fb_max, fb_default = read_bounded(data.get("max_frame_bytes"), "max_frame_bytes",
-                                         need_min=False)
+        _, fb_max, fb_default = read_bounded(
+            data.get("max_frame_bytes"), "max_frame_bytes", need_min=False
+        )
         if not (is_int(fb_max) and is_int(fb_default)):
             raise TemplateError("max_frame_bytes: max and default must be integers (bytes)")
         _, rate_max, rate_default = read_bounded(
@@ -232,20 +243,27 @@ class Template:
         unknown = sorted(set(request) - REQUEST_FIELDS)
         if unknown:
             raise TemplateViolation(
-                unknown[0], sorted(REQUEST_FIELDS),
+                unknown[0],
+                sorted(REQUEST_FIELDS),
                 f"unknown field {unknown[0]!r}; a channel request may carry "
-                f"{', '.join(sorted(REQUEST_FIELDS))}", 400, "unknown_field",
+                f"{', '.join(sorted(REQUEST_FIELDS))}",
+                400,
+                "unknown_field",
             )
         if active_channels >= self.max_channels_per_project:
             raise TemplateViolation(
-                "channels", self.max_channels_per_project,
+                "channels",
+                self.max_channels_per_project,
                 f"the project already has {active_channels} channel(s), the template's maximum; "
-                "delete one or let one expire first", 403, "max_channels",
+                "delete one or let one expire first",
+                403,
+                "max_channels",
             )
         stream = request.get("stream")
         if not isinstance(stream, str) or not STREAM_RE.match(stream):
             raise TemplateViolation(
-                "stream", STREAM_RE.pattern,
+                "stream",
+                STREAM_RE.pattern,
                 "stream: a name of 1-64 letters, digits, '.', '_' or '-', e.g. 'detector-1'",
             )
         mode = request.get("mode", self.default_mode)
@@ -253,46 +271,61 @@ class Template:
             raise TemplateViolation("mode", list(self.modes), f"mode: one of {list(MODES)}")
         if mode not in self.modes:
             raise TemplateViolation(
-                "mode", list(self.modes),
+                "mode",
+                list(self.modes),
                 f"mode {mode!r} is not allowed by template {self.name!r}; "
-                f"allowed: {list(self.modes)}", 403, "not_allowed",
+                f"allowed: {list(self.modes)}",
+                403,
+                "not_allowed",
             )
         sources = self._cidrs(request, "source_cidrs", self.source_cidrs)
         consumers = self._cidrs(request, "consumer_cidrs", self.consumer_cidrs)
         hwm = request.get("hwm", self.hwm_default)
         if not is_int(hwm) or not self.hwm_min <= hwm <= self.hwm_max:
             raise TemplateViolation(
-                "hwm", {"min": self.hwm_min, "max": self.hwm_max},
+                "hwm",
+                {"min": self.hwm_min, "max": self.hwm_max},
                 f"hwm: an integer from {self.hwm_min} to {self.hwm_max} (messages buffered), "
-                f"got {hwm!r}", 400, "out_of_range",
+                f"got {hwm!r}",
+                400,
+                "out_of_range",
             )
         frame = request.get("max_frame_bytes", self.default_frame_bytes)
         if not is_int(frame) or not 1 <= frame <= self.max_frame_bytes:
             raise TemplateViolation(
-                "max_frame_bytes", self.max_frame_bytes,
+                "max_frame_bytes",
+                self.max_frame_bytes,
                 f"max_frame_bytes: an integer from 1 to {self.max_frame_bytes}, got {frame!r}",
-                400, "out_of_range",
+                400,
+                "out_of_range",
             )
         rate = request.get("max_rate_hz")
         if rate is None:
             rate = self.default_rate_hz
-        elif not is_number(rate) or rate <= 0 or (
-            self.max_rate_hz is not None and rate > self.max_rate_hz
+        elif (
+            not is_number(rate)
+            or rate <= 0
+            or (self.max_rate_hz is not None and rate > self.max_rate_hz)
         ):
             limit = self.max_rate_hz
             raise TemplateViolation(
-                "max_rate_hz", limit,
+                "max_rate_hz",
+                limit,
                 f"max_rate_hz: a positive number of frames per second"
                 f"{'' if limit is None else f' up to {limit:g}'}, got {rate!r}",
-                400, "out_of_range",
+                400,
+                "out_of_range",
             )
         encryption, producer_keys, consumer_keys = self._encryption(request)
         ttl = request.get("ttl", self.max_lifetime_s)
         if not is_int(ttl) or not 1 <= ttl <= self.max_lifetime_s:
             raise TemplateViolation(
-                "ttl", self.max_lifetime_s,
+                "ttl",
+                self.max_lifetime_s,
                 f"ttl: channel lifetime in whole seconds from 1 to {self.max_lifetime_s}, "
-                f"got {ttl!r}", 400, "out_of_range",
+                f"got {ttl!r}",
+                400,
+                "out_of_range",
             )
         monitor = request.get("monitor", True)
         if not isinstance(monitor, bool):
@@ -325,23 +358,32 @@ class Template:
             return value
         if value not in WHEN_NO_CONSUMER:
             raise TemplateViolation(
-                "when_no_consumer", allowed,
+                "when_no_consumer",
+                allowed,
                 f"when_no_consumer: 'wait' (frames wait for a work consumer; lossless) or 'drop' "
                 f"(frames that arrive while no work consumer is connected are dropped and "
-                f"counted; L7 only), got {value!r}", 400, "invalid",
+                f"counted; L7 only), got {value!r}",
+                400,
+                "invalid",
             )
         if value not in allowed:
             raise TemplateViolation(
-                "when_no_consumer", allowed,
+                "when_no_consumer",
+                allowed,
                 f"when_no_consumer {value!r} is not allowed by template {self.name!r}; "
-                f"allowed: {allowed}", 403, "not_allowed",
+                f"allowed: {allowed}",
+                403,
+                "not_allowed",
             )
         if value == "drop" and mode != "l7":
             raise TemplateViolation(
-                "when_no_consumer", {"drop": ["l7"]},
+                "when_no_consumer",
+                {"drop": ["l7"]},
                 f"when_no_consumer 'drop' needs mode 'l7': the {mode} router forwards in C with "
                 "no per-message code, so it cannot tell or drop frames nobody consumes; ask for "
-                "mode 'l7' or leave when_no_consumer at 'wait'", 400, "needs_l7",
+                "mode 'l7' or leave when_no_consumer at 'wait'",
+                400,
+                "needs_l7",
             )
         return value
 
@@ -352,7 +394,9 @@ class Template:
             return list(allowed)
         if not isinstance(value, list) or not value or len(value) > MAX_LIST_ENTRIES:
             raise TemplateViolation(
-                name, limit, f"{name}: a list of 1-{MAX_LIST_ENTRIES} networks such as "
+                name,
+                limit,
+                f"{name}: a list of 1-{MAX_LIST_ENTRIES} networks such as "
                 f"'{limit[0]}' or single addresses",
             )
         nets = []
@@ -363,14 +407,19 @@ class Template:
                 net = None
             if net is None:
                 raise TemplateViolation(
-                    name, limit, f"{name}: {item!r} is not a network (write e.g. '10.1.2.0/24' "
+                    name,
+                    limit,
+                    f"{name}: {item!r} is not a network (write e.g. '10.1.2.0/24' "
                     "with the host bits zero, or one address such as '10.1.2.3')",
                 )
             if not any(net.version == a.version and net.subnet_of(a) for a in allowed):
                 raise TemplateViolation(
-                    name, limit, f"{name}: {item} is outside the template's allowed networks "
+                    name,
+                    limit,
+                    f"{name}: {item} is outside the template's allowed networks "
                     f"{limit}; ask the facility's admins to extend the template",
-                    403, "not_allowed",
+                    403,
+                    "not_allowed",
                 )
             nets.append(net)
         return nets
@@ -378,41 +427,52 @@ class Template:
     def _encryption(self, request: Mapping) -> tuple[bool, tuple[str, ...], tuple[str, ...]]:
         encryption = request.get("encryption", self.encryption_required)
         if not isinstance(encryption, bool):
-            raise TemplateViolation("encryption", self.encryption_required,
-                                    "encryption: true or false")
+            raise TemplateViolation(
+                "encryption", self.encryption_required, "encryption: true or false"
+            )
         if self.encryption_required and not encryption:
             raise TemplateViolation(
-                "encryption", True,
-                f"template {self.name!r} requires encryption: send \"encryption\": true with the "
-                "CURVE public keys of the producer(s) and consumer(s)", 403, "encryption_required",
+                "encryption",
+                True,
+                f'template {self.name!r} requires encryption: send "encryption": true with the '
+                "CURVE public keys of the producer(s) and consumer(s)",
+                403,
+                "encryption_required",
             )
         keys = {}
         for name in ("producer_keys", "consumer_keys"):
             value = request.get(name, [])
             if not isinstance(value, list) or len(value) > MAX_LIST_ENTRIES:
-                raise TemplateViolation(name, MAX_LIST_ENTRIES,
-                                        f"{name}: a list of Z85 CURVE public keys")
+                raise TemplateViolation(
+                    name, MAX_LIST_ENTRIES, f"{name}: a list of Z85 CURVE public keys"
+                )
             for key in value:
                 if not is_z85_key(key):
                     raise TemplateViolation(
-                        name, None, f"{name}: {str(key)[:48]!r} is not a 40-character Z85 CURVE "
+                        name,
+                        None,
+                        f"{name}: {str(key)[:48]!r} is not a 40-character Z85 CURVE "
                         "public key (make one with zmq.curve_keypair())",
                     )
             keys[name] = tuple(value)
             if encryption and not value:
                 raise TemplateViolation(
-                    name, None, f"encryption needs {name}: the Z85 CURVE public keys allowed to "
-                    f"connect as {name.split('_')[0]}s", 403, "keys_required",
+                    name,
+                    None,
+                    f"encryption needs {name}: the Z85 CURVE public keys allowed to "
+                    f"connect as {name.split('_')[0]}s",
+                    403,
+                    "keys_required",
                 )
         if not encryption and (keys["producer_keys"] or keys["consumer_keys"]):
-            raise TemplateViolation("encryption", self.encryption_required,
-                                    "keys were given but encryption is false: set "
-                                    "\"encryption\": true or drop the keys")
+            raise TemplateViolation(
+                "encryption",
+                self.encryption_required,
+                'keys were given but encryption is false: set "encryption": true or drop the keys',
+            )
         return encryption, keys["producer_keys"], keys["consumer_keys"]
 
-    def check_source_control(
-        self, value: Any, source_cidrs: Sequence[Network | str]
-    ) -> str | None:
+    def check_source_control(self, value: Any, source_cidrs: Sequence[Network | str]) -> str | None:
         """The source's control URL, normalised; it must point into the channel's source networks
         (the DSN relays steering only to the source, never elsewhere)."""
         if value is None:
@@ -437,12 +497,18 @@ class Template:
             or parts.username
         ):
             raise TemplateViolation(
-                "source_control", limit, "source_control: the source's control URL as "
+                "source_control",
+                limit,
+                "source_control: the source's control URL as "
                 "'http://ADDRESS:PORT' with an IP address, e.g. 'http://127.0.0.1:8200'",
             )
         if not any(addr in net for net in sources):
             raise TemplateViolation(
-                "source_control", limit, f"source_control: {addr} is outside the channel's "
-                f"source networks {limit}; steering may only reach the source", 403, "not_allowed",
+                "source_control",
+                limit,
+                f"source_control: {addr} is outside the channel's "
+                f"source networks {limit}; steering may only reach the source",
+                403,
+                "not_allowed",
             )
         return f"{parts.scheme}://{parts.netloc}"

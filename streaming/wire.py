@@ -188,7 +188,9 @@ def decode(parts: Sequence[Any], max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Fr
     try:
         data = np.frombuffer(payload, dtype=header.dtype).reshape(header.shape)
     except ValueError as exc:  # e.g. an empty frame with a dimension numpy cannot represent
-        raise DecodeError("shape", f"shape {list(header.shape)} is not representable: {exc}") from None
+        raise DecodeError(
+            "shape", f"shape {list(header.shape)} is not representable: {exc}"
+        ) from None
     return Frame(header, data)
 
 

@@ -11,8 +11,13 @@ from typing import Any
 
 __all__ = ["DSNClient", "LiveView", "SteerError", "SteeringPanel", "downsample_max"]
 
-_WHERE = {"DSNClient": "steering", "SteerError": "steering", "SteeringPanel": "steering",
-          "LiveView": "liveview", "downsample_max": "liveview"}
+_WHERE = {
+    "DSNClient": "steering",
+    "SteerError": "steering",
+    "SteeringPanel": "steering",
+    "LiveView": "liveview",
+    "downsample_max": "liveview",
+}
 
 
 def __getattr__(name: str) -> Any:

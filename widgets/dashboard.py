@@ -72,8 +72,15 @@ class StreamMonitor:
             else:
                 cls.open_consumers.pop(channel_id, None)
 
-    def __init__(self, channel: dict[str, Any], *, history: int = 600, sample_s: float = 0.5,
-                 image_px: int = 96, params: dict[str, Any] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        channel: dict[str, Any],
+        *,
+        history: int = 600,
+        sample_s: float = 0.5,
+        image_px: int = 96,
+        params: dict[str, Any] | None = None,
+    ) -> None:
         endpoints = channel.get("endpoints") or {}
         if not endpoints.get("monitor"):
             raise ValueError(f"channel {channel.get('id')!r} has no monitor endpoint")
@@ -92,8 +99,9 @@ class StreamMonitor:
         self._series: deque[tuple[float, float, float]] = deque(maxlen=history)
         self._snap: dict[str, Any] = self._base()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"dashboard-{self.channel_id}",
-                                        daemon=True)  # fmt: skip
+        self._thread = threading.Thread(
+            target=self._run, name=f"dashboard-{self.channel_id}", daemon=True
+        )
 
     def start(self) -> StreamMonitor:
         self._thread.start()
@@ -121,12 +129,26 @@ class StreamMonitor:
         return snap
 
     def _base(self) -> dict[str, Any]:
-        return {"channel": self.channel_id, "stream": self.stream, "project": self.project,
-                "frames_analysed": 0, "hit_rate": 0.0, "peaks_per_frame": 0.0,
-                "frames_lost": 0, "malformed": 0, "restarts": 0, "latency_p50_ms": None,
-                "latency_p99_ms": None, "rate_hz": 0.0, "last_seq": None, "source_rev": None,
-                "series": {"t": [], "hit_rate": [], "peaks_per_frame": []},
-                "radial_profile": [], "image": None, "peaks": {"x": [], "y": []}}  # fmt: skip
+        return {
+            "channel": self.channel_id,
+            "stream": self.stream,
+            "project": self.project,
+            "frames_analysed": 0,
+            "hit_rate": 0.0,
+            "peaks_per_frame": 0.0,
+            "frames_lost": 0,
+            "malformed": 0,
+            "restarts": 0,
+            "latency_p50_ms": None,
+            "latency_p99_ms": None,
+            "rate_hz": 0.0,
+            "last_seq": None,
+            "source_rev": None,
+            "series": {"t": [], "hit_rate": [], "peaks_per_frame": []},
+            "radial_profile": [],
+            "image": None,
+            "peaks": {"x": [], "y": []},
+        }
 
     def _run(self) -> None:
         from beamhub.streaming.analysis import Analyzer, RunningStats
@@ -136,13 +158,17 @@ class StreamMonitor:
         try:
             analyzer = Analyzer(self.params, worker="dashboard")
             if endpoints.get("server_key"):
-                raise ValueError("the channel is CURVE-encrypted and the dashboard holds no "
-                                 "registered consumer key; open it from a notebook instead")  # fmt: skip
+                raise ValueError(
+                    "the channel is CURVE-encrypted and the dashboard holds no "
+                    "registered consumer key; open it from a notebook instead"
+                )
             consumer = StreamConsumer(
-                endpoints["monitor"], monitor=True, report=endpoints.get("report"),
+                endpoints["monitor"],
+                monitor=True,
+                report=endpoints.get("report"),
                 consumer_id=f"dashboard-{os.uname().nodename}-{os.getpid()}-{self.channel_id}",
                 log=log,
-            )  # fmt: skip
+            )
         except ValueError as exc:
             self.state, self.error = "error", str(exc)
             log.warning("dashboard cannot subscribe to %s: %s", self.channel_id, exc)
@@ -181,8 +207,9 @@ class StreamMonitor:
             if self.state != "error":
                 self.state = "stopped"
 
-    def _build(self, consumer: Any, stats: Any, latency: deque[float], last: tuple[Any, Any],
-               rate: float) -> dict[str, Any]:  # fmt: skip
+    def _build(
+        self, consumer: Any, stats: Any, latency: deque[float], last: tuple[Any, Any], rate: float
+    ) -> dict[str, Any]:
         frame, result = last
         snap = stats.snapshot()
         self._series.append((time.time() * 1e3, snap["hit_rate"], snap["peaks_per_frame"]))
@@ -193,34 +220,55 @@ class StreamMonitor:
         if frame.data.ndim == 2:
             small, block = downsample(frame.data, self.image_px)
             h, w = frame.data.shape
-            image = {"data": _scaled(small), "rows": small.shape[0], "cols": small.shape[1],
-                     "height": h, "width": w, "block": block}  # fmt: skip
+            image = {
+                "data": _scaled(small),
+                "rows": small.shape[0],
+                "cols": small.shape[1],
+                "height": h,
+                "width": w,
+                "block": block,
+            }
             if result.n_peaks:
-                peaks_xy = {"x": [round(float(p[1]) + 0.5, 2) for p in result.peaks],
-                            "y": [round(h - float(p[0]) - 0.5, 2) for p in result.peaks]}  # fmt: skip
+                peaks_xy = {
+                    "x": [round(float(p[1]) + 0.5, 2) for p in result.peaks],
+                    "y": [round(h - float(p[0]) - 0.5, 2) for p in result.peaks],
+                }
         profile = stats.radial_profile
         return {
             **self._base(),
-            "frames_analysed": stats.frames, "hits": stats.hits,
+            "frames_analysed": stats.frames,
+            "hits": stats.hits,
             "hit_rate": round(snap["hit_rate"], 4),
             "peaks_per_frame": round(snap["peaks_per_frame"], 3),
-            "frames_lost": consumer.lost, "malformed": consumer.malformed,
-            "restarts": consumer.restarts, "rate_hz": round(rate, 2),
+            "frames_lost": consumer.lost,
+            "malformed": consumer.malformed,
+            "restarts": consumer.restarts,
+            "rate_hz": round(rate, 2),
             "latency_p50_ms": None if lat is None else round(float(np.percentile(lat, 50)), 2),
             "latency_p99_ms": None if lat is None else round(float(np.percentile(lat, 99)), 2),
-            "last_seq": frame.header.seq, "source_rev": frame.header.rev,
-            "last_n_peaks": result.n_peaks, "last_hit": bool(result.hit),
+            "last_seq": frame.header.seq,
+            "source_rev": frame.header.rev,
+            "last_n_peaks": result.n_peaks,
+            "last_hit": bool(result.hit),
             "series": {"t": t, "hit_rate": hit, "peaks_per_frame": peaks},
             "radial_profile": [] if profile is None else np.round(profile, 3).tolist(),
-            "image": image, "peaks": peaks_xy,
-        }  # fmt: skip
+            "image": image,
+            "peaks": peaks_xy,
+        }
 
 
 class ProjectFeed:
     """A project's channels on the DSN, each with one :class:`StreamMonitor`; rediscovered often."""
 
-    def __init__(self, project: str, dsn_url: str, token_source: TokenSource, *,
-                 discover_s: float = 2.0, monitor_kwargs: dict[str, Any] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        project: str,
+        dsn_url: str,
+        token_source: TokenSource,
+        *,
+        discover_s: float = 2.0,
+        monitor_kwargs: dict[str, Any] | None = None,
+    ) -> None:
         self.project = project
         self.dsn_url = dsn_url.rstrip("/")
         self.token_source = token_source
@@ -236,8 +284,9 @@ class ProjectFeed:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"dashboard-feed-{project}",
-                                        daemon=True)  # fmt: skip
+        self._thread = threading.Thread(
+            target=self._run, name=f"dashboard-feed-{project}", daemon=True
+        )
 
     def start(self) -> ProjectFeed:
         self._thread.start()
@@ -288,15 +337,22 @@ class ProjectFeed:
         wanted = {c["id"]: c for c in channels if (c.get("endpoints") or {}).get("monitor")}
         with self._lock:
             gone = [m for cid, m in self.monitors.items() if cid not in wanted]
-            failed = [m for m in self.monitors.values() if m.state == "error"
-                      and time.monotonic() - m.started_at > 10]  # fmt: skip
+            failed = [
+                m
+                for m in self.monitors.values()
+                if m.state == "error" and time.monotonic() - m.started_at > 10
+            ]
             for m in gone + failed:
                 self.monitors.pop(m.channel_id, None)
             for cid, channel in wanted.items():
                 if cid not in self.monitors:
                     self.monitors[cid] = StreamMonitor(channel, **self.monitor_kwargs).start()
-                    log.info("dashboard subscribed to %s (project %s, stream %s)", cid,
-                             self.project, channel.get("stream"))  # fmt: skip
+                    log.info(
+                        "dashboard subscribed to %s (project %s, stream %s)",
+                        cid,
+                        self.project,
+                        channel.get("stream"),
+                    )
         for m in gone + failed:
             m.stop()
         for cid, channel in wanted.items():
@@ -305,8 +361,10 @@ class ProjectFeed:
                 self.dsn_viewers[cid] = (stats.get("monitor") or {}).get("viewers")
                 if (channel.get("params") or {}).get("source_control"):
                     status = self._get(f"/api/channels/{cid}/steer/params")
-                    self.source_params[cid] = {"rev": status.get("rev"),
-                                               "values": status.get("values") or {}}  # fmt: skip
+                    self.source_params[cid] = {
+                        "rev": status.get("rev"),
+                        "values": status.get("values") or {},
+                    }
             except (OSError, ValueError) as exc:
                 log.debug("no stats or source parameters for %s: %s", cid, exc)
         for table in (self.dsn_viewers, self.source_params):
@@ -327,8 +385,9 @@ class ProjectFeed:
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             monitors = sorted(self.monitors.values(), key=lambda m: (m.stream, m.channel_id))
-        streams = [{**m.snapshot(), "source": self.source_params.get(m.channel_id)}
-                   for m in monitors]  # fmt: skip
+        streams = [
+            {**m.snapshot(), "source": self.source_params.get(m.channel_id)} for m in monitors
+        ]
         return {"project": self.project, "error": self.error, "streams": streams}
 
     def status(self) -> dict[str, Any]:
@@ -354,9 +413,16 @@ class ProjectFeed:
 class Dashboard:
     """Every project's feed in this process, started on the first view, plus who is watching."""
 
-    def __init__(self, dsn_url: str, token_source: TokenSource, *, discover_s: float = 2.0,
-                 viewer_timeout_s: float = 10.0, idle_stop_s: float = 600.0,
-                 monitor_kwargs: dict[str, Any] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        dsn_url: str,
+        token_source: TokenSource,
+        *,
+        discover_s: float = 2.0,
+        viewer_timeout_s: float = 10.0,
+        idle_stop_s: float = 600.0,
+        monitor_kwargs: dict[str, Any] | None = None,
+    ) -> None:
         self.dsn_url = dsn_url
         self.token_source = token_source
         self.discover_s = discover_s
@@ -377,9 +443,13 @@ class Dashboard:
             self._last_view.setdefault(project, time.monotonic())
             feed = self.feeds.get(project)
             if feed is None:
-                feed = ProjectFeed(project, self.dsn_url, self.token_source,
-                                   discover_s=self.discover_s,
-                                   monitor_kwargs=self.monitor_kwargs).start()  # fmt: skip
+                feed = ProjectFeed(
+                    project,
+                    self.dsn_url,
+                    self.token_source,
+                    discover_s=self.discover_s,
+                    monitor_kwargs=self.monitor_kwargs,
+                ).start()
                 self.feeds[project] = feed
         return feed
 
@@ -402,13 +472,21 @@ class Dashboard:
         """Stop feeds nobody looked at for ``idle_stop_s`` (unless pinned); returns their names."""
         now = time.monotonic()
         with self._lock:
-            idle = [p for p in self.feeds if p not in self.pinned and self.idle_stop_s > 0
-                    and now - self._last_view.get(p, now) > self.idle_stop_s]  # fmt: skip
+            idle = [
+                p
+                for p in self.feeds
+                if p not in self.pinned
+                and self.idle_stop_s > 0
+                and now - self._last_view.get(p, now) > self.idle_stop_s
+            ]
             feeds = [self.feeds.pop(p) for p in idle]
         for feed in feeds:
             feed.stop()
-            log.info("dashboard unsubscribed from project %s: no viewer for %.0fs",
-                     feed.project, self.idle_stop_s)  # fmt: skip
+            log.info(
+                "dashboard unsubscribed from project %s: no viewer for %.0fs",
+                feed.project,
+                self.idle_stop_s,
+            )
         return idle
 
     def status(self, projects: set[str] | None = None) -> dict[str, Any]:
@@ -418,8 +496,11 @@ class Dashboard:
         out = {}
         for name, feed in sorted(feeds.items()):
             if projects is None or name in projects:
-                out[name] = {**feed.status(), "viewers": self.viewers(name),
-                             "pinned": name in self.pinned}  # fmt: skip
+                out[name] = {
+                    **feed.status(),
+                    "viewers": self.viewers(name),
+                    "pinned": name in self.pinned,
+                }
         return {
             "projects": out,
             "subscriptions_total": sum(f.status()["subscriptions"] for f in feeds.values()),

@@ -80,9 +80,12 @@ def delegator_tokens(state: Path, runtime: dict[str, Any]) -> TokenSource:
     from beamhub.hub.tokens.store import Delegator, TokenStore
 
     key = SigningKey.load(state / "signing-key.pem")
-    issuer = TokenIssuer(key, runtime.get("token_issuer", "beamhub-dev"),
-                         runtime.get("token_audience", "beamhub"),
-                         max_ttl=int(runtime.get("max_token_ttl", 3600)))  # fmt: skip
+    issuer = TokenIssuer(
+        key,
+        runtime.get("token_issuer", "beamhub-dev"),
+        runtime.get("token_audience", "beamhub"),
+        max_ttl=int(runtime.get("max_token_ttl", 3600)),
+    )
     store = TokenStore(state / "tokens.sqlite")
     delegator = Delegator(issuer, store, int(runtime.get("token_ttl", 900)))
     served: dict[str, str] = {}
@@ -92,9 +95,13 @@ def delegator_tokens(state: Path, runtime: dict[str, Any]) -> TokenSource:
         with lock:
             served[project] = "viewer"
             store.record_user(DASHBOARD_USER, dict(served), admin=False, mfa=True)
-            token, claims = delegator.issue(DASHBOARD_USER, project, ["stream.read"],
-                                            kind="service",
-                                            description="shared dashboard: monitor subscription")  # fmt: skip
+            token, claims = delegator.issue(
+                DASHBOARD_USER,
+                project,
+                ["stream.read"],
+                kind="service",
+                description="shared dashboard: monitor subscription",
+            )
         log.info("dashboard token jti=%s project=%s exp=%s", claims["jti"], project, claims["exp"])
         return token, float(claims["exp"])
 
@@ -118,19 +125,43 @@ def stream_figures(channel_id: str, stream: str, shape: tuple[int, int] | None =
     hits.line("t", "hit_rate", source=series, line_width=2)
     peaks = figure(title=f"{stream}: peaks per frame", **kw)
     peaks.line("t", "peaks_per_frame", source=series, line_width=2, color="darkorange")
-    profile = figure(title=f"{stream}: radial profile", height=220, width=420,
-                     x_axis_label="radius (px)", toolbar_location=None)  # fmt: skip
+    profile = figure(
+        title=f"{stream}: radial profile",
+        height=220,
+        width=420,
+        x_axis_label="radius (px)",
+        toolbar_location=None,
+    )
     profile.line("r", "value", source=src("profile", r=[], value=[]), line_width=2)
     ranges = {}
     if shape:
         ranges = {"x_range": (0, shape[1]), "y_range": (0, shape[0])}
-    image = figure(title=f"{stream}: last frame (downsampled) and peaks", height=440, width=440,
-                   toolbar_location=None, **ranges)  # fmt: skip
-    image.image("image", x="x", y="y", dw="dw", dh="dh",
-                color_mapper=LinearColorMapper(palette="Greys256", low=0, high=255),
-                source=src("image", image=[], x=[], y=[], dw=[], dh=[]))  # fmt: skip
-    image.scatter("x", "y", source=src("peaks", x=[], y=[]), size=9, marker="circle",
-                  fill_alpha=0, line_color="red", line_width=2)  # fmt: skip
+    image = figure(
+        title=f"{stream}: last frame (downsampled) and peaks",
+        height=440,
+        width=440,
+        toolbar_location=None,
+        **ranges,
+    )
+    image.image(
+        "image",
+        x="x",
+        y="y",
+        dw="dw",
+        dh="dh",
+        color_mapper=LinearColorMapper(palette="Greys256", low=0, high=255),
+        source=src("image", image=[], x=[], y=[], dw=[], dh=[]),
+    )
+    image.scatter(
+        "x",
+        "y",
+        source=src("peaks", x=[], y=[]),
+        size=9,
+        marker="circle",
+        fill_alpha=0,
+        line_color="red",
+        line_width=2,
+    )
     return row(column(hits, peaks, profile), image)
 
 
@@ -175,8 +206,14 @@ class _Api(HubOAuthenticated, _Handler):
     def require(self) -> tuple[dict[str, Any], dict[str, str]]:
         found = self.user_roles()
         if found is None:
-            self.write_json({"error": "unauthenticated", "message": "log in to the hub first "
-                             "(or send 'Authorization: token <JupyterHub API token>')"}, 401)  # fmt: skip
+            self.write_json(
+                {
+                    "error": "unauthenticated",
+                    "message": "log in to the hub first "
+                    "(or send 'Authorization: token <JupyterHub API token>')",
+                },
+                401,
+            )
             raise web.Finish()
         return found
 
@@ -186,8 +223,10 @@ class RootHandler(_Page):
     def get(self) -> None:
         _, roles = self.user_roles() or ({}, {})
         if not roles:
-            self.forbidden("You are not a member of any beamhub project; ask a project's PI to "
-                           "add you (any role, viewer included, may watch its dashboard).")  # fmt: skip
+            self.forbidden(
+                "You are not a member of any beamhub project; ask a project's PI to "
+                "add you (any role, viewer included, may watch its dashboard)."
+            )
             return
         best = min(roles, key=lambda p: (ROLE_ORDER.index(roles[p]), p))
         self.redirect(f"{self.options['prefix']}p/{best}/")
@@ -201,8 +240,10 @@ class ProjectPageHandler(_Page):
         user, roles = self.user_roles() or ({}, {})
         role = roles.get(project)
         if role is None:
-            self.forbidden(f"You are not a member of project {project}. Its dashboard is for its "
-                           "members (pi, operator, member, viewer); ask its PI to add you.")  # fmt: skip
+            self.forbidden(
+                f"You are not a member of project {project}. Its dashboard is for its "
+                "members (pi, operator, member, viewer); ask its PI to add you."
+            )
             return
         feed = self.dashboard.feed(project)
         await asyncio.to_thread(feed.wait_discovered, 5.0)
@@ -211,28 +252,40 @@ class ProjectPageHandler(_Page):
         snap = feed.snapshot()
         figures = {
             s["channel"]: stream_figures(
-                s["channel"], s["stream"],
+                s["channel"],
+                s["stream"],
                 (s["image"]["height"], s["image"]["width"]) if s["image"] else None,
             )
             for s in snap["streams"]
-        }  # fmt: skip
+        }
         script, divs = components(figures) if figures else ("", {})
         xsrf = self.xsrf_token  # fetch() of data.json is CORS-mode: JupyterHub checks xsrf
         self.render(
             "dashboard.html",
-            xsrf=xsrf.decode() if isinstance(xsrf, bytes) else xsrf, project=project, role=role, user=user["name"], snap=snap,
-            script=script, divs=divs, viewer=viewer, can_steer=role in STEER_ROLES,
-            prefix=self.options["prefix"], interval_ms=int(1000 / self.options["update_hz"]),
-            other_projects=sorted(p for p in roles if p != project), source_text=source_text,
-        )  # fmt: skip
+            xsrf=xsrf.decode() if isinstance(xsrf, bytes) else xsrf,
+            project=project,
+            role=role,
+            user=user["name"],
+            snap=snap,
+            script=script,
+            divs=divs,
+            viewer=viewer,
+            can_steer=role in STEER_ROLES,
+            prefix=self.options["prefix"],
+            interval_ms=int(1000 / self.options["update_hz"]),
+            other_projects=sorted(p for p in roles if p != project),
+            source_text=source_text,
+        )
 
 
 class DataHandler(_Api):
     def get(self, project: str) -> None:
         user, roles = self.require()
         if project not in roles:
-            self.write_json({"error": "not_member",
-                             "message": f"You are not a member of project {project}"}, 403)  # fmt: skip
+            self.write_json(
+                {"error": "not_member", "message": f"You are not a member of project {project}"},
+                403,
+            )
             return
         viewer = self.get_argument("viewer", "") or f"api-{user['name']}"
         self.dashboard.touch(project, viewer, user["name"])
@@ -255,8 +308,14 @@ class HealthHandler(_Handler):
 
 class NotFoundHandler(_Handler):
     def prepare(self) -> None:
-        self.write_json({"error": "not_found", "message": f"no page {self.request.path}; the "
-                         f"dashboard is at {self.options['prefix']}"}, 404)  # fmt: skip
+        self.write_json(
+            {
+                "error": "not_found",
+                "message": f"no page {self.request.path}; the "
+                f"dashboard is at {self.options['prefix']}",
+            },
+            404,
+        )
 
 
 def _log_request(handler: web.RequestHandler) -> None:
@@ -267,8 +326,13 @@ def _log_request(handler: web.RequestHandler) -> None:
     log.log(level, "%d %s %s %.1fms", status, handler.request.method, handler.request.path, ms)
 
 
-def build_app(dashboard: Dashboard, prefix: str = "/services/dashboard/", *,
-              update_hz: float = 2.0, cookie_secret: bytes | None = None) -> web.Application:  # fmt: skip
+def build_app(
+    dashboard: Dashboard,
+    prefix: str = "/services/dashboard/",
+    *,
+    update_hz: float = 2.0,
+    cookie_secret: bytes | None = None,
+) -> web.Application:
     """The tornado app (JupyterHub's HubOAuth settings come from the service environment)."""
     from bokeh.util.paths import bokehjs_path
     from jupyterhub.services.auth import HubOAuthCallbackHandler
@@ -297,34 +361,56 @@ def build_app(dashboard: Dashboard, prefix: str = "/services/dashboard/", *,
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m widgets.dashboard_service", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--state-dir", type=Path, default=None,
-                   help="signing key, token register, runtime.json (default $BEAMHUB_HOME)")  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m widgets.dashboard_service",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="signing key, token register, runtime.json (default $BEAMHUB_HOME)",
+    )
     p.add_argument("--dsn-url", default=None, help="the DSN control API (default: runtime.json)")
-    p.add_argument("--project", action="append", default=[],
-                   help="subscribe to this project's streams at start (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--project",
+        action="append",
+        default=[],
+        help="subscribe to this project's streams at start (repeatable)",
+    )
     p.add_argument("--update-hz", type=float, default=2.0, help="page updates per second (0.2-5)")
     p.add_argument("--discover-s", type=float, default=2.0, help="seconds between channel lists")
     p.add_argument("--image-px", type=int, default=96, help="downsampled image side, pixels")
-    p.add_argument("--analysis", default="{}",
-                   help='peak-finder settings as JSON, e.g. \'{"min_peaks_for_hit": 3}\'')  # fmt: skip
-    p.add_argument("--idle-stop-s", type=float, default=600.0,
-                   help="unsubscribe from a project nobody watched this long (0 = never)")  # fmt: skip
+    p.add_argument(
+        "--analysis",
+        default="{}",
+        help="peak-finder settings as JSON, e.g. '{\"min_peaks_for_hit\": 3}'",
+    )
+    p.add_argument(
+        "--idle-stop-s",
+        type=float,
+        default=600.0,
+        help="unsubscribe from a project nobody watched this long (0 = never)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s dashboard %(levelname)s %(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s dashboard %(levelname)s %(message)s"
+    )
     args = _parser().parse_args(argv)
     state = args.state_dir or state_dir()
     runtime_path = state / "runtime.json"
     runtime = json.loads(runtime_path.read_text()) if runtime_path.exists() else {}
     dsn_url = args.dsn_url or runtime.get("dsn_url")
     if not dsn_url:
-        print(f"dashboard: no DSN URL: pass --dsn-url or start it with `beamhub up` "
-              f"({runtime_path} has none)", file=sys.stderr)  # fmt: skip
+        print(
+            f"dashboard: no DSN URL: pass --dsn-url or start it with `beamhub up` "
+            f"({runtime_path} has none)",
+            file=sys.stderr,
+        )
         return 2
     if args.image_px < 8:
         print(f"dashboard: --image-px {args.image_px} is below 8 pixels", file=sys.stderr)
@@ -342,9 +428,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"dashboard: cannot load the hub's signing key: {exc}", file=sys.stderr)
         return 2
-    dashboard = Dashboard(dsn_url, tokens, discover_s=args.discover_s,
-                          idle_stop_s=args.idle_stop_s,
-                          monitor_kwargs={"image_px": args.image_px, "params": analysis})  # fmt: skip
+    dashboard = Dashboard(
+        dsn_url,
+        tokens,
+        discover_s=args.discover_s,
+        idle_stop_s=args.idle_stop_s,
+        monitor_kwargs={"image_px": args.image_px, "params": analysis},
+    )
     for project in args.project:
         dashboard.feed(project, pin=True)
     url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:0"))
@@ -359,8 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     async def run() -> None:
         server = httpserver.HTTPServer(app)
         server.listen(url.port or 0, url.hostname or "127.0.0.1")
-        log.info("shared dashboard listening on %s%s (DSN %s)", url.geturl().rstrip("/"), prefix,
-                 dsn_url)  # fmt: skip
+        log.info(
+            "shared dashboard listening on %s%s (DSN %s)", url.geturl().rstrip("/"), prefix, dsn_url
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -180,10 +180,18 @@ def _in_kernel() -> bool:
 class LiveView(w.VBox):
     """Throttled bokeh figures of a stream's analysis; see the module docstring."""
 
-    def __init__(self, *, max_hz: float = 10.0, image_hz: float = 2.0, image_size: int = 256,
-                 history: int = 600, stats: RunningStats | None = None,
-                 loop: IOLoop | None = None, title: str = "live analysis",
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        max_hz: float = 10.0,
+        image_hz: float = 2.0,
+        image_size: int = 256,
+        history: int = 600,
+        stats: RunningStats | None = None,
+        loop: IOLoop | None = None,
+        title: str = "live analysis",
+        **kwargs: Any,
+    ) -> None:
         if not 0 < max_hz <= 60:
             raise ValueError(f"max_hz: {max_hz} must be in (0, 60] updates per second")
         if not 0 < image_hz <= max_hz:
@@ -226,28 +234,65 @@ class LiveView(w.VBox):
 
     # -- figures ---------------------------------------------------------------------------
     def _build(self, title: str) -> None:
-        self.image_source = ColumnDataSource({"image": [np.zeros((2, 2), np.uint8)],
-                                              "x": [0], "y": [0], "dw": [1], "dh": [1]})
+        self.image_source = ColumnDataSource(
+            {"image": [np.zeros((2, 2), np.uint8)], "x": [0], "y": [0], "dw": [1], "dh": [1]}
+        )
         self.peaks_source = ColumnDataSource({"x": [], "y": []})
         self.series_source = ColumnDataSource({"t": [], "hit_rate": [], "peaks": []})
         self.profile_source = ColumnDataSource({"r": [], "intensity": []})
-        img = figure(title="detector (max-pooled) + peaks", width=380, height=380,
-                     match_aspect=True, tools="pan,wheel_zoom,reset")
-        img.image(image="image", x="x", y="y", dw="dw", dh="dh", source=self.image_source,
-                  color_mapper=LinearColorMapper(palette="Viridis256", low=0, high=255))
-        img.scatter("x", "y", source=self.peaks_source, size=9, fill_alpha=0,
-                    line_color="#ff3030", line_width=1.5, marker="circle")
-        rate = figure(title="hit rate / peaks per frame", width=420, height=185,
-                      tools="xpan,xwheel_zoom,reset", x_axis_label="s")
-        rate.line("t", "hit_rate", source=self.series_source, legend_label="hit rate",
-                  color="#d62728")
-        rate.line("t", "peaks", source=self.series_source, legend_label="peaks/frame / 100",
-                  color="#1f77b4")
+        img = figure(
+            title="detector (max-pooled) + peaks",
+            width=380,
+            height=380,
+            match_aspect=True,
+            tools="pan,wheel_zoom,reset",
+        )
+        img.image(
+            image="image",
+            x="x",
+            y="y",
+            dw="dw",
+            dh="dh",
+            source=self.image_source,
+            color_mapper=LinearColorMapper(palette="Viridis256", low=0, high=255),
+        )
+        img.scatter(
+            "x",
+            "y",
+            source=self.peaks_source,
+            size=9,
+            fill_alpha=0,
+            line_color="#ff3030",
+            line_width=1.5,
+            marker="circle",
+        )
+        rate = figure(
+            title="hit rate / peaks per frame",
+            width=420,
+            height=185,
+            tools="xpan,xwheel_zoom,reset",
+            x_axis_label="s",
+        )
+        rate.line(
+            "t", "hit_rate", source=self.series_source, legend_label="hit rate", color="#d62728"
+        )
+        rate.line(
+            "t",
+            "peaks",
+            source=self.series_source,
+            legend_label="peaks/frame / 100",
+            color="#1f77b4",
+        )
         rate.legend.location = "top_left"
         rate.legend.orientation = "horizontal"
         rate.legend.background_fill_alpha = 0.6
-        prof = figure(title="radial profile", width=420, height=185, x_axis_label="r (px)",
-                      tools="pan,wheel_zoom,reset")
+        prof = figure(
+            title="radial profile",
+            width=420,
+            height=185,
+            x_axis_label="r (px)",
+            tools="pan,wheel_zoom,reset",
+        )
         prof.line("r", "intensity", source=self.profile_source, color="#2ca02c")
         self.title = title
         self.info = Div(text=f"<b>{html.escape(title)}</b>: waiting for frames", width=800)
@@ -325,8 +370,13 @@ class LiveView(w.VBox):
         with self.bokeh.batch():
             if frames:
                 self.series_source.stream(
-                    {"t": [t], "hit_rate": [round(snap["hit_rate"], 4)],
-                     "peaks": [round(peaks / frames / 100.0, 4)]}, rollover=self.history)
+                    {
+                        "t": [t],
+                        "hit_rate": [round(snap["hit_rate"], 4)],
+                        "peaks": [round(peaks / frames / 100.0, 4)],
+                    },
+                    rollover=self.history,
+                )
             overlay = None
             if pending is not None and self._image_shape is not None:
                 self._set_image(pending[0], self._image_shape)
@@ -335,15 +385,20 @@ class LiveView(w.VBox):
                 # no frames reach this process (Dask session): the virtual powder pattern,
                 # with the latest hit's peaks on it
                 b = self.stats.powder_bin
-                self._set_image(_to_uint8(powder.astype(np.float32)),
-                                (powder.shape[0] * b, powder.shape[1] * b))
+                self._set_image(
+                    _to_uint8(powder.astype(np.float32)), (powder.shape[0] * b, powder.shape[1] * b)
+                )
                 overlay = latest_hit
             if overlay is not None:
-                self.peaks_source.data = {"x": overlay.peaks[:, 1].round(1).tolist(),
-                                          "y": overlay.peaks[:, 0].round(1).tolist()}
+                self.peaks_source.data = {
+                    "x": overlay.peaks[:, 1].round(1).tolist(),
+                    "y": overlay.peaks[:, 0].round(1).tolist(),
+                }
             if profile is not None and slow_due:
-                self.profile_source.data = {"r": list(range(len(profile))),
-                                            "intensity": np.round(profile, 2).tolist()}
+                self.profile_source.data = {
+                    "r": list(range(len(profile))),
+                    "intensity": np.round(profile, 2).tolist(),
+                }
             if slow_due:
                 self._last_slow = now
             self.info.text = self._info_html(snap, latest)
@@ -351,14 +406,21 @@ class LiveView(w.VBox):
         self.last_flush_thread = threading.current_thread().name
 
     def _set_image(self, image: np.ndarray, full_shape: tuple[int, int]) -> None:
-        self.image_source.data = {"image": [image], "x": [0], "y": [0],
-                                  "dw": [full_shape[1]], "dh": [full_shape[0]]}
+        self.image_source.data = {
+            "image": [image],
+            "x": [0],
+            "y": [0],
+            "dw": [full_shape[1]],
+            "dh": [full_shape[0]],
+        }
 
     def _info_html(self, snap: dict[str, Any], shown: FrameResult | None) -> str:
         p50 = snap["latency_p50_ms"]
         cells = [
-            ("frames", snap["frames"]), ("hit rate", f"{snap['hit_rate']:.1%}"),
-            ("peaks/frame", f"{snap['peaks_per_frame']:.1f}"), ("lost", snap["lost"]),
+            ("frames", snap["frames"]),
+            ("hit rate", f"{snap['hit_rate']:.1%}"),
+            ("peaks/frame", f"{snap['peaks_per_frame']:.1f}"),
+            ("lost", snap["lost"]),
             ("latency p50", "-" if p50 is None else f"{p50:.0f} ms"),
             ("source rev", "-" if shown is None else shown.source_rev),
             ("last seq", "-" if shown is None else shown.seq),
@@ -366,14 +428,21 @@ class LiveView(w.VBox):
         if self.error:
             cells.append(("error", html.escape(self.error)))
         return f"<b>{html.escape(self.title)}</b> &nbsp; " + " &nbsp;·&nbsp; ".join(
-            f"{k}: <b>{v}</b>" for k, v in cells)
+            f"{k}: <b>{v}</b>" for k, v in cells
+        )
 
     # -- drivers --------------------------------------------------------------------------
     @classmethod
-    def from_dsn(cls, dsn_url: str | None = None, channel: str | None = None,
-                 token: str | Callable[[], str] | None = None, *,
-                 params: dict[str, Any] | None = None, monitor: bool = False,
-                 **kwargs: Any) -> LiveView:
+    def from_dsn(
+        cls,
+        dsn_url: str | None = None,
+        channel: str | None = None,
+        token: str | Callable[[], str] | None = None,
+        *,
+        params: dict[str, Any] | None = None,
+        monitor: bool = False,
+        **kwargs: Any,
+    ) -> LiveView:
         """Analyse the channel in this process (a StreamConsumer + Analyzer thread) and show it.
 
         ``monitor=False`` (default): this kernel is the channel's analysis and pulls from its
@@ -395,8 +464,9 @@ class LiveView(w.VBox):
         return view
 
     @classmethod
-    def from_consumer(cls, consumer: Any, analyzer: Analyzer | None = None,
-                      **kwargs: Any) -> LiveView:
+    def from_consumer(
+        cls, consumer: Any, analyzer: Analyzer | None = None, **kwargs: Any
+    ) -> LiveView:
         """Analyse frames from any consumer with ``receive(timeout)`` on a background thread."""
         view = cls(**kwargs)
         view.analyzer = analyzer or Analyzer()
@@ -414,8 +484,9 @@ class LiveView(w.VBox):
         return view
 
     def _start_driver(self, target: Callable[[], None]) -> None:
-        self._driver = threading.Thread(target=self._guard, args=(target,),
-                                        name="liveview-feed", daemon=True)
+        self._driver = threading.Thread(
+            target=self._guard, args=(target,), name="liveview-feed", daemon=True
+        )
         self._driver.start()
 
     def _guard(self, target: Callable[[], None]) -> None:

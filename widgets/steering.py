@@ -76,9 +76,11 @@ class DSNClient:
         """The JSON answer; raises :class:`SteerError` with the DSN's message on any failure."""
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(  # noqa: S310 - scheme checked in __init__
-            self.dsn_url + path, data=data, method=method,
-            headers={"Authorization": f"Bearer {self.token}",
-                     "Content-Type": "application/json"})
+            self.dsn_url + path,
+            data=data,
+            method=method,
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310
                 return json.load(resp)
@@ -88,8 +90,11 @@ class DSNClient:
             except ValueError:
                 answer = {}
             message = answer.get("error") if isinstance(answer, dict) else None
-            raise SteerError(exc.code, f"HTTP {exc.code}: {message or exc.reason}",
-                             answer if isinstance(answer, dict) else {}) from exc
+            raise SteerError(
+                exc.code,
+                f"HTTP {exc.code}: {message or exc.reason}",
+                answer if isinstance(answer, dict) else {},
+            ) from exc
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise SteerError(0, f"cannot reach the DSN at {self.dsn_url}: {exc}") from exc
 
@@ -122,17 +127,24 @@ def _default_token() -> str | Callable[[], str]:
 class SteeringPanel(w.VBox):
     """One control per schema parameter, run start/stop, change log; see the module docstring."""
 
-    def __init__(self, dsn_url: str | None = None, channel: str | None = None,
-                 token: str | Callable[[], str] | None = None, *, live_view: Any = None,
-                 debounce_s: float = 0.15, timeout: float = 10.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        dsn_url: str | None = None,
+        channel: str | None = None,
+        token: str | Callable[[], str] | None = None,
+        *,
+        live_view: Any = None,
+        debounce_s: float = 0.15,
+        timeout: float = 10.0,
+        **kwargs: Any,
+    ) -> None:
         dsn_url = dsn_url or os.environ.get("BEAMHUB_DSN_URL")
         if not dsn_url:
             raise ValueError("dsn_url: none given and BEAMHUB_DSN_URL is unset")
         channel = channel or os.environ.get("BEAMHUB_CHANNEL", "")
         if not channel:
             raise ValueError("channel: give a channel id (ch-...) or a stream name")
-        self.client = DSNClient(dsn_url, token if token is not None else _default_token(),
-                                timeout)
+        self.client = DSNClient(dsn_url, token if token is not None else _default_token(), timeout)
         claims = token_claims(self.client.token)
         self.user = str(claims.get("sub", "?"))
         self.can_steer = "steer" in str(claims.get("scope", "")).split()
@@ -159,8 +171,9 @@ class SteeringPanel(w.VBox):
         super().__init__(**kwargs)
         try:
             self.channel_id = self.client.resolve_channel(channel)
-            self.schema = self.client.call(
-                "GET", f"/api/channels/{self.channel_id}/steer/schema")["params"]
+            self.schema = self.client.call("GET", f"/api/channels/{self.channel_id}/steer/schema")[
+                "params"
+            ]
             state = self.client.call("GET", f"/api/channels/{self.channel_id}/steer/params")
         except SteerError as exc:
             self.channel_id = channel
@@ -170,8 +183,7 @@ class SteeringPanel(w.VBox):
         self._build(state)
         if live_view is not None:
             live_view.add_listener(lambda r: self.frame_seen(r.seq, r.source_rev))
-        self._sender = threading.Thread(target=self._send_loop, name="steering-panel",
-                                        daemon=True)
+        self._sender = threading.Thread(target=self._send_loop, name="steering-panel", daemon=True)
         self._sender.start()
 
     # -- building --------------------------------------------------------------------------
@@ -186,24 +198,33 @@ class SteeringPanel(w.VBox):
             control.disabled = not self.can_steer
             control.observe(functools.partial(self._on_change, spec["name"]), names="value")
             self.controls[spec["name"]] = control
-        self.start_button = w.Button(description="Start run", icon="play",
-                                     disabled=not self.can_steer)
-        self.stop_button = w.Button(description="Stop run", icon="stop",
-                                    disabled=not self.can_steer)
+        self.start_button = w.Button(
+            description="Start run", icon="play", disabled=not self.can_steer
+        )
+        self.stop_button = w.Button(
+            description="Stop run", icon="stop", disabled=not self.can_steer
+        )
         self.start_button.on_click(lambda _: self._run("start"))
         self.stop_button.on_click(lambda _: self._run("stop"))
         refresh = w.Button(description="Refresh", icon="refresh", tooltip="read values again")
         refresh.on_click(lambda _: self.refresh())
         running = "running" if state.get("running") else "stopped"
-        self.title.value = (f"<b>Steering</b> channel <code>{html.escape(self.channel_id)}</code> "
-                            f"({running}, run {state.get('run', '?')}) as "
-                            f"<b>{html.escape(self.user)}</b>")
+        self.title.value = (
+            f"<b>Steering</b> channel <code>{html.escape(self.channel_id)}</code> "
+            f"({running}, run {state.get('run', '?')}) as "
+            f"<b>{html.escape(self.user)}</b>"
+        )
         if not self.can_steer:
             self.note.value = f'<span style="color:#a15c00">&#9888; {VIEW_ONLY_NOTE}</span>'
         self._show(f"rev {self.rev}")
-        self.children = [self.title, self.note, *self.controls.values(),
-                         w.HBox([self.start_button, self.stop_button, refresh]),
-                         self.status, self.table]
+        self.children = [
+            self.title,
+            self.note,
+            *self.controls.values(),
+            w.HBox([self.start_button, self.stop_button, refresh]),
+            self.status,
+            self.table,
+        ]
 
     # -- sending -------------------------------------------------------------------------
     def _on_change(self, name: str, change: dict[str, Any]) -> None:
@@ -249,16 +270,25 @@ class SteeringPanel(w.VBox):
         t0 = time.monotonic()
         try:
             answer = self.client.call(
-                "PUT", f"/api/channels/{self.channel_id}/steer/params/{name}", {"value": value})
+                "PUT", f"/api/channels/{self.channel_id}/steer/params/{name}", {"value": value}
+            )
         except SteerError as exc:
             self._show_error(f"{name} = {value!r} refused: {exc}")
             self.refresh(quiet_errors=True)  # put the control back to the source's value
             return None
         http_ms = (time.monotonic() - t0) * 1e3
-        entry = {"t": time.time(), "t0": t0, "user": self.user, "name": name,
-                 "value": answer.get("value"), "rev": answer.get("rev"),
-                 "first_seq": answer.get("first_seq"), "http_ms": round(http_ms, 1),
-                 "round_trip_ms": None, "seen_seq": None}
+        entry = {
+            "t": time.time(),
+            "t0": t0,
+            "user": self.user,
+            "name": name,
+            "value": answer.get("value"),
+            "rev": answer.get("rev"),
+            "first_seq": answer.get("first_seq"),
+            "http_ms": round(http_ms, 1),
+            "round_trip_ms": None,
+            "seen_seq": None,
+        }
         with self._lock:
             self.rev = max(self.rev, int(answer.get("rev", 0)))
             self.changes.appendleft(entry)
@@ -267,8 +297,10 @@ class SteeringPanel(w.VBox):
         self.last_error = None
         if name in self.controls and answer.get("value") is not None:
             self._set_quietly(name, answer["value"])
-        self._show(f"{name} = {answer.get('value')!r}: rev {answer.get('rev')}, from frame "
-                   f"{answer.get('first_seq')} (DSN answered in {http_ms:.0f} ms)")
+        self._show(
+            f"{name} = {answer.get('value')!r}: rev {answer.get('rev')}, from frame "
+            f"{answer.get('first_seq')} (DSN answered in {http_ms:.0f} ms)"
+        )
         return answer
 
     def _run(self, action: str) -> None:
@@ -276,8 +308,9 @@ class SteeringPanel(w.VBox):
             self._show_error(f"{VIEW_ONLY_NOTE}; the run was not {action}ed")
             return
         try:
-            answer = self.client.call("POST", f"/api/channels/{self.channel_id}/steer/run",
-                                      {"action": action})
+            answer = self.client.call(
+                "POST", f"/api/channels/{self.channel_id}/steer/run", {"action": action}
+            )
         except SteerError as exc:
             self._show_error(f"run {action} refused: {exc}")
             return
@@ -302,9 +335,11 @@ class SteeringPanel(w.VBox):
             self._waiting = [e for e in self._waiting if e not in done]
         if done:
             last = done[-1]
-            self._show(f"{last['name']} = {last['value']!r}: rev {last['rev']} seen in frame "
-                       f"{seq} (first {last['first_seq']}), round trip "
-                       f"{last['round_trip_ms']:.0f} ms")
+            self._show(
+                f"{last['name']} = {last['value']!r}: rev {last['rev']} seen in frame "
+                f"{seq} (first {last['first_seq']}), round trip "
+                f"{last['round_trip_ms']:.0f} ms"
+            )
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """True once every widget change has been sent and answered (for scripts and tests)."""
@@ -322,10 +357,19 @@ class SteeringPanel(w.VBox):
         rev = int(state.get("rev", 0))
         with self._lock:
             if rev > self.rev and not quiet_errors:
-                self.changes.appendleft({"t": time.time(), "user": "(another client)",
-                                         "name": "?", "value": None, "rev": rev,
-                                         "first_seq": None, "http_ms": None,
-                                         "round_trip_ms": None, "seen_seq": None})
+                self.changes.appendleft(
+                    {
+                        "t": time.time(),
+                        "user": "(another client)",
+                        "name": "?",
+                        "value": None,
+                        "rev": rev,
+                        "first_seq": None,
+                        "http_ms": None,
+                        "round_trip_ms": None,
+                        "seen_seq": None,
+                    }
+                )
             self.rev = max(self.rev, rev)
         for name, value in state.get("values", {}).items():
             if name in self.controls:
@@ -352,15 +396,25 @@ class SteeringPanel(w.VBox):
         rows = []
         for e in list(self.changes)[:RECENT_ROWS]:
             rt = "" if e["round_trip_ms"] is None else f"{e['round_trip_ms']:.0f} ms"
-            cells = [time.strftime("%H:%M:%S", time.localtime(e["t"])), e["user"], e["name"],
-                     "" if e["value"] is None else repr(e["value"]), e["rev"],
-                     "" if e["first_seq"] is None else e["first_seq"], rt]
-            rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells)
-                        + "</tr>")
-        head = "".join(f"<th>{h}</th>" for h in ("time", "who", "parameter", "value", "rev",
-                                                 "first frame", "round trip"))
-        self.table.value = (f'<table style="font-size:90%"><tr>{head}</tr>{"".join(rows)}'
-                            "</table>" if rows else "")
+            cells = [
+                time.strftime("%H:%M:%S", time.localtime(e["t"])),
+                e["user"],
+                e["name"],
+                "" if e["value"] is None else repr(e["value"]),
+                e["rev"],
+                "" if e["first_seq"] is None else e["first_seq"],
+                rt,
+            ]
+            rows.append(
+                "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"
+            )
+        head = "".join(
+            f"<th>{h}</th>"
+            for h in ("time", "who", "parameter", "value", "rev", "first frame", "round trip")
+        )
+        self.table.value = (
+            f'<table style="font-size:90%"><tr>{head}</tr>{"".join(rows)}</table>' if rows else ""
+        )
 
     def close(self) -> None:
         self._closed = True
@@ -374,9 +428,12 @@ def _control_for(spec: dict[str, Any], value: Any) -> w.ValueWidget:
     """The widget for one schema entry: slider (float/int), dropdown (choice), toggle (bool)."""
     name, kind = spec["name"], spec["type"]
     units = f" ({spec['units']})" if spec.get("units") else ""
-    common = {"description": f"{name}{units}", "tooltip": spec.get("description", ""),
-              "style": {"description_width": "initial"},
-              "layout": w.Layout(width="min(100%, 560px)")}
+    common = {
+        "description": f"{name}{units}",
+        "tooltip": spec.get("description", ""),
+        "style": {"description_width": "initial"},
+        "layout": w.Layout(width="min(100%, 560px)"),
+    }
     if kind in ("float", "int"):
         cls = w.FloatSlider if kind == "float" else w.IntSlider
         bounds = {k: spec[k] for k in ("min", "max", "step") if spec.get(k) is not None}

@@ -27,8 +27,16 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"beamhub audit verify: cannot read {args.log}: {exc.strerror}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"ok": result.ok, "records": result.records, "line": result.line,
-                          "reason": result.reason}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "ok": result.ok,
+                    "records": result.records,
+                    "line": result.line,
+                    "reason": result.reason,
+                }
+            )
+        )
     elif result.ok:
         print(f"{args.log}: OK, {result.records} records, chain intact")
     else:

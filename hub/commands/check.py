@@ -17,9 +17,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--enclave", required=True, help="target enclave: dev, open, moderate, leadership"
     )
     parser.add_argument(
-        "deployment", nargs="?", default=None,
+        "deployment",
+        nargs="?",
+        default=None,
         help="beamhub.yaml to check (default: the embedded defaults)",
-    )  # fmt: skip
+    )
     parser.add_argument("--json", action="store_true", help="print the requirements as JSON")
     parser.set_defaults(func=_check)
 
@@ -40,10 +42,17 @@ def _check(args: argparse.Namespace) -> int:
     results = check_deployment(dep, target, base)
     failed = [r for r in results if not r.ok]
     if args.json:
-        print(json.dumps({
-            "enclave": target.name, "deployment": dep.source, "ok": not failed,
-            "requirements": [r.__dict__ for r in results],
-        }, indent=2))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "enclave": target.name,
+                    "deployment": dep.source,
+                    "ok": not failed,
+                    "requirements": [r.__dict__ for r in results],
+                },
+                indent=2,
+            )
+        )
         return 0 if not failed else 1
     print(f"enclave {target.name}: {target.description}")
     print(f"deployment: {dep.source} (enclave {dep.enclave})\n")
@@ -55,8 +64,10 @@ def _check(args: argparse.Namespace) -> int:
             print(f"        {'':<{width}}  → {r.fix}")
     print()
     if failed:
-        print(f"{len(failed)} of {len(results)} requirements fail: "
-              f"{', '.join(r.name for r in failed)}")  # fmt: skip
+        print(
+            f"{len(failed)} of {len(results)} requirements fail: "
+            f"{', '.join(r.name for r in failed)}"
+        )
         return 1
     print(f"all {len(results)} requirements pass: ready for enclave {target.name}")
     return 0

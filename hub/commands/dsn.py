@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--revocations",
         default=None,
         metavar="URL",
-        help="the hub's revocation list (GET -> {\"revoked\": [jti, ...]}), polled so a revoked "
+        help='the hub\'s revocation list (GET -> {"revoked": [jti, ...]}), polled so a revoked '
         "token is refused within one poll interval",
     )
     parser.add_argument(
@@ -108,8 +108,11 @@ def _run(args: argparse.Namespace) -> int:
         try:
             url = await node.start(args.port)
         except (OSError, RuntimeError) as exc:
-            print(f"beamhub dsn: cannot start on {args.host}:{args.port} (data plane on "
-                  f"{args.data_host}): {exc}", file=sys.stderr)
+            print(
+                f"beamhub dsn: cannot start on {args.host}:{args.port} (data plane on "
+                f"{args.data_host}): {exc}",
+                file=sys.stderr,
+            )
             await node.stop()
             return 1
         done = asyncio.Event()
@@ -121,8 +124,11 @@ def _run(args: argparse.Namespace) -> int:
         print(f"beamhub dsn: template {template.name!r} ({template.source})", flush=True)
         print(f"beamhub dsn: tokens verified with {origin}; Ctrl-C to stop", flush=True)
         if revocations is not None:
-            print(f"beamhub dsn: revocations polled from {revocations.url} every "
-                  f"{revocations.interval:g} s", flush=True)
+            print(
+                f"beamhub dsn: revocations polled from {revocations.url} every "
+                f"{revocations.interval:g} s",
+                flush=True,
+            )
         try:
             await done.wait()
         finally:

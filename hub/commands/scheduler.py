@@ -15,9 +15,11 @@ __all__ = ["register"]
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("scheduler", help="QoS tiers, beamtime windows and jobs (admin)")
-    parser.add_argument("--tiers", default=os.environ.get("BEAMHUB_SCHEDULER_TIERS") or None,
-                        help="tiers YAML (default $BEAMHUB_SCHEDULER_TIERS or the packaged "
-                        "kernels/tiers.yaml)")
+    parser.add_argument(
+        "--tiers",
+        default=os.environ.get("BEAMHUB_SCHEDULER_TIERS") or None,
+        help="tiers YAML (default $BEAMHUB_SCHEDULER_TIERS or the packaged kernels/tiers.yaml)",
+    )
     ssub = parser.add_subparsers(dest="scheduler_command", metavar="ACTION", required=True)
 
     tiers = ssub.add_parser("tiers", help="list the QoS tiers and who preempts whom")
@@ -29,26 +31,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     rsub = res.add_subparsers(dest="reservation_command", metavar="ACTION", required=True)
     req = rsub.add_parser("request", help="request a window for a project")
     req.add_argument("--project", required=True)
-    req.add_argument("--start", required=True,
-                     help="ISO time (UTC unless it has an offset), 'now' or '+30m'/'+2h'/'+1d'")
+    req.add_argument(
+        "--start",
+        required=True,
+        help="ISO time (UTC unless it has an offset), 'now' or '+30m'/'+2h'/'+1d'",
+    )
     req.add_argument("--end", required=True, help="same forms as --start")
     req.add_argument("--tier", default="beamtime", help="elevated tier (default beamtime)")
     req.add_argument("--justification", required=True, help="what the beamtime is for")
     req.add_argument("--as", dest="user", default=getpass.getuser(), help="requesting user")
     req.set_defaults(func=_request)
-    for name, helptext in (("approve", "approve a requested window"),
-                           ("deny", "deny a requested window")):
+    for name, helptext in (
+        ("approve", "approve a requested window"),
+        ("deny", "deny a requested window"),
+    ):
         p = rsub.add_parser(name, help=helptext)
         p.add_argument("id", type=int, help="window id (see `list`)")
-        p.add_argument("--as", dest="admin", default=getpass.getuser(),
-                       help="admin name; must be in $BEAMHUB_SCHEDULER_ADMINS when that is set")
+        p.add_argument(
+            "--as",
+            dest="admin",
+            default=getpass.getuser(),
+            help="admin name; must be in $BEAMHUB_SCHEDULER_ADMINS when that is set",
+        )
         if name == "deny":
             p.add_argument("--reason", required=True, help="why (the requester reads this)")
         p.set_defaults(func=_decide, decision=name)
     lst = rsub.add_parser("list", help="list windows with their current state")
     lst.add_argument("--project")
-    lst.add_argument("--state", choices=["requested", "approved", "denied", "active", "ended",
-                                         "expired"])
+    lst.add_argument(
+        "--state", choices=["requested", "approved", "denied", "active", "ended", "expired"]
+    )
     lst.add_argument("--json", action="store_true")
     lst.set_defaults(func=_list_windows)
 
@@ -102,7 +114,8 @@ def _when(text: str) -> float:
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"cannot read time {text!r}; use ISO (2026-12-01T08:00), 'now' or '+2h'") from None
+            f"cannot read time {text!r}; use ISO (2026-12-01T08:00), 'now' or '+2h'"
+        ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
@@ -124,19 +137,26 @@ def _tiers(args: argparse.Namespace) -> int:
             return 0
     except SchedulerError as exc:
         return _fail(exc)
-    rows = [t.__dict__ | {"preempts": list(t.preempts),
-                          "default": t.name == tiers.default_tier} for t in tiers]
+    rows = [
+        t.__dict__ | {"preempts": list(t.preempts), "default": t.name == tiers.default_tier}
+        for t in tiers
+    ]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'tier':<12} {'prio':>4}  {'preempts':<16} {'when preempted':<15} {'grace':>5} "
-          f"{'max wall':>9} {'nodes':>5}  notes")
+    print(
+        f"{'tier':<12} {'prio':>4}  {'preempts':<16} {'when preempted':<15} {'grace':>5} "
+        f"{'max wall':>9} {'nodes':>5}  notes"
+    )
     for r in rows:
-        notes = ", ".join(n for n, on in (("default", r["default"]),
-                                          ("window only", r["window_only"])) if on)
-        print(f"{r['name']:<12} {r['priority']:>4}  {','.join(r['preempts']) or '-':<16} "
-              f"{r['preempt_mode']:<15} {r['grace_s']:>4}s {r['max_walltime_s'] / 3600:>8.1f}h "
-              f"{r['max_nodes']:>5}  {notes}")
+        notes = ", ".join(
+            n for n, on in (("default", r["default"]), ("window only", r["window_only"])) if on
+        )
+        print(
+            f"{r['name']:<12} {r['priority']:>4}  {','.join(r['preempts']) or '-':<16} "
+            f"{r['preempt_mode']:<15} {r['grace_s']:>4}s {r['max_walltime_s'] / 3600:>8.1f}h "
+            f"{r['max_nodes']:>5}  {notes}"
+        )
     return 0
 
 
@@ -149,12 +169,15 @@ def _request(args: argparse.Namespace) -> int:
         print(f"beamhub scheduler: {exc}", file=sys.stderr)
         return 2
     try:
-        wid = _book(args).request(args.project, start, end, args.tier, args.justification,
-                                  args.user)
+        wid = _book(args).request(
+            args.project, start, end, args.tier, args.justification, args.user
+        )
     except SchedulerError as exc:
         return _fail(exc)
-    print(f"window {wid} requested for {args.project}: {_iso(start)} to {_iso(end)} at "
-          f"{args.tier}; an admin approves it with `beamhub scheduler reservation approve {wid}`")
+    print(
+        f"window {wid} requested for {args.project}: {_iso(start)} to {_iso(end)} at "
+        f"{args.tier}; an admin approves it with `beamhub scheduler reservation approve {wid}`"
+    )
     return 0
 
 
@@ -169,8 +192,10 @@ def _decide(args: argparse.Namespace) -> int:
             window = book.deny(args.id, args.admin, args.reason)
     except SchedulerError as exc:
         return _fail(exc)
-    print(f"window {window.id} ({window.project}, {_iso(window.start)} to {_iso(window.end)}) "
-          f"{window.status} by {window.decided_by}; now {window.state()}")
+    print(
+        f"window {window.id} ({window.project}, {_iso(window.start)} to {_iso(window.end)}) "
+        f"{window.status} by {window.decided_by}; now {window.state()}"
+    )
     return 0
 
 
@@ -183,12 +208,16 @@ def _list_windows(args: argparse.Namespace) -> int:
     if not windows:
         print("no windows")
         return 0
-    print(f"{'id':>4}  {'project':<12} {'state':<9} {'tier':<10} {'start':<21} {'end':<21} "
-          "requested by / justification")
+    print(
+        f"{'id':>4}  {'project':<12} {'state':<9} {'tier':<10} {'start':<21} {'end':<21} "
+        "requested by / justification"
+    )
     for w in windows:
-        print(f"{w.id:>4}  {w.project:<12} {w.state(now):<9} {w.tier:<10} {_iso(w.start):<21} "
-              f"{_iso(w.end):<21} {w.requested_by}: {w.justification}"
-              + (f" [denied: {w.reason}]" if w.reason else ""))
+        print(
+            f"{w.id:>4}  {w.project:<12} {w.state(now):<9} {w.tier:<10} {_iso(w.start):<21} "
+            f"{_iso(w.end):<21} {w.requested_by}: {w.justification}"
+            + (f" [denied: {w.reason}]" if w.reason else "")
+        )
     return 0
 
 
@@ -227,11 +256,15 @@ def _jobs(args: argparse.Namespace) -> int:
     if not jobs:
         print("no jobs")
         return 0
-    print(f"{'job':>6}  {'state':<10} {'tier':<12} {'project':<12} {'user':<10} {'node':<6} "
-          f"{'requeues':>8}  reason")
+    print(
+        f"{'job':>6}  {'state':<10} {'tier':<12} {'project':<12} {'user':<10} {'node':<6} "
+        f"{'requeues':>8}  reason"
+    )
     for j in jobs:
         spec = j.spec
-        print(f"{j.job_id:>6}  {j.state.value:<10} {spec.tier if spec else '?':<12} "
-              f"{spec.project if spec else '?':<12} {spec.user if spec else '?':<10} "
-              f"{j.node or '-':<6} {j.requeues:>8}  {j.reason}")
+        print(
+            f"{j.job_id:>6}  {j.state.value:<10} {spec.tier if spec else '?':<12} "
+            f"{spec.project if spec else '?':<12} {spec.user if spec else '?':<10} "
+            f"{j.node or '-':<6} {j.requeues:>8}  {j.reason}"
+        )
     return 0

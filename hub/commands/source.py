@@ -42,14 +42,32 @@ class RunningSource:
             close()
 
 
-def _start(generator: Any, *, stream: str, connect: str | None, bind: str | None,
-           control_port: int | None, run: bool, verifier: Any = None, project: str | None = None,
-           curve: Any = None, sndhwm: int = 16, checksum: bool = True) -> RunningSource:
+def _start(
+    generator: Any,
+    *,
+    stream: str,
+    connect: str | None,
+    bind: str | None,
+    control_port: int | None,
+    run: bool,
+    verifier: Any = None,
+    project: str | None = None,
+    curve: Any = None,
+    sndhwm: int = 16,
+    checksum: bool = True,
+) -> RunningSource:
     from beamhub.streaming.source import SourceRunner
     from beamhub.streaming.source_control import start_control_thread
 
-    runner = SourceRunner(generator, stream=stream, connect=connect, bind=bind, curve=curve,
-                          sndhwm=sndhwm, checksum=checksum).start()
+    runner = SourceRunner(
+        generator,
+        stream=stream,
+        connect=connect,
+        bind=bind,
+        curve=curve,
+        sndhwm=sndhwm,
+        checksum=checksum,
+    ).start()
     running = RunningSource(runner=runner, generator=generator)
     try:
         if control_port is not None:
@@ -88,9 +106,19 @@ def start_simulated_source(
     from beamhub.streaming.simulator import SimulatedDetector
 
     generator = SimulatedDetector(shape, seed=seed, **params)
-    return _start(generator, stream=stream, connect=connect, bind=bind, control_port=control_port,
-                  run=run, verifier=verifier, project=project, curve=curve, sndhwm=sndhwm,
-                  checksum=checksum)
+    return _start(
+        generator,
+        stream=stream,
+        connect=connect,
+        bind=bind,
+        control_port=control_port,
+        run=run,
+        verifier=verifier,
+        project=project,
+        curve=curve,
+        sndhwm=sndhwm,
+        checksum=checksum,
+    )
 
 
 def start_replay_source(
@@ -114,9 +142,19 @@ def start_replay_source(
 
     generator = ReplaySource(path, dataset, **params)
     try:
-        return _start(generator, stream=stream, connect=connect, bind=bind,
-                      control_port=control_port, run=run, verifier=verifier, project=project,
-                      curve=curve, sndhwm=sndhwm, checksum=checksum)
+        return _start(
+            generator,
+            stream=stream,
+            connect=connect,
+            bind=bind,
+            control_port=control_port,
+            run=run,
+            verifier=verifier,
+            project=project,
+            curve=curve,
+            sndhwm=sndhwm,
+            checksum=checksum,
+        )
     except BaseException:
         generator.close()
         raise
@@ -148,20 +186,38 @@ def _common(parser: argparse.ArgumentParser, default_stream: str, default_rate: 
     where.add_argument("--bind", help="bind for direct consumers, e.g. tcp://127.0.0.1:5555")
     parser.add_argument("--stream", default=default_stream, help="stream name in every header")
     parser.add_argument("--rate", type=float, default=default_rate, help="frames per second")
-    parser.add_argument("--control-port", type=int, default=0,
-                        help="control endpoint port on 127.0.0.1 (0 = ephemeral)")
-    parser.add_argument("--run", action="store_true",
-                        help="start a run at once (otherwise wait for POST /run)")
+    parser.add_argument(
+        "--control-port",
+        type=int,
+        default=0,
+        help="control endpoint port on 127.0.0.1 (0 = ephemeral)",
+    )
+    parser.add_argument(
+        "--run", action="store_true", help="start a run at once (otherwise wait for POST /run)"
+    )
     parser.add_argument("--sndhwm", type=int, default=16, help="frames queued before dropping")
-    parser.add_argument("--curve-server-key", default=None,
-                        help="Z85 public key (or zmq certificate file) of the DSN; enables CURVE")
-    parser.add_argument("--curve-cert", default=None,
-                        help="own zmq secret certificate file (default: a fresh keypair)")
-    parser.add_argument("--jwks", default=None,
-                        help="JWKS file or URL: writes to the control endpoint need a steer token")
+    parser.add_argument(
+        "--curve-server-key",
+        default=None,
+        help="Z85 public key (or zmq certificate file) of the DSN; enables CURVE",
+    )
+    parser.add_argument(
+        "--curve-cert",
+        default=None,
+        help="own zmq secret certificate file (default: a fresh keypair)",
+    )
+    parser.add_argument(
+        "--jwks",
+        default=None,
+        help="JWKS file or URL: writes to the control endpoint need a steer token",
+    )
     parser.add_argument("--project", default=None, help="project whose steer tokens are accepted")
-    parser.add_argument("--no-checksum", dest="checksum", action="store_false",
-                        help="do not put crc32 of the payload in meta (saves ~1 ms per 4 MiB)")
+    parser.add_argument(
+        "--no-checksum",
+        dest="checksum",
+        action="store_false",
+        help="do not put crc32 of the payload in meta (saves ~1 ms per 4 MiB)",
+    )
     parser.add_argument("--status-every", type=float, default=3.0, help="seconds between status")
 
 
@@ -212,10 +268,19 @@ def _run_sim(args: argparse.Namespace) -> int:
         params["hit_fraction"] = args.hit_fraction
     try:
         source = start_simulated_source(
-            args.connect, args.stream, args.control_port, bind=args.bind,
-            shape=_parse_shape(args.shape), run=args.run, seed=args.seed,
-            verifier=_verifier(args), project=args.project, curve=_curve_keys(args),
-            sndhwm=args.sndhwm, checksum=args.checksum, **params,
+            args.connect,
+            args.stream,
+            args.control_port,
+            bind=args.bind,
+            shape=_parse_shape(args.shape),
+            run=args.run,
+            seed=args.seed,
+            verifier=_verifier(args),
+            project=args.project,
+            curve=_curve_keys(args),
+            sndhwm=args.sndhwm,
+            checksum=args.checksum,
+            **params,
         )
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"beamhub source sim: {exc}", file=sys.stderr)
@@ -226,10 +291,20 @@ def _run_sim(args: argparse.Namespace) -> int:
 def _run_replay(args: argparse.Namespace) -> int:
     try:
         source = start_replay_source(
-            args.file, args.connect, args.stream, args.control_port, dataset=args.dataset,
-            bind=args.bind, run=args.run, verifier=_verifier(args), project=args.project,
-            curve=_curve_keys(args), sndhwm=args.sndhwm, checksum=args.checksum,
-            rate_hz=args.rate, loop=args.loop,
+            args.file,
+            args.connect,
+            args.stream,
+            args.control_port,
+            dataset=args.dataset,
+            bind=args.bind,
+            run=args.run,
+            verifier=_verifier(args),
+            project=args.project,
+            curve=_curve_keys(args),
+            sndhwm=args.sndhwm,
+            checksum=args.checksum,
+            rate_hz=args.rate,
+            loop=args.loop,
         )
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"beamhub source replay: {exc}", file=sys.stderr)
@@ -247,24 +322,32 @@ def _serve(source: RunningSource, args: argparse.Namespace) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     runner = source.runner
     mode = "connect" if args.connect else "bind"
-    print(f"stream {runner.stream!r}: sending to {runner.endpoint} (PUSH, {mode}), "
-          f"producer {runner.producer_id}")
-    print(f"control endpoint: {source.control_url}  (GET /schema, GET /params, "
-          "PUT /params/NAME, POST /run)")
+    print(
+        f"stream {runner.stream!r}: sending to {runner.endpoint} (PUSH, {mode}), "
+        f"producer {runner.producer_id}"
+    )
+    print(
+        f"control endpoint: {source.control_url}  (GET /schema, GET /params, "
+        "PUT /params/NAME, POST /run)"
+    )
     if not args.run:
-        print(f"waiting for a run: curl -X POST -d '{{\"action\": \"start\"}}' "
-              f"{source.control_url}/run")
+        print(
+            f'waiting for a run: curl -X POST -d \'{{"action": "start"}}\' {source.control_url}/run'
+        )
     sys.stdout.flush()
     try:
         while not done.wait(args.status_every):
             status = runner.status()
             stats = status["stats"]
-            state = "running" if status["running"] else (
-                "finished" if status["finished"] else "idle")
-            print(f"run {status['run']} {state} | sent {stats['frames_sent']} frames "
-                  f"({stats['bytes_sent'] / 1e9:.2f} GB) | {stats['rate_hz']:.1f} Hz | "
-                  f"dropped at source {stats['dropped_at_source']} | rev {status['rev']}",
-                  flush=True)
+            state = (
+                "running" if status["running"] else ("finished" if status["finished"] else "idle")
+            )
+            print(
+                f"run {status['run']} {state} | sent {stats['frames_sent']} frames "
+                f"({stats['bytes_sent'] / 1e9:.2f} GB) | {stats['rate_hz']:.1f} Hz | "
+                f"dropped at source {stats['dropped_at_source']} | rev {status['rev']}",
+                flush=True,
+            )
     finally:
         print("stopping source ...", flush=True)
         source.stop()

@@ -125,10 +125,11 @@ def schema_error(errors: Iterable[jsonschema.ValidationError]) -> GatewayError:
         allowed = sorted(error.schema.get("properties", {}))
         unknown = sorted(set(error.instance) - set(allowed))
         return GatewayError(
-            400, "unknown_field",
+            400,
+            "unknown_field",
             f"unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}",
             field=unknown[0] if unknown else where,
-        )  # fmt: skip
+        )
     if error.validator == "required":
         missing = error.message.split("'")[1] if "'" in error.message else where
         return GatewayError(400, "missing_field", f"missing field {missing!r}", field=missing)

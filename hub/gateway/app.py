@@ -82,17 +82,19 @@ class ApiHandler(tornado.web.RequestHandler):
         op = self.ops.get(self.request.method)
         if op is None:
             raise GatewayError(
-                405, "method_not_allowed",
+                405,
+                "method_not_allowed",
                 f"{self.request.method} is not allowed on {self.request.path}; "
                 f"allowed: {', '.join(sorted(self.ops))}",
-            )  # fmt: skip
+            )
         size = self._size
         if size > gw.max_body_bytes:
             raise GatewayError(
-                413, "body_too_large",
+                413,
+                "body_too_large",
                 f"the request body is {size} bytes; the limit is {gw.max_body_bytes} bytes",
                 limit=gw.max_body_bytes,
-            )  # fmt: skip
+            )
         if self.request.query_arguments:
             names = ", ".join(sorted(self.request.query_arguments))
             raise GatewayError(400, "unknown_parameter", f"unknown query parameter(s): {names}")
@@ -112,9 +114,10 @@ class ApiHandler(tornado.web.RequestHandler):
                 challenge = {}
                 if exc.status == 401:  # RFC 6750: no error code when no token was sent
                     challenge["WWW-Authenticate"] = 'Bearer realm="beamhub"' + (
-                        "" if exc.reason == "missing" else f', error="invalid_token", '
-                        f'error_description="{exc.reason}"'
-                    )  # fmt: skip
+                        ""
+                        if exc.reason == "missing"
+                        else f', error="invalid_token", error_description="{exc.reason}"'
+                    )
                 raise GatewayError(exc.status, exc.reason, exc.message, headers=challenge) from None
             ctx.roles = gw.roles_for(ctx.claims)
         if gw.layers:
@@ -134,9 +137,10 @@ class ApiHandler(tornado.web.RequestHandler):
         if op.validator is None:
             if raw.strip():
                 raise GatewayError(
-                    400, "unexpected_body",
+                    400,
+                    "unexpected_body",
                     f"{self.request.method} {self.request.path} takes no request body",
-                )  # fmt: skip
+                )
             return {}
         if not raw.strip():
             body: Any = {}
@@ -182,9 +186,10 @@ class NotFoundHandler(ApiHandler):
 
     async def _handle(self, params: dict[str, str]) -> None:
         raise GatewayError(
-            404, "not_found",
+            404,
+            "not_found",
             f"no API route {self.request.path!r}; see {self.gateway.base_url}{API_PREFIX}/openapi.json",
-        )  # fmt: skip
+        )
 
 
 class MetricsHandler(tornado.web.RequestHandler):
@@ -244,13 +249,17 @@ class Gateway:
         self.ops = Operations(self)
         self.registry = CollectorRegistry()
         self._requests = Counter(
-            "beamhub_gateway_requests", "gateway requests by action and outcome",
-            ["action", "outcome"], registry=self.registry,
-        )  # fmt: skip
-        self._latency = Histogram(
-            "beamhub_gateway_request_seconds", "time to answer allowed requests", ["action"],
+            "beamhub_gateway_requests",
+            "gateway requests by action and outcome",
+            ["action", "outcome"],
             registry=self.registry,
-        )  # fmt: skip
+        )
+        self._latency = Histogram(
+            "beamhub_gateway_request_seconds",
+            "time to answer allowed requests",
+            ["action"],
+            registry=self.registry,
+        )
         self.url: str | None = None
         self._server: tornado.httpserver.HTTPServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -290,9 +299,13 @@ class Gateway:
                 why = f"rate limit of this {verdict.bucket} reached; retry after {wait} s"
                 self.record(ctx, "deny", f"ratelimit.{verdict.bucket}", 429, why)
                 raise GatewayError(
-                    429, "rate_limited", why, bucket=verdict.bucket,
-                    retry_after=verdict.retry_after, headers={"Retry-After": wait},
-                )  # fmt: skip
+                    429,
+                    "rate_limited",
+                    why,
+                    bucket=verdict.bucket,
+                    retry_after=verdict.retry_after,
+                    headers={"Retry-After": wait},
+                )
         self.record(ctx, "allow", decision.rule, None, "")
 
     def record(
@@ -308,9 +321,14 @@ class Gateway:
             user=claims.sub if claims else None,
             project=ctx.project or (claims.project if claims else None),
             jti=claims.jti if claims else None,
-            action=ctx.action, resource=f"{ctx.method} {ctx.path}", rule=rule,
-            source=ctx.source, outcome=outcome, status=status, reason=reason,
-        )  # fmt: skip
+            action=ctx.action,
+            resource=f"{ctx.method} {ctx.path}",
+            rule=rule,
+            source=ctx.source,
+            outcome=outcome,
+            status=status,
+            reason=reason,
+        )
 
     def metrics_observe(self, action: str, outcome: str, seconds: float) -> None:
         if outcome == "allow":

@@ -38,9 +38,18 @@ __all__ = [
 GENESIS = "0" * 64
 #: What a record holds besides seq/prev/hash; jti only, never the token.
 RECORD_FIELDS = (
-    "time", "user", "project", "jti", "action", "resource", "rule", "source", "outcome", "status",
+    "time",
+    "user",
+    "project",
+    "jti",
+    "action",
+    "resource",
+    "rule",
+    "source",
+    "outcome",
+    "status",
     "reason",
-)  # fmt: skip
+)
 FSYNC_POLICIES = ("always", "interval", "never")
 
 
@@ -168,12 +177,16 @@ def verify_log(path: str | os.PathLike) -> VerifyResult:
             return VerifyResult(False, count, number, "not a JSON object")
         if record.get("prev") != prev:
             return VerifyResult(
-                False, count, number, "'prev' does not match the previous record's hash "
+                False,
+                count,
+                number,
+                "'prev' does not match the previous record's hash "
                 "(a record was changed, removed, inserted or reordered before this line)",
-            )  # fmt: skip
+            )
         if record.get("seq") != count + 1:
-            return VerifyResult(False, count, number, f"'seq' is {record.get('seq')!r}, expected "
-                                f"{count + 1}")  # fmt: skip
+            return VerifyResult(
+                False, count, number, f"'seq' is {record.get('seq')!r}, expected {count + 1}"
+            )
         if record.get("hash") != record_hash(record):
             return VerifyResult(
                 False, count, number, "the record's content does not match its hash"

@@ -38,8 +38,9 @@ def _public(info: Any) -> dict[str, Any]:
 
 
 def _not_found(job_id: str, project: str) -> GatewayError:
-    return GatewayError(404, "no_such_job", f"no job {job_id!r} in project {project!r}",
-                        field="job_id")  # fmt: skip
+    return GatewayError(
+        404, "no_such_job", f"no job {job_id!r} in project {project!r}", field="job_id"
+    )
 
 
 class HubJobs:
@@ -52,21 +53,30 @@ class HubJobs:
         self._http: AsyncHTTPClient | None = None
 
     async def _call(
-        self, method: str, path: str = "", query: list[tuple[str, str]] | None = None,
+        self,
+        method: str,
+        path: str = "",
+        query: list[tuple[str, str]] | None = None,
         body: dict[str, Any] | None = None,
-    ) -> Any:  # fmt: skip
+    ) -> Any:
         if self._http is None:
             self._http = AsyncHTTPClient(force_instance=True)
         request = HTTPRequest(
-            self.url + path + ("?" + urlencode(query) if query else ""), method=method,
+            self.url + path + ("?" + urlencode(query) if query else ""),
+            method=method,
             headers={"Authorization": f"token {self._token}", "Content-Type": "application/json"},
             body=json.dumps(body) if body is not None else None,
-            request_timeout=self.timeout, follow_redirects=False,
-        )  # fmt: skip
+            request_timeout=self.timeout,
+            follow_redirects=False,
+        )
         response = await self._http.fetch(request, raise_error=False)
         if response.code == 599:
-            raise GatewayError(503, "hub_unavailable", f"the hub's jobs API at {self.url} did "
-                               f"not answer ({response.error}); try again shortly")  # fmt: skip
+            raise GatewayError(
+                503,
+                "hub_unavailable",
+                f"the hub's jobs API at {self.url} did "
+                f"not answer ({response.error}); try again shortly",
+            )
         try:
             data = json.loads(response.body) if response.body else None
         except ValueError:
@@ -121,8 +131,9 @@ class SchedulerJobs:
             policy = getattr(self.scheduler, "policy", None)
             if tier is None and policy is not None:  # the best tier now: a window's, if open
                 tier = policy.effective_tier(user, project).name
-            tier = tier or getattr(getattr(self.scheduler, "tiers", None), "default_tier",
-                                   "interactive")  # fmt: skip
+            tier = tier or getattr(
+                getattr(self.scheduler, "tiers", None), "default_tier", "interactive"
+            )
             spec = JobSpec(project=project, user=user, tier=tier, **body)
             spec.validate()
             job_id = await self.scheduler.submit(spec)

@@ -35,11 +35,12 @@ def _epoch(value: Any, field: str) -> float:
         moment = datetime.fromisoformat(str(value))
     except ValueError:
         raise GatewayError(
-            400, "invalid_field",
+            400,
+            "invalid_field",
             f"{field}: {value!r} is not an ISO 8601 time (e.g. 2026-12-01T08:00:00Z) "
             "or epoch seconds",
             field=field,
-        ) from None  # fmt: skip
+        ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
@@ -105,8 +106,16 @@ class Operations:
             now = time.time()
             for w in await asyncio.to_thread(book.list, None, None, now):
                 if w.state(now) in ("approved", "active"):  # requests stay private
-                    windows.append({"id": w.id, "project": w.project, "start": w.start,
-                                    "end": w.end, "tier": w.tier, "state": w.state(now)})  # fmt: skip
+                    windows.append(
+                        {
+                            "id": w.id,
+                            "project": w.project,
+                            "start": w.start,
+                            "end": w.end,
+                            "tier": w.tier,
+                            "state": w.state(now),
+                        }
+                    )
         return 200, {
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
             "enclave": self.gw.enclave,
@@ -124,10 +133,14 @@ class Operations:
                 for name in str(job.node).split(","):
                     running[name] = running.get(name, 0) + 1
         return [
-            {"name": name, "cpus": getattr(node, "cpus", None), "jobs": running.get(name, 0),
-             "state": "busy" if running.get(name) else "idle"}
+            {
+                "name": name,
+                "cpus": getattr(node, "cpus", None),
+                "jobs": running.get(name, 0),
+                "state": "busy" if running.get(name) else "idle",
+            }
             for name, node in self.gw.scheduler.nodes.items()
-        ]  # fmt: skip
+        ]
 
     async def _dsn_health(self) -> dict[str, Any]:
         if self.gw.dsn_url is None:
@@ -141,15 +154,24 @@ class Operations:
         c = ctx.claims
         assert c is not None  # a secured operation: the pipeline verified the token
         return 200, {
-            "user": c.sub, "project": c.project, "scopes": sorted(c.scopes),
-            "roles": sorted(ctx.roles), "jti": c.jti, "expires_in": round(c.expires_in, 1),
-        }  # fmt: skip
+            "user": c.sub,
+            "project": c.project,
+            "scopes": sorted(c.scopes),
+            "roles": sorted(ctx.roles),
+            "jti": c.jti,
+            "expires_in": round(c.expires_in, 1),
+        }
 
     # -- DSN channels: forwarded with the caller's token ---------------------------------------
     async def _dsn(
-        self, method: str, path: str, body: Any, authorization: str,
-        timeout: float = DSN_TIMEOUT_S, soft: bool = False,
-    ) -> Result:  # fmt: skip
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        authorization: str,
+        timeout: float = DSN_TIMEOUT_S,
+        soft: bool = False,
+    ) -> Result:
         if self.gw.dsn_url is None:
             raise GatewayError(
                 503,
@@ -162,19 +184,23 @@ class Operations:
         if authorization:
             headers["Authorization"] = authorization
         request = HTTPRequest(
-            self.gw.dsn_url + path, method=method, headers=headers,
+            self.gw.dsn_url + path,
+            method=method,
+            headers=headers,
             body=None if method in ("GET", "DELETE") else json.dumps(body or {}),
-            request_timeout=timeout, follow_redirects=False,
-        )  # fmt: skip
+            request_timeout=timeout,
+            follow_redirects=False,
+        )
         response = await self._http.fetch(request, raise_error=False)
         if response.code == 599:
             if soft:
                 return 599, None
             raise GatewayError(
-                503, "dsn_unavailable",
+                503,
+                "dsn_unavailable",
                 f"the Data Streaming Node at {self.gw.dsn_url} did not answer "
                 f"({response.error}); try again shortly",
-            )  # fmt: skip
+            )
         if response.code == 204 or not response.body:
             return response.code, None
         try:
@@ -262,9 +288,14 @@ class Operations:
         start, end = _epoch(body["start"], "start"), _epoch(body["end"], "end")
         try:
             window_id = await asyncio.to_thread(
-                book.request, ctx.project, start, end, body.get("tier", "beamtime"),
-                body["justification"], ctx.claims.sub,
-            )  # fmt: skip
+                book.request,
+                ctx.project,
+                start,
+                end,
+                body.get("tier", "beamtime"),
+                body["justification"],
+                ctx.claims.sub,
+            )
             window = await asyncio.to_thread(book.get, window_id)
         except SchedulerError as exc:
             raise scheduler_error(exc) from exc

@@ -48,8 +48,17 @@ ACTIONS = frozenset(
 )
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _RULE_KEYS = {
-    "id", "description", "effect", "who", "project", "scope", "actions", "enclave", "time", "source",
-}  # fmt: skip
+    "id",
+    "description",
+    "effect",
+    "who",
+    "project",
+    "scope",
+    "actions",
+    "enclave",
+    "time",
+    "source",
+}
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 

@@ -31,17 +31,27 @@ EMBEDDED = "<embedded defaults>"
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hub.gateway", description=__doc__)
     p.add_argument("--deployment", default=None, help="beamhub.yaml (default: embedded defaults)")
-    p.add_argument("--state-dir", default=None, help="keys, runtime.json, audit log (default: "
-                   "$BEAMHUB_HOME, the deployment's state_dir, ~/.beamhub)")  # fmt: skip
-    p.add_argument("--host", default=None, help="listen address (default from "
-                   "JUPYTERHUB_SERVICE_URL, else 127.0.0.1)")  # fmt: skip
+    p.add_argument(
+        "--state-dir",
+        default=None,
+        help="keys, runtime.json, audit log (default: "
+        "$BEAMHUB_HOME, the deployment's state_dir, ~/.beamhub)",
+    )
+    p.add_argument(
+        "--host",
+        default=None,
+        help="listen address (default from JUPYTERHUB_SERVICE_URL, else 127.0.0.1)",
+    )
     p.add_argument("--port", type=int, default=None, help="listen port (0 = any free port)")
     p.add_argument(
         "--base-url", default=None, help="URL prefix (default JUPYTERHUB_SERVICE_PREFIX)"
     )
     p.add_argument("--dsn-url", default=None, help="the DSN's control API (default: runtime.json)")
-    p.add_argument("--jwks", default=None, help="verifiers' JWKS file or URL (default: the state "
-                   "dir's signing key)")  # fmt: skip
+    p.add_argument(
+        "--jwks",
+        default=None,
+        help="verifiers' JWKS file or URL (default: the state dir's signing key)",
+    )
     p.add_argument("--revoked-url", default=None, help="the token service's /revoked list")
     p.add_argument("--policy", default=None, help="policy file (default: gateway.policy)")
     p.add_argument("--audit-log", default=None, help="audit log (default: gateway.audit_log)")
@@ -82,8 +92,10 @@ def build_gateway(argv: list[str] | None = None) -> tuple[Any, str, int, list[An
     else:
         key_path = state / "signing-key.pem"
         if not key_path.exists():
-            raise SystemExit(f"no signing key at {key_path}: run `beamhub token keygen` or pass "
-                             "--jwks with the token service's JWKS")  # fmt: skip
+            raise SystemExit(
+                f"no signing key at {key_path}: run `beamhub token keygen` or pass "
+                "--jwks with the token service's JWKS"
+            )
         jwks = SigningKey.load(key_path).jwks()
     closers: list[Any] = []
     revoked_url = args.revoked_url
@@ -96,23 +108,31 @@ def build_gateway(argv: list[str] | None = None) -> tuple[Any, str, int, list[An
         cache = RevocationCache(revoked_url, interval=dep.tokens.revocation_poll).start()
         closers.append(cache)
         is_revoked = cache.is_revoked
-    verifier = TokenVerifier(jwks, issuer=dep.tokens.issuer, audience=dep.tokens.audience,
-                             is_revoked=is_revoked)  # fmt: skip
+    verifier = TokenVerifier(
+        jwks, issuer=dep.tokens.issuer, audience=dep.tokens.audience, is_revoked=is_revoked
+    )
 
     gw = dep.gateway
     per_token = (
         Limit(gw.rate_per_s, gw.burst) if gw.rate_per_s and gw.burst else profile.rate_per_token
     )
-    per_project = (Limit(gw.project_rate_per_s, gw.project_burst)
-                   if gw.project_rate_per_s and gw.project_burst else profile.rate_per_project)  # fmt: skip
+    per_project = (
+        Limit(gw.project_rate_per_s, gw.project_burst)
+        if gw.project_rate_per_s and gw.project_burst
+        else profile.rate_per_project
+    )
     audit_path = Path(args.audit_log or gw.audit_log or state / "audit.jsonl").expanduser()
-    audit = AuditLog(audit_path, fsync=profile.audit_fsync if profile.audit_fsync != "never"
-                     else "interval")  # fmt: skip
+    audit = AuditLog(
+        audit_path, fsync=profile.audit_fsync if profile.audit_fsync != "never" else "interval"
+    )
     closers.append(audit)
 
     reservations = None
-    admins = args.admin if args.admin is not None else runtime.get(
-        "admin_users", [u.username for u in dep.identity.users if u.admin])  # fmt: skip
+    admins = (
+        args.admin
+        if args.admin is not None
+        else runtime.get("admin_users", [u.username for u in dep.identity.users if u.admin])
+    )
     try:
         from beamhub.kernels.placement import SchedulerConfig
         from beamhub.kernels.reservations import ReservationBook
@@ -132,8 +152,10 @@ def build_gateway(argv: list[str] | None = None) -> tuple[Any, str, int, list[An
 
         jobs = HubJobs(hub_api, hub_token)
     else:
-        log.warning("jobs disabled: JUPYTERHUB_API_URL/JUPYTERHUB_API_TOKEN are set only when "
-                    "the hub runs the gateway as a service")  # fmt: skip
+        log.warning(
+            "jobs disabled: JUPYTERHUB_API_URL/JUPYTERHUB_API_TOKEN are set only when "
+            "the hub runs the gateway as a service"
+        )
 
     gateway = Gateway(
         verifier,
@@ -154,8 +176,10 @@ def build_gateway(argv: list[str] | None = None) -> tuple[Any, str, int, list[An
 
 async def _serve(gateway: Any, host: str, port: int) -> None:
     url = await gateway.start_async(port, host)
-    print(f"beamhub gateway listening on {url} (status: {url}/status, API: {url}/openapi.json)",
-          flush=True)  # fmt: skip
+    print(
+        f"beamhub gateway listening on {url} (status: {url}/status, API: {url}/openapi.json)",
+        flush=True,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

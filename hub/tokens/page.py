@@ -43,9 +43,11 @@ class PageHandler(MintHandler):
         )
         shown = ""
         if token and claims:
-            shown = (f"<h2>New token (jti {esc(claims['jti'])}, expires {claims['exp']})</h2>"
-                     f'<p>Copy it now; it is not shown again.</p><textarea readonly cols=100 rows=4 id="token">'
-                     f"{esc(token)}</textarea>")  # fmt: skip
+            shown = (
+                f"<h2>New token (jti {esc(claims['jti'])}, expires {claims['exp']})</h2>"
+                f'<p>Copy it now; it is not shown again.</p><textarea readonly cols=100 rows=4 id="token">'
+                f"{esc(token)}</textarea>"
+            )
         cap = self.ctx.delegator.issuer.max_ttl
         return (
             f"<!DOCTYPE html><html><head><title>beamhub tokens</title></head><body>"

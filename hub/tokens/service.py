@@ -111,9 +111,10 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
         model = self.get_current_user()
         if not model:
             raise ApiError(
-                401, "unauthenticated",
+                401,
+                "unauthenticated",
                 "send 'Authorization: token <JupyterHub API token>' (or log in to the hub)",
-            )  # fmt: skip
+            )
         return model
 
     def is_admin(self, model: dict[str, Any]) -> bool:
@@ -147,9 +148,10 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
         unknown = sorted(set(data) - set(fields))
         if unknown:
             raise ApiError(
-                400, "unknown_field",
+                400,
+                "unknown_field",
                 f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(fields))}",
-            )  # fmt: skip
+            )
         missing = sorted(required - set(data))
         if missing:
             raise ApiError(400, "missing_field", f"{', '.join(missing)}: required")
@@ -234,9 +236,13 @@ class RefreshHandler(BaseHandler):
         try:
             kid = jwt.get_unverified_header(data["token"]).get("kid")
             body = jwt.decode(
-                data["token"], key.keys[kid].key, algorithms=["ES256"], audience=key.audience,
-                issuer=key.issuer, options={"verify_exp": False},
-            )  # fmt: skip
+                data["token"],
+                key.keys[kid].key,
+                algorithms=["ES256"],
+                audience=key.audience,
+                issuer=key.issuer,
+                options={"verify_exp": False},
+            )
         except (jwt.PyJWTError, KeyError) as exc:
             raise ApiError(401, "invalid_token", "the token is not one this hub issued") from exc
         record = self.ctx.store.get(body.get("jti", ""))
@@ -251,9 +257,13 @@ class RefreshHandler(BaseHandler):
             allowed = set(self.ctx.delegator.allowed_scopes(record.sub, record.project))
             scopes = [s for s in record.scope.split() if s in allowed] or record.scope.split()
             token, claims = self.ctx.delegator.issue(
-                record.sub, record.project, scopes, kind="server",
-                server=record.server, parent=record.jti,
-            )  # fmt: skip
+                record.sub,
+                record.project,
+                scopes,
+                kind="server",
+                server=record.server,
+                parent=record.jti,
+            )
         except ValueError as exc:  # the user's role changed since
             raise ApiError(403, "not_allowed", str(exc)) from exc
         log.info("refreshed jti=%s -> jti=%s user=%s", record.jti, claims["jti"], record.sub)
@@ -279,9 +289,13 @@ class MintHandler(BaseHandler):
             raise ApiError(400, "bad_field", "scopes: a list of scope names")
         try:
             return self.ctx.delegator.issue(
-                user["name"], data["project"], scopes, ttl=data.get("ttl"), kind="user",
+                user["name"],
+                data["project"],
+                scopes,
+                ttl=data.get("ttl"),
+                kind="user",
                 description=data.get("description", "")[:200],
-            )  # fmt: skip
+            )
         except ValueError as exc:
             raise ApiError(403 if "role" in str(exc) else 400, "not_allowed", str(exc)) from exc
 
@@ -291,8 +305,15 @@ class MintHandler(BaseHandler):
             "minted jti=%s user=%s project=%s", claims["jti"], claims["sub"], claims["project"]
         )
         self.set_status(201)
-        self.finish({"token": token, "jti": claims["jti"], "exp": claims["exp"],
-                     "project": claims["project"], "scope": claims["scope"]})  # fmt: skip
+        self.finish(
+            {
+                "token": token,
+                "jti": claims["jti"],
+                "exp": claims["exp"],
+                "project": claims["project"],
+                "scope": claims["scope"],
+            }
+        )
 
 
 class NotFoundHandler(BaseHandler):
@@ -344,8 +365,12 @@ def build_context(
     key = SigningKey.load_or_create(state_dir / "signing-key.pem")
     issuer = TokenIssuer(key, issuer=issuer_name, audience=audience, max_ttl=max_ttl)
     store = TokenStore(state_dir / "tokens.sqlite")
-    verifier = TokenVerifier(issuer.jwks(), issuer=issuer_name, audience=audience,
-                             is_revoked=lambda jti: jti in set(store.revoked_jtis()))  # fmt: skip
+    verifier = TokenVerifier(
+        issuer.jwks(),
+        issuer=issuer_name,
+        audience=audience,
+        is_revoked=lambda jti: jti in set(store.revoked_jtis()),
+    )
     return ServiceContext(Delegator(issuer, store, ttl), store, verifier, poll)
 
 
@@ -360,8 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--revocation-poll", type=float, default=5.0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s tokens %(levelname)s %(message)s")
-    ctx = build_context(args.state_dir, args.issuer, args.audience, args.max_ttl, args.ttl,
-                        args.revocation_poll)  # fmt: skip
+    ctx = build_context(
+        args.state_dir, args.issuer, args.audience, args.max_ttl, args.ttl, args.revocation_poll
+    )
     url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:0"))
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/tokens/")
 

@@ -114,17 +114,31 @@ class TokenStore:
             row = db.execute("SELECT admin FROM users WHERE name = ?", (name,)).fetchone()
         return bool(row and row["admin"])
 
-    def add(self, claims: dict[str, Any], kind: str, server: str = "", description: str = "",
-            parent: str = "") -> None:  # fmt: skip
+    def add(
+        self,
+        claims: dict[str, Any],
+        kind: str,
+        server: str = "",
+        description: str = "",
+        parent: str = "",
+    ) -> None:
         with self._db() as db:
             db.execute(
                 "INSERT INTO tokens (jti, sub, project, scope, kind, server, description, iat, exp,"
                 " parent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    claims["jti"], claims["sub"], claims["project"], claims["scope"], kind,
-                    server, description, claims["iat"], claims["exp"], parent,
+                    claims["jti"],
+                    claims["sub"],
+                    claims["project"],
+                    claims["scope"],
+                    kind,
+                    server,
+                    description,
+                    claims["iat"],
+                    claims["exp"],
+                    parent,
                 ),
-            )  # fmt: skip
+            )
 
     def get(self, jti: str) -> IssuedToken | None:
         with self._db() as db:

@@ -38,7 +38,6 @@ __all__ = [
 ENCLAVES = ("dev", "open", "moderate", "leadership")
 
 
-
 class DeploymentError(ValueError):
     """A bad deployment file. ``field`` is the dotted path of the offending key."""
 
@@ -320,8 +319,9 @@ def _utc(value: str, where: str, src: str) -> datetime.datetime:
     try:
         moment = datetime.datetime.fromisoformat(value)
     except ValueError:
-        raise DeploymentError(where, f"{value!r} is not an ISO 8601 time, e.g. "
-                              "2026-12-01T06:00:00Z", src) from None  # fmt: skip
+        raise DeploymentError(
+            where, f"{value!r} is not an ISO 8601 time, e.g. 2026-12-01T06:00:00Z", src
+        ) from None
     return moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)
 
 
@@ -350,11 +350,15 @@ def _validate(dep: Deployment, src: str) -> None:
     _check_port(dep.identity.port, "identity.port", src)
     _check_port(dep.dsn.port, "dsn.port", src)
     if not 0.2 <= dep.dashboard.update_hz <= 5.0:
-        raise DeploymentError("dashboard.update_hz", f"{dep.dashboard.update_hz} is outside "
-                              "0.2..5 updates per second", src)  # fmt: skip
+        raise DeploymentError(
+            "dashboard.update_hz",
+            f"{dep.dashboard.update_hz} is outside 0.2..5 updates per second",
+            src,
+        )
     if not 8 <= dep.dashboard.image_px <= 512:
-        raise DeploymentError("dashboard.image_px", f"{dep.dashboard.image_px} is outside "
-                              "8..512 pixels", src)  # fmt: skip
+        raise DeploymentError(
+            "dashboard.image_px", f"{dep.dashboard.image_px} is outside 8..512 pixels", src
+        )
     if dep.dashboard.analysis:
         from beamhub.streaming.params import ParamError
         from beamhub.streaming.peakfinder import PeakFinderParams
@@ -412,8 +416,11 @@ def _validate(dep: Deployment, src: str) -> None:
     if not 0.0 <= det.hit_fraction <= 1.0:
         raise DeploymentError("detector.hit_fraction", "must be between 0 and 1", src)
     if det.print_every_s != 0 and not 0.5 <= det.print_every_s <= 3600:
-        raise DeploymentError("detector.print_every_s", f"{det.print_every_s} is outside "
-                              "0.5..3600 seconds (0 = print no live figures)", src)  # fmt: skip
+        raise DeploymentError(
+            "detector.print_every_s",
+            f"{det.print_every_s} is outside 0.5..3600 seconds (0 = print no live figures)",
+            src,
+        )
     if dep.scheduler.backend not in ("local", "slurm"):
         raise DeploymentError("scheduler.backend", "use 'local' or 'slurm'", src)
     if dep.scheduler.nodes <= 0:

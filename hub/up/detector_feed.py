@@ -22,8 +22,14 @@ DETECTOR_USER = "beamhub-detector"
 class DetectorFeed:
     """Creates the channel with a token of its own, streams frames, attaches steering, renews."""
 
-    def __init__(self, dep: Deployment, state: Path, dsn: Any, dsn_url: str,
-                 progress: Callable[[str], None] = print) -> None:  # fmt: skip
+    def __init__(
+        self,
+        dep: Deployment,
+        state: Path,
+        dsn: Any,
+        dsn_url: str,
+        progress: Callable[[str], None] = print,
+    ) -> None:
         self.dep = dep
         self.state = state
         self.dsn = dsn
@@ -48,8 +54,9 @@ class DetectorFeed:
         from beamhub.hub.tokens.store import Delegator, TokenStore
 
         key = SigningKey.load_or_create(self.state / "signing-key.pem")
-        issuer = TokenIssuer(key, self.dep.tokens.issuer, self.dep.tokens.audience,
-                             max_ttl=self.dep.max_token_ttl)  # fmt: skip
+        issuer = TokenIssuer(
+            key, self.dep.tokens.issuer, self.dep.tokens.audience, max_ttl=self.dep.max_token_ttl
+        )
         store = TokenStore(self.state / "tokens.sqlite")
         store.record_user(DETECTOR_USER, {det.project: "operator"}, admin=False, mfa=True)
         self._delegator = Delegator(issuer, store, self.dep.tokens.ttl)
@@ -57,10 +64,12 @@ class DetectorFeed:
         claims = self.dsn.verifier.verify(token)
         channel = await self._create_channel(claims)
         self.channel_id = channel.id
-        generator = SimulatedDetector(tuple(det.shape), rate_hz=det.rate_hz,
-                                      hit_fraction=det.hit_fraction)  # fmt: skip
-        self._source = SourceRunner(generator, stream=det.channel,
-                                    connect=channel.endpoints.producer)  # fmt: skip
+        generator = SimulatedDetector(
+            tuple(det.shape), rate_hz=det.rate_hz, hit_fraction=det.hit_fraction
+        )
+        self._source = SourceRunner(
+            generator, stream=det.channel, connect=channel.endpoints.producer
+        )
         await asyncio.to_thread(self._source.start)
         await asyncio.to_thread(self._source.start_run)
         await self._attach_steering(token)
@@ -88,9 +97,12 @@ class DetectorFeed:
     def read_token(self) -> str:
         """A stream.read token of the detector's project (for the live figures' lookup)."""
         token, _ = self._delegator.issue(
-            DETECTOR_USER, self.dep.detector.project, ["stream.read"], kind="service",
+            DETECTOR_USER,
+            self.dep.detector.project,
+            ["stream.read"],
+            kind="service",
             description="beamhub up: live figures",
-        )  # fmt: skip
+        )
         return token
 
     async def _attach_steering(self, token: str) -> None:
@@ -104,18 +116,23 @@ class DetectorFeed:
         )
         control_url = await self._control.start()
         status, answer = await asyncio.to_thread(
-            self._call, "PUT", f"/api/channels/{self.channel_id}/source_control",
-            token, {"source_control": control_url},
-        )  # fmt: skip
+            self._call,
+            "PUT",
+            f"/api/channels/{self.channel_id}/source_control",
+            token,
+            {"source_control": control_url},
+        )
         if status != 200:
             self.notes.append(f"detector steering not attached: {answer}")
 
     def _token(self) -> str:
         token, _ = self._delegator.issue(
-            DETECTOR_USER, self.dep.detector.project,
-            ["stream.read", "stream.publish", "steer"], kind="service",
+            DETECTOR_USER,
+            self.dep.detector.project,
+            ["stream.read", "stream.publish", "steer"],
+            kind="service",
             description="beamhub up: simulated detector",
-        )  # fmt: skip
+        )
         return token
 
     def _call(self, method: str, path: str, token: str, body: Any) -> tuple[int, Any]:

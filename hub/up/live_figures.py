@@ -36,7 +36,9 @@ POLL_S = 0.2
 def format_line(label: str, w: dict[str, Any], dsn: dict[str, Any] | None) -> str:
     """One live line from an interval's figures ``w`` and the channel's DSN stats (or None)."""
     hz = f"{w['hz']:.1f} Hz"
-    gbs = f"{w['gb_per_s']:.2f} GB/s" if w["gb_per_s"] >= 0.01 else f"{w['gb_per_s'] * 1e3:.2f} MB/s"
+    gbs = (
+        f"{w['gb_per_s']:.2f} GB/s" if w["gb_per_s"] >= 0.01 else f"{w['gb_per_s'] * 1e3:.2f} MB/s"
+    )
     lat = "-" if w["latency_p50_ms"] is None else f"{w['latency_p50_ms']:.0f} ms"
     if w["analysed"]:
         hit = f"hit rate {w['hit_rate']:.2f}"
@@ -53,9 +55,11 @@ def format_line(label: str, w: dict[str, Any], dsn: dict[str, Any] | None) -> st
         shown = {"no_consumer": drops.get("no_consumer", 0), **drops}
         text = ", ".join(f"{k} {v}" for k, v in shown.items())
         consumers = dsn.get("consumers_connected")
-        tail = f"(dsn drops: {text}" + (
-            "" if consumers is None else f"; work consumers {consumers}"
-        ) + ")"
+        tail = (
+            f"(dsn drops: {text}"
+            + ("" if consumers is None else f"; work consumers {consumers}")
+            + ")"
+        )
     return (
         f"live  {label}: {w['frames']} frames  {hz}  {gbs}  lost {w['lost']}  "
         f"latency p50 {lat}  {analysis}  {tail}"
@@ -110,9 +114,13 @@ class LiveFigures:
 
         try:
             consumer = StreamConsumer.from_dsn(
-                self.dsn_url, self.channel_id, self._token, monitor=True, hwm=8,
+                self.dsn_url,
+                self.channel_id,
+                self._token,
+                monitor=True,
+                hwm=8,
                 consumer_id=f"beamhub-up-live-{self.channel_id}",
-            )  # fmt: skip
+            )
         except (ChannelLookupError, ValueError) as exc:
             self.progress(f"beamhub up: live figures unavailable: {exc}")
             return

@@ -50,8 +50,13 @@ def http_ok(url: str, timeout: float = 2.0, headers: dict[str, str] | None = Non
         return False
 
 
-async def wait_until(check: Callable[[], bool], timeout: float, what: str, log: Path,
-                     proc: subprocess.Popen | None = None) -> None:  # fmt: skip
+async def wait_until(
+    check: Callable[[], bool],
+    timeout: float,
+    what: str,
+    log: Path,
+    proc: subprocess.Popen | None = None,
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -205,9 +210,14 @@ class Stack:
             )
             return
         self._idp = EmbeddedIdP(
-            ident.users, ident.client_id, secret, [f"{public}/hub/oauth_callback"], self.state,
-            port=ident.port, log_path=self.state / "logs" / "idp.log",
-        )  # fmt: skip
+            ident.users,
+            ident.client_id,
+            secret,
+            [f"{public}/hub/oauth_callback"],
+            self.state,
+            port=ident.port,
+            log_path=self.state / "logs" / "idp.log",
+        )
         self.urls["idp"] = self._idp.start()
         self.runtime.update(self._idp.endpoints())
 
@@ -227,9 +237,11 @@ class Stack:
         revoked_url = self.urls["tokens"] + "revoked"
         self._revocations = RevocationCache(revoked_url, interval=dep.tokens.revocation_poll)
         verifier = TokenVerifier(
-            key.jwks(), issuer=dep.tokens.issuer, audience=dep.tokens.audience,
+            key.jwks(),
+            issuer=dep.tokens.issuer,
+            audience=dep.tokens.audience,
             is_revoked=self._revocations.is_revoked,
-        )  # fmt: skip
+        )
         template = Template.load(dep.dsn.template or None)
         self._dsn = DataStreamingNode(verifier, template, data_host=dep.dsn.data_host)
         self.urls["dsn"] = await self._dsn.start(dep.dsn.port)
@@ -261,9 +273,19 @@ class Stack:
         if not self.urls.get("dsn"):
             self.runtime["dashboard_skipped"] = "no DSN"
             return None
-        cmd = [sys.executable, "-m", "beamhub.widgets.dashboard_service", "--state-dir", str(self.state),
-               "--dsn-url", self.urls["dsn"], "--update-hz", str(board.update_hz),
-               "--image-px", str(board.image_px)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "beamhub.widgets.dashboard_service",
+            "--state-dir",
+            str(self.state),
+            "--dsn-url",
+            self.urls["dsn"],
+            "--update-hz",
+            str(board.update_hz),
+            "--image-px",
+            str(board.image_px),
+        ]
         if board.analysis:
             cmd += ["--analysis", json.dumps(board.analysis)]
         if self.dep.detector.enabled:
@@ -328,9 +350,13 @@ class Stack:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
-                env={**os.environ, "BEAMHUB_RUNTIME": str(path), "BEAMHUB_HOME": str(self.state),
-                     "PYTHONPATH": str(REPO)},
-            )  # fmt: skip
+                env={
+                    **os.environ,
+                    "BEAMHUB_RUNTIME": str(path),
+                    "BEAMHUB_HOME": str(self.state),
+                    "PYTHONPATH": str(REPO),
+                },
+            )
         finally:
             log.close()
 
@@ -360,11 +386,15 @@ class Stack:
 
         dsn, channel_id = self._dsn, self._feed.channel_id
         self._live = LiveFigures(
-            self.urls["dsn"], channel_id, self._feed.read_token(),
-            f"{det.channel} {det.project}", every_s=det.print_every_s,
+            self.urls["dsn"],
+            channel_id,
+            self._feed.read_token(),
+            f"{det.channel} {det.project}",
+            every_s=det.print_every_s,
             analysis=self.dep.dashboard.analysis,
-            dsn_stats=lambda: dsn.data_plane.stats(channel_id), progress=self.progress,
-        )  # fmt: skip
+            dsn_stats=lambda: dsn.data_plane.stats(channel_id),
+            progress=self.progress,
+        )
         self._live.start()
         self.notes.append(
             f"live figures of the detector stream printed every {det.print_every_s:g} s "

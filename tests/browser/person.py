@@ -97,13 +97,15 @@ def start_server(page: Page, hub: str, user: str, timeout: float = 90) -> None:
 def put_notebook(page: Page, server: str, token: str, source: Path, folder: str) -> str:
     """Upload ``source`` into ``folder`` of the server (Jupyter contents API); return its path."""
     headers = {"Authorization": f"token {token}", "Content-Type": "application/json"}
-    answer = page.request.put(f"{server}api/contents/{folder}", headers=headers,
-                              data=json.dumps({"type": "directory"}))  # fmt: skip
+    answer = page.request.put(
+        f"{server}api/contents/{folder}", headers=headers, data=json.dumps({"type": "directory"})
+    )
     assert answer.status in (200, 201), (answer.status, answer.text())
     path = f"{folder}/{source.name}"
     body = {"type": "notebook", "format": "json", "content": json.loads(source.read_text())}
-    answer = page.request.put(f"{server}api/contents/{path}", headers=headers,
-                              data=json.dumps(body))  # fmt: skip
+    answer = page.request.put(
+        f"{server}api/contents/{path}", headers=headers, data=json.dumps(body)
+    )
     assert answer.status in (200, 201), (answer.status, answer.text())
     return path
 

@@ -48,8 +48,7 @@ def alice_lab(beamtime_stack: RunningStack, browser: Browser) -> Iterator[Page]:
     assert callback.status in (200, 302), callback.status
     start_server(page, beamtime_stack.hub, "alice")
     server = f"{public(beamtime_stack)}user/alice/"
-    path = put_notebook(page, server, beamtime_stack.user_api_token("alice"), NOTEBOOK,
-                        "notebooks")  # fmt: skip
+    path = put_notebook(page, server, beamtime_stack.user_api_token("alice"), NOTEBOOK, "notebooks")
     open_notebook(page, server, path)
     run_all_above_last_cell(page)
     output_text(page, "rates follow the jet model:").wait_for(timeout=150_000)

@@ -56,9 +56,15 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def running_gateway(
-    keys: Keys, tmp: Path, *, dsn: bool = True, burst: int = 1000, project_burst: int = 10000,
-    rate: float = 0.25, **kw: Any,
-) -> AsyncIterator[Stack]:  # fmt: skip
+    keys: Keys,
+    tmp: Path,
+    *,
+    dsn: bool = True,
+    burst: int = 1000,
+    project_burst: int = 10000,
+    rate: float = 0.25,
+    **kw: Any,
+) -> AsyncIterator[Stack]:
     """A gateway on 127.0.0.1:0 in this event loop, with a real DSN, audit log and reservations."""
     node = None
     if dsn:
@@ -95,9 +101,15 @@ async def running_gateway(
 
 
 async def call(
-    url: str, method: str, path: str, token: str | None = None, body: Any = None,
-    *, raw: bytes | None = None, headers: dict[str, str] | None = None,
-) -> tuple[int, Any, Any]:  # fmt: skip
+    url: str,
+    method: str,
+    path: str,
+    token: str | None = None,
+    body: Any = None,
+    *,
+    raw: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any, Any]:
     """One real HTTP request; returns (status, parsed JSON or None, response headers)."""
     hdrs = {"Content-Type": "application/json", **(headers or {})}
     if token is not None:
@@ -106,9 +118,14 @@ async def call(
     if data is None and method in ("POST", "PUT", "PATCH"):
         data = b""
     resp = await AsyncHTTPClient().fetch(
-        url + path, method=method, headers=hdrs, body=data, raise_error=False,
-        allow_nonstandard_methods=True, request_timeout=20,
-    )  # fmt: skip
+        url + path,
+        method=method,
+        headers=hdrs,
+        body=data,
+        raise_error=False,
+        allow_nonstandard_methods=True,
+        request_timeout=20,
+    )
     parsed = None
     if resp.body:
         parsed = (

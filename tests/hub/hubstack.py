@@ -129,8 +129,9 @@ def login(
     s = requests.Session()
     r = s.get(stack.hub + "oauth_login", params={"next": "/hub/home"}, timeout=20)
     assert r.status_code == 200 and "/interaction/" in r.url, (r.status_code, r.url)
-    r = s.post(_form_action(r), data={"prompt": "login", "login": user, "password": password},
-               timeout=20)  # fmt: skip
+    r = s.post(
+        _form_action(r), data={"prompt": "login", "login": user, "password": password}, timeout=20
+    )
     if r.status_code != 200 or "Authorize" not in r.text:
         return s, r  # refused at the IdP
     r = s.post(_form_action(r), data={"prompt": "consent"}, timeout=30)

@@ -18,10 +18,17 @@ def write_records(path: Path, n: int, **kw) -> None:
     with AuditLog(path, **kw) as log:
         for i in range(n):
             log.append(
-                user=f"u{i % 3}", project="p1", jti=f"jti-{i}", action="channels.read",
-                resource=f"/api/v1/projects/p1/channels/{i}", rule="r", source="127.0.0.1",
-                outcome="allow" if i % 2 else "deny", status=200, reason="",
-            )  # fmt: skip
+                user=f"u{i % 3}",
+                project="p1",
+                jti=f"jti-{i}",
+                action="channels.read",
+                resource=f"/api/v1/projects/p1/channels/{i}",
+                rule="r",
+                source="127.0.0.1",
+                outcome="allow" if i % 2 else "deny",
+                status=200,
+                reason="",
+            )
 
 
 def test_chain_links_and_verifies(tmp_path: Path) -> None:
@@ -112,8 +119,10 @@ def test_unknown_field_and_token_are_refused(tmp_path: Path) -> None:
 def run_cli(log: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "beamhub.hub.cli", "audit", "verify", str(log)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_cli_verify_ok_and_broken(tmp_path: Path) -> None:

@@ -108,12 +108,21 @@ async def test_refresh_user_uses_the_refresh_token_at_the_real_idp(tmp_path: Pat
     await asyncio.to_thread(idp.start)
     try:
         ep = idp.endpoints()
-        auth = _auth(tmp_path, client_id="hub", client_secret="s3cret", oauth_callback_url=redirect,
-                     **ep)  # fmt: skip
+        auth = _auth(
+            tmp_path, client_id="hub", client_secret="s3cret", oauth_callback_url=redirect, **ep
+        )
         # the authorization-code flow by hand (browserless), then the hub's own code exchange
         s = requests.Session()
-        r = s.get(ep["authorize_url"], params={"client_id": "hub", "response_type": "code",
-                  "scope": "openid profile email projects", "redirect_uri": redirect}, timeout=10)  # fmt: skip
+        r = s.get(
+            ep["authorize_url"],
+            params={
+                "client_id": "hub",
+                "response_type": "code",
+                "scope": "openid profile email projects",
+                "redirect_uri": redirect,
+            },
+            timeout=10,
+        )
         action = urljoin(r.url, re.search(r'action="([^"]+)"', r.text).group(1))
         r = s.post(
             action, data={"prompt": "login", "login": "ann", "password": "ann-pw"}, timeout=10

@@ -41,9 +41,12 @@ def test_server_token_refreshed_before_expiry(dev_stack: RunningStack, bob_serve
     old = _claims(first)
     assert old["scope"] == "dashboard jobs stream.publish stream.read"
     refresher = TokenRefresher(
-        first, bob_server["BEAMHUB_TOKEN_URL"], bob_server["JUPYTERHUB_API_TOKEN"],
-        margin=0.9, update_env=False,
-    )  # fmt: skip
+        first,
+        bob_server["BEAMHUB_TOKEN_URL"],
+        bob_server["JUPYTERHUB_API_TOKEN"],
+        margin=0.9,
+        update_env=False,
+    )
     with refresher:
         deadline = time.monotonic() + 20
         while refresher.refreshes == 0 and time.monotonic() < deadline:
@@ -60,9 +63,11 @@ def test_revoked_token_refused_by_dsn_within_one_interval(
     dev_stack: RunningStack, bob_server: dict
 ) -> None:
     refresher = TokenRefresher(
-        bob_server["BEAMHUB_TOKEN"], bob_server["BEAMHUB_TOKEN_URL"],
-        bob_server["JUPYTERHUB_API_TOKEN"], update_env=False,
-    )  # fmt: skip
+        bob_server["BEAMHUB_TOKEN"],
+        bob_server["BEAMHUB_TOKEN_URL"],
+        bob_server["JUPYTERHUB_API_TOKEN"],
+        update_env=False,
+    )
     token = refresher.refresh_now()
     jti = _claims(token)["jti"]
     assert _dsn_status(dev_stack, token).status_code == 200
@@ -110,8 +115,9 @@ def test_mint_for_external_software_within_role_and_cap(dev_stack: RunningStack)
     minted = r.json()
     claims = _claims(minted["token"])
     assert claims["scope"] == "stream.publish" and claims["exp"] - claims["iat"] == 600
-    r = requests.post(dev_stack.tokens + "introspect", headers=bob, json={"token": minted["token"]},
-                      timeout=10)  # fmt: skip
+    r = requests.post(
+        dev_stack.tokens + "introspect", headers=bob, json={"token": minted["token"]}, timeout=10
+    )
     assert (
         r.json()["active"] is True
         and r.json()["kind"] == "user"
@@ -121,17 +127,23 @@ def test_mint_for_external_software_within_role_and_cap(dev_stack: RunningStack)
     assert minted["jti"] in {t["jti"] for t in listed}
     assert all("token" not in t for t in listed)  # values are never stored
     cap = dev_stack.runtime["max_token_ttl"]
-    r = requests.post(dev_stack.tokens + "api/tokens", headers=bob,
-                      json={"project": "p-1001", "ttl": cap + 1}, timeout=10)  # fmt: skip
+    r = requests.post(
+        dev_stack.tokens + "api/tokens",
+        headers=bob,
+        json={"project": "p-1001", "ttl": cap + 1},
+        timeout=10,
+    )
     assert r.status_code == 400 and str(cap) in r.json()["message"]
-    r = requests.post(dev_stack.tokens + "api/tokens", headers=bob,
-                      json={"project": "p-2002"}, timeout=10)  # fmt: skip
+    r = requests.post(
+        dev_stack.tokens + "api/tokens", headers=bob, json={"project": "p-2002"}, timeout=10
+    )
     assert r.status_code == 403 and "no role in project" in r.json()["message"]
     # an admin (alice, admin in the dev deployment) may revoke anyone's token
     assert login(dev_stack, "alice", "alice-dev")[1].status_code == 200
     alice = {"Authorization": f"token {dev_stack.user_api_token('alice')}"}
-    r = requests.post(dev_stack.tokens + "revoke", headers=alice, json={"jti": minted["jti"]},
-                      timeout=10)  # fmt: skip
+    r = requests.post(
+        dev_stack.tokens + "revoke", headers=alice, json={"jti": minted["jti"]}, timeout=10
+    )
     assert r.status_code == 200 and r.json()["revoked"] == minted["jti"]
     listed = requests.get(dev_stack.tokens + "api/tokens", headers=bob, timeout=10).json()["tokens"]
     assert {t["jti"]: t["revoked"] for t in listed}[minted["jti"]] is True
@@ -183,8 +195,9 @@ BAD_BODIES = [
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
 @pytest.mark.parametrize(("error", "body", "ctype"), BAD_BODIES)
-def test_bad_input_is_a_clear_4xx(dev_stack: RunningStack, endpoint: str, error: str, body: bytes,
-                                  ctype: str, bob_server: dict) -> None:  # fmt: skip
+def test_bad_input_is_a_clear_4xx(
+    dev_stack: RunningStack, endpoint: str, error: str, body: bytes, ctype: str, bob_server: dict
+) -> None:
     headers = {
         "Authorization": f"token {bob_server['JUPYTERHUB_API_TOKEN']}",
         "Content-Type": ctype,
@@ -199,8 +212,9 @@ def test_bad_input_is_a_clear_4xx(dev_stack: RunningStack, endpoint: str, error:
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
-def test_wrong_types_and_no_credentials(dev_stack: RunningStack, endpoint: str,
-                                        bob_server: dict) -> None:  # fmt: skip
+def test_wrong_types_and_no_credentials(
+    dev_stack: RunningStack, endpoint: str, bob_server: dict
+) -> None:
     auth = {"Authorization": f"token {bob_server['JUPYTERHUB_API_TOKEN']}"}
     field = {
         "api/tokens": "project",
@@ -208,8 +222,9 @@ def test_wrong_types_and_no_credentials(dev_stack: RunningStack, endpoint: str,
         "introspect": "token",
         "revoke": "jti",
     }
-    r = requests.post(dev_stack.tokens + endpoint, json={field[endpoint]: 42}, headers=auth,
-                      timeout=10)  # fmt: skip
+    r = requests.post(
+        dev_stack.tokens + endpoint, json={field[endpoint]: 42}, headers=auth, timeout=10
+    )
     assert r.status_code == 400 and r.json()["error"] == "bad_field"
     assert r.json()["message"].startswith(f"{field[endpoint]}: expected str")
     r = requests.post(dev_stack.tokens + endpoint, json={field[endpoint]: "x"}, timeout=10)
@@ -225,11 +240,13 @@ def test_other_bad_requests(dev_stack: RunningStack, bob_server: dict) -> None:
     assert r.status_code == 404 and r.json()["error"] == "unknown_jti"
     r = requests.post(t + "api/refresh", json={"token": "garbage"}, headers=auth, timeout=10)
     assert r.status_code == 401 and r.json()["error"] == "invalid_token"
-    r = requests.post(t + "api/tokens", json={"project": "p-1001", "ttl": True}, headers=auth,
-                      timeout=10)  # fmt: skip
+    r = requests.post(
+        t + "api/tokens", json={"project": "p-1001", "ttl": True}, headers=auth, timeout=10
+    )
     assert r.status_code == 400 and r.json()["message"].startswith("ttl: expected int")
-    r = requests.post(t + "api/tokens", json={"project": "p-1001", "scopes": [1]}, headers=auth,
-                      timeout=10)  # fmt: skip
+    r = requests.post(
+        t + "api/tokens", json={"project": "p-1001", "scopes": [1]}, headers=auth, timeout=10
+    )
     assert r.status_code == 400 and "scopes" in r.json()["message"]
     r = requests.post(t + "introspect", json={"token": "garbage"}, headers=auth, timeout=10)
     assert r.json() == {"active": False, "reason": "malformed"}

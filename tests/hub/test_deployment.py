@@ -80,8 +80,10 @@ def test_bad_field_is_named(tmp_path: Path, text: str, field: str, words: str) -
 
 def test_maintenance_windows_are_read_as_utc(tmp_path: Path) -> None:
     path = tmp_path / "beamhub.yaml"
-    path.write_text("gateway: {maintenance: [{start: 2030-01-01T06:00:00Z, "
-                    "end: '2030-01-01T10:00:00+02:00', what: filesystem upgrade}]}\n")  # fmt: skip
+    path.write_text(
+        "gateway: {maintenance: [{start: 2030-01-01T06:00:00Z, "
+        "end: '2030-01-01T10:00:00+02:00', what: filesystem upgrade}]}\n"
+    )
     (window,) = load_deployment(path).gateway.maintenance
     assert (window.start, window.end) == ("2030-01-01T06:00:00Z", "2030-01-01T08:00:00Z")
     assert window.what == "filesystem upgrade"

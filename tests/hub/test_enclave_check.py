@@ -19,8 +19,11 @@ MODERATE_TEMPLATE = REPO / "streaming" / "templates" / "moderate.yaml"
 def beamhub_check(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "beamhub.hub.cli", "check", *args],
-        capture_output=True, text=True, timeout=60, cwd=REPO,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
 
 
 def moderate_ready(tmp_path: Path, **overrides) -> Path:
@@ -74,9 +77,16 @@ def test_moderate_ready_config_passes(tmp_path: Path) -> None:
     report = json.loads(res.stdout)
     assert report["ok"] and all(r["ok"] for r in report["requirements"])
     assert {r["name"] for r in report["requirements"]} >= {
-        "mfa", "identity", "token_ttl", "dsn_modes", "encryption", "rate_limit_token",
-        "rate_limit_project", "audit", "qos_tiers",
-    }  # fmt: skip
+        "mfa",
+        "identity",
+        "token_ttl",
+        "dsn_modes",
+        "encryption",
+        "rate_limit_token",
+        "rate_limit_project",
+        "audit",
+        "qos_tiers",
+    }
     # moderate-ready is not leadership-ready: tokens must be shorter still
     res = beamhub_check("--enclave", "leadership", str(moderate_ready(tmp_path)))
     assert res.returncode == 1 and "FAIL  token_ttl" in res.stdout

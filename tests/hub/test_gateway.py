@@ -179,8 +179,12 @@ async def test_audit_chain_verifies_and_a_flipped_byte_is_found(keys: Keys, tmp_
     s.audit_path.write_bytes(bytes(data))
     result = verify_log(s.audit_path)
     assert not result.ok and result.line == 3 and result.records == 2
-    cli = subprocess.run([sys.executable, "-m", "beamhub.hub.cli", "audit", "verify", str(s.audit_path)],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    cli = subprocess.run(
+        [sys.executable, "-m", "beamhub.hub.cli", "audit", "verify", str(s.audit_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert cli.returncode == 1 and "BROKEN at line 3" in cli.stdout
 
 
@@ -188,8 +192,12 @@ async def test_reservation_request_then_admin_approval(keys: Keys, tmp_path: Pat
     async with running_gateway(keys, tmp_path) as s:
         pi = keys.token("alice", "p1", "reserve stream.read")
         start = time.time() + 3600
-        request = {"start": start, "end": start + 7200, "tier": "beamtime",
-                   "justification": "SFX on lysozyme microcrystals, 120 Hz, 2 h"}  # fmt: skip
+        request = {
+            "start": start,
+            "end": start + 7200,
+            "tier": "beamtime",
+            "justification": "SFX on lysozyme microcrystals, 120 Hz, 2 h",
+        }
         code, window, _ = await call(s.url, "POST", "/projects/p1/reservations", pi, request)
         assert code == 201 and window["status"] == "requested" and window["requested_by"] == "alice"
         code, body, _ = await call(s.url, "POST", f"/reservations/{window['id']}/approve", pi, {})
@@ -203,12 +211,20 @@ async def test_reservation_request_then_admin_approval(keys: Keys, tmp_path: Pat
         code, status, _ = await call(s.url, "GET", "/status")
         assert [(w["project"], w["state"]) for w in status["reservations"]] == [("p1", "approved")]
         assert "justification" not in status["reservations"][0]
-        iso = {"start": "2031-03-01T08:00:00Z", "end": "2031-03-01T20:00:00",
-               "justification": "time-resolved pump-probe series"}  # fmt: skip
+        iso = {
+            "start": "2031-03-01T08:00:00Z",
+            "end": "2031-03-01T20:00:00",
+            "justification": "time-resolved pump-probe series",
+        }
         code, second, _ = await call(s.url, "POST", "/projects/p1/reservations", pi, iso)
         assert code == 201 and second["end"] - second["start"] == 12 * 3600
-        code, body, _ = await call(s.url, "POST", f"/reservations/{second['id']}/deny", admin,
-                                   {"reason": "the beamline is closed in March"})  # fmt: skip
+        code, body, _ = await call(
+            s.url,
+            "POST",
+            f"/reservations/{second['id']}/deny",
+            admin,
+            {"reason": "the beamline is closed in March"},
+        )
         assert code == 200 and body["status"] == "denied"
         code, mine, _ = await call(s.url, "GET", "/projects/p1/reservations", pi)
         assert [w["state"] for w in mine["reservations"]] == ["approved", "denied"]
@@ -222,8 +238,13 @@ async def test_reservation_request_then_admin_approval(keys: Keys, tmp_path: Pat
 
 def _endpoints() -> list[tuple[str, str, bool]]:
     """Every (method, concrete path, takes a body) of the published API."""
-    values = {"project": "p1", "channel_id": "ch-00ff", "window_id": "1", "name": "gain",
-              "job_id": "7"}
+    values = {
+        "project": "p1",
+        "channel_id": "ch-00ff",
+        "window_id": "1",
+        "name": "gain",
+        "job_id": "7",
+    }
     out = []
     for path, methods in load_openapi()["paths"].items():
         concrete = path
@@ -275,8 +296,11 @@ async def test_unexpected_error_is_a_generic_500(keys: Keys, tmp_path: Path, cap
         code, body, _ = await call(s.url, "GET", "/projects/p1/jobs", token)
         assert code == 500 and body["reason"] == "internal"
         assert "fire" not in json.dumps(body)
-    assert any("database on fire" in r.getMessage() or (r.exc_info and "database on fire" in
-               str(r.exc_info[1])) for r in caplog.records)  # fmt: skip
+    assert any(
+        "database on fire" in r.getMessage()
+        or (r.exc_info and "database on fire" in str(r.exc_info[1]))
+        for r in caplog.records
+    )
 
 
 @pytest.mark.timeout(90)
@@ -317,10 +341,22 @@ def test_service_process_revocation_and_sigterm(tmp_path: Path) -> None:
         os.environ, BEAMHUB_HOME=str(tmp_path), JUPYTERHUB_SERVICE_PREFIX="/services/gateway/"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "beamhub.hub.gateway.app", "--deployment", str(deployment), "--port", "0",
-         "--revoked-url", f"http://127.0.0.1:{server.server_port}/revoked"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "beamhub.hub.gateway.app",
+            "--deployment",
+            str(deployment),
+            "--port",
+            "0",
+            "--revoked-url",
+            f"http://127.0.0.1:{server.server_port}/revoked",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         line = proc.stdout.readline()
         assert "listening on http://127.0.0.1:" in line, line + proc.stderr.read()
@@ -369,22 +405,34 @@ async def test_jobs_run_at_the_beamtime_tier_once_the_window_is_approved(
     from beamhub.kernels.tiers import TierPolicy
 
     book = ReservationBook(tmp_path / "windows.db", admins=["admin"])
-    sched = LocalBackend(tmp_path / "jobs.db", nodes=2, policy=TierPolicy(reservations=book),
-                         poll_interval=0.05)  # fmt: skip
+    sched = LocalBackend(
+        tmp_path / "jobs.db", nodes=2, policy=TierPolicy(reservations=book), poll_interval=0.05
+    )
     try:
         async with running_gateway(keys, tmp_path, scheduler=sched) as s:
             s.gateway.reservations = book
             pi = keys.token("alice", "p1", "jobs reserve")
-            job = {"name": "hitfind", "argv": [sys.executable, "-c", "print('ok')"],
-                   "tier": "beamtime", "walltime_s": 600}  # fmt: skip
+            job = {
+                "name": "hitfind",
+                "argv": [sys.executable, "-c", "print('ok')"],
+                "tier": "beamtime",
+                "walltime_s": 600,
+            }
             code, body, _ = await call(s.url, "POST", "/projects/p1/jobs", pi, job)
             assert code == 403 and body["field"] == "tier"
             assert "approved beamtime window" in body["error"]
             now = time.time()
-            code, window, _ = await call(s.url, "POST", "/projects/p1/reservations", pi, {
-                "start": now - 1, "end": now + 600,
-                "justification": "live hit finding during the LCLS shift",
-            })  # fmt: skip
+            code, window, _ = await call(
+                s.url,
+                "POST",
+                "/projects/p1/reservations",
+                pi,
+                {
+                    "start": now - 1,
+                    "end": now + 600,
+                    "justification": "live hit finding during the LCLS shift",
+                },
+            )
             assert code == 201
             admin = keys.token("admin", "ops", "stream.read")
             code, _, _ = await call(s.url, "POST", f"/reservations/{window['id']}/approve", admin)
@@ -456,9 +504,20 @@ async def test_steering_needs_the_steer_scope_and_reaches_the_dsn(
 @pytest.mark.timeout(90)
 def test_bench_gateway_prints_the_agreed_json() -> None:
     res = subprocess.run(
-        [sys.executable, "-m", "beamhub.bench.gateway", "--json", "--rounds", "2", "--seconds", "0.1"],
-        capture_output=True, text=True, timeout=80,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "beamhub.bench.gateway",
+            "--json",
+            "--rounds",
+            "2",
+            "--seconds",
+            "0.1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=80,
+    )
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     assert [r["path"] for r in report["results"]] == ["bare", "full"]

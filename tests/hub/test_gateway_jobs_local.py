@@ -33,8 +33,11 @@ async def test_get_and_cancel_stay_inside_the_tokens_project(tmp_path: Path) -> 
     try:
         async with running_gateway(keys, tmp_path, scheduler=sched) as s:
             alice, carol = keys.token("alice", "p1", "jobs"), keys.token("carol", "p2", "jobs")
-            job = {"name": "sleep", "argv": [sys.executable, "-c", "import time; time.sleep(60)"],
-                   "env": {"SECRET_FOR_THE_JOB": "s3cr3t"}}  # fmt: skip
+            job = {
+                "name": "sleep",
+                "argv": [sys.executable, "-c", "import time; time.sleep(60)"],
+                "env": {"SECRET_FOR_THE_JOB": "s3cr3t"},
+            }
             code, body, _ = await call(s.url, "POST", "/projects/p1/jobs", alice, job)
             assert code == 201, body
             path = f"/projects/p1/jobs/{body['job_id']}"
@@ -43,8 +46,9 @@ async def test_get_and_cancel_stay_inside_the_tokens_project(tmp_path: Path) -> 
             code, listed, _ = await call(s.url, "GET", "/projects/p1/jobs", alice)
             assert code == 200 and [j["spec"].get("env") for j in listed["jobs"]] == [None], listed
             for method in ("GET", "DELETE"):
-                code, err, _ = await call(s.url, method, f"/projects/p2/jobs/{body['job_id']}",
-                                          carol)  # fmt: skip
+                code, err, _ = await call(
+                    s.url, method, f"/projects/p2/jobs/{body['job_id']}", carol
+                )
                 assert code == 404 and err["field"] == "job_id", err
             code, _, _ = await call(s.url, "DELETE", path, alice)
             assert code == 204

@@ -22,17 +22,24 @@ def _project_token(stack: RunningStack, user: str, project: str) -> str:
     """Log ``user`` in at the IdP, then mint a project token with the jobs scope."""
     assert login(stack, user, f"{user}-dev")[1].status_code == 200
     hub = {"Authorization": f"token {stack.user_api_token(user)}"}
-    r = requests.post(stack.tokens + "api/tokens", headers=hub, timeout=10,
-                      json={"project": project, "scopes": "jobs", "ttl": 600})  # fmt: skip
+    r = requests.post(
+        stack.tokens + "api/tokens",
+        headers=hub,
+        timeout=10,
+        json={"project": project, "scopes": "jobs", "ttl": 600},
+    )
     assert r.status_code == 201, r.text
     return r.json()["token"]
 
 
 def _gw(stack: RunningStack, method: str, path: str, token: str, body: dict | None = None):
     r = requests.request(
-        method, stack.urls["gateway"] + "api/v1" + path, json=body, timeout=30,
+        method,
+        stack.urls["gateway"] + "api/v1" + path,
+        json=body,
+        timeout=30,
         headers={"Authorization": f"Bearer {token}"},
-    )  # fmt: skip
+    )
     return r.status_code, (r.json() if r.content else None)
 
 
@@ -62,8 +69,9 @@ def test_submit_list_complete_and_cancel_through_the_gateway(
     code, body = _gw(dev_stack, "POST", "/projects/p-1001/jobs", alice, job)
     assert code == 201, body
     assert body["project"] == "p-1001" and body["tier"]
-    done = _wait_state(dev_stack, alice, f"/projects/p-1001/jobs/{body['job_id']}",
-                       {"completed", "failed"}, 60)  # fmt: skip
+    done = _wait_state(
+        dev_stack, alice, f"/projects/p-1001/jobs/{body['job_id']}", {"completed", "failed"}, 60
+    )
     assert done["state"] == "completed" and done["exit_code"] == 0, done
     assert done["spec"]["user"] == "alice" and done["spec"]["project"] == "p-1001"
     assert "env" not in done["spec"]
@@ -71,8 +79,11 @@ def test_submit_list_complete_and_cancel_through_the_gateway(
     assert code == 200
     assert {j["job_id"]: j["state"] for j in listed["jobs"]}[body["job_id"]] == "completed"
 
-    sleeper = {"name": "gw-sleep", "argv": [sys.executable, "-c", "import time; time.sleep(600)"],
-               "mem_mb": 128}  # fmt: skip
+    sleeper = {
+        "name": "gw-sleep",
+        "argv": [sys.executable, "-c", "import time; time.sleep(600)"],
+        "mem_mb": 128,
+    }
     code, long = _gw(dev_stack, "POST", "/projects/p-1001/jobs", alice, sleeper)
     assert code == 201, long
     path = f"/projects/p-1001/jobs/{long['job_id']}"
@@ -132,13 +143,17 @@ def test_only_the_gateway_may_name_another_user(dev_stack: RunningStack) -> None
     r = requests.get(jobs, params={"user": "bob"}, headers=bob, timeout=10)  # himself: fine
     assert r.status_code == 200
     # the gateway service's own hub token holds the act-for scope and no admin scope
-    (gateway,) = [p for p in psutil.Process(dev_stack.proc.pid).children(recursive=True)
-                  if "beamhub.hub.gateway.app" in " ".join(p.cmdline())]  # fmt: skip
+    (gateway,) = [
+        p
+        for p in psutil.Process(dev_stack.proc.pid).children(recursive=True)
+        if "beamhub.hub.gateway.app" in " ".join(p.cmdline())
+    ]
     service = {"Authorization": f"token {process_env(gateway.pid)['JUPYTERHUB_API_TOKEN']}"}
     scopes = requests.get(dev_stack.hub + "api/user", headers=service, timeout=10).json()["scopes"]
     assert ACT_FOR_SCOPE in scopes and not any(s.startswith("admin") for s in scopes), scopes
-    r = requests.post(dev_stack.hub + "api/users/alice/tokens", headers=service, json={},
-                      timeout=10)  # fmt: skip
+    r = requests.post(
+        dev_stack.hub + "api/users/alice/tokens", headers=service, json={}, timeout=10
+    )
     assert r.status_code == 403
 
 

@@ -140,6 +140,7 @@ def test_viewer_cannot_create_a_channel_or_steer_operator_can(dev_stack: Running
     assert r.status_code == 201, r.text
     r = requests.put(steer, headers=_bearer(oscar), json={"value": 0.5}, timeout=10)
     assert r.status_code == 200, r.text
-    params = requests.get(f"{dsn}/api/channels/{detector}/steer/params", headers=_bearer(vera),
-                          timeout=10).json()  # fmt: skip
+    params = requests.get(
+        f"{dsn}/api/channels/{detector}/steer/params", headers=_bearer(vera), timeout=10
+    ).json()
     assert params["values"]["hit_fraction"] == 0.5

@@ -131,9 +131,17 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_policy_test_allow_and_deny(tmp_path: Path) -> None:
     ok = run_cli(
-        "test", "--user", "alice", "--project", "p1", "--scope", "stream.publish",
-        "--action", "channels.create", "--json",
-    )  # fmt: skip
+        "test",
+        "--user",
+        "alice",
+        "--project",
+        "p1",
+        "--scope",
+        "stream.publish",
+        "--action",
+        "channels.create",
+        "--json",
+    )
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout) == {
         "decision": "allow",
@@ -147,16 +155,32 @@ def test_cli_policy_test_allow_and_deny(tmp_path: Path) -> None:
                 "version": 1,
                 "rules": [
                     good_rule(id="steer-ok", scope="steer"),
-                    {"id": "block-far", "effect": "deny", "actions": ["*"],
-                     "source": ["203.0.113.0/24"], "description": "documentation network"},
+                    {
+                        "id": "block-far",
+                        "effect": "deny",
+                        "actions": ["*"],
+                        "source": ["203.0.113.0/24"],
+                        "description": "documentation network",
+                    },
                 ],
             }
         )
-    )  # fmt: skip
+    )
     denied = run_cli(
-        "test", "--user", "oscar", "--project", "p1", "--scope", "steer", "--action", "steer",
-        "--source", "203.0.113.9", "--rules", str(rules),
-    )  # fmt: skip
+        "test",
+        "--user",
+        "oscar",
+        "--project",
+        "p1",
+        "--scope",
+        "steer",
+        "--action",
+        "steer",
+        "--source",
+        "203.0.113.9",
+        "--rules",
+        str(rules),
+    )
     assert denied.returncode == 1
     assert "DENY" in denied.stdout and "rule=block-far" in denied.stdout
     assert "documentation network" in denied.stdout

@@ -146,8 +146,10 @@ def test_processes_starting_together_get_one_key(tmp_path):
     """The hub, token service and DSN may create the key at once: all must load the same one."""
     path = tmp_path / "k.pem"
     code = "import sys; from beamhub.auth.tokens import SigningKey; print(SigningKey.load_or_create(sys.argv[1]).kid)"
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
-             for _ in range(4)]  # fmt: skip
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
     kids = {p.communicate(timeout=30)[0].strip() for p in procs}
     assert kids == {SigningKey.load(path).kid}
     assert path.stat().st_mode & 0o777 == 0o600

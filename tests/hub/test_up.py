@@ -57,11 +57,15 @@ def test_bad_deployment_file_names_the_field(tmp_path: Path) -> None:
 def test_lock_is_released_when_its_process_dies(tmp_path: Path) -> None:
     path = tmp_path / "beamhub-up.lock"
     child = subprocess.Popen(
-        ["python3", "-c", f"import fcntl,os,time; fd=os.open({str(path)!r}, os.O_RDWR|os.O_CREAT);"
-         "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'{\"pid\": 1}'); print('x', flush=True);"
-         "time.sleep(60)"],
+        [
+            "python3",
+            "-c",
+            f"import fcntl,os,time; fd=os.open({str(path)!r}, os.O_RDWR|os.O_CREAT);"
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'{\"pid\": 1}'); print('x', flush=True);"
+            "time.sleep(60)",
+        ],
         stdout=subprocess.PIPE,
-    )  # fmt: skip
+    )
     try:
         assert child.stdout.readline() == b"x\n"
         with pytest.raises(AlreadyRunning):

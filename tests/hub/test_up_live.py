@@ -74,15 +74,26 @@ async def test_live_figures_against_a_real_dsn(tmp_path: Path) -> None:
     tokens = Tokens()
     token = tokens.issue("p1", "stream.read stream.publish")
     async with running_dsn(tokens) as node:
-        status, ch = await api(node.url, "POST", "/api/channels", token,
-                               {"stream": "det", "mode": "l7", "when_no_consumer": "drop"})
+        status, ch = await api(
+            node.url,
+            "POST",
+            "/api/channels",
+            token,
+            {"stream": "det", "mode": "l7", "when_no_consumer": "drop"},
+        )
         assert status == 201, ch
         detector = SimulatedDetector((256, 256), rate_hz=40, hit_fraction=0.5)
         source = SourceRunner(detector, stream="det", connect=ch["endpoints"]["producer"])
         lines: list[str] = []
-        live = LiveFigures(node.url, ch["id"], token, "det p1", every_s=0.5,
-                           dsn_stats=lambda: node.data_plane.stats(ch["id"]),
-                           progress=lines.append)  # fmt: skip
+        live = LiveFigures(
+            node.url,
+            ch["id"],
+            token,
+            "det p1",
+            every_s=0.5,
+            dsn_stats=lambda: node.data_plane.stats(ch["id"]),
+            progress=lines.append,
+        )
         source.start()
         source.start_run()
         live.start()
@@ -97,7 +108,9 @@ async def test_live_figures_against_a_real_dsn(tmp_path: Path) -> None:
         assert all(line.startswith("live  det p1: ") for line in lines), lines
         frames = [int(re.search(r": (\d+) frames", line).group(1)) for line in lines]
         assert frames == sorted(frames) and frames[-1] > frames[0] > 0
-        rates = [float(m.group(1)) for line in lines if (m := re.search(r"hit rate ([\d.]+)", line))]
+        rates = [
+            float(m.group(1)) for line in lines if (m := re.search(r"hit rate ([\d.]+)", line))
+        ]
         assert max(rates) > 0, lines  # half of the frames carry Bragg peaks
         assert re.search(r"peaks/hit \d+", lines[-1]), lines
         assert "no_consumer" in lines[-1] and "work consumers 0" in lines[-1]

@@ -55,17 +55,24 @@ def slurm_cluster():
     """Start the cluster once per test session (scripts/slurm/start.sh), stop it at the end."""
     missing = [b for b in ("munged", "slurmctld", "slurmd", "sbatch") if shutil.which(b) is None]
     if missing:
-        pytest.skip(f"SLURM binaries not installed ({', '.join(missing)}); `./dev setup` installs "
-                    "slurmctld slurmd slurm-client munge from scripts/apt-packages.txt")
+        pytest.skip(
+            f"SLURM binaries not installed ({', '.join(missing)}); `./dev setup` installs "
+            "slurmctld slurmd slurm-client munge from scripts/apt-packages.txt"
+        )
     if os.geteuid() != 0:
         pytest.skip("starting munged and the SLURM daemons needs root")
     state = Path(tempfile.mkdtemp(prefix="bh-slurm-", dir="/tmp"))  # short: unix socket paths
     first = _port_block(NODES + 1)
-    env = {**os.environ, "SLURM_STATE_DIR": str(state), "SLURMCTLD_PORT": str(first),
-           "SLURMD_PORT": str(first + 1), "SLURM_NODES": str(NODES), "SLURM_CRED_EXPIRE": "5"}
+    env = {
+        **os.environ,
+        "SLURM_STATE_DIR": str(state),
+        "SLURMCTLD_PORT": str(first),
+        "SLURMD_PORT": str(first + 1),
+        "SLURM_NODES": str(NODES),
+        "SLURM_CRED_EXPIRE": "5",
+    }
     t0 = time.monotonic()
-    proc = subprocess.run(["bash", str(START)], env=env, capture_output=True, text=True,
-                          timeout=90)
+    proc = subprocess.run(["bash", str(START)], env=env, capture_output=True, text=True, timeout=90)
     cold = time.monotonic() - t0
     if proc.returncode != 0:
         logs = "".join(p.read_text()[-2000:] for p in sorted((state / "log").glob("*.log")))
@@ -91,10 +98,14 @@ def slurm_env(slurm_cluster, monkeypatch):
 def policy(tmp_path):
     """Project lcls01 (alice) holds interactive/normal/batch and an approved beamtime window now;
     chem02 (carol) holds batch only."""
-    projects = ProjectDirectory.from_dict({"projects": {
-        "lcls01": {"tiers": ["interactive", "normal", "batch"], "members": ["alice"]},
-        "chem02": {"tiers": ["batch"], "members": ["carol"]},
-    }})
+    projects = ProjectDirectory.from_dict(
+        {
+            "projects": {
+                "lcls01": {"tiers": ["interactive", "normal", "batch"], "members": ["alice"]},
+                "chem02": {"tiers": ["batch"], "members": ["carol"]},
+            }
+        }
+    )
     book = ReservationBook(tmp_path / "res.sqlite", admins={"root"})
     now = time.time()
     book.approve(book.request("lcls01", now - 60, now + 3600, "beamtime", "SFX", "alice"), "root")

@@ -50,9 +50,11 @@ def in_erins_server(hub, monkeypatch):
     assert code in (201, 202)
     hub.wait_server("erin", timeout=30)
     config = SchedulerConfig(
-        backend="local", state_dir=str(hub.state_dir), options={"nodes": 3},
+        backend="local",
+        state_dir=str(hub.state_dir),
+        options={"nodes": 3},
         projects_file=hub.projects_file,
-    )  # fmt: skip
+    )
     for key, value in config.job_env(project="sfx", tier="interactive", user="erin").items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("JUPYTERHUB_API_URL", f"{hub.url}/hub/api")
@@ -147,16 +149,21 @@ def test_workers_end_with_the_kernel_that_started_them(in_erins_server):
         # no close(): the kernel just exits, as when its notebook is shut down
     )
     done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=80,
-        env=dict(os.environ), cwd=str(Path(__file__).resolve().parents[2]),
-    )  # fmt: skip
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=80,
+        env=dict(os.environ),
+        cwd=str(Path(__file__).resolve().parents[2]),
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     job_id = done.stdout.strip().splitlines()[-1]
     assert job_id not in before
     wait_for(
-        lambda: ENDED.get(worker_jobs(hub).get(job_id, ""), "") == "ended", 20,
+        lambda: ENDED.get(worker_jobs(hub).get(job_id, ""), "") == "ended",
+        20,
         "the kernel's worker job ended with it",
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.timeout(60)

@@ -61,7 +61,9 @@ async def test_job_completes_or_fails_with_its_exit_code(backend):
     assert (info.state, info.exit_code, info.reason) == (JobState.FAILED, 3, "exit code 3")
     watcher.cancel()
     kinds = [(e["type"], e["job_id"]) for e in events]
-    assert kinds.index(("queued", ok)) < kinds.index(("started", ok)) < kinds.index(("completed", ok))
+    assert (
+        kinds.index(("queued", ok)) < kinds.index(("started", ok)) < kinds.index(("completed", ok))
+    )
     assert ("failed", bad) in kinds
     started = next(e for e in events if e["type"] == "started" and e["job_id"] == ok)
     assert started["message"] == f"started on {started['node']}"
@@ -91,12 +93,19 @@ async def test_beamtime_preempts_the_youngest_batch_job_only(backend):
 
 @pytest.mark.timeout(30)
 async def test_lowest_tier_first_and_never_an_equal_or_higher_tier(tmp_path):
-    tiers = load_tiers({"default_tier": "mid", "tiers": {
-        "top": {"priority": 30, "preempts": ["mid", "low"]},
-        "mid": {"priority": 20, "preempt_mode": "cancel", "grace_s": 1},
-        "low": {"priority": 10, "preempt_mode": "requeue", "grace_s": 1},
-    }})
-    sched = LocalBackend(tmp_path / "j.sqlite", nodes=2, policy=TierPolicy(tiers), poll_interval=0.05)
+    tiers = load_tiers(
+        {
+            "default_tier": "mid",
+            "tiers": {
+                "top": {"priority": 30, "preempts": ["mid", "low"]},
+                "mid": {"priority": 20, "preempt_mode": "cancel", "grace_s": 1},
+                "low": {"priority": 10, "preempt_mode": "requeue", "grace_s": 1},
+            },
+        }
+    )
+    sched = LocalBackend(
+        tmp_path / "j.sqlite", nodes=2, policy=TierPolicy(tiers), poll_interval=0.05
+    )
     try:
         low = await running(sched, "low")
         mid = await running(sched, "mid")  # younger than low, but of a higher tier
@@ -152,7 +161,12 @@ async def test_preempted_batch_job_is_requeued_and_completes_with_output_intact(
         info = await sched.wait(batch, DONE, timeout=10)
         assert (info.state, info.exit_code, info.requeues) == (JobState.COMPLETED, 0, 1)
         assert out.read_text().splitlines() == [
-            "run 0 start", "partial 1", "checkpoint on SIGTERM", "run 1 start", "final result"]
+            "run 0 start",
+            "partial 1",
+            "checkpoint on SIGTERM",
+            "run 1 start",
+            "final result",
+        ]
     finally:
         await sched.close(cancel_jobs=True)
 
@@ -174,8 +188,13 @@ FIRST_SCHEDULER = textwrap.dedent("""
 
 def start_in_other_scheduler(db: Path, argv: list[str]) -> dict:
     """A scheduler in another process submits a job and exits, as a hub that is restarted."""
-    out = subprocess.run([PY, "-c", FIRST_SCHEDULER, str(db), *argv], capture_output=True,
-                         text=True, timeout=30, check=True)
+    out = subprocess.run(
+        [PY, "-c", FIRST_SCHEDULER, str(db), *argv],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     return json.loads(out.stdout)
 
 
@@ -183,7 +202,8 @@ def start_in_other_scheduler(db: Path, argv: list[str]) -> dict:
 async def test_restarted_scheduler_reattaches_to_a_running_job(tmp_path):
     db = tmp_path / "j.sqlite"
     first = start_in_other_scheduler(
-        db, [PY, "-c", "import time; time.sleep(1.5); print('survived')"])
+        db, [PY, "-c", "import time; time.sleep(1.5); print('survived')"]
+    )
     sched = LocalBackend(db, nodes=2, poll_interval=0.05)
     try:
         info = (await sched.status([first["job"]]))[first["job"]]
@@ -241,8 +261,9 @@ async def test_cancel_pending_and_running(backend):
 async def test_wall_time_is_enforced(tmp_path):
     sched = LocalBackend(tmp_path / "j.sqlite", nodes=[VirtualNode("n1")], poll_interval=0.05)
     try:
-        job = await sched.submit(JobSpec(name="w", project="p", user="u", tier="batch",
-                                         argv=SLEEPER, walltime_s=1))
+        job = await sched.submit(
+            JobSpec(name="w", project="p", user="u", tier="batch", argv=SLEEPER, walltime_s=1)
+        )
         info = await sched.wait(job, DONE, timeout=10)
         assert (info.state, info.reason) == (JobState.FAILED, "wall time of 1 s exceeded")
     finally:
@@ -277,8 +298,11 @@ async def test_bad_submissions_are_refused(backend, changes, match, field):
 
 @pytest.mark.timeout(30)
 async def test_multi_node_job_holds_every_node_it_asked_for(backend):
-    show = [PY, "-c", "import os, time; print(os.environ['BEAMHUB_NODES'], flush=True); "
-                      "time.sleep(60)"]
+    show = [
+        PY,
+        "-c",
+        "import os, time; print(os.environ['BEAMHUB_NODES'], flush=True); time.sleep(60)",
+    ]
     wide = await running(backend, "normal", show, nodes=2)
     info = (await backend.status([wide]))[wide]
     assert len(info.node.split(",")) == 2

@@ -22,7 +22,11 @@ def test_lifecycle_states_follow_the_clock(book):
     window = book.approve(wid, "root", now=T0 + 1)
     assert (window.status, window.decided_by) == ("approved", "root")
     assert [window.state(t) for t in (T0 + 9, T0 + 10, T0 + 19.9, T0 + 20)] == [
-        "approved", "active", "active", "ended"]
+        "approved",
+        "active",
+        "active",
+        "ended",
+    ]
     assert book.active("p1", T0 + 10).id == wid
     assert book.active("p1", T0 + 20) is None
     assert [w.id for w in book.list(state="active", now=T0 + 12)] == [wid]
@@ -80,14 +84,20 @@ def test_overlapping_approved_windows_are_refused(book):
     first = book.request("p1", T0 + 100, T0 + 200, "beamtime", "a", "alice", now=T0)
     second = book.request("p1", T0 + 150, T0 + 250, "beamtime", "b", "alice", now=T0)
     book.approve(first, "root", now=T0)
-    with pytest.raises(SchedulerError, match=f"overlaps the approved window {first} of project 'p1'"):
+    with pytest.raises(
+        SchedulerError, match=f"overlaps the approved window {first} of project 'p1'"
+    ):
         book.approve(second, "root", now=T0)
     with pytest.raises(SchedulerError, match="overlaps") as err:
         book.request("p1", T0 + 50, T0 + 101, "beamtime", "c", "alice", now=T0)
     assert err.value.status == 409
     # touching windows do not overlap; other projects are independent
-    book.approve(book.request("p1", T0 + 200, T0 + 300, "beamtime", "d", "alice", now=T0), "root", now=T0)
-    book.approve(book.request("p2", T0 + 100, T0 + 200, "beamtime", "e", "carol", now=T0), "root", now=T0)
+    book.approve(
+        book.request("p1", T0 + 200, T0 + 300, "beamtime", "d", "alice", now=T0), "root", now=T0
+    )
+    book.approve(
+        book.request("p2", T0 + 100, T0 + 200, "beamtime", "e", "carol", now=T0), "root", now=T0
+    )
     assert book.get(second).status == "requested"
 
 
@@ -108,20 +118,45 @@ def _cli(home, *args, admins=None):
     if admins:
         env["BEAMHUB_SCHEDULER_ADMINS"] = admins
     beamhub = Path(sys.executable).with_name("beamhub")
-    return subprocess.run([str(beamhub), "scheduler", *args], env=env, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [str(beamhub), "scheduler", *args], env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 @pytest.mark.timeout(60)
 def test_admin_cli_round_trip(tmp_path):
     import json
 
-    out = _cli(tmp_path, "reservation", "request", "--project", "lcls01", "--start", "now",
-               "--end", "+2h", "--justification", "SFX run 7", "--as", "alice")
+    out = _cli(
+        tmp_path,
+        "reservation",
+        "request",
+        "--project",
+        "lcls01",
+        "--start",
+        "now",
+        "--end",
+        "+2h",
+        "--justification",
+        "SFX run 7",
+        "--as",
+        "alice",
+    )
     assert out.returncode == 0, out.stderr
     assert "window 1 requested" in out.stdout
-    bad = _cli(tmp_path, "reservation", "request", "--project", "lcls01", "--start", "+2h",
-               "--end", "+1h", "--justification", "x")
+    bad = _cli(
+        tmp_path,
+        "reservation",
+        "request",
+        "--project",
+        "lcls01",
+        "--start",
+        "+2h",
+        "--end",
+        "+1h",
+        "--justification",
+        "x",
+    )
     assert bad.returncode == 2 and "before it starts" in bad.stderr and "status 400" in bad.stderr
     refused = _cli(tmp_path, "reservation", "approve", "1", "--as", "alice", admins="root")
     assert refused.returncode == 2 and "not a scheduler admin" in refused.stderr
@@ -129,7 +164,8 @@ def test_admin_cli_round_trip(tmp_path):
     assert ok.returncode == 0 and "approved by root; now active" in ok.stdout
     listed = json.loads(_cli(tmp_path, "reservation", "list", "--json").stdout)
     assert [(w["id"], w["state"], w["justification"]) for w in listed] == [
-        (1, "active", "SFX run 7")]
+        (1, "active", "SFX run 7")
+    ]
     tiers = json.loads(_cli(tmp_path, "tiers", "--json").stdout)
     assert [t["name"] for t in tiers] == ["beamtime", "interactive", "normal", "batch"]
     jobs = _cli(tmp_path, "jobs", "--json")
@@ -144,8 +180,14 @@ def test_cli_job_listing_leaves_out_the_env(tmp_path):
     from beamhub.kernels.local_store import LocalJob, LocalJobStore
     from beamhub.kernels.scheduler import JobSpec
 
-    spec = JobSpec(name="srv", project="lcls01", user="alice", tier="interactive",
-                   argv=["true"], env={"JUPYTERHUB_API_TOKEN": "s3cr3t"})  # fmt: skip
+    spec = JobSpec(
+        name="srv",
+        project="lcls01",
+        user="alice",
+        tier="interactive",
+        argv=["true"],
+        env={"JUPYTERHUB_API_TOKEN": "s3cr3t"},
+    )
     LocalJobStore(tmp_path / "scheduler" / "local-jobs.sqlite").save(LocalJob(1, spec, 10))
     out = _cli(tmp_path, "jobs", "--json")
     assert out.returncode == 0, out.stderr

@@ -20,12 +20,28 @@ def test_report_names_the_port_the_server_then_binds(tmp_path):
         "u = urllib.parse.urlsplit(os.environ['JUPYTERHUB_SERVICE_URL']);"
         "s = socket.socket(); s.bind((u.hostname, u.port)); print(u.port, u.path)"
     )
-    env = {**os.environ, "BEAMHUB_BIND_IP": "127.0.0.1", "BEAMHUB_NODE": "n7",
-           "JUPYTERHUB_SERVICE_URL": "http://127.0.0.1:0/user/x/"}  # fmt: skip
+    env = {
+        **os.environ,
+        "BEAMHUB_BIND_IP": "127.0.0.1",
+        "BEAMHUB_NODE": "n7",
+        "JUPYTERHUB_SERVICE_URL": "http://127.0.0.1:0/user/x/",
+    }
     done = subprocess.run(
-        [sys.executable, "-m", "beamhub.kernels.serverjob", str(report), "--", sys.executable, "-c", probe],
-        capture_output=True, text=True, timeout=20, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "beamhub.kernels.serverjob",
+            str(report),
+            "--",
+            sys.executable,
+            "-c",
+            probe,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     data = json.loads(report.read_text())
     assert data["host"] == "127.0.0.1" and data["node"] == "n7"
@@ -37,9 +53,18 @@ def test_report_names_the_port_the_server_then_binds(tmp_path):
 def test_missing_command_dies_before_any_report(tmp_path):
     report = tmp_path / "port.json"
     done = subprocess.run(
-        [sys.executable, "-m", "beamhub.kernels.serverjob", str(report), "--", "/nonexistent/server"],
-        capture_output=True, text=True, timeout=20,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "beamhub.kernels.serverjob",
+            str(report),
+            "--",
+            "/nonexistent/server",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     assert done.returncode == 127
     assert "cannot start '/nonexistent/server': not found" in done.stderr
     assert not report.exists()
@@ -78,18 +103,20 @@ def test_options_form_offers_only_the_users_projects(tmp_path):
         "  b: {tiers: [interactive], members: [ann]}\n  c: {tiers: [batch], members: [bo]}\n"
     )
     spawner = ReservedNodeSpawner(
-        user=SimpleNamespace(name="ann"), state_dir=str(tmp_path / "s"),
+        user=SimpleNamespace(name="ann"),
+        state_dir=str(tmp_path / "s"),
         projects_file=str(tmp_path / "p.yaml"),
-    )  # fmt: skip
+    )
     form = spawner.options_form(spawner)
     assert 'value="a"' in form and 'value="b"' in form and 'value="c"' not in form
     assert 'value="beamtime"' in form
     options = spawner.options_from_form({"project": ["b"], "tier": [""]})
     assert options == {"project": "b", "tier": ""}
     single = ReservedNodeSpawner(
-        user=SimpleNamespace(name="bo"), state_dir=str(tmp_path / "s"),
+        user=SimpleNamespace(name="bo"),
+        state_dir=str(tmp_path / "s"),
         projects_file=str(tmp_path / "p.yaml"),
-    )  # fmt: skip
+    )
     assert single.options_form(single) == ""  # nothing to choose: no form
 
 

@@ -21,16 +21,22 @@ SLEEPER = [PY, "-c", "import time; time.sleep(120)"]
 
 @pytest.fixture
 async def slurm(slurm_cluster, policy, tmp_path):
-    backend = SlurmBackend(policy, slurm_conf=slurm_cluster.conf, log_dir=tmp_path / "out",
-                           poll_interval=0.2)
+    backend = SlurmBackend(
+        policy, slurm_conf=slurm_cluster.conf, log_dir=tmp_path / "out", poll_interval=0.2
+    )
     yield backend
     await backend.close()
     env = {**backend.env}
     subprocess.run(["scancel", "--user=root"], env=env, timeout=30)
     deadline = time.monotonic() + 20  # leave every node idle for the next test
     while time.monotonic() < deadline:
-        out = subprocess.run(["squeue", "-h", "-t", "PD,R,CG", "-o", "%i"], env=env,
-                             capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run(
+            ["squeue", "-h", "-t", "PD,R,CG", "-o", "%i"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
         if not out.strip():
             break
         time.sleep(0.2)
@@ -51,8 +57,10 @@ async def running(backend, tier, argv=SLEEPER, **kw) -> str:
 
 @pytest.mark.timeout(60)
 async def test_jobs_complete_or_fail_with_their_exit_code(slurm, slurm_cluster, tmp_path):
-    print(f"SLURM cold start (munged, slurmctld, {slurm_cluster.nodes} slurmd): "
-          f"{slurm_cluster.cold_start_s:.2f} s")
+    print(
+        f"SLURM cold start (munged, slurmctld, {slurm_cluster.nodes} slurmd): "
+        f"{slurm_cluster.cold_start_s:.2f} s"
+    )
     t0 = time.monotonic()
     ok = await slurm.submit(spec("interactive", [PY, "-c", "print('hello from slurm')"]))
     bad = await slurm.submit(spec("batch", [PY, "-c", "import sys; sys.exit(3)"]))
@@ -122,13 +130,19 @@ async def test_beamtime_preempts_one_batch_job_which_is_requeued_and_completes(
     assert (done.state, done.exit_code, done.requeues) == (JobState.COMPLETED, 0, 1)
     out = outs[batch.index(victim)].read_text().splitlines()
     lines = [ln for ln in out if not ln.startswith("slurmstepd")]
-    assert lines == ["run 0 start", "partial 1", "checkpoint on SIGTERM", "run 1 start",
-                     "final result"]
+    assert lines == [
+        "run 0 start",
+        "partial 1",
+        "checkpoint on SIGTERM",
+        "run 1 start",
+        "final result",
+    ]
     watcher.cancel()
     kinds = [(e["type"], e["job_id"]) for e in events]
     assert ("preempted", victim) in kinds and ("requeued", victim) in kinds
     assert (f"preempting 1 batch job on {info.node}", beam) in [
-        (e["message"], e["job_id"]) for e in events]
+        (e["message"], e["job_id"]) for e in events
+    ]
 
 
 @pytest.mark.timeout(90)
@@ -153,8 +167,16 @@ async def test_beamtime_never_preempts_an_interactive_job(slurm, slurm_cluster):
 @pytest.mark.timeout(60)
 async def test_bad_input_is_refused_with_the_reason(slurm, slurm_cluster, policy):
     with pytest.raises(SchedulerError, match="walltime_s=999999 is over tier 'batch'"):
-        await slurm.submit(JobSpec(name="x", project="lcls01", user="alice", tier="batch",
-                                   argv=["true"], walltime_s=999999))
+        await slurm.submit(
+            JobSpec(
+                name="x",
+                project="lcls01",
+                user="alice",
+                tier="batch",
+                argv=["true"],
+                walltime_s=999999,
+            )
+        )
     with pytest.raises(SchedulerError, match="unknown tier 'gold'"):
         await slurm.submit(spec("gold", ["true"]))
     with pytest.raises(SchedulerError, match="does not hold tier 'interactive'") as err:

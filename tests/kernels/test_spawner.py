@@ -174,11 +174,18 @@ def test_beamtime_window_preempts_batch_and_outside_it_the_spawn_says_why(hub):
     batch = []
     for i in range(2):  # every virtual node busy with batch work
         code, body = jobs_api(
-            hub, token, "POST", body={
-                "name": f"batch-{i}", "project": "filler", "tier": "batch", "requeue": True,
-                "argv": ["/bin/sleep", "600"], "mem_mb": 256,
+            hub,
+            token,
+            "POST",
+            body={
+                "name": f"batch-{i}",
+                "project": "filler",
+                "tier": "batch",
+                "requeue": True,
+                "argv": ["/bin/sleep", "600"],
+                "mem_mb": 256,
             },
-        )  # fmt: skip
+        )
         assert code == 201, body
         batch.append(body["job_id"])
     wait_for(
@@ -263,8 +270,9 @@ def test_hub_killed_mid_spawn_leaves_no_orphan_job(hub):
     assert code == 202
     wait_for(
         lambda: [j for j in jobs_named(hub, "jupyter-slowpoke") if j.state.value == "running"],
-        20, "slowpoke's job runs",
-    )  # fmt: skip
+        20,
+        "slowpoke's job runs",
+    )
     hub.kill()  # SIGKILL: no cleanup at all, the spawn was still waiting for the server
     assert [j.state.value for j in jobs_named(hub, "jupyter-slowpoke")] == ["running"]
     hub.start()
@@ -272,6 +280,7 @@ def test_hub_killed_mid_spawn_leaves_no_orphan_job(hub):
     # server answers and stops it, instead of leaving it on its node until its wall time
     wait_for(
         lambda: [j.state.value for j in jobs_named(hub, "jupyter-slowpoke")] == ["cancelled"],
-        45, "the half-spawned server's job is cancelled",
-    )  # fmt: skip
+        45,
+        "the half-spawned server's job is cancelled",
+    )
     wait_for(lambda: "" not in hub.user_model("slowpoke")["servers"], 10, "no server left")

@@ -46,8 +46,12 @@ c.ReservedNodeSpawner.mem_mb = 256
 
 
 def squeue_state(job_id: str) -> str:
-    out = subprocess.run(["squeue", "-h", "--states=all", "-j", job_id, "-o", "%T"],
-                         capture_output=True, text=True, timeout=10)  # fmt: skip
+    out = subprocess.run(
+        ["squeue", "-h", "--states=all", "-j", job_id, "-o", "%T"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
     return out.stdout.strip()
 
 
@@ -82,17 +86,23 @@ def test_start_dask_on_slurm_runs_workers_in_the_tiers_partition(slurm_hub, monk
     from beamhub.kernels.dask_cluster import start_dask
     from beamhub.kernels.placement import SchedulerConfig
 
-    config = SchedulerConfig(backend="slurm", state_dir=str(tmp_path),
-                             options={"slurm_conf": os.environ["SLURM_CONF"],
-                                      "interface": "lo"})  # fmt: skip
+    config = SchedulerConfig(
+        backend="slurm",
+        state_dir=str(tmp_path),
+        options={"slurm_conf": os.environ["SLURM_CONF"], "interface": "lo"},
+    )
     for key, value in config.job_env(project="beam", tier="interactive", user="sam").items():
         monkeypatch.setenv(key, value)
     client = start_dask(2, timeout=60, memory_mb=256)
     cluster = client.cluster
     try:
         assert client.submit(sum, range(10)).result(timeout=30) == 45
-        jobs = subprocess.run(["squeue", "-h", "-n", "dask-worker", "-o", "%i %P %T %k"],
-                              capture_output=True, text=True, timeout=10).stdout.split("\n")  # fmt: skip
+        jobs = subprocess.run(
+            ["squeue", "-h", "-n", "dask-worker", "-o", "%i %P %T %k"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.split("\n")
         rows = [r.split(None, 3) for r in jobs if r.strip()]
         assert len(rows) == 2, rows
         assert {(r[1], r[2]) for r in rows} == {("interactive", "RUNNING")}

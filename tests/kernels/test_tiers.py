@@ -17,7 +17,10 @@ def projects():
     return ProjectDirectory.from_dict(
         {
             "projects": {
-                "lcls01": {"tiers": ["interactive", "normal", "batch"], "members": ["alice", "bob"]},
+                "lcls01": {
+                    "tiers": ["interactive", "normal", "batch"],
+                    "members": ["alice", "bob"],
+                },
                 "chem02": {"tiers": ["batch"], "members": ["carol"]},
             }
         }
@@ -36,7 +39,11 @@ def policy(projects, book):
 
 def test_default_tiers_order_and_preemption():
     assert DEFAULT_TIERS.names() == ["beamtime", "interactive", "normal", "batch"]
-    beam, inter, batch = DEFAULT_TIERS["beamtime"], DEFAULT_TIERS["interactive"], DEFAULT_TIERS["batch"]
+    beam, inter, batch = (
+        DEFAULT_TIERS["beamtime"],
+        DEFAULT_TIERS["interactive"],
+        DEFAULT_TIERS["batch"],
+    )
     assert beam.can_preempt(batch)
     assert not beam.can_preempt(inter)
     assert not batch.can_preempt(beam)
@@ -46,10 +53,16 @@ def test_default_tiers_order_and_preemption():
 
 def test_tier_config_refuses_preempting_a_higher_tier():
     with pytest.raises(SchedulerError, match="only lower tiers"):
-        load_tiers({"tiers": {"a": {"priority": 1, "preempts": ["b"]}, "b": {"priority": 2}},
-                    "default_tier": "a"})
+        load_tiers(
+            {
+                "tiers": {"a": {"priority": 1, "preempts": ["b"]}, "b": {"priority": 2}},
+                "default_tier": "a",
+            }
+        )
     with pytest.raises(SchedulerError, match="preempt_mode"):
-        load_tiers({"tiers": {"a": {"priority": 1, "preempt_mode": "suspend"}}, "default_tier": "a"})
+        load_tiers(
+            {"tiers": {"a": {"priority": 1, "preempt_mode": "suspend"}}, "default_tier": "a"}
+        )
     with pytest.raises(SchedulerError, match="unknown field"):
         load_tiers({"tiers": {"a": {"priority": 1, "colour": "red"}}, "default_tier": "a"})
 
@@ -110,8 +123,14 @@ def test_window_edges_open_and_close_elevation(policy, book):
 
 
 def test_spec_over_the_tier_limits_is_refused(policy):
-    spec = JobSpec(name="j", project="lcls01", user="alice", tier="interactive", argv=["true"],
-                   walltime_s=DEFAULT_TIERS["interactive"].max_walltime_s + 1)
+    spec = JobSpec(
+        name="j",
+        project="lcls01",
+        user="alice",
+        tier="interactive",
+        argv=["true"],
+        walltime_s=DEFAULT_TIERS["interactive"].max_walltime_s + 1,
+    )
     with pytest.raises(SchedulerError, match="walltime_s=28801 is over tier 'interactive'") as err:
         policy.check(spec, now=T0)
     assert err.value.field == "walltime_s"

@@ -33,10 +33,22 @@ def run_nbval(notebook: Path, env: dict[str, str], workdir: Path) -> tuple[int, 
     # not the repository's pytest settings (testpaths, markers, asyncio)
     (workdir / "pytest.ini").write_text("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
     cmd = [
-        sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--nbval-lax",
-        "--nbval-current-env", "--nbval-cell-timeout=150", "--timeout=240", "-q",
-        "-c", str(workdir / "pytest.ini"), "--rootdir", str(workdir), str(copy),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "--nbval-lax",
+        "--nbval-current-env",
+        "--nbval-cell-timeout=150",
+        "--timeout=240",
+        "-q",
+        "-c",
+        str(workdir / "pytest.ini"),
+        "--rootdir",
+        str(workdir),
+        str(copy),
+    ]
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=270)
     return proc.returncode, proc.stdout + proc.stderr
 

@@ -135,4 +135,3 @@ class Receiver:
     def close(self) -> None:
         self.sock.close(linger=0)
         self.ctx.term()
-

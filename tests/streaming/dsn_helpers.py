@@ -44,20 +44,34 @@ class Tokens:
         self.issuer = TokenIssuer(self.key, max_ttl=86400)
         self.verifier = TokenVerifier(self.key.jwks())
 
-    def issue(self, project: str = "p1", scopes: str = "stream.read stream.publish", *,
-              ttl: int = 600, sub: str = "alice", audience: str | None = None) -> str:
+    def issue(
+        self,
+        project: str = "p1",
+        scopes: str = "stream.read stream.publish",
+        *,
+        ttl: int = 600,
+        sub: str = "alice",
+        audience: str | None = None,
+    ) -> str:
         return self.issuer.issue(sub, project, scopes, ttl=ttl, audience=audience)
 
     def expired(self, project: str = "p1", scopes: str = "stream.read stream.publish") -> str:
         """Signed by the right key, but it ran out a minute ago (beyond the verifier's leeway)."""
         now = int(time.time())
         claims = {
-            "iss": DEFAULT_ISSUER, "sub": "alice", "aud": DEFAULT_AUDIENCE, "project": project,
-            "scope": scopes, "iat": now - 600, "nbf": now - 600, "exp": now - 60,
+            "iss": DEFAULT_ISSUER,
+            "sub": "alice",
+            "aud": DEFAULT_AUDIENCE,
+            "project": project,
+            "scope": scopes,
+            "iat": now - 600,
+            "nbf": now - 600,
+            "exp": now - 60,
             "jti": uuid.uuid4().hex,
         }
-        return jwt.encode(claims, self.key.private_key, algorithm=ALGORITHM,
-                          headers={"kid": self.key.kid})
+        return jwt.encode(
+            claims, self.key.private_key, algorithm=ALGORITHM, headers={"kid": self.key.kid}
+        )
 
     def forged(self, project: str = "p1", scopes: str = "stream.read stream.publish") -> str:
         """A well-formed token signed by another key that claims the real key's id."""
@@ -74,8 +88,13 @@ class Tokens:
 
 
 async def api(
-    base: str, method: str, path: str, token: str | None = None, body: Any = None,
-    *, raw: bytes | None = None,
+    base: str,
+    method: str,
+    path: str,
+    token: str | None = None,
+    body: Any = None,
+    *,
+    raw: bytes | None = None,
 ) -> tuple[int, Any]:
     """One real HTTP call to the DSN; returns (status, parsed JSON body or None)."""
     headers = {"Content-Type": "application/json"}
@@ -85,14 +104,20 @@ async def api(
     if data is None and method in ("POST", "PUT"):
         data = b""
     resp = await AsyncHTTPClient().fetch(
-        base + path, method=method, headers=headers, body=data, raise_error=False,
-        allow_nonstandard_methods=True, request_timeout=20,
+        base + path,
+        method=method,
+        headers=headers,
+        body=data,
+        raise_error=False,
+        allow_nonstandard_methods=True,
+        request_timeout=20,
     )
     return resp.code, (json.loads(resp.body) if resp.body else None)
 
 
-async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0,
-                     interval: float = 0.05) -> Any:
+async def wait_until(
+    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05
+) -> Any:
     """Poll a (possibly async) condition without blocking the event loop; fail after the deadline."""
     deadline = time.monotonic() + timeout
     while True:

@@ -25,8 +25,14 @@ def make_frames(n, *, seed=7, first_seq=0, hit_fraction=0.5):
     out = []
     for i in range(n):
         data, meta = det.generate()
-        header = FrameHeader(stream="sim", seq=first_seq + i, dtype=data.dtype.str,
-                             shape=data.shape, t_ns=time.time_ns(), meta=meta)
+        header = FrameHeader(
+            stream="sim",
+            seq=first_seq + i,
+            dtype=data.dtype.str,
+            shape=data.shape,
+            t_ns=time.time_ns(),
+            meta=meta,
+        )
         out.append(Frame(header, data))
     return out
 
@@ -81,7 +87,8 @@ def test_change_from_another_thread_never_mixes_parameters_within_a_frame(frames
             yield frame
 
     steerer = threading.Thread(
-        target=lambda: halfway.wait(30) and analyzer.set_params(adc_threshold=1e7))
+        target=lambda: halfway.wait(30) and analyzer.set_params(adc_threshold=1e7)
+    )
     steerer.start()
     analyse_stream(feed(), analyzer, results.append)
     steerer.join(timeout=30)
@@ -118,8 +125,9 @@ def test_worker_loop_over_a_real_zeromq_stream(frames):
         sender = threading.Thread(target=send_all, args=(push, frames))
         sender.start()
         with StreamConsumer(endpoint) as consumer:
-            n = analyse_stream(consumer, Analyzer(), stats.add, max_frames=len(frames),
-                               idle_timeout_s=0.05)
+            n = analyse_stream(
+                consumer, Analyzer(), stats.add, max_frames=len(frames), idle_timeout_s=0.05
+            )
         sender.join(timeout=10)
         assert not sender.is_alive()
     finally:
@@ -137,15 +145,22 @@ def test_worker_loop_over_a_real_zeromq_stream(frames):
 
 def _result(seq, hit=False, peaks=(), worker="w", profile=None, stream="s"):
     arr = np.array([[y, x, 100.0, 10.0, 5.0] for y, x in peaks], dtype=np.float32).reshape(-1, 5)
-    return FrameResult(stream, seq, 0, 0, 0, (64, 64), hit, len(arr), arr, profile, 0.01, 0.001,
-                       worker)
+    return FrameResult(
+        stream, seq, 0, 0, 0, (64, 64), hit, len(arr), arr, profile, 0.01, 0.001, worker
+    )
 
 
 def test_running_stats_window_loss_duplicates_powder_profile():
     stats = RunningStats(window=4, powder_bin=8)
     for seq in (0, 2, 1, 5, 5, 4):  # out of order, 3 missing, one duplicate
-        stats.add(_result(seq, hit=seq % 2 == 0, peaks=[(3.0, 9.0), (60.0, 60.0)],
-                          profile=np.full(10, float(seq))))
+        stats.add(
+            _result(
+                seq,
+                hit=seq % 2 == 0,
+                peaks=[(3.0, 9.0), (60.0, 60.0)],
+                profile=np.full(10, float(seq)),
+            )
+        )
     snap = stats.snapshot()
     assert snap["frames"] == 5 and snap["duplicates"] == 1 and snap["lost"] == 1  # seq 3
     assert snap["hit_rate"] == 0.5  # window of 4: seqs 2, 1, 5, 4 -> two even ones are hits
@@ -174,9 +189,14 @@ def test_running_stats_hit_rate_window():
 def dask_client():
     from distributed import Client, LocalCluster
 
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                           dashboard_address="127.0.0.1:0", scheduler_kwargs={"dashboard": False},
-                           host="127.0.0.1")  # HTTP server on an ephemeral port, no bokeh
+    cluster = LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address="127.0.0.1:0",
+        scheduler_kwargs={"dashboard": False},
+        host="127.0.0.1",
+    )  # HTTP server on an ephemeral port, no bokeh
     client = Client(cluster)
     try:
         yield client
@@ -205,8 +225,12 @@ def test_dask_workers_pull_their_own_frames_and_follow_a_broadcast(dask_client):
     ctx = zmq.Context()
     push, endpoint = push_socket(ctx)
     monitor = push.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-    session = AnalysisSession(dask_client, functools.partial(StreamConsumer, endpoint, hwm=2),
-                              workers=2, flush_interval_s=0.05)
+    session = AnalysisSession(
+        dask_client,
+        functools.partial(StreamConsumer, endpoint, hwm=2),
+        workers=2,
+        flush_interval_s=0.05,
+    )
     try:
         session.wait_ready(timeout=60)
         _wait_handshakes(monitor, 2)  # both workers' PULL sockets are connected: PUSH deals fairly
@@ -278,8 +302,9 @@ def test_bench_analysis_prints_the_agreed_json(capsys):
 def test_a_failing_worker_task_surfaces_in_poll_and_stop(dask_client):
     from beamhub.streaming.analysis_dask import AnalysisSession
 
-    session = AnalysisSession(dask_client, functools.partial(StreamConsumer, "no-endpoint"),
-                              workers=1)
+    session = AnalysisSession(
+        dask_client, functools.partial(StreamConsumer, "no-endpoint"), workers=1
+    )
     with pytest.raises(ValueError, match="endpoint"):
         session.wait_ready(timeout=30)
     summaries = session.stop()

@@ -12,7 +12,17 @@ import pytest
 @pytest.mark.timeout(120)
 def test_bench_stream_quick_json_shape():
     proc = subprocess.run(
-        [sys.executable, "-m", "beamhub.hub.cli", "bench", "stream", "--quick", "--repeats", "1", "--json"],
+        [
+            sys.executable,
+            "-m",
+            "beamhub.hub.cli",
+            "bench",
+            "stream",
+            "--quick",
+            "--repeats",
+            "1",
+            "--json",
+        ],
         capture_output=True,
         text=True,
         timeout=110,

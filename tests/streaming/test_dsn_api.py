@@ -37,16 +37,24 @@ def zctx():
 
 def send(sock: zmq.Socket, seqs, n: int = 1024) -> None:
     for seq in seqs:
-        send_frame(sock, FrameHeader("det", seq, "<f4", (n,), t_ns=time.time_ns()),
-                   np.full(n, seq, dtype="<f4"))
+        send_frame(
+            sock,
+            FrameHeader("det", seq, "<f4", (n,), t_ns=time.time_ns()),
+            np.full(n, seq, dtype="<f4"),
+        )
 
 
 @pytest.mark.parametrize("mode", ["l4", "l7"])
 async def test_create_inspect_renew_delete(tokens: Tokens, zctx: zmq.Context, mode: str) -> None:
     token = tokens.issue(ttl=600)
     async with running_dsn(tokens) as node:
-        code, made = await api(node.url, "POST", "/api/channels", token,
-                               {"stream": "det", "mode": mode, "hwm": 32, "ttl": 300})
+        code, made = await api(
+            node.url,
+            "POST",
+            "/api/channels",
+            token,
+            {"stream": "det", "mode": mode, "hwm": 32, "ttl": 300},
+        )
         assert code == 201, made
         cid = made["id"]
         assert (made["project"], made["stream"], made["mode"]) == ("p1", "det", mode)
@@ -81,13 +89,15 @@ async def test_create_inspect_renew_delete(tokens: Tokens, zctx: zmq.Context, mo
         assert second["stats"]["messages"] == 10
         assert second["stats"]["bytes"] >= 2 * first["stats"]["bytes"]
         assert "drops" in second["stats"] and "consumers" in second["stats"]
-        got = [np.frombuffer(work.recv_multipart()[1], "<f4")[0] for _ in range(10)
-               if work.poll(5000)]
+        got = [
+            np.frombuffer(work.recv_multipart()[1], "<f4")[0] for _ in range(10) if work.poll(5000)
+        ]
         assert got == list(range(10))
 
         renewer = tokens.issue(ttl=1200)
-        code, renewed = await api(node.url, "POST", f"/api/channels/{cid}/renew", renewer,
-                                  {"ttl": 900})
+        code, renewed = await api(
+            node.url, "POST", f"/api/channels/{cid}/renew", renewer, {"ttl": 900}
+        )
         assert code == 200, renewed
         assert renewed["expires_at"] > made["expires_at"]
         assert renewed["expires_at"] <= time.time() + 900
@@ -118,8 +128,9 @@ async def test_channel_lives_no_longer_than_its_token(tokens: Tokens) -> None:
         # ... and a renewal with a shorter-lived token does not cut the lifetime short
         code, again = await api(node.url, "POST", f"/api/channels/{made['id']}/renew", short)
         assert code == 200 and again["expires_at"] == body["expires_at"]
-        code, bad = await api(node.url, "POST", f"/api/channels/{made['id']}/renew", longer,
-                              {"ttl": 0})
+        code, bad = await api(
+            node.url, "POST", f"/api/channels/{made['id']}/renew", longer, {"ttl": 0}
+        )
         assert (code, bad["field"], bad["limit"]) == (400, "ttl", 86400)
 
 
@@ -130,8 +141,9 @@ async def test_expired_channels_are_reaped_with_their_data_path(tokens: Tokens, 
         by_ttl = tokens.issue(ttl=600)  # the requested ttl runs out first
         keep = tokens.issue("p2", ttl=600)
         a = (await api(node.url, "POST", "/api/channels", by_token, {"stream": "a"}))[1]["id"]
-        b = (await api(node.url, "POST", "/api/channels", by_ttl, {"stream": "b", "ttl": 1}))[
-            1]["id"]
+        b = (await api(node.url, "POST", "/api/channels", by_ttl, {"stream": "b", "ttl": 1}))[1][
+            "id"
+        ]
         c = (await api(node.url, "POST", "/api/channels", keep, {"stream": "c"}))[1]["id"]
         assert sorted(node.data_plane.channels()) == sorted([a, b, c])
         await wait_until(lambda: node.data_plane.channels() == [c], timeout=10)
@@ -145,28 +157,46 @@ async def test_expired_channels_are_reaped_with_their_data_path(tokens: Tokens, 
 async def test_source_control_can_be_attached_later(tokens: Tokens) -> None:
     token = tokens.issue(scopes="stream.read stream.publish steer")
     async with running_dsn(tokens) as node:
-        code, made = await api(node.url, "POST", "/api/channels", token,
-                               {"stream": "det", "source_cidrs": ["127.0.0.0/24"]})
+        code, made = await api(
+            node.url,
+            "POST",
+            "/api/channels",
+            token,
+            {"stream": "det", "source_cidrs": ["127.0.0.0/24"]},
+        )
         cid = made["id"]
         assert made["params"]["source_control"] is None
         path = f"/api/channels/{cid}/source_control"
-        code, body = await api(node.url, "PUT", path, token,
-                               {"source_control": "http://127.0.0.1:8200"})
+        code, body = await api(
+            node.url, "PUT", path, token, {"source_control": "http://127.0.0.1:8200"}
+        )
         assert (code, body["params"]["source_control"]) == (200, "http://127.0.0.1:8200")
-        code, body = await api(node.url, "PUT", path, token,
-                               {"source_control": "http://127.0.1.5:8200"})
+        code, body = await api(
+            node.url, "PUT", path, token, {"source_control": "http://127.0.1.5:8200"}
+        )
         assert (code, body["field"], body["limit"]) == (403, "source_control", ["127.0.0.0/24"])
-        code, body = await api(node.url, "PUT", path, tokens.issue(scopes="stream.read"),
-                               {"source_control": "http://127.0.0.2:1"})
+        code, body = await api(
+            node.url,
+            "PUT",
+            path,
+            tokens.issue(scopes="stream.read"),
+            {"source_control": "http://127.0.0.2:1"},
+        )
         assert code == 403
         # a member (publish, no steer) cannot redirect steering to a listener of her own: the
         # relay would hand her every steering caller's token
         member = tokens.issue(scopes="stream.read stream.publish")
-        code, body = await api(node.url, "PUT", path, member,
-                               {"source_control": "http://127.0.0.1:9999"})
+        code, body = await api(
+            node.url, "PUT", path, member, {"source_control": "http://127.0.0.1:9999"}
+        )
         assert (code, body["reason"], body["field"]) == (403, "scope", "source_control")
-        code, body = await api(node.url, "POST", "/api/channels", member,
-                               {"stream": "m", "source_control": "http://127.0.0.1:9999"})
+        code, body = await api(
+            node.url,
+            "POST",
+            "/api/channels",
+            member,
+            {"stream": "m", "source_control": "http://127.0.0.1:9999"},
+        )
         assert (code, body["reason"], body["field"]) == (403, "scope", "source_control")
         assert node.channels[cid].params.source_control == "http://127.0.0.1:8200"
         assert [c.params.stream for c in node.channels.values()] == ["det"]
@@ -190,9 +220,14 @@ async def test_concurrent_creates_respect_the_channel_bound(tokens: Tokens) -> N
     """Creates racing on the event loop (provisioning runs on a thread) cannot exceed the bound."""
     from beamhub.streaming.template import Template
 
-    bounded = Template.from_mapping({**Template.load().describe(), "max_channels_per_project": 3,
-                                     "hwm": {"min": 1, "max": 100, "default": 10},
-                                     "max_frame_bytes": {"max": 1 << 20, "default": 1 << 20}})
+    bounded = Template.from_mapping(
+        {
+            **Template.load().describe(),
+            "max_channels_per_project": 3,
+            "hwm": {"min": 1, "max": 100, "default": 10},
+            "max_frame_bytes": {"max": 1 << 20, "default": 1 << 20},
+        }
+    )
     async with running_dsn(tokens, bounded) as node:
         token = tokens.issue()
         results = await asyncio.gather(
@@ -231,9 +266,19 @@ async def test_beamhub_dsn_command_serves_and_stops_cleanly(tmp_path) -> None:
 
     env = {**os.environ, "BEAMHUB_HOME": str(tmp_path)}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "beamhub.hub.cli", "dsn", "--port", "0", "--revocations", revoked_url,
-        "--revocation-poll", "0.2", env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable,
+        "-m",
+        "beamhub.hub.cli",
+        "dsn",
+        "--port",
+        "0",
+        "--revocations",
+        revoked_url,
+        "--revocation-poll",
+        "0.2",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     try:
         url = None
@@ -245,9 +290,20 @@ async def test_beamhub_dsn_command_serves_and_stops_cleanly(tmp_path) -> None:
 
         async def issue() -> str:
             cmd = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "beamhub.hub.cli", "token", "issue", "--project", "p9", "--scope",
-                "stream.publish stream.read", "--ttl", "60", env=env,
-                stdout=asyncio.subprocess.PIPE)
+                sys.executable,
+                "-m",
+                "beamhub.hub.cli",
+                "token",
+                "issue",
+                "--project",
+                "p9",
+                "--scope",
+                "stream.publish stream.read",
+                "--ttl",
+                "60",
+                env=env,
+                stdout=asyncio.subprocess.PIPE,
+            )
             out = (await asyncio.wait_for(cmd.communicate(), 20))[0].decode().strip()
             assert cmd.returncode == 0
             return out
@@ -258,7 +314,8 @@ async def test_beamhub_dsn_command_serves_and_stops_cleanly(tmp_path) -> None:
         assert (await api(url, "GET", "/api/channels", doomed))[0] == 200
         revoked.append(jwt.decode(doomed, options={"verify_signature": False})["jti"])
         code, body = await wait_until(
-            lambda: _refused(api(url, "GET", "/api/channels", doomed)), timeout=10)
+            lambda: _refused(api(url, "GET", "/api/channels", doomed)), timeout=10
+        )
         assert (code, body["reason"]) == (401, "revoked")
         assert (await api(url, "GET", "/api/channels", token))[0] == 200
         assert (await api(url, "GET", "/api/health"))[1]["channels"] == 1

@@ -44,8 +44,9 @@ BAD_TOKENS = [
 ]
 
 
-@pytest.mark.parametrize(("case", "make", "status", "reason"), BAD_TOKENS,
-                         ids=[c[0] for c in BAD_TOKENS])
+@pytest.mark.parametrize(
+    ("case", "make", "status", "reason"), BAD_TOKENS, ids=[c[0] for c in BAD_TOKENS]
+)
 async def test_bad_token_refused_and_nothing_provisioned(
     tokens: Tokens, case: str, make, status: int, reason: str
 ) -> None:
@@ -55,8 +56,9 @@ async def test_bad_token_refused_and_nothing_provisioned(
         assert (code, body["reason"]) == (status, reason), body
         if status == 401:  # RFC 6750 challenge
             headers = {"Authorization": f"Bearer {token}"} if token else {}
-            resp = await AsyncHTTPClient().fetch(node.url + "/api/channels", headers=headers,
-                                                 raise_error=False)
+            resp = await AsyncHTTPClient().fetch(
+                node.url + "/api/channels", headers=headers, raise_error=False
+            )
             why = "" if token is None else ', error="invalid_token"'
             assert resp.headers["WWW-Authenticate"] == f'Bearer realm="beamhub-dsn"{why}'
         assert body["error"]
@@ -71,9 +73,14 @@ async def test_bad_tokens_refused_on_every_route(tokens: Tokens) -> None:
         code, made = await api(node.url, "POST", "/api/channels", tokens.issue(), BODY)
         assert code == 201
         cid = made["id"]
-        routes = [("GET", "/api/channels"), ("GET", f"/api/channels/{cid}"),
-                  ("POST", f"/api/channels/{cid}/renew"), ("DELETE", f"/api/channels/{cid}"),
-                  ("GET", f"/api/channels/{cid}/steer/params"), ("GET", "/api/template")]
+        routes = [
+            ("GET", "/api/channels"),
+            ("GET", f"/api/channels/{cid}"),
+            ("POST", f"/api/channels/{cid}/renew"),
+            ("DELETE", f"/api/channels/{cid}"),
+            ("GET", f"/api/channels/{cid}/steer/params"),
+            ("GET", "/api/template"),
+        ]
         for method, path in routes:
             for token in (None, tokens.expired(), tokens.forged()):
                 code, body = await api(node.url, method, path, token)
@@ -87,10 +94,12 @@ async def test_other_project_cannot_see_or_touch_a_channel(tokens: Tokens) -> No
         assert code == 201 and made["project"] == "p1"
         cid = made["id"]
         other = tokens.issue("p2", "stream.read stream.publish steer")
-        for method, path in [("GET", f"/api/channels/{cid}"),
-                             ("POST", f"/api/channels/{cid}/renew"),
-                             ("DELETE", f"/api/channels/{cid}"),
-                             ("PUT", f"/api/channels/{cid}/steer/params/rate_hz")]:
+        for method, path in [
+            ("GET", f"/api/channels/{cid}"),
+            ("POST", f"/api/channels/{cid}/renew"),
+            ("DELETE", f"/api/channels/{cid}"),
+            ("PUT", f"/api/channels/{cid}/steer/params/rate_hz"),
+        ]:
             code, body = await api(node.url, method, path, other, {"value": 1})
             assert (code, body["reason"]) == (403, "project"), (method, body)
         code, listing = await api(node.url, "GET", "/api/channels", other)
@@ -129,8 +138,9 @@ async def test_out_of_template_refused_by_name(
     tokens: Tokens, change: dict, status: int, field: str, limit
 ) -> None:
     async with running_dsn(tokens) as node:
-        code, body = await api(node.url, "POST", "/api/channels", tokens.issue(),
-                               {**BODY, **change})
+        code, body = await api(
+            node.url, "POST", "/api/channels", tokens.issue(), {**BODY, **change}
+        )
         assert (code, body["field"]) == (status, field), body
         if limit is not None:
             assert body["limit"] == limit
@@ -143,32 +153,48 @@ async def test_moderate_template_requires_encryption_and_l7(tokens: Tokens) -> N
     key = zmq.curve_keypair()[0].decode()
     async with running_dsn(tokens, moderate) as node:
         token = tokens.issue()
-        code, body = await api(node.url, "POST", "/api/channels", token,
-                               {"stream": "det", "encryption": False})
+        code, body = await api(
+            node.url, "POST", "/api/channels", token, {"stream": "det", "encryption": False}
+        )
         assert (code, body["reason"], body["field"]) == (403, "encryption_required", "encryption")
         code, body = await api(node.url, "POST", "/api/channels", token, {"stream": "det"})
         assert (code, body["field"]) == (403, "producer_keys")
-        code, body = await api(node.url, "POST", "/api/channels", token,
-                               {"stream": "det", "mode": "l4", "producer_keys": [key],
-                                "consumer_keys": [key]})
+        code, body = await api(
+            node.url,
+            "POST",
+            "/api/channels",
+            token,
+            {"stream": "det", "mode": "l4", "producer_keys": [key], "consumer_keys": [key]},
+        )
         assert (code, body["field"], body["limit"]) == (403, "mode", ["l7"])
         assert_nothing_provisioned(node)
-        code, made = await api(node.url, "POST", "/api/channels", token,
-                               {"stream": "det", "producer_keys": [key], "consumer_keys": [key]})
+        code, made = await api(
+            node.url,
+            "POST",
+            "/api/channels",
+            token,
+            {"stream": "det", "producer_keys": [key], "consumer_keys": [key]},
+        )
         assert code == 201, made
         assert made["params"]["encryption"] is True and made["endpoints"]["server_key"]
 
 
 async def test_malformed_body_and_channel_count(tokens: Tokens) -> None:
-    small = Template.from_mapping({**Template.load().describe(), "max_channels_per_project": 2,
-                                   "hwm": {"min": 1, "max": 100, "default": 10},
-                                   "max_frame_bytes": {"max": 1 << 20, "default": 1 << 20}})
+    small = Template.from_mapping(
+        {
+            **Template.load().describe(),
+            "max_channels_per_project": 2,
+            "hwm": {"min": 1, "max": 100, "default": 10},
+            "max_frame_bytes": {"max": 1 << 20, "default": 1 << 20},
+        }
+    )
     async with running_dsn(tokens, small) as node:
         token = tokens.issue()
         code, body = await api(node.url, "POST", "/api/channels", token, raw=b"{not json")
         assert (code, body["reason"]) == (400, "malformed_json")
-        code, body = await api(node.url, "POST", "/api/channels", token,
-                               raw=b"[" * 3000 + b"]" * 3000)  # fmt: skip
+        code, body = await api(
+            node.url, "POST", "/api/channels", token, raw=b"[" * 3000 + b"]" * 3000
+        )
         assert (code, body["reason"]) == (400, "malformed_json")
         code, body = await api(node.url, "POST", "/api/channels", token, ["det"])
         assert code == 400
@@ -204,8 +230,13 @@ async def test_source_outside_allowlist_cannot_reach_the_data_plane(tokens: Toke
     """A channel for producers on 127.0.0.2 only: a producer from 127.0.0.1 gets nothing through,
     one bound to 127.0.0.2 does (ZeroMQ's 'tcp://SOURCE:0;DEST' picks the source address)."""
     async with running_dsn(tokens) as node:
-        code, made = await api(node.url, "POST", "/api/channels", tokens.issue(),
-                               {**BODY, "source_cidrs": ["127.0.0.2/32"]})
+        code, made = await api(
+            node.url,
+            "POST",
+            "/api/channels",
+            tokens.issue(),
+            {**BODY, "source_cidrs": ["127.0.0.2/32"]},
+        )
         assert code == 201, made
         cid, producer = made["id"], made["endpoints"]["producer"]
         dest = producer.removeprefix("tcp://")
@@ -219,19 +250,27 @@ async def test_source_outside_allowlist_cannot_reach_the_data_plane(tokens: Toke
             outsider.connect(f"tcp://127.0.0.1:0;{dest}")
             for seq in range(5):
                 with contextlib.suppress(zmq.Again):  # no peer ever attaches: would block
-                    send_frame(outsider, FrameHeader("det", seq, "<u1", (8,)), np.zeros(8, "u1"),
-                               flags=zmq.NOBLOCK)
+                    send_frame(
+                        outsider,
+                        FrameHeader("det", seq, "<u1", (8,)),
+                        np.zeros(8, "u1"),
+                        flags=zmq.NOBLOCK,
+                    )
             insider = ctx.socket(zmq.PUSH)
             insider.setsockopt(zmq.LINGER, 0)
             insider.connect(f"tcp://127.0.0.2:0;{dest}")
             # the outsider's handshake is refused by ZAP: it is counted and nothing arrives
             stats = await wait_until(
-                lambda: (s := node.data_plane.stats(cid))["refused_connections"]["producer"] > 0 and s)
+                lambda: (
+                    (s := node.data_plane.stats(cid))["refused_connections"]["producer"] > 0 and s
+                )
+            )
             assert stats["messages"] == 0
             for seq in range(5):
                 send_frame(insider, FrameHeader("det", seq, "<u1", (8,)), np.zeros(8, "u1"))
-            stats = await wait_until(lambda: (s := node.data_plane.stats(cid))["messages"] >= 5
-                                     and s)
+            stats = await wait_until(
+                lambda: (s := node.data_plane.stats(cid))["messages"] >= 5 and s
+            )
             assert stats["messages"] == 5
             got = []
             while len(got) < 6 and await asyncio.to_thread(work.poll, 500):

@@ -208,22 +208,36 @@ async def test_dsn_api_field_validation_and_stats(zctx) -> None:
     tokens = Tokens()
     token = tokens.issue()
     async with running_dsn(tokens) as node:
-        status, body = await api(node.url, "POST", "/api/channels", token,
-                                 {"stream": "det", "mode": "l4", "when_no_consumer": "drop"})
+        status, body = await api(
+            node.url,
+            "POST",
+            "/api/channels",
+            token,
+            {"stream": "det", "mode": "l4", "when_no_consumer": "drop"},
+        )
         assert status == 400 and body["field"] == "when_no_consumer", body
         assert "l7" in body["error"]
-        status, body = await api(node.url, "POST", "/api/channels", token,
-                                 {"stream": "det", "when_no_consumer": "sometimes"})
+        status, body = await api(
+            node.url,
+            "POST",
+            "/api/channels",
+            token,
+            {"stream": "det", "when_no_consumer": "sometimes"},
+        )
         assert status == 400 and body["field"] == "when_no_consumer", body
         assert node.channels == {}
         status, body = await api(node.url, "GET", "/api/template", token)
         assert body["when_no_consumer"] == {"allowed": ["wait", "drop"], "default": "wait"}
 
-        status, body = await api(node.url, "POST", "/api/channels", token,
-                                 {"stream": "det"})
+        status, body = await api(node.url, "POST", "/api/channels", token, {"stream": "det"})
         assert status == 201 and body["params"]["when_no_consumer"] == "wait"
-        status, body = await api(node.url, "POST", "/api/channels", token,
-                                 {"stream": "det", "mode": "l7", "when_no_consumer": "drop"})
+        status, body = await api(
+            node.url,
+            "POST",
+            "/api/channels",
+            token,
+            {"stream": "det", "mode": "l7", "when_no_consumer": "drop"},
+        )
         assert status == 201 and body["params"]["when_no_consumer"] == "drop", body
         cid = body["id"]
         push = zctx.socket(zmq.PUSH)
@@ -255,9 +269,11 @@ def test_template_bounds_when_no_consumer() -> None:
     )
     assert drop_default.check({"stream": "det", "mode": "l7"}).when_no_consumer == "drop"
     assert drop_default.check({"stream": "det", "mode": "l4"}).when_no_consumer == "wait"
-    for bad, where in (({"allowed": ["maybe"]}, "when_no_consumer.allowed"),
-                       ({"allowed": ["wait"], "default": "drop"}, "when_no_consumer.default"),
-                       ({"sometimes": 1}, "unknown key")):
+    for bad, where in (
+        ({"allowed": ["maybe"]}, "when_no_consumer.allowed"),
+        ({"allowed": ["wait"], "default": "drop"}, "when_no_consumer.default"),
+        ({"sometimes": 1}, "unknown key"),
+    ):
         with pytest.raises(TemplateError, match=where):
             Template.from_mapping({**base, "when_no_consumer": bad})
     # The packaged templates state the field; wait stays the default everywhere.

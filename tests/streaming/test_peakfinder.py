@@ -61,8 +61,12 @@ def test_no_peaks_on_non_hit_frames(sim_frames):
 
 
 def test_centroids_are_subpixel_on_synthetic_spots():
-    spots = [(40.3, 60.7, 200.0, 1.2), (200.5, 180.2, 120.0, 1.0), (128.0, 40.4, 400.0, 1.5),
-             (70.2, 128.6, 300.0, 1.3)]  # the last one sits on the solvent ring
+    spots = [
+        (40.3, 60.7, 200.0, 1.2),
+        (200.5, 180.2, 120.0, 1.0),
+        (128.0, 40.4, 400.0, 1.5),
+        (70.2, 128.6, 300.0, 1.3),
+    ]  # the last one sits on the solvent ring
     frame = synthetic_frame(spots=spots, seed=1)
     result = find_peaks(frame, PeakFinderParams(min_res=10))
     assert result.n_peaks == len(spots)
@@ -81,8 +85,7 @@ def test_pixel_count_bounds_reject_hot_pixels_and_blobs():
     result = find_peaks(frame, PeakFinderParams(min_res=10))
     assert result.n_peaks == 1
     assert abs(result.peaks[0, 0] - 50.0) < 0.5 and abs(result.peaks[0, 1] - 50.0) < 0.5
-    wide = find_peaks(frame, PeakFinderParams(min_res=10, min_pixel_count=1,
-                                              max_pixel_count=1000))
+    wide = find_peaks(frame, PeakFinderParams(min_res=10, min_pixel_count=1, max_pixel_count=1000))
     assert wide.n_peaks == 3
 
 

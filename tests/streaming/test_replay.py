@@ -68,8 +68,9 @@ def test_npy_replay_sends_the_files_frames_in_order(npy_file, stack, receiver):
 
 
 def test_hdf5_replay_loops_and_restarts_from_the_first_frame(h5_file, stack, receiver):
-    src = start_replay_source(str(h5_file), receiver.endpoint, "replay", dataset="/entry/data",
-                              rate_hz=300.0, loop=True)
+    src = start_replay_source(
+        str(h5_file), receiver.endpoint, "replay", dataset="/entry/data", rate_hz=300.0, loop=True
+    )
     try:
         frames = [receiver.recv() for _ in range(15)]
         src.runner.stop_run()
@@ -136,8 +137,13 @@ def test_bad_files_get_clear_errors(tmp_path, h5_file, npy_file):
 
 def _beamhub(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "beamhub.hub.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "beamhub.hub.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def _read_until(proc: subprocess.Popen, pattern: str, timeout: float = 30.0) -> re.Match:
@@ -156,8 +162,19 @@ def _read_until(proc: subprocess.Popen, pattern: str, timeout: float = 30.0) -> 
 
 @pytest.mark.timeout(90)
 def test_beamhub_source_replay_command_streams_and_stops_on_sigterm(npy_file, stack, receiver):
-    proc = _beamhub("source", "replay", str(npy_file), "--connect", receiver.endpoint,
-                    "--rate", "100", "--loop", "--run", "--status-every", "0.2")
+    proc = _beamhub(
+        "source",
+        "replay",
+        str(npy_file),
+        "--connect",
+        receiver.endpoint,
+        "--rate",
+        "100",
+        "--loop",
+        "--run",
+        "--status-every",
+        "0.2",
+    )
     try:
         _read_until(proc, r"sending to " + re.escape(receiver.endpoint))
         url = _read_until(proc, r"control endpoint: (http://127\.0\.0\.1:\d+)").group(1)
@@ -179,8 +196,9 @@ def test_beamhub_source_replay_command_streams_and_stops_on_sigterm(npy_file, st
 
 
 def test_beamhub_source_replay_command_refuses_a_missing_dataset(h5_file):
-    proc = _beamhub("source", "replay", str(h5_file), "--dataset", "/nope", "--bind",
-                    "tcp://127.0.0.1:0")
+    proc = _beamhub(
+        "source", "replay", str(h5_file), "--dataset", "/nope", "--bind", "tcp://127.0.0.1:0"
+    )
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert "'/nope' not found" in err and "/entry/data" in err

@@ -29,8 +29,13 @@ def peak_radius(det: SimulatedDetector, peak) -> float:
 def test_schema_names_every_steerable_parameter():
     det = SimulatedDetector((128, 128), seed=0)
     schema = {p["name"]: p for p in det.params.schema()}
-    for name in ("rate_hz", "hit_fraction", "beam_intensity", "detector_distance_mm",
-                 "sample_position_um"):
+    for name in (
+        "rate_hz",
+        "hit_fraction",
+        "beam_intensity",
+        "detector_distance_mm",
+        "sample_position_um",
+    ):
         spec = schema[name]
         assert spec["type"] == "float"
         assert spec["min"] < spec["max"]
@@ -70,7 +75,7 @@ def test_truth_peaks_sit_on_bright_pixels_inside_the_detector():
             assert 0 <= y < h and 0 <= x < w
             assert peak_radius(det, (y, x)) > BEAMSTOP_RADIUS_PX
             iy, ix = round(y), round(x)
-            window = frame[max(iy - 12, 0):iy + 13, max(ix - 12, 0):ix + 13]
+            window = frame[max(iy - 12, 0) : iy + 13, max(ix - 12, 0) : ix + 13]
             local = np.median(window)
             noise = 1.4826 * np.median(np.abs(window - local))
             assert frame[iy, ix] - local > 8 * noise, (y, x, height)
@@ -109,8 +114,9 @@ def test_sample_position_lowers_the_hit_rate():
     det.set_param("sample_position_um", 75.0)
     metas = [det.generate()[1] for _ in range(400)]
     moved = sum(m["hit"] for m in metas)
-    assert metas[0]["effective_hit_fraction"] == pytest.approx(0.5 * math.exp(-((75 / 50) ** 2)),
-                                                                rel=1e-4)
+    assert metas[0]["effective_hit_fraction"] == pytest.approx(
+        0.5 * math.exp(-((75 / 50) ** 2)), rel=1e-4
+    )
     assert centred > 150  # ~200 expected
     assert moved < 60  # ~42 expected
     assert effective_hit_fraction(0.5, 500.0) < 1e-40
@@ -219,11 +225,20 @@ def test_curve_encrypted_channel_delivers_only_to_the_right_server():
     rx.sock.curve_publickey = server_public
     port = rx.sock.bind_to_random_port("tcp://127.0.0.1")
     endpoint = f"tcp://127.0.0.1:{port}"
-    good = SourceRunner(SimulatedDetector((64, 64), seed=1, rate_hz=100.0), stream="enc",
-                        connect=endpoint, curve=CurveKeys.generate(server_public)).start()
+    good = SourceRunner(
+        SimulatedDetector((64, 64), seed=1, rate_hz=100.0),
+        stream="enc",
+        connect=endpoint,
+        curve=CurveKeys.generate(server_public),
+    ).start()
     wrong_key = zmq.curve_keypair()[0]
-    bad = SourceRunner(SimulatedDetector((64, 64), seed=2, rate_hz=100.0), stream="wrong",
-                       connect=endpoint, curve=CurveKeys.generate(wrong_key), linger_ms=0).start()
+    bad = SourceRunner(
+        SimulatedDetector((64, 64), seed=2, rate_hz=100.0),
+        stream="wrong",
+        connect=endpoint,
+        curve=CurveKeys.generate(wrong_key),
+        linger_ms=0,
+    ).start()
     try:
         good.start_run()
         bad.start_run()
@@ -235,8 +250,9 @@ def test_curve_encrypted_channel_delivers_only_to_the_right_server():
     assert {f.header.stream for f in frames} == {"enc"}
     assert bad.frames_sent + bad.dropped_at_source > 0  # it tried, and nothing got through
     with pytest.raises(ValueError, match="server's public key"):
-        SourceRunner(SimulatedDetector((64, 64)), stream="x", connect=endpoint,
-                     curve=CurveKeys.generate())
+        SourceRunner(
+            SimulatedDetector((64, 64)), stream="x", connect=endpoint, curve=CurveKeys.generate()
+        )
 
 
 def _beamhub(*args: str):
@@ -245,8 +261,13 @@ def _beamhub(*args: str):
     import sys
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "beamhub.hub.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "beamhub.hub.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 @pytest.mark.timeout(90)
@@ -256,8 +277,20 @@ def test_beamhub_source_sim_command_waits_for_a_run_and_stops_on_sigint(receiver
     import signal
     import urllib.request
 
-    proc = _beamhub("source", "sim", "--connect", receiver.endpoint, "--shape", "128x128",
-                    "--rate", "50", "--hit-fraction", "1.0", "--seed", "3")
+    proc = _beamhub(
+        "source",
+        "sim",
+        "--connect",
+        receiver.endpoint,
+        "--shape",
+        "128x128",
+        "--rate",
+        "50",
+        "--hit-fraction",
+        "1.0",
+        "--seed",
+        "3",
+    )
     try:
         url = None
         for line in proc.stdout:

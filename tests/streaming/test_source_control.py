@@ -19,7 +19,9 @@ from beamhub.streaming.source_control import SourceControlServer
 
 
 def http(method: str, url: str, body=None, token: str | None = None) -> tuple[int, dict]:
-    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    data = (
+        None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    )
     req = urllib.request.Request(url, data=data, method=method)
     if token:
         req.add_header("Authorization", f"Bearer {token}")
@@ -33,8 +35,15 @@ def http(method: str, url: str, body=None, token: str | None = None) -> tuple[in
 
 @pytest.fixture
 def source(receiver):
-    src = start_simulated_source(receiver.endpoint, "sfx", shape=(384, 384), seed=11,
-                                 rate_hz=100.0, hit_fraction=0.5, sndhwm=1000)
+    src = start_simulated_source(
+        receiver.endpoint,
+        "sfx",
+        shape=(384, 384),
+        seed=11,
+        rate_hz=100.0,
+        hit_fraction=0.5,
+        sndhwm=1000,
+    )
     yield src
     src.stop()
 
@@ -43,8 +52,13 @@ def test_schema_and_params_are_readable(source):
     status, body = http("GET", f"{source.control_url}/schema")
     assert status == 200
     names = [p["name"] for p in body["params"]]
-    assert {"rate_hz", "hit_fraction", "beam_intensity", "detector_distance_mm",
-            "sample_position_um"} <= set(names)
+    assert {
+        "rate_hz",
+        "hit_fraction",
+        "beam_intensity",
+        "detector_distance_mm",
+        "sample_position_um",
+    } <= set(names)
     status, body = http("GET", f"{source.control_url}/params")
     assert status == 200
     assert body["values"]["hit_fraction"] == 0.5
@@ -54,36 +68,46 @@ def test_schema_and_params_are_readable(source):
 
 def test_distance_change_answers_rev_and_first_seq_and_frames_follow(source, receiver):
     receiver.recv()  # the stream flows
-    status, answer = http("PUT", f"{source.control_url}/params/detector_distance_mm",
-                          {"value": 180})
+    status, answer = http(
+        "PUT", f"{source.control_url}/params/detector_distance_mm", {"value": 180}
+    )
     assert status == 200
-    assert answer == {"name": "detector_distance_mm", "value": 180.0, "rev": 1,
-                      "first_seq": answer["first_seq"]}
+    assert answer == {
+        "name": "detector_distance_mm",
+        "value": 180.0,
+        "rev": 1,
+        "first_seq": answer["first_seq"],
+    }
     first = answer["first_seq"]
     frames = receiver.until_seq(first + 40)
     det = source.generator
     before = [f for f in frames if f.header.seq < first]
     after = [f for f in frames if f.header.seq >= first]
     assert after[0].header.seq == first
-    assert all(f.header.rev == 0 and f.header.meta["params"]["detector_distance_mm"] == 100.0
-               for f in before)
-    assert all(f.header.rev == 1 and f.header.meta["params"]["detector_distance_mm"] == 180.0
-               for f in after)
+    assert all(
+        f.header.rev == 0 and f.header.meta["params"]["detector_distance_mm"] == 100.0
+        for f in before
+    )
+    assert all(
+        f.header.rev == 1 and f.header.meta["params"]["detector_distance_mm"] == 180.0
+        for f in after
+    )
     checked = 0
     for f in after:
-        for peak, two_theta in zip(f.header.meta["peaks"], f.header.meta["two_theta_deg"],
-                                   strict=True):
+        for peak, two_theta in zip(
+            f.header.meta["peaks"], f.header.meta["two_theta_deg"], strict=True
+        ):
             r = math.hypot(peak[0] - det.beam_center[0], peak[1] - det.beam_center[1])
-            assert r == pytest.approx(180.0 * 1000 * math.tan(math.radians(two_theta)) / 100.0,
-                                      abs=0.01)
+            assert r == pytest.approx(
+                180.0 * 1000 * math.tan(math.radians(two_theta)) / 100.0, abs=0.01
+            )
             checked += 1
     assert checked > 50
 
 
 def test_moving_the_sample_out_of_the_jet_lowers_the_hit_rate(source, receiver):
     receiver.recv()
-    status, answer = http("PUT", f"{source.control_url}/params/sample_position_um",
-                          {"value": 150})
+    status, answer = http("PUT", f"{source.control_url}/params/sample_position_um", {"value": 150})
     assert status == 200 and answer["rev"] == 1
     frames = receiver.until_seq(answer["first_seq"] + 60)
     before = [f.header.meta["hit"] for f in frames if f.header.seq < answer["first_seq"]]
@@ -145,8 +169,16 @@ def keys():
 
 def test_writes_need_a_steer_token_for_the_project(receiver, keys):
     issuer, verifier = keys
-    src = start_simulated_source(receiver.endpoint, "sfx", shape=(128, 128), seed=1,
-                                 rate_hz=20.0, verifier=verifier, project="p1", sndhwm=1000)
+    src = start_simulated_source(
+        receiver.endpoint,
+        "sfx",
+        shape=(128, 128),
+        seed=1,
+        rate_hz=20.0,
+        verifier=verifier,
+        project="p1",
+        sndhwm=1000,
+    )
     try:
         url = f"{src.control_url}/params/hit_fraction"
         steer = issuer.issue(sub="ana", project="p1", scopes="steer", ttl=60)
@@ -171,8 +203,12 @@ def test_writes_need_a_steer_token_for_the_project(receiver, keys):
 async def test_control_server_runs_inside_an_existing_event_loop(receiver):
     from beamhub.streaming.simulator import SimulatedDetector
 
-    runner = SourceRunner(SimulatedDetector((128, 128), seed=2, rate_hz=50.0), stream="s",
-                          connect=receiver.endpoint, sndhwm=1000).start()
+    runner = SourceRunner(
+        SimulatedDetector((128, 128), seed=2, rate_hz=50.0),
+        stream="s",
+        connect=receiver.endpoint,
+        sndhwm=1000,
+    ).start()
     server = SourceControlServer(runner)
     url = await server.start()
     client = AsyncHTTPClient()

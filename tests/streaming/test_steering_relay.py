@@ -33,8 +33,11 @@ async def detector_on_channel(node, tokens: Tokens):
     code, made = await api(node.url, "POST", "/api/channels", publish, {"stream": "det"})
     assert code == 201, made
     cid = made["id"]
-    runner = SourceRunner(SimulatedDetector((64, 64), seed=3, rate_hz=100.0), stream="det",
-                          connect=made["endpoints"]["producer"])
+    runner = SourceRunner(
+        SimulatedDetector((64, 64), seed=3, rate_hz=100.0),
+        stream="det",
+        connect=made["endpoints"]["producer"],
+    )
     control = SourceControlServer(runner, verifier=tokens.verifier, project="p1")
     ctx = zmq.Context()
     work = ctx.socket(zmq.PULL)
@@ -45,8 +48,9 @@ async def detector_on_channel(node, tokens: Tokens):
         runner.start_run()
         url = await control.start()
         attach = tokens.issue("p1", "stream.read stream.publish steer")  # only steerers may
-        code, body = await api(node.url, "PUT", f"/api/channels/{cid}/source_control", attach,
-                               {"source_control": url})
+        code, body = await api(
+            node.url, "PUT", f"/api/channels/{cid}/source_control", attach, {"source_control": url}
+        )
         assert code == 200, body
         yield cid, runner, work
     finally:
@@ -68,18 +72,22 @@ def frames_until(work: zmq.Socket, seq: int, timeout_ms: int = 5000) -> list:
 async def test_steer_token_steers_and_answer_passes_through(tokens: Tokens, caplog) -> None:
     caplog.set_level(logging.INFO, logger="beamhub.dsn")
     steer = tokens.issue("p1", "stream.read steer")
-    async with running_dsn(tokens) as node, detector_on_channel(node, tokens) as (cid, runner,
-                                                                                   work):
+    async with (
+        running_dsn(tokens) as node,
+        detector_on_channel(node, tokens) as (cid, runner, work),
+    ):
         base = f"/api/channels/{cid}/steer"
         code, schema = await api(node.url, "GET", f"{base}/schema", tokens.issue("p1"))
         assert code == 200
         assert {"rate_hz", "hit_fraction", "detector_distance_mm"} <= {
-            p["name"] for p in schema["params"]}
+            p["name"] for p in schema["params"]
+        }
         code, params = await api(node.url, "GET", f"{base}/params", tokens.issue("p1"))
         assert code == 200 and params["values"]["hit_fraction"] == 0.3 and params["rev"] == 0
 
-        code, answer = await api(node.url, "PUT", f"{base}/params/hit_fraction", steer,
-                                 {"value": 0.8})
+        code, answer = await api(
+            node.url, "PUT", f"{base}/params/hit_fraction", steer, {"value": 0.8}
+        )
         assert code == 200, answer
         assert (answer["name"], answer["value"], answer["rev"]) == ("hit_fraction", 0.8, 1)
         assert answer["first_seq"] >= 0
@@ -88,12 +96,13 @@ async def test_steer_token_steers_and_answer_passes_through(tokens: Tokens, capl
         for frame in frames:
             assert frame.header.rev == (1 if frame.header.seq >= answer["first_seq"] else 0)
 
-        code, refused = await api(node.url, "PUT", f"{base}/params/rate_hz", steer,
-                                  {"value": 1e6})
+        code, refused = await api(node.url, "PUT", f"{base}/params/rate_hz", steer, {"value": 1e6})
         assert (code, refused["field"]) == (400, "rate_hz"), refused
         source_url = node.channels[cid].params.source_control  # the source's own answer, direct
         assert await api(source_url, "PUT", "/params/rate_hz", steer, {"value": 1e6}) == (
-            400, refused)
+            400,
+            refused,
+        )
         assert "1000" in str(refused["limit"])
         code, run = await api(node.url, "POST", f"{base}/run", steer, {"action": "stop"})
         assert (code, run["running"]) == (200, False) and runner.status()["running"] is False
@@ -117,8 +126,9 @@ async def test_steering_refused_without_scope_or_for_another_project(tokens: Tok
             (None, 401, "missing"),
         ]
         for token, status, reason in cases:
-            code, body = await api(node.url, "PUT", f"{base}/params/hit_fraction", token,
-                                   {"value": 0.9})
+            code, body = await api(
+                node.url, "PUT", f"{base}/params/hit_fraction", token, {"value": 0.9}
+            )
             assert (code, body["reason"]) == (status, reason), body
             code, body = await api(node.url, "POST", f"{base}/run", token, {"action": "stop"})
             assert (code, body["reason"]) == (status, reason), body
@@ -132,8 +142,9 @@ async def test_dead_or_missing_source_control(tokens: Tokens) -> None:
     steer = tokens.issue("p1", "stream.read stream.publish steer")
     async with running_dsn(tokens) as node:
         dead = f"http://127.0.0.1:{free_port()}"
-        code, made = await api(node.url, "POST", "/api/channels", steer,
-                               {"stream": "det", "source_control": dead})
+        code, made = await api(
+            node.url, "POST", "/api/channels", steer, {"stream": "det", "source_control": dead}
+        )
         assert code == 201, made
         base = f"/api/channels/{made['id']}/steer"
         code, body = await api(node.url, "PUT", f"{base}/params/rate_hz", steer, {"value": 5})
@@ -144,7 +155,11 @@ async def test_dead_or_missing_source_control(tokens: Tokens) -> None:
         code, made = await api(node.url, "POST", "/api/channels", steer, {"stream": "det"})
         code, body = await api(node.url, "GET", f"/api/channels/{made['id']}/steer/params", steer)
         assert (code, body["reason"]) == (409, "no_source_control")
-        code, body = await api(node.url, "PUT",
-                               f"/api/channels/{made['id']}/steer/params/x%2F..%2Fadmin", steer,
-                               {"value": 1})
+        code, body = await api(
+            node.url,
+            "PUT",
+            f"/api/channels/{made['id']}/steer/params/x%2F..%2Fadmin",
+            steer,
+            {"value": 1},
+        )
         assert code == 404

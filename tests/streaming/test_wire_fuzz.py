@@ -40,7 +40,9 @@ FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -127,8 +129,19 @@ def test_byte_level_mutations_never_crash(data, payload_len):
 @FUZZ
 @given(
     shape=st.lists(st.integers(min_value=0, max_value=2**80), min_size=0, max_size=10),
-    dtype=st.sampled_from([*sorted(ALLOWED_DTYPES), "|O", "<U4", "|V8", "f4,f4", "bogus", "",
-                           "(-1,)f4", "(99999999999,)f4"]),  # numpy raises ValueError for these
+    dtype=st.sampled_from(
+        [
+            *sorted(ALLOWED_DTYPES),
+            "|O",
+            "<U4",
+            "|V8",
+            "f4,f4",
+            "bogus",
+            "",
+            "(-1,)f4",
+            "(99999999999,)f4",
+        ]
+    ),  # numpy raises ValueError for these
     payload_len=st.integers(min_value=0, max_value=128),
 )
 def test_arbitrary_shapes_and_dtypes_never_crash(shape, dtype, payload_len):

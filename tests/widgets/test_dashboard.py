@@ -35,8 +35,12 @@ def _drain(stack: RunningStack, stop: threading.Event) -> None:
     mark and the monitor fan-out (what the dashboard sees) stalls with it."""
     assert login(stack, "alice", "alice-dev")[1].status_code == 200
     headers = {"Authorization": f"token {stack.user_api_token('alice')}"}
-    r = requests.post(stack.tokens + "api/tokens", headers=headers, timeout=10,
-                      json={"project": "p-1001", "scopes": ["stream.read"], "ttl": 300})  # fmt: skip
+    r = requests.post(
+        stack.tokens + "api/tokens",
+        headers=headers,
+        timeout=10,
+        json={"project": "p-1001", "scopes": ["stream.read"], "ttl": 300},
+    )
     assert r.status_code == 201, r.text
     token = r.json()["token"]
     with StreamConsumer.from_dsn(stack.urls["dsn"], stack.urls["detector_channel"], token) as c:
@@ -202,11 +206,16 @@ def test_many_viewers_share_one_subscription(stack: RunningStack) -> None:
     assert project["channels"][channel]["dsn_monitor_viewers"] == 1
     # and the DSN says so itself, to a token minted by alice through the token service
     headers = {"Authorization": f"token {stack.user_api_token('alice')}"}
-    minted = requests.post(stack.tokens + "api/tokens", headers=headers, timeout=10,
-                           json={"project": "p-1001", "scopes": ["stream.read"], "ttl": 60})  # fmt: skip
+    minted = requests.post(
+        stack.tokens + "api/tokens",
+        headers=headers,
+        timeout=10,
+        json={"project": "p-1001", "scopes": ["stream.read"], "ttl": 60},
+    )
     assert minted.status_code == 201, minted.text
     bearer = {"Authorization": f"Bearer {minted.json()['token']}"}
-    stats = requests.get(f"{stack.urls['dsn']}/api/channels/{channel}", headers=bearer,
-                         timeout=10).json()["stats"]  # fmt: skip
+    stats = requests.get(
+        f"{stack.urls['dsn']}/api/channels/{channel}", headers=bearer, timeout=10
+    ).json()["stats"]
     monitors = [c for c in stats["consumers"] if c.startswith("dashboard-")]
     assert stats["monitor"]["viewers"] == 1 and len(monitors) == 1, stats

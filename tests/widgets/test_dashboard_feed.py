@@ -38,12 +38,19 @@ async def test_one_subscription_per_channel_renewed_token_and_clean_stop() -> No
         publisher = tokens.issue("p1", "stream.read stream.publish")
         status, channel = await api(node.url, "POST", "/api/channels", publisher, {"stream": "det"})
         assert status == 201, channel
-        status, other = await api(node.url, "POST", "/api/channels",
-                                  tokens.issue("p2", "stream.read stream.publish"),
-                                  {"stream": "elsewhere"})  # fmt: skip
+        status, other = await api(
+            node.url,
+            "POST",
+            "/api/channels",
+            tokens.issue("p2", "stream.read stream.publish"),
+            {"stream": "elsewhere"},
+        )
         assert status == 201, other
-        source = SourceRunner(SimulatedDetector((64, 64), rate_hz=50, seed=1), stream="det",
-                              connect=channel["endpoints"]["producer"])  # fmt: skip
+        source = SourceRunner(
+            SimulatedDetector((64, 64), rate_hz=50, seed=1),
+            stream="det",
+            connect=channel["endpoints"]["producer"],
+        )
         stop = threading.Event()
         work = StreamConsumer(channel["endpoints"]["work"])
 

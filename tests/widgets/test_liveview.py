@@ -37,8 +37,12 @@ def pool() -> tuple[list[Frame], list[FrameResult]]:
     frames = []
     for i in range(12):
         data, meta = det.generate()
-        frames.append(Frame(FrameHeader(stream="t", seq=i, dtype=data.dtype.str,
-                                        shape=data.shape, meta=meta), data))
+        frames.append(
+            Frame(
+                FrameHeader(stream="t", seq=i, dtype=data.dtype.str, shape=data.shape, meta=meta),
+                data,
+            )
+        )
     analyzer = Analyzer()
     return frames, [analyzer.analyse(f) for f in frames]
 
@@ -90,9 +94,10 @@ def test_120_results_per_second_give_at_most_10_updates_per_second(pool) -> None
         peaks = view.peaks_source.data
         assert peaks["x"] == shown.peaks[:, 1].round(1).tolist()
         assert peaks["y"] == shown.peaks[:, 0].round(1).tolist()
-        hits = [r.hit for r in fed[-view.stats.window:]]
-        assert view.series_source.data["hit_rate"][-1] == pytest.approx(sum(hits) / len(hits),
-                                                                         abs=1e-3)
+        hits = [r.hit for r in fed[-view.stats.window :]]
+        assert view.series_source.data["hit_rate"][-1] == pytest.approx(
+            sum(hits) / len(hits), abs=1e-3
+        )
         assert len(view.series_source.data["t"]) <= view.updates
         image = view.image_source.data["image"][0]
         assert image.dtype == np.uint8 and image.shape == (256, 256)
@@ -174,8 +179,7 @@ def test_from_dsn_work_face_and_a_monitor_view_alongside() -> None:
     with SteerStack(shape=(256, 256), rate_hz=60.0) as stack:
         token = stack.token("stream.read")
         work = LiveView.from_dsn(stack.dsn_url, "det", token, max_hz=5.0)
-        watch = LiveView.from_dsn(stack.dsn_url, stack.channel_id, token, monitor=True,
-                                  max_hz=5.0)
+        watch = LiveView.from_dsn(stack.dsn_url, stack.channel_id, token, monitor=True, max_hz=5.0)
         try:
             assert work.consumer.role == "work" and watch.consumer.role == "monitor"
             for view in (work, watch):
@@ -197,16 +201,26 @@ def test_from_session_shows_dask_results_and_the_powder_pattern() -> None:
 
     from beamhub.streaming.analysis_dask import AnalysisSession
 
-    with SteerStack(shape=(256, 256), rate_hz=60.0) as stack, \
-            LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
-                         dashboard_address=None) as cluster, Client(cluster) as client:
-        factory = functools.partial(StreamConsumer.from_dsn, stack.dsn_url, stack.channel_id,
-                                    stack.token("stream.read"))
+    with (
+        SteerStack(shape=(256, 256), rate_hz=60.0) as stack,
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        factory = functools.partial(
+            StreamConsumer.from_dsn, stack.dsn_url, stack.channel_id, stack.token("stream.read")
+        )
         session = AnalysisSession(client, factory, workers=1)
         view = LiveView.from_session(session, max_hz=5.0, image_hz=5.0)
         try:
-            wait_for(lambda: view.stats.frames >= 30 and view.updates >= 2 and
-                     view.stats.powder is not None, timeout=30, what="session results")
+            wait_for(
+                lambda: (
+                    view.stats.frames >= 30 and view.updates >= 2 and view.stats.powder is not None
+                ),
+                timeout=30,
+                what="session results",
+            )
             wait_for(lambda: view.image_source.data["dw"] != [1], what="powder image")
             image = view.image_source.data["image"][0]
             assert image.dtype == np.uint8 and image.shape == view.stats.powder.shape

@@ -46,8 +46,11 @@ def test_one_control_per_schema_parameter_with_bounds_and_units(stack: SteerStac
         for name, control in panel.controls.items():
             spec = schema[name]
             assert isinstance(control, w.FloatSlider if spec["type"] == "float" else w.IntSlider)
-            assert (control.min, control.max, control.step) == (spec["min"], spec["max"],
-                                                                spec["step"])
+            assert (control.min, control.max, control.step) == (
+                spec["min"],
+                spec["max"],
+                spec["step"],
+            )
             assert control.description.startswith(name)
             assert not control.continuous_update and not control.disabled
             if spec["units"]:
@@ -59,8 +62,10 @@ def test_one_control_per_schema_parameter_with_bounds_and_units(stack: SteerStac
 
 
 def test_choice_and_bool_parameters_get_a_dropdown_and_a_toggle() -> None:
-    mode = _control_for({"name": "mode", "type": "choice", "choices": ["a", "b"],
-                         "units": "", "description": "d"}, "b")
+    mode = _control_for(
+        {"name": "mode", "type": "choice", "choices": ["a", "b"], "units": "", "description": "d"},
+        "b",
+    )
     loop = _control_for({"name": "loop", "type": "bool", "units": "", "description": "d"}, True)
     assert isinstance(mode, w.Dropdown) and mode.options == ("a", "b") and mode.value == "b"
     assert isinstance(loop, w.ToggleButton) and loop.value is True
@@ -88,8 +93,10 @@ def test_slider_change_steers_and_shows_rev_first_frame_and_round_trip(stack) ->
         assert change["seen_seq"] >= answer["first_seq"]
         assert 0 < change["round_trip_ms"] < 5000
         assert "round trip" in panel.status.value
-        assert "alice" in panel.table.value and f"{change['round_trip_ms']:.0f} ms" in \
-            panel.table.value
+        assert (
+            "alice" in panel.table.value
+            and f"{change['round_trip_ms']:.0f} ms" in panel.table.value
+        )
     finally:
         panel.close()
         view.close()
