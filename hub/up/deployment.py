@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from beamhub.auth.roles import ROLES
+from beamhub.hub.enclave import EnclaveError, EnclaveProfile, load_profile
 
 __all__ = [
     "ENCLAVES",
@@ -22,7 +23,6 @@ __all__ = [
     "DeploymentError",
     "DetectorConfig",
     "DsnConfig",
-    "EnclaveRules",
     "GatewayConfig",
     "HubConfig",
     "IdentityConfig",
@@ -31,7 +31,7 @@ __all__ = [
     "TokensConfig",
     "UserSpec",
     "default_deployment_path",
-    "enclave_rules",
+    "enclave_profile",
     "load_deployment",
 ]
 
@@ -48,43 +48,22 @@ class DeploymentError(ValueError):
         self.source = source
 
 
-@dataclass(frozen=True)
-class EnclaveRules:
-    """What the hub side needs from an enclave profile: MFA and the token lifetime cap."""
+def enclave_profile(name: str) -> EnclaveProfile:
+    """The enclave's profile (hub/enclaves/NAME.yaml); a profile that fails to load is an error.
 
-    name: str
-    mfa_required: bool
-    max_token_ttl: int
-    embedded_identity_allowed: bool = False
-
-
-# Used when H7's profile files (hub/enclave.py) are not importable; same values as those profiles.
-_FALLBACK_RULES = {
-    "dev": EnclaveRules("dev", False, 86400, True),
-    "open": EnclaveRules("open", False, 3600),
-    "moderate": EnclaveRules("moderate", True, 900),
-    "leadership": EnclaveRules("leadership", True, 600),
-}
-
-
-def enclave_rules(name: str) -> EnclaveRules:
-    """MFA requirement and max token TTL of an enclave, from its YAML profile when available."""
+    Never a fallback to values in code: a broken moderate.yaml must stop `beamhub up`, not
+    weaken the enclave.
+    """
     if name not in ENCLAVES:
         raise DeploymentError(
             "enclave", f"unknown enclave {name!r}; use one of {', '.join(ENCLAVES)}"
         )
     try:
-        from beamhub.hub import enclave as profiles  # H7's profiles; optional at import time
-
-        profile = profiles.load_profile(name)
-        return EnclaveRules(
-            name,
-            bool(profile.mfa_required),
-            int(profile.max_token_ttl),
-            bool(getattr(profile, "embedded_identity_allowed", name == "dev")),
-        )
-    except (ImportError, AttributeError, TypeError, ValueError):
-        return _FALLBACK_RULES[name]
+        return load_profile(name)
+    except EnclaveError as exc:
+        raise DeploymentError(
+            "enclave", f"the {name} enclave's profile is unusable: {exc}"
+        ) from exc
 
 
 @dataclass
@@ -216,8 +195,8 @@ class Deployment:
     source: str = "<embedded defaults>"
 
     @property
-    def rules(self) -> EnclaveRules:
-        return enclave_rules(self.enclave)
+    def rules(self) -> EnclaveProfile:
+        return enclave_profile(self.enclave)
 
     @property
     def mfa_required(self) -> bool:

@@ -104,3 +104,23 @@ def test_missing_keys_take_the_embedded_defaults(tmp_path: Path) -> None:
     assert [u.username for u in dep.identity.users][:2] == ["alice", "oscar"]
     path.write_text("identity: {users: [{username: zed, projects: {p-9: viewer}}]}\n")
     assert [u.username for u in load_deployment(path).identity.users] == ["zed"]
+
+
+def test_a_broken_enclave_profile_is_an_error_never_a_fallback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broken moderate.yaml must stop the deployment, not quietly weaken the enclave."""
+    from beamhub.hub import enclave
+
+    shipped = (enclave.ENCLAVE_DIR / "moderate.yaml").read_text()
+    (tmp_path / "moderate.yaml").write_text(
+        shipped.replace("max_token_ttl: 900", "max_token_ttl: soon")
+    )
+    monkeypatch.setattr(enclave, "ENCLAVE_DIR", tmp_path)
+    cfg = tmp_path / "beamhub.yaml"
+    cfg.write_text("enclave: moderate\n")
+    dep = load_deployment(cfg)
+    with pytest.raises(DeploymentError) as err:
+        dep.max_token_ttl  # noqa: B018 - reading the rules loads the profile
+    assert err.value.field == "enclave"
+    assert "moderate.yaml" in str(err.value) and "max_token_ttl" in str(err.value)
