@@ -61,12 +61,23 @@ def lookup_channel(dsn_url: str, channel_id: str, token: str, *, timeout: float 
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - scheme checked above
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        detail = exc.read(2000).decode("utf-8", "replace")
         raise ChannelLookupError(
-            exc.code, f"DSN refused channel {channel_id!r} (HTTP {exc.code}): {detail}"
+            exc.code, f"DSN refused channel {channel_id!r} (HTTP {exc.code}): {_why(exc)}"
         ) from exc
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise ChannelLookupError(0, f"cannot reach the DSN at {dsn_url}: {exc}") from exc
+
+
+def _why(exc: urllib.error.HTTPError) -> str:
+    """The DSN's error message (``{"reason", "message"}``), or the raw body if it is not one."""
+    detail = exc.read(2000).decode("utf-8", "replace")
+    try:
+        answer = json.loads(detail)
+    except ValueError:
+        return detail or str(exc.reason)
+    if isinstance(answer, dict) and isinstance(answer.get("message"), str):
+        return f"{answer['message']} ({answer.get('reason', 'error')})"
+    return detail
 
 
 class StreamConsumer:

@@ -1,8 +1,12 @@
-"""The DSN control plane's HTTP handlers: JSON errors, token checks, channels, steering relay.
+"""The DSN control plane's HTTP handlers: token checks, channels, steering relay.
 
-Handlers stay thin: they verify the caller's token, then ask the :class:`~beamhub.streaming.dsn.
-DataStreamingNode` to act. Every refusal is JSON ``{error, reason, field?, limit?}`` and an audit
-event naming the user, project and token ``jti`` (never the token).
+Handlers stay thin: they verify the caller's token, then ask the
+:class:`~beamhub.streaming.controlplane.ControlPlane` to act, and translate its domain errors
+(:class:`~beamhub.streaming.template.TemplateViolation`, :class:`~beamhub.streaming.controlplane.
+ChannelError`) into the one error shape of :mod:`beamhub.auth.api` (``{reason, message, field?,
+limit?}``). Every refusal of a token is also an audit event naming the user, project and token
+``jti`` (never the token). This module never imports :mod:`beamhub.streaming.dsn`, which serves
+:func:`make_app`.
 """
 
 from __future__ import annotations
@@ -12,101 +16,50 @@ import json
 import logging
 import re
 import time
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import NoReturn
 
 import tornado.web
 
+from beamhub.auth.api import ApiError, JsonApiHandler, log_request
 from beamhub.auth.tokens import Claims, TokenError
+from beamhub.streaming.controlplane import Channel, ChannelError, ControlPlane, log_event
 from beamhub.streaming.template import TemplateViolation
 
-if TYPE_CHECKING:
-    from beamhub.streaming.dsn import Channel, DataStreamingNode
-
-__all__ = ["ApiError", "BaseHandler", "log_event", "make_app"]
+__all__ = ["MAX_BODY_BYTES", "BaseHandler", "make_app"]
 
 log = logging.getLogger("beamhub.dsn")
 audit_log = logging.getLogger("beamhub.dsn.audit")
+access_log = logging.getLogger("beamhub.dsn.access")
 PARAM_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+#: channel requests and steering bodies are small; larger bodies are refused from Content-Length
+MAX_BODY_BYTES = 1 << 20
+REALM = "beamhub-dsn"
 
 
-def log_event(logger: logging.Logger, event: str, **fields: Any) -> None:
-    """One structured (JSON) log line; callers pass claims' log_fields, never a token."""
-    logger.info("%s", json.dumps({"event": event, **fields}, default=str, sort_keys=False))
+def domain_error(exc: TemplateViolation | ChannelError) -> ApiError:
+    """The answer for a refusal of the template or the control plane."""
+    return ApiError(
+        exc.status,
+        exc.reason,
+        exc.message,
+        field=getattr(exc, "field", None),
+        limit=getattr(exc, "limit", None),
+    )
 
 
-class ApiError(tornado.web.HTTPError):
-    """An error a person will read: JSON ``{error, reason, field?, limit?}``."""
+class BaseHandler(JsonApiHandler):
+    """The one JSON API base plus the DSN's token checks."""
 
-    def __init__(
-        self, status: int, reason: str, message: str, field: str | None = None, limit: Any = None
-    ) -> None:
-        super().__init__(status, log_message=None)
-        self.reason_key = reason
-        self.message = message
-        self.field = field
-        self.limit = limit
+    max_body = MAX_BODY_BYTES
+    service = "the DSN"
+    node: ControlPlane
 
-    def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"error": self.message, "reason": self.reason_key}
-        if self.field is not None:
-            body["field"] = self.field
-        if self.limit is not None:
-            body["limit"] = self.limit
-        return body
-
-
-class BaseHandler(tornado.web.RequestHandler):
-    """JSON in, JSON out, token checks, every error as JSON."""
-
-    node: DataStreamingNode
-
-    def initialize(self, node: DataStreamingNode) -> None:
+    def initialize(self, node: ControlPlane) -> None:
         self.node = node
-
-    def set_default_headers(self) -> None:
-        self.set_header("Content-Type", "application/json")
-        self.set_header("Cache-Control", "no-store")
-
-    def write_json(self, body: Any, status: int = 200) -> None:
-        self.set_status(status)
-        self.finish(json.dumps(body))
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, ApiError):
-            body = exc.to_json()
-            if status_code == 401:  # RFC 6750: say how to authenticate, and why it failed
-                why = "" if exc.reason_key == "missing" else ', error="invalid_token"'
-                self.set_header("WWW-Authenticate", f'Bearer realm="beamhub-dsn"{why}')
-        elif isinstance(exc, tornado.web.HTTPError) and status_code < 500:
-            body = {"error": exc.log_message or self._reason, "reason": "http"}
-        else:
-            body = {
-                "error": "internal error in the DSN; the admins have the traceback in the log",
-                "reason": "internal",
-            }
-        self.finish(json.dumps(body))
-
-    def log_exception(self, typ, value, tb) -> None:  # type: ignore[override]
-        if isinstance(value, ApiError):
-            return  # an expected refusal, already logged as an event
-        super().log_exception(typ, value, tb)
-
-    def json_body(self) -> dict[str, Any]:
-        if not self.request.body:
-            return {}
-        try:
-            body = json.loads(self.request.body)
-        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-            raise ApiError(400, "malformed_json", f"the body is not JSON: {exc}") from exc
-        if not isinstance(body, dict):
-            raise ApiError(400, "malformed_json", "the body must be a JSON object")
-        return body
 
     def claims(self, scope: str | None = None, project: str | None = None) -> Claims:
         """The caller's verified claims, or a 401/403 that names what was wrong."""
-        scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
-        token = token.strip() if scheme.lower() == "bearer" else ""
+        token = self.bearer()
         try:
             claims = self.node.verifier.verify(token or None)
         except TokenError as exc:
@@ -139,7 +92,11 @@ class BaseHandler(tornado.web.RequestHandler):
             remote=self.request.remote_ip,
             **who,
         )
-        raise ApiError(status, reason, message)
+        headers = {}
+        if status == 401:  # RFC 6750: say how to authenticate, and why it failed
+            why = "" if reason == "missing" else ', error="invalid_token"'
+            headers["WWW-Authenticate"] = f'Bearer realm="{REALM}"{why}'
+        raise ApiError(status, reason, message, headers=headers)
 
     def channel_for(self, channel_id: str, scope: str) -> tuple[Channel, Claims]:
         """The channel, if the token is valid, has ``scope`` and belongs to its project."""
@@ -172,7 +129,10 @@ class ChannelsHandler(BaseHandler):
         body = self.json_body()
         if body.get("source_control") is not None:
             require_steer_for_source_control(claims)
-        channel = await self.node.create_channel(claims, body)
+        try:
+            channel = await self.node.create_channel(claims, body)
+        except (TemplateViolation, ChannelError) as exc:
+            raise domain_error(exc) from exc
         self.write_json(channel.to_json(), status=201)
 
 
@@ -190,8 +150,7 @@ class ChannelHandler(BaseHandler):
     async def delete(self, channel_id: str) -> None:
         channel, claims = self.channel_for(channel_id, "stream.publish")
         await self.node.remove_channel(channel, "deleted", claims.log_fields())
-        self.set_status(204)
-        self.finish()
+        self.write_json(None, status=204)
 
 
 class RenewHandler(BaseHandler):
@@ -249,7 +208,7 @@ class SourceControlHandler(BaseHandler):
         try:
             url = self.node.template.check_source_control(value, channel.params.source_cidrs)
         except TemplateViolation as exc:
-            raise ApiError(exc.status, exc.reason, exc.message, exc.field, exc.limit) from exc
+            raise domain_error(exc) from exc
         channel.params = dataclasses.replace(channel.params, source_control=url)
         log_event(
             log,
@@ -309,9 +268,12 @@ class SteerHandler(BaseHandler):
         body = None
         if method in ("PUT", "POST"):
             body = json.dumps(self.json_body())
-        status, answer = await self.node.relay(
-            base + path, method, body, self.request.headers["Authorization"]
-        )
+        try:
+            status, answer = await self.node.relay(
+                base + path, method, body, self.request.headers["Authorization"]
+            )
+        except ChannelError as exc:
+            raise domain_error(exc) from exc
         if method != "GET":
             log_event(
                 audit_log,
@@ -326,11 +288,13 @@ class SteerHandler(BaseHandler):
                 first_seq=answer.get("first_seq"),
                 **claims.log_fields(),
             )
+        if status == 401:  # the source refused the token the DSN accepted: still RFC 6750
+            self.set_header("WWW-Authenticate", f'Bearer realm="{REALM}", error="invalid_token"')
         self.write_json(answer, status=status)
 
 
-def make_app(node: DataStreamingNode) -> tornado.web.Application:
-    """The control plane's routes."""
+def make_app(node: ControlPlane) -> tornado.web.Application:
+    """The control plane's routes; every answer, errors included, in the one JSON shape."""
     args = {"node": node}
     cid = r"(ch-[0-9a-f]{1,32})"
     return tornado.web.Application(
@@ -345,9 +309,10 @@ def make_app(node: DataStreamingNode) -> tornado.web.Application:
         ],
         default_handler_class=_NotFoundHandler,
         default_handler_args=args,
+        log_function=lambda handler: log_request(handler, access_log),
     )
 
 
 class _NotFoundHandler(BaseHandler):
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
         raise ApiError(404, "not_found", f"no such DSN API route {self.request.path!r}")

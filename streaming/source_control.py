@@ -2,22 +2,24 @@
 
 A small tornado app on loopback. The DSN's steering relay forwards ``GET /schema``, ``GET /params``,
 ``PUT /params/{name}`` and ``POST /run`` here with the caller's token; when the endpoint is built
-with a :class:`beamhub.hub.tokens.TokenVerifier` and a project, writes need a Bearer token with the
-``steer`` scope for that project. Every answer, errors included, is JSON.
+with a :class:`beamhub.auth.tokens.TokenVerifier` and a project, writes need a Bearer token with the
+``steer`` scope for that project. Every answer is JSON; errors in the one shape of
+:mod:`beamhub.auth.api` (``{reason, message, field?, limit?}``), which the relay passes through.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 from typing import Any
 
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
-from tornado.web import Application, HTTPError, RequestHandler
+from tornado.web import Application
 
+from beamhub.auth.api import ApiError, JsonApiHandler, log_request
+from beamhub.auth.tokens import TokenError, TokenVerifier
 from beamhub.streaming.params import ParamError, UnknownParamError
 from beamhub.streaming.source import SourceRunner
 
@@ -27,61 +29,38 @@ log = logging.getLogger("beamhub.source.control")
 
 #: steering bodies are a few hundred bytes; the DSN's control API has the same limit
 MAX_BODY_BYTES = 1 << 20
+REALM = "beamhub-source"
 
 
-class _JSONError(HTTPError):
-    """An HTTP error whose JSON body is given in full."""
+class _BaseHandler(JsonApiHandler):
+    max_body = MAX_BODY_BYTES
+    service = "the source's control endpoint"
 
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
-        super().__init__(status, body.get("error", ""))
-        self.body = body
-
-
-class _BaseHandler(RequestHandler):
-    def initialize(self, runner: SourceRunner, verifier: Any = None, project: str | None = None):
+    def initialize(
+        self,
+        runner: SourceRunner,
+        verifier: TokenVerifier | None = None,
+        project: str | None = None,
+    ) -> None:
         self.runner = runner
         self.verifier = verifier
         self.project = project
-
-    def set_default_headers(self) -> None:
-        self.set_header("Content-Type", "application/json")
-
-    def write_json(self, body: Any, status: int = 200) -> None:
-        self.set_status(status)
-        self.finish(json.dumps(body))
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, _JSONError):
-            body = exc.body
-        else:
-            body = {"error": self._reason or "error"}
-        self.finish(json.dumps(body))
-
-    def json_body(self) -> dict[str, Any]:
-        try:
-            body = json.loads(self.request.body or b"{}")
-        except (ValueError, RecursionError) as exc:
-            raise _JSONError(
-                400, {"error": f"the body is not JSON: {exc}", "field": "body"}
-            ) from exc
-        if not isinstance(body, dict):
-            raise _JSONError(400, {"error": "the body must be a JSON object", "field": "body"})
-        return body
 
     def require_steer(self) -> None:
         """With a verifier configured, writes need a ``steer`` token for this source's project."""
         if self.verifier is None:
             return
-        from beamhub.auth.tokens import TokenError
-
-        header = self.request.headers.get("Authorization", "")
-        token = header[7:].strip() if header[:7].lower() == "bearer " else None
         try:
-            claims = self.verifier.verify(token, project=self.project, scope="steer")
+            claims = self.verifier.verify(
+                self.bearer() or None, project=self.project, scope="steer"
+            )
         except TokenError as exc:
             log.info("steering refused: %s (%s)", exc.reason, self.request.path)
-            raise _JSONError(exc.status, {"error": exc.message, "reason": exc.reason}) from exc
+            headers = {}
+            if exc.status == 401:  # RFC 6750: say how to authenticate, and why it failed
+                why = "" if exc.reason == "missing" else ', error="invalid_token"'
+                headers["WWW-Authenticate"] = f'Bearer realm="{REALM}"{why}'
+            raise ApiError(exc.status, exc.reason, exc.message, headers=headers) from exc
         log.info("steering by %s", claims.log_fields())
 
 
@@ -99,23 +78,29 @@ class ParamHandler(_BaseHandler):
     def get(self, name: str) -> None:
         status = self.runner.status()
         if name not in status["values"]:
-            raise _JSONError(404, {"error": f"unknown parameter {name!r}", "field": name})
+            raise ApiError(
+                404,
+                "unknown_param",
+                f"unknown parameter {name!r}; GET /schema lists them",
+                field=name,
+            )
         self.write_json({"name": name, "value": status["values"][name], "rev": status["rev"]})
 
     async def put(self, name: str) -> None:
         self.require_steer()
         body = self.json_body()
         if "value" not in body:
-            raise _JSONError(400, {"error": 'send {"value": ...}', "field": "value"})
+            raise ApiError(
+                400, "missing_field", 'value: required; send {"value": ...}', field="value"
+            )
         loop = asyncio.get_running_loop()
         try:
             answer = await loop.run_in_executor(None, self.runner.set_param, name, body["value"])
         except UnknownParamError as exc:
-            raise _JSONError(404, {"error": exc.message, "field": exc.field}) from exc
+            raise ApiError(404, "unknown_param", exc.message, field=exc.field) from exc
         except ParamError as exc:
-            raise _JSONError(
-                400,
-                {"error": f"{exc.field}: {exc.message}", "field": exc.field, "limit": exc.limit},
+            raise ApiError(
+                400, "invalid", f"{exc.field}: {exc.message}", field=exc.field, limit=exc.limit
             ) from exc
         self.write_json(answer)
 
@@ -130,24 +115,30 @@ class RunHandler(_BaseHandler):
         action = self.json_body().get("action")
         actions = {"start": self.runner.start_run, "stop": self.runner.stop_run}
         if action not in actions:
-            raise _JSONError(
+            raise ApiError(
                 400,
-                {
-                    "error": 'action must be "start" or "stop"',
-                    "field": "action",
-                    "limit": sorted(actions),
-                },
+                "invalid",
+                'action: "start" or "stop"; send {"action": "start"}',
+                field="action",
+                limit=sorted(actions),
             )
         loop = asyncio.get_running_loop()
         self.write_json(await loop.run_in_executor(None, actions[action]))
 
 
 class NotFoundHandler(_BaseHandler):
-    def prepare(self) -> None:
-        raise _JSONError(404, {"error": f"no such endpoint {self.request.path}; see /schema"})
+    async def prepare(self) -> None:
+        raise ApiError(
+            404,
+            "not_found",
+            f"no such endpoint {self.request.path}; the routes are GET /schema, GET /params, "
+            "PUT /params/NAME and POST /run",
+        )
 
 
-def make_app(runner: SourceRunner, verifier: Any = None, project: str | None = None) -> Application:
+def make_app(
+    runner: SourceRunner, verifier: TokenVerifier | None = None, project: str | None = None
+) -> Application:
     """The tornado application; ``verifier`` + ``project`` protect writes with the steer scope."""
     if (verifier is None) != (project is None):
         raise ValueError("give both a token verifier and the project it protects, or neither")
@@ -161,6 +152,7 @@ def make_app(runner: SourceRunner, verifier: Any = None, project: str | None = N
         ],
         default_handler_class=NotFoundHandler,
         default_handler_args=kwargs,
+        log_function=lambda handler: log_request(handler, log),
     )
 
 
@@ -173,7 +165,7 @@ class SourceControlServer:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
-        verifier: Any = None,
+        verifier: TokenVerifier | None = None,
         project: str | None = None,
     ) -> None:
         self.app = make_app(runner, verifier, project)
@@ -250,7 +242,7 @@ def start_control_thread(
     *,
     host: str = "127.0.0.1",
     port: int = 0,
-    verifier: Any = None,
+    verifier: TokenVerifier | None = None,
     project: str | None = None,
 ) -> ControlServerThread:
     """Start the control endpoint on its own thread; ``.url`` is the bound base URL."""

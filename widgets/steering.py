@@ -89,7 +89,7 @@ class DSNClient:
                 answer = json.loads(exc.read(4000) or b"{}")
             except ValueError:
                 answer = {}
-            message = answer.get("error") if isinstance(answer, dict) else None
+            message = answer.get("message") if isinstance(answer, dict) else None
             raise SteerError(
                 exc.code,
                 f"HTTP {exc.code}: {message or exc.reason}",

@@ -79,13 +79,13 @@ class DetectorFeed:
     async def _create_channel(self, claims: Any) -> Any:
         """An L7 channel that drops (counted) while no analysis is connected, so the dashboard
         is live from the start; if the DSN's template forbids that, its default channel."""
-        from beamhub.streaming.dsn_handlers import ApiError
+        from beamhub.streaming.template import TemplateViolation
 
         stream = self.dep.detector.channel
         live = {"stream": stream, "mode": "l7", "when_no_consumer": "drop"}
         try:
             return await self.dsn.create_channel(claims, live)
-        except ApiError as exc:
+        except TemplateViolation as exc:
             if exc.field not in ("mode", "when_no_consumer"):
                 raise
             self.notes.append(

@@ -133,9 +133,9 @@ class _ChannelAPI(BaseHTTPRequestHandler):
 
     def do_GET(self):
         if self.headers.get("Authorization") != "Bearer good-token":
-            body, status = b'{"error": "invalid token"}', 401
+            body, status = b'{"reason": "invalid_token", "message": "invalid token"}', 401
         elif self.path != "/api/channels/c1":
-            body, status = b'{"error": "no such channel"}', 404
+            body, status = b'{"reason": "not_found", "message": "no such channel"}', 404
         else:
             body, status = json.dumps(self.channel).encode(), 200
         self.send_response(status)
@@ -179,6 +179,7 @@ def test_from_dsn_looks_up_endpoints(dsn_api, producer):
     with pytest.raises(ChannelLookupError) as info:
         StreamConsumer.from_dsn(dsn_api, "c1", "bad-token")
     assert info.value.status == 401
+    assert str(info.value).endswith("(HTTP 401): invalid token (invalid_token)")  # not raw JSON
     with pytest.raises(ChannelLookupError) as info:
         StreamConsumer.from_dsn(dsn_api, "nope", "good-token")
     assert info.value.status == 404

@@ -4,13 +4,17 @@ frames flow) → renew → delete; defaults from the template; expiry reaps the 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 
+import jsonschema
 import numpy as np
 import pytest
 import zmq
+from tornado.httpclient import AsyncHTTPClient
 
+from beamhub.auth.api import ERROR_SCHEMA
 from beamhub.streaming.wire import FrameHeader, send_frame
 from tests.streaming.dsn_helpers import (
     Tokens,
@@ -213,7 +217,112 @@ async def test_health_template_and_unknown_routes(tokens: Tokens) -> None:
         code, body = await api(node.url, "GET", "/api/channels/ch-00ff", tokens.issue())
         assert (code, body["reason"]) == (404, "not_found")
         code, body = await api(node.url, "PATCH", "/api/channels", tokens.issue(), {})
-        assert code == 405 and body["error"]
+        assert (code, body["reason"]) == (405, "http") and body["message"]
+
+
+async def _headers_only(url: str, method: str, path: str, headers: dict[str, str]):
+    """Send only a request's headers (no body); return (status, headers, JSON body)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", "Connection: close"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        await writer.drain()
+        head, _, body = (await asyncio.wait_for(reader.read(), 20)).partition(b"\r\n\r\n")
+    finally:
+        writer.close()
+    status_line, *header_lines = head.decode().split("\r\n")
+    answer_headers = dict(line.split(": ", 1) for line in header_lines)
+    return int(status_line.split()[1]), answer_headers, json.loads(body)
+
+
+async def test_every_error_answers_in_the_one_shape(tokens: Tokens) -> None:
+    """401 (with its RFC 6750 challenge), 403, 404, 405, 400, 409 and 413 all answer
+    {reason, message, field?, limit?} as auth.api's ERROR_SCHEMA says; nothing is provisioned."""
+    client = AsyncHTTPClient()
+
+    async def call(method: str, path: str, token: str | None = None, body: bytes | None = None):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        resp = await client.fetch(
+            node.url + path,
+            method=method,
+            headers=headers,
+            body=body if body is not None or method not in ("POST", "PUT") else b"",
+            raise_error=False,
+            allow_nonstandard_methods=True,
+            request_timeout=20,
+        )
+        assert resp.headers["Content-Type"] == "application/json", (method, path)
+        return resp.code, resp.headers, json.loads(resp.body)
+
+    async with running_dsn(tokens) as node:
+        good, read_only = tokens.issue(), tokens.issue(scopes="stream.read")
+        code, made = await api(node.url, "POST", "/api/channels", good, {"stream": "det"})
+        assert code == 201, made
+        cid = made["id"]
+        answers = {
+            "no token": await call("POST", "/api/channels", None, b"{}"),
+            "expired token": await call("GET", "/api/channels", tokens.expired()),
+            "no publish scope": await call("POST", "/api/channels", read_only, b"{}"),
+            "unknown route": await call("GET", "/api/nothing-here", good),
+            "unknown channel": await call("GET", "/api/channels/ch-00ff", good),
+            "wrong method": await call("PATCH", "/api/channels", good, b"{}"),
+            "malformed JSON": await call("POST", "/api/channels", good, b"{not json"),
+            "outside the template": await call(
+                "POST", "/api/channels", good, json.dumps({"stream": "x", "hwm": 0}).encode()
+            ),
+            "no source control": await call("GET", f"/api/channels/{cid}/steer/params", good),
+            "too large": await _headers_only(
+                node.url,
+                "POST",
+                "/api/channels",
+                {"Authorization": f"Bearer {good}", "Content-Length": str(2 << 20)},
+            ),
+        }
+        got = {case: (code, body["reason"]) for case, (code, _, body) in answers.items()}
+        assert got == {
+            "no token": (401, "missing"),
+            "expired token": (401, "expired"),
+            "no publish scope": (403, "scope"),
+            "unknown route": (404, "not_found"),
+            "unknown channel": (404, "not_found"),
+            "wrong method": (405, "http"),
+            "malformed JSON": (400, "malformed_json"),
+            "outside the template": (400, "out_of_range"),
+            "no source control": (409, "no_source_control"),
+            "too large": (413, "body_too_large"),
+        }
+        for case, (_, _, body) in answers.items():
+            jsonschema.validate(body, ERROR_SCHEMA)
+            assert "error" not in body, case  # the old shape is gone
+            assert body["message"].strip(), case
+        assert answers["too large"][2]["limit"] == 1 << 20
+        template = answers["outside the template"][2]
+        assert (template["field"], template["limit"]) == ("hwm", {"min": 1, "max": 10000})
+        challenges = {case: answers[case][1].get("WWW-Authenticate") for case in answers}
+        assert challenges.pop("no token") == 'Bearer realm="beamhub-dsn"'
+        assert (
+            challenges.pop("expired token") == 'Bearer realm="beamhub-dsn", error="invalid_token"'
+        )
+        assert set(challenges.values()) == {None}  # only a 401 challenges
+        assert list(node.channels) == [cid] and node.data_plane.channels() == [cid]
+
+
+async def test_the_control_plane_raises_domain_errors_not_http_ones(tokens: Tokens) -> None:
+    """Callers in the same process (beamhub up's detector feed) catch the template's refusal by
+    its field; the HTTP answer is the handlers' business."""
+    import tornado.web
+
+    from beamhub.streaming.template import TemplateViolation
+
+    async with running_dsn(tokens) as node:
+        claims = tokens.verifier.verify(tokens.issue())
+        with pytest.raises(TemplateViolation) as info:
+            await node.create_channel(claims, {"stream": "d", "mode": "l4", "hwm": 0})
+        assert not isinstance(info.value, tornado.web.HTTPError)
+        assert (info.value.field, info.value.status) == ("hwm", 400)
+        assert_nothing_provisioned(node)
 
 
 async def test_concurrent_creates_respect_the_channel_bound(tokens: Tokens) -> None:

@@ -61,7 +61,7 @@ async def test_bad_token_refused_and_nothing_provisioned(
             )
             why = "" if token is None else ', error="invalid_token"'
             assert resp.headers["WWW-Authenticate"] == f'Bearer realm="beamhub-dsn"{why}'
-        assert body["error"]
+        assert body["message"]
         assert_nothing_provisioned(node)
         code, health = await api(node.url, "GET", "/api/health")
         assert (code, health) == (200, {"status": "ok", "channels": 0})
@@ -144,7 +144,7 @@ async def test_out_of_template_refused_by_name(
         assert (code, body["field"]) == (status, field), body
         if limit is not None:
             assert body["limit"] == limit
-        assert field in body["error"]
+        assert field in body["message"]
         assert_nothing_provisioned(node)
 
 

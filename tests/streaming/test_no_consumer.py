@@ -216,7 +216,7 @@ async def test_dsn_api_field_validation_and_stats(zctx) -> None:
             {"stream": "det", "mode": "l4", "when_no_consumer": "drop"},
         )
         assert status == 400 and body["field"] == "when_no_consumer", body
-        assert "l7" in body["error"]
+        assert "l7" in body["message"]
         status, body = await api(
             node.url,
             "POST",

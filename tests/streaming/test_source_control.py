@@ -9,9 +9,11 @@ import urllib.parse
 import urllib.request
 from http.client import HTTPConnection
 
+import jsonschema
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
+from beamhub.auth.api import ERROR_SCHEMA
 from beamhub.auth.tokens import SigningKey, TokenIssuer, TokenVerifier
 from beamhub.hub.commands.source import start_simulated_source
 from beamhub.streaming.source import SourceRunner
@@ -124,7 +126,7 @@ def test_out_of_schema_and_malformed_requests_are_refused_by_name(source):
     status, body = http("PUT", f"{url}/params/hit_fraction", {"value": 1.5})
     assert status == 400
     assert body["field"] == "hit_fraction" and body["limit"] == {"max": 1.0}
-    assert "maximum" in body["error"]
+    assert body["reason"] == "invalid" and "maximum" in body["message"]
     status, body = http("PUT", f"{url}/params/rate_hz", {"value": 0})
     assert (status, body["field"], body["limit"]) == (400, "rate_hz", {"min": 0.1})
     status, body = http("PUT", f"{url}/params/beam_intensity", {"value": "high"})
@@ -132,15 +134,15 @@ def test_out_of_schema_and_malformed_requests_are_refused_by_name(source):
     status, body = http("PUT", f"{url}/params/no_such_knob", {"value": 1})
     assert (status, body["field"]) == (404, "no_such_knob")
     status, body = http("PUT", f"{url}/params/hit_fraction", b"{not json")
-    assert (status, body["field"]) == (400, "body")
+    assert (status, body["reason"]) == (400, "malformed_json")
     status, body = http("PUT", f"{url}/params/hit_fraction", b"[" * 3000 + b"]" * 3000)
-    assert (status, body["field"]) == (400, "body")
+    assert (status, body["reason"]) == (400, "malformed_json")
     status, body = http("PUT", f"{url}/params/hit_fraction", {"val": 0.1})
     assert (status, body["field"]) == (400, "value")
     status, body = http("POST", f"{url}/run", {"action": "pause"})
     assert (status, body["field"]) == (400, "action")
     status, body = http("GET", f"{url}/nowhere")
-    assert status == 404 and "error" in body
+    assert (status, body["reason"]) == (404, "not_found") and "/schema" in body["message"]
     status, body = http("GET", f"{url}/params")
     assert body["rev"] == 0 and body["values"]["hit_fraction"] == 0.5  # nothing changed
 
@@ -229,17 +231,86 @@ async def test_control_server_runs_inside_an_existing_event_loop(receiver):
     assert frame.header.run == 1
 
 
+def raw_answer(base_url: str, method: str, path: str, headers: dict[str, str]):
+    """Send only a request's headers (no body) and return (status, headers, JSON body)."""
+    url = urllib.parse.urlsplit(base_url)
+    conn = HTTPConnection(url.hostname, url.port, timeout=10)
+    try:
+        conn.putrequest(method, path)
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        resp = conn.getresponse()
+        return resp.status, resp.headers, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
 def test_oversized_request_body_is_refused(source):
     # announce a 2 MiB body and send only the headers: the server must refuse on Content-Length
     # alone (writing the whole body would race the server's close: EPIPE instead of the answer)
-    url = urllib.parse.urlsplit(source.control_url)
-    conn = HTTPConnection(url.hostname, url.port, timeout=10)
-    try:
-        conn.putrequest("PUT", "/params/hit_fraction")
-        conn.putheader("Content-Type", "application/json")
-        conn.putheader("Content-Length", str(2 << 20))
-        conn.endheaders()
-        assert conn.getresponse().status == 400
-    finally:
-        conn.close()
+    status, _, body = raw_answer(
+        source.control_url,
+        "PUT",
+        "/params/hit_fraction",
+        {"Content-Type": "application/json", "Content-Length": str(2 << 20)},
+    )
+    assert (status, body["reason"], body["limit"]) == (413, "body_too_large", 1 << 20)
     assert http("GET", f"{source.control_url}/params")[1]["rev"] == 0  # nothing changed
+
+
+def test_every_error_answers_in_the_one_shape(receiver, keys):
+    """401 (with its RFC 6750 challenge), 403, 404, 405, 400 and 413 all answer
+    {reason, message, field?} as auth.api's ERROR_SCHEMA says, and steer nothing."""
+    issuer, verifier = keys
+    src = start_simulated_source(
+        receiver.endpoint,
+        "sfx",
+        shape=(64, 64),
+        seed=4,
+        rate_hz=20.0,
+        verifier=verifier,
+        project="p1",
+        sndhwm=1000,
+    )
+    steer = issuer.issue(sub="ana", project="p1", scopes="steer", ttl=60)
+    read_only = issuer.issue(sub="ana", project="p1", scopes="stream.read", ttl=60)
+    url = src.control_url
+    try:
+        answers = {}
+        status, body = http("PUT", f"{url}/params/hit_fraction", {"value": 0.1})
+        answers["no token"] = (status, body, "missing")
+        status, body = http("PUT", f"{url}/params/hit_fraction", {"value": 0.1}, read_only)
+        answers["no steer scope"] = (status, body, "scope")
+        answers["unknown route"] = (*http("GET", f"{url}/nowhere"), "not_found")
+        status, body = http("PUT", f"{url}/params/no_such_knob", {"value": 1}, steer)
+        answers["unknown parameter"] = (status, body, "unknown_param")
+        answers["wrong method"] = (*http("DELETE", f"{url}/schema"), "http")
+        status, body = http("PUT", f"{url}/params/hit_fraction", b"{not json", steer)
+        answers["malformed JSON"] = (status, body, "malformed_json")
+        status, _, body = raw_answer(
+            url, "PUT", "/params/hit_fraction", {"Content-Length": str(2 << 20)}
+        )
+        answers["too large"] = (status, body, "body_too_large")
+        got = {case: (status, body["reason"]) for case, (status, body, _) in answers.items()}
+        assert got == {
+            "no token": (401, "missing"),
+            "no steer scope": (403, "scope"),
+            "unknown route": (404, "not_found"),
+            "unknown parameter": (404, "unknown_param"),
+            "wrong method": (405, "http"),
+            "malformed JSON": (400, "malformed_json"),
+            "too large": (413, "body_too_large"),
+        }
+        for case, (_, body, _) in answers.items():
+            jsonschema.validate(body, ERROR_SCHEMA)
+            assert "error" not in body, case  # the old shape is gone
+            assert body["message"].strip(), case
+        assert answers["unknown parameter"][1]["field"] == "no_such_knob"
+        req = urllib.request.Request(f"{url}/run", data=b"{}", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(req, timeout=10)
+        assert info.value.headers["WWW-Authenticate"] == 'Bearer realm="beamhub-source"'
+        assert http("GET", f"{url}/params")[1]["rev"] == 0  # nothing was steered
+    finally:
+        src.stop()

@@ -149,7 +149,7 @@ async def test_dead_or_missing_source_control(tokens: Tokens) -> None:
         base = f"/api/channels/{made['id']}/steer"
         code, body = await api(node.url, "PUT", f"{base}/params/rate_hz", steer, {"value": 5})
         assert (code, body["reason"]) == (502, "source_unreachable"), body
-        assert dead in body["error"]
+        assert dead in body["message"]
         code, body = await api(node.url, "GET", f"{base}/schema", steer)
         assert code == 502
         code, made = await api(node.url, "POST", "/api/channels", steer, {"stream": "det"})
