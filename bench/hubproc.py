@@ -68,7 +68,7 @@ c.Spawner.http_timeout = 20
 c.Spawner.poll_interval = 2
 # POST /users/x/server answers 202 at once, so callers can follow the progress stream
 c.JupyterHub.tornado_settings = {{"slow_spawn_timeout": 0}}
-from beamhub.kernels import jobs_api
+from beamhub.kernels import jobs_handler as jobs_api
 c.JupyterHub.extra_handlers = jobs_api.HANDLERS
 {spawner_config}
 """

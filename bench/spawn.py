@@ -75,7 +75,7 @@ class SpawnBench:
     def __init__(
         self, workdir: Path, backend: str, options: dict, nodes: int, outside_wait: float
     ) -> None:
-        from beamhub.kernels.placement import SchedulerConfig
+        from beamhub.kernels.backends import SchedulerConfig
 
         self.backend = backend
         if options.get("slurm_conf"):

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from beamhub.kernels import jobs_api
+from beamhub.kernels import jobs_handler as jobs_api
 
 __all__ = ["configure", "crypt_key", "single_user_cmd"]
 

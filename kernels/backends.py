@@ -1,4 +1,4 @@
-"""How the spawner and Dask-on-allocation reach one scheduler and one tier policy.
+"""The backend factory: how the spawner, the jobs API and Dask reach one scheduler and policy.
 
 The hub's spawner and a notebook's ``start_dask()`` must use the same backend, state folder and
 tier/project/reservation configuration; the spawner passes it to each job as ``BEAMHUB_*``
@@ -17,10 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from beamhub.auth.home import state_dir
+from beamhub.kernels.hub_backend import HubScheduler
+from beamhub.kernels.local import LocalBackend
+from beamhub.kernels.projects import ProjectDirectory
+from beamhub.kernels.reservations import ReservationBook
 from beamhub.kernels.scheduler import Scheduler, SchedulerError
-from beamhub.kernels.tiers import TierPolicy, load_tiers
+from beamhub.kernels.slurm import SlurmBackend
+from beamhub.kernels.tier_policy import TierPolicy
+from beamhub.kernels.tiers import load_tiers
 
 __all__ = [
+    "BACKENDS",
     "SchedulerConfig",
     "check_backend_options",
     "close_schedulers",
@@ -101,21 +108,19 @@ class SchedulerConfig:
         )
 
 
+#: The backends a configuration may name.
+BACKENDS: dict[str, type[Scheduler]] = {"local": LocalBackend, "slurm": SlurmBackend}
+
+
 def _backend_class(backend: str) -> type[Scheduler]:
-    if backend == "local":
-        from beamhub.kernels.local import LocalBackend
-
-        return LocalBackend
-    if backend == "slurm":
-        from beamhub.kernels.slurm import SlurmBackend
-
-        return SlurmBackend
+    if backend in BACKENDS:
+        return BACKENDS[backend]
     raise SchedulerError(
         f"unknown scheduler backend {backend!r}; use 'local' or 'slurm'", field="backend"
     )
 
 
-#: Arguments the placement code passes itself; not for backend_options.
+#: Arguments the factory passes itself; not for backend_options.
 _RESERVED = {"self", "policy", "db_path", "log"}
 
 
@@ -140,9 +145,6 @@ def policy_for(config: SchedulerConfig) -> TierPolicy:
     """The tier policy (tiers + projects + beamtime windows) of this configuration."""
     policy = _POLICIES.get(config.key)
     if policy is None:
-        from beamhub.kernels.projects import ProjectDirectory
-        from beamhub.kernels.reservations import ReservationBook
-
         tiers = load_tiers(config.tiers_file or None)
         projects = (
             ProjectDirectory.from_yaml(config.projects_file, tiers)
@@ -162,8 +164,6 @@ async def open_scheduler(config: SchedulerConfig) -> Scheduler:
     if scheduler is not None:
         return scheduler
     if config.via == "hub":
-        from beamhub.kernels.jobs_api import HubScheduler
-
         _SCHEDULERS[key] = HubScheduler()
         return _SCHEDULERS[key]
     Path(config.state_dir).mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ import dask
 from distributed import Client, Scheduler, SpecCluster
 from distributed.deploy.spec import ProcessInterface
 
-from beamhub.kernels.placement import SchedulerConfig, open_scheduler
+from beamhub.kernels.backends import SchedulerConfig, open_scheduler
 from beamhub.kernels.scheduler import JobSpec, JobState, SchedulerError
 
 __all__ = ["AllocationCluster", "WorkerJob", "dashboard_link_template", "start_dask"]

@@ -26,7 +26,7 @@ from beamhub.kernels.scheduler import (
     Scheduler,
     SchedulerError,
 )
-from beamhub.kernels.tiers import TierPolicy
+from beamhub.kernels.tier_policy import TierPolicy
 
 __all__ = ["LocalBackend", "VirtualNode", "read_jobs"]
 

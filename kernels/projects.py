@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from beamhub.kernels.scheduler import SchedulerError
 from beamhub.kernels.tiers import DEFAULT_TIERS, TierSet
 
@@ -78,8 +80,6 @@ class ProjectDirectory:
 
     @classmethod
     def from_yaml(cls, path: str | Path, tiers: TierSet | None = None) -> ProjectDirectory:
-        import yaml
-
         try:
             data = yaml.safe_load(Path(path).read_text())
         except (OSError, yaml.YAMLError) as exc:

@@ -11,6 +11,7 @@ from dataclasses import MISSING, asdict, dataclass, field
 from typing import Any
 
 __all__ = [
+    "SUBMIT_FIELDS",
     "TERMINAL_STATES",
     "EventHub",
     "JobInfo",
@@ -120,6 +121,11 @@ class JobSpec:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+#: JobSpec fields a caller of the hub's jobs API may set: the user comes from the caller's
+#: credential, and a SLURM ``reservation`` is the admin's to choose.
+SUBMIT_FIELDS = frozenset(JobSpec.__dataclass_fields__) - {"user", "reservation"}
+
+
 @dataclass
 class JobInfo:
     """A snapshot of one job as the backend sees it."""
@@ -143,6 +149,23 @@ class JobInfo:
         data = asdict(self)
         data["state"] = self.state.value
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobInfo:
+        """The inverse of :meth:`to_dict` (a job as an API answered it)."""
+        spec = JobSpec.from_dict(data["spec"]) if data.get("spec") else None
+        return cls(
+            job_id=str(data["job_id"]),
+            spec=spec,
+            state=JobState(data["state"]),
+            node=data.get("node"),
+            reason=data.get("reason") or "",
+            submit_time=data.get("submit_time"),
+            start_time=data.get("start_time"),
+            end_time=data.get("end_time"),
+            exit_code=data.get("exit_code"),
+            requeues=int(data.get("requeues") or 0),
+        )
 
 
 class EventHub:

@@ -30,7 +30,8 @@ from beamhub.kernels.slurm_text import (
     partition_lines,
     sbatch_argv,
 )
-from beamhub.kernels.tiers import TierPolicy, load_tiers
+from beamhub.kernels.tier_policy import TierPolicy
+from beamhub.kernels.tiers import load_tiers
 
 __all__ = ["SlurmBackend", "main"]
 

@@ -23,7 +23,7 @@ from jupyterhub.spawner import Spawner
 from traitlets import CaselessStrEnum, Dict, Float, Integer, TraitError, Unicode, default, validate
 
 from beamhub.auth.home import state_dir
-from beamhub.kernels.placement import (
+from beamhub.kernels.backends import (
     SchedulerConfig,
     check_backend_options,
     open_scheduler,

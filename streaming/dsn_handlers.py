@@ -92,7 +92,7 @@ class BaseHandler(JsonApiHandler):
             remote=self.request.remote_ip,
             **who,
         )
-        headers = {}
+        headers: dict[str, str] = {}
         if status == 401:  # RFC 6750: say how to authenticate, and why it failed
             why = "" if reason == "missing" else ', error="invalid_token"'
             headers["WWW-Authenticate"] = f'Bearer realm="{REALM}"{why}'

@@ -56,7 +56,7 @@ class _BaseHandler(JsonApiHandler):
             )
         except TokenError as exc:
             log.info("steering refused: %s (%s)", exc.reason, self.request.path)
-            headers = {}
+            headers: dict[str, str] = {}
             if exc.status == 401:  # RFC 6750: say how to authenticate, and why it failed
                 why = "" if exc.reason == "missing" else ', error="invalid_token"'
                 headers["WWW-Authenticate"] = f'Bearer realm="{REALM}"{why}'

@@ -402,7 +402,7 @@ async def test_jobs_run_at_the_beamtime_tier_once_the_window_is_approved(
     ReservationBook the gateway's approval step writes."""
     from beamhub.kernels.local import LocalBackend
     from beamhub.kernels.reservations import ReservationBook
-    from beamhub.kernels.tiers import TierPolicy
+    from beamhub.kernels.tier_policy import TierPolicy
 
     book = ReservationBook(tmp_path / "windows.db", admins=["admin"])
     sched = LocalBackend(

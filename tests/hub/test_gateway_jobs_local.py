@@ -26,7 +26,7 @@ async def _state(url: str, path: str, token: str, want: str, timeout: float = 30
 
 async def test_get_and_cancel_stay_inside_the_tokens_project(tmp_path: Path) -> None:
     from beamhub.kernels.local import LocalBackend
-    from beamhub.kernels.tiers import TierPolicy
+    from beamhub.kernels.tier_policy import TierPolicy
 
     keys = Keys()
     sched = LocalBackend(tmp_path / "jobs.db", nodes=1, policy=TierPolicy(), poll_interval=0.05)

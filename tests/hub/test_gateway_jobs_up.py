@@ -11,7 +11,7 @@ import psutil
 import pytest
 import requests
 
-from beamhub.kernels.jobs_api import ACT_FOR_SCOPE
+from beamhub.kernels.jobs_handler import ACT_FOR_SCOPE
 from tests.hub.conftest import DEV_MAINTENANCE
 from tests.hub.hubstack import RunningStack, login, process_env
 

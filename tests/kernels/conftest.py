@@ -16,7 +16,8 @@ import pytest
 
 from beamhub.kernels.projects import ProjectDirectory
 from beamhub.kernels.reservations import ReservationBook
-from beamhub.kernels.tiers import DEFAULT_TIERS, TierPolicy
+from beamhub.kernels.tier_policy import TierPolicy
+from beamhub.kernels.tiers import DEFAULT_TIERS
 
 REPO = Path(__file__).resolve().parents[2]
 START = REPO / "scripts" / "slurm" / "start.sh"

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from beamhub.bench.hubproc import Hub
+from beamhub.kernels.backends import SchedulerConfig
 from beamhub.kernels.dask_cluster import start_dask
 from beamhub.kernels.local import read_jobs
-from beamhub.kernels.placement import SchedulerConfig
 
 PROJECTS = """
 projects:

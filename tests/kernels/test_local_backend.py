@@ -16,7 +16,8 @@ import pytest
 
 from beamhub.kernels.local import LocalBackend, VirtualNode
 from beamhub.kernels.scheduler import JobSpec, JobState, SchedulerError
-from beamhub.kernels.tiers import TierPolicy, load_tiers
+from beamhub.kernels.tier_policy import TierPolicy
+from beamhub.kernels.tiers import load_tiers
 
 PY = sys.executable
 DONE = {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.PREEMPTED}

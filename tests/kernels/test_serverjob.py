@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from beamhub.kernels.placement import SchedulerConfig
+from beamhub.kernels.backends import SchedulerConfig
 
 
 @pytest.mark.timeout(30)
@@ -125,7 +125,7 @@ def test_backend_options_typo_is_refused_naming_the_option(tmp_path):
 
     from traitlets import TraitError
 
-    from beamhub.kernels.placement import check_backend_options
+    from beamhub.kernels.backends import check_backend_options
     from beamhub.kernels.scheduler import SchedulerError
     from beamhub.kernels.spawner import ReservedNodeSpawner
 

@@ -10,8 +10,10 @@ import urllib.request
 import pytest
 
 from beamhub.bench.hubproc import Hub
+from beamhub.kernels.hub_backend import HubScheduler
 from beamhub.kernels.local import read_jobs
 from beamhub.kernels.reservations import ReservationBook
+from beamhub.kernels.scheduler import JobSpec, JobState, SchedulerError
 
 PROJECTS = """
 projects:
@@ -238,14 +240,21 @@ def test_jobs_api_refuses_bad_input_and_other_users_jobs(hub):
         body={"argv": ["/bin/true"], "tier": "batch", "project": "filler", "cores": 4},
     )
     assert code == 400 and "unknown job field(s) ['cores']" in body["message"]
+    assert (body["status"], body["reason"], body["field"]) == (400, "unknown_field", "cores")
     code, body = jobs_api(
         hub, bob, "POST", body={"argv": "sleep 10", "tier": "batch", "project": "filler"}
     )
     assert code == 400 and "argv must be a non-empty list" in body["message"]
+    assert (body["reason"], body["field"]) == ("scheduler", "argv")
     code, body = jobs_api(
         hub, bob, "POST", body={"argv": ["/bin/true"], "tier": "interactive", "project": "filler"}
     )
     assert code == 403 and "does not hold tier 'interactive'" in body["message"]
+    assert (body["status"], body["reason"], body["field"]) == (403, "scheduler", "tier")
+    code, body = jobs_api(hub, bob, "GET", "?user=carol")  # bob may not act for carol
+    assert (code, body["reason"], body["field"]) == (403, "forbidden", "user"), body
+    code, body = jobs_api(hub, bob, "DELETE", "/424242")
+    assert (code, body["reason"], body["field"]) == (404, "no_such_job", "job_id"), body
     code, body = jobs_api(
         hub,
         bob,
@@ -262,6 +271,43 @@ def test_jobs_api_refuses_bad_input_and_other_users_jobs(hub):
         assert "env" not in seen[job_id]["spec"]  # a server's env holds its API token
     finally:
         assert jobs_api(hub, bob, "DELETE", f"/{job_id}")[0] == 204
+
+
+@pytest.mark.timeout(30)
+async def test_hub_scheduler_submits_through_the_jobs_api_and_names_the_field_at_fault(hub):
+    """HubScheduler is the one client of the jobs API: a refusal is a SchedulerError with the
+    hub's status and the field as its own attribute, not parsed out of the message."""
+    sched = HubScheduler(f"{hub.url}/hub/api", hub.user_token("bob"))
+    assert "token" not in repr(sched)
+
+    def job(**changes) -> JobSpec:
+        fields = dict(name="via-hub", project="filler", user="bob", tier="batch")
+        fields.update(argv=["/bin/sleep", "30"], mem_mb=256, **changes)
+        return JobSpec(**fields)
+
+    try:
+        with pytest.raises(SchedulerError) as err:
+            await sched.submit(job(tier="interactive"))
+        assert (err.value.status, err.value.field) == (403, "tier")
+        assert err.value.message.startswith("user 'bob' does not hold tier 'interactive'")
+        with pytest.raises(SchedulerError) as err:
+            await sched.submit(job(walltime_s=10**7))
+        assert (err.value.status, err.value.field) == (400, "walltime_s")
+        with pytest.raises(SchedulerError) as err:
+            await sched.for_user("carol").list()
+        assert (err.value.status, err.value.field) == (403, "user")
+        job_id = await sched.submit(job())
+        info = await sched.wait(job_id, {JobState.RUNNING}, timeout=10)
+        assert (info.spec.user, info.spec.project, info.spec.tier) == ("bob", "filler", "batch")
+        assert job_id in {i.job_id for i in await sched.list("filler")}
+        assert await sched.list("beam") == []
+        await sched.cancel(job_id)
+        assert (await sched.wait(job_id, {JobState.CANCELLED}, timeout=10)).done
+        with pytest.raises(SchedulerError) as err:
+            await sched.cancel("424242")
+        assert (err.value.status, err.value.field) == (404, "job_id")
+    finally:
+        await sched.close()
 
 
 @pytest.mark.timeout(90)

@@ -83,8 +83,8 @@ def test_server_runs_as_a_slurm_job_and_survives_a_hub_restart(slurm_hub):
 
 @pytest.mark.timeout(120)
 def test_start_dask_on_slurm_runs_workers_in_the_tiers_partition(slurm_hub, monkeypatch, tmp_path):
+    from beamhub.kernels.backends import SchedulerConfig
     from beamhub.kernels.dask_cluster import start_dask
-    from beamhub.kernels.placement import SchedulerConfig
 
     config = SchedulerConfig(
         backend="slurm",

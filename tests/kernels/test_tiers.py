@@ -7,7 +7,8 @@ import pytest
 from beamhub.kernels.projects import ProjectDirectory
 from beamhub.kernels.reservations import ReservationBook
 from beamhub.kernels.scheduler import JobSpec, SchedulerError
-from beamhub.kernels.tiers import DEFAULT_TIERS, TierPolicy, load_tiers
+from beamhub.kernels.tier_policy import TierPolicy
+from beamhub.kernels.tiers import DEFAULT_TIERS, load_tiers
 
 T0 = 2_000_000_000.0  # a fixed clock: windows below are relative to it
 
