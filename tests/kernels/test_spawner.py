@@ -314,19 +314,29 @@ async def test_hub_scheduler_submits_through_the_jobs_api_and_names_the_field_at
 def test_hub_killed_mid_spawn_leaves_no_orphan_job(hub):
     code, _ = hub.api("POST", "/users/slowpoke/server", {})
     assert code == 202
+
+    def recorded_job() -> str | None:
+        """The job id in the hub's database: the spawner commits it right after submit(),
+        which already started the job, so a running job alone does not mean it is recorded."""
+        server = hub.user_model("slowpoke")["servers"].get("")
+        return (server or {}).get("state", {}).get("job_id")
+
+    job_id = wait_for(recorded_job, 20, "slowpoke's job is recorded in the hub's database")
     wait_for(
-        lambda: [j for j in jobs_named(hub, "jupyter-slowpoke") if j.state.value == "running"],
+        lambda: [j.state.value for j in jobs_named(hub, "jupyter-slowpoke")] == ["running"],
         20,
         "slowpoke's job runs",
     )
     hub.kill()  # SIGKILL: no cleanup at all, the spawn was still waiting for the server
-    assert [j.state.value for j in jobs_named(hub, "jupyter-slowpoke")] == ["running"]
+    (job,) = jobs_named(hub, "jupyter-slowpoke")
+    assert (job.job_id, job.state.value) == (job_id, "running")
     hub.start()
-    # the job id was recorded when it was submitted: the restarted hub finds it, sees that no
-    # server answers and stops it, instead of leaving it on its node until its wall time
+    # the restarted hub finds the recorded job, sees that no server answers within
+    # Spawner.http_timeout and stops it (stop() waits for the job to end) before it forgets
+    # the server, instead of leaving the job on its node until its wall time
+    wait_for(lambda: "" not in hub.user_model("slowpoke")["servers"], 60, "no server left")
     wait_for(
         lambda: [j.state.value for j in jobs_named(hub, "jupyter-slowpoke")] == ["cancelled"],
-        45,
+        10,
         "the half-spawned server's job is cancelled",
     )
-    wait_for(lambda: "" not in hub.user_model("slowpoke")["servers"], 10, "no server left")
