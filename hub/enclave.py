@@ -15,15 +15,21 @@ from beamhub.hub.gateway.ratelimit import Limit
 __all__ = [
     "ENCLAVE_DIR",
     "ENCLAVE_NAMES",
+    "PACKAGE_ROOT",
     "EnclaveError",
     "EnclaveProfile",
     "Requirement",
     "check_deployment",
     "load_profile",
     "parse_profile",
+    "resolve_path",
 ]
 
 ENCLAVE_DIR = Path(__file__).with_name("enclaves")
+#: The folder that holds auth/, hub/, streaming/, ...: the checkout in an editable install,
+#: site-packages/beamhub from a wheel (setup.py keeps the folders' names), so a shipped file has
+#: the same package-relative name in both, e.g. ``streaming/templates/moderate.yaml``.
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 ENCLAVE_NAMES = ("dev", "open", "moderate", "leadership")
 _FIELDS = {
     "name",
@@ -150,11 +156,18 @@ class Requirement:
     fix: str = ""
 
 
-def _resolve(path: str, base: Path | None) -> Path:
+def resolve_path(path: str | os.PathLike, base: Path | None = None) -> Path:
+    """A file named in beamhub.yaml (a template, tiers): absolute, or the first that exists of
+    ``base`` (the beamhub.yaml's folder) / path, the working directory / path, and
+    :data:`PACKAGE_ROOT` / path (a shipped file, e.g. ``streaming/templates/moderate.yaml``).
+
+    A name found nowhere resolves against ``base`` (else the working directory), so the error
+    that follows names the place the user most likely meant.
+    """
     candidate = Path(path).expanduser()
     if candidate.is_absolute():
         return candidate
-    for root in (base, Path.cwd(), Path(__file__).resolve().parent.parent):
+    for root in (base, Path.cwd(), PACKAGE_ROOT):
         if root is not None and (root / candidate).exists():
             return root / candidate
     return (base or Path.cwd()) / candidate
@@ -208,7 +221,7 @@ def check_deployment(
         Template,  # the DSN's admin template says modes/encryption
     )
 
-    template_path = _resolve(dep.dsn.template, base) if dep.dsn.template else None
+    template_path = resolve_path(dep.dsn.template, base) if dep.dsn.template else None
     try:
         template = Template.load(template_path)
         where = str(dep.dsn.template or "built-in default template")
@@ -280,7 +293,7 @@ def check_deployment(
     from beamhub.kernels.tiers import DEFAULT_TIERS, load_tiers
 
     tiers_path = getattr(dep.scheduler, "tiers", "") or ""
-    tiers = load_tiers(_resolve(tiers_path, base)) if tiers_path else DEFAULT_TIERS
+    tiers = load_tiers(resolve_path(tiers_path, base)) if tiers_path else DEFAULT_TIERS
     extra = [t for t in tiers.names() if t not in target.qos_tiers]
     out.append(
         Requirement(

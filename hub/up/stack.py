@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from beamhub.hub.enclave import resolve_path
 from beamhub.hub.up.deployment import Deployment
 
 __all__ = ["Stack", "StackError", "free_port"]
@@ -242,9 +243,14 @@ class Stack:
             audience=dep.tokens.audience,
             is_revoked=self._revocations.is_revoked,
         )
-        template = Template.load(dep.dsn.template or None)
+        template = Template.load(self._resolve(dep.dsn.template) if dep.dsn.template else None)
         self._dsn = DataStreamingNode(verifier, template, data_host=dep.dsn.data_host)
         self.urls["dsn"] = await self._dsn.start(dep.dsn.port)
+
+    def _resolve(self, path: str) -> Path:
+        """A file named in beamhub.yaml: beside it, in the working directory, or shipped."""
+        source = Path(self.dep.source)
+        return resolve_path(path, source.resolve().parent if source.is_file() else None)
 
     @property
     def _gateway_why(self) -> str:

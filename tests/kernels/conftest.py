@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import shutil
@@ -14,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from beamhub.kernels.local import LocalBackend
 from beamhub.kernels.projects import ProjectDirectory
 from beamhub.kernels.reservations import ReservationBook
+from beamhub.kernels.slurm import SlurmBackend
 from beamhub.kernels.tier_policy import TierPolicy
 from beamhub.kernels.tiers import DEFAULT_TIERS
 
@@ -111,3 +114,35 @@ def policy(tmp_path):
     now = time.time()
     book.approve(book.request("lcls01", now - 60, now + 3600, "beamtime", "SFX", "alice"), "root")
     return TierPolicy(DEFAULT_TIERS, projects, book)
+
+
+@pytest.fixture
+async def local_backend(tmp_path, policy):
+    """A LocalBackend of NODES virtual nodes with ``policy``; its jobs are killed afterwards."""
+    backend = LocalBackend(tmp_path / "jobs.sqlite", nodes=NODES, policy=policy, poll_interval=0.05)
+    yield backend
+    await backend.close(cancel_jobs=True)
+
+
+@pytest.fixture
+async def slurm_backend(slurm_cluster, policy, tmp_path):
+    """A SlurmBackend on the session cluster with ``policy``, job output in tmp_path/out; every
+    job is cancelled afterwards and the nodes are idle again before the next test."""
+    backend = SlurmBackend(
+        policy, slurm_conf=slurm_cluster.conf, log_dir=tmp_path / "out", poll_interval=0.2
+    )
+    yield backend
+    await backend.close()
+    subprocess.run(["scancel", "--user=root"], env=backend.env, timeout=30)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        out = subprocess.run(
+            ["squeue", "-h", "-t", "PD,R,CG", "-o", "%i"],
+            env=backend.env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
+        if not out.strip():
+            break
+        await asyncio.sleep(0.2)
