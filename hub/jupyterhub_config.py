@@ -14,11 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from beamhub.hub.up import npm
 from beamhub.kernels import jobs_handler as jobs_api
 
 __all__ = ["configure", "crypt_key", "single_user_cmd"]
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def crypt_key(state_dir: Path) -> str:
@@ -38,7 +37,9 @@ def single_user_cmd() -> list[str]:
     return [str(exe) if exe.exists() else "jupyterhub-singleuser"]
 
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+#: the beamtime notebooks: package data of ``beamhub.notebooks``, the sibling of ``beamhub.hub``
+#: both installed (site-packages/beamhub/notebooks) and in the checkout (notebooks/)
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
 def provide_notebooks(spawner: Any) -> None:
@@ -71,12 +72,8 @@ def configure(c: Any, rt: dict[str, Any]) -> None:
     c.JupyterHub.cleanup_proxy = True
     c.ConfigurableHTTPProxy.api_url = f"http://{ip}:{rt['proxy_api_port']}"
     c.ConfigurableHTTPProxy.auth_token = rt["proxy_auth_token"]
-    chp = REPO / "node_modules" / ".bin" / "configurable-http-proxy"
-    c.ConfigurableHTTPProxy.command = [
-        str(chp)
-        if chp.exists()
-        else shutil.which("configurable-http-proxy") or "configurable-http-proxy"
-    ]
+    # installed into the state dir by `beamhub up` (beamhub.hub.up.npm), as the dev IdP is
+    c.ConfigurableHTTPProxy.command = [str(npm.bin_path(state, "configurable-http-proxy"))]
     c.ConfigurableHTTPProxy.pid_file = str(hub_state / "proxy.pid")
     c.CryptKeeper.keys = [crypt_key(state).encode()]
 

@@ -1,19 +1,25 @@
-"""Starts and stops the dev enclave's OpenID provider (hub/up/idp.mjs, npm oidc-provider) on loopback."""
+"""Starts and stops the dev enclave's OpenID provider (hub/up/idp.mjs, npm oidc-provider) on loopback.
+
+Node resolves an ES module's imports from the script's own folder (NODE_PATH does not apply), so
+the script is copied next to the npm packages that :mod:`beamhub.hub.up.npm` installed into the
+state dir and run from there; the same happens from the checkout and from an installed wheel.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import select
-import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from beamhub.hub.up import npm
 from beamhub.hub.up.deployment import UserSpec
 
 __all__ = ["EmbeddedIdP", "IdPError"]
@@ -26,7 +32,10 @@ class IdPError(RuntimeError):
 
 
 class EmbeddedIdP:
-    """A subprocess running hub/up/idp.mjs; ``issuer`` is its URL once :meth:`start` returns."""
+    """A subprocess running hub/up/idp.mjs; ``issuer`` is its URL once :meth:`start` returns.
+
+    ``state_dir`` holds the npm packages (installed on first use), the config and the log.
+    """
 
     def __init__(
         self,
@@ -78,18 +87,16 @@ class EmbeddedIdP:
 
     def start(self, timeout: float = 30.0) -> str:
         """Start the provider; return its issuer URL once discovery answers."""
-        node = shutil.which("node")
-        if node is None:
-            raise IdPError("node is not on PATH; run ./dev setup (it installs Node and npm deps)")
-        if not (SCRIPT.parents[2] / "node_modules" / "oidc-provider").exists():
-            raise IdPError(
-                "npm package oidc-provider is missing; run `npm install` at the repo root"
-            )
+        try:
+            node = npm.find_node()
+            script = self._install_script(npm.ensure_installed(self.state_dir))
+        except npm.NpmError as exc:
+            raise IdPError(str(exc)) from exc
         config = self._write_config()
         log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(
-                [node, str(SCRIPT), str(config)],
+                [node, str(script), str(config)],
                 stdout=subprocess.PIPE,
                 stderr=log,
                 start_new_session=True,
@@ -124,6 +131,16 @@ class EmbeddedIdP:
                 time.sleep(0.05)
         self.stop()
         raise IdPError(f"discovery at {self.discovery_url} did not answer; see {self.log_path}")
+
+    @staticmethod
+    def _install_script(node_modules: Path) -> Path:
+        """hub/up/idp.mjs copied beside ``node_modules`` (atomically: a running IdP may read it)."""
+        target = node_modules.parent / SCRIPT.name
+        fd, tmp = tempfile.mkstemp(prefix=".idp-", suffix=".mjs", dir=node_modules.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(SCRIPT.read_bytes())
+        os.replace(tmp, target)
+        return target
 
     @property
     def discovery_url(self) -> str:

@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from beamhub.hub.enclave import resolve_path
+from beamhub.hub.up import npm
 from beamhub.hub.up.deployment import Deployment
 
 __all__ = ["Stack", "StackError", "free_port"]
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 class StackError(RuntimeError):
@@ -125,6 +124,7 @@ class Stack:
         self.urls["hub"] = f"{public}/hub/"
         self.urls["tokens"] = f"{public}/services/tokens/"
 
+        await asyncio.to_thread(self._install_npm_packages)
         t0 = time.monotonic()
         self.progress(f"[1/{self.STEPS}] identity provider ...")
         await asyncio.to_thread(self._start_idp, public)
@@ -186,6 +186,13 @@ class Stack:
         return check
 
     # --- parts ------------------------------------------------------------------------------
+
+    def _install_npm_packages(self) -> None:
+        """The proxy's and the dev IdP's npm packages into the state dir, on first use."""
+        try:
+            npm.ensure_installed(self.state, self.progress)
+        except npm.NpmError as exc:
+            raise StackError(str(exc)) from exc
 
     def _start_idp(self, public: str) -> None:
         from beamhub.hub.up.idp import EmbeddedIdP
@@ -360,7 +367,6 @@ class Stack:
                     **os.environ,
                     "BEAMHUB_RUNTIME": str(path),
                     "BEAMHUB_HOME": str(self.state),
-                    "PYTHONPATH": str(REPO),
                 },
             )
         finally:

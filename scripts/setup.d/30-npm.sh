@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Node packages from package.json (configurable-http-proxy, the dev OpenID provider).
+# Node.js and npm, and the npm packages of package.json (configurable-http-proxy, oidc-provider).
+# `beamhub up` installs its own copy into the state dir on first use (hub/up/npm.py, from
+# the same pins: hub/up/node/ links to package.json and package-lock.json); this checkout-wide copy
+# fills npm's cache, so those installs are quick and offline, and serves bench/hubproc.py's bare hub.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 [ -f package.json ] || exit 0
