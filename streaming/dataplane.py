@@ -156,8 +156,12 @@ class DataPlane:
         self._closed = False
         self._shared = _Zone(context, False, self.log) if context is not None else None
 
-    def provision(self, spec: ChannelSpec) -> ChannelEndpoints:
-        """Bind the channel's faces and start forwarding; raise ValueError on a bad spec."""
+    def provision(self, spec: ChannelSpec, ports: dict[str, int] | None = None) -> ChannelEndpoints:
+        """Bind the channel's faces and start forwarding; raise ValueError on a bad spec.
+
+        ``ports`` (face -> port) binds those faces to fixed ports, as a DSN restoring a channel
+        after a restart does so that connected peers find it again; RuntimeError if one is taken.
+        """
         producer_nets, consumer_nets = validate_spec(spec)
         with self._lock:
             if self._closed:
@@ -166,7 +170,7 @@ class DataPlane:
                 raise ValueError(f"channel_id: {spec.channel_id!r} is already provisioned")
             self._channels[spec.channel_id] = None  # type: ignore[assignment]  # reserve the id
         try:
-            channel = self._start(spec, producer_nets, consumer_nets)
+            channel = self._start(spec, producer_nets, consumer_nets, dict(ports or {}))
         except BaseException:
             with self._lock:
                 self._channels.pop(spec.channel_id, None)
@@ -192,7 +196,9 @@ class DataPlane:
             )
         return channel.endpoints
 
-    def _start(self, spec: ChannelSpec, producer_nets: tuple, consumer_nets: tuple) -> _Channel:
+    def _start(
+        self, spec: ChannelSpec, producer_nets: tuple, consumer_nets: tuple, ports: dict[str, int]
+    ) -> _Channel:
         pdom, cdom = (
             zap_domain(spec.channel_id, "producer"),
             zap_domain(spec.channel_id, "consumer"),
@@ -214,6 +220,7 @@ class DataPlane:
             stream=spec.stream,
             max_rate_hz=spec.max_rate_hz,
             when_no_consumer=spec.when_no_consumer,
+            ports=ports,
         )
         counters = ChannelCounters()
         tag = f"dataplane:{spec.channel_id}:{uuid.uuid4().hex[:6]}"

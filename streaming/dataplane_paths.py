@@ -44,6 +44,9 @@ class FaceConfig:
     #: L7 only: "wait" (lossless: frames wait for a work consumer) or "drop" (counted as
     #: ``no_consumer`` while no work consumer is connected; the monitor fan-out still gets them)
     when_no_consumer: str = "wait"
+    #: face -> TCP port to bind (a restored channel keeps its endpoints); a face not named here
+    #: binds to any free port
+    ports: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -90,7 +93,8 @@ class ChannelThread(threading.Thread):
         if self.faces.curve_secret is not None:
             sock.curve_server = True
             sock.curve_secretkey = self.faces.curve_secret
-        sock.bind(f"tcp://{self.faces.host}:*")
+        port = self.faces.ports.get(face)
+        sock.bind(f"tcp://{self.faces.host}:{port or '*'}")
         port = sock.last_endpoint.decode().rsplit(":", 1)[1]
         self.endpoints[face] = f"tcp://{self.faces.advertise}:{port}"
         return self.endpoints[face]

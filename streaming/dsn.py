@@ -11,6 +11,7 @@ only. The channels and their rules live in :mod:`beamhub.streaming.controlplane`
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import tornado.httpserver
@@ -32,6 +33,8 @@ class DataStreamingNode(ControlPlane):
     ``data_plane`` may be given (the caller then owns it); otherwise a
     :class:`beamhub.streaming.dataplane.DataPlane` on ``data_host`` is created at start and closed
     at stop. Data-plane calls run on one worker thread so they never block the event loop.
+    With ``state_dir`` the channels survive a restart (see
+    :class:`~beamhub.streaming.controlplane.ControlPlane`); without, they live in memory only.
     """
 
     def __init__(
@@ -44,6 +47,7 @@ class DataStreamingNode(ControlPlane):
         data_plane: Any = None,
         reap_interval: float = 1.0,
         relay_timeout: float = 10.0,
+        state_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__(
             verifier,
@@ -52,6 +56,7 @@ class DataStreamingNode(ControlPlane):
             data_plane=data_plane,
             reap_interval=reap_interval,
             relay_timeout=relay_timeout,
+            state_dir=state_dir,
         )
         self.host = host
         self._server: tornado.httpserver.HTTPServer | None = None
@@ -71,7 +76,14 @@ class DataStreamingNode(ControlPlane):
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.url = f"http://{host}:{bound}"
         log_event(
-            log, "dsn.started", url=self.url, data_host=self.data_host, template=self.template.name
+            log,
+            "dsn.started",
+            url=self.url,
+            data_host=self.data_host,
+            template=self.template.name,
+            boot_id=self.boot_id,
+            store=self.store.path if self.store is not None else None,
+            channels=len(self.channels),
         )
         return self.url
 

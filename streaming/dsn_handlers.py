@@ -22,7 +22,7 @@ import tornado.web
 
 from beamhub.auth.api import ApiError, JsonApiHandler, log_request
 from beamhub.auth.tokens import Claims, TokenError
-from beamhub.streaming.controlplane import Channel, ChannelError, ControlPlane, log_event
+from beamhub.streaming.controlplane import FAILED, Channel, ChannelError, ControlPlane, log_event
 from beamhub.streaming.template import TemplateViolation
 
 __all__ = ["MAX_BODY_BYTES", "BaseHandler", "make_app"]
@@ -109,7 +109,15 @@ class BaseHandler(JsonApiHandler):
 
 class HealthHandler(BaseHandler):
     def get(self) -> None:
-        self.write_json({"status": "ok", "channels": len(self.node.channels)})
+        failed = sum(c.state == FAILED for c in self.node.channels.values())
+        self.write_json(
+            {
+                "status": "ok",
+                "channels": len(self.node.channels),
+                "failed_channels": failed,
+                "boot_id": self.node.boot_id,
+            }
+        )
 
 
 class TemplateHandler(BaseHandler):
@@ -139,12 +147,22 @@ class ChannelsHandler(BaseHandler):
 class ChannelHandler(BaseHandler):
     async def get(self, channel_id: str) -> None:
         channel, _ = self.channel_for(channel_id, "stream.read")
-        try:
-            stats = await self.node.run(self.node.data_plane.stats, channel_id)
-        except KeyError:
-            raise ApiError(404, "not_found", f"channel {channel_id!r} was just removed") from None
+        stats = None
+        if channel.state != FAILED:  # a failed channel has no data path to ask
+            try:
+                stats = await self.node.run(self.node.data_plane.stats, channel_id)
+            except KeyError:
+                raise ApiError(
+                    404, "not_found", f"channel {channel_id!r} was just removed"
+                ) from None
         body = channel.to_json()
-        body.update({"stats": stats, "expires_in": max(0.0, channel.expires_at - time.time())})
+        body.update(
+            {
+                "stats": stats,
+                "expires_in": max(0.0, channel.expires_at - time.time()),
+                "dsn_boot": self.node.boot_id,
+            }
+        )
         self.write_json(body)
 
     async def delete(self, channel_id: str) -> None:
@@ -168,6 +186,7 @@ class RenewHandler(BaseHandler):
             )
         wanted = min(time.time() + ttl, float(claims.exp))
         channel.expires_at = max(channel.expires_at, wanted)
+        self.node.save(channel)
         log_event(
             log,
             "channel.renewed",
@@ -210,6 +229,7 @@ class SourceControlHandler(BaseHandler):
         except TemplateViolation as exc:
             raise domain_error(exc) from exc
         channel.params = dataclasses.replace(channel.params, source_control=url)
+        self.node.save(channel)
         log_event(
             log,
             "channel.source_control",

@@ -44,6 +44,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--reap-interval", type=float, default=1.0, help="seconds between expiry sweeps"
     )
+    parser.add_argument(
+        "--state-dir",
+        default=None,
+        metavar="DIR",
+        help="where channels are kept (DIR/dsn/channels.sqlite, mode 0600: it holds the data "
+        "plane's CURVE secret key), so that a restarted DSN provisions them again on the same "
+        "endpoints; default $BEAMHUB_HOME (~/.beamhub)",
+    )
+    parser.add_argument(
+        "--ephemeral",
+        action="store_true",
+        help="keep channels in memory only: they are gone when the DSN stops",
+    )
     parser.set_defaults(func=_run)
 
 
@@ -95,7 +108,15 @@ def _run(args: argparse.Namespace) -> int:
     if revocations is not None:
         revocations.start()
 
+    if args.ephemeral:
+        store_dir = None
+    else:
+        from beamhub.auth.home import state_dir
+
+        store_dir = args.state_dir or state_dir()
+
     async def serve() -> int:
+        from beamhub.streaming.controlplane import FAILED
         from beamhub.streaming.dsn import DataStreamingNode
 
         node = DataStreamingNode(
@@ -104,6 +125,7 @@ def _run(args: argparse.Namespace) -> int:
             host=args.host,
             data_host=args.data_host,
             reap_interval=args.reap_interval,
+            state_dir=store_dir,
         )
         try:
             url = await node.start(args.port)
@@ -122,6 +144,15 @@ def _run(args: argparse.Namespace) -> int:
         print(f"beamhub dsn: control API {url}  (health: {url}/api/health)", flush=True)
         print(f"beamhub dsn: data plane binds on {args.data_host}", flush=True)
         print(f"beamhub dsn: template {template.name!r} ({template.source})", flush=True)
+        if node.store is not None:
+            failed = [c.id for c in node.channels.values() if c.state == FAILED]
+            print(
+                f"beamhub dsn: channels kept in {node.store.path}; {len(node.channels)} restored"
+                + (f", {len(failed)} FAILED (see the log): {' '.join(failed)}" if failed else ""),
+                flush=True,
+            )
+        else:
+            print("beamhub dsn: channels kept in memory only (--ephemeral)", flush=True)
         print(f"beamhub dsn: tokens verified with {origin}; Ctrl-C to stop", flush=True)
         if revocations is not None:
             print(
@@ -132,7 +163,8 @@ def _run(args: argparse.Namespace) -> int:
         try:
             await done.wait()
         finally:
-            print("beamhub dsn: stopping (removing channels)", flush=True)
+            kept = " (they stay stored for the next start)" if node.store is not None else ""
+            print(f"beamhub dsn: stopping (removing channels' data paths){kept}", flush=True)
             await node.stop()
         return 0
 

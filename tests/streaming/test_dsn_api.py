@@ -152,7 +152,9 @@ async def test_expired_channels_are_reaped_with_their_data_path(tokens: Tokens, 
         assert sorted(node.data_plane.channels()) == sorted([a, b, c])
         await wait_until(lambda: node.data_plane.channels() == [c], timeout=10)
         assert list(node.channels) == [c]
-        assert await api(node.url, "GET", "/api/health") == (200, {"status": "ok", "channels": 1})
+        code, health = await api(node.url, "GET", "/api/health")
+        assert (code, health["status"], health["channels"]) == (200, "ok", 1)
+        assert health["failed_channels"] == 0 and health["boot_id"] == node.boot_id
         assert (await api(node.url, "GET", f"/api/channels/{b}", by_ttl))[0] == 404
     expired = [r.getMessage() for r in caplog.records if '"channel.expired"' in r.getMessage()]
     assert len(expired) == 2 and any(a in m for m in expired) and any(b in m for m in expired)
@@ -209,7 +211,10 @@ async def test_source_control_can_be_attached_later(tokens: Tokens) -> None:
 async def test_health_template_and_unknown_routes(tokens: Tokens) -> None:
     async with running_dsn(tokens) as node:
         code, body = await api(node.url, "GET", "/api/health")
-        assert (code, body) == (200, {"status": "ok", "channels": 0})
+        assert (code, body) == (
+            200,
+            {"status": "ok", "channels": 0, "failed_channels": 0, "boot_id": node.boot_id},
+        )
         code, body = await api(node.url, "GET", "/api/template", tokens.issue())
         assert code == 200 and body["name"] == "default" and body["modes"] == ["l4", "l7"]
         code, body = await api(node.url, "GET", "/api/nothing-here", tokens.issue())
