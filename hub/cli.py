@@ -12,6 +12,7 @@ __all__ = ["COMMANDS", "main"]
 #: Subcommand modules under ``hub.commands``, in the order ``--help`` lists them.
 COMMANDS = [
     "up",
+    "status",
     "dsn",
     "source",
     "consume",

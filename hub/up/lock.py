@@ -54,6 +54,22 @@ class UpLock:
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, data, 0)
 
+    def held_by_another(self) -> bool:
+        """True if a live `beamhub up` holds this lock now (checked without taking it)."""
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        finally:
+            os.close(fd)
+
     def release(self) -> None:
         if self._fd is not None:
             os.ftruncate(self._fd, 0)
