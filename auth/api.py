@@ -11,19 +11,30 @@ wrong and what to do, ``field`` (optional) the request field at fault; a few err
 :class:`ApiError`. Anything else becomes a 500 whose message hides the traceback (it goes to the
 log). Bodies are streamed: a body whose Content-Length exceeds the handler's ``max_body`` is
 refused with a JSON 413 before any of it is read, and a chunked body is cut off at the limit.
+After such a refusal the server stops sending and reads (and drops) what the client still sends
+for up to :data:`LINGER_S` before it closes (a "lingering close", as Apache and nginx do): closing
+with unread data makes the kernel send a TCP reset, which can destroy the 413 before a proxy has
+read it (configurable-http-proxy then answers its own HTML 503).
 The access log names method, path (never the query string) and status; never a header.
 """
 
 from __future__ import annotations
 
+import asyncio
+import datetime
 import json
 import logging
+import socket
 from typing import Any
 
+import tornado.gen
+import tornado.iostream
 import tornado.web
+from tornado.http1connection import HTTP1Connection
 
 __all__ = [
     "ERROR_SCHEMA",
+    "LINGER_S",
     "ApiError",
     "JsonApiHandler",
     "log_request",
@@ -31,6 +42,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("beamhub.api")
+
+#: After refusing a body it did not read: how long to keep reading and dropping it before closing.
+LINGER_S = 5.0
+_lingering: set[asyncio.Task] = set()  # held until done (the event loop keeps weak references)
 
 #: JSON Schema of every error body (the OpenAPI documents reference it as ``Error``).
 ERROR_SCHEMA: dict[str, Any] = {
@@ -100,7 +115,8 @@ class JsonApiHandler(tornado.web.RequestHandler):
     """Base of every JSON API handler: errors in the one shape, bodies bounded before reading.
 
     Subclasses set ``max_body`` (bytes) and ``service`` (named in 500 messages), read the body
-    with :meth:`json_body` or :meth:`raw_body`, and answer with :meth:`write_json`.
+    with :meth:`json_body` or :meth:`raw_body`, and answer with :meth:`write_json`. A subclass
+    that overrides ``prepare`` awaits the base's first and returns if ``self._finished``.
     """
 
     max_body: int = 64 * 1024
@@ -121,19 +137,44 @@ class JsonApiHandler(tornado.web.RequestHandler):
             try:
                 size = int(declared)
             except ValueError:
-                raise ApiError(400, "bad_request", "Content-Length is not a number") from None
+                error = ApiError(400, "bad_request", "Content-Length is not a number")
+                await self._refuse_unread(error)
+                return
             if size > self.max_body:
-                self._too_large(size)
+                await self._refuse_unread(self._too_large(size))
 
-    def _too_large(self, size: int) -> None:
-        # The body stays unread: tornado closes the connection after this answer.
-        self.set_header("Connection", "close")
-        raise ApiError(
+    def _too_large(self, size: int) -> ApiError:
+        return ApiError(
             413,
             "body_too_large",
             f"the request body is {size} bytes; the limit is {self.max_body} bytes",
             limit=self.max_body,
         )
+
+    async def _refuse_unread(self, error: ApiError) -> None:
+        """Answer ``error`` with the body unread, then close by lingering (see the module doc).
+
+        Only prepare may call this: tornado lets a handler take the connection (``detach``)
+        while the request's headers are being handled, before it reads the body.
+        """
+        if not isinstance(self.request.connection, HTTP1Connection):
+            raise error  # no stream to take over: tornado's own close
+        body = json.dumps(error.to_json()).encode()
+        self.set_status(error.status)
+        for name, value in error.headers.items():
+            self.set_header(name, value)
+        self.set_header("Connection", "close")
+        self.set_header("Content-Length", len(body))
+        self.write(body)
+        try:
+            await self.flush()
+        except tornado.iostream.StreamClosedError:
+            pass  # the client is gone; the linger below closes at once
+        stream = self.detach()  # tornado would close at once, with the body unread: a reset
+        self.application.log_request(self)
+        task = asyncio.ensure_future(_linger(stream))
+        _lingering.add(task)
+        task.add_done_callback(_lingering.discard)
 
     def data_received(self, chunk: bytes) -> None:
         self._size += len(chunk)
@@ -143,7 +184,7 @@ class JsonApiHandler(tornado.web.RequestHandler):
     def raw_body(self) -> bytes:
         """The whole body (at most ``max_body`` bytes), or a 413 for a longer chunked one."""
         if self._size > self.max_body:
-            self._too_large(self._size)
+            raise self._too_large(self._size)
         return b"".join(self._chunks)
 
     def json_body(self, **loads: Any) -> dict[str, Any]:
@@ -184,6 +225,26 @@ class JsonApiHandler(tornado.web.RequestHandler):
         if isinstance(value, ApiError):
             return  # an expected refusal: the answer says it all, no traceback
         super().log_exception(typ, value, tb)
+
+
+async def _linger(stream: tornado.iostream.IOStream, seconds: float = LINGER_S) -> None:
+    """Send the rest of the answer, then FIN; drop what the peer still sends until it closes or
+    ``seconds`` pass; then close. The answer arrives whole instead of being lost to a reset."""
+    start = asyncio.get_running_loop().time()
+    try:
+        await stream.write(b"")  # resolves once everything written before is on the wire
+        stream.socket.shutdown(socket.SHUT_WR)
+        while (left := seconds - (asyncio.get_running_loop().time() - start)) > 0:
+            read = stream.read_bytes(1 << 16, partial=True)
+            await tornado.gen.with_timeout(
+                datetime.timedelta(seconds=left),
+                read,
+                quiet_exceptions=tornado.iostream.StreamClosedError,
+            )
+    except (tornado.iostream.StreamClosedError, OSError, TimeoutError):
+        pass  # the peer closed, went away, or the time is up: all the same here
+    finally:
+        stream.close()
 
 
 def log_request(handler: tornado.web.RequestHandler, logger: logging.Logger = log) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 
 import pytest
 import requests
@@ -78,3 +79,31 @@ def test_oversized_body_refused_from_content_length_before_it_is_sent(url: str) 
 def test_chunked_body_over_the_limit_is_413(url: str) -> None:
     r = requests.post(url, data=iter([b'{"a": "' + b"x" * 600, b"x" * 600 + b'"}']), timeout=5)
     assert r.status_code == 413 and r.json()["reason"] == "body_too_large"
+
+
+def test_refused_body_that_is_sent_anyway_gets_the_413_and_no_reset(url: str) -> None:
+    """A client (or a proxy) that sends the whole over-limit body while the 413 is answered: the
+    server reads and drops it instead of closing on unread data (a TCP reset that destroys the
+    answer; configurable-http-proxy then shows its own 503)."""
+    port = int(url.split(":")[2].split("/")[0])
+    size = 4 << 20
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode())
+        failures: list[OSError] = []
+
+        def send_body() -> None:
+            try:
+                s.sendall(b"x" * size)
+                s.shutdown(socket.SHUT_WR)  # all sent: the server may close now
+            except OSError as exc:
+                failures.append(exc)
+
+        sender = threading.Thread(target=send_body)
+        sender.start()
+        answer = b""
+        while chunk := s.recv(65536):  # the server closes once it has the body (or gives up)
+            answer += chunk
+        sender.join(10)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b'"reason": "body_too_large"' in answer
+    assert not failures, f"the server reset the connection while the body was sent: {failures}"
