@@ -1,5 +1,6 @@
-"""The gateway's API contract: user-facing errors, the request context, and the routes, actions
-and body validation read from ``hub/gateway/openapi.yaml`` (the single source of truth)."""
+"""The gateway's API contract: the request context, and the routes, actions and body validation
+read from ``hub/gateway/openapi.yaml`` (the single source of truth). Errors are
+:class:`beamhub.auth.api.ApiError`, in the one shape of every beamhub service."""
 
 from __future__ import annotations
 
@@ -10,19 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import tornado.web
 import yaml
 
+from beamhub.auth.api import ApiError
 from beamhub.auth.tokens import Claims
 
 __all__ = [
     "API_PREFIX",
     "OPENAPI_PATH",
-    "PARAM_PATTERNS",
-    "GatewayError",
     "Operation",
     "RequestContext",
-    "bearer",
     "load_openapi",
     "parse_constant",
     "routes",
@@ -31,30 +29,7 @@ __all__ = [
 
 OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
 API_PREFIX = "api/v1"
-#: What a path parameter may look like; anything else is a 404 before any work is done.
-PARAM_PATTERNS = {
-    "project": r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}",
-    "channel_id": r"ch-[0-9a-f]{1,32}",
-    "window_id": r"[0-9]{1,12}",
-    "job_id": r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}",
-    "name": r"[A-Za-z_][A-Za-z0-9_.-]{0,63}",
-}
-
-
-class GatewayError(tornado.web.HTTPError):
-    """An error a person will read: JSON ``{error, reason, ...extra}`` with an HTTP status."""
-
-    def __init__(self, status: int, reason: str, message: str, **extra: Any) -> None:
-        super().__init__(status)
-        self.status = status
-        self.reason = reason
-        self.message = message
-        self.extra = extra
-
-    def to_json(self) -> dict[str, Any]:
-        body = {"error": self.message, "reason": self.reason}
-        body.update({k: v for k, v in self.extra.items() if k != "headers"})
-        return body
+HTTP_METHODS = frozenset({"get", "put", "post", "delete", "patch", "head", "options"})
 
 
 @dataclass
@@ -91,13 +66,36 @@ def load_openapi(path: str | Path = OPENAPI_PATH) -> dict[str, Any]:
     return yaml.safe_load(Path(path).read_text())
 
 
+def _path_patterns(doc: Mapping[str, Any], path: str, item: Mapping[str, Any]) -> dict[str, str]:
+    """Each path parameter's regex, from the document's ``components/parameters`` patterns."""
+    shared = doc["components"].get("parameters", {})
+    patterns = {}
+    for param in item.get("parameters", []):
+        if "$ref" in param:
+            param = shared[param["$ref"].rsplit("/", 1)[1]]
+        patterns[param["name"]] = param["schema"]["pattern"].removeprefix("^").removesuffix("$")
+    for name in re.findall(r"\{(\w+)\}", path):
+        if name not in patterns:
+            raise ValueError(
+                f"openapi.yaml: path {path!r} has no 'parameters' entry for {{{name}}}; "
+                f"add {{$ref: '#/components/parameters/{name}'}} (with a schema pattern)"
+            )
+    return patterns
+
+
 def routes(doc: Mapping[str, Any]) -> list[tuple[str, dict[str, Operation]]]:
+    """(path regex, {METHOD: Operation}) for every path of the document."""
     schemas = doc["components"]["schemas"]
     routes = []
-    for path, methods in doc["paths"].items():
-        regex = re.sub(r"\{(\w+)\}", lambda m: f"(?P<{m[1]}>{PARAM_PATTERNS[m[1]]})", path)
+    for path, item in doc["paths"].items():
+        patterns = _path_patterns(doc, path, item)
+        regex = path
+        for name, pattern in patterns.items():
+            regex = regex.replace("{" + name + "}", f"(?P<{name}>{pattern})")
         ops = {}
-        for method, spec in methods.items():
+        for method, spec in item.items():
+            if method not in HTTP_METHODS:
+                continue
             validator = None
             if "x-body" in spec:
                 schema = dict(schemas[spec["x-body"]])
@@ -109,22 +107,17 @@ def routes(doc: Mapping[str, Any]) -> list[tuple[str, dict[str, Operation]]]:
     return routes
 
 
-def bearer(header: str) -> str:
-    scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
-
-
 def parse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def schema_error(errors: Iterable[jsonschema.ValidationError]) -> GatewayError:
+def schema_error(errors: Iterable[jsonschema.ValidationError]) -> ApiError:
     error = jsonschema.exceptions.best_match(errors)
     where = ".".join(str(p) for p in error.absolute_path)
     if error.validator == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
         unknown = sorted(set(error.instance) - set(allowed))
-        return GatewayError(
+        return ApiError(
             400,
             "unknown_field",
             f"unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}",
@@ -132,5 +125,7 @@ def schema_error(errors: Iterable[jsonschema.ValidationError]) -> GatewayError:
         )
     if error.validator == "required":
         missing = error.message.split("'")[1] if "'" in error.message else where
-        return GatewayError(400, "missing_field", f"missing field {missing!r}", field=missing)
-    return GatewayError(400, "invalid_field", f"{where or 'body'}: {error.message}", field=where)
+        return ApiError(400, "missing_field", f"missing field {missing!r}", field=missing)
+    return ApiError(
+        400, "invalid_field", f"{where or 'body'}: {error.message}", field=where or None
+    )

@@ -1,15 +1,17 @@
 """The API gateway service: every request verified, authorised by policy, rate-limited, audited.
 
 Routes, actions and request schemas come from ``hub/gateway/openapi.yaml`` (served at
-``/api/v1/openapi.json``); the operations themselves live in :mod:`beamhub.hub.gateway.ops`. Runs as a
-JupyterHub service (``python -m hub.gateway``; see :func:`main`) or standalone in tests:
+``/api/v1/openapi.json``); the operations themselves live in :mod:`beamhub.hub.gateway.ops`.
+Handlers derive from :class:`beamhub.auth.api.JsonApiHandler`: errors in the one shape of every
+beamhub service, bodies bounded from Content-Length before they are read. Runs as a JupyterHub
+service (``python -m beamhub.hub.gateway.service``) or standalone in tests:
 ``url = Gateway(verifier, ...).start(port=0)`` … ``stop()``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import functools
 import logging
 import re
 import threading
@@ -24,52 +26,43 @@ import tornado.web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from beamhub.auth.api import ApiError, JsonApiHandler, log_request
 from beamhub.auth.tokens import Claims, TokenError, TokenVerifier
 from beamhub.hub.gateway.api import (
     API_PREFIX,
     OPENAPI_PATH,
-    GatewayError,
     Operation,
     RequestContext,
-    bearer,
     load_openapi,
     parse_constant,
     routes,
     schema_error,
 )
 from beamhub.hub.gateway.audit import AuditLog
+from beamhub.hub.gateway.jobs import SchedulerJobs
+from beamhub.hub.gateway.ops import Operations
 from beamhub.hub.gateway.policy import Policy, PolicyRequest, load_policy
 from beamhub.hub.gateway.ratelimit import RateLimiter
 
-__all__ = ["OPENAPI_PATH", "Gateway", "GatewayError", "RequestContext", "load_openapi"]
+__all__ = ["OPENAPI_PATH", "ApiHandler", "Gateway", "RequestContext", "load_openapi"]
 
 log = logging.getLogger("beamhub.gateway")
 
 
-@tornado.web.stream_request_body
-class ApiHandler(tornado.web.RequestHandler):
+class ApiHandler(JsonApiHandler):
     """Runs the pipeline (token → policy → rate limit → audit) and then the operation.
 
-    The body is streamed in and only its first ``max_body_bytes`` are kept: a larger body is read
-    to its end and refused with a JSON 413 (up to the server's hard cap, 64 MiB).
+    The body limit is the gateway's ``max_body_bytes``: a larger declared body is refused with a
+    JSON 413 before any of it is read (:class:`~beamhub.auth.api.JsonApiHandler`).
     """
 
     SUPPORTED_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
+    service = "the gateway"
 
     def initialize(self, gateway: Gateway, ops: dict[str, Operation]) -> None:
         self.gateway = gateway
         self.ops = ops
-        self._chunks: list[bytes] = []
-        self._size = 0
-
-    def data_received(self, chunk: bytes) -> None:
-        self._size += len(chunk)
-        if self._size <= self.gateway.max_body_bytes:
-            self._chunks.append(chunk)
-
-    def set_default_headers(self) -> None:
-        self.set_header("Content-Type", "application/json")
-        self.set_header("Cache-Control", "no-store")
+        self.max_body = gateway.max_body_bytes
 
     async def get(self, **params: str) -> None:
         await self._handle(params)
@@ -81,23 +74,19 @@ class ApiHandler(tornado.web.RequestHandler):
         started = time.perf_counter()
         op = self.ops.get(self.request.method)
         if op is None:
-            raise GatewayError(
+            raise ApiError(
                 405,
                 "method_not_allowed",
                 f"{self.request.method} is not allowed on {self.request.path}; "
                 f"allowed: {', '.join(sorted(self.ops))}",
             )
-        size = self._size
-        if size > gw.max_body_bytes:
-            raise GatewayError(
-                413,
-                "body_too_large",
-                f"the request body is {size} bytes; the limit is {gw.max_body_bytes} bytes",
-                limit=gw.max_body_bytes,
-            )
         if self.request.query_arguments:
             names = ", ".join(sorted(self.request.query_arguments))
-            raise GatewayError(400, "unknown_parameter", f"unknown query parameter(s): {names}")
+            raise ApiError(
+                400,
+                "unknown_parameter",
+                f"unknown query parameter(s): {names}; this API takes none",
+            )
         ctx = RequestContext(
             action=op.action,
             method=self.request.method,
@@ -108,7 +97,7 @@ class ApiHandler(tornado.web.RequestHandler):
         )
         if op.secured:
             try:
-                ctx.claims = gw.verifier.verify(bearer(ctx.authorization) or None)
+                ctx.claims = gw.verifier.verify(self.bearer() or None)
             except TokenError as exc:
                 gw.record(ctx, "deny", "token", exc.status, exc.message)
                 challenge = {}
@@ -118,66 +107,29 @@ class ApiHandler(tornado.web.RequestHandler):
                         if exc.reason == "missing"
                         else f', error="invalid_token", error_description="{exc.reason}"'
                     )
-                raise GatewayError(exc.status, exc.reason, exc.message, headers=challenge) from None
+                raise ApiError(exc.status, exc.reason, exc.message, headers=challenge) from None
             ctx.roles = gw.roles_for(ctx.claims)
         if gw.layers:
             gw.authorise(ctx)
         ctx.body = self._body(op)
         status, payload = await gw.ops.run(op.name, ctx)
         gw.metrics_observe(op.action, "allow", time.perf_counter() - started)
-        self.set_status(status)
-        if status == 204 or payload is None:
-            self.clear_header("Content-Type")
-            self.finish()
-        else:
-            self.finish(json.dumps(payload))
+        self.write_json(payload, status)
 
     def _body(self, op: Operation) -> dict[str, Any]:
-        raw = b"".join(self._chunks)
         if op.validator is None:
-            if raw.strip():
-                raise GatewayError(
+            if self.raw_body().strip():
+                raise ApiError(
                     400,
                     "unexpected_body",
-                    f"{self.request.method} {self.request.path} takes no request body",
+                    f"{self.request.method} {self.request.path} takes no request body; send none",
                 )
             return {}
-        if not raw.strip():
-            body: Any = {}
-        else:
-            try:
-                body = json.loads(raw, parse_constant=parse_constant)
-            except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-                raise GatewayError(
-                    400, "malformed_json", f"the body is not valid JSON: {exc}"
-                ) from None
-        if not isinstance(body, dict):
-            raise GatewayError(400, "malformed_json", "the body must be a JSON object {...}")
+        body = self.json_body(parse_constant=parse_constant)
         errors = list(op.validator.iter_errors(body))
         if errors:
             raise schema_error(errors)
         return body
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        self.set_header("Content-Type", "application/json")
-        if isinstance(exc, GatewayError):
-            body = exc.to_json()
-            for name, value in exc.extra.get("headers", {}).items():
-                self.set_header(name, value)
-        elif isinstance(exc, tornado.web.HTTPError) and status_code < 500:
-            body = {"error": exc.log_message or self._reason, "reason": "http"}
-        else:
-            body = {
-                "error": "internal error in the gateway; the admins have the traceback in its log",
-                "reason": "internal",
-            }
-        self.finish(json.dumps(body))
-
-    def log_exception(self, typ, value, tb) -> None:  # type: ignore[override]
-        if isinstance(value, GatewayError):
-            return  # an expected refusal, already audited (and counted) where it is a decision
-        super().log_exception(typ, value, tb)
 
 
 class NotFoundHandler(ApiHandler):
@@ -185,10 +137,11 @@ class NotFoundHandler(ApiHandler):
         super().initialize(gateway, {})
 
     async def _handle(self, params: dict[str, str]) -> None:
-        raise GatewayError(
+        raise ApiError(
             404,
             "not_found",
-            f"no API route {self.request.path!r}; see {self.gateway.base_url}{API_PREFIX}/openapi.json",
+            f"no API route {self.request.path!r}; see "
+            f"{self.gateway.base_url}{API_PREFIX}/openapi.json for the routes",
         )
 
 
@@ -226,9 +179,6 @@ class Gateway:
         layers: bool = True,
         openapi_path: str | Path = OPENAPI_PATH,
     ) -> None:
-        from beamhub.hub.gateway.jobs import SchedulerJobs
-        from beamhub.hub.gateway.ops import Operations
-
         self.verifier = verifier
         self.policy = policy or load_policy()
         self.limiter = limiter
@@ -286,7 +236,7 @@ class Gateway:
         decision = self.policy.evaluate(request)
         if not decision.allow:
             self.record(ctx, "deny", decision.rule, 403, decision.reason)
-            raise GatewayError(
+            raise ApiError(
                 403, "policy", f"denied by policy: {decision.reason}", decision=decision.as_dict()
             )
         if self.limiter is not None:
@@ -298,7 +248,7 @@ class Gateway:
                 wait = verdict.retry_after_header
                 why = f"rate limit of this {verdict.bucket} reached; retry after {wait} s"
                 self.record(ctx, "deny", f"ratelimit.{verdict.bucket}", 429, why)
-                raise GatewayError(
+                raise ApiError(
                     429,
                     "rate_limited",
                     why,
@@ -347,14 +297,14 @@ class Gateway:
             handlers,
             default_handler_class=NotFoundHandler,
             default_handler_args={"gateway": self},
-            log_function=_log_request,
+            log_function=functools.partial(log_request, logger=log),
         )
 
     async def start_async(self, port: int = 0, host: str = "127.0.0.1") -> str:
         """Listen on ``host:port`` (0 = any free port) in the running loop; return the base URL."""
         sockets = tornado.netutil.bind_sockets(port, address=host)
-        # bodies up to the hard cap (64 MiB) are read and refused with a JSON 413; larger ones are cut
-        # off by tornado with a bare 400 before any handler runs
+        # a declared body over max_body_bytes is refused with a JSON 413 before it is read; the
+        # server's hard cap only bounds a chunked body, which the handler cuts off at the limit
         self._server = tornado.httpserver.HTTPServer(
             self.make_app(), max_body_size=max(16 * self.max_body_bytes, 64 << 20)
         )
@@ -410,24 +360,3 @@ class Gateway:
             self._thread.join(15)
             self._thread = None
             self._loop = None
-
-
-def _log_request(handler: tornado.web.RequestHandler) -> None:
-    """Access log without query strings or headers (tokens never reach the log)."""
-    status = handler.get_status()
-    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
-    ms = 1000.0 * handler.request.request_time()
-    log.log(level, "%d %s %s %.2fms", status, handler.request.method, handler.request.path, ms)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point as a JupyterHub service; see :mod:`beamhub.hub.gateway.service`."""
-    from beamhub.hub.gateway.service import main as service_main
-
-    return service_main(argv)
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

@@ -3,7 +3,7 @@
 The local scheduler lives in the hub process, so the gateway service forwards to
 ``/hub/api/beamhub/jobs`` with its own hub API token, naming the user it acts for (the token's
 ``sub``; the service holds the ``custom:beamhub:jobs:act-for`` scope). Both classes offer the same
-four calls and raise :class:`~beamhub.hub.gateway.api.GatewayError`; the project is always the caller's.
+four calls and raise :class:`~beamhub.auth.api.ApiError`; the project is always the caller's.
 """
 
 from __future__ import annotations
@@ -14,19 +14,19 @@ from urllib.parse import quote, urlencode
 
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from beamhub.hub.gateway.api import GatewayError
+from beamhub.auth.api import ApiError
 
 __all__ = ["HubJobs", "SchedulerJobs", "scheduler_error"]
 
 HUB_TIMEOUT_S = 30.0
 
 
-def scheduler_error(exc: Exception) -> GatewayError:
+def scheduler_error(exc: Exception) -> ApiError:
     """kernels.scheduler.SchedulerError (a user-facing error) → the same status and message."""
     status = int(getattr(exc, "status", 400))
     field = getattr(exc, "field", None)
     extra = {"field": field} if field else {}
-    return GatewayError(status, "scheduler", str(getattr(exc, "message", exc)), **extra)
+    return ApiError(status, "scheduler", str(getattr(exc, "message", exc)), **extra)
 
 
 def _public(info: Any) -> dict[str, Any]:
@@ -37,10 +37,8 @@ def _public(info: Any) -> dict[str, Any]:
     return data
 
 
-def _not_found(job_id: str, project: str) -> GatewayError:
-    return GatewayError(
-        404, "no_such_job", f"no job {job_id!r} in project {project!r}", field="job_id"
-    )
+def _not_found(job_id: str, project: str) -> ApiError:
+    return ApiError(404, "no_such_job", f"no job {job_id!r} in project {project!r}", field="job_id")
 
 
 class HubJobs:
@@ -71,7 +69,7 @@ class HubJobs:
         )
         response = await self._http.fetch(request, raise_error=False)
         if response.code == 599:
-            raise GatewayError(
+            raise ApiError(
                 503,
                 "hub_unavailable",
                 f"the hub's jobs API at {self.url} did "
@@ -85,10 +83,10 @@ class HubJobs:
             message = data.get("message") if isinstance(data, dict) else None
             message = message or f"the hub answered {response.code} {response.reason}"
             if response.code >= 500:  # the hub's own failure: a gateway error, never a 500
-                raise GatewayError(502, "hub_error", f"the hub's jobs API failed: {message}")
+                raise ApiError(502, "hub_error", f"the hub's jobs API failed: {message}")
             head, sep, _ = message.partition(": ")  # the hub names a bad field first
             extra = {"field": head} if sep and head.isidentifier() else {}
-            raise GatewayError(response.code, "scheduler", message, **extra)
+            raise ApiError(response.code, "scheduler", message, **extra)
         return data
 
     async def submit(self, user: str, project: str, fields: dict[str, Any]) -> dict[str, Any]:

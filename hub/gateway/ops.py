@@ -1,7 +1,9 @@
 """The gateway's operations (one per OpenAPI ``x-handler``): status, DSN channels, jobs, beamtime.
 
 They run after the gateway has verified the token, applied policy and rate limits and written the
-audit record; each returns ``(http_status, json_body)`` or raises :class:`GatewayError`.
+audit record; each returns ``(http_status, json_body)`` or raises
+:class:`~beamhub.auth.api.ApiError`. They see the gateway only as :class:`GatewayState` (what they
+read of it), so this module does not import the app that serves them.
 """
 
 from __future__ import annotations
@@ -11,17 +13,16 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from beamhub.hub.gateway.api import API_PREFIX, GatewayError, RequestContext
+from beamhub.auth.api import ApiError
+from beamhub.hub.gateway.api import API_PREFIX, RequestContext
 from beamhub.hub.gateway.jobs import scheduler_error
+from beamhub.kernels.scheduler import SchedulerError
 
-if TYPE_CHECKING:
-    from beamhub.hub.gateway.app import Gateway
-
-__all__ = ["Operations"]
+__all__ = ["GatewayState", "Operations"]
 
 Result = tuple[int, Any]
 DSN_TIMEOUT_S = 10.0
@@ -34,7 +35,7 @@ def _epoch(value: Any, field: str) -> float:
     try:
         moment = datetime.fromisoformat(str(value))
     except ValueError:
-        raise GatewayError(
+        raise ApiError(
             400,
             "invalid_field",
             f"{field}: {value!r} is not an ISO 8601 time (e.g. 2026-12-01T08:00:00Z) "
@@ -46,10 +47,25 @@ def _epoch(value: Any, field: str) -> float:
     return moment.timestamp()
 
 
+class GatewayState(Protocol):
+    """What the operations read of the gateway (:class:`beamhub.hub.gateway.app.Gateway`);
+    read at each call, so a collaborator set after start is seen."""
+
+    base_url: str
+    openapi: dict[str, Any]
+    enclave: str
+    maintenance: list[dict[str, Any]]
+    dsn_url: str | None
+    nodes: Callable[[], Awaitable[list[dict]]] | None
+    scheduler: Any
+    jobs: Any
+    reservations: Any
+
+
 class Operations:
     """Holds the gateway's collaborators' adapters; ``run(name, ctx)`` dispatches."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: GatewayState) -> None:
         self.gw = gateway
         self._http: AsyncHTTPClient | None = None
         self._table: dict[str, dict[str, Callable[[RequestContext], Awaitable[Result]]]] = {
@@ -173,7 +189,7 @@ class Operations:
         soft: bool = False,
     ) -> Result:
         if self.gw.dsn_url is None:
-            raise GatewayError(
+            raise ApiError(
                 503,
                 "dsn_not_configured",
                 "stream channels need a DSN; this gateway has none configured",
@@ -195,7 +211,7 @@ class Operations:
         if response.code == 599:
             if soft:
                 return 599, None
-            raise GatewayError(
+            raise ApiError(
                 503,
                 "dsn_unavailable",
                 f"the Data Streaming Node at {self.gw.dsn_url} did not answer "
@@ -206,7 +222,7 @@ class Operations:
         try:
             return response.code, json.loads(response.body)
         except ValueError:
-            raise GatewayError(
+            raise ApiError(
                 502, "dsn_bad_answer", f"the DSN answered {response.code} without JSON"
             ) from None
 
@@ -241,7 +257,7 @@ class Operations:
     # -- jobs: hub/gateway/jobs.py (the hub's jobs API, or an in-process scheduler) ----------------
     def _jobs(self) -> Any:
         if self.gw.jobs is None:
-            raise GatewayError(
+            raise ApiError(
                 503,
                 "jobs_not_configured",
                 "jobs need a scheduler; this gateway has none configured",
@@ -268,7 +284,7 @@ class Operations:
     # -- beamtime reservations (kernels.reservations.ReservationBook) --------------------------
     def _book(self) -> Any:
         if self.gw.reservations is None:
-            raise GatewayError(
+            raise ApiError(
                 503,
                 "reservations_not_configured",
                 "beamtime reservations are not enabled on this gateway",
@@ -280,8 +296,6 @@ class Operations:
         return 200, {"reservations": [w.to_dict() for w in windows]}
 
     async def reservations_request(self, ctx: RequestContext) -> Result:
-        from beamhub.kernels.scheduler import SchedulerError
-
         book = self._book()
         assert ctx.claims is not None and ctx.project is not None
         body = ctx.body
@@ -302,8 +316,6 @@ class Operations:
         return 201, window.to_dict()
 
     async def reservation_decide(self, ctx: RequestContext) -> Result:
-        from beamhub.kernels.scheduler import SchedulerError
-
         book = self._book()
         assert ctx.claims is not None
         window_id = int(ctx.params["window_id"])

@@ -1,9 +1,10 @@
 """Run the API gateway as a JupyterHub service (or standalone): wire its layers from beamhub.yaml.
 
-``beamhub up`` starts it as ``python -m hub.gateway --deployment beamhub.yaml``; JupyterHub passes
-``JUPYTERHUB_SERVICE_URL`` (where to listen), ``JUPYTERHUB_SERVICE_PREFIX`` (``/services/
-gateway/``) and ``JUPYTERHUB_API_URL``/``JUPYTERHUB_API_TOKEN``, with which jobs are forwarded to
-the hub's jobs API (the local scheduler lives in the hub process). Standalone: ``python -m hub.gateway --port 8081 --dsn-url http://127.0.0.1:PORT``.
+``beamhub up`` starts it as ``python -m beamhub.hub.gateway.service --deployment beamhub.yaml``;
+JupyterHub passes ``JUPYTERHUB_SERVICE_URL`` (where to listen), ``JUPYTERHUB_SERVICE_PREFIX``
+(``/services/gateway/``) and ``JUPYTERHUB_API_URL``/``JUPYTERHUB_API_TOKEN``, with which jobs are
+forwarded to the hub's jobs API (the local scheduler lives in the hub process). Standalone:
+``python -m beamhub.hub.gateway.service --port 8081 --dsn-url http://127.0.0.1:PORT``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,16 @@ from typing import Any
 from urllib.parse import urlparse
 
 from beamhub.auth.home import state_dir
+from beamhub.auth.tokens import RevocationCache, TokenVerifier, load_jwks
+from beamhub.hub.enclave import EnclaveError, load_profile
+from beamhub.hub.gateway.app import Gateway
+from beamhub.hub.gateway.audit import AuditLog
+from beamhub.hub.gateway.jobs import HubJobs
+from beamhub.hub.gateway.policy import PolicyError, load_policy
+from beamhub.hub.gateway.ratelimit import Limit, RateLimiter
+from beamhub.hub.up.deployment import DeploymentError, load_deployment
+from beamhub.kernels.backends import SchedulerConfig
+from beamhub.kernels.reservations import ReservationBook
 
 __all__ = ["build_gateway", "main"]
 
@@ -29,7 +40,7 @@ EMBEDDED = "<embedded defaults>"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hub.gateway", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m beamhub.hub.gateway.service", description=__doc__)
     p.add_argument("--deployment", default=None, help="beamhub.yaml (default: embedded defaults)")
     p.add_argument(
         "--state-dir",
@@ -50,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--jwks",
         default=None,
-        help="verifiers' JWKS file or URL (default: the state dir's signing key)",
+        help="the token service's JWKS, a file or URL (default: the token service named in "
+        "runtime.json)",
     )
     p.add_argument("--revoked-url", default=None, help="the token service's /revoked list")
     p.add_argument("--policy", default=None, help="policy file (default: gateway.policy)")
@@ -65,16 +77,9 @@ def _state_dir(args: argparse.Namespace, dep: Any) -> Path:
     return Path(dep.state_dir).expanduser()
 
 
-def build_gateway(argv: list[str] | None = None) -> tuple[Any, str, int, list[Any]]:
-    """The configured :class:`~beamhub.hub.gateway.app.Gateway`, where to listen, and what to close after."""
-    from beamhub.auth.tokens import RevocationCache, SigningKey, TokenVerifier, load_jwks
-    from beamhub.hub.enclave import load_profile
-    from beamhub.hub.gateway.app import Gateway
-    from beamhub.hub.gateway.audit import AuditLog
-    from beamhub.hub.gateway.policy import load_policy
-    from beamhub.hub.gateway.ratelimit import Limit, RateLimiter
-    from beamhub.hub.up.deployment import load_deployment
-
+def build_gateway(argv: list[str] | None = None) -> tuple[Gateway, str, int, list[Any]]:
+    """The configured :class:`~beamhub.hub.gateway.app.Gateway`, where to listen, and what to
+    close after."""
     args = _parser().parse_args(argv)
     dep = load_deployment(None if args.deployment in (None, EMBEDDED) else args.deployment)
     profile = load_profile(dep.enclave)
@@ -87,16 +92,20 @@ def build_gateway(argv: list[str] | None = None) -> tuple[Any, str, int, list[An
     port = args.port if args.port is not None else (service_url.port or 0)
     base_url = args.base_url or os.environ.get("JUPYTERHUB_SERVICE_PREFIX") or "/"
 
-    if args.jwks:
-        jwks = load_jwks(args.jwks)
-    else:
-        key_path = state / "signing-key.pem"
-        if not key_path.exists():
-            raise SystemExit(
-                f"no signing key at {key_path}: run `beamhub token keygen` or pass "
-                "--jwks with the token service's JWKS"
-            )
-        jwks = SigningKey.load(key_path).jwks()
+    # verify with the token service's public JWKS; only the token service opens the signing key
+    jwks_source = args.jwks
+    if not jwks_source and runtime.get("tokens_port"):
+        jwks_source = (
+            f"http://{runtime.get('ip', '127.0.0.1')}:{runtime['tokens_port']}"
+            "/services/tokens/jwks.json"
+        )
+    if not jwks_source:
+        raise SystemExit(
+            f"no JWKS to verify tokens with: pass --jwks with the token service's JWKS URL "
+            f"(.../services/tokens/jwks.json) or a file (`beamhub token jwks > jwks.json`); "
+            f"{runtime_path} names no token service"
+        )
+    jwks = load_jwks(jwks_source)
     closers: list[Any] = []
     revoked_url = args.revoked_url
     if revoked_url is None and runtime.get("port"):
@@ -127,20 +136,13 @@ def build_gateway(argv: list[str] | None = None) -> tuple[Any, str, int, list[An
     )
     closers.append(audit)
 
-    reservations = None
     admins = (
         args.admin
         if args.admin is not None
         else runtime.get("admin_users", [u.username for u in dep.identity.users if u.admin])
     )
-    try:
-        from beamhub.kernels.placement import SchedulerConfig
-        from beamhub.kernels.reservations import ReservationBook
-
-        config = SchedulerConfig(state_dir=str(state / "scheduler"))
-        reservations = ReservationBook(config.reservations_path, admins=admins)
-    except ImportError as exc:
-        log.warning("beamtime reservations disabled: %s", exc)
+    config = SchedulerConfig(state_dir=str(state / "scheduler"))
+    reservations = ReservationBook(config.reservations_path, admins=admins)
 
     jobs = None
     hub_api, hub_token = (
@@ -148,8 +150,6 @@ def build_gateway(argv: list[str] | None = None) -> tuple[Any, str, int, list[An
         os.environ.get("JUPYTERHUB_API_TOKEN"),
     )
     if hub_api and hub_token:
-        from beamhub.hub.gateway.jobs import HubJobs
-
         jobs = HubJobs(hub_api, hub_token)
     else:
         log.warning(
@@ -174,7 +174,7 @@ def build_gateway(argv: list[str] | None = None) -> tuple[Any, str, int, list[An
     return gateway, host, port, closers
 
 
-async def _serve(gateway: Any, host: str, port: int) -> None:
+async def _serve(gateway: Gateway, host: str, port: int) -> None:
     url = await gateway.start_async(port, host)
     print(
         f"beamhub gateway listening on {url} (status: {url}/status, API: {url}/openapi.json)",
@@ -191,10 +191,6 @@ async def _serve(gateway: Any, host: str, port: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from beamhub.hub.enclave import EnclaveError
-    from beamhub.hub.gateway.policy import PolicyError
-    from beamhub.hub.up.deployment import DeploymentError
-
     try:
         gateway, host, port, closers = build_gateway(argv)
     except (DeploymentError, EnclaveError, PolicyError, OSError, ValueError) as exc:
@@ -206,3 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         for closer in closers:
             closer.close()
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -266,7 +266,7 @@ class Stack:
     def _gateway_command(self) -> list[str] | None:
         if not self.dep.gateway.enabled:
             return None
-        cmd = [sys.executable, "-m", "beamhub.hub.gateway.app", "--state-dir", str(self.state)]
+        cmd = [sys.executable, "-m", "beamhub.hub.gateway.service", "--state-dir", str(self.state)]
         if Path(self.dep.source).is_file():
             cmd += ["--deployment", str(Path(self.dep.source).resolve())]
         cmd += ["--revoked-url", self.urls["tokens"] + "revoked"]

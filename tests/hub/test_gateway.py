@@ -9,8 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import jsonschema
+import openapi_spec_validator
 import pytest
 
+from beamhub.auth.api import ERROR_SCHEMA
+from beamhub.hub.gateway.api import HTTP_METHODS
 from beamhub.hub.gateway.app import load_openapi
 from beamhub.hub.gateway.audit import verify_log
 from tests.hub.gateway_helpers import ALL_SCOPES, Keys, call, running_gateway
@@ -37,9 +41,95 @@ async def test_status_is_public_and_the_api_is_published(keys: Keys, tmp_path: P
         code, index, _ = await call(s.url, "GET", "/")
         assert code == 200 and index["openapi"] == "/api/v1/openapi.json"
         code, body, _ = await call(s.url, "GET", "/no/such/thing")
-        assert code == 404 and "openapi.json" in body["error"]
+        assert code == 404 and "openapi.json" in body["message"]
         code, text, _ = await call(s.url.replace("/api/v1", ""), "GET", "/metrics")
         assert code == 200 and b'beamhub_gateway_requests_total{action="status.read"' in text
+
+
+async def _declare_and_send_nothing(url: str, path: str, token: str, length: int) -> tuple:
+    """POST to ``path`` declaring a ``length``-byte body and send none of it; the whole answer."""
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            f"POST /api/v1{path} HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n\r\n".encode()
+        )
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)  # the server closes: the body is unread
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), json.loads(body), headers
+
+
+async def test_errors_answer_in_the_one_documented_shape(keys: Keys, tmp_path: Path) -> None:
+    """401, 403, 404, 405, 400, 413 (nothing sent) and 429: each body valid against the one
+    error schema, which is the one the OpenAPI document publishes."""
+    assert load_openapi()["components"]["schemas"]["Error"] == ERROR_SCHEMA
+    one_shape = jsonschema.Draft202012Validator(ERROR_SCHEMA)
+    async with running_gateway(keys, tmp_path, burst=1) as s:
+        viewer = keys.token("vera", "p1", "stream.read")
+        admin = keys.token("admin", "p1", ALL_SCOPES)
+        channel = {"stream": "x"}
+        answers = {
+            "no token": await call(s.url, "GET", "/whoami"),
+            "policy": await call(s.url, "POST", "/projects/p1/channels", viewer, channel),
+            "no route": await call(s.url, "GET", "/no/such/thing"),
+            "method": await call(s.url, "PATCH", "/status"),
+            "malformed": await call(s.url, "POST", "/projects/p1/channels", admin, raw=b"{"),
+            "too large": await _declare_and_send_nothing(
+                s.url, "/projects/p1/channels", admin, 80_000_000
+            ),
+            "rate limit": await call(
+                s.url, "GET", "/whoami", admin
+            ),  # its 1-request burst is spent
+        }
+    expected = {
+        "no token": (401, "missing"),
+        "policy": (403, "policy"),
+        "no route": (404, "not_found"),
+        "method": (405, "method_not_allowed"),
+        "malformed": (400, "malformed_json"),
+        "too large": (413, "body_too_large"),
+        "rate limit": (429, "rate_limited"),
+    }
+    for case, (code, body, headers) in answers.items():
+        assert (code, body["reason"]) == expected[case], (case, code, body)
+        assert headers["Content-Type"].startswith("application/json"), case
+        errors = [e.message for e in one_shape.iter_errors(body)]
+        assert not errors, (case, body, errors)
+        assert body["message"].strip() and "error" not in body, (case, body)
+    assert answers["too large"][1]["limit"] == 64 * 1024
+    assert answers["rate limit"][1]["retry_after"] > 0
+
+
+async def test_served_openapi_is_valid_and_every_error_is_the_one_schema(
+    keys: Keys, tmp_path: Path
+) -> None:
+    async with running_gateway(keys, tmp_path, dsn=False) as s:
+        code, doc, _ = await call(s.url, "GET", "/openapi.json")
+    assert code == 200
+    openapi_spec_validator.validate(doc)  # raises, naming the fault, if not valid OpenAPI 3
+    assert doc["components"]["schemas"]["Error"] == ERROR_SCHEMA
+    error = {"$ref": "#/components/responses/Error"}
+    content = doc["components"]["responses"]["Error"]["content"]
+    assert content == {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    seen = 0
+    for path, item in doc["paths"].items():
+        for method, spec in item.items():
+            if method not in HTTP_METHODS:
+                continue
+            responses = spec["responses"]
+            assert responses.get("default") == error, (path, method)
+            for status, answer in responses.items():
+                if status[0] in "45":
+                    assert answer == error, (path, method, status)
+            seen += 1
+    assert seen == len(_endpoints())
 
 
 async def test_channel_lifecycle_forwarded_to_the_real_dsn(keys: Keys, tmp_path: Path) -> None:
@@ -86,7 +176,7 @@ async def test_policy_denial_names_the_rule(keys: Keys, tmp_path: Path) -> None:
         assert code == 403 and body["reason"] == "policy"
         assert body["decision"]["rule"] == "default-deny"
         assert "nearest rule 'read-own'" in body["decision"]["reason"]
-        assert "not 'p2'" in body["error"]
+        assert "not 'p2'" in body["message"]
         mallory = keys.token("mallory", "p1", "stream.read")
         code, body, _ = await call(s.url, "GET", "/projects/p1/channels", mallory)
         assert code == 403
@@ -207,7 +297,7 @@ async def test_reservation_request_then_admin_approval(keys: Keys, tmp_path: Pat
         code, body, _ = await call(s.url, "POST", f"/reservations/{window['id']}/approve", admin)
         assert code == 200 and body["status"] == "approved" and body["decided_by"] == "admin"
         code, body, _ = await call(s.url, "POST", f"/reservations/{window['id']}/approve", admin)
-        assert code == 409 and "already approved" in body["error"]
+        assert code == 409 and "already approved" in body["message"]
         code, status, _ = await call(s.url, "GET", "/status")
         assert [(w["project"], w["state"]) for w in status["reservations"]] == [("p1", "approved")]
         assert "justification" not in status["reservations"][0]
@@ -233,7 +323,7 @@ async def test_reservation_request_then_admin_approval(keys: Keys, tmp_path: Pat
         assert code == 400 and body["field"] == "justification"
         back = dict(iso, start="2031-03-02T08:00:00Z", justification="x" * 30)
         code, body, _ = await call(s.url, "POST", "/projects/p1/reservations", pi, back)
-        assert code == 400 and body["field"] == "end" and "before it starts" in body["error"]
+        assert code == 400 and body["field"] == "end" and "before it starts" in body["message"]
 
 
 def _endpoints() -> list[tuple[str, str, bool]]:
@@ -251,7 +341,8 @@ def _endpoints() -> list[tuple[str, str, bool]]:
         for name, value in values.items():
             concrete = concrete.replace("{" + name + "}", value)
         for method, spec in methods.items():
-            out.append((method.upper(), concrete, "x-body" in spec))
+            if method in HTTP_METHODS:
+                out.append((method.upper(), concrete, "x-body" in spec))
     return out
 
 
@@ -274,16 +365,16 @@ async def test_bad_input_on_every_endpoint_is_4xx_never_500(keys: Keys, tmp_path
                 code, body, _ = await call(s.url, method, path, admin, raw=raw)
                 assert 400 <= code < 500, (method, path, case, code, body)
                 assert body["reason"] == reason, (method, path, case, body)
-                assert body["error"], (method, path, case)
+                assert body["message"], (method, path, case)
                 seen += 1
             code, body, _ = await call(s.url, method, path + "?debug=1", admin)
             assert code == 400 and body["reason"] == "unknown_parameter", (method, path)
         assert seen >= 70  # 15 endpoints x 4-5 cases
         code, body, _ = await call(s.url, "PATCH", "/status")
-        assert code == 405 and "allowed: GET" in body["error"]
-        huge = b"x" * (70 << 20)  # beyond the 64 MiB hard cap: tornado cuts it off with a 400
-        code, _, _ = await call(s.url, "POST", "/projects/p1/channels", admin, raw=huge)
-        assert code == 400
+        assert code == 405 and "allowed: GET" in body["message"]
+        huge = b"x" * (70 << 20)  # refused from its Content-Length, before it is read
+        code, body, _ = await call(s.url, "POST", "/projects/p1/channels", admin, raw=huge)
+        assert code == 413 and body["reason"] == "body_too_large"
 
 
 async def test_unexpected_error_is_a_generic_500(keys: Keys, tmp_path: Path, caplog) -> None:
@@ -305,7 +396,7 @@ async def test_unexpected_error_is_a_generic_500(keys: Keys, tmp_path: Path, cap
 
 @pytest.mark.timeout(90)
 def test_service_process_revocation_and_sigterm(tmp_path: Path) -> None:
-    """`python -m hub.gateway` as beamhub up starts it: prints its URL, polls /revoked, stops on
+    """`python -m beamhub.hub.gateway.service` as beamhub up starts it: prints its URL, polls /revoked, stops on
     SIGTERM with exit 0 and a verifiable audit log."""
     import http.server
     import os
@@ -315,8 +406,9 @@ def test_service_process_revocation_and_sigterm(tmp_path: Path) -> None:
 
     from beamhub.auth.tokens import SigningKey, TokenIssuer
 
-    key = SigningKey.load_or_create(tmp_path / "signing-key.pem")
+    key = SigningKey.generate()
     issuer = TokenIssuer(key)
+    (tmp_path / "jwks.json").write_text(json.dumps(key.jwks()))  # the public half only
     token = issuer.issue("oscar", "p1", "stream.read", ttl=600)
     jti = json.loads(__import__("base64").urlsafe_b64decode(token.split(".")[1] + "==="))["jti"]
     revoked: list[str] = []
@@ -344,13 +436,15 @@ def test_service_process_revocation_and_sigterm(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "beamhub.hub.gateway.app",
+            "beamhub.hub.gateway.service",
             "--deployment",
             str(deployment),
             "--port",
             "0",
             "--revoked-url",
             f"http://127.0.0.1:{server.server_port}/revoked",
+            "--jwks",
+            str(tmp_path / "jwks.json"),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -420,7 +514,7 @@ async def test_jobs_run_at_the_beamtime_tier_once_the_window_is_approved(
             }
             code, body, _ = await call(s.url, "POST", "/projects/p1/jobs", pi, job)
             assert code == 403 and body["field"] == "tier"
-            assert "approved beamtime window" in body["error"]
+            assert "approved beamtime window" in body["message"]
             now = time.time()
             code, window, _ = await call(
                 s.url,
@@ -474,6 +568,8 @@ def test_openapi_is_the_single_source_of_routes_and_schemas() -> None:
     Operations.__init__(table, gateway=None)  # type: ignore[arg-type]
     for path, methods in doc["paths"].items():
         for method, spec in methods.items():
+            if method not in HTTP_METHODS:
+                continue
             assert method.upper() in table._table[spec["x-handler"]], (path, method)
             assert spec["x-action"] in ACTIONS, (path, spec["x-action"])
             if "x-body" in spec:

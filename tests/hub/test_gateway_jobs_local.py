@@ -54,6 +54,6 @@ async def test_get_and_cancel_stay_inside_the_tokens_project(tmp_path: Path) -> 
             assert code == 204
             assert (await _state(s.url, path, alice, "cancelled"))["state"] == "cancelled"
             code, err, _ = await call(s.url, "GET", "/projects/p1/jobs/12345", alice)
-            assert code == 404 and "12345" in err["error"]
+            assert code == 404 and "12345" in err["message"]
     finally:
         await sched.close(cancel_jobs=True)
