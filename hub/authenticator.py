@@ -2,11 +2,15 @@
 
 Only GenericOAuthenticator's hooks are overridden (update_auth_model, get_user_groups,
 check_allowed, pre_spawn_start, load_managed_roles); the OAuth flow, auth_state encryption and
-refresh-before-spawn are oauthenticator's and JupyterHub's own.
+refresh-before-spawn are oauthenticator's and JupyterHub's own. The hub never opens the signing
+key: a server's delegated token is asked of the token service ("mint for", with the hub's own
+service API token), which bounds it by the user's role and records it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +18,9 @@ from oauthenticator.generic import GenericOAuthenticator
 from tornado import web
 from traitlets import Bool, Dict, Integer, List, TraitError, Unicode, default, validate
 
+from beamhub.auth.mint_client import MintError, MintForClient
 from beamhub.auth.roles import ROLE_SCOPES, ROLES
-from beamhub.auth.tokens import SigningKey, TokenIssuer
-from beamhub.hub.tokens.store import Delegator, TokenStore, best_project
+from beamhub.hub.tokens.store import TokenStore, best_project
 
 __all__ = ["BeamhubAuthenticator", "MfaRequired", "NoProject"]
 
@@ -82,18 +86,36 @@ class BeamhubAuthenticator(GenericOAuthenticator):
     ).tag(config=True)
 
     beamhub_state_dir = Unicode(
-        help="Folder with the signing key (signing-key.pem) and the token register (tokens.sqlite).",
+        help="""Folder with the token register (tokens.sqlite), where each login records the
+        user's project roles. The signing key in it is the token service's alone.""",
     ).tag(config=True)
 
-    token_issuer = Unicode("beamhub-dev", help="`iss` of project tokens.").tag(config=True)
-    token_audience = Unicode("beamhub", help="`aud` of project tokens.").tag(config=True)
-    token_ttl = Integer(900, help="Seconds a delegated server token lives.").tag(config=True)
-    max_token_ttl = Integer(3600, help="Enclave cap on any project token's lifetime, seconds.").tag(
-        config=True
-    )
+    token_ttl = Integer(
+        0,
+        help="""Seconds a delegated server token lives; 0 = the token service's default (its
+        --ttl). Never more than the enclave's cap (the token service refuses).
+
+        Example: c.BeamhubAuthenticator.token_ttl = 900
+        """,
+    ).tag(config=True)
 
     token_service_url = Unicode(
         help="Public URL of the token service, e.g. http://127.0.0.1:8000/services/tokens/",
+    ).tag(config=True)
+
+    token_service_api_url = Unicode(
+        help="""URL at which the hub process itself calls the token service (directly, not
+        through the proxy); default token_service_url.
+
+        Example: c.BeamhubAuthenticator.token_service_api_url = "http://127.0.0.1:8123/services/tokens/"
+        """,
+    ).tag(config=True)
+
+    token_service_api_token = Unicode(
+        help="""JupyterHub API token of the hub's own service identity, whose role holds
+        custom:beamhub:tokens:mint-for (and access:services!service=tokens). The hub asks the
+        token service for each server's delegated token with it. Default $BEAMHUB_HUB_API_TOKEN.
+        """,
     ).tag(config=True)
     dsn_url = Unicode(help="The DSN control API URL given to servers as BEAMHUB_DSN_URL.").tag(
         config=True
@@ -104,6 +126,14 @@ class BeamhubAuthenticator(GenericOAuthenticator):
         from beamhub.auth.home import state_dir
 
         return str(state_dir())
+
+    @default("token_service_api_url")
+    def _api_url_default(self) -> str:
+        return self.token_service_url
+
+    @default("token_service_api_token")
+    def _api_token_default(self) -> str:
+        return os.environ.get("BEAMHUB_HUB_API_TOKEN", "")
 
     @validate("role_scopes")
     def _check_role_scopes(self, proposal: dict) -> dict:
@@ -144,18 +174,24 @@ class BeamhubAuthenticator(GenericOAuthenticator):
     def _scope_default(self) -> list[str]:
         return ["openid", "profile", "email", "projects", "offline_access"]
 
-    _delegator: Delegator | None = None
+    _store: TokenStore | None = None
 
     @property
-    def delegator(self) -> Delegator:
-        if self._delegator is None:
-            root = Path(self.beamhub_state_dir)
-            key = SigningKey.load_or_create(root / "signing-key.pem")
-            issuer = TokenIssuer(
-                key, self.token_issuer, self.token_audience, max_ttl=self.max_token_ttl
+    def store(self) -> TokenStore:
+        """The token register: this process records users' roles there, never issues tokens."""
+        if self._store is None:
+            self._store = TokenStore(Path(self.beamhub_state_dir) / "tokens.sqlite")
+        return self._store
+
+    def mint_client(self) -> MintForClient:
+        """The token service's mint-for API, as the hub's own service identity."""
+        if not self.token_service_api_url or not self.token_service_api_token:
+            raise web.HTTPError(
+                500,
+                "BeamhubAuthenticator.token_service_api_url and token_service_api_token must be "
+                "set (beamhub up writes them) for servers to receive a delegated token",
             )
-            self._delegator = Delegator(issuer, TokenStore(root / "tokens.sqlite"), self.token_ttl)
-        return self._delegator
+        return MintForClient(self.token_service_api_url, self.token_service_api_token)
 
     # --- hooks -------------------------------------------------------------------------------
 
@@ -184,7 +220,7 @@ class BeamhubAuthenticator(GenericOAuthenticator):
         auth_model["roles"] = [self._role(r) for r in sorted(set(projects.values()))]
         if auth_model.get("admin") is None and self.admin_users:
             auth_model["admin"] = auth_model["name"] in self.admin_users
-        self.delegator.store.record_user(
+        self.store.record_user(
             auth_model["name"], projects, admin=bool(auth_model.get("admin")), mfa=mfa
         )
         return auth_model
@@ -241,13 +277,23 @@ class BeamhubAuthenticator(GenericOAuthenticator):
             )
         if spawner.has_trait("project") and not (spawner.user_options or {}).get("project"):
             spawner.project = project  # ReservedNodeSpawner charges the same project
-        token, claims = self.delegator.issue(
-            user.name,
-            project,
-            self.role_scopes[projects[project]],
-            kind="server",
-            server=spawner.name or "",
-        )
+        client = self.mint_client()
+        try:
+            token, claims = await asyncio.to_thread(
+                client.mint,
+                user.name,
+                project,
+                list(self.role_scopes[projects[project]]),
+                kind="server",
+                ttl=self.token_ttl or None,
+                server=spawner.name or "",
+            )
+        except MintError as exc:
+            self.log.error("no delegated token for %s in %s: %s", user.name, project, exc)
+            status = exc.status if 400 <= exc.status < 500 else 503
+            raise web.HTTPError(
+                status, f"cannot start a server for {project}: {exc.message}"
+            ) from None
         self.log.info(
             "delegated token jti=%s user=%s project=%s server=%r exp=%s",
             claims["jti"],

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from beamhub.hub.tokens import handlers as tokens_api
 from beamhub.hub.up import npm
 from beamhub.kernels import jobs_handler as jobs_api
 
@@ -94,11 +95,11 @@ def configure(c: Any, rt: dict[str, Any]) -> None:
     a.refresh_pre_spawn = True
     a.enable_auth_state = True
     a.beamhub_state_dir = str(state)
-    a.token_issuer = rt["token_issuer"]
-    a.token_audience = rt["token_audience"]
     a.token_ttl = rt["token_ttl"]
-    a.max_token_ttl = rt["max_token_ttl"]
     a.token_service_url = f"{public}/services/tokens/"
+    # the hub asks the token service directly (not through the proxy) with its own identity
+    a.token_service_api_url = f"http://{ip}:{rt['tokens_port']}/services/tokens/"
+    a.token_service_api_token = rt["hub_api_token"]
     a.dsn_url = rt.get("dsn_url", "")
 
     # --- servers ----------------------------------------------------------------------------
@@ -120,7 +121,7 @@ def configure(c: Any, rt: dict[str, Any]) -> None:
     c.ReservedNodeSpawner.mem_mb = 512  # fits the local backend's 1000 MB virtual nodes
     # the local scheduler lives in the hub process: notebooks submit Dask workers through it
     c.JupyterHub.extra_handlers = jobs_api.HANDLERS
-    c.JupyterHub.custom_scopes = jobs_api.CUSTOM_SCOPES
+    c.JupyterHub.custom_scopes = {**jobs_api.CUSTOM_SCOPES, **tokens_api.CUSTOM_SCOPES}
     c.SimpleLocalProcessSpawner.home_dir_template = str(state / "users" / "{username}")
     c.Spawner.notebook_dir = str(state / "users" / "{username}")
     c.Spawner.pre_spawn_hook = provide_notebooks
@@ -128,6 +129,9 @@ def configure(c: Any, rt: dict[str, Any]) -> None:
 
     # --- services ---------------------------------------------------------------------------
     py = sys.executable
+    #: hub service name -> the token subject it mints for, that subject's project roles and (for
+    #: API-only identities such as beamhub up's detector) its API token
+    subjects: dict[str, dict[str, Any]] = rt.get("service_subjects", {})
     services = [
         {
             "name": "tokens",
@@ -148,6 +152,8 @@ def configure(c: Any, rt: dict[str, Any]) -> None:
                 str(rt["token_ttl"]),
                 "--revocation-poll",
                 str(rt["revocation_poll"]),
+                "--service-subjects",
+                json.dumps({s["subject"]: s["projects"] for s in subjects.values()}),
             ],
             "oauth_no_confirm": True,
             "display": True,
@@ -209,6 +215,40 @@ def configure(c: Any, rt: dict[str, Any]) -> None:
                     "admin:groups",
                 ],
                 "services": ["beamhub-admin"],
+            }
+        )
+    _mint_for_roles(c, subjects, rt["hub_api_token"])
+
+
+def _mint_for_roles(c: Any, subjects: dict[str, dict[str, Any]], hub_api_token: str) -> None:
+    """Who may ask the token service for someone else's token (the private key stays there).
+
+    The hub process, as its own service ``beamhub-hub``, for every user's server; each service
+    in ``subjects`` for its own token subject only (the ``!user=`` filter), e.g. the dashboard
+    for ``beamhub-dashboard``. Nobody else: users mint only their own tokens.
+    """
+    access = "access:services!service=tokens"
+    c.JupyterHub.services.append({"name": "beamhub-hub", "api_token": hub_api_token})
+    c.JupyterHub.load_roles.append(
+        {
+            "name": "beamhub-hub-mint-for",
+            "description": "the hub process asks for each spawned server's delegated token",
+            "scopes": [tokens_api.MINT_FOR_SCOPE, access],
+            "services": ["beamhub-hub"],
+        }
+    )
+    known = {s["name"] for s in c.JupyterHub.services}
+    for name, subject in subjects.items():
+        if subject.get("api_token"):
+            c.JupyterHub.services.append({"name": name, "api_token": subject["api_token"]})
+        elif name not in known:
+            continue  # a service not started in this deployment
+        c.JupyterHub.load_roles.append(
+            {
+                "name": f"beamhub-mint-for-{name}",
+                "description": f"{name} asks for project tokens of {subject['subject']} only",
+                "scopes": [f"{tokens_api.MINT_FOR_SCOPE}!user={subject['subject']}", access],
+                "services": [name],
             }
         )
 

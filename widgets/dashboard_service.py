@@ -18,6 +18,11 @@ client settings. What a browser (and the browser tests) sees:
 * ``api/status`` — subscriptions (one monitor consumer per channel, shared by all viewers), open
   consumers, the DSN's own count of monitor viewers, and active viewer pages, for the caller's
   projects (admins: all). ``api/health`` — unauthenticated liveness.
+
+JSON errors have the one shape of :mod:`beamhub.auth.api` (``{"reason", "message", "field"?}``).
+The dashboard never opens the signing key: it asks the token service for its ``stream.read``
+tokens (subject :data:`DASHBOARD_USER`) with its own JupyterHub API token, whose role holds
+``custom:beamhub:tokens:mint-for!user=beamhub-dashboard``.
 """
 
 from __future__ import annotations
@@ -30,22 +35,23 @@ import os
 import secrets
 import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from jupyterhub.services.auth import HubOAuthenticated
+from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated
 from tornado import httpserver, web
 
+from beamhub.auth.api import ApiError, JsonApiHandler, log_request
 from beamhub.auth.home import state_dir
+from beamhub.auth.mint_client import MintForClient
 from beamhub.widgets.dashboard import Dashboard, TokenSource
 
 __all__ = [
     "DASHBOARD_USER",
     "build_app",
-    "delegator_tokens",
     "main",
+    "mint_for_tokens",
     "project_roles",
     "source_text",
     "stream_figures",
@@ -73,35 +79,18 @@ def project_roles(user: dict[str, Any]) -> dict[str, str]:
     return roles
 
 
-def delegator_tokens(state: Path, runtime: dict[str, Any]) -> TokenSource:
-    """Mint ``stream.read`` tokens as :data:`DASHBOARD_USER` with the hub's key, recorded in the
-    token register (so they can be listed and revoked like any other)."""
-    from beamhub.auth.tokens import SigningKey, TokenIssuer
-    from beamhub.hub.tokens.store import Delegator, TokenStore
-
-    key = SigningKey.load(state / "signing-key.pem")
-    issuer = TokenIssuer(
-        key,
-        runtime.get("token_issuer", "beamhub-dev"),
-        runtime.get("token_audience", "beamhub"),
-        max_ttl=int(runtime.get("max_token_ttl", 3600)),
-    )
-    store = TokenStore(state / "tokens.sqlite")
-    delegator = Delegator(issuer, store, int(runtime.get("token_ttl", 900)))
-    served: dict[str, str] = {}
-    lock = threading.Lock()
+def mint_for_tokens(client: MintForClient) -> TokenSource:
+    """``stream.read`` tokens of :data:`DASHBOARD_USER` (a viewer of every project) from the token
+    service, which records them (so they can be listed and revoked like any other)."""
 
     def mint(project: str) -> tuple[str, float]:
-        with lock:
-            served[project] = "viewer"
-            store.record_user(DASHBOARD_USER, dict(served), admin=False, mfa=True)
-            token, claims = delegator.issue(
-                DASHBOARD_USER,
-                project,
-                ["stream.read"],
-                kind="service",
-                description="shared dashboard: monitor subscription",
-            )
+        token, claims = client.mint(
+            DASHBOARD_USER,
+            project,
+            ["stream.read"],
+            kind="service",
+            description="shared dashboard: monitor subscription",
+        )
         log.info("dashboard token jti=%s project=%s exp=%s", claims["jti"], project, claims["exp"])
         return token, float(claims["exp"])
 
@@ -182,12 +171,6 @@ class _Handler(web.RequestHandler):
         user = self.current_user
         return None if not user else (user, project_roles(user))
 
-    def write_json(self, body: Any, status: int = 200) -> None:
-        self.set_status(status)
-        self.set_header("Content-Type", "application/json")
-        self.set_header("Cache-Control", "no-store")
-        self.finish(json.dumps(body))
-
     def forbidden(self, message: str) -> None:
         self.set_status(403)
         self.render("dashboard_error.html", message=message, prefix=self.options["prefix"])
@@ -197,25 +180,26 @@ class _Page(HubOAuthenticated, _Handler):
     """HTML pages: an unauthenticated browser is sent through the hub's OAuth login."""
 
 
-class _Api(HubOAuthenticated, _Handler):
-    """JSON endpoints: 401/403 as JSON, never a redirect."""
+class _Json(JsonApiHandler, _Handler):
+    """JSON endpoints in the one API shape (auth/api.py)."""
+
+    service = "the shared dashboard"
+
+
+class _Api(HubOAuthenticated, _Json):
+    """JSON endpoints behind the hub login: 401/403 as JSON, never a redirect."""
 
     def get_login_url(self) -> str:
-        raise web.HTTPError(401)
+        raise ApiError(401, "unauthenticated", _LOGIN_FIRST)
 
     def require(self) -> tuple[dict[str, Any], dict[str, str]]:
         found = self.user_roles()
         if found is None:
-            self.write_json(
-                {
-                    "error": "unauthenticated",
-                    "message": "log in to the hub first "
-                    "(or send 'Authorization: token <JupyterHub API token>')",
-                },
-                401,
-            )
-            raise web.Finish()
+            raise ApiError(401, "unauthenticated", _LOGIN_FIRST)
         return found
+
+
+_LOGIN_FIRST = "log in to the hub first (or send 'Authorization: token <JupyterHub API token>')"
 
 
 class RootHandler(_Page):
@@ -282,11 +266,12 @@ class DataHandler(_Api):
     def get(self, project: str) -> None:
         user, roles = self.require()
         if project not in roles:
-            self.write_json(
-                {"error": "not_member", "message": f"You are not a member of project {project}"},
+            raise ApiError(
                 403,
+                "not_member",
+                f"You are not a member of project {project}; ask its PI to add you "
+                "(any role, viewer included, may watch its dashboard)",
             )
-            return
         viewer = self.get_argument("viewer", "") or f"api-{user['name']}"
         self.dashboard.touch(project, viewer, user["name"])
         body = self.dashboard.feed(project).snapshot()
@@ -301,29 +286,29 @@ class StatusHandler(_Api):
         self.write_json(self.dashboard.status(scope))
 
 
-class HealthHandler(_Handler):
+class HealthHandler(_Json):
     def get(self) -> None:
         self.write_json({"status": "ok", "projects": len(self.dashboard.feeds)})
 
 
-class NotFoundHandler(_Handler):
-    def prepare(self) -> None:
-        self.write_json(
-            {
-                "error": "not_found",
-                "message": f"no page {self.request.path}; the "
-                f"dashboard is at {self.options['prefix']}",
-            },
+class NotFoundHandler(_Json):
+    def prepare(self) -> None:  # type: ignore[override]
+        raise ApiError(
             404,
+            "not_found",
+            f"no page {self.request.path}; the dashboard is at {self.options['prefix']}",
         )
+
+
+class OAuthCallbackHandler(HubOAuthCallbackHandler, JsonApiHandler):
+    """JupyterHub's OAuth callback (sets the dashboard's login cookie); errors as JSON."""
+
+    service = "the shared dashboard"
 
 
 def _log_request(handler: web.RequestHandler) -> None:
     """Access log by path: the query string may hold the OAuth ``code`` and ``state``."""
-    status = handler.get_status()
-    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
-    ms = 1000.0 * handler.request.request_time()
-    log.log(level, "%d %s %s %.1fms", status, handler.request.method, handler.request.path, ms)
+    log_request(handler, log)
 
 
 def build_app(
@@ -335,7 +320,6 @@ def build_app(
 ) -> web.Application:
     """The tornado app (JupyterHub's HubOAuth settings come from the service environment)."""
     from bokeh.util.paths import bokehjs_path
-    from jupyterhub.services.auth import HubOAuthCallbackHandler
 
     if not 0.2 <= update_hz <= 5.0:
         raise ValueError(f"update_hz: {update_hz} is outside 0.2..5 (page updates per second)")
@@ -348,7 +332,7 @@ def build_app(
             (p + r"p/([A-Za-z0-9_.-]+)/data\.json", DataHandler, args),
             (p + "api/status", StatusHandler, args),
             (p + "api/health", HealthHandler, args),
-            (p + "oauth_callback", HubOAuthCallbackHandler),
+            (p + "oauth_callback", OAuthCallbackHandler),
             (p + "static/(.*)", web.StaticFileHandler, {"path": str(bokehjs_path())}),
         ],
         default_handler_class=NotFoundHandler,
@@ -370,9 +354,15 @@ def _parser() -> argparse.ArgumentParser:
         "--state-dir",
         type=Path,
         default=None,
-        help="signing key, token register, runtime.json (default $BEAMHUB_HOME)",
+        help="where runtime.json is (default $BEAMHUB_HOME)",
     )
     p.add_argument("--dsn-url", default=None, help="the DSN control API (default: runtime.json)")
+    p.add_argument(
+        "--tokens-url",
+        default=None,
+        help="the token service, e.g. http://127.0.0.1:PORT/services/tokens/ (default: "
+        "runtime.json); the dashboard's tokens are minted there with $JUPYTERHUB_API_TOKEN",
+    )
     p.add_argument(
         "--project",
         action="append",
@@ -423,11 +413,22 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as exc:  # JSON errors and ParamError (names the field)
         print(f"dashboard: --analysis: {exc}", file=sys.stderr)
         return 2
+    tokens_url = args.tokens_url or (
+        f"http://{runtime.get('ip', '127.0.0.1')}:{runtime['tokens_port']}/services/tokens/"
+        if runtime.get("tokens_port")
+        else ""
+    )
     try:
-        tokens = delegator_tokens(state, runtime)
-    except OSError as exc:
-        print(f"dashboard: cannot load the hub's signing key: {exc}", file=sys.stderr)
+        client = MintForClient(tokens_url, os.environ.get("JUPYTERHUB_API_TOKEN", ""))
+    except ValueError as exc:
+        print(
+            f"dashboard: cannot ask the token service for tokens: {exc}. Run it as a hub "
+            "service (JupyterHub sets JUPYTERHUB_API_TOKEN) and pass --tokens-url "
+            f"(or start it with `beamhub up`; {runtime_path} names none)",
+            file=sys.stderr,
+        )
         return 2
+    tokens = mint_for_tokens(client)
     dashboard = Dashboard(
         dsn_url,
         tokens,

@@ -5,28 +5,42 @@ from __future__ import annotations
 import html
 from typing import Any
 
+from jupyterhub.services.auth import HubOAuthenticated
 from tornado import web
 
-from beamhub.hub.tokens.service import ApiError, MintHandler
+from beamhub.auth.api import ApiError
+from beamhub.hub.tokens.handlers import MintHandler
 
 __all__ = ["PageHandler"]
 
 
 class PageHandler(MintHandler):
-    """A small page: pick a project, scopes and TTL; the token is shown once."""
+    """A small page: pick a project, scopes and TTL; the token is shown once.
+
+    GET sends a browser without a hub login through the hub's OAuth (a redirect, not the API's
+    401); the form POST is cookie-authenticated and must carry the page's ``_xsrf``. Errors stay
+    in the API's JSON shape.
+    """
+
+    def get_login_url(self) -> str:
+        return HubOAuthenticated.get_login_url(self)  # the hub's login, not the API's 401
 
     @web.authenticated
     def get(self) -> None:
-        self.write(self._page())
+        self._html(self._page())
 
     def post(self) -> None:
-        self._body()  # the form's _xsrf must be parsed before cookie authentication checks it
+        self._form()  # the form's _xsrf must be parsed before cookie authentication checks it
         if not self.get_current_user():
             raise ApiError(
                 403, "forbidden", "log in to the hub and submit the form from its page (_xsrf)"
             )
         token, claims = self.mint()
-        self.write(self._page(token, claims))
+        self._html(self._page(token, claims))
+
+    def _html(self, page: str) -> None:
+        self.set_header("Content-Type", "text/html; charset=UTF-8")
+        self.finish(page)
 
     def _page(self, token: str = "", claims: dict[str, Any] | None = None) -> str:
         user = self.get_current_user()["name"]

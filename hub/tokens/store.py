@@ -1,8 +1,9 @@
 """The hub's record of issued project tokens, revocations and users' project roles (SQLite).
 
-Shared by the authenticator (inside the hub process: records roles at login, delegates a token at
-spawn) and the token service (refresh, mint, introspect, revoke). Token values are never stored:
-only their jti and claims.
+The authenticator (inside the hub process) records each user's project roles at login; the token
+service records its service subjects' roles at start and is the only process that issues tokens
+(:class:`Delegator` holds the signing key). Token values are never stored: only their jti and
+claims.
 """
 
 from __future__ import annotations
@@ -20,7 +21,18 @@ from typing import Any
 from beamhub.auth.roles import ROLE_SCOPES, ROLES
 from beamhub.auth.tokens import TokenIssuer
 
-__all__ = ["Delegator", "IssuedToken", "TokenStore", "best_project", "scopes_for"]
+__all__ = [
+    "ANY_PROJECT",
+    "Delegator",
+    "IssuedToken",
+    "MintRefused",
+    "TokenStore",
+    "best_project",
+    "scopes_for",
+]
+
+#: In a service subject's roles, the role it holds in every project some user has a role in.
+ANY_PROJECT = "*"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (
@@ -109,6 +121,18 @@ class TokenStore:
             row = db.execute("SELECT projects FROM users WHERE name = ?", (name,)).fetchone()
         return json.loads(row["projects"]) if row else {}
 
+    def known_user(self, name: str) -> bool:
+        """True once ``name`` logged in (or was recorded as a service subject)."""
+        with self._db() as db:
+            row = db.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone()
+        return row is not None
+
+    def known_projects(self) -> set[str]:
+        """Every project in which some recorded user or subject holds a role."""
+        with self._db() as db:
+            rows = db.execute("SELECT projects FROM users").fetchall()
+        return {p for r in rows for p in json.loads(r["projects"]) if p != ANY_PROJECT}
+
     def is_admin(self, name: str) -> bool:
         with self._db() as db:
             row = db.execute("SELECT admin FROM users WHERE name = ?", (name,)).fetchone()
@@ -173,8 +197,18 @@ class TokenStore:
         return [r["jti"] for r in rows]
 
 
+class MintRefused(ValueError):
+    """A token the rules do not allow; ``reason`` a code, ``field`` the request field at fault."""
+
+    def __init__(self, reason: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.field = field
+
+
 class Delegator:
-    """Issues project tokens within the user's role and the enclave's TTL cap, and records them."""
+    """Issues project tokens within the subject's role and the enclave's TTL cap, and records them."""
 
     def __init__(self, issuer: TokenIssuer, store: TokenStore, default_ttl: int) -> None:
         self.issuer = issuer
@@ -182,7 +216,10 @@ class Delegator:
         self.default_ttl = min(default_ttl, issuer.max_ttl)
 
     def allowed_scopes(self, user: str, project: str) -> tuple[str, ...]:
-        role = self.store.user_projects(user).get(project)
+        projects = self.store.user_projects(user)
+        role = projects.get(project)
+        if role is None and ANY_PROJECT in projects and project in self.store.known_projects():
+            role = projects[ANY_PROJECT]
         return scopes_for(role) if role else ()
 
     def issue(
@@ -196,22 +233,32 @@ class Delegator:
         description: str = "",
         parent: str = "",
     ) -> tuple[str, dict[str, Any]]:
-        """A signed token and its claims. ValueError (with a message for the user) if not allowed."""
+        """A signed token and its claims; :class:`MintRefused` (a message for people) if not allowed."""
         import jwt
 
         allowed = self.allowed_scopes(user, project)
         if not allowed:
-            raise ValueError(f"user {user!r} has no role in project {project!r}")
+            raise MintRefused(
+                "no_role", f"user {user!r} has no role in project {project!r}", "project"
+            )
         wanted = sorted(set(scopes) if scopes is not None else set(allowed))
+        if not wanted:
+            raise MintRefused("bad_field", "scopes: name at least one scope", "scopes")
         extra = [s for s in wanted if s not in allowed]
         if extra:
-            raise ValueError(
-                f"scopes {' '.join(extra)} are beyond your role in {project}; "
-                f"you may request: {' '.join(allowed)}"
+            raise MintRefused(
+                "beyond_role",
+                f"scopes {' '.join(extra)} are beyond {user}'s role in {project}; "
+                f"allowed: {' '.join(allowed)}",
+                "scopes",
             )
         ttl = self.default_ttl if ttl is None else ttl
         if ttl <= 0 or ttl > self.issuer.max_ttl:
-            raise ValueError(f"ttl {ttl}s is outside 1..{self.issuer.max_ttl}s (the enclave's cap)")
+            raise MintRefused(
+                "bad_field",
+                f"ttl {ttl}s is outside 1..{self.issuer.max_ttl}s (the enclave's cap)",
+                "ttl",
+            )
         token = self.issuer.issue(user, project, wanted, ttl=ttl)
         claims = jwt.decode(token, options={"verify_signature": False})
         self.store.add(claims, kind=kind, server=server, description=description, parent=parent)

@@ -1,4 +1,9 @@
-"""The simulated detector `beamhub up` runs: a DSN channel of its project, kept alive and steerable."""
+"""The simulated detector `beamhub up` runs: a DSN channel of its project, kept alive and steerable.
+
+Its tokens (subject :data:`DETECTOR_USER`, an operator of its project) come from the token service
+through the mint-for API with `beamhub up`'s own hub identity; this process never opens the
+signing key.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,9 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+from beamhub.auth.mint_client import MintError, MintForClient
 from beamhub.hub.up.deployment import Deployment
 
 __all__ = ["DETECTOR_USER", "DetectorFeed"]
@@ -25,19 +30,18 @@ class DetectorFeed:
     def __init__(
         self,
         dep: Deployment,
-        state: Path,
+        tokens: MintForClient,
         dsn: Any,
         dsn_url: str,
         progress: Callable[[str], None] = print,
     ) -> None:
         self.dep = dep
-        self.state = state
+        self.tokens = tokens
         self.dsn = dsn
         self.dsn_url = dsn_url
         self.progress = progress
         self.channel_id = ""
         self.notes: list[str] = []
-        self._delegator: Any = None
         self._source: Any = None
         self._control: Any = None
         self._renewer: asyncio.Task | None = None
@@ -50,18 +54,11 @@ class DetectorFeed:
             from beamhub.streaming.source import SourceRunner
         except ImportError as exc:
             return f"streaming sources unavailable: {exc}"
-        from beamhub.auth.tokens import SigningKey, TokenIssuer
-        from beamhub.hub.tokens.store import Delegator, TokenStore
-
-        key = SigningKey.load_or_create(self.state / "signing-key.pem")
-        issuer = TokenIssuer(
-            key, self.dep.tokens.issuer, self.dep.tokens.audience, max_ttl=self.dep.max_token_ttl
-        )
-        store = TokenStore(self.state / "tokens.sqlite")
-        store.record_user(DETECTOR_USER, {det.project: "operator"}, admin=False, mfa=True)
-        self._delegator = Delegator(issuer, store, self.dep.tokens.ttl)
-        token = self._token()
-        claims = self.dsn.verifier.verify(token)
+        try:
+            token = await asyncio.to_thread(self._token)
+        except MintError as exc:
+            return f"no token for the detector: {exc}"
+        claims = await asyncio.to_thread(self.dsn.verifier.verify, token)  # may fetch the JWKS
         channel = await self._create_channel(claims)
         self.channel_id = channel.id
         generator = SimulatedDetector(
@@ -95,8 +92,8 @@ class DetectorFeed:
         return await self.dsn.create_channel(claims, {"stream": stream})
 
     def read_token(self) -> str:
-        """A stream.read token of the detector's project (for the live figures' lookup)."""
-        token, _ = self._delegator.issue(
+        """A stream.read token of the detector's project (for the live figures' lookup). Blocking."""
+        token, _ = self.tokens.mint(
             DETECTOR_USER,
             self.dep.detector.project,
             ["stream.read"],
@@ -126,7 +123,8 @@ class DetectorFeed:
             self.notes.append(f"detector steering not attached: {answer}")
 
     def _token(self) -> str:
-        token, _ = self._delegator.issue(
+        """A token to create, steer and renew the channel. Blocking."""
+        token, _ = self.tokens.mint(
             DETECTOR_USER,
             self.dep.detector.project,
             ["stream.read", "stream.publish", "steer"],
@@ -158,7 +156,12 @@ class DetectorFeed:
                 return
             await asyncio.sleep(max(1.0, (channel.expires_at - time.time()) / 2))
             path = f"/api/channels/{self.channel_id}/renew"
-            status, answer = await asyncio.to_thread(self._call, "POST", path, self._token(), {})
+            try:
+                token = await asyncio.to_thread(self._token)
+            except MintError as exc:
+                self.progress(f"beamhub up: detector channel renewal failed: {exc}")
+                continue
+            status, answer = await asyncio.to_thread(self._call, "POST", path, token, {})
             if status != 200:
                 self.progress(f"beamhub up: detector channel renewal failed: {answer}")
 

@@ -100,6 +100,7 @@ class Stack:
     _revocations: Any = None
     _feed: Any = None
     _live: Any = None
+    _tokens_api: str = ""  # the token service, direct (not through the proxy)
 
     STEPS = 6
 
@@ -123,6 +124,10 @@ class Stack:
         public = f"http://{ip}:{port}"
         self.urls["hub"] = f"{public}/hub/"
         self.urls["tokens"] = f"{public}/services/tokens/"
+        # known before anything that verifies tokens starts: only the token service opens the
+        # signing key, the others fetch its public JWKS from here
+        self.runtime["tokens_port"] = free_port(ip)
+        self._tokens_api = f"http://{ip}:{self.runtime['tokens_port']}/services/tokens/"
 
         await asyncio.to_thread(self._install_npm_packages)
         t0 = time.monotonic()
@@ -230,7 +235,8 @@ class Stack:
         self.runtime.update(self._idp.endpoints())
 
     async def _start_dsn(self) -> None:
-        from beamhub.auth.tokens import RevocationCache, SigningKey, TokenVerifier
+        from beamhub.auth.jwks import RemoteJwksVerifier
+        from beamhub.auth.tokens import RevocationCache
 
         dep = self.dep
         if not dep.dsn.enabled:
@@ -241,11 +247,11 @@ class Stack:
         except ImportError as exc:
             self.notes.append(f"DSN not started: {exc}")
             return
-        key = SigningKey.load_or_create(self.state / "signing-key.pem")
         revoked_url = self.urls["tokens"] + "revoked"
         self._revocations = RevocationCache(revoked_url, interval=dep.tokens.revocation_poll)
-        verifier = TokenVerifier(
-            key.jwks(),
+        # the DSN starts before the token service: it fetches the JWKS at its first verification
+        verifier = RemoteJwksVerifier(
+            self._tokens_api + "jwks.json",
             issuer=dep.tokens.issuer,
             audience=dep.tokens.audience,
             is_revoked=self._revocations.is_revoked,
@@ -270,6 +276,7 @@ class Stack:
         if Path(self.dep.source).is_file():
             cmd += ["--deployment", str(Path(self.dep.source).resolve())]
         cmd += ["--revoked-url", self.urls["tokens"] + "revoked"]
+        cmd += ["--jwks", self._tokens_api + "jwks.json"]
         if self.urls.get("dsn"):
             cmd += ["--dsn-url", self.urls["dsn"]]
         admins = [u.username for u in self.dep.identity.users if u.admin]
@@ -294,6 +301,8 @@ class Stack:
             str(self.state),
             "--dsn-url",
             self.urls["dsn"],
+            "--tokens-url",
+            self._tokens_api,
             "--update-hz",
             str(board.update_hz),
             "--image-px",
@@ -316,6 +325,23 @@ class Stack:
         await wait_until(lambda: http_ok(url + "api/health"), 60, "the dashboard", log, self._hub)
         self._step(5, "shared dashboard", t0, f"  {url}")
 
+    def _service_subjects(self, dashboard: bool) -> dict[str, dict[str, Any]]:
+        """Hub services that ask the token service for their own subject's tokens (mint-for)."""
+        from beamhub.hub.tokens.store import ANY_PROJECT
+        from beamhub.hub.up.detector_feed import DETECTOR_USER
+        from beamhub.widgets.dashboard_service import DASHBOARD_USER
+
+        subjects: dict[str, dict[str, Any]] = {}
+        if dashboard:  # a viewer of every project: it subscribes where a member watches
+            subjects["dashboard"] = {"subject": DASHBOARD_USER, "projects": {ANY_PROJECT: "viewer"}}
+        if self.dep.detector.enabled and self.urls.get("dsn"):
+            subjects["beamhub-detector"] = {
+                "subject": DETECTOR_USER,
+                "projects": {self.dep.detector.project: "operator"},
+                "api_token": secrets.token_hex(32),  # beamhub up's own, for its detector feed
+            }
+        return subjects
+
     def _start_hub(self, ip: str, port: int) -> None:
         dep = self.dep
         gateway = self._gateway_command()
@@ -326,7 +352,6 @@ class Stack:
             hub_port=free_port(ip),
             proxy_api_port=free_port(ip),
             proxy_auth_token=secrets.token_hex(32),
-            tokens_port=free_port(ip),
             mfa_required=dep.mfa_required,
             mfa_methods=dep.identity.mfa_methods,
             admin_users=[u.username for u in dep.identity.users if u.admin],
@@ -338,6 +363,7 @@ class Stack:
             revocation_poll=dep.tokens.revocation_poll,
             dsn_url=self.urls.get("dsn", ""),
             admin_api_token=secrets.token_hex(32),
+            hub_api_token=secrets.token_hex(32),  # the hub process's own identity (mint-for)
             spawner="beamhub",
             scheduler_backend=dep.scheduler.backend,
             scheduler_options={"nodes": dep.scheduler.nodes},
@@ -347,6 +373,7 @@ class Stack:
         dashboard = self._dashboard_command()
         if dashboard:
             self.runtime.update(dashboard_command=dashboard, dashboard_port=free_port(ip))
+        self.runtime["service_subjects"] = self._service_subjects(bool(dashboard))
         path = self.state / "runtime.json"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds secrets
         with os.fdopen(fd, "w") as f:
@@ -379,28 +406,30 @@ class Stack:
             return "disabled in beamhub.yaml"
         if self._dsn is None:
             return "no DSN"
+        from beamhub.auth.mint_client import MintForClient
         from beamhub.hub.up.detector_feed import DetectorFeed
 
-        self._feed = DetectorFeed(self.dep, self.state, self._dsn, self.urls["dsn"], self.progress)
+        identity = self.runtime["service_subjects"]["beamhub-detector"]["api_token"]
+        tokens = MintForClient(self._tokens_api, identity)
+        self._feed = DetectorFeed(self.dep, tokens, self._dsn, self.urls["dsn"], self.progress)
         why = await self._feed.start()
         if not why:
             self.urls["detector_channel"] = self._feed.channel_id
-            self._start_live_figures()
+            if self.dep.detector.print_every_s:
+                self._start_live_figures(await asyncio.to_thread(self._feed.read_token))
         self.notes.extend(self._feed.notes)
         return why
 
-    def _start_live_figures(self) -> None:
+    def _start_live_figures(self, token: str) -> None:
         """A monitor consumer of the detector channel printing a live line (hub/up/live_figures.py)."""
         det = self.dep.detector
-        if not det.print_every_s:
-            return
         from beamhub.hub.up.live_figures import LiveFigures
 
         dsn, channel_id = self._dsn, self._feed.channel_id
         self._live = LiveFigures(
             self.urls["dsn"],
             channel_id,
-            self._feed.read_token(),
+            token,
             f"{det.channel} {det.project}",
             every_s=det.print_every_s,
             analysis=self.dep.dashboard.analysis,

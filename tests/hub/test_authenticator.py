@@ -10,12 +10,14 @@ from urllib.parse import parse_qs, urljoin, urlparse
 
 import pytest
 import requests
+from tornado import web
 from traitlets import TraitError
 
-from beamhub.auth.tokens import SigningKey, TokenVerifier
+from beamhub.auth.tokens import TokenVerifier
 from beamhub.hub.authenticator import BeamhubAuthenticator, MfaRequired, NoProject
 from beamhub.hub.up.deployment import UserSpec
 from beamhub.hub.up.idp import EmbeddedIdP
+from tests.hub.hubstack import RunningStack
 
 
 def _auth(tmp_path: Path, **kw) -> BeamhubAuthenticator:
@@ -36,7 +38,7 @@ async def test_projects_roles_and_mfa_from_claims(tmp_path: Path) -> None:
     assert [r["name"] for r in model["roles"]] == ["beamhub-pi", "beamhub-viewer"]
     assert await auth.get_user_groups(model["auth_state"]) == {"p-1", "p-1:pi", "p-2", "p-2:viewer"}
     assert await auth.check_allowed("ann", model) is True
-    assert auth.delegator.store.user_projects("ann") == {"p-1": "pi", "p-2": "viewer"}
+    assert auth.store.user_projects("ann") == {"p-1": "pi", "p-2": "viewer"}
 
 
 @pytest.mark.parametrize(
@@ -77,27 +79,64 @@ def test_role_scopes_validated(tmp_path: Path) -> None:
         _auth(tmp_path, role_scopes={"boss": ["steer"]})
 
 
-async def test_pre_spawn_start_delegates_a_token(tmp_path: Path) -> None:
-    auth = _auth(tmp_path, token_service_url="http://hub/services/tokens/", dsn_url="http://dsn")
-    model = await auth.update_auth_model(
-        _model("ann", {"projects": {"p-1": "member", "p-9": "pi"}})
-    )
-
+def _spawn_target(model: dict, options: dict | None = None) -> tuple[SimpleNamespace, ...]:
     async def get_auth_state() -> dict:
         return model["auth_state"]
 
-    user = SimpleNamespace(name="ann", get_auth_state=get_auth_state)
-    spawner = SimpleNamespace(user_options={}, name="", environment={}, has_trait=lambda n: False)
+    user = SimpleNamespace(name=model["name"], get_auth_state=get_auth_state)
+    spawner = SimpleNamespace(
+        user_options=options or {}, name="", environment={}, has_trait=lambda n: False
+    )
+    return user, spawner
+
+
+@pytest.mark.timeout(180)
+async def test_pre_spawn_start_asks_the_token_service(dev_stack: RunningStack) -> None:
+    """The hub's own identity (runtime hub_api_token) asks the real token service for the server's
+    token; the hub process never opens the signing key."""
+    rt = dev_stack.runtime
+    auth = _auth(
+        dev_stack.state,
+        token_service_url=dev_stack.tokens,
+        token_service_api_url=f"http://{rt['ip']}:{rt['tokens_port']}/services/tokens/",
+        token_service_api_token=rt["hub_api_token"],
+        dsn_url="http://dsn",
+    )
+    model = await auth.update_auth_model(
+        _model("ann", {"projects": {"p-1001": "member", "p-2002": "pi"}})
+    )
+    user, spawner = _spawn_target(model)
     await auth.pre_spawn_start(user, spawner)
     env = spawner.environment
-    assert env["BEAMHUB_PROJECT"] == "p-9"  # the strongest role wins without user_options
-    key = SigningKey.load(tmp_path / "signing-key.pem")
-    claims = TokenVerifier(key.jwks()).verify(env["BEAMHUB_TOKEN"], project="p-9", scope="steer")
-    assert claims.exp - claims.iat == 60
-    assert auth.delegator.store.get(claims.jti).kind == "server"
-    spawner.user_options = {"project": "p-0"}
+    assert env["BEAMHUB_PROJECT"] == "p-2002"  # the strongest role wins without user_options
+    jwks = requests.get(dev_stack.tokens + "jwks.json", timeout=10).json()
+    claims = TokenVerifier(jwks).verify(env["BEAMHUB_TOKEN"], project="p-2002", scope="steer")
+    assert claims.sub == "ann" and claims.exp - claims.iat == 60  # token_ttl
+    introspect = requests.post(
+        dev_stack.tokens + "introspect",
+        headers={"Authorization": f"token {rt['hub_api_token']}"},
+        json={"token": env["BEAMHUB_TOKEN"]},
+        timeout=10,
+    )
+    assert introspect.json()["kind"] == "server"  # recorded, refreshable by ann's server
+    _, spawner = _spawn_target(model, {"project": "p-0"})
     with pytest.raises(Exception, match="no role in project 'p-0'"):
         await auth.pre_spawn_start(user, spawner)
+
+
+async def test_pre_spawn_start_without_a_token_service_fails_clearly(tmp_path: Path) -> None:
+    auth = _auth(tmp_path, token_service_url="http://127.0.0.1:9/services/tokens/")
+    model = await auth.update_auth_model(_model("ann", {"projects": {"p-1": "member"}}))
+    user, spawner = _spawn_target(model)
+    with pytest.raises(web.HTTPError, match="token_service_api_token must be set"):
+        await auth.pre_spawn_start(user, spawner)
+    auth.token_service_api_token = "not-a-real-token"
+    with pytest.raises(web.HTTPError) as err:
+        await auth.pre_spawn_start(user, spawner)
+    assert err.value.status_code == 503
+    assert "cannot reach the token service at http://127.0.0.1:9/" in err.value.log_message
+    assert "BEAMHUB_TOKEN" not in spawner.environment
+    assert not (tmp_path / "signing-key.pem").exists()  # the hub never creates or reads it
 
 
 @pytest.mark.timeout(60)

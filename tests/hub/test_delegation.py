@@ -1,15 +1,19 @@
-"""The token service over the real hub: refresh before expiry, revocation at the DSN, bad input."""
+"""The token service over the real hub: refresh before expiry, revocation at the DSN, mint-for,
+bad input, and every error in the one JSON shape (auth/api.py ERROR_SCHEMA)."""
 
 from __future__ import annotations
 
 import re
 import time
 
+import jsonschema
 import jwt
 import pytest
 import requests
 
+from beamhub.auth.api import ERROR_SCHEMA
 from beamhub.auth.token_client import RefreshError, TokenRefresher
+from beamhub.auth.tokens import TokenVerifier
 from tests.hub.hubstack import RunningStack, login, server_env, spawn
 
 pytestmark = pytest.mark.timeout(180)
@@ -80,7 +84,7 @@ def test_revoked_token_refused_by_dsn_within_one_interval(
     assert login(dev_stack, "carol", "carol-dev")[1].status_code == 200
     carol = {"Authorization": f"token {dev_stack.user_api_token('carol')}"}
     r = requests.post(dev_stack.tokens + "revoke", headers=carol, json={"jti": jti}, timeout=10)
-    assert r.status_code == 403 and r.json()["error"] == "not_owner"
+    assert r.status_code == 403 and r.json()["reason"] == "not_owner"
     r = requests.post(dev_stack.tokens + "revoke", headers=bob, json={"jti": jti}, timeout=10)
     assert r.status_code == 200 and r.json() == {"revoked": jti, "already_revoked": False}
     revoked_at = time.monotonic()
@@ -188,7 +192,7 @@ BAD_BODIES = [
         b'{"token": "x", "jti": "x", "project": "p", "bogus": 1}',
         "application/json",
     ),
-    ("too_large", b'{"token": "' + b"a" * 20000 + b'"}', "application/json"),
+    ("body_too_large", b'{"token": "' + b"a" * 20000 + b'"}', "application/json"),
     ("missing_field", b"{}", "application/json"),
 ]
 
@@ -204,10 +208,11 @@ def test_bad_input_is_a_clear_4xx(
     }
     r = requests.post(dev_stack.tokens + endpoint, data=body, headers=headers, timeout=10)
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    jsonschema.validate(r.json(), ERROR_SCHEMA)
     if error == "missing_field" and endpoint == "api/tokens":
         assert r.json()["message"] == "project: required"
     else:
-        assert r.json()["error"] == error, r.text
+        assert r.json()["reason"] == error, r.text
     assert r.json()["message"]
 
 
@@ -225,21 +230,21 @@ def test_wrong_types_and_no_credentials(
     r = requests.post(
         dev_stack.tokens + endpoint, json={field[endpoint]: 42}, headers=auth, timeout=10
     )
-    assert r.status_code == 400 and r.json()["error"] == "bad_field"
+    assert r.status_code == 400 and r.json()["reason"] == "bad_field"
     assert r.json()["message"].startswith(f"{field[endpoint]}: expected str")
     r = requests.post(dev_stack.tokens + endpoint, json={field[endpoint]: "x"}, timeout=10)
-    assert r.status_code == 401 and r.json()["error"] == "unauthenticated"
+    assert r.status_code == 401 and r.json()["reason"] == "unauthenticated"
 
 
 def test_other_bad_requests(dev_stack: RunningStack, bob_server: dict) -> None:
     auth = {"Authorization": f"token {bob_server['JUPYTERHUB_API_TOKEN']}"}
     t = dev_stack.tokens
     r = requests.get(t + "nope", timeout=10)
-    assert r.status_code == 404 and r.json()["error"] == "not_found"
+    assert r.status_code == 404 and r.json()["reason"] == "not_found"
     r = requests.post(t + "revoke", json={"jti": "0" * 32}, headers=auth, timeout=10)
-    assert r.status_code == 404 and r.json()["error"] == "unknown_jti"
+    assert r.status_code == 404 and r.json()["reason"] == "unknown_jti"
     r = requests.post(t + "api/refresh", json={"token": "garbage"}, headers=auth, timeout=10)
-    assert r.status_code == 401 and r.json()["error"] == "invalid_token"
+    assert r.status_code == 401 and r.json()["reason"] == "invalid_token"
     r = requests.post(
         t + "api/tokens", json={"project": "p-1001", "ttl": True}, headers=auth, timeout=10
     )
@@ -252,3 +257,113 @@ def test_other_bad_requests(dev_stack: RunningStack, bob_server: dict) -> None:
     assert r.json() == {"active": False, "reason": "malformed"}
     r = requests.post(t + "api/tokens", data=b"x" * (2 * 1024 * 1024), headers=auth, timeout=30)
     assert 400 <= r.status_code < 500
+
+
+MINT_FOR = "custom:beamhub:tokens:mint-for"
+
+
+def _mint_for(stack: RunningStack, api_token: str, **body) -> requests.Response:
+    r = requests.post(
+        stack.tokens + "api/mint-for",
+        headers={"Authorization": f"token {api_token}"},
+        json=body,
+        timeout=10,
+    )
+    if r.status_code >= 400:
+        jsonschema.validate(r.json(), ERROR_SCHEMA)
+    return r
+
+
+def test_mint_for_is_refused_without_the_scope(dev_stack: RunningStack, bob_server: dict) -> None:
+    """Users, servers and the admin service lack the scope; a scope narrowed to one subject
+    (the detector's ``!user=beamhub-detector``) reaches no other subject."""
+    rt = dev_stack.runtime
+    want = {"sub": "bob", "project": "p-1001", "scopes": ["stream.read"], "kind": "service"}
+    callers = {
+        "bob": dev_stack.user_api_token("bob"),
+        "bob's server": bob_server["JUPYTERHUB_API_TOKEN"],
+        "beamhub-admin": rt["admin_api_token"],
+        "beamhub-detector": rt["service_subjects"]["beamhub-detector"]["api_token"],
+    }
+    for who, api_token in callers.items():
+        r = _mint_for(dev_stack, api_token, **want)
+        assert r.status_code == 403 and r.json()["reason"] == "scope", (who, r.text)
+        assert MINT_FOR in r.json()["message"] and "'bob'" in r.json()["message"]
+    r = _mint_for(dev_stack, "not-a-hub-token", **want)
+    assert r.status_code == 401 and r.json()["reason"] == "unauthenticated"
+
+
+def test_mint_for_is_bounded_by_role_and_ttl_and_recorded(
+    dev_stack: RunningStack, bob_server: dict
+) -> None:
+    rt = dev_stack.runtime
+    hub = rt["hub_api_token"]
+    want = {"sub": "bob", "project": "p-1001", "scopes": ["stream.read"], "kind": "service"}
+    r = _mint_for(dev_stack, hub, **want, ttl=20, description="mint-for test")
+    assert r.status_code == 201, r.text
+    minted = r.json()
+    jwks = requests.get(dev_stack.tokens + "jwks.json", timeout=10).json()
+    claims = TokenVerifier(jwks).verify(minted["token"], project="p-1001", scope="stream.read")
+    assert (claims.sub, claims.exp - claims.iat, minted["sub"]) == ("bob", 20, "bob")
+    # recorded like any other token: its subject lists it and may revoke it
+    bob = {"Authorization": f"token {dev_stack.user_api_token('bob')}"}
+    listed = requests.get(dev_stack.tokens + "api/tokens", headers=bob, timeout=10).json()
+    row = {t["jti"]: t for t in listed["tokens"]}[minted["jti"]]
+    assert (row["kind"], row["description"]) == ("service", "mint-for test")
+    # without scopes: every scope of the subject's role, no more
+    r = _mint_for(dev_stack, hub, sub="bob", project="p-1001", kind="server")
+    assert r.status_code == 201 and r.json()["scope"] == "dashboard jobs stream.publish stream.read"
+    cap = rt["max_token_ttl"]
+    refusals = [
+        ({"scopes": ["steer"]}, 403, "beyond_role", "scopes", "steer"),
+        ({"ttl": cap + 1}, 400, "bad_field", "ttl", str(cap)),
+        ({"kind": "user"}, 400, "bad_field", "kind", "server, service"),
+        ({"sub": "nobody-ever"}, 404, "unknown_subject", "sub", "nobody-ever"),
+        ({"project": "p-9999"}, 404, "unknown_project", "project", "p-9999"),
+        ({"project": "p-2002"}, 403, "no_role", "project", "no role in project 'p-2002'"),
+    ]
+    assert login(dev_stack, "carol", "carol-dev")[1].status_code == 200  # p-2002 is known
+    for change, status, reason, field, said in refusals:
+        r = _mint_for(dev_stack, hub, **{**want, **change})
+        assert (r.status_code, r.json()["reason"]) == (status, reason), (change, r.text)
+        assert r.json()["field"] == field and said in r.json()["message"], (change, r.text)
+    r = _mint_for(dev_stack, hub, project="p-1001", kind="service")
+    assert r.status_code == 400 and r.json() == {
+        "reason": "missing_field",
+        "message": "sub: required",
+        "field": "sub",
+    }
+
+
+def test_a_narrowed_mint_for_scope_reaches_its_own_subject(dev_stack: RunningStack) -> None:
+    """beamhub up's detector identity mints for beamhub-detector, an operator of its project."""
+    detector = dev_stack.runtime["service_subjects"]["beamhub-detector"]
+    project = next(iter(detector["projects"]))
+    want = {"sub": detector["subject"], "project": project, "kind": "service"}
+    r = _mint_for(dev_stack, detector["api_token"], **want, scopes=["steer", "stream.publish"])
+    assert r.status_code == 201, r.text
+    assert _claims(r.json()["token"])["sub"] == "beamhub-detector"
+    r = _mint_for(dev_stack, detector["api_token"], **want, scopes=["reserve", "stream.admin"])
+    assert r.status_code == 403 and r.json()["reason"] == "beyond_role"
+
+
+def test_token_service_errors_are_in_the_one_shape(
+    dev_stack: RunningStack, bob_server: dict
+) -> None:
+    """A sample of every kind of refusal, valid against ERROR_SCHEMA (auth/api.py)."""
+    auth = {"Authorization": f"token {bob_server['JUPYTERHUB_API_TOKEN']}"}
+    t = dev_stack.tokens
+    answers = [
+        requests.get(t + "nope", timeout=10),
+        requests.post(t + "revoke", json={"jti": "x"}, timeout=10),
+        requests.post(t + "revoke", json={"jti": "0" * 32}, headers=auth, timeout=10),
+        requests.post(t + "api/tokens", data=b"x" * (2 * 1024 * 1024), headers=auth, timeout=30),
+        requests.post(t + "api/tokens", json={"project": "p-2002"}, headers=auth, timeout=10),
+        requests.get(t + "oauth_callback", timeout=10),  # no code, no state
+    ]
+    for r in answers:
+        assert 400 <= r.status_code < 500, (r.request.method, r.url, r.status_code, r.text[:300])
+        assert r.headers["Content-Type"].startswith("application/json"), r.url
+        jsonschema.validate(r.json(), ERROR_SCHEMA)
+        assert "error" not in r.json()  # the old token-service shape is gone
+    assert answers[3].status_code == 413 and answers[3].json()["limit"] == 16 * 1024

@@ -121,7 +121,8 @@ def test_viewer_cannot_create_a_channel_or_steer_operator_can(dev_stack: Running
     dsn = dev_stack.urls["dsn"]
     detector = dev_stack.urls["detector_channel"]
     r = _mint(dev_stack, "vera", "p-1001", ["stream.read", "steer"])
-    assert r.status_code == 403 and "beyond your role" in r.json()["message"]
+    assert r.status_code == 403 and r.json()["reason"] == "beyond_role"
+    assert "beyond vera's role" in r.json()["message"]
     vera = _mint(dev_stack, "vera", "p-1001", ["stream.read", "dashboard"]).json()["token"]
     r = requests.post(
         dsn + "/api/channels", headers=_bearer(vera), json={"stream": "v"}, timeout=10

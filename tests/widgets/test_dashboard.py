@@ -10,9 +10,11 @@ import threading
 import time
 from collections.abc import Iterator
 
+import jsonschema
 import pytest
 import requests
 
+from beamhub.auth.api import ERROR_SCHEMA
 from beamhub.streaming.consumer import StreamConsumer
 from tests.hub.hubstack import RunningStack, login
 
@@ -165,7 +167,8 @@ def test_non_member_is_refused_with_a_message(stack: RunningStack) -> None:
     assert r.status_code == 403
     assert '<p id="forbidden">You are not a member of project p-1001.' in r.text
     r = carol.get(_dashboard(stack) + "p/p-1001/data.json", timeout=20)
-    assert r.status_code == 403 and r.json()["error"] == "not_member"
+    assert r.status_code == 403 and r.json()["reason"] == "not_member"
+    jsonschema.validate(r.json(), ERROR_SCHEMA)  # the one error shape (auth/api.py)
     # her own project's dashboard works (it has no stream)
     r = carol.get(_dashboard(stack), timeout=20)
     assert r.status_code == 200 and r.url.endswith("/p/p-2002/")
@@ -181,7 +184,8 @@ def test_unauthenticated_goes_to_the_hub_login(stack: RunningStack) -> None:
     assert r.status_code == 200 and "/hub/login" in r.url
     for path in ("p/p-1001/data.json", "api/status"):
         r = requests.get(_dashboard(stack) + path, allow_redirects=False, timeout=20)
-        assert r.status_code == 401 and r.json()["error"] == "unauthenticated"
+        assert r.status_code == 401 and r.json()["reason"] == "unauthenticated"
+        jsonschema.validate(r.json(), ERROR_SCHEMA)
 
 
 def test_many_viewers_share_one_subscription(stack: RunningStack) -> None:

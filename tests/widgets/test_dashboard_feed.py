@@ -134,8 +134,51 @@ def test_service_refuses_bad_settings_by_name(tmp_path, capsys) -> None:
     assert "--image-px 4 is below 8 pixels" in capsys.readouterr().err
     assert main(["--state-dir", str(tmp_path)]) == 2
     assert "no DSN URL" in capsys.readouterr().err
-    assert main(base) == 2  # no signing key in an empty state dir
-    assert "cannot load the hub's signing key" in capsys.readouterr().err
+    assert main(base) == 2  # no token service named: the dashboard never signs tokens itself
+    err = capsys.readouterr().err
+    assert "cannot ask the token service for tokens" in err and "--tokens-url" in err
+    assert not (tmp_path / "signing-key.pem").exists()
+
+
+def test_service_without_its_hub_api_token_says_so(tmp_path, capsys, monkeypatch) -> None:
+    from beamhub.widgets.dashboard_service import main
+
+    monkeypatch.delenv("JUPYTERHUB_API_TOKEN", raising=False)
+    tokens = ["--tokens-url", "http://127.0.0.1:9/services/tokens/"]
+    assert main(["--state-dir", str(tmp_path), "--dsn-url", "http://127.0.0.1:9", *tokens]) == 2
+    err = capsys.readouterr().err
+    assert "custom:beamhub:tokens:mint-for" in err and "JUPYTERHUB_API_TOKEN" in err
+
+
+def test_errors_are_in_the_one_api_shape() -> None:
+    """Not found, unauthenticated (API endpoints never redirect to a login) and OAuth callback
+    errors: JSON ``{reason, message}`` valid against auth/api.py's ERROR_SCHEMA."""
+    import jsonschema
+    import requests
+
+    from beamhub.auth.api import ERROR_SCHEMA
+    from tests.httpserver import ServerThread
+
+    dashboard = Dashboard("http://127.0.0.1:9", lambda p: ("", 0.0))
+    try:
+        with ServerThread(build_app(dashboard)) as server:
+            base = f"http://127.0.0.1:{server.port}/services/dashboard/"
+            cases = {
+                "nope": (404, "not_found"),
+                "api/status": (401, "unauthenticated"),
+                "p/p-1001/data.json": (401, "unauthenticated"),
+                "oauth_callback": (400, None),  # no ?code / state: JupyterHub's own refusal
+            }
+            for path, (status, reason) in cases.items():
+                r = requests.get(base + path, allow_redirects=False, timeout=10)
+                assert r.status_code == status, (path, r.status_code, r.text)
+                assert r.headers["Content-Type"].startswith("application/json"), path
+                jsonschema.validate(r.json(), ERROR_SCHEMA)
+                if reason:
+                    assert r.json()["reason"] == reason, (path, r.json())
+                assert r.json()["message"], path
+    finally:
+        dashboard.close()
 
 
 async def test_access_log_leaves_out_query_strings(caplog) -> None:

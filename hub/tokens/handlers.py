@@ -1,0 +1,430 @@
+"""The token service's JSON API handlers: refresh, mint, mint-for, introspect, revoke, JWKS.
+
+Every handler is a :class:`~beamhub.auth.api.JsonApiHandler` (errors as ``{reason, message,
+field?}``, bodies bounded before reading) identified by the hub (JupyterHub's
+``HubOAuthenticated``: an ``Authorization: token ...`` header, or the hub login cookie with
+``_xsrf`` for form posts). The app that mounts them is in :mod:`beamhub.hub.tokens.service`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated
+from tornado import httputil
+
+from beamhub.auth.api import ApiError, JsonApiHandler
+from beamhub.auth.tokens import TokenError, TokenVerifier
+from beamhub.hub.tokens.store import Delegator, MintRefused, TokenStore
+
+__all__ = [
+    "CUSTOM_SCOPES",
+    "MAX_BODY",
+    "MAX_UPLOAD",
+    "MINT_FOR_SCOPE",
+    "BaseHandler",
+    "IntrospectHandler",
+    "JwksHandler",
+    "MintForHandler",
+    "MintHandler",
+    "NotFoundHandler",
+    "OAuthCallbackHandler",
+    "RefreshHandler",
+    "RevokeHandler",
+    "RevokedHandler",
+    "ServiceContext",
+]
+
+log = logging.getLogger("beamhub.tokens.service")
+
+#: Largest JSON or form body accepted; bigger bodies get a 413 naming this limit.
+MAX_BODY = 16 * 1024
+#: Bodies up to this size are read (and dropped past MAX_BODY) before the 413; beyond it the
+#: connection is refused at once (and closed unread: tornado's max_body_size).
+MAX_UPLOAD = 64 * 1024 * 1024
+
+#: JupyterHub custom scope: mint a project token for the subject a request names. A filter narrows
+#: it to one subject, e.g. ``custom:beamhub:tokens:mint-for!user=beamhub-dashboard``.
+MINT_FOR_SCOPE = "custom:beamhub:tokens:mint-for"
+#: For ``c.JupyterHub.custom_scopes``.
+CUSTOM_SCOPES = {
+    MINT_FOR_SCOPE: {
+        "description": "Ask the token service for a project token for the subject the request "
+        "names, within that subject's project role and the enclave's lifetime cap.",
+    }
+}
+
+#: Token kinds by who asks: a user mints ``user`` tokens for herself; mint-for callers mint these.
+MINT_FOR_KINDS = ("server", "service")
+
+_STATUS = {"no_role": 403, "beyond_role": 403, "bad_field": 400}
+
+
+@dataclass
+class ServiceContext:
+    delegator: Delegator
+    store: TokenStore
+    verifier: TokenVerifier
+    revocation_poll: float
+
+
+class BaseHandler(HubOAuthenticated, JsonApiHandler):
+    """Hub identity + the one JSON API base; form bodies (the token page) parsed before auth."""
+
+    max_body = MAX_BODY
+    service = "the token service"
+
+    def initialize(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self._fields: dict[str, Any] | None = None
+
+    async def prepare(self) -> None:  # type: ignore[override]
+        # The hub's proxy (CHP) turns a connection closed mid-upload into an HTML 503, so a body
+        # up to MAX_UPLOAD is drained (kept only up to MAX_BODY) and refused with the JSON 413 by
+        # raw_body() once it is in; only larger ones are refused from Content-Length at once.
+        declared = self.request.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) <= MAX_UPLOAD:
+            return
+        await super().prepare()
+
+    def get_login_url(self) -> str:
+        raise ApiError(
+            401,
+            "unauthenticated",
+            "send 'Authorization: token <JupyterHub API token>' (or log in to the hub)",
+        )
+
+    def _form(self) -> bool:
+        """Parse a form body into the request's arguments (JupyterHub's XSRF check reads _xsrf
+        there; the streamed body never reached tornado's own parser). True for a form body."""
+        ctype = self.request.headers.get("Content-Type", "application/json")
+        if ctype.split(";")[0].strip() != "application/x-www-form-urlencoded":
+            return False
+        if not self.request.body_arguments:
+            self.request.body = self.raw_body()
+            httputil.parse_body_arguments(
+                ctype,
+                self.request.body,
+                self.request.body_arguments,
+                self.request.files,
+                self.request.headers,
+            )
+            for name, values in self.request.body_arguments.items():
+                self.request.arguments.setdefault(name, []).extend(values)
+        return True
+
+    def require_user(self) -> dict[str, Any]:
+        """The caller's hub model (user or service), or a 401 that says how to authenticate."""
+        self._form()  # before the cookie check, which looks for the form's _xsrf
+        model = self.get_current_user()
+        if not model:
+            raise ApiError(
+                401,
+                "unauthenticated",
+                "send 'Authorization: token <JupyterHub API token>' (or log in to the hub and "
+                "post the form from its page, which carries _xsrf)",
+            )
+        return model
+
+    def is_admin(self, model: dict[str, Any]) -> bool:
+        return bool(model.get("admin")) or self.ctx.store.is_admin(model["name"])
+
+    def fields(self, spec: dict[str, tuple[type, ...]], required: set[str]) -> dict[str, Any]:
+        """The body (JSON object or form) checked against ``spec``; a 400 naming the field."""
+        if self._form():
+            data: dict[str, Any] = {
+                k: self.get_body_argument(k) for k in self.request.body_arguments
+            }
+            data.pop("_xsrf", None)
+            if "scopes" in data:
+                data["scopes"] = self.get_body_arguments("scopes")
+            if "ttl" in data:
+                try:
+                    data["ttl"] = int(data["ttl"])
+                except ValueError:
+                    raise ApiError(
+                        400, "bad_field", "ttl: a whole number of seconds", field="ttl"
+                    ) from None
+        else:
+            data = self.json_body()
+        unknown = sorted(set(data) - set(spec))
+        if unknown:
+            raise ApiError(
+                400,
+                "unknown_field",
+                f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(spec))}",
+                field=unknown[0],
+            )
+        missing = sorted(required - set(data))
+        if missing:
+            raise ApiError(
+                400, "missing_field", f"{', '.join(missing)}: required", field=missing[0]
+            )
+        for name, value in data.items():
+            types = spec[name]
+            if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+                want = " or ".join(t.__name__ for t in types)
+                raise ApiError(
+                    400, "bad_field", f"{name}: expected {want}, got {value!r}"[:200], field=name
+                )
+        return data
+
+    @staticmethod
+    def scope_list(data: dict[str, Any]) -> list[str] | None:
+        scopes = data.get("scopes")
+        if isinstance(scopes, str):
+            scopes = scopes.split()
+        if scopes is not None and not all(isinstance(s, str) for s in scopes):
+            raise ApiError(400, "bad_field", "scopes: a list of scope names", field="scopes")
+        return scopes
+
+    def issue(
+        self, sub: str, project: str, scopes: list[str] | None, **kw: Any
+    ) -> tuple[str, dict]:
+        """:meth:`Delegator.issue`, its refusals translated into API errors."""
+        try:
+            return self.ctx.delegator.issue(sub, project, scopes, **kw)
+        except MintRefused as exc:
+            status = _STATUS.get(exc.reason, 400)
+            raise ApiError(status, exc.reason, exc.message, field=exc.field) from None
+
+
+class JwksHandler(BaseHandler):
+    def get(self) -> None:
+        self.set_header("Cache-Control", "max-age=60")
+        self.write_json(self.ctx.delegator.issuer.jwks())
+
+
+class RevokedHandler(BaseHandler):
+    """Public list of revoked, unexpired jtis: verifiers poll it (jtis are not secrets)."""
+
+    def get(self) -> None:
+        self.write_json(
+            {"revoked": self.ctx.store.revoked_jtis(), "poll_interval": self.ctx.revocation_poll}
+        )
+
+
+class IntrospectHandler(BaseHandler):
+    """RFC 7662-like: ``{"token": ...}`` -> ``{"active": bool, ...claims}``; any hub identity."""
+
+    def post(self) -> None:
+        self.require_user()
+        data = self.fields({"token": (str,)}, {"token"})
+        try:
+            claims = self.ctx.verifier.verify(data["token"])
+        except TokenError as exc:
+            self.write_json({"active": False, "reason": exc.reason})
+            return
+        record = self.ctx.store.get(claims.jti)
+        self.write_json(
+            {
+                "active": True,
+                "sub": claims.sub,
+                "project": claims.project,
+                "scope": " ".join(sorted(claims.scopes)),
+                "aud": claims.aud,
+                "iss": claims.iss,
+                "iat": claims.iat,
+                "nbf": claims.nbf,
+                "exp": claims.exp,
+                "jti": claims.jti,
+                "token_type": "at+jwt",
+                "kind": record.kind if record else "unknown",
+            }
+        )
+
+
+class RevokeHandler(BaseHandler):
+    """``{"jti": ...}``: the token's owner or an admin revokes it."""
+
+    def post(self) -> None:
+        user = self.require_user()
+        data = self.fields({"jti": (str,)}, {"jti"})
+        record = self.ctx.store.get(data["jti"][:128])
+        if record is None:
+            raise ApiError(
+                404,
+                "unknown_jti",
+                f"no token with jti {data['jti'][:64]!r} was issued here",
+                field="jti",
+            )
+        if record.sub != user["name"] and not self.is_admin(user):
+            raise ApiError(403, "not_owner", "only the token's owner or an admin may revoke it")
+        changed = self.ctx.store.revoke(record.jti, by=user["name"])
+        log.info("revoked jti=%s by=%s (already=%s)", record.jti, user["name"], not changed)
+        self.write_json({"revoked": record.jti, "already_revoked": not changed})
+
+
+class RefreshHandler(BaseHandler):
+    """A server trades its current (or expired) delegated token for a fresh one."""
+
+    def post(self) -> None:
+        user = self.require_user()
+        data = self.fields({"token": (str,)}, {"token"})
+        key = self.ctx.verifier
+        try:
+            kid = jwt.get_unverified_header(data["token"]).get("kid")
+            body = jwt.decode(
+                data["token"],
+                key.keys[kid].key,
+                algorithms=["ES256"],
+                audience=key.audience,
+                issuer=key.issuer,
+                options={"verify_exp": False},
+            )
+        except (jwt.PyJWTError, KeyError):
+            raise ApiError(
+                401, "invalid_token", "the token is not one this hub issued", field="token"
+            ) from None
+        record = self.ctx.store.get(body.get("jti", ""))
+        if record is None or record.kind != "server":
+            raise ApiError(400, "not_delegated", "only a server's delegated token can be refreshed")
+        if record.sub != user["name"]:
+            raise ApiError(403, "not_owner", "the token belongs to another user")
+        if record.revoked_at is not None:
+            raise ApiError(401, "revoked", f"token {record.jti} was revoked; restart the server")
+        # the scopes the user's role still allows (roles are re-read at each hub login/refresh)
+        allowed = set(self.ctx.delegator.allowed_scopes(record.sub, record.project))
+        scopes = [s for s in record.scope.split() if s in allowed] or record.scope.split()
+        token, claims = self.issue(
+            record.sub,
+            record.project,
+            scopes,
+            kind="server",
+            server=record.server,
+            parent=record.jti,
+        )
+        log.info("refreshed jti=%s -> jti=%s user=%s", record.jti, claims["jti"], record.sub)
+        self.write_json({"token": token, "jti": claims["jti"], "exp": claims["exp"]})
+
+
+def _minted(token: str, claims: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "token": token,
+        "jti": claims["jti"],
+        "exp": claims["exp"],
+        "sub": claims["sub"],
+        "project": claims["project"],
+        "scope": claims["scope"],
+    }
+
+
+class MintHandler(BaseHandler):
+    """``POST api/tokens`` mints a token for external software; ``GET`` lists the caller's."""
+
+    FIELDS = {"project": (str,), "scopes": (list, str), "ttl": (int,), "description": (str,)}
+
+    def get(self) -> None:
+        user = self.require_user()
+        self.write_json({"tokens": [t.to_json() for t in self.ctx.store.list_for(user["name"])]})
+
+    def mint(self) -> tuple[str, dict[str, Any]]:
+        user = self.require_user()
+        data = self.fields(self.FIELDS, {"project"})
+        return self.issue(
+            user["name"],
+            data["project"],
+            self.scope_list(data),
+            ttl=data.get("ttl"),
+            kind="user",
+            description=data.get("description", "")[:200],
+        )
+
+    def post(self) -> None:
+        token, claims = self.mint()
+        log.info(
+            "minted jti=%s user=%s project=%s", claims["jti"], claims["sub"], claims["project"]
+        )
+        self.write_json(_minted(token, claims), 201)
+
+
+class MintForHandler(BaseHandler):
+    """``POST api/mint-for``: a project token for the subject the body names ("mint for").
+
+    The caller (the hub, the dashboard service, `beamhub up`'s detector) authenticates with its
+    own JupyterHub API token, whose role must hold :data:`MINT_FOR_SCOPE` (unfiltered, or
+    ``!user=<subject>``). The token is bounded like any other: the subject's project role from
+    the register, the enclave's lifetime cap; its kind is ``server`` or ``service``; it is recorded.
+    """
+
+    FIELDS = {
+        "sub": (str,),
+        "project": (str,),
+        "scopes": (list, str),
+        "ttl": (int,),
+        "kind": (str,),
+        "server": (str,),
+        "description": (str,),
+    }
+
+    def post(self) -> None:
+        caller = self.require_user()
+        data = self.fields(self.FIELDS, {"sub", "project", "kind"})
+        sub, project, kind = data["sub"], data["project"], data["kind"]
+        held = set(caller.get("scopes") or ())
+        if MINT_FOR_SCOPE not in held and f"{MINT_FOR_SCOPE}!user={sub}" not in held:
+            raise ApiError(
+                403,
+                "scope",
+                f"{caller.get('kind', 'user')} {caller['name']!r} may not mint tokens for "
+                f"{sub!r}: its JupyterHub role lacks the {MINT_FOR_SCOPE} scope (or "
+                f"{MINT_FOR_SCOPE}!user={sub}); grant it in c.JupyterHub.load_roles",
+            )
+        if kind not in MINT_FOR_KINDS:
+            raise ApiError(
+                400,
+                "bad_field",
+                f"kind: {kind[:40]!r} is not one of {', '.join(MINT_FOR_KINDS)} "
+                "(user tokens are minted by their owner at api/tokens)",
+                field="kind",
+            )
+        if not self.ctx.store.known_user(sub):
+            raise ApiError(
+                404,
+                "unknown_subject",
+                f"no subject {sub[:64]!r} is known here: a user must log in to the hub once, "
+                "a service subject must be configured (--service-subjects)",
+                field="sub",
+            )
+        if project not in self.ctx.store.known_projects():
+            raise ApiError(
+                404,
+                "unknown_project",
+                f"no project {project[:64]!r} is known here: nobody holds a role in it",
+                field="project",
+            )
+        token, claims = self.issue(
+            sub,
+            project,
+            self.scope_list(data),
+            ttl=data.get("ttl"),
+            kind=kind,
+            server=data.get("server", "")[:200],
+            description=data.get("description", "")[:200],
+        )
+        log.info(
+            "minted for %s %s: jti=%s sub=%s project=%s kind=%s",
+            caller.get("kind", "user"),
+            caller["name"],
+            claims["jti"],
+            sub,
+            project,
+            kind,
+        )
+        self.write_json(_minted(token, claims), 201)
+
+
+class NotFoundHandler(BaseHandler):
+    def prepare(self) -> None:  # type: ignore[override]
+        raise ApiError(
+            404, "not_found", f"no endpoint {self.request.path}; see {self.settings['prefix']}"
+        )
+
+
+class OAuthCallbackHandler(HubOAuthCallbackHandler, JsonApiHandler):
+    """JupyterHub's OAuth callback (sets the service's login cookie); its errors as JSON too."""
+
+    service = "the token service"
