@@ -206,6 +206,7 @@ class JsonApiHandler(tornado.web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
+        self.set_status(status_code)  # the standard phrase; tornado took ApiError.reason for it
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
         if isinstance(exc, ApiError):

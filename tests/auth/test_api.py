@@ -53,6 +53,7 @@ def test_malformed_bodies_are_400_in_the_one_shape(url: str, data: bytes, why: s
 def test_domain_error_keeps_field_and_headers(url: str) -> None:
     r = requests.post(url, json={"refuse": 1}, timeout=5)
     assert r.status_code == 403 and r.headers["Retry-After"] == "3"
+    assert r.reason == "Forbidden"  # the standard phrase in the status line, not the code
     assert r.json() == {"reason": "scope", "message": "no", "field": "refuse"}
 
 
