@@ -15,6 +15,15 @@ What the counters mean:
 * ``restarts``: the sequence did not increase — the producer restarted (a new *run* of the same
   producer keeps counting ``seq`` up, so it is not a restart). It is
   counted, logged, kept in :attr:`StreamConsumer.events`, and reported to the DSN.
+* ``lost_reasons``: why ``lost`` frames went missing. A gap that follows a lost link to the DSN
+  (a ZeroMQ socket monitor saw the connection drop; ZeroMQ reconnects by itself) is
+  ``dsn_restart`` (until the link has been back for ``RECOVERY_S``: what a producer queued while
+  the DSN was away comes first, then the frames it made once reconnected, with the ones it
+  could not queue missing between them); any other gap is ``gap``. Each outage is one
+  ``dsn_restart`` event in :attr:`events` (``after_seq``, ``resumed_seq``, ``lost``,
+  ``outage_s``) and counts in ``disconnects``; ``link`` in :meth:`stats` is ``down``,
+  ``recovering`` (back, gaps still the outage's) or ``up``; a work consumer sharing the stream cannot count
+  the frames it missed, so its event says ``lost: null``.
 * ``malformed``: messages that failed :func:`beamhub.streaming.wire.decode`, by reason; the stream goes on.
 * latency p50/p99: now minus the producer's ``t_ns`` (same host or synchronised clocks).
 """
@@ -35,11 +44,15 @@ from typing import Any
 import numpy as np
 import zmq
 
+from beamhub.streaming.link import DSN_RESTART, LinkWatch
 from beamhub.streaming.wire import DEFAULT_MAX_FRAME_BYTES, DecodeError, Frame, decode
 
 __all__ = ["ChannelLookupError", "StreamConsumer", "lookup_channel"]
 
 REPORT_INTERVAL_S = 0.5
+#: After the link to the DSN is back, gaps are still the outage's for this long: the producer's
+#: queue drains first, then come the frames it produced once its own link was back.
+RECOVERY_S = 3.0
 LATENCY_WINDOW = 10_000
 
 
@@ -125,6 +138,7 @@ class StreamConsumer:
             self.sock.setsockopt(zmq.SUBSCRIBE, b"")
         self._report_sock: zmq.Socket | None = None
         self._closed = False
+        self.link = LinkWatch(self.sock, f"consumer {self.consumer_id}", self.log)
         try:
             self._secure(self.sock, curve_server_key, curve_keypair)
             self.sock.connect(endpoint)
@@ -135,6 +149,7 @@ class StreamConsumer:
                 self._secure(self._report_sock, curve_server_key, curve_keypair)
                 self._report_sock.connect(report)
         except zmq.ZMQError as exc:
+            self.link.close()
             for sock in (self.sock, self._report_sock):
                 if sock is not None:
                     sock.close(linger=0)
@@ -145,6 +160,9 @@ class StreamConsumer:
         self.frames = 0
         self.bytes = 0
         self.lost = 0
+        self.lost_reasons: dict[str, int] = {}
+        self._outage: dict[str, Any] | None = None  # the DSN outage gaps are attributed to
+        self._link_back_at: float | None = None
         self.malformed = 0
         self.malformed_reasons: dict[str, int] = {}
         self.restarts = 0
@@ -194,9 +212,11 @@ class StreamConsumer:
                 self._next_report = now + REPORT_INTERVAL_S
             until = self._next_report if deadline is None else min(self._next_report, deadline)
             if not self.sock.poll(max(0, int((until - now) * 1000))):
+                self._watch_link()
                 if deadline is not None and time.monotonic() >= deadline:
                     return None
                 continue
+            self._watch_link()  # an outage is seen before the first frame that follows it
             parts = self.sock.recv_multipart(copy=False)
             try:
                 frame = decode(parts, max_bytes=self.max_bytes)
@@ -207,8 +227,42 @@ class StreamConsumer:
             self._account(frame, len(parts[0]) + len(parts[1]))
             return frame
 
+    def _watch_link(self) -> None:
+        """Open an outage when the link drops; close it RECOVERY_S after the link is back."""
+        for change in self.link.poll():
+            if change == "down" and self._outage is None:
+                self._outage = {
+                    "event": DSN_RESTART,
+                    "after_seq": self.last_seq,
+                    "resumed_seq": None,
+                    "lost": 0 if self.count_gaps else None,
+                    "outage_s": None,
+                    "t": time.time(),
+                }
+                self.events.append(self._outage)
+                self._link_back_at = None
+            elif change == "up" and self._outage is not None:
+                self._outage["outage_s"] = self.link.last_outage_s
+                self._link_back_at = time.monotonic()
+        back = self._link_back_at
+        if back is not None and time.monotonic() - back > RECOVERY_S:
+            outage, self._outage, self._link_back_at = self._outage, None, None
+            self.log.warning(
+                "consumer %s: the DSN link was down %s s (seq %s -> %s): %s",
+                self.consumer_id,
+                outage["outage_s"],
+                outage["after_seq"],
+                outage["resumed_seq"],
+                f"{outage['lost']} frames lost ({DSN_RESTART})"
+                if self.count_gaps
+                else "the frames missed cannot be counted by one of several work consumers",
+            )
+
     def _account(self, frame: Frame, nbytes: int) -> None:
         header = frame.header
+        outage = self._outage
+        if outage is not None and outage["resumed_seq"] is None:
+            outage["resumed_seq"] = header.seq
         self.frames += 1
         self.bytes += nbytes
         if header.t_ns:
@@ -234,7 +288,12 @@ class StreamConsumer:
                 header.run,
             )
         elif last is not None and self.count_gaps and header.seq > last + 1:
-            self.lost += header.seq - last - 1
+            n = header.seq - last - 1
+            self.lost += n
+            reason = DSN_RESTART if outage is not None else "gap"
+            self.lost_reasons[reason] = self.lost_reasons.get(reason, 0) + n
+            if outage is not None:
+                outage["lost"] += n
         self.last_seq = header.seq
         self.run = header.run
 
@@ -261,7 +320,10 @@ class StreamConsumer:
             "frames": self.frames,
             "bytes": self.bytes,
             "lost": self.lost,
+            "lost_reasons": dict(self.lost_reasons),
             "loss_counted": self.count_gaps,
+            "disconnects": self.link.disconnects,
+            "link": "down" if self.link.down else "recovering" if self._outage else "up",
             "malformed": self.malformed,
             "malformed_reasons": dict(self.malformed_reasons),
             "restarts": self.restarts,
@@ -282,6 +344,8 @@ class StreamConsumer:
             "last_seq": self.last_seq,
             "received": self.frames,
             "lost": self.lost,
+            "lost_reasons": self.lost_reasons,
+            "disconnects": self.link.disconnects,
             "malformed": self.malformed,
             "restarts": self.restarts,
         }
@@ -297,6 +361,7 @@ class StreamConsumer:
         if self._report_sock is not None:
             self.send_report()
             self._report_sock.close(linger=200)  # give the final report a moment to leave
+        self.link.close()
         self.sock.close(linger=0)
         if self._own_context:
             self.context.term()

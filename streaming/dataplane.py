@@ -10,7 +10,8 @@ A channel has one producer face and up to three consumer faces, each a TCP socke
 * ``monitor`` (PUB): dashboards SUB-connect; a slow viewer's queue overflows and libzmq drops
   frames *for that viewer only*; the work stream never waits for a viewer.
 * ``report`` (PULL): consumers send small JSON status reports
-  ``{consumer_id, role, last_seq, received, lost, malformed, restarts}`` about every 0.5 s
+  ``{consumer_id, role, last_seq, received, lost, lost_reasons, disconnects, malformed,
+  restarts}`` about every 0.5 s
   (:class:`beamhub.streaming.consumer.StreamConsumer` does this by itself).
 
 Modes. **L4** runs ``zmq.proxy_steerable`` in a thread: forwarding is C only, no Python per
@@ -312,6 +313,8 @@ class DataPlane:
                 "lag": lag,
                 "received": e["received"],
                 "lost": e["lost"],
+                "lost_reasons": e["lost_reasons"],
+                "disconnects": e["disconnects"],
                 "malformed": e["malformed"],
                 "restarts": e["restarts"],
                 "age_s": round(now - e["t"], 3),

@@ -156,6 +156,8 @@ class Supervisor(ChannelThread):
                 "lost": int(body.get("lost", 0)),
                 "malformed": int(body.get("malformed", 0)),
                 "restarts": int(body.get("restarts", 0)),
+                "lost_reasons": _reasons(body.get("lost_reasons")),
+                "disconnects": int(body.get("disconnects", 0)),
                 "t": time.monotonic(),
             }
             if not isinstance(cid, str) or not cid or len(cid) > 128:
@@ -173,5 +175,20 @@ class Supervisor(ChannelThread):
             self.consumers[cid] = entry
 
     def consumer_table(self) -> dict[str, dict[str, Any]]:
+        """Each consumer's last report (a copy)."""
         with self._lock:
             return {cid: dict(entry) for cid, entry in self.consumers.items()}
+
+
+def _reasons(value: Any) -> dict[str, int]:
+    """A report's ``lost_reasons``: at most 8 short names with counts (ValueError otherwise)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > 8:
+        raise ValueError("lost_reasons must be an object of at most 8 reasons")
+    out = {}
+    for reason, count in value.items():
+        if not isinstance(reason, str) or not 0 < len(reason) <= 32:
+            raise ValueError("a lost_reasons name must be a short string")
+        out[reason] = int(count)
+    return out

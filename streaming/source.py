@@ -7,6 +7,11 @@ of the runner (across runs: only a restarted producer starts at 0 again), ``run`
 starts and ``rev`` counts accepted steering changes; each change answers with the first ``seq``
 that reflects it, because parameters only change between frames, under the runner's lock. With
 ``checksum=True`` (the default) ``meta["crc32"]`` is ``zlib.crc32`` of the payload bytes.
+
+A DSN restart needs nothing from the runner: ZeroMQ reconnects the PUSH socket to the same
+endpoint by itself (a restarted DSN binds its channels' same ports), frames keep being generated
+and, while the DSN is away, those that do not fit the queue are counted in ``dropped_reasons`` as
+``dsn_restart`` (``hwm`` otherwise; a socket monitor tells the two apart), ``seq`` advancing.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 import zmq
 
+from beamhub.streaming.link import DSN_RESTART, LinkWatch
 from beamhub.streaming.params import ParamSet
 from beamhub.streaming.wire import FrameHeader, send_frame
 
@@ -113,6 +119,8 @@ class SourceRunner:
         self.frames_sent = 0
         self.bytes_sent = 0
         self.dropped_at_source = 0
+        self.dropped_reasons: dict[str, int] = {}
+        self.link: LinkWatch | None = None
         self.last_error: str | None = None
         self._sent_times: deque[float] = deque(maxlen=4096)
 
@@ -217,6 +225,8 @@ class SourceRunner:
             "frames_sent": self.frames_sent,
             "bytes_sent": self.bytes_sent,
             "dropped_at_source": self.dropped_at_source,
+            "dropped_reasons": dict(self.dropped_reasons),
+            "disconnects": self.link.disconnects if self.link is not None else 0,
             "rate_hz": round(self.measured_rate(), 2),
             "last_error": self.last_error,
         }
@@ -232,21 +242,29 @@ class SourceRunner:
     # -- the sending thread -----------------------------------------------------------------
     def _open_socket(self) -> zmq.Socket:
         sock = self._context.socket(zmq.PUSH)
-        sock.sndhwm = self.sndhwm
-        sock.linger = self.linger_ms
-        if self.curve is not None:
-            sock.curve_publickey = self.curve.public
-            sock.curve_secretkey = self.curve.secret
+        try:
+            sock.sndhwm = self.sndhwm
+            sock.linger = self.linger_ms
+            if self.curve is not None:
+                sock.curve_publickey = self.curve.public
+                sock.curve_secretkey = self.curve.secret
+                if self.connect is not None:
+                    sock.curve_serverkey = self.curve.server_public
+                else:
+                    sock.curve_server = True
             if self.connect is not None:
-                sock.curve_serverkey = self.curve.server_public
+                self.link = LinkWatch(sock, f"source {self.stream}", log)
+                sock.connect(self.connect)
+                self.endpoint = self.connect
             else:
-                sock.curve_server = True
-        if self.connect is not None:
-            sock.connect(self.connect)
-            self.endpoint = self.connect
-        else:
-            sock.bind(_bind_address(self.bind))
-            self.endpoint = sock.last_endpoint.decode()
+                sock.bind(_bind_address(self.bind))
+                self.endpoint = sock.last_endpoint.decode()
+        except BaseException:
+            if self.link is not None:
+                self.link.close()
+                self.link = None
+            sock.close(linger=0)
+            raise
         return sock
 
     def _main(self) -> None:
@@ -265,6 +283,8 @@ class SourceRunner:
             except zmq.ContextTerminated:
                 log.info("stream %s: context terminated; sender stops", self.stream)
         finally:
+            if self.link is not None:
+                self.link.close()
             if sock is not None:
                 sock.close()
             if self._own_context and self._context is not None:
@@ -333,6 +353,10 @@ class SourceRunner:
             send_frame(sock, header, data, flags=zmq.NOBLOCK)
         except zmq.Again:
             self.dropped_at_source += 1
+            if self.link is not None:
+                self.link.poll()
+            reason = DSN_RESTART if self.link is not None and self.link.down else "hwm"
+            self.dropped_reasons[reason] = self.dropped_reasons.get(reason, 0) + 1
             return
         self.frames_sent += 1
         self.bytes_sent += data.nbytes

@@ -1,4 +1,9 @@
-"""`beamhub consume`: read a DSN channel and print live figures (frames, loss, latency)."""
+"""`beamhub consume`: read a DSN channel and print live figures (frames, loss, latency).
+
+It keeps reading across a DSN restart (ZeroMQ reconnects to the same endpoints, which the
+restarted DSN binds again); the frames missed meanwhile are ``lost`` with reason ``dsn_restart``
+(``lost_reasons`` and ``events`` in ``--json``).
+"""
 
 from __future__ import annotations
 
@@ -90,10 +95,14 @@ def _open(args: argparse.Namespace) -> Any:
 
 
 def _line(stats: dict[str, Any], rate: float) -> str:
+    reasons = stats.get("lost_reasons") or {}
+    why = f" ({', '.join(f'{k} {v}' for k, v in reasons.items())})" if reasons else ""
+    link = "  DSN LINK DOWN (reconnecting)" if stats.get("link") == "down" else ""
     return (
         f"frames {stats['frames']}  {stats['bytes'] / 1e6:.1f} MB  {rate:.1f} Hz  "
-        f"lost {stats['lost']}  malformed {stats['malformed']}  restarts {stats['restarts']}  "
-        f"latency p50 {stats['latency_p50_ms']} ms p99 {stats['latency_p99_ms']} ms"
+        f"lost {stats['lost']}{why}  malformed {stats['malformed']}  "
+        f"restarts {stats['restarts']}  "
+        f"latency p50 {stats['latency_p50_ms']} ms p99 {stats['latency_p99_ms']} ms{link}"
     )
 
 
@@ -142,6 +151,7 @@ def _consume(args: argparse.Namespace) -> int:
         stats = consumer.stats()
         consumer.close()
     if args.json:
+        stats["events"] = list(consumer.events)
         print(json.dumps(stats))
     else:
         print(_line(stats, 0.0).replace("  0.0 Hz", ""), flush=True)
