@@ -42,8 +42,8 @@ log = logging.getLogger("beamhub.tokens.service")
 
 #: Largest JSON or form body accepted; bigger bodies get a 413 naming this limit.
 MAX_BODY = 16 * 1024
-#: Bodies up to this size are read (and dropped past MAX_BODY) before the 413; beyond it the
-#: connection is refused at once (and closed unread: tornado's max_body_size).
+#: tornado's own cap (max_body_size); bodies over MAX_BODY are already refused from their
+#: Content-Length by the API base, which then lingers so the proxy relays the JSON 413.
 MAX_UPLOAD = 64 * 1024 * 1024
 
 #: JupyterHub custom scope: mint a project token for the subject a request names. A filter narrows
@@ -80,15 +80,6 @@ class BaseHandler(HubOAuthenticated, JsonApiHandler):
     def initialize(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self._fields: dict[str, Any] | None = None
-
-    async def prepare(self) -> None:  # type: ignore[override]
-        # The hub's proxy (CHP) turns a connection closed mid-upload into an HTML 503, so a body
-        # up to MAX_UPLOAD is drained (kept only up to MAX_BODY) and refused with the JSON 413 by
-        # raw_body() once it is in; only larger ones are refused from Content-Length at once.
-        declared = self.request.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) <= MAX_UPLOAD:
-            return
-        await super().prepare()
 
     def get_login_url(self) -> str:
         raise ApiError(
