@@ -14,6 +14,10 @@ No frame touches the Dask scheduler or the notebook kernel: every worker task op
   worker; a thread in the worker task blocks on it, swaps the parameters into the worker's
   :class:`~beamhub.streaming.analysis.Analyzer` (applied from that worker's next frame) and acknowledges the
   revision, so the notebook can tell when every worker has it. ``stop`` travels the same way.
+* a DSN restart: each worker's consumer reconnects by itself (the channel comes back on the same
+  endpoints) and the task goes on; its ``dsn_restart`` events (see
+  :class:`~beamhub.streaming.consumer.StreamConsumer`) ride along with the batches, so
+  :meth:`AnalysisSession.loss` says why ``lost`` frames are missing.
 
 A notebook does::
 
@@ -36,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from beamhub.streaming.analysis import Analyzer, FrameResult, RunningStats, analyse_stream
+from beamhub.streaming.link import DSN_RESTART
 from beamhub.streaming.params import ParamError
 from beamhub.streaming.peakfinder import PEAK_COLUMNS, PeakFinderParams
 
@@ -152,15 +157,23 @@ def analysis_worker(
             send({"applied_rev": applied})
 
     pending: list[list[Any]] = []
+    sent_outages: list[dict[str, Any]] = []
+    consumer: Any = None
     profile: dict[str, Any] = {"sum": None, "n": 0}
     last_flush = time.monotonic()
 
     def flush() -> None:
         nonlocal last_flush
         last_flush = time.monotonic()
-        if not pending and not profile["n"]:
+        outages = [dict(e) for e in getattr(consumer, "events", ()) if e["event"] == DSN_RESTART]
+        if outages == sent_outages:
+            outages = None
+        if not pending and not profile["n"] and outages is None:
             return
+        if outages is not None:
+            sent_outages[:] = outages
         batch = {
+            "outages": outages,
             "results": pending[:],
             "rev": analyzer.rev,
             "profile_n": profile["n"],
@@ -241,6 +254,7 @@ class AnalysisSession:
         self.ready: set[int] = set()
         self.applied: dict[int, int] = {}
         self.errors: list[dict[str, Any]] = []
+        self.outages: dict[int, list[dict[str, Any]]] = {}  # worker index -> its DSN outages
         self.changed_at: dict[int, float] = {}
         self._results = Queue(f"{self.name}-results", client=client)
         self._controls = [Queue(f"{self.name}-control-{i}", client=client) for i in range(n)]
@@ -310,6 +324,14 @@ class AnalysisSession:
                 message.get("rev"),
                 message["error"],
             )
+        if message.get("outages") is not None:
+            self.outages[index] = message["outages"]
+            log.warning(
+                "analysis worker %s: %d DSN outage(s) so far; frames missing meanwhile are "
+                "lost (dsn_restart)",
+                message.get("worker"),
+                len(message["outages"]),
+            )
         results = [result_from_wire(row) for row in message.get("results", ())]
         for result in results:
             self.stats.add(result)
@@ -318,6 +340,22 @@ class AnalysisSession:
                 np.frombuffer(message["profile_sum"], dtype=np.float64), message["profile_n"]
             )
         return results
+
+    def loss(self) -> dict[str, Any]:
+        """Frames lost (sequence holes across all workers) and the DSN outages the workers saw.
+
+        Work consumers share the stream, so no single worker can count what an outage cost; the
+        holes are the session's count, and ``dsn_restart`` outages are the reason when there are
+        any (``outages``: per worker, ``after_seq`` / ``resumed_seq`` / ``outage_s``).
+        """
+        lost = self.stats.lost()
+        restarts = max((len(v) for v in self.outages.values()), default=0)
+        return {
+            "lost": lost,
+            "reason": DSN_RESTART if restarts and lost else ("gap" if lost else None),
+            "dsn_restarts": restarts,
+            "outages": {i: list(v) for i, v in self.outages.items()},
+        }
 
     def wait_for(
         self, predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition"

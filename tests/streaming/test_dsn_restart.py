@@ -175,6 +175,19 @@ def test_kill9_restart_keeps_channels_and_clients_report_the_gap(dsn, tokens, mo
     reader = ConsumerThread(dsn.url, cid, token)
     reader.start()
     assert reader.ready.wait(20) and reader.error is None
+    consume = ["consume", "--dsn", dsn.url, "--channel", cid, "--monitor", "--json"]
+    viewer = subprocess.Popen(  # `beamhub consume` on the monitor fan-out: it sees every frame
+        [sys.executable, "-m", "beamhub.hub.cli", *consume, "--consumer-id", "viewer"],
+        env={**dsn.env, "BEAMHUB_TOKEN": token},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def viewer_reported() -> bool:
+        body = http(f"{dsn.url}/api/channels/{cid}", token=token)[1]
+        return "viewer" in body["stats"]["consumers"]
+
     source = SourceRunner(
         SimulatedDetector((64, 64), seed=1, rate_hz=100.0),
         stream="det",
@@ -184,6 +197,7 @@ def test_kill9_restart_keeps_channels_and_clients_report_the_gap(dsn, tokens, mo
     try:
         source.start_run()
         wait_for(lambda: len(reader.seqs) >= 50, what="frames before the kill")
+        wait_for(viewer_reported, what="beamhub consume reporting to the DSN")
         dsn.kill9()
         killed_at = time.monotonic()
         consumer = reader.consumer
@@ -232,6 +246,14 @@ def test_kill9_restart_keeps_channels_and_clients_report_the_gap(dsn, tokens, mo
 
         entry = wait_for(reported, what="the consumer's report on the restarted DSN")
         assert entry["lost"] == gap and entry["lost_reasons"] == {"dsn_restart": gap}
+
+        viewer.send_signal(signal.SIGTERM)
+        out, err = viewer.communicate(timeout=20)
+        assert viewer.returncode == 130, err
+        seen = json.loads(out)
+        assert seen["lost"] >= 1 and seen["lost_reasons"] == {"dsn_restart": seen["lost"]}, seen
+        assert seen["disconnects"] == 1 and seen["last_seq"] == last_sent, seen
+        assert [e["event"] for e in seen["events"]] == ["dsn_restart"], seen["events"]
         print(
             f"\n[{mode}] DSN kill -9 -> restart: {gap} frames lost (dsn_restart) at 100 Hz, "
             f"{produced['dropped_reasons']['dsn_restart']} of them dropped at the source; "
@@ -239,6 +261,9 @@ def test_kill9_restart_keeps_channels_and_clients_report_the_gap(dsn, tokens, mo
             f"consumer outage {restart[0]['outage_s']} s"
         )
     finally:
+        if viewer.poll() is None:
+            viewer.kill()
+            viewer.communicate(timeout=10)
         source.stop()
         reader.done.set()
         reader.join(10)
