@@ -1,4 +1,5 @@
-"""`beamhub audit verify LOG`: check the gateway audit log's hash chain, name the first bad record."""
+"""`beamhub audit verify LOG`: check the gateway audit log's hash chain, name the first bad record,
+and count the torn last writes a crash left (kept in ``LOG.torn``)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from beamhub.hub.gateway.audit import verify_log
+    from beamhub.hub.gateway.audit import torn_path, verify_log
 
     try:
         result = verify_log(args.log)
@@ -34,14 +35,23 @@ def _verify(args: argparse.Namespace) -> int:
                     "records": result.records,
                     "line": result.line,
                     "reason": result.reason,
+                    "torn_tails": result.torn_tails,
                 }
             )
         )
-    elif result.ok:
+        return 0 if result.ok else 1
+    if result.ok:
         print(f"{args.log}: OK, {result.records} records, chain intact")
+    elif result.line is None:
+        print(f"{args.log}: BROKEN: {result.reason}")
     else:
         print(
             f"{args.log}: BROKEN at line {result.line} (record {result.records + 1}): "
             f"{result.reason}; the {result.records} records before it verify"
+        )
+    if result.torn_tails:
+        print(
+            f"{args.log}: {result.torn_tails} torn last write(s) after a crash, kept as evidence "
+            f"in {torn_path(args.log)} and cut off the chain"
         )
     return 0 if result.ok else 1

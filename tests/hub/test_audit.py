@@ -1,7 +1,9 @@
-"""Audit log: the chain verifies, any flipped byte is found at its record, concurrent writers."""
+"""Audit log: the chain verifies, any flipped byte is found at its record, concurrent writers, and a
+torn last write after a crash is kept as evidence while the chain goes on."""
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import subprocess
@@ -11,7 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from beamhub.hub.gateway.audit import GENESIS, AuditError, AuditLog, record_hash, verify_log
+from beamhub.hub.gateway.audit import (
+    GENESIS,
+    MAX_TORN_LINES,
+    AuditError,
+    AuditLog,
+    record_hash,
+    torn_path,
+    verify_log,
+)
 
 
 def write_records(path: Path, n: int, **kw) -> None:
@@ -139,3 +149,118 @@ def test_cli_verify_ok_and_broken(tmp_path: Path) -> None:
     assert "line 3" in broken.stdout and "2 records before it verify" in broken.stdout
     missing = run_cli(tmp_path / "nope.jsonl")
     assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+def tear(path: Path, cut: int) -> bytes:
+    """A crash mid-write: the file loses its last ``cut`` bytes; returns what was lost."""
+    data = path.read_bytes()
+    path.write_bytes(data[:-cut])
+    return data[-cut:]
+
+
+def test_a_torn_last_record_is_kept_as_evidence_and_the_chain_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = tmp_path / "audit.jsonl"
+    write_records(log, 4)
+    lines = log.read_bytes().splitlines(keepends=True)
+    good = b"".join(lines[:3])
+    lost = tear(log, 40)  # record 4 is cut mid-record, without its newline
+    torn = log.read_bytes()[len(good) :]
+    assert not verify_log(log).ok  # as the crash left it
+    with caplog.at_level("WARNING", logger="beamhub.gateway.audit"), AuditLog(log) as reopened:
+        assert reopened.torn_tails == 1
+        reopened.append(user="after", action="status.read", outcome="allow")
+    warning = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warning) == 1 and f"at byte {len(good)}" in warning[0].getMessage()
+    assert "after record 3" in warning[0].getMessage()
+
+    result = verify_log(log)
+    assert result.ok and result.records == 4 and result.torn_tails == 1, result
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert records[3]["user"] == "after" and records[3]["prev"] == records[2]["hash"]
+    (entry,) = [json.loads(line) for line in torn_path(log).read_text().splitlines()]
+    assert base64.b64decode(entry["data_b64"]) == torn and torn + lost == lines[3]
+    assert (entry["offset"], entry["length"], entry["after_seq"]) == (len(good), len(torn), 3)
+    assert entry["after_hash"] == records[2]["hash"] and entry["time"]
+
+    cli = run_cli(log)
+    assert cli.returncode == 0 and "4 records" in cli.stdout
+    assert "1 torn last write(s)" in cli.stdout and str(torn_path(log)) in cli.stdout
+
+
+def test_a_tampered_middle_record_still_fails_after_a_repair(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    write_records(log, 5)
+    tear(log, 10)
+    AuditLog(log).close()  # repairs: records 1-4 remain
+    assert verify_log(log).ok
+    log.write_bytes(log.read_bytes().replace(b'"jti-1"', b'"jti-9"'))
+    result = verify_log(log)
+    assert not result.ok and result.line == 2 and result.torn_tails == 1
+    cli = run_cli(log)
+    assert cli.returncode == 1 and "BROKEN at line 2" in cli.stdout
+
+
+def test_a_last_line_that_does_not_parse_is_set_aside(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    write_records(log, 2)
+    with open(log, "ab") as f:
+        f.write(b"\x00" * 300 + b"\n" + b'{"seq": 3, "prev')  # zeros a crash left, then a tear
+    with AuditLog(log) as reopened:
+        assert reopened.torn_tails == 1
+        reopened.append(user="next", action="status.read", outcome="allow")
+    result = verify_log(log)
+    assert result.ok and result.records == 3 and result.torn_tails == 1
+    (entry,) = [json.loads(line) for line in torn_path(log).read_text().splitlines()]
+    assert base64.b64decode(entry["data_b64"]) == b"\x00" * 300 + b"\n" + b'{"seq": 3, "prev'
+
+
+def test_a_torn_first_record_starts_the_chain_again(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    write_records(log, 1)
+    tear(log, 5)
+    with AuditLog(log) as reopened:
+        assert reopened.append(user="u", action="status.read", outcome="allow")["prev"] == GENESIS
+    result = verify_log(log)
+    assert result.ok and result.records == 1 and result.torn_tails == 1
+
+
+def test_more_damage_than_a_torn_write_is_refused(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    write_records(log, 2)
+    with open(log, "ab") as f:
+        f.write(b"garbage\n" * (MAX_TORN_LINES + 1))
+    before = log.read_bytes()
+    with pytest.raises(AuditError, match="not a torn last write"):
+        AuditLog(log)
+    assert log.read_bytes() == before and not torn_path(log).exists()  # nothing moved
+
+
+def test_a_crash_during_the_repair_keeps_the_evidence_once(tmp_path: Path) -> None:
+    """Kept, then the crash before the cut: the next opening cuts it without a second copy."""
+    log = tmp_path / "audit.jsonl"
+    write_records(log, 3)
+    tear(log, 20)
+    torn = log.read_bytes()[log.read_bytes().rindex(b"\n") + 1 :]
+    AuditLog(log).close()
+    with open(log, "ab") as f:  # as if the cut had not happened
+        f.write(torn)
+    with AuditLog(log) as reopened:
+        assert reopened.torn_tails == 1
+    assert len(torn_path(log).read_text().splitlines()) == 1
+    assert verify_log(log).ok
+
+
+def test_evidence_that_does_not_fit_the_chain_fails_verify(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    write_records(log, 3)
+    tear(log, 20)
+    AuditLog(log).close()
+    entry = json.loads(torn_path(log).read_text())
+    entry["after_hash"] = "f" * 64
+    torn_path(log).write_text(json.dumps(entry) + "\n")
+    result = verify_log(log)
+    assert not result.ok and "does not fit the chain" in result.reason
+    cli = run_cli(log)
+    assert cli.returncode == 1 and "BROKEN" in cli.stdout
