@@ -8,7 +8,9 @@ JupyterHub API token. This is the one client of that API. Its refusals arrive as
 status, message and field, so a caller tells the user which field was wrong without parsing prose.
 
 ``act_for`` names the user a service acts for (it needs the ``custom:beamhub:jobs:act-for``
-scope); a user's own token acts for its owner.
+scope); a user's own token acts for its owner. A hub that cannot be reached at all (no URL, no
+answer) raises :class:`HubUnreachable`, a 503 SchedulerError, so a caller tells "the hub is down,
+retry" apart from the hub's own 503 answer without reading the message.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from beamhub.kernels.scheduler import (
     SUBMIT_FIELDS,
@@ -30,9 +32,16 @@ from beamhub.kernels.scheduler import (
     SchedulerError,
 )
 
-__all__ = ["HubScheduler"]
+__all__ = ["HubScheduler", "HubUnreachable"]
 
 HUB_TIMEOUT_S = 30.0
+
+
+class HubUnreachable(SchedulerError):
+    """The hub's jobs API did not answer (or there is no hub to ask): status 503, retry later."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=503)
 
 
 def _error(code: int, body: bytes) -> SchedulerError:
@@ -47,8 +56,6 @@ def _error(code: int, body: bytes) -> SchedulerError:
     message = message if isinstance(message, str) and message else f"HTTP {code}"
     field = data.get("field")
     field = field if isinstance(field, str) and field else None
-    if field and message.startswith(f"{field}: "):  # the message names it first; once is enough
-        message = message[len(field) + 2 :]
     return SchedulerError(message, status=code, field=field)
 
 
@@ -72,10 +79,9 @@ class HubScheduler(Scheduler):
         self.api_url = (api_url or os.environ.get("JUPYTERHUB_API_URL", "")).rstrip("/")
         self._token = token or os.environ.get("JUPYTERHUB_API_TOKEN", "")
         if not self.api_url or not self._token:
-            raise SchedulerError(
+            raise HubUnreachable(
                 "no hub to submit through: JUPYTERHUB_API_URL and JUPYTERHUB_API_TOKEN are set "
-                "only inside a server the beamhub spawner started (or a hub-managed service)",
-                status=503,
+                "only inside a server the beamhub spawner started (or a hub-managed service)"
             )
         self.act_for = act_for
         self.timeout = timeout
@@ -110,12 +116,16 @@ class HubScheduler(Scheduler):
             request_timeout=self.timeout,
             follow_redirects=False,
         )
-        resp = await self._http.fetch(request, raise_error=False)
+        try:  # raise_error=False still raises when there is no answer at all (refused, timeout)
+            resp = await self._http.fetch(request, raise_error=False)
+        except (OSError, HTTPClientError) as exc:
+            raise HubUnreachable(
+                f"the hub's jobs API at {self.api_url} did not answer ({exc}); try again shortly"
+            ) from exc
         if resp.code == 599:
-            raise SchedulerError(
+            raise HubUnreachable(
                 f"the hub's jobs API at {self.api_url} did not answer ({resp.error}); "
-                "try again shortly",
-                status=503,
+                "try again shortly"
             )
         if resp.code >= 400:
             raise _error(resp.code, resp.body or b"")

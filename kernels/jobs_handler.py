@@ -9,8 +9,7 @@ acts for (``"user"`` in the body, ``?user=`` in the query); anyone else acts onl
 
 Errors keep JupyterHub's ``{"status", "message"}`` and add beamhub's ``"reason"`` (a
 machine-readable code) and, when one request field is at fault, ``"field"``: read the field from
-that key. Where the older, message-only shape named the field first (``"tier: user 'bob' does not
-hold ..."``), the message still does, for clients written against it. Register with::
+that key, never from the message. Register with::
 
     c.JupyterHub.extra_handlers = jobs_handler.HANDLERS
     c.JupyterHub.custom_scopes = jobs_handler.CUSTOM_SCOPES
@@ -59,16 +58,9 @@ def _public(info: JobInfo) -> dict[str, Any]:
     return data
 
 
-def _refused(status: int, reason: str, message: str, field: str | None = None) -> ApiError:
-    """An ApiError whose message names the field first (unless it already does)."""
-    if field and not message.startswith(field):
-        message = f"{field}: {message}"
-    return ApiError(status, reason, message, field=field)
-
-
 def _refusal(exc: SchedulerError) -> ApiError:
     """A scheduler's or policy's refusal: same status, its message, the field it names."""
-    return _refused(exc.status, "scheduler", exc.message, exc.field)
+    return ApiError(exc.status, "scheduler", exc.message, field=exc.field)
 
 
 class JobsAPIHandler(APIHandler):
@@ -103,33 +95,33 @@ class JobsAPIHandler(APIHandler):
         caller = self.current_user
         own = caller.name if isinstance(caller, User) else None
         if named is not None and (not isinstance(named, str) or not named):
-            raise _refused(400, "bad_request", f"expected a user name, got {named!r}", "user")
+            raise ApiError(400, "bad_request", f"expected a user name, got {named!r}", field="user")
         if named is None or named == own:
             if own is None:
-                raise _refused(
+                raise ApiError(
                     400,
                     "bad_request",
                     'a service must name the user it acts for ("user" in the body, ?user= in '
                     "the query)",
-                    "user",
+                    field="user",
                 )
             return caller
         if not self.has_scope(f"{ACT_FOR_SCOPE}!user={named}"):
             who = f"user {own!r}" if own else f"service {caller.name!r}"
-            raise _refused(
+            raise ApiError(
                 403,
                 "forbidden",
                 f"{who} may not act for {named!r}; only a holder of the {ACT_FOR_SCOPE} scope "
                 "may name another user",
-                "user",
+                field="user",
             )
         user = self.find_user(named)
         if user is None:
-            raise _refused(
+            raise ApiError(
                 404,
                 "no_such_user",
                 f"no hub user {named!r} (a user exists once she has logged in)",
-                "user",
+                field="user",
             )
         return user
 

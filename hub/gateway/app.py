@@ -156,8 +156,10 @@ class MetricsHandler(tornado.web.RequestHandler):
 
 class Gateway:
     """The gateway: its layers are injected; ``layers=False`` keeps only token verification
-    (the benchmark's baseline). Jobs go to ``jobs`` (a :mod:`beamhub.hub.gateway.jobs` client) or, in
-    tests, to a ``scheduler`` in this process."""
+    (the benchmark's baseline). Jobs go to ``scheduler``: the hub's jobs API
+    (:class:`~beamhub.kernels.hub_backend.HubScheduler`) under `beamhub up`, or a scheduler in
+    this process (:mod:`beamhub.hub.gateway.jobs`). ``state_dir`` is `beamhub up`'s state folder:
+    the public status then shows its supervisor's state of every service (``status.json``)."""
 
     def __init__(
         self,
@@ -169,7 +171,7 @@ class Gateway:
         dsn_url: str | None = None,
         reservations: Any = None,
         scheduler: Any = None,
-        jobs: Any = None,
+        state_dir: str | Path | None = None,
         enclave: str = "dev",
         admin_users: Iterable[str] = (),
         maintenance: Iterable[Mapping[str, Any]] = (),
@@ -186,8 +188,8 @@ class Gateway:
         self.dsn_url = dsn_url.rstrip("/") if dsn_url else None
         self.reservations = reservations
         self.scheduler = scheduler
-        #: HubJobs (the hub's jobs API) or SchedulerJobs (``scheduler`` in this process)
-        self.jobs = jobs if jobs is not None or scheduler is None else SchedulerJobs(scheduler)
+        self.jobs = SchedulerJobs(scheduler) if scheduler is not None else None
+        self.state_dir = Path(state_dir) if state_dir is not None else None
         self.enclave = enclave
         self.admin_users = frozenset(admin_users)
         self.maintenance = [dict(m) for m in maintenance]

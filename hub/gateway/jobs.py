@@ -1,35 +1,65 @@
-"""Where the gateway's jobs go: the hub's jobs API (under `beamhub up`) or an in-process Scheduler.
+"""The gateway's jobs: a :class:`~beamhub.kernels.scheduler.Scheduler`, for the token's user and
+project; its refusals as :class:`~beamhub.auth.api.ApiError`.
 
-The local scheduler lives in the hub process, so the gateway service forwards to
-``/hub/api/beamhub/jobs`` with its own hub API token, naming the user it acts for (the token's
-``sub``; the service holds the ``custom:beamhub:jobs:act-for`` scope). Both classes offer the same
-four calls and raise :class:`~beamhub.auth.api.ApiError`; the project is always the caller's.
+Under `beamhub up` the scheduler is :class:`~beamhub.kernels.hub_backend.HubScheduler`, the one
+client of the hub's jobs API (the local backend lives in the hub process): the gateway service
+calls it with its own hub API token, acting for the token's ``sub`` (it holds the
+``custom:beamhub:jobs:act-for`` scope), and the hub picks the tier when none is asked for. In
+tests or standalone it is a scheduler in this process; then the tier, if not asked for, is the
+one its tier policy grants now, and a scheduler without a policy needs the tier named.
+
+The project is always the token's; a job of another project is a 404 ``no_such_job``. A
+refusal keeps its status and field; a hub or scheduler that is down is a 503 with
+``Retry-After``; a hub that fails (5xx) is a 502, never a 500.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import quote, urlencode
-
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from beamhub.auth.api import ApiError
+from beamhub.kernels.hub_backend import HubScheduler, HubUnreachable
+from beamhub.kernels.scheduler import JobInfo, JobSpec, Scheduler, SchedulerError
 
-__all__ = ["HubJobs", "SchedulerJobs", "scheduler_error"]
+__all__ = ["RETRY_AFTER_S", "SchedulerJobs", "scheduler_error", "unavailable"]
 
-HUB_TIMEOUT_S = 30.0
-
-
-def scheduler_error(exc: Exception) -> ApiError:
-    """kernels.scheduler.SchedulerError (a user-facing error) → the same status and message."""
-    status = int(getattr(exc, "status", 400))
-    field = getattr(exc, "field", None)
-    extra = {"field": field} if field else {}
-    return ApiError(status, "scheduler", str(getattr(exc, "message", exc)), **extra)
+#: What a 503 asks a client to wait before it tries again, in seconds: a supervised service
+#: is restarted within a few seconds (hub/up/supervisor.py backs off from 0.5 s).
+RETRY_AFTER_S = 5
 
 
-def _public(info: Any) -> dict[str, Any]:
+def unavailable(reason: str, what: str, why: str) -> ApiError:
+    """A 503 for a dependency that cannot be reached, with ``Retry-After``."""
+    return ApiError(
+        503,
+        reason,
+        f"{what} cannot be reached ({why}); retry in {RETRY_AFTER_S} s",
+        retry_after=RETRY_AFTER_S,
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
+def scheduler_error(exc: SchedulerError) -> ApiError:
+    """A :class:`SchedulerError` as the gateway answers it.
+
+    A hub that cannot be reached → 503 ``hub_unavailable``; another 503 (the scheduler itself is
+    down, e.g. SLURM's controller) → 503 ``scheduler_unavailable``, both with ``Retry-After``;
+    any other 5xx → 502 (a failure behind the gateway, never the gateway's own 500); a 4xx keeps
+    its status, message and field.
+    """
+    if isinstance(exc, HubUnreachable):
+        return unavailable("hub_unavailable", "the hub's jobs API", exc.message)
+    if exc.status == 503:
+        return unavailable("scheduler_unavailable", "the scheduler", exc.message)
+    if exc.status >= 500:
+        return ApiError(502, "scheduler_failed", f"the scheduler failed: {exc.message}")
+    return ApiError(exc.status, "scheduler", exc.message, field=exc.field)
+
+
+def _public(info: JobInfo) -> dict[str, Any]:
     """A job as callers see it: the spec without ``env`` (it may hold a server's API tokens)."""
     data = info.to_dict()
     if data.get("spec"):
@@ -41,121 +71,79 @@ def _not_found(job_id: str, project: str) -> ApiError:
     return ApiError(404, "no_such_job", f"no job {job_id!r} in project {project!r}", field="job_id")
 
 
-class HubJobs:
-    """The hub's jobs API, called with the gateway service's hub API token for a named user."""
-
-    def __init__(self, api_url: str, token: str, timeout: float = HUB_TIMEOUT_S) -> None:
-        self.url = api_url.rstrip("/") + "/beamhub/jobs"
-        self._token = token
-        self.timeout = timeout
-        self._http: AsyncHTTPClient | None = None
-
-    async def _call(
-        self,
-        method: str,
-        path: str = "",
-        query: list[tuple[str, str]] | None = None,
-        body: dict[str, Any] | None = None,
-    ) -> Any:
-        if self._http is None:
-            self._http = AsyncHTTPClient(force_instance=True)
-        request = HTTPRequest(
-            self.url + path + ("?" + urlencode(query) if query else ""),
-            method=method,
-            headers={"Authorization": f"token {self._token}", "Content-Type": "application/json"},
-            body=json.dumps(body) if body is not None else None,
-            request_timeout=self.timeout,
-            follow_redirects=False,
-        )
-        response = await self._http.fetch(request, raise_error=False)
-        if response.code == 599:
-            raise ApiError(
-                503,
-                "hub_unavailable",
-                f"the hub's jobs API at {self.url} did "
-                f"not answer ({response.error}); try again shortly",
-            )
-        try:
-            data = json.loads(response.body) if response.body else None
-        except ValueError:
-            data = None
-        if response.code >= 400:
-            message = data.get("message") if isinstance(data, dict) else None
-            message = message or f"the hub answered {response.code} {response.reason}"
-            if response.code >= 500:  # the hub's own failure: a gateway error, never a 500
-                raise ApiError(502, "hub_error", f"the hub's jobs API failed: {message}")
-            head, sep, _ = message.partition(": ")  # the hub names a bad field first
-            extra = {"field": head} if sep and head.isidentifier() else {}
-            raise ApiError(response.code, "scheduler", message, **extra)
-        return data
-
-    async def submit(self, user: str, project: str, fields: dict[str, Any]) -> dict[str, Any]:
-        answer = await self._call("POST", body={**fields, "project": project, "user": user})
-        return {"job_id": answer["job_id"], "project": project, "tier": answer.get("tier")}
-
-    async def list(self, user: str, project: str) -> list[dict[str, Any]]:
-        jobs = await self._call("GET", query=[("user", user), ("project", project)])
-        return sorted(jobs.values(), key=lambda j: (j.get("submit_time") or 0, j["job_id"]))
-
-    async def get(self, user: str, project: str, job_id: str) -> dict[str, Any]:
-        jobs = await self._call("GET", "/" + quote(job_id, safe=""), [("user", user)])
-        job = (jobs or {}).get(job_id)
-        if not job or not job.get("spec") or job["spec"].get("project") != project:
-            raise _not_found(job_id, project)
-        return job
-
-    async def cancel(self, user: str, project: str, job_id: str) -> None:
-        await self.get(user, project, job_id)  # 404 unless it is this project's, and visible
-        await self._call("DELETE", "/" + quote(job_id, safe=""), [("user", user)])
-
-    async def close(self) -> None:
-        if self._http is not None:
-            self._http.close()
-            self._http = None
-
-
 class SchedulerJobs:
-    """A :class:`beamhub.kernels.scheduler.Scheduler` in the gateway's own process (tests, standalone)."""
+    """Submit, list, get and cancel jobs of one project for one user, on ``scheduler``."""
 
-    def __init__(self, scheduler: Any) -> None:
+    def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
+        #: True when the scheduler is the hub's (it acts for a user, and chooses the tier)
+        self.through_hub = isinstance(scheduler, HubScheduler)
 
-    async def submit(self, user: str, project: str, fields: dict[str, Any]) -> dict[str, Any]:
-        from beamhub.kernels.scheduler import JobSpec, SchedulerError
-
-        body = dict(fields)
+    @contextlib.asynccontextmanager
+    async def _acting(self, user: str) -> AsyncIterator[Scheduler]:
+        """The scheduler acting for ``user``; its refusals as ApiError."""
         try:
-            tier = body.pop("tier", None)
-            policy = getattr(self.scheduler, "policy", None)
-            if tier is None and policy is not None:  # the best tier now: a window's, if open
-                tier = policy.effective_tier(user, project).name
-            tier = tier or getattr(
-                getattr(self.scheduler, "tiers", None), "default_tier", "interactive"
-            )
-            spec = JobSpec(project=project, user=user, tier=tier, **body)
-            spec.validate()
-            job_id = await self.scheduler.submit(spec)
+            if isinstance(self.scheduler, HubScheduler):
+                for_user = self.scheduler.for_user(user)
+                try:
+                    yield for_user
+                finally:
+                    await for_user.close()
+            else:
+                yield self.scheduler
         except SchedulerError as exc:
             raise scheduler_error(exc) from exc
-        return {"job_id": job_id, "project": project, "tier": spec.tier}
+
+    async def _tier(self, user: str, project: str, asked: str | None) -> str:
+        """The tier asked for; else the hub's choice ('' lets the hub choose) or the policy's."""
+        if asked or self.through_hub:
+            return asked or ""
+        policy = getattr(self.scheduler, "policy", None)
+        if policy is None:
+            raise ApiError(
+                400,
+                "missing_field",
+                "name the job's tier: this scheduler has no tier policy to choose one for you",
+                field="tier",
+            )
+        return (await asyncio.to_thread(policy.effective_tier, user, project)).name
+
+    async def submit(self, user: str, project: str, fields: dict[str, Any]) -> dict[str, Any]:
+        body = dict(fields)
+        async with self._acting(user) as scheduler:
+            tier = await self._tier(user, project, body.pop("tier", None))
+            spec = JobSpec(project=project, user=user, tier=tier, **body)
+            if not self.through_hub:  # the hub validates what it is sent, tier and all
+                spec.validate()
+            job_id = await scheduler.submit(spec)
+            if self.through_hub:  # the tier the hub chose
+                info = (await scheduler.status([job_id]))[job_id]
+                tier = info.spec.tier if info.spec is not None else None
+        return {"job_id": job_id, "project": project, "tier": tier}
 
     async def list(self, user: str, project: str) -> list[dict[str, Any]]:
-        return [_public(job) for job in await self.scheduler.list(project)]
+        async with self._acting(user) as scheduler:
+            jobs = await scheduler.list(project)
+        jobs.sort(key=lambda j: (j.submit_time or 0.0, j.job_id))
+        return [
+            _public(job) for job in jobs if job.spec is not None and job.spec.project == project
+        ]
 
-    async def get(self, user: str, project: str, job_id: str) -> dict[str, Any]:
-        info = (await self.scheduler.status([job_id]))[job_id]
+    async def _get(self, scheduler: Scheduler, project: str, job_id: str) -> JobInfo:
+        info = (await scheduler.status([job_id]))[job_id]
         if info.spec is None or info.spec.project != project:
             raise _not_found(job_id, project)
-        return _public(info)
+        return info
+
+    async def get(self, user: str, project: str, job_id: str) -> dict[str, Any]:
+        async with self._acting(user) as scheduler:
+            return _public(await self._get(scheduler, project, job_id))
 
     async def cancel(self, user: str, project: str, job_id: str) -> None:
-        from beamhub.kernels.scheduler import SchedulerError
-
-        await self.get(user, project, job_id)
-        try:
-            await self.scheduler.cancel(job_id)
-        except SchedulerError as exc:
-            raise scheduler_error(exc) from exc
+        async with self._acting(user) as scheduler:
+            await self._get(scheduler, project, job_id)  # 404 unless this project's and visible
+            await scheduler.cancel(job_id)
 
     async def close(self) -> None:
-        return None
+        if self.through_hub:
+            await self.scheduler.close()

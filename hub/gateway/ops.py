@@ -4,28 +4,66 @@ They run after the gateway has verified the token, applied policy and rate limit
 audit record; each returns ``(http_status, json_body)`` or raises
 :class:`~beamhub.auth.api.ApiError`. They see the gateway only as :class:`GatewayState` (what they
 read of it), so this module does not import the app that serves them.
+
+A dependency that cannot be reached (the DSN, the hub's jobs API) makes the operations that need
+it answer 503 with ``Retry-After``; the public ``status`` never fails for it, it says what is
+down (and, under `beamhub up`, shows the supervisor's state of every service).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from beamhub.auth.api import ApiError
 from beamhub.hub.gateway.api import API_PREFIX, RequestContext
-from beamhub.hub.gateway.jobs import scheduler_error
+from beamhub.hub.gateway.audit import AuditLog
+from beamhub.hub.gateway.jobs import scheduler_error, unavailable
+from beamhub.kernels.hub_backend import HubScheduler
 from beamhub.kernels.scheduler import SchedulerError
 
-__all__ = ["GatewayState", "Operations"]
+__all__ = ["GatewayState", "Operations", "supervisor_services"]
+
+log = logging.getLogger("beamhub.gateway")
 
 Result = tuple[int, Any]
 DSN_TIMEOUT_S = 10.0
+#: How long the public status waits for each dependency's health answer.
+HEALTH_TIMEOUT_S = 2.0
+#: What the status shows of each service in the supervisor's status.json (not its log's path).
+SERVICE_FIELDS = ("state", "pid", "restarts", "since", "last_exit", "last_exit_at")
+
+
+def supervisor_services(state_dir: Path | None) -> dict[str, dict[str, Any]] | None:
+    """Each service's state from `beamhub up`'s ``<state>/status.json``
+    (hub/up/supervisor.py), or None when there is none to read. Read defensively: the file may
+    be missing (no supervisor), unreadable or of another shape; none of that fails the status."""
+    if state_dir is None:
+        return None
+    path = Path(state_dir) / "status.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("cannot read the supervisor's status %s: %s", path, exc)
+        return None
+    services = data.get("services") if isinstance(data, dict) else None
+    if not isinstance(services, dict):
+        return None
+    return {
+        str(name): {key: entry.get(key) for key in SERVICE_FIELDS}
+        for name, entry in services.items()
+        if isinstance(entry, dict)
+    }
 
 
 def _epoch(value: Any, field: str) -> float:
@@ -60,6 +98,8 @@ class GatewayState(Protocol):
     scheduler: Any
     jobs: Any
     reservations: Any
+    audit: AuditLog | None
+    state_dir: Path | None
 
 
 class Operations:
@@ -111,35 +151,74 @@ class Operations:
         return 200, doc
 
     async def status(self, ctx: RequestContext) -> Result:
-        nodes: list[dict] = []
-        if self.gw.nodes is not None:
-            nodes = await self.gw.nodes()
-        elif isinstance(getattr(self.gw.scheduler, "nodes", None), dict):
-            nodes = await self._scheduler_nodes()
-        windows: list[dict] = []
-        book = self.gw.reservations
-        if book is not None:
-            now = time.time()
-            for w in await asyncio.to_thread(book.list, None, None, now):
-                if w.state(now) in ("approved", "active"):  # requests stay private
-                    windows.append(
-                        {
-                            "id": w.id,
-                            "project": w.project,
-                            "start": w.start,
-                            "end": w.end,
-                            "tier": w.tier,
-                            "state": w.state(now),
-                        }
-                    )
-        return 200, {
+        """Public: never fails because a dependency is down; says which one is."""
+        dependencies: dict[str, dict[str, Any]] = {}
+        nodes, windows, streams, _ = await asyncio.gather(
+            self._part("scheduler", self._nodes(), [], dependencies),
+            self._part("reservations", self._windows(), [], dependencies),
+            self._dsn_health(dependencies),
+            self._hub_health(dependencies),
+        )
+        down = {name for name, dep in dependencies.items() if dep["state"] == "down"}
+        body: dict[str, Any] = {
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
             "enclave": self.gw.enclave,
             "nodes": nodes,
             "reservations": windows,
             "maintenance": self.gw.maintenance,
-            "streams": await self._dsn_health(),
+            "streams": streams,
+            "dependencies": dependencies,
         }
+        services = supervisor_services(self.gw.state_dir)
+        if services is not None:
+            body["services"] = services
+            down |= {name for name, svc in services.items() if svc.get("state") != "running"}
+        body["down"] = sorted(down)
+        if self.gw.audit is not None:
+            body["audit"] = {"torn_tails": self.gw.audit.torn_tails}
+        return 200, body
+
+    async def _part(
+        self, name: str, work: Awaitable[Any], default: Any, dependencies: dict[str, Any]
+    ) -> Any:
+        """One part of the status; a failure marks ``name`` down instead of failing it all."""
+        try:
+            value = await work
+        except Exception:  # the public status must answer whatever broke behind it
+            log.warning("status: reading the %s failed", name, exc_info=True)
+            message = f"the {name} did not answer; the gateway's log has the details"
+            dependencies[name] = {"state": "down", "message": message}
+            return default
+        if value is not None:
+            dependencies.setdefault(name, {"state": "up"})
+        return default if value is None else value
+
+    async def _nodes(self) -> list[dict] | None:
+        if self.gw.nodes is not None:
+            return await self.gw.nodes()
+        if isinstance(getattr(self.gw.scheduler, "nodes", None), dict):
+            return await self._scheduler_nodes()
+        return None
+
+    async def _windows(self) -> list[dict] | None:
+        book = self.gw.reservations
+        if book is None:
+            return None
+        now = time.time()
+        windows = []
+        for w in await asyncio.to_thread(book.list, None, None, now):
+            if w.state(now) in ("approved", "active"):  # requests stay private
+                windows.append(
+                    {
+                        "id": w.id,
+                        "project": w.project,
+                        "start": w.start,
+                        "end": w.end,
+                        "tier": w.tier,
+                        "state": w.state(now),
+                    }
+                )
+        return windows
 
     async def _scheduler_nodes(self) -> list[dict]:
         """The scheduler's nodes with how many jobs run on each (no job details: public)."""
@@ -158,13 +237,43 @@ class Operations:
             for name, node in self.gw.scheduler.nodes.items()
         ]
 
-    async def _dsn_health(self) -> dict[str, Any]:
+    async def _dsn_health(self, dependencies: dict[str, Any]) -> dict[str, Any]:
         if self.gw.dsn_url is None:
+            dependencies["dsn"] = {"state": "not_configured"}
             return {"dsn": "not configured"}
-        code, body = await self._dsn("GET", "/api/health", None, "", timeout=2.0, soft=True)
-        if code != 200 or not isinstance(body, dict):
-            return {"dsn": "unreachable"}
+        # public: says what is down, not where it runs or why (that goes to the log)
+        try:
+            code, body = await self._dsn("GET", "/api/health", None, "", HEALTH_TIMEOUT_S)
+            why = "" if code == 200 and isinstance(body, dict) else f"health check answered {code}"
+        except ApiError as exc:
+            why = exc.message
+        if why:
+            log.info("status: the DSN is down: %s", why)
+            message = "the Data Streaming Node cannot be reached"
+            dependencies["dsn"] = {"state": "down", "message": message}
+            return {"dsn": "down"}
+        dependencies["dsn"] = {"state": "up"}
         return {"dsn": "up", "channels": body.get("channels")}
+
+    async def _hub_health(self, dependencies: dict[str, Any]) -> None:
+        """When jobs go through the hub: does its API answer (``GET /hub/api/``, no token)?"""
+        hub = self.gw.scheduler
+        if not isinstance(hub, HubScheduler):
+            return
+        request = HTTPRequest(
+            hub.api_url + "/", request_timeout=HEALTH_TIMEOUT_S, follow_redirects=False
+        )
+        try:
+            response = await self._client().fetch(request, raise_error=False)
+            why = f"HTTP {response.code}" if response.code >= 500 else ""
+        except (OSError, HTTPClientError) as exc:
+            why = str(exc)
+        if why:
+            log.info("status: the hub's API at %s is down: %s", hub.api_url, why)
+            message = "the hub's API cannot be reached"
+            dependencies["hub"] = {"state": "down", "message": message}
+        else:
+            dependencies["hub"] = {"state": "up"}
 
     async def whoami(self, ctx: RequestContext) -> Result:
         c = ctx.claims
@@ -179,6 +288,11 @@ class Operations:
         }
 
     # -- DSN channels: forwarded with the caller's token ---------------------------------------
+    def _client(self) -> AsyncHTTPClient:
+        if self._http is None:
+            self._http = AsyncHTTPClient(force_instance=True)
+        return self._http
+
     async def _dsn(
         self,
         method: str,
@@ -186,16 +300,15 @@ class Operations:
         body: Any,
         authorization: str,
         timeout: float = DSN_TIMEOUT_S,
-        soft: bool = False,
     ) -> Result:
+        """Forward to the DSN; its answer unchanged, except: no answer → 503 ``dsn_unavailable``
+        with Retry-After; its own failure (500) → 502; not JSON → 502."""
         if self.gw.dsn_url is None:
             raise ApiError(
                 503,
                 "dsn_not_configured",
                 "stream channels need a DSN; this gateway has none configured",
             )
-        if self._http is None:
-            self._http = AsyncHTTPClient(force_instance=True)
         headers = {"Content-Type": "application/json"}
         if authorization:
             headers["Authorization"] = authorization
@@ -207,24 +320,30 @@ class Operations:
             request_timeout=timeout,
             follow_redirects=False,
         )
-        response = await self._http.fetch(request, raise_error=False)
+        try:  # raise_error=False still raises when there is no answer (refused, reset, timeout)
+            response = await self._client().fetch(request, raise_error=False)
+        except (OSError, HTTPClientError) as exc:  # the DSN is down or restarting
+            raise unavailable(
+                "dsn_unavailable", f"the Data Streaming Node at {self.gw.dsn_url}", str(exc)
+            ) from exc
         if response.code == 599:
-            if soft:
-                return 599, None
-            raise ApiError(
-                503,
+            raise unavailable(
                 "dsn_unavailable",
-                f"the Data Streaming Node at {self.gw.dsn_url} did not answer "
-                f"({response.error}); try again shortly",
+                f"the Data Streaming Node at {self.gw.dsn_url}",
+                str(response.error),
             )
         if response.code == 204 or not response.body:
             return response.code, None
         try:
-            return response.code, json.loads(response.body)
+            answer = json.loads(response.body)
         except ValueError:
             raise ApiError(
                 502, "dsn_bad_answer", f"the DSN answered {response.code} without JSON"
             ) from None
+        if response.code == 500:  # the DSN's own failure: the gateway's is a 500, not this
+            said = answer.get("message") if isinstance(answer, dict) else None
+            raise ApiError(502, "dsn_failed", f"the DSN failed: {said or 'no details'}")
+        return response.code, answer
 
     async def channels_list(self, ctx: RequestContext) -> Result:
         return await self._dsn("GET", "/api/channels", None, ctx.authorization)
@@ -254,31 +373,43 @@ class Operations:
         path = f"/api/channels/{ctx.params['channel_id']}/steer/params/{ctx.params['name']}"
         return await self._dsn("PUT", path, ctx.body, ctx.authorization)
 
-    # -- jobs: hub/gateway/jobs.py (the hub's jobs API, or an in-process scheduler) ----------------
-    def _jobs(self) -> Any:
+    # -- jobs: hub/gateway/jobs.py (the hub's jobs API, or an in-process scheduler) ------------
+    def _jobs(self, ctx: RequestContext) -> tuple[Any, str, str]:
+        """The jobs client, the user and the project: always the token's, whatever the policy."""
         if self.gw.jobs is None:
             raise ApiError(
                 503,
                 "jobs_not_configured",
                 "jobs need a scheduler; this gateway has none configured",
             )
-        return self.gw.jobs
+        claims = ctx.claims
+        if claims is None or not claims.project:
+            raise ApiError(403, "project", "jobs need a project token (its 'project' claim)")
+        if ctx.project != claims.project:
+            raise ApiError(
+                403,
+                "project",
+                f"jobs belong to the token's project {claims.project!r}, not {ctx.project!r}; "
+                f"use /projects/{claims.project}/jobs or a token of {ctx.project!r}",
+                field="project",
+            )
+        return self.gw.jobs, claims.sub, claims.project
 
     async def jobs_list(self, ctx: RequestContext) -> Result:
-        assert ctx.claims is not None and ctx.project is not None
-        return 200, {"jobs": await self._jobs().list(ctx.claims.sub, ctx.project)}
+        jobs, user, project = self._jobs(ctx)
+        return 200, {"jobs": await jobs.list(user, project)}
 
     async def jobs_submit(self, ctx: RequestContext) -> Result:
-        assert ctx.claims is not None and ctx.project is not None
-        return 201, await self._jobs().submit(ctx.claims.sub, ctx.project, dict(ctx.body))
+        jobs, user, project = self._jobs(ctx)
+        return 201, await jobs.submit(user, project, dict(ctx.body))
 
     async def job_get(self, ctx: RequestContext) -> Result:
-        assert ctx.claims is not None and ctx.project is not None
-        return 200, await self._jobs().get(ctx.claims.sub, ctx.project, ctx.params["job_id"])
+        jobs, user, project = self._jobs(ctx)
+        return 200, await jobs.get(user, project, ctx.params["job_id"])
 
     async def job_cancel(self, ctx: RequestContext) -> Result:
-        assert ctx.claims is not None and ctx.project is not None
-        await self._jobs().cancel(ctx.claims.sub, ctx.project, ctx.params["job_id"])
+        jobs, user, project = self._jobs(ctx)
+        await jobs.cancel(user, project, ctx.params["job_id"])
         return 204, None
 
     # -- beamtime reservations (kernels.reservations.ReservationBook) --------------------------

@@ -23,14 +23,14 @@ from urllib.parse import urlparse
 
 from beamhub.auth.home import state_dir
 from beamhub.auth.tokens import RevocationCache, TokenVerifier, load_jwks
-from beamhub.hub.enclave import EnclaveError, load_profile
+from beamhub.hub.enclave import EnclaveError, load_profile, resolve_path
 from beamhub.hub.gateway.app import Gateway
-from beamhub.hub.gateway.audit import AuditLog
-from beamhub.hub.gateway.jobs import HubJobs
+from beamhub.hub.gateway.audit import AuditError, AuditLog
 from beamhub.hub.gateway.policy import PolicyError, load_policy
 from beamhub.hub.gateway.ratelimit import Limit, RateLimiter
 from beamhub.hub.up.deployment import DeploymentError, load_deployment
 from beamhub.kernels.backends import SchedulerConfig
+from beamhub.kernels.hub_backend import HubScheduler
 from beamhub.kernels.reservations import ReservationBook
 
 __all__ = ["build_gateway", "main"]
@@ -65,7 +65,12 @@ def _parser() -> argparse.ArgumentParser:
         "runtime.json)",
     )
     p.add_argument("--revoked-url", default=None, help="the token service's /revoked list")
-    p.add_argument("--policy", default=None, help="policy file (default: gateway.policy)")
+    p.add_argument(
+        "--policy",
+        default=None,
+        help="policy file (default: beamhub.yaml's gateway.policy, found beside beamhub.yaml, "
+        "in the working directory or shipped with beamhub; else the shipped default policy)",
+    )
     p.add_argument("--audit-log", default=None, help="audit log (default: gateway.audit_log)")
     p.add_argument("--admin", action="append", default=None, help="facility admin user(s)")
     return p
@@ -75,6 +80,17 @@ def _state_dir(args: argparse.Namespace, dep: Any) -> Path:
     if args.state_dir or os.environ.get("BEAMHUB_HOME") or not dep.state_dir:
         return Path(args.state_dir).expanduser() if args.state_dir else state_dir()
     return Path(dep.state_dir).expanduser()
+
+
+def _policy_path(args: argparse.Namespace, dep: Any) -> Path | None:
+    """``--policy`` (as given); else ``gateway.policy`` of beamhub.yaml, resolved as every file
+    it names is (its folder, the working directory, the package); None = the shipped default."""
+    if args.policy:
+        return Path(args.policy).expanduser()
+    if not dep.gateway.policy:
+        return None
+    source = Path(dep.source)
+    return resolve_path(dep.gateway.policy, source.resolve().parent if source.is_file() else None)
 
 
 def build_gateway(argv: list[str] | None = None) -> tuple[Gateway, str, int, list[Any]]:
@@ -144,13 +160,13 @@ def build_gateway(argv: list[str] | None = None) -> tuple[Gateway, str, int, lis
     config = SchedulerConfig(state_dir=str(state / "scheduler"))
     reservations = ReservationBook(config.reservations_path, admins=admins)
 
-    jobs = None
+    hub_jobs = None
     hub_api, hub_token = (
         os.environ.get("JUPYTERHUB_API_URL"),
         os.environ.get("JUPYTERHUB_API_TOKEN"),
     )
     if hub_api and hub_token:
-        jobs = HubJobs(hub_api, hub_token)
+        hub_jobs = HubScheduler(hub_api, hub_token)
     else:
         log.warning(
             "jobs disabled: JUPYTERHUB_API_URL/JUPYTERHUB_API_TOKEN are set only when "
@@ -159,12 +175,13 @@ def build_gateway(argv: list[str] | None = None) -> tuple[Gateway, str, int, lis
 
     gateway = Gateway(
         verifier,
-        policy=load_policy(args.policy or gw.policy or None),
+        policy=load_policy(_policy_path(args, dep)),
         limiter=RateLimiter(per_token, per_project),
         audit=audit,
         dsn_url=args.dsn_url or runtime.get("dsn_url") or None,
         reservations=reservations,
-        jobs=jobs,
+        scheduler=hub_jobs,
+        state_dir=state,
         enclave=dep.enclave,
         maintenance=[dataclasses.asdict(m) for m in gw.maintenance],
         admin_users=admins,
@@ -193,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         gateway, host, port, closers = build_gateway(argv)
-    except (DeploymentError, EnclaveError, PolicyError, OSError, ValueError) as exc:
+    except (DeploymentError, EnclaveError, PolicyError, AuditError, OSError, ValueError) as exc:
         print(f"beamhub gateway: {exc}", file=sys.stderr)
         return 2
     try:

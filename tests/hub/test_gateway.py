@@ -116,9 +116,12 @@ async def test_served_openapi_is_valid_and_every_error_is_the_one_schema(
     openapi_spec_validator.validate(doc)  # raises, naming the fault, if not valid OpenAPI 3
     assert doc["components"]["schemas"]["Error"] == ERROR_SCHEMA
     error = {"$ref": "#/components/responses/Error"}
+    unavailable = {"$ref": "#/components/responses/Unavailable"}
     content = doc["components"]["responses"]["Error"]["content"]
     assert content == {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
-    seen = 0
+    assert doc["components"]["responses"]["Unavailable"]["content"] == content
+    assert "Retry-After" in doc["components"]["responses"]["Unavailable"]["headers"]
+    seen, with_503 = 0, set()
     for path, item in doc["paths"].items():
         for method, spec in item.items():
             if method not in HTTP_METHODS:
@@ -126,10 +129,16 @@ async def test_served_openapi_is_valid_and_every_error_is_the_one_schema(
             responses = spec["responses"]
             assert responses.get("default") == error, (path, method)
             for status, answer in responses.items():
-                if status[0] in "45":
+                if status == "503":
+                    assert answer == unavailable, (path, method)
+                    with_503.add(spec["x-handler"])
+                elif status[0] in "45":
                     assert answer == error, (path, method, status)
             seen += 1
     assert seen == len(_endpoints())
+    # every operation that needs the DSN or the jobs API documents its 503
+    needs = {"channels", "channel", "channel_renew", "steer_run", "steer_param", "jobs", "job"}
+    assert with_503 == needs
 
 
 async def test_channel_lifecycle_forwarded_to_the_real_dsn(keys: Keys, tmp_path: Path) -> None:

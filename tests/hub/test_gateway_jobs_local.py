@@ -57,3 +57,33 @@ async def test_get_and_cancel_stay_inside_the_tokens_project(tmp_path: Path) -> 
             assert code == 404 and "12345" in err["message"]
     finally:
         await sched.close(cancel_jobs=True)
+
+
+async def test_jobs_stay_in_the_tokens_project_even_where_the_policy_lets_others_in(
+    tmp_path: Path,
+) -> None:
+    from beamhub.hub.gateway.policy import load_policy
+    from beamhub.kernels.local import LocalBackend
+    from beamhub.kernels.tier_policy import TierPolicy
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "version: 1\nrules:\n  - {id: any-jobs, effect: allow, actions: ['jobs.*'], scope: jobs}\n"
+    )
+    keys = Keys()
+    sched = LocalBackend(tmp_path / "jobs.db", nodes=1, policy=TierPolicy(), poll_interval=0.05)
+    try:
+        async with running_gateway(keys, tmp_path, scheduler=sched, policy=load_policy(rules)) as s:
+            carol = keys.token("carol", "p2", "jobs")
+            job = {"name": "x", "argv": [sys.executable, "-c", "pass"], "tier": "batch"}
+            for method, path, body in (
+                ("POST", "/projects/p1/jobs", job),
+                ("GET", "/projects/p1/jobs", None),
+                ("GET", "/projects/p1/jobs/1", None),
+            ):
+                code, err, _ = await call(s.url, method, path, carol, body)
+                assert (code, err["reason"], err.get("field")) == (403, "project", "project"), err
+                assert "token's project 'p2'" in err["message"]
+            assert await sched.list() == []
+    finally:
+        await sched.close(cancel_jobs=True)

@@ -125,12 +125,19 @@ def test_another_project_cannot_see_or_cancel_it(
 
 
 def test_hub_refusals_come_back_as_clear_4xx(dev_stack: RunningStack, tokens: dict) -> None:
+    """The hub's refusal keeps its status and its field (a key of its own, not in the prose)."""
     alice = tokens["alice"]
     bad = {"name": "gw-bad", "argv": ["/bin/true"], "tier": "no-such-tier"}
     code, err = _gw(dev_stack, "POST", "/projects/p-1001/jobs", alice, bad)
     assert 400 <= code < 500 and err["reason"] == "scheduler" and "no-such-tier" in err["message"]
+    assert err["field"] == "tier" and not err["message"].startswith("tier:"), err
+    long = {"name": "gw-long", "argv": ["/bin/true"], "walltime_s": 10**7}
+    code, err = _gw(dev_stack, "POST", "/projects/p-1001/jobs", alice, long)
+    assert (code, err["reason"], err["field"]) == (400, "scheduler", "walltime_s"), err
+    assert err["message"].startswith("walltime_s=10000000 is over tier"), err
     code, err = _gw(dev_stack, "GET", "/projects/p-1001/jobs/999999", alice)
     assert code == 404 and "999999" in err["message"]
+    assert (err["reason"], err["field"]) == ("no_such_job", "job_id"), err
     code, err = _gw(dev_stack, "POST", "/projects/p-1001/jobs", alice, {"name": "x", "argv": "ls"})
     assert code == 400 and err["field"] == "argv"
 
@@ -161,10 +168,15 @@ def test_only_the_gateway_may_name_another_user(dev_stack: RunningStack) -> None
     assert r.status_code == 403
 
 
-def test_status_lists_the_configured_maintenance_window(dev_stack: RunningStack) -> None:
+def test_status_lists_the_maintenance_window_and_what_is_up(dev_stack: RunningStack) -> None:
     r = requests.get(dev_stack.urls["gateway"] + "api/v1/status", timeout=10)
     assert r.status_code == 200
-    assert r.json()["maintenance"] == DEV_MAINTENANCE
+    status = r.json()
+    assert status["maintenance"] == DEV_MAINTENANCE
+    # the gateway checks the services it needs: the DSN and the hub's API answer
+    assert status["dependencies"]["dsn"] == {"state": "up"}, status
+    assert status["dependencies"]["hub"] == {"state": "up"}, status
+    assert status["down"] == [] and status["audit"]["torn_tails"] == 0, status
 
 
 def _post_oversized(url: str, size: int) -> tuple[int, dict[str, str], bytes]:

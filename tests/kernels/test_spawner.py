@@ -244,12 +244,12 @@ def test_jobs_api_refuses_bad_input_and_other_users_jobs(hub):
     code, body = jobs_api(
         hub, bob, "POST", body={"argv": "sleep 10", "tier": "batch", "project": "filler"}
     )
-    assert code == 400 and "argv must be a non-empty list" in body["message"]
+    assert code == 400 and body["message"].startswith("argv must be a non-empty list")
     assert (body["reason"], body["field"]) == ("scheduler", "argv")
     code, body = jobs_api(
         hub, bob, "POST", body={"argv": ["/bin/true"], "tier": "interactive", "project": "filler"}
     )
-    assert code == 403 and "does not hold tier 'interactive'" in body["message"]
+    assert code == 403 and body["message"].startswith("user 'bob' does not hold tier")
     assert (body["status"], body["reason"], body["field"]) == (403, "scheduler", "tier")
     code, body = jobs_api(hub, bob, "GET", "?user=carol")  # bob may not act for carol
     assert (code, body["reason"], body["field"]) == (403, "forbidden", "user"), body
