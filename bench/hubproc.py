@@ -1,4 +1,8 @@
-"""A throwaway JupyterHub (subprocess, configurable-http-proxy, SQLite) for tests and benchmarks."""
+"""A throwaway JupyterHub (subprocess, configurable-http-proxy, SQLite) for tests and benchmarks.
+
+configurable-http-proxy is the one `beamhub up` uses: installed on first use into the beamhub
+state dir (:mod:`beamhub.hub.up.npm`), so this works from a wheel as well as from the checkout.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +18,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-CHP = REPO / "node_modules" / ".bin" / "configurable-http-proxy"
+from beamhub.auth.home import state_dir
+from beamhub.hub.up import npm
+
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -26,11 +31,23 @@ def free_port() -> int:
 
 
 class Hub:
-    """Start/stop/restart a JupyterHub process; call its REST API with an admin service token."""
+    """Start/stop/restart a JupyterHub process; call its REST API with an admin service token.
 
-    def __init__(self, workdir: Path, spawner_config: str, users: list[str]) -> None:
+    ``node_state``: where the npm packages are (installed on first use); default the beamhub
+    state dir (``$BEAMHUB_HOME``, else ``~/.beamhub``), shared with `beamhub up`.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        spawner_config: str,
+        users: list[str],
+        node_state: Path | None = None,
+    ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.node_state = Path(node_state) if node_state is not None else state_dir()
+        self.chp = npm.bin_path(self.node_state, "configurable-http-proxy")
         self.token = secrets.token_hex(16)
         self.port, self.hub_port, self.api_port = free_port(), free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -48,7 +65,7 @@ c.JupyterHub.port = {self.port}
 c.JupyterHub.hub_ip = "127.0.0.1"
 c.JupyterHub.hub_port = {self.hub_port}
 c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{self.api_port}"
-c.ConfigurableHTTPProxy.command = [{str(CHP)!r}]
+c.ConfigurableHTTPProxy.command = [{str(self.chp)!r}]
 c.ConfigurableHTTPProxy.auth_token = {secrets.token_hex(16)!r}
 c.JupyterHub.db_url = "sqlite:///{self.workdir / "jupyterhub.sqlite"}"
 c.JupyterHub.cookie_secret = bytes.fromhex({secrets.token_hex(32)!r})
@@ -75,6 +92,8 @@ c.JupyterHub.extra_handlers = jobs_api.HANDLERS
 
     # -- process -------------------------------------------------------------------------------
     def start(self, timeout: float = 60) -> None:
+        """Start the hub (installing the proxy first if needed); wait until its API answers."""
+        npm.ensure_installed(self.node_state, lambda line: print(line, file=sys.stderr, flush=True))
         env = dict(os.environ)
         env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '')}"
         with open(self.log, "ab") as log:
