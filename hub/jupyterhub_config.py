@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from beamhub.hub.tokens import handlers as tokens_api
-from beamhub.hub.up import npm
 from beamhub.kernels import jobs_handler as jobs_api
 
 __all__ = ["configure", "crypt_key", "single_user_cmd"]
@@ -69,13 +68,13 @@ def configure(c: Any, rt: dict[str, Any]) -> None:
     c.JupyterHub.db_url = f"sqlite:///{hub_state / 'jupyterhub.sqlite'}"
     c.JupyterHub.cookie_secret_file = str(hub_state / "cookie_secret")
     c.JupyterHub.pid_file = str(hub_state / "jupyterhub.pid")
-    c.JupyterHub.cleanup_servers = True
-    c.JupyterHub.cleanup_proxy = True
+    # `beamhub up` supervises the proxy and the services as processes of their own: user servers
+    # keep running and stay reachable while the hub restarts, and are re-attached when it is back
+    c.JupyterHub.cleanup_servers = False
+    c.JupyterHub.cleanup_proxy = False
+    c.ConfigurableHTTPProxy.should_start = False
     c.ConfigurableHTTPProxy.api_url = f"http://{ip}:{rt['proxy_api_port']}"
     c.ConfigurableHTTPProxy.auth_token = rt["proxy_auth_token"]
-    # installed into the state dir by `beamhub up` (beamhub.hub.up.npm), as the dev IdP is
-    c.ConfigurableHTTPProxy.command = [str(npm.bin_path(state, "configurable-http-proxy"))]
-    c.ConfigurableHTTPProxy.pid_file = str(hub_state / "proxy.pid")
     c.CryptKeeper.keys = [crypt_key(state).encode()]
 
     # --- identity ---------------------------------------------------------------------------
@@ -98,7 +97,7 @@ def configure(c: Any, rt: dict[str, Any]) -> None:
     a.token_ttl = rt["token_ttl"]
     a.token_service_url = f"{public}/services/tokens/"
     # the hub asks the token service directly (not through the proxy) with its own identity
-    a.token_service_api_url = f"http://{ip}:{rt['tokens_port']}/services/tokens/"
+    a.token_service_api_url = f"http://{ip}:{rt['services']['tokens']['port']}/services/tokens/"
     a.token_service_api_token = rt["hub_api_token"]
     a.dsn_url = rt.get("dsn_url", "")
 
@@ -127,60 +126,26 @@ def configure(c: Any, rt: dict[str, Any]) -> None:
     c.Spawner.pre_spawn_hook = provide_notebooks
     c.Spawner.environment = {"BEAMHUB_HOME": str(state)}
 
-    # --- services ---------------------------------------------------------------------------
-    py = sys.executable
-    #: hub service name -> the token subject it mints for, that subject's project roles and (for
-    #: API-only identities such as beamhub up's detector) its API token
+    # --- services: external, each a process `beamhub up` supervises (see hub/up/stack.py) ----
     subjects: dict[str, dict[str, Any]] = rt.get("service_subjects", {})
+    info = {
+        "tokens": "mint, refresh, introspect and revoke project tokens",
+        "gateway": "the facility API: status, channels, jobs, beamtime",
+        "dashboard": "live figures of your project's streams (any role)",
+    }
     services = [
         {
-            "name": "tokens",
-            "url": f"http://{ip}:{rt['tokens_port']}",
-            "command": [
-                py,
-                "-m",
-                "beamhub.hub.tokens.service",
-                "--state-dir",
-                str(state),
-                "--issuer",
-                rt["token_issuer"],
-                "--audience",
-                rt["token_audience"],
-                "--max-ttl",
-                str(rt["max_token_ttl"]),
-                "--ttl",
-                str(rt["token_ttl"]),
-                "--revocation-poll",
-                str(rt["revocation_poll"]),
-                "--service-subjects",
-                json.dumps({s["subject"]: s["projects"] for s in subjects.values()}),
-            ],
+            "name": name,
+            "url": f"http://{ip}:{svc['port']}",
+            "api_token": svc["api_token"],
+            # `beamhub up` starts the services after the hub: do not wait 30 s for each
+            "timeout": 1,
             "oauth_no_confirm": True,
             "display": True,
-            "info": {"description": "mint, refresh, introspect and revoke project tokens"},
+            "info": {"description": info.get(name, name)},
         }
+        for name, svc in rt["services"].items()
     ]
-    if rt.get("gateway_command"):
-        services.append(
-            {
-                "name": "gateway",
-                "url": f"http://{ip}:{rt['gateway_port']}",
-                "command": rt["gateway_command"],
-                "oauth_no_confirm": True,
-                "display": True,
-            }
-        )
-    if rt.get("dashboard_command"):
-        services.append(
-            {
-                "name": "dashboard",
-                "url": f"http://{ip}:{rt['dashboard_port']}",
-                "command": rt["dashboard_command"],
-                "oauth_no_confirm": True,
-                "display": True,
-                "info": {"description": "live figures of your project's streams (any role)"},
-            }
-        )
     c.JupyterHub.services = services
     c.JupyterHub.load_roles = [
         {
@@ -190,7 +155,7 @@ def configure(c: Any, rt: dict[str, Any]) -> None:
             "services": [s["name"] for s in services if s["name"] != "dashboard"],
         },
     ]
-    if rt.get("gateway_command"):
+    if "gateway" in rt["services"]:
         # jobs through the gateway run in the hub's scheduler for the token's user: the gateway
         # may name that user on /hub/api/beamhub/jobs, and nothing more (no admin:users)
         c.JupyterHub.load_roles.append(

@@ -61,6 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _verifier(args: argparse.Namespace, is_revoked=None):
+    from beamhub.auth.jwks import RemoteJwksVerifier
     from beamhub.auth.tokens import (
         DEFAULT_AUDIENCE,
         DEFAULT_ISSUER,
@@ -69,6 +70,11 @@ def _verifier(args: argparse.Namespace, is_revoked=None):
         load_jwks,
     )
 
+    issuer, audience = args.issuer or DEFAULT_ISSUER, args.audience or DEFAULT_AUDIENCE
+    if args.jwks and args.jwks.startswith(("http://", "https://")):
+        # fetched at the first verification: the token service may start after the DSN
+        verifier = RemoteJwksVerifier(args.jwks, issuer, audience, is_revoked=is_revoked)
+        return verifier, args.jwks
     if args.jwks:
         jwks = load_jwks(args.jwks)
         origin = args.jwks
@@ -78,12 +84,7 @@ def _verifier(args: argparse.Namespace, is_revoked=None):
         path = state_dir() / "signing-key.pem"
         jwks = SigningKey.load_or_create(path).jwks()
         origin = f"dev signing key {path}"
-    verifier = TokenVerifier(
-        jwks,
-        issuer=args.issuer or DEFAULT_ISSUER,
-        audience=args.audience or DEFAULT_AUDIENCE,
-        is_revoked=is_revoked,
-    )
+    verifier = TokenVerifier(jwks, issuer=issuer, audience=audience, is_revoked=is_revoked)
     return verifier, origin
 
 

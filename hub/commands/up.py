@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 __all__ = ["register"]
@@ -22,7 +24,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
-    import os
     from pathlib import Path
 
     from beamhub.auth.home import state_dir
@@ -47,11 +48,41 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_serve(dep, state, lock))
     finally:
+        # everything is stopped: a late Ctrl-C/SIGTERM/SIGHUP must not turn exit 0 into a kill
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         lock.release()
 
 
-def _say(line: str) -> None:
-    print(line, flush=True)
+class _Output:
+    """Progress to stdout; a closed pipe (``| head -1``, a Ctrl-C'd ``tee``) asks for a stop.
+
+    After the pipe breaks, lines go to the log file only, so stopping never fails on a write.
+    """
+
+    def __init__(self) -> None:
+        self.broken = False
+        self.on_broken = lambda: None
+        self.log = None
+
+    def __call__(self, line: str) -> None:
+        if self.log is not None:
+            self.log.write(line + "\n")
+            self.log.flush()
+        if self.broken:
+            return
+        try:
+            print(line, flush=True)
+        except (BrokenPipeError, ValueError):
+            self.broken = True
+            # stdout is gone: point fd 1 at /dev/null so the interpreter's exit flush is quiet
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            self.on_broken()
+
+
+_say = _Output()
 
 
 async def _serve(dep, state, lock) -> int:
@@ -62,8 +93,17 @@ async def _serve(dep, state, lock) -> int:
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    why = {"stop": "stop requested"}
+
+    def request_stop(reason: str) -> None:
+        why["stop"] = reason
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, request_stop, f"{signal.Signals(sig).name} received")
+    (state / "logs").mkdir(parents=True, exist_ok=True)
+    _say.log = open(state / "logs" / "up.log", "a")  # kept open until the process exits
+    _say.on_broken = lambda: loop.call_soon_threadsafe(request_stop, "output pipe closed")
     _say(f"beamhub up: {dep.enclave} enclave from {dep.source}; state in {state}")
     if dep.identity.provider == "embedded" and not dep.rules.embedded_identity_allowed:
         _say(
@@ -78,21 +118,29 @@ async def _serve(dep, state, lock) -> int:
     if starting in done and starting.exception() is None:
         lock.write_info(stack.urls)
         _print_ready(dep, stack)
-        why = await stack.watch(stop)
-        _say(f"beamhub up: {why}; stopping everything ...")
-        status = 0 if why == "stop requested" else 1
+        await stack.watch(stop)
+        _say(f"beamhub up: {why['stop']}; stopping everything ...")
     elif starting in done:
         exc = starting.exception()
         msg = str(exc) if isinstance(exc, StackError) else f"{type(exc).__name__}: {exc}"
         print(f"beamhub up: failed to start: {msg}", file=sys.stderr)
         status = 1
     else:
-        _say("beamhub up: interrupted while starting; stopping what started ...")
+        _say(f"beamhub up: {why['stop']} while starting; stopping what started ...")
         starting.cancel()
         await asyncio.gather(starting, return_exceptions=True)
         status = 130
     stopper.cancel()
+    # a second Ctrl-C while stopping must not interrupt the stop: it would orphan children
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, lambda: None)
     await stack.stop()
+    servers = stack.user_servers()
+    if servers:
+        _say(
+            f"beamhub up: {servers} user server(s) keep running; the next `beamhub up` on this "
+            "state dir re-attaches them (stop them from the hub's admin page)"
+        )
     _say("beamhub up: stopped")
     return status
 

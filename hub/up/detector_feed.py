@@ -1,142 +1,108 @@
-"""The simulated detector `beamhub up` runs: a DSN channel of its project, kept alive and steerable.
+"""The simulated detector `beamhub up` runs, as its own supervised process.
 
-Its tokens (subject :data:`DETECTOR_USER`, an operator of its project) come from the token service
-through the mint-for API with `beamhub up`'s own hub identity; this process never opens the
-signing key.
+It keeps one DSN channel of its project alive and steerable: creates it (an L7 channel that drops
+frames nobody analyses, so dashboards are live from the start; the template's default channel if
+that is refused), streams simulated frames into it, serves the source's control endpoint and
+attaches it to the channel, renews the channel halfway to its expiry, and creates it again if it
+disappears (deleted, or expired while the DSN was down). A DSN restart keeps the channel on the
+same endpoints, so the producer socket simply reconnects. Its tokens (subject
+:data:`DETECTOR_USER`, an operator of its project) come from the token service through the
+mint-for API; it verifies steering callers with the published JWKS and never opens the signing key.
+
+``python -m beamhub.hub.up.detector_feed CONFIG.json`` with ``$BEAMHUB_MINT_TOKEN`` (its JupyterHub
+API token); it writes ``{"channel": id, ...}`` to the config's ``channel_file`` whenever its
+channel changes, which is how `beamhub up` knows which channel to show.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import logging
+import os
+import signal
+import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from beamhub.auth.jwks import RemoteJwksVerifier
 from beamhub.auth.mint_client import MintError, MintForClient
-from beamhub.hub.up.deployment import Deployment
+from beamhub.streaming.simulator import SimulatedDetector
+from beamhub.streaming.source import SourceRunner
+from beamhub.streaming.source_control import SourceControlServer
 
-__all__ = ["DETECTOR_USER", "DetectorFeed"]
+__all__ = ["DETECTOR_USER", "DetectorFeed", "FeedConfig", "main"]
+
+log = logging.getLogger("beamhub.up.detector")
 
 #: The token subject of the detector (an operator of its project in the token register).
 DETECTOR_USER = "beamhub-detector"
+#: Seconds between checks that the channel still exists.
+CHECK_S = 2.0
+
+
+class FeedError(RuntimeError):
+    """The feed cannot (yet) run; the message says why."""
+
+
+def feed_config(
+    *,
+    dsn_url: str,
+    tokens_url: str,
+    project: str,
+    stream: str,
+    rate_hz: float,
+    shape: list[int],
+    hit_fraction: float,
+    issuer: str,
+    audience: str,
+    channel_file: str,
+) -> dict[str, Any]:
+    """The JSON config `beamhub up` writes for the feed (no secrets: the API token is in env)."""
+    return {k: v for k, v in locals().items()}
+
+
+FeedConfig = dict[str, Any]
 
 
 class DetectorFeed:
-    """Creates the channel with a token of its own, streams frames, attaches steering, renews."""
+    """One channel, one simulated source, its control endpoint; kept alive by :meth:`run`."""
 
-    def __init__(
-        self,
-        dep: Deployment,
-        tokens: MintForClient,
-        dsn: Any,
-        dsn_url: str,
-        progress: Callable[[str], None] = print,
-    ) -> None:
-        self.dep = dep
+    def __init__(self, cfg: FeedConfig, tokens: MintForClient) -> None:
+        self.cfg = cfg
         self.tokens = tokens
-        self.dsn = dsn
-        self.dsn_url = dsn_url
-        self.progress = progress
-        self.channel_id = ""
+        self.verifier = RemoteJwksVerifier(
+            cfg["tokens_url"] + "jwks.json", issuer=cfg["issuer"], audience=cfg["audience"]
+        )
+        self.channel: dict[str, Any] | None = None
         self.notes: list[str] = []
-        self._source: Any = None
-        self._control: Any = None
-        self._renewer: asyncio.Task | None = None
+        self._source: SourceRunner | None = None
+        self._control: SourceControlServer | None = None
+        self._control_url = ""
+        self._lifetime = 0.0  # seconds the DSN granted at the last create or renew
 
-    async def start(self) -> str:
-        """Start streaming; return "" or why the detector cannot run."""
-        det = self.dep.detector
-        try:
-            from beamhub.streaming.simulator import SimulatedDetector
-            from beamhub.streaming.source import SourceRunner
-        except ImportError as exc:
-            return f"streaming sources unavailable: {exc}"
-        try:
-            token = await asyncio.to_thread(self._token)
-        except MintError as exc:
-            return f"no token for the detector: {exc}"
-        claims = await asyncio.to_thread(self.dsn.verifier.verify, token)  # may fetch the JWKS
-        channel = await self._create_channel(claims)
-        self.channel_id = channel.id
-        generator = SimulatedDetector(
-            tuple(det.shape), rate_hz=det.rate_hz, hit_fraction=det.hit_fraction
-        )
-        self._source = SourceRunner(
-            generator, stream=det.channel, connect=channel.endpoints.producer
-        )
-        await asyncio.to_thread(self._source.start)
-        await asyncio.to_thread(self._source.start_run)
-        await self._attach_steering(token)
-        self._renewer = asyncio.create_task(self._renew_loop(), name="detector-renew")
-        return ""
+    # --- DSN calls (blocking; run in a thread) ---------------------------------------------
 
-    async def _create_channel(self, claims: Any) -> Any:
-        """An L7 channel that drops (counted) while no analysis is connected, so the dashboard
-        is live from the start; if the DSN's template forbids that, its default channel."""
-        from beamhub.streaming.template import TemplateViolation
-
-        stream = self.dep.detector.channel
-        live = {"stream": stream, "mode": "l7", "when_no_consumer": "drop"}
-        try:
-            return await self.dsn.create_channel(claims, live)
-        except TemplateViolation as exc:
-            if exc.field not in ("mode", "when_no_consumer"):
-                raise
-            self.notes.append(
-                f"detector channel waits for a work consumer (the DSN template refused "
-                f"{exc.field}: {exc.message}); the dashboard shows frames once analysis connects"
-            )
-        return await self.dsn.create_channel(claims, {"stream": stream})
-
-    def read_token(self) -> str:
-        """A stream.read token of the detector's project (for the live figures' lookup). Blocking."""
+    def _token(self, scopes: list[str]) -> str:
         token, _ = self.tokens.mint(
             DETECTOR_USER,
-            self.dep.detector.project,
-            ["stream.read"],
-            kind="service",
-            description="beamhub up: live figures",
-        )
-        return token
-
-    async def _attach_steering(self, token: str) -> None:
-        try:
-            from beamhub.streaming.source_control import SourceControlServer
-        except ImportError:
-            self.notes.append("detector steering unavailable: streaming/source_control.py missing")
-            return
-        self._control = SourceControlServer(
-            self._source, verifier=self.dsn.verifier, project=self.dep.detector.project
-        )
-        control_url = await self._control.start()
-        status, answer = await asyncio.to_thread(
-            self._call,
-            "PUT",
-            f"/api/channels/{self.channel_id}/source_control",
-            token,
-            {"source_control": control_url},
-        )
-        if status != 200:
-            self.notes.append(f"detector steering not attached: {answer}")
-
-    def _token(self) -> str:
-        """A token to create, steer and renew the channel. Blocking."""
-        token, _ = self.tokens.mint(
-            DETECTOR_USER,
-            self.dep.detector.project,
-            ["stream.read", "stream.publish", "steer"],
+            self.cfg["project"],
+            scopes,
             kind="service",
             description="beamhub up: simulated detector",
         )
         return token
 
-    def _call(self, method: str, path: str, token: str, body: Any) -> tuple[int, Any]:
+    def _call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """(status, JSON answer); status 0 when the DSN cannot be reached."""
+        token = self._token(["stream.read", "stream.publish", "steer"])
         req = urllib.request.Request(  # noqa: S310 - our own DSN on loopback
-            self.dsn_url + path,
-            data=json.dumps(body).encode(),
+            self.cfg["dsn_url"] + path,
+            data=None if body is None else json.dumps(body).encode(),
             method=method,
             headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
         )
@@ -144,32 +110,158 @@ class DetectorFeed:
             with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
                 return resp.status, json.load(resp)
         except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode(errors="replace")[:300]
-        except OSError as exc:
-            return 0, str(exc)
-
-    async def _renew_loop(self) -> None:
-        """Keep the channel alive: renew it with a fresh token halfway to its expiry."""
-        while True:
-            channel = self.dsn.channels.get(self.channel_id)
-            if channel is None:
-                return
-            await asyncio.sleep(max(1.0, (channel.expires_at - time.time()) / 2))
-            path = f"/api/channels/{self.channel_id}/renew"
             try:
-                token = await asyncio.to_thread(self._token)
-            except MintError as exc:
-                self.progress(f"beamhub up: detector channel renewal failed: {exc}")
-                continue
-            status, answer = await asyncio.to_thread(self._call, "POST", path, token, {})
-            if status != 200:
-                self.progress(f"beamhub up: detector channel renewal failed: {answer}")
+                return exc.code, json.loads(exc.read())
+            except ValueError:
+                return exc.code, {"reason": "http", "message": f"HTTP {exc.code}"}
+        except OSError as exc:
+            return 0, {"reason": "unreachable", "message": str(exc)}
 
-    async def stop(self) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            await asyncio.gather(self._renewer, return_exceptions=True)
+    def _create_channel(self) -> dict[str, Any]:
+        live = {"stream": self.cfg["stream"], "mode": "l7", "when_no_consumer": "drop"}
+        status, answer = self._call("POST", "/api/channels", live)
+        if status == 400 and answer.get("field") in ("mode", "when_no_consumer"):
+            self.notes.append(
+                f"detector channel waits for a work consumer (the DSN template refused "
+                f"{answer['field']}: {answer.get('message')}); the dashboard shows frames once "
+                "analysis connects"
+            )
+            status, answer = self._call("POST", "/api/channels", {"stream": self.cfg["stream"]})
+        if status != 201:
+            raise FeedError(f"the DSN refused the detector's channel: {answer}")
+        return answer
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def open_channel(self) -> None:
+        """(Re)create the channel and point the source and steering at it."""
+        channel = await asyncio.to_thread(self._create_channel)
+        producer = channel["endpoints"]["producer"]
+        if self._source is None or self._source.connect != producer:
+            if self._source is not None:
+                await asyncio.to_thread(self._source.stop)
+            cfg = self.cfg
+            generator = SimulatedDetector(
+                tuple(cfg["shape"]), rate_hz=cfg["rate_hz"], hit_fraction=cfg["hit_fraction"]
+            )
+            self._source = SourceRunner(generator, stream=cfg["stream"], connect=producer)
+            await asyncio.to_thread(self._source.start)
+            await asyncio.to_thread(self._source.start_run)
+            if self._control is not None:
+                await self._control.stop()
+            self._control = SourceControlServer(
+                self._source, verifier=self.verifier, project=cfg["project"]
+            )
+            self._control_url = await self._control.start()
+        self.channel = channel
+        self._lifetime = channel["expires_at"] - time.time()
+        await self._attach_steering()
+        self._publish()
+
+    async def _attach_steering(self) -> None:
+        assert self.channel is not None
+        path = f"/api/channels/{self.channel['id']}/source_control"
+        status, answer = await asyncio.to_thread(
+            self._call, "PUT", path, {"source_control": self._control_url}
+        )
+        if status != 200:
+            self.notes.append(f"detector steering not attached: {answer}")
+
+    def _publish(self) -> None:
+        assert self.channel is not None
+        out = {
+            "channel": self.channel["id"],
+            "project": self.cfg["project"],
+            "stream": self.cfg["stream"],
+            "control": self._control_url,
+            "notes": self.notes,
+            "pid": os.getpid(),
+        }
+        path = Path(self.cfg["channel_file"])
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out))
+        os.replace(tmp, path)
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        """Renew halfway to expiry; create the channel again if it is gone."""
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), CHECK_S)
+                return
+            except TimeoutError:
+                pass
+            assert self.channel is not None
+            cid = self.channel["id"]
+            try:
+                status, answer = await asyncio.to_thread(self._call, "GET", f"/api/channels/{cid}")
+            except MintError as exc:
+                log.warning("no token from the token service (will retry): %s", exc)
+                continue
+            if status == 0:
+                continue  # the DSN is down; it restores the channel when it is back
+            if status == 404:
+                log.warning("channel %s disappeared; creating the detector's channel again", cid)
+                try:
+                    await self.open_channel()
+                    log.warning("detector streams into channel %s", self.channel["id"])
+                except (FeedError, MintError) as exc:
+                    log.warning("could not create the channel again (will retry): %s", exc)
+                continue
+            if status == 200 and answer["expires_at"] - time.time() < self._lifetime / 2:
+                renewed, fresh = await asyncio.to_thread(
+                    self._call, "POST", f"/api/channels/{cid}/renew", {}
+                )
+                if renewed == 200:
+                    self._lifetime = fresh["expires_at"] - time.time()
+                else:
+                    log.warning("detector channel renewal failed: %s", fresh)
+
+    async def close(self) -> None:
         if self._control is not None:
             await self._control.stop()
         if self._source is not None:
             await asyncio.to_thread(self._source.stop)
+
+
+async def _serve(cfg: FeedConfig, api_token: str) -> int:
+    feed = DetectorFeed(cfg, MintForClient(cfg["tokens_url"], api_token))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await feed.open_channel()
+    except (FeedError, MintError) as exc:
+        print(f"detector feed: {exc}", file=sys.stderr, flush=True)
+        await feed.close()
+        return 1
+    assert feed.channel is not None
+    print(
+        f"detector feed: streaming {cfg['stream']!r} into channel {feed.channel['id']} "
+        f"(project {cfg['project']}); control endpoint {feed._control_url}",
+        flush=True,
+    )
+    try:
+        await feed.watch(stop)
+    finally:
+        await feed.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m beamhub.hub.up.detector_feed")
+    parser.add_argument("config", type=Path, help="the feed's JSON config (from beamhub up)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    api_token = os.environ.get("BEAMHUB_MINT_TOKEN", "")
+    if not api_token:
+        print(
+            "detector feed: $BEAMHUB_MINT_TOKEN (its JupyterHub API token) is not set",
+            file=sys.stderr,
+        )
+        return 2
+    return asyncio.run(_serve(json.loads(args.config.read_text()), api_token))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

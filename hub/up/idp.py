@@ -85,6 +85,31 @@ class EmbeddedIdP:
             json.dump(cfg, f)
         return path
 
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        """argv and extra environment to run the provider under a supervisor (port fixed).
+
+        Installs the npm packages and the script first; the issuer is known in advance
+        (``http://HOST:PORT``), so a restarted provider keeps the URLs the hub was given.
+        """
+        if not self.port:
+            raise IdPError("a supervised identity provider needs a fixed port")
+        try:
+            node = npm.find_node()
+            script = self._install_script(npm.ensure_installed(self.state_dir))
+        except npm.NpmError as exc:
+            raise IdPError(str(exc)) from exc
+        config = self._write_config()
+        self.issuer = f"http://{self.host}:{self.port}"
+        return [node, str(script), str(config)], {"NODE_ENV": "development"}
+
+    def answers(self) -> bool:
+        """True once discovery answers with our issuer (a readiness check; blocking)."""
+        try:
+            with urllib.request.urlopen(self.discovery_url, timeout=2) as resp:  # noqa: S310
+                return json.load(resp).get("issuer") == self.issuer
+        except (OSError, ValueError):
+            return False
+
     def start(self, timeout: float = 30.0) -> str:
         """Start the provider; return its issuer URL once discovery answers."""
         try:

@@ -1,33 +1,43 @@
-"""The running deployment `beamhub up` starts: IdP, JupyterHub (+proxy, services), DSN, detector.
+"""The deployment `beamhub up` runs: every service a supervised process of its own.
 
-Each part is started in order with a readiness check and stopped in reverse; processes run in their
-own sessions and are stopped by process group, and JupyterHub's children are tracked so nothing
-outlives the stack.
+In order, each once the one before answers: the dev identity provider, the DSN, the proxy
+(configurable-http-proxy), JupyterHub, the token service, the gateway, the dashboard and the
+simulated detector. A service that dies is restarted with backoff (:mod:`.supervisor`); the DSN
+keeps its channels in the state dir, so they come back on the same endpoints. JupyterHub runs with
+an external proxy and external services and without ``cleanup_servers``: while the hub restarts,
+user servers keep running and stay reachable through the proxy, and the hub re-attaches them.
+Ports are chosen once and kept in ``ports.json``, so a later `beamhub up` gives re-attached
+servers the same hub and DSN addresses.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
-import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from beamhub.hub.enclave import resolve_path
 from beamhub.hub.up import npm
 from beamhub.hub.up.deployment import Deployment
+from beamhub.hub.up.detector_feed import DETECTOR_USER, feed_config
+from beamhub.hub.up.idp import EmbeddedIdP, IdPError
+from beamhub.hub.up.live_figures import LiveFigures
+from beamhub.hub.up.supervisor import ServiceSpec, Supervisor, SupervisorError
 
-__all__ = ["Stack", "StackError", "free_port"]
+__all__ = ["Stack", "StackError", "free_port", "http_ok"]
+
+PY = sys.executable
+HUB_CONFIG = Path(__file__).parents[1] / "jupyterhub_config.py"
 
 
 class StackError(RuntimeError):
@@ -41,6 +51,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _is_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def http_ok(url: str, timeout: float = 2.0, headers: dict[str, str] | None = None) -> bool:
     try:
         req = urllib.request.Request(url, headers=headers or {})  # noqa: S310
@@ -50,127 +70,125 @@ def http_ok(url: str, timeout: float = 2.0, headers: dict[str, str] | None = Non
         return False
 
 
-async def wait_until(
-    check: Callable[[], bool],
-    timeout: float,
-    what: str,
-    log: Path,
-    proc: subprocess.Popen | None = None,
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise StackError(f"{what} exited with status {proc.returncode}; see {log}")
-        if await asyncio.to_thread(check):
-            return
-        await asyncio.sleep(0.1)
-    raise StackError(f"{what} was not ready within {timeout:.0f}s; see {log}")
+def _write_secret_json(path: Path, data: dict[str, Any]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
 
 
-def stop_process(proc: subprocess.Popen | None, timeout: float = 15.0) -> None:
-    """SIGTERM the process (it stops its own children), then SIGKILL its group if it lingers."""
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # anything left in its group
-    except ProcessLookupError:
-        pass
-
-
-@dataclass
 class Stack:
     """Start with :meth:`start` (async, reports progress), stop with :meth:`stop`."""
 
-    dep: Deployment
-    state: Path
-    progress: Callable[[str], None] = print
-    runtime: dict[str, Any] = field(default_factory=dict)
-    urls: dict[str, str] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    _idp: Any = None
-    _hub: subprocess.Popen | None = None
-    _hub_children: set[int] = field(default_factory=set)
-    _dsn: Any = None
-    _revocations: Any = None
-    _feed: Any = None
-    _live: Any = None
-    _tokens_api: str = ""  # the token service, direct (not through the proxy)
-
     STEPS = 6
+
+    def __init__(self, dep: Deployment, state: Path, progress: Callable[[str], None] = print):
+        self.dep = dep
+        self.state = state
+        self.progress = progress
+        self.runtime: dict[str, Any] = {}
+        self.urls: dict[str, str] = {}
+        self.notes: list[str] = []
+        self.ports: dict[str, int] = {}
+        self.sup = Supervisor(state / "status.json", say=progress)
+        self._live: LiveFigures | None = None
+        self._live_task: asyncio.Task | None = None
+        self._stats_token, self._stats_exp = "", 0.0
+        self.logs = state / "logs"
 
     def _step(self, n: int, name: str, t0: float, extra: str = "") -> None:
         self.progress(
             f"[{n}/{self.STEPS}] {name} ... ready in {time.monotonic() - t0:.1f} s{extra}"
         )
 
+    # --- ports ----------------------------------------------------------------------------
+
+    def _choose_ports(self) -> None:
+        """Reuse last run's ports where they are free (re-attached servers know them)."""
+        ip, dep = self.dep.hub.ip, self.dep
+        path = self.state / "ports.json"
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            saved = {}
+        fixed = {"public": dep.hub.port, "dsn": dep.dsn.port, "idp": dep.identity.port}
+        names = ["public", "hub", "proxy_api", "tokens", "gateway", "dashboard", "dsn", "idp"]
+        for name in names:
+            if fixed.get(name):
+                self.ports[name] = fixed[name]
+            elif saved.get(name) and _is_free(ip, saved[name]):
+                self.ports[name] = saved[name]
+            else:
+                self.ports[name] = free_port(ip)
+        if dep.hub.port and not _is_free(ip, dep.hub.port):
+            raise StackError(
+                f"{ip}:{dep.hub.port} is already in use (another hub?); set hub.port in "
+                "beamhub.yaml to a free port, or 0 for any free port"
+            )
+        path.write_text(json.dumps(self.ports, indent=2))
+
+    # --- start ----------------------------------------------------------------------------
+
     async def start(self) -> None:
         dep, state = self.dep, self.state
-        (state / "logs").mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self._choose_ports()
         ip = dep.hub.ip
-        port = dep.hub.port or free_port(ip)
-        if dep.hub.port:
-            with socket.socket() as probe:
-                if probe.connect_ex((ip, port)) == 0:
-                    raise StackError(
-                        f"{ip}:{port} is already in use (another hub?); set hub.port in "
-                        "beamhub.yaml to a free port, or 0 for any free port"
-                    )
-        public = f"http://{ip}:{port}"
+        public = f"http://{ip}:{self.ports['public']}"
+        self.public = public
         self.urls["hub"] = f"{public}/hub/"
         self.urls["tokens"] = f"{public}/services/tokens/"
-        # known before anything that verifies tokens starts: only the token service opens the
-        # signing key, the others fetch its public JWKS from here
-        self.runtime["tokens_port"] = free_port(ip)
-        self._tokens_api = f"http://{ip}:{self.runtime['tokens_port']}/services/tokens/"
-
+        #: the token service, direct (not through the proxy): verifiers fetch its JWKS here
+        self.tokens_api = f"http://{ip}:{self.ports['tokens']}/services/tokens/"
         await asyncio.to_thread(self._install_npm_packages)
+
         t0 = time.monotonic()
         self.progress(f"[1/{self.STEPS}] identity provider ...")
-        await asyncio.to_thread(self._start_idp, public)
+        await self._start_idp()
         self._step(1, "identity provider", t0, f"  {self.urls['idp']}")
 
         t0 = time.monotonic()
         self.progress(f"[2/{self.STEPS}] data streaming node ...")
-        await self._start_dsn()
-        if "dsn" in self.urls:
+        if dep.dsn.enabled:
+            await self._start_dsn()
             self._step(2, "data streaming node", t0, f"  {self.urls['dsn']}")
         else:
-            why = self.notes[-1] if self.notes else "disabled in beamhub.yaml"
-            self.progress(f"[2/{self.STEPS}] data streaming node ... skipped ({why})")
+            self.progress(f"[2/{self.STEPS}] data streaming node ... skipped (disabled)")
 
         t0 = time.monotonic()
         self.progress(f"[3/{self.STEPS}] JupyterHub + proxy ...")
-        self._start_hub(ip, port)
-        log = state / "logs" / "jupyterhub.log"
-        await wait_until(self._hub_check(f"{public}/hub/api/"), 90, "JupyterHub", log, self._hub)
+        self._write_runtime()
+        await self._start_proxy()
+        await self._start(
+            "hub",
+            [str(Path(PY).with_name("jupyterhub")), "-f", str(HUB_CONFIG)],
+            ready=lambda: http_ok(f"{public}/hub/api/"),
+            cwd=state / "hub",
+            env={"BEAMHUB_RUNTIME": str(state / "runtime.json"), "BEAMHUB_HOME": str(state)},
+            timeout=90,
+        )
         self._step(3, "JupyterHub", t0, f"  {self.urls['hub']}")
 
         t0 = time.monotonic()
         self.progress(f"[4/{self.STEPS}] token service ...")
-        jwks = f"{public}/services/tokens/jwks.json"
-        await wait_until(self._hub_check(jwks), 60, "the token service", log, self._hub)
-        if self._revocations is not None:
-            await asyncio.to_thread(self._revocations.start)
+        await self._start_service("tokens", self._tokens_argv(), "jwks.json")
         self._step(4, "token service", t0, f"  {self.urls['tokens']}")
 
         t0 = time.monotonic()
         self.progress(f"[5/{self.STEPS}] API gateway ...")
-        if self.runtime.get("gateway_command"):
-            gw = f"{public}/services/gateway/"
-            self.urls["gateway"] = gw
-            await wait_until(
-                lambda: http_ok(gw + "api/v1/status"), 60, "the gateway", log, self._hub
-            )
-            self._step(5, "API gateway", t0, f"  {gw}")
+        if "gateway" in self.runtime["services"]:
+            await self._start_service("gateway", self._gateway_argv(), "api/v1/status")
+            self.urls["gateway"] = f"{public}/services/gateway/"
+            self._step(5, "API gateway", t0, f"  {self.urls['gateway']}")
         else:
-            self.progress(f"[5/{self.STEPS}] API gateway ... skipped ({self._gateway_why})")
-        await self._wait_dashboard(public, log)
+            self.progress(f"[5/{self.STEPS}] API gateway ... skipped (disabled in beamhub.yaml)")
+        t0 = time.monotonic()
+        if "dashboard" in self.runtime["services"]:
+            await self._start_service("dashboard", self._dashboard_argv(), "api/health")
+            self.urls["dashboard"] = f"{public}/services/dashboard/"
+            self._step(5, "shared dashboard", t0, f"  {self.urls['dashboard']}")
+        else:
+            why = "no DSN" if not dep.dsn.enabled else "disabled in beamhub.yaml"
+            self.progress(f"[5/{self.STEPS}] shared dashboard ... skipped ({why})")
 
         t0 = time.monotonic()
         self.progress(f"[6/{self.STEPS}] simulated detector ...")
@@ -178,19 +196,34 @@ class Stack:
         if why:
             self.progress(f"[6/{self.STEPS}] simulated detector ... skipped ({why})")
         else:
-            self._step(6, "simulated detector", t0, f"  stream {self.dep.detector.channel!r}")
+            self._step(6, "simulated detector", t0, f"  stream {dep.detector.channel!r}")
         (state / "runtime-urls.json").write_text(json.dumps(self.urls, indent=2))
 
-    def _hub_check(self, url: str) -> Callable[[], bool]:
-        """Readiness of a URL behind the hub; records the hub's children on every poll."""
-
-        def check() -> bool:
-            self._remember_hub_children()
-            return http_ok(url)
-
-        return check
-
-    # --- parts ------------------------------------------------------------------------------
+    async def _start(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        ready: Callable[[], bool] | None,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        timeout: float = 60.0,
+        on_restart: Callable[[], Any] | None = None,
+    ) -> None:
+        spec = ServiceSpec(
+            name=name,
+            argv=argv,
+            log_path=self.logs / f"{name}.log",
+            env=env or {},
+            cwd=cwd,
+            ready=ready,
+            ready_timeout=timeout,
+            on_restart=on_restart,
+        )
+        try:
+            await self.sup.start(spec)
+        except SupervisorError as exc:
+            raise StackError(str(exc)) from exc
 
     def _install_npm_packages(self) -> None:
         """The proxy's and the dev IdP's npm packages into the state dir, on first use."""
@@ -199,9 +232,7 @@ class Stack:
         except npm.NpmError as exc:
             raise StackError(str(exc)) from exc
 
-    def _start_idp(self, public: str) -> None:
-        from beamhub.hub.up.idp import EmbeddedIdP
-
+    async def _start_idp(self) -> None:
         ident = self.dep.identity
         secret_path = self.state / "idp-client-secret"
         if ident.client_secret:
@@ -222,142 +253,115 @@ class Stack:
                 login_service="facility identity provider",
             )
             return
-        self._idp = EmbeddedIdP(
+        idp = EmbeddedIdP(
             ident.users,
             ident.client_id,
             secret,
-            [f"{public}/hub/oauth_callback"],
+            [f"{self.public}/hub/oauth_callback"],
             self.state,
-            port=ident.port,
-            log_path=self.state / "logs" / "idp.log",
+            port=self.ports["idp"],
         )
-        self.urls["idp"] = self._idp.start()
-        self.runtime.update(self._idp.endpoints())
+        try:
+            argv, env = await asyncio.to_thread(idp.command)
+        except IdPError as exc:
+            raise StackError(str(exc)) from exc
+        await self._start("idp", argv, ready=idp.answers, env=env, timeout=30)
+        self.urls["idp"] = idp.issuer
+        self.runtime.update(await asyncio.to_thread(idp.endpoints))
 
     async def _start_dsn(self) -> None:
-        from beamhub.auth.jwks import RemoteJwksVerifier
-        from beamhub.auth.tokens import RevocationCache
-
-        dep = self.dep
-        if not dep.dsn.enabled:
-            return
-        try:
-            from beamhub.streaming.dsn import DataStreamingNode
-            from beamhub.streaming.template import Template
-        except ImportError as exc:
-            self.notes.append(f"DSN not started: {exc}")
-            return
-        revoked_url = self.urls["tokens"] + "revoked"
-        self._revocations = RevocationCache(revoked_url, interval=dep.tokens.revocation_poll)
-        # the DSN starts before the token service: it fetches the JWKS at its first verification
-        verifier = RemoteJwksVerifier(
-            self._tokens_api + "jwks.json",
-            issuer=dep.tokens.issuer,
-            audience=dep.tokens.audience,
-            is_revoked=self._revocations.is_revoked,
-        )
-        template = Template.load(self._resolve(dep.dsn.template) if dep.dsn.template else None)
-        self._dsn = DataStreamingNode(verifier, template, data_host=dep.dsn.data_host)
-        self.urls["dsn"] = await self._dsn.start(dep.dsn.port)
+        dep, ip = self.dep, self.dep.hub.ip
+        url = f"http://{ip}:{self.ports['dsn']}"
+        argv = [
+            PY,
+            "-m",
+            "beamhub.hub.cli",
+            "dsn",
+            "--host",
+            ip,
+            "--port",
+            str(self.ports["dsn"]),
+            "--data-host",
+            dep.dsn.data_host,
+            "--state-dir",
+            str(self.state),
+            "--jwks",
+            self.tokens_api + "jwks.json",
+            "--issuer",
+            dep.tokens.issuer,
+            "--audience",
+            dep.tokens.audience,
+            "--revocations",
+            self.tokens_api + "revoked",
+            "--revocation-poll",
+            str(dep.tokens.revocation_poll),
+        ]
+        if dep.dsn.template:
+            argv += ["--template", str(self._resolve(dep.dsn.template))]
+        await self._start("dsn", argv, ready=lambda: http_ok(url + "/api/health"))
+        self.urls["dsn"] = url
 
     def _resolve(self, path: str) -> Path:
         """A file named in beamhub.yaml: beside it, in the working directory, or shipped."""
         source = Path(self.dep.source)
         return resolve_path(path, source.resolve().parent if source.is_file() else None)
 
-    @property
-    def _gateway_why(self) -> str:
-        return self.runtime.get("gateway_skipped", "disabled in beamhub.yaml")
-
-    def _gateway_command(self) -> list[str] | None:
-        if not self.dep.gateway.enabled:
-            return None
-        cmd = [sys.executable, "-m", "beamhub.hub.gateway.service", "--state-dir", str(self.state)]
-        if Path(self.dep.source).is_file():
-            cmd += ["--deployment", str(Path(self.dep.source).resolve())]
-        cmd += ["--revoked-url", self.urls["tokens"] + "revoked"]
-        cmd += ["--jwks", self._tokens_api + "jwks.json"]
-        if self.urls.get("dsn"):
-            cmd += ["--dsn-url", self.urls["dsn"]]
-        admins = [u.username for u in self.dep.identity.users if u.admin]
-        for name in admins:
-            cmd += ["--admin", name]
-        return cmd
-
-    def _dashboard_command(self) -> list[str] | None:
-        """The shared dashboard service (widgets/dashboard_service.py) when it can run."""
-        board = self.dep.dashboard
-        if not board.enabled:
-            self.runtime["dashboard_skipped"] = "disabled in beamhub.yaml"
-            return None
-        if not self.urls.get("dsn"):
-            self.runtime["dashboard_skipped"] = "no DSN"
-            return None
-        cmd = [
-            sys.executable,
-            "-m",
-            "beamhub.widgets.dashboard_service",
-            "--state-dir",
-            str(self.state),
-            "--dsn-url",
-            self.urls["dsn"],
-            "--tokens-url",
-            self._tokens_api,
-            "--update-hz",
-            str(board.update_hz),
-            "--image-px",
-            str(board.image_px),
+    async def _start_proxy(self) -> None:
+        ip, ports = self.dep.hub.ip, self.ports
+        argv = [
+            str(npm.bin_path(self.state, "configurable-http-proxy")),
+            "--ip",
+            ip,
+            "--port",
+            str(ports["public"]),
+            "--api-ip",
+            ip,
+            "--api-port",
+            str(ports["proxy_api"]),
+            "--error-target",
+            f"http://{ip}:{ports['hub']}/hub/error",
+            "--log-level",
+            "warn",
         ]
-        if board.analysis:
-            cmd += ["--analysis", json.dumps(board.analysis)]
-        if self.dep.detector.enabled:
-            cmd += ["--project", self.dep.detector.project]
-        return cmd
+        api = f"http://{ip}:{ports['proxy_api']}/api/routes"
+        auth = {"Authorization": f"token {self.runtime['proxy_auth_token']}"}
+        await self._start(
+            "proxy",
+            argv,
+            ready=lambda: http_ok(api, headers=auth),
+            env={"CONFIGPROXY_AUTH_TOKEN": self.runtime["proxy_auth_token"]},
+            on_restart=self._proxy_restarted,
+        )
 
-    async def _wait_dashboard(self, public: str, log: Path) -> None:
-        t0 = time.monotonic()
-        if not self.runtime.get("dashboard_command"):
-            why = self.runtime.get("dashboard_skipped", "disabled")
-            self.progress(f"[5/{self.STEPS}] shared dashboard ... skipped ({why})")
-            return
-        url = f"{public}/services/dashboard/"
-        self.urls["dashboard"] = url
-        await wait_until(lambda: http_ok(url + "api/health"), 60, "the dashboard", log, self._hub)
-        self._step(5, "shared dashboard", t0, f"  {url}")
+    async def _proxy_restarted(self) -> None:
+        """A new proxy knows no routes: the hub adds them all when it starts, so restart it."""
+        hub = self.sup.children.get("hub")
+        if hub is not None and hub.proc is not None:
+            self.progress("beamhub up: restarting JupyterHub so that it routes the new proxy")
+            await self.sup.restart("hub")
 
-    def _service_subjects(self, dashboard: bool) -> dict[str, dict[str, Any]]:
-        """Hub services that ask the token service for their own subject's tokens (mint-for)."""
-        from beamhub.hub.tokens.store import ANY_PROJECT
-        from beamhub.hub.up.detector_feed import DETECTOR_USER
-        from beamhub.widgets.dashboard_service import DASHBOARD_USER
-
-        subjects: dict[str, dict[str, Any]] = {}
-        if dashboard:  # a viewer of every project: it subscribes where a member watches
-            subjects["dashboard"] = {"subject": DASHBOARD_USER, "projects": {ANY_PROJECT: "viewer"}}
-        if self.dep.detector.enabled and self.urls.get("dsn"):
-            subjects["beamhub-detector"] = {
-                "subject": DETECTOR_USER,
-                "projects": {self.dep.detector.project: "operator"},
-                "api_token": secrets.token_hex(32),  # beamhub up's own, for its detector feed
-            }
-        return subjects
-
-    def _start_hub(self, ip: str, port: int) -> None:
-        dep = self.dep
-        gateway = self._gateway_command()
+    def _write_runtime(self) -> None:
+        """runtime.json: what jupyterhub_config.py reads (0600: it holds API tokens)."""
+        dep, ip, ports = self.dep, self.dep.hub.ip, self.ports
+        services: dict[str, dict[str, Any]] = {
+            "tokens": {"port": ports["tokens"], "api_token": secrets.token_hex(32)}
+        }
+        if dep.gateway.enabled:
+            services["gateway"] = {"port": ports["gateway"], "api_token": secrets.token_hex(32)}
+        if dep.dashboard.enabled and dep.dsn.enabled:
+            services["dashboard"] = {"port": ports["dashboard"], "api_token": secrets.token_hex(32)}
         self.runtime.update(
             state_dir=str(self.state),
             ip=ip,
-            port=port,
-            hub_port=free_port(ip),
-            proxy_api_port=free_port(ip),
+            port=ports["public"],
+            hub_port=ports["hub"],
+            proxy_api_port=ports["proxy_api"],
             proxy_auth_token=secrets.token_hex(32),
+            services=services,
             mfa_required=dep.mfa_required,
             mfa_methods=dep.identity.mfa_methods,
             admin_users=[u.username for u in dep.identity.users if u.admin],
             auth_refresh_age=dep.hub.auth_refresh_age,
-            token_issuer=dep.tokens.issuer,
-            token_audience=dep.tokens.audience,
             token_ttl=dep.tokens.ttl,
             max_token_ttl=dep.max_token_ttl,
             revocation_poll=dep.tokens.revocation_poll,
@@ -367,134 +371,247 @@ class Stack:
             spawner="beamhub",
             scheduler_backend=dep.scheduler.backend,
             scheduler_options={"nodes": dep.scheduler.nodes},
+            service_subjects=self._service_subjects("dashboard" in services),
         )
-        if gateway:
-            self.runtime.update(gateway_command=gateway, gateway_port=free_port(ip))
-        dashboard = self._dashboard_command()
-        if dashboard:
-            self.runtime.update(dashboard_command=dashboard, dashboard_port=free_port(ip))
-        self.runtime["service_subjects"] = self._service_subjects(bool(dashboard))
-        path = self.state / "runtime.json"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds secrets
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.runtime, f, indent=2)
-        hub_dir = self.state / "hub"
-        hub_dir.mkdir(exist_ok=True)
-        exe = Path(sys.executable).with_name("jupyterhub")
-        log = open(self.state / "logs" / "jupyterhub.log", "ab")
-        try:
-            self._hub = subprocess.Popen(
-                [str(exe), "-f", str(Path(__file__).parents[1] / "jupyterhub_config.py")],
-                cwd=hub_dir,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                env={
-                    **os.environ,
-                    "BEAMHUB_RUNTIME": str(path),
-                    "BEAMHUB_HOME": str(self.state),
-                },
-            )
-        finally:
-            log.close()
+        (self.state / "hub").mkdir(exist_ok=True)
+        _write_secret_json(self.state / "runtime.json", self.runtime)
+
+    def _service_subjects(self, dashboard: bool) -> dict[str, dict[str, Any]]:
+        """Hub services that ask the token service for their own subject's tokens (mint-for)."""
+        from beamhub.hub.tokens.store import ANY_PROJECT
+        from beamhub.widgets.dashboard_service import DASHBOARD_USER
+
+        subjects: dict[str, dict[str, Any]] = {}
+        if dashboard:  # a viewer of every project: it subscribes where a member watches
+            subjects["dashboard"] = {"subject": DASHBOARD_USER, "projects": {ANY_PROJECT: "viewer"}}
+        if self.dep.detector.enabled and self.dep.dsn.enabled:
+            subjects["beamhub-detector"] = {
+                "subject": DETECTOR_USER,
+                "projects": {self.dep.detector.project: "operator"},
+                "api_token": secrets.token_hex(32),  # beamhub up's own, for its detector feed
+            }
+        return subjects
+
+    def _service_env(self, name: str) -> dict[str, str]:
+        """What JupyterHub gives a managed service, for one `beamhub up` runs itself."""
+        ip, svc = self.dep.hub.ip, self.runtime["services"][name]
+        scopes = json.dumps([f"access:services!service={name}"])
+        return {
+            "JUPYTERHUB_SERVICE_NAME": name,
+            "JUPYTERHUB_SERVICE_URL": f"http://{ip}:{svc['port']}",
+            "JUPYTERHUB_SERVICE_PREFIX": f"/services/{name}/",
+            "JUPYTERHUB_API_TOKEN": svc["api_token"],
+            "JUPYTERHUB_CLIENT_ID": f"service-{name}",
+            "JUPYTERHUB_API_URL": f"http://{ip}:{self.ports['hub']}/hub/api",
+            "JUPYTERHUB_BASE_URL": "/",
+            "JUPYTERHUB_HOST": "",
+            "JUPYTERHUB_OAUTH_CALLBACK_URL": f"/services/{name}/oauth_callback",
+            "JUPYTERHUB_OAUTH_ACCESS_SCOPES": scopes,
+            "JUPYTERHUB_OAUTH_SCOPES": scopes,
+            "JUPYTERHUB_PUBLIC_URL": f"{self.public}/services/{name}/",
+            "BEAMHUB_HOME": str(self.state),
+        }
+
+    async def _start_service(self, name: str, argv: list[str], probe: str) -> None:
+        url = f"{self.public}/services/{name}/{probe}"
+        await self._start(name, argv, ready=lambda: http_ok(url), env=self._service_env(name))
+
+    def _tokens_argv(self) -> list[str]:
+        dep, rt = self.dep, self.runtime
+        subjects = {s["subject"]: s["projects"] for s in rt["service_subjects"].values()}
+        return [
+            PY,
+            "-m",
+            "beamhub.hub.tokens.service",
+            "--state-dir",
+            str(self.state),
+            "--issuer",
+            dep.tokens.issuer,
+            "--audience",
+            dep.tokens.audience,
+            "--max-ttl",
+            str(dep.max_token_ttl),
+            "--ttl",
+            str(dep.tokens.ttl),
+            "--revocation-poll",
+            str(dep.tokens.revocation_poll),
+            "--service-subjects",
+            json.dumps(subjects),
+        ]
+
+    def _gateway_argv(self) -> list[str]:
+        argv = [PY, "-m", "beamhub.hub.gateway.service", "--state-dir", str(self.state)]
+        if Path(self.dep.source).is_file():
+            argv += ["--deployment", str(Path(self.dep.source).resolve())]
+        argv += ["--revoked-url", self.tokens_api + "revoked"]
+        argv += ["--jwks", self.tokens_api + "jwks.json"]
+        if self.urls.get("dsn"):
+            argv += ["--dsn-url", self.urls["dsn"]]
+        for user in self.dep.identity.users:
+            if user.admin:
+                argv += ["--admin", user.username]
+        return argv
+
+    def _dashboard_argv(self) -> list[str]:
+        board = self.dep.dashboard
+        argv = [
+            PY,
+            "-m",
+            "beamhub.widgets.dashboard_service",
+            "--state-dir",
+            str(self.state),
+            "--dsn-url",
+            self.urls["dsn"],
+            "--tokens-url",
+            self.tokens_api,
+            "--update-hz",
+            str(board.update_hz),
+            "--image-px",
+            str(board.image_px),
+        ]
+        if board.analysis:
+            argv += ["--analysis", json.dumps(board.analysis)]
+        if self.dep.detector.enabled:
+            argv += ["--project", self.dep.detector.project]
+        return argv
+
+    # --- the detector and its live figures ------------------------------------------------
 
     async def _start_detector(self) -> str:
-        """The simulated detector streaming into a DSN channel of its project; "" or why not."""
+        """The simulated detector (its own process) streaming into a DSN channel; "" or why not."""
         det = self.dep.detector
         if not det.enabled:
             return "disabled in beamhub.yaml"
-        if self._dsn is None:
+        if not self.dep.dsn.enabled:
             return "no DSN"
+        channel_file = self.state / "detector.json"
+        channel_file.unlink(missing_ok=True)
+        config = self.state / "detector-config.json"
+        cfg = feed_config(
+            dsn_url=self.urls["dsn"],
+            tokens_url=self.tokens_api,
+            project=det.project,
+            stream=det.channel,
+            rate_hz=det.rate_hz,
+            shape=list(det.shape),
+            hit_fraction=det.hit_fraction,
+            issuer=self.dep.tokens.issuer,
+            audience=self.dep.tokens.audience,
+            channel_file=str(channel_file),
+        )
+        config.write_text(json.dumps(cfg, indent=2))
+        identity = self.runtime["service_subjects"]["beamhub-detector"]["api_token"]
+        await self._start(
+            "detector",
+            [PY, "-m", "beamhub.hub.up.detector_feed", str(config)],
+            ready=channel_file.exists,
+            env={"BEAMHUB_MINT_TOKEN": identity},
+        )
+        feed = json.loads(channel_file.read_text())
+        self.urls["detector_channel"] = feed["channel"]
+        self.notes.extend(feed.get("notes", []))
+        if det.print_every_s:
+            self._live_task = asyncio.create_task(self._follow_live_figures(), name="live")
+            self.notes.append(
+                f"live figures of the detector stream printed every {det.print_every_s:g} s "
+                "(detector.print_every_s in beamhub.yaml; 0 = off)"
+            )
+        return ""
+
+    def _read_token(self) -> str:
+        """A stream.read token of the detector's project, for the live figures. Blocking."""
         from beamhub.auth.mint_client import MintForClient
-        from beamhub.hub.up.detector_feed import DetectorFeed
 
         identity = self.runtime["service_subjects"]["beamhub-detector"]["api_token"]
-        tokens = MintForClient(self._tokens_api, identity)
-        self._feed = DetectorFeed(self.dep, tokens, self._dsn, self.urls["dsn"], self.progress)
-        why = await self._feed.start()
-        if not why:
-            self.urls["detector_channel"] = self._feed.channel_id
-            if self.dep.detector.print_every_s:
-                self._start_live_figures(await asyncio.to_thread(self._feed.read_token))
-        self.notes.extend(self._feed.notes)
-        return why
-
-    def _start_live_figures(self, token: str) -> None:
-        """A monitor consumer of the detector channel printing a live line (hub/up/live_figures.py)."""
-        det = self.dep.detector
-        from beamhub.hub.up.live_figures import LiveFigures
-
-        dsn, channel_id = self._dsn, self._feed.channel_id
-        self._live = LiveFigures(
-            self.urls["dsn"],
-            channel_id,
-            token,
-            f"{det.channel} {det.project}",
-            every_s=det.print_every_s,
-            analysis=self.dep.dashboard.analysis,
-            dsn_stats=lambda: dsn.data_plane.stats(channel_id),
-            progress=self.progress,
+        token, _ = MintForClient(self.tokens_api, identity).mint(
+            DETECTOR_USER,
+            self.dep.detector.project,
+            ["stream.read"],
+            kind="service",
+            description="beamhub up: live figures",
         )
-        self._live.start()
-        self.notes.append(
-            f"live figures of the detector stream printed every {det.print_every_s:g} s "
-            "(detector.print_every_s in beamhub.yaml; 0 = off)"
-        )
+        return token
 
-    # --- stop -------------------------------------------------------------------------------
+    async def _follow_live_figures(self) -> None:
+        """Print live figures of the detector's channel; follow it when the feed re-creates it."""
+        det, current = self.dep.detector, ""
+        while True:
+            try:
+                channel = json.loads((self.state / "detector.json").read_text())["channel"]
+            except (OSError, ValueError, KeyError):
+                channel = current
+            alive = self._live is not None and self._live.alive
+            if channel and (channel != current or not alive):
+                if self._live is not None:
+                    await asyncio.to_thread(self._live.stop)
+                try:
+                    token = await asyncio.to_thread(self._read_token)
+                except Exception as exc:  # the token service may be restarting
+                    self.progress(f"beamhub up: live figures paused: {exc}")
+                    await asyncio.sleep(5)
+                    continue
+                self._live = LiveFigures(
+                    self.urls["dsn"],
+                    channel,
+                    token,
+                    f"{det.channel} {det.project}",
+                    every_s=det.print_every_s,
+                    analysis=self.dep.dashboard.analysis,
+                    dsn_stats=lambda c=channel: self._dsn_stats(c),
+                    progress=self.progress,
+                )
+                self._live.start()
+                current = channel
+                self.urls["detector_channel"] = channel
+            await asyncio.sleep(2)
 
-    def _remember_hub_children(self) -> None:
-        import psutil
+    def _dsn_stats(self, channel: str) -> dict[str, Any] | None:
+        """The channel's DSN counters for the live line (None while they cannot be read)."""
+        import jwt
 
-        if self._hub is None:
-            return
         try:
-            for child in psutil.Process(self._hub.pid).children(recursive=True):
-                self._hub_children.add(child.pid)
-        except psutil.NoSuchProcess:
-            pass
+            if self._stats_exp - time.time() < 10:  # tokens are short-lived: take a fresh one
+                self._stats_token = self._read_token()
+                claims = jwt.decode(self._stats_token, options={"verify_signature": False})
+                self._stats_exp = float(claims["exp"])
+            req = urllib.request.Request(  # noqa: S310 - our own DSN on loopback
+                f"{self.urls['dsn']}/api/channels/{channel}",
+                headers={"Authorization": f"Bearer {self._stats_token}"},
+            )
+            with urllib.request.urlopen(req, timeout=2) as resp:  # noqa: S310
+                return json.load(resp).get("stats")
+        except Exception:  # the DSN or the token service is restarting: "unavailable"
+            return None
+
+    # --- stop -----------------------------------------------------------------------------
+
+    def user_servers(self) -> int:
+        """How many user servers the hub's database says are running (they outlive the stack)."""
+        import sqlite3
+
+        db = self.state / "hub" / "jupyterhub.sqlite"
+        if not db.exists():
+            return 0
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            try:
+                (n,) = conn.execute(
+                    "SELECT COUNT(*) FROM spawners WHERE server_id IS NOT NULL"
+                ).fetchone()
+            except sqlite3.Error:
+                return 0
+        return int(n)
 
     async def stop(self) -> None:
-        """Stop everything in reverse order; safe to call after a partial start."""
-        import psutil
-
+        """Stop every service in reverse order; safe after a partial start. Servers stay."""
+        if self._live_task is not None:
+            self._live_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._live_task
         if self._live is not None:
             await asyncio.to_thread(self._live.stop)
-        if self._feed is not None:
-            await self._feed.stop()
-        if self._revocations is not None:
-            await asyncio.to_thread(self._revocations.close)
-        self._remember_hub_children()
-        await asyncio.to_thread(stop_process, self._hub)
-        for pid in self._hub_children:  # servers/services in their own sessions
-            try:
-                proc = psutil.Process(pid)
-                proc.terminate()
-                proc.wait(5)
-            except psutil.TimeoutExpired:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        if self._dsn is not None:
-            await self._dsn.stop()
-        if self._idp is not None:
-            await asyncio.to_thread(self._idp.stop)
+        await self.sup.stop()
 
     async def watch(self, stop: asyncio.Event) -> str:
-        """Wait until ``stop`` is set or a part dies; return why."""
-        while not stop.is_set():
-            self._remember_hub_children()
-            if self._hub is not None and self._hub.poll() is not None:
-                return f"JupyterHub exited with status {self._hub.returncode}"
-            if (
-                self._idp is not None
-                and self._idp.proc is not None
-                and self._idp.proc.poll() is not None
-            ):
-                return "the identity provider exited"
-            try:
-                await asyncio.wait_for(stop.wait(), 1.0)
-            except TimeoutError:
-                pass
+        """Wait until ``stop`` is set (a crashed service is the supervisor's business)."""
+        await stop.wait()
         return "stop requested"

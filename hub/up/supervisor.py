@@ -86,6 +86,7 @@ class Child:
     last_exit: int | None = None
     last_exit_at: float | None = None
     task: asyncio.Task | None = None
+    requested: bool = False  # the next exit was asked for (restart()), not a crash
 
     def status(self) -> dict[str, Any]:
         return {
@@ -189,10 +190,14 @@ class Supervisor:
             child.state = "restarting"
             self._write_status()
             how = f"signal {-code}" if code < 0 else f"status {code}"
-            self.say(
-                f"beamhub up: {child.spec.name} exited ({how}); restart #{child.restarts} "
-                f"in {delay:g} s (log: {child.spec.log_path})"
-            )
+            if child.requested:
+                child.requested, delay = False, 0.0
+                self.say(f"beamhub up: restarting {child.spec.name} ({how})")
+            else:
+                self.say(
+                    f"beamhub up: {child.spec.name} exited ({how}); restart #{child.restarts} "
+                    f"in {delay:g} s (log: {child.spec.log_path})"
+                )
             await asyncio.sleep(delay)
             if self._stopping:
                 return
@@ -212,6 +217,14 @@ class Supervisor:
                     await child.spec.on_restart()
                 except Exception as exc:  # the child runs; only the follow-up failed
                     self.say(f"beamhub up: after restarting {child.spec.name}: {exc}")
+
+    async def restart(self, name: str) -> None:
+        """Stop ``name`` (SIGTERM to its group); its keeper starts it again at once."""
+        child = self.children[name]
+        if child.proc is not None and child.proc.poll() is None:
+            child.requested = True
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.proc.pid, signal.SIGTERM)
 
     # --- stop ---------------------------------------------------------------------------
 

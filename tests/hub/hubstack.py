@@ -86,12 +86,20 @@ class RunningStack:
         assert r.status_code == 201, r.text
         return r.json()["token"]
 
-    def stop(self, timeout: float = 60.0, sig: int = signal.SIGTERM) -> int | None:
-        """Send `beamhub up` ``sig`` (SIGTERM, or SIGINT as Ctrl-C does); returns its exit status."""
+    def stop(
+        self, timeout: float = 60.0, sig: int = signal.SIGTERM, keep_servers: bool = False
+    ) -> int | None:
+        """Send `beamhub up` ``sig`` (SIGTERM, or SIGINT as Ctrl-C does); return its status.
+
+        User servers outlive `beamhub up` by design (the next one re-attaches them): unless
+        ``keep_servers``, they are stopped through the hub's API first, so nothing is left.
+        """
         if self.proc is None:
             return None
         self.remember()
         if self.proc.poll() is None:
+            if not keep_servers:
+                self.stop_servers()
             self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
@@ -99,6 +107,26 @@ class RunningStack:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         return self.proc.returncode
+
+    def stop_servers(self, timeout: float = 60.0) -> None:
+        """Stop every running user server through the hub's API and wait until they are gone."""
+        try:
+            users = requests.get(f"{self.hub}api/users", headers=self.admin, timeout=10).json()
+        except (requests.RequestException, ValueError, KeyError):
+            return
+        for user in users:
+            for name in user.get("servers") or {}:
+                requests.delete(
+                    f"{self.hub}api/users/{user['name']}/servers/{name}",
+                    headers=self.admin,
+                    timeout=30,
+                )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            users = requests.get(f"{self.hub}api/users", headers=self.admin, timeout=10).json()
+            if not any(u.get("servers") for u in users):
+                return
+            time.sleep(0.25)
 
     def survivors(self) -> list[psutil.Process]:
         alive = []

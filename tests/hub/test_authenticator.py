@@ -98,7 +98,7 @@ async def test_pre_spawn_start_asks_the_token_service(dev_stack: RunningStack) -
     auth = _auth(
         dev_stack.state,
         token_service_url=dev_stack.tokens,
-        token_service_api_url=f"http://{rt['ip']}:{rt['tokens_port']}/services/tokens/",
+        token_service_api_url=f"http://{rt['ip']}:{rt['services']['tokens']['port']}/services/tokens/",
         token_service_api_token=rt["hub_api_token"],
         dsn_url="http://dsn",
     )

@@ -6,10 +6,11 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
-from tests.hub.hubstack import RunningStack, login
+from tests.hub.hubstack import RunningStack, login, process_env, spawn
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -68,3 +69,38 @@ def test_stack_starts_again_after_logins_with_the_same_users_and_roles(
         _, r = login(stack, "bob", "bob-dev")
         assert r.status_code == 200 and r.url.endswith("/hub/home"), r.status_code
         assert _users(stack)["bob"] == EXPECTED["bob"]
+
+
+def _server_pid(stack: RunningStack, user: str) -> int:
+    """The pid of ``user``'s jupyterhub-singleuser process (found by its environment)."""
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if "jupyterhub-singleuser" not in " ".join(proc.info["cmdline"] or []):
+            continue
+        try:
+            if process_env(proc.info["pid"]).get("JUPYTERHUB_USER") == user:
+                return proc.info["pid"]
+        except OSError:
+            continue
+    raise AssertionError(f"no server process of {user}")
+
+
+def test_running_servers_outlive_a_stop_and_are_reattached(stack: RunningStack) -> None:
+    stack.start()
+    session, r = login(stack, "alice", "alice-dev")
+    assert r.status_code == 200
+    spawn(stack, session, "alice")
+    pid = _server_pid(stack, "alice")
+    token = {"Authorization": f"token {stack.user_api_token('alice')}"}
+    status_url = stack.hub.replace("/hub/", "/user/alice/api/status")
+    assert requests.get(status_url, headers=token, timeout=10).status_code == 200
+
+    assert stack.stop(sig=signal.SIGINT, keep_servers=True) == 0, stack.output()[-3000:]
+    assert "1 user server(s) keep running" in stack.output()
+    assert psutil.pid_exists(pid), "alice's server died with the stack"
+
+    stack.start()
+    model = requests.get(f"{stack.hub}api/users/alice", headers=stack.admin, timeout=10).json()
+    assert model["servers"][""]["ready"], model
+    assert _server_pid(stack, "alice") == pid  # the same process, re-attached, not a new one
+    r = requests.get(status_url, headers=token, timeout=10)
+    assert r.status_code == 200, r.text  # reachable through the new proxy
