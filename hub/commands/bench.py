@@ -16,7 +16,7 @@ KINDS = ("stream", "spawn", "analysis", "steer", "gateway", "liveview")
 
 def available() -> list[str]:
     """Benchmark modules present under ``bench/`` (each exposes ``main(argv) -> int``)."""
-    spec = importlib.util.find_spec("bench")
+    spec = importlib.util.find_spec("beamhub.bench")
     if spec is None or not spec.submodule_search_locations:
         return []
     found = pkgutil.iter_modules(spec.submodule_search_locations)
@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "bench",
         help="run a benchmark (JSON with --json): " + ", ".join(KINDS),
-        description="Runs bench.<KIND>.main(ARGS); e.g. `beamhub bench stream --json`.",
+        description="Runs beamhub.bench.<KIND>.main(ARGS); e.g. `beamhub bench stream --json`.",
     )
     parser.add_argument("kind", metavar="KIND", help=" | ".join(KINDS))
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _bench(args: argparse.Namespace) -> int:
     kinds = available()
-    module = importlib.import_module(f"bench.{args.kind}") if args.kind in kinds else None
+    module = importlib.import_module(f"beamhub.bench.{args.kind}") if args.kind in kinds else None
     if module is None or not callable(getattr(module, "main", None)):
         runnable = [k for k in kinds if k in KINDS] or kinds
         print(
