@@ -17,6 +17,7 @@ COMMANDS = [
     "source",
     "consume",
     "token",
+    "totp",
     "check",
     "policy",
     "audit",

@@ -162,13 +162,24 @@ def _print_ready(dep, stack) -> None:
     _say(f"  identity        {u['idp']}")
     if dep.identity.provider == "embedded" and dep.identity.users:
         _say("")
-        _say("  dev logins (user / password: roles; MFA = the IdP asserts a second factor):")
+        _say("  dev logins (user / password: roles; TOTP = enrolled in a one-time-code factor):")
         for user in dep.identity.users:
             roles = ", ".join(f"{r} of {p}" for p, r in user.projects.items()) or "no project"
-            mfa = "MFA" if set(user.amr) & set(dep.identity.mfa_methods) else "password only"
+            mfa = "TOTP" if "otp" in user.amr else "password only"
             _say(f"    {user.username:8} / {user.password:12}  {roles}; {mfa}")
     if dep.mfa_required:
-        _say(f"  the {dep.enclave} enclave requires MFA: password-only users are refused")
+        _say(
+            f"  the {dep.enclave} enclave requires MFA: TOTP users enter a one-time code after the "
+            "password (`beamhub totp USER` prints the current one); password-only users are refused"
+        )
+    if stack.new_totp:
+        from beamhub.hub.up import totp
+
+        secrets = totp.load_secrets(stack.state)
+        _say("  new TOTP enrolments, shown once (add them to an authenticator app; kept 0600 in")
+        _say(f"  {stack.state / totp.FILE}):")
+        for name in stack.new_totp:
+            _say(f"    {name:8} {totp.otpauth_uri(name, secrets[name])}")
     for note in stack.notes:
         _say(f"  note: {note}")
     _say("")

@@ -79,7 +79,7 @@ class UserSpec:
     username: str
     password: str = field(default="", repr=False)  # dev IdP password: never in a repr
     email: str = ""
-    #: authentication methods the dev IdP asserts for this user; ["pwd", "otp"] counts as MFA
+    #: factors the user is enrolled in: "otp" = TOTP, asked by the dev IdP where MFA is required
     amr: list[str] = field(default_factory=lambda: ["pwd"])
     acr: str = ""
     #: project -> role (pi, operator, member, viewer)

@@ -1,20 +1,35 @@
 // The dev enclave's OpenID provider: npm oidc-provider on loopback, users from beamhub.yaml.
 //
 // usage: node hub/up/idp.mjs CONFIG.json
-// CONFIG: {host, port, client_id, client_secret, redirect_uris: [...], users: [{username, password,
-//          email, amr: [...], acr, projects: {project: role}}]}
+// CONFIG: {host, port, client_id, client_secret, redirect_uris: [...], require_otp: bool,
+//          users: [{username, password, email, totp_secret?, projects: {project: role}}]}
 // Prints one JSON line {"issuer": URL} on stdout once listening. Stops on SIGTERM/SIGINT.
-// Login checks the user's password (constant-time); the login result carries the user's `amr`/`acr`
-// so the hub can enforce MFA, and userinfo releases them with the projects/groups claims.
+// Login checks the user's password (constant-time); where the enclave requires MFA (require_otp)
+// it then asks an enrolled user for a one-time code (TOTP, RFC 6238, npm otplib). The login's
+// `amr` says what was checked — ["pwd", "otp"] only after a good code — and userinfo releases it
+// with the projects/groups claims, so the hub can enforce MFA. Wrong, reused and expired codes are
+// refused and count towards a lockout.
 import { createServer } from 'node:http';
 import { generateKeyPairSync, randomBytes, timingSafeEqual, createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 
 import Provider from 'oidc-provider';
+import { authenticator } from 'otplib';
 
 const config = JSON.parse(readFileSync(process.argv[2], 'utf8'));
 const users = new Map(config.users.map((u) => [u.username, u]));
 const MAX_BODY = 16 * 1024;
+const OTP_STEP_MS = 30 * 1000;
+const OTP_MAX_FAILURES = 5;
+const OTP_LOCKOUT_MS = 5 * 60 * 1000;
+authenticator.options = { window: 1 }; // one 30-s step either side: clock skew, slow typing
+
+// username -> {amr, acr} of the user's most recent sign-in (what userinfo reports)
+const lastAuth = new Map();
+// interaction uid -> username whose password was right and who still owes a code
+const pendingOtp = new Map();
+// username -> {failures, lockedUntil, lastStep}
+const otpState = new Map();
 
 function claimsFor(user) {
   const projects = user.projects || {};
@@ -27,8 +42,7 @@ function claimsFor(user) {
     projects,
     // JupyterHub group names: one per project, one per project role
     groups: Object.entries(projects).flatMap(([p, r]) => [p, `${p}:${r}`]),
-    amr: user.amr || ['pwd'],
-    acr: user.acr || ((user.amr || []).length > 1 ? 'mfa' : 'pwd'),
+    ...(lastAuth.get(user.username) || { amr: ['pwd'], acr: 'pwd' }),
   };
 }
 
@@ -54,6 +68,42 @@ function loginForm(uid, error, login) {
 <label>User <input name="login" value="${esc(login || '')}" autofocus required></label>
 <label>Password <input name="password" type="password" required></label>
 <button type="submit">Sign in</button></form>`);
+}
+
+function otpForm(uid, error) {
+  return page('One-time code', `${error ? `<p class="error" role="alert">${esc(error)}</p>` : ''}
+<p>This enclave requires a second factor. Enter the 6-digit code from your authenticator app.</p>
+<form method="post" action="/interaction/${esc(uid)}/otp" autocomplete="off">
+<input type="hidden" name="prompt" value="otp">
+<label>Code <input name="code" inputmode="numeric" pattern="[0-9]{6}" maxlength="6" autofocus required></label>
+<button type="submit">Verify</button></form>`);
+}
+
+// Check a code for `username`; returns null when accepted, else the message to show.
+function checkOtp(username, secret, code) {
+  const now = Date.now();
+  const st = otpState.get(username) || { failures: 0, lockedUntil: 0, lastStep: -1 };
+  otpState.set(username, st);
+  if (st.lockedUntil > now) {
+    return `Too many wrong codes: this account is locked for ${Math.ceil((st.lockedUntil - now) / 1000)} s more.`;
+  }
+  const delta = /^[0-9]{6}$/.test(code) ? authenticator.checkDelta(code, secret) : null;
+  const step = Math.floor(now / OTP_STEP_MS) + (delta ?? 0);
+  let why = null;
+  if (delta === null) why = 'Wrong or expired code.';
+  else if (step <= st.lastStep) why = 'This code was already used; wait for the next one.';
+  if (why === null) {
+    st.failures = 0;
+    st.lastStep = step;
+    return null;
+  }
+  st.failures += 1;
+  if (st.failures >= OTP_MAX_FAILURES) {
+    st.failures = 0;
+    st.lockedUntil = now + OTP_LOCKOUT_MS;
+    return `${why} Too many wrong codes: this account is locked for ${OTP_LOCKOUT_MS / 1000} s.`;
+  }
+  return `${why} ${OTP_MAX_FAILURES - st.failures} attempt(s) left before a lockout.`;
 }
 
 function consentForm(uid, clientId, scopes) {
@@ -120,7 +170,7 @@ server.listen(config.port || 0, config.host || '127.0.0.1', () => {
 
   server.on('request', async (req, res) => {
     const url = new URL(req.url, issuer);
-    const m = url.pathname.match(/^\/interaction\/([\w-]+)(?:\/(login|confirm|abort))?$/);
+    const m = url.pathname.match(/^\/interaction\/([\w-]+)(?:\/(login|otp|confirm|abort))?$/);
     if (!m) return oidc(req, res);
     try {
       const details = await provider.interactionDetails(req, res);
@@ -146,9 +196,32 @@ server.listen(config.port || 0, config.host || '127.0.0.1', () => {
           console.error(`idp: refused sign-in for ${JSON.stringify(login.slice(0, 64))}`);
           return send(res, 401, loginForm(uid, 'Unknown user or wrong password.', login));
         }
-        const claims = claimsFor(user);
+        if (config.require_otp && user.totp_secret) {
+          pendingOtp.set(uid, user.username);
+          return send(res, 200, otpForm(uid));
+        }
+        // no second factor checked: the hub refuses this login where the enclave requires MFA
+        lastAuth.set(user.username, { amr: ['pwd'], acr: 'pwd' });
         return provider.interactionFinished(req, res, {
-          login: { accountId: user.username, amr: claims.amr, acr: claims.acr },
+          login: { accountId: user.username, amr: ['pwd'], acr: 'pwd' },
+        }, { mergeWithLastSubmission: false });
+      }
+      if (action === 'otp') {
+        const username = pendingOtp.get(uid);
+        if (details.prompt.name !== 'login' || !username) {
+          return send(res, 400, page('Error', '<p>Sign in with your password first.</p>'));
+        }
+        const why = checkOtp(username, users.get(username).totp_secret, (form.get('code') || '').trim());
+        if (why) {
+          console.error(`idp: refused one-time code for ${JSON.stringify(username)}: ${why}`);
+          const locked = why.includes('locked');
+          if (locked) pendingOtp.delete(uid);
+          return send(res, locked ? 429 : 401, locked ? page('Sign-in refused', `<p role="alert">${esc(why)}</p>`) : otpForm(uid, why));
+        }
+        pendingOtp.delete(uid);
+        lastAuth.set(username, { amr: ['pwd', 'otp'], acr: 'mfa' });
+        return provider.interactionFinished(req, res, {
+          login: { accountId: username, amr: ['pwd', 'otp'], acr: 'mfa' },
         }, { mergeWithLastSubmission: false });
       }
       if (details.prompt.name !== 'consent') return send(res, 400, page('Error', '<p>not a consent step</p>'));

@@ -47,8 +47,15 @@ class EmbeddedIdP:
         host: str = "127.0.0.1",
         port: int = 0,
         log_path: str | os.PathLike | None = None,
+        *,
+        require_otp: bool = False,
+        totp_secrets: dict[str, str] | None = None,
     ) -> None:
         self.users = list(users)
+        #: ask enrolled users for a one-time code after the password (the enclave requires MFA)
+        self.require_otp = require_otp
+        #: username -> TOTP secret of the users enrolled in a second factor (hub/up/totp.py)
+        self.totp_secrets = dict(totp_secrets or {})
         self.client_id = client_id
         self.client_secret = client_secret
         self.redirect_uris = redirect_uris
@@ -66,21 +73,26 @@ class EmbeddedIdP:
             "client_id": self.client_id,
             "client_secret": self.client_secret,
             "redirect_uris": self.redirect_uris,
+            "require_otp": self.require_otp,
             "users": [
                 {
                     "username": u.username,
                     "password": u.password,
                     "email": u.email,
-                    "amr": u.amr,
-                    "acr": u.acr,
                     "projects": u.projects,
+                    **(
+                        {"totp_secret": self.totp_secrets[u.username]}
+                        if u.username in self.totp_secrets
+                        else {}
+                    ),
                 }
                 for u in self.users
             ],
         }
         self.state_dir.mkdir(parents=True, exist_ok=True)
         path = self.state_dir / "idp-config.json"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds dev passwords
+        # holds dev passwords and TOTP secrets
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(cfg, f)
         return path

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from beamhub.hub.enclave import resolve_path
-from beamhub.hub.up import npm
+from beamhub.hub.up import npm, totp
 from beamhub.hub.up.deployment import Deployment
 from beamhub.hub.up.detector_feed import DETECTOR_USER, feed_config
 from beamhub.hub.up.idp import EmbeddedIdP, IdPError
@@ -89,6 +89,8 @@ class Stack:
         self.urls: dict[str, str] = {}
         self.notes: list[str] = []
         self.ports: dict[str, int] = {}
+        #: dev users enrolled in TOTP on this start (their secrets are shown once)
+        self.new_totp: list[str] = []
         self.sup = Supervisor(state / "status.json", say=progress)
         self._live: LiveFigures | None = None
         self._live_task: asyncio.Task | None = None
@@ -253,6 +255,8 @@ class Stack:
                 login_service="facility identity provider",
             )
             return
+        enrolled = [u.username for u in ident.users if "otp" in u.amr]
+        totp_secrets, self.new_totp = totp.enrol(self.state, enrolled)
         idp = EmbeddedIdP(
             ident.users,
             ident.client_id,
@@ -260,6 +264,8 @@ class Stack:
             [f"{self.public}/hub/oauth_callback"],
             self.state,
             port=self.ports["idp"],
+            require_otp=self.dep.mfa_required,
+            totp_secrets=totp_secrets,
         )
         try:
             argv, env = await asyncio.to_thread(idp.command)

@@ -67,8 +67,15 @@ def wait_for(check: Callable[[], Any], timeout: float, what: str, period: float 
         time.sleep(period)
 
 
-def sign_in(context: BrowserContext, hub: str, user: str, password: str) -> tuple[Page, Response]:
-    """Hub login page -> "Sign in with ..." -> the IdP's login form -> its consent form -> hub.
+def sign_in(
+    context: BrowserContext,
+    hub: str,
+    user: str,
+    password: str,
+    otp: Callable[[], str] | None = None,
+) -> tuple[Page, Response]:
+    """Hub login page -> "Sign in with ..." -> the IdP's login form (-> its one-time code form,
+    where ``otp()`` gives the code to type) -> its consent form -> hub.
 
     Returns the page and the response of the hub's OAuth callback (200 home, 403 refused).
     """
@@ -79,6 +86,10 @@ def sign_in(context: BrowserContext, hub: str, user: str, password: str) -> tupl
     page.fill("input[name=login]", user)
     page.fill("input[name=password]", password)
     page.get_by_role("button", name="Sign in").click()
+    if otp is not None:
+        page.get_by_label("Code").wait_for()
+        page.keyboard.type(otp(), delay=50)  # typed, as a person types it
+        page.get_by_role("button", name="Verify").click()
     page.get_by_role("button", name="Continue").wait_for()
     with page.expect_response(re.compile(r".*/hub/oauth_callback.*")) as callback:
         page.get_by_role("button", name="Continue").click()

@@ -15,6 +15,8 @@ from urllib.parse import urljoin
 import psutil
 import requests
 
+from beamhub.hub.up import totp
+
 BEAMHUB = str(Path(sys.executable).with_name("beamhub"))
 
 
@@ -150,18 +152,45 @@ def _form_action(response: requests.Response) -> str:
     return urljoin(response.url, match.group(1))
 
 
+#: (state dir, user) -> the last TOTP time step a test used (the IdP refuses a reused code)
+_LAST_OTP_STEP: dict[tuple[str, str], int] = {}
+
+
+def otp_code(stack: RunningStack, user: str) -> str:
+    """A one-time code the dev IdP accepts now for ``user`` (never one a test already used).
+
+    The IdP takes one step either side of now, so up to three logins per 30 s need no waiting.
+    """
+    secret = totp.load_secrets(stack.state)[user]
+    key = (str(stack.state), user)
+    while True:
+        now = int(time.time() // totp.STEP_S)
+        step = max(now - 1, _LAST_OTP_STEP.get(key, -10) + 1)
+        if step <= now + 1:
+            _LAST_OTP_STEP[key] = step
+            return totp.code(secret, at=step * totp.STEP_S + 1)
+        time.sleep(0.5)  # every usable code is spent: the next step brings a new one
+
+
 def login(
-    stack: RunningStack, user: str, password: str
+    stack: RunningStack, user: str, password: str, otp: str | None = None
 ) -> tuple[requests.Session, requests.Response]:
-    """Browserless OIDC login: hub -> IdP login form -> consent form -> hub callback."""
+    """Browserless OIDC login: hub -> IdP login form (-> one-time code) -> consent -> hub.
+
+    Where the IdP asks for a one-time code, ``otp`` is sent, or else the right code is computed
+    from the secrets `beamhub up` enrolled in the state dir.
+    """
     s = requests.Session()
     r = s.get(stack.hub + "oauth_login", params={"next": "/hub/home"}, timeout=20)
     assert r.status_code == 200 and "/interaction/" in r.url, (r.status_code, r.url)
     r = s.post(
         _form_action(r), data={"prompt": "login", "login": user, "password": password}, timeout=20
     )
+    if r.status_code == 200 and 'name="code"' in r.text:
+        code = otp if otp is not None else otp_code(stack, user)
+        r = s.post(_form_action(r), data={"prompt": "otp", "code": code}, timeout=20)
     if r.status_code != 200 or "Authorize" not in r.text:
-        return s, r  # refused at the IdP
+        return s, r  # refused at the IdP, or no consent needed
     r = s.post(_form_action(r), data={"prompt": "consent"}, timeout=30)
     return s, r
 

@@ -86,11 +86,8 @@ def test_projects_become_groups_and_roles_auth_state_encrypted(dev_stack: Runnin
     assert set(model["groups"]) == {"p-1001", "p-1001:operator"}
     assert model["roles"] == ["beamhub-operator"]
     state = model["auth_state"]
-    assert state["beamhub"] == {
-        "projects": {"p-1001": "operator"},
-        "mfa": True,
-        "amr": ["pwd", "otp"],
-    }
+    # the dev enclave asks for no second factor, so the IdP reports only the password
+    assert state["beamhub"] == {"projects": {"p-1001": "operator"}, "mfa": False, "amr": ["pwd"]}
     assert state["refresh_token"]
     db = sqlite3.connect(dev_stack.state / "hub" / "jupyterhub.sqlite")
     (blob,) = db.execute("SELECT encrypted_auth_state FROM users WHERE name='oscar'").fetchone()
@@ -110,11 +107,34 @@ def test_user_without_project_refused_with_reason(dev_stack: RunningStack) -> No
 
 
 def test_moderate_refuses_login_without_mfa(moderate_stack: RunningStack) -> None:
-    _, r = login(moderate_stack, "bob", "bob-dev")
+    _, r = login(moderate_stack, "bob", "bob-dev")  # not enrolled: password only
     assert r.status_code == 403
     assert "requires multi-factor authentication" in r.text and "pwd" in r.text
-    _, r = login(moderate_stack, "alice", "alice-dev")  # pwd + otp
+    _, r = login(moderate_stack, "alice", "alice-dev")  # password, then a computed TOTP code
     assert r.status_code == 200 and r.url.endswith("/hub/home")
+    model = requests.get(
+        f"{moderate_stack.hub}api/users/alice", headers=moderate_stack.admin, timeout=10
+    ).json()
+    assert model["auth_state"]["beamhub"]["amr"] == ["pwd", "otp"]  # only after a checked code
+
+
+def test_moderate_refuses_wrong_and_reused_codes_and_locks_out(
+    moderate_stack: RunningStack,
+) -> None:
+    from tests.hub.hubstack import otp_code
+
+    _, r = login(moderate_stack, "carol", "carol-dev", otp="000000")
+    assert r.status_code == 401 and "Wrong or expired code" in r.text
+    assert "attempt(s) left" in r.text
+    good = otp_code(moderate_stack, "carol")
+    _, r = login(moderate_stack, "carol", "carol-dev", otp=good)
+    assert r.status_code == 200 and r.url.endswith("/hub/home")
+    _, r = login(moderate_stack, "carol", "carol-dev", otp=good)  # the same code again
+    assert r.status_code == 401 and "already used" in r.text
+    for _ in range(4):  # with the reused one: five wrong codes in a row
+        login(moderate_stack, "carol", "carol-dev", otp="123x56")
+    _, r = login(moderate_stack, "carol", "carol-dev")  # a right code, but locked out by now
+    assert r.status_code == 429 and "locked" in r.text
 
 
 def test_viewer_cannot_create_a_channel_or_steer_operator_can(dev_stack: RunningStack) -> None:
