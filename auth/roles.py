@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-__all__ = ["KNOWN_SCOPES", "ROLES", "ROLE_SCOPES", "STEER_ROLES", "rank", "scopes_for"]
+__all__ = [
+    "ADMIN_MAX_TTL",
+    "ADMIN_SCOPE",
+    "FACILITY_SCOPES",
+    "KNOWN_SCOPES",
+    "METRICS_SCOPE",
+    "ROLES",
+    "ROLE_SCOPES",
+    "STEER_ROLES",
+    "rank",
+    "scopes_for",
+]
 
 #: Project roles, strongest first. pi/operator may steer; member may analyse; viewer only watches.
 ROLES = ("pi", "operator", "member", "viewer")
@@ -18,9 +29,22 @@ ROLE_SCOPES: dict[str, tuple[str, ...]] = {
     "viewer": ("stream.read", "dashboard"),
 }
 
+#: A facility admin's power (approve beamtime windows, anything the gateway's policy grants the
+#: ``admin`` role). A token carries it only if a hub admin asked for it by name; it is never part
+#: of a server's delegated token, and it lives at most :data:`ADMIN_MAX_TTL` seconds. Services
+#: grant admin power from this scope, never from the token's subject alone.
+ADMIN_SCOPE = "admin"
+#: Read the gateway's Prometheus metrics (``/metrics``) from anywhere; minted for hub admins only.
+METRICS_SCOPE = "metrics"
+#: Scopes no project role holds: only hub admins may ask for them, by name.
+FACILITY_SCOPES = frozenset({ADMIN_SCOPE, METRICS_SCOPE})
+#: The longest lifetime of a token that carries :data:`ADMIN_SCOPE`, in seconds.
+ADMIN_MAX_TTL = 300
+
 #: Every scope a project token may carry.
 KNOWN_SCOPES = frozenset(
     {"stream.read", "stream.publish", "stream.admin", "steer", "reserve", "jobs", "dashboard"}
+    | FACILITY_SCOPES
 )
 
 

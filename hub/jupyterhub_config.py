@@ -87,6 +87,8 @@ def configure(c: Any, rt: dict[str, Any]) -> None:
     a.userdata_url = rt["userdata_url"]
     a.oauth_callback_url = f"{public}/hub/oauth_callback"
     a.login_service = rt.get("login_service", "beamhub dev identity provider")
+    # the hub's logout also ends the identity provider's session (the dev IdP's end_session)
+    a.logout_redirect_url = rt.get("logout_url", "")
     a.mfa_required = rt["mfa_required"]
     a.mfa_methods = rt["mfa_methods"]
     a.admin_users = set(rt.get("admin_users", []))
@@ -163,6 +165,15 @@ def configure(c: Any, rt: dict[str, Any]) -> None:
                 "name": "beamhub-gateway-jobs",
                 "description": "the gateway submits, lists and cancels jobs for its callers",
                 "scopes": [jobs_api.ACT_FOR_SCOPE],
+                "services": ["gateway"],
+            }
+        )
+        # its audit chain's head is signed and kept by the token service (the anchor of the log)
+        c.JupyterHub.load_roles.append(
+            {
+                "name": "beamhub-gateway-audit",
+                "description": "the gateway posts audit checkpoints to the token service",
+                "scopes": [tokens_api.AUDIT_CHECKPOINT_SCOPE, "access:services!service=tokens"],
                 "services": ["gateway"],
             }
         )

@@ -9,6 +9,7 @@ field?}``, bodies bounded before reading) identified by the hub (JupyterHub's
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,14 +18,17 @@ from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated
 from tornado import httputil
 
 from beamhub.auth.api import ApiError, JsonApiHandler
+from beamhub.auth.roles import FACILITY_SCOPES
 from beamhub.auth.tokens import TokenError, TokenVerifier
-from beamhub.hub.tokens.store import Delegator, MintRefused, TokenStore
+from beamhub.hub.tokens.store import Delegator, IssuedToken, MintRefused, TokenStore
 
 __all__ = [
+    "AUDIT_CHECKPOINT_SCOPE",
     "CUSTOM_SCOPES",
     "MAX_BODY",
     "MAX_UPLOAD",
     "MINT_FOR_SCOPE",
+    "REFRESH_GRACE",
     "BaseHandler",
     "IntrospectHandler",
     "JwksHandler",
@@ -49,18 +53,28 @@ MAX_UPLOAD = 64 * 1024 * 1024
 #: JupyterHub custom scope: mint a project token for the subject a request names. A filter narrows
 #: it to one subject, e.g. ``custom:beamhub:tokens:mint-for!user=beamhub-dashboard``.
 MINT_FOR_SCOPE = "custom:beamhub:tokens:mint-for"
+#: JupyterHub custom scope of the gateway's role: post the audit chain's head to be signed
+#: (:mod:`beamhub.hub.tokens.checkpoints`).
+AUDIT_CHECKPOINT_SCOPE = "custom:beamhub:tokens:audit-checkpoint"
 #: For ``c.JupyterHub.custom_scopes``.
 CUSTOM_SCOPES = {
     MINT_FOR_SCOPE: {
         "description": "Ask the token service for a project token for the subject the request "
         "names, within that subject's project role and the enclave's lifetime cap.",
-    }
+    },
+    AUDIT_CHECKPOINT_SCOPE: {
+        "description": "Post the head of an audit log's hash chain (record count and hash) to "
+        "the token service, which signs it and keeps it outside the log.",
+    },
 }
 
 #: Token kinds by who asks: a user mints ``user`` tokens for herself; mint-for callers mint these.
 MINT_FOR_KINDS = ("server", "service")
 
-_STATUS = {"no_role": 403, "beyond_role": 403, "bad_field": 400}
+#: How long after its expiry a delegated token may still be refreshed, and only by its server.
+REFRESH_GRACE = 60
+
+_STATUS = {"no_role": 403, "beyond_role": 403, "admin_only": 403, "bad_field": 400}
 
 
 @dataclass
@@ -69,6 +83,19 @@ class ServiceContext:
     store: TokenStore
     verifier: TokenVerifier
     revocation_poll: float
+    refresh_grace: int = REFRESH_GRACE
+
+
+def server_of(model: dict[str, Any]) -> str | None:
+    """The server's name if ``model`` (the hub's answer for the caller) is a server's own API
+    token, else None. JupyterHub gives a server's token ``access:servers!server=<user>/<name>``
+    (c.Spawner.server_token_scopes); a user's own tokens carry ``!user=`` instead."""
+    scopes = set(model.get("scopes") or ())
+    prefix = f"access:servers!server={model.get('name')}/"
+    names = {s[len(prefix) :] for s in scopes if s.startswith(prefix)}
+    if len(names) != 1 or f"access:servers!user={model.get('name')}" in scopes:
+        return None
+    return names.pop()
 
 
 class BaseHandler(HubOAuthenticated, JsonApiHandler):
@@ -122,6 +149,22 @@ class BaseHandler(HubOAuthenticated, JsonApiHandler):
 
     def is_admin(self, model: dict[str, Any]) -> bool:
         return bool(model.get("admin")) or self.ctx.store.is_admin(model["name"])
+
+    def signed_claims(self, token: str) -> dict[str, Any] | None:
+        """The claims of a token this service signed (for us, any expiry), or None."""
+        verifier = self.ctx.verifier
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+            return jwt.decode(
+                token,
+                verifier.keys[kid].key,
+                algorithms=["ES256"],
+                audience=verifier.audience,
+                issuer=verifier.issuer,
+                options={"verify_exp": False},
+            )
+        except (jwt.PyJWTError, KeyError):
+            return None
 
     def fields(self, spec: dict[str, tuple[type, ...]], required: set[str]) -> dict[str, Any]:
         """The body (JSON object or form) checked against ``spec``; a 400 naming the field."""
@@ -199,11 +242,20 @@ class RevokedHandler(BaseHandler):
 
 
 class IntrospectHandler(BaseHandler):
-    """RFC 7662-like: ``{"token": ...}`` -> ``{"active": bool, ...claims}``; any hub identity."""
+    """RFC 7662-like: ``{"token": ...}`` -> ``{"active": bool, ...claims}``, for the token's
+    owner, a hub service or an admin; anyone else learns nothing about a token signed here."""
 
     def post(self) -> None:
-        self.require_user()
+        caller = self.require_user()
         data = self.fields({"token": (str,)}, {"token"})
+        signed = self.signed_claims(data["token"])
+        if signed is not None and not self._may_see(caller, str(signed.get("sub"))):
+            raise ApiError(
+                403,
+                "not_owner",
+                "only the token's owner, a hub service or an admin may introspect it",
+                field="token",
+            )
         try:
             claims = self.ctx.verifier.verify(data["token"])
         except TokenError as exc:
@@ -227,9 +279,14 @@ class IntrospectHandler(BaseHandler):
             }
         )
 
+    def _may_see(self, caller: dict[str, Any], sub: str) -> bool:
+        return caller["name"] == sub or caller.get("kind") == "service" or self.is_admin(caller)
+
 
 class RevokeHandler(BaseHandler):
-    """``{"jti": ...}``: the token's owner or an admin revokes it."""
+    """``{"jti": ...}``: the token's owner or an admin revokes it. A server's delegated token is
+    revoked with its whole family (every refresh of that delegation, before and after it), so no
+    earlier or later link keeps working; ``family_revoked`` counts the others revoked now."""
 
     def post(self) -> None:
         user = self.require_user()
@@ -245,51 +302,137 @@ class RevokeHandler(BaseHandler):
         if record.sub != user["name"] and not self.is_admin(user):
             raise ApiError(403, "not_owner", "only the token's owner or an admin may revoke it")
         changed = self.ctx.store.revoke(record.jti, by=user["name"])
-        log.info("revoked jti=%s by=%s (already=%s)", record.jti, user["name"], not changed)
-        self.write_json({"revoked": record.jti, "already_revoked": not changed})
+        others: list[str] = []
+        if record.kind == "server":
+            others = self.ctx.store.revoke_family(
+                record.family_id,
+                by=user["name"],
+                event="revoke",
+                jti=record.jti,
+                detail=f"revoked by {user['name']}",
+            )
+        log.info(
+            "revoked jti=%s family=%s by=%s (already=%s, %d more of its family)",
+            record.jti,
+            record.family_id,
+            user["name"],
+            not changed,
+            len(others),
+        )
+        self.write_json(
+            {"revoked": record.jti, "already_revoked": not changed, "family_revoked": len(others)}
+        )
 
 
 class RefreshHandler(BaseHandler):
-    """A server trades its current (or expired) delegated token for a fresh one."""
+    """A server trades its delegated token for a fresh one, with rotation (OAuth 2.1 style).
+
+    Each token is refreshed at most once: its child supersedes it. Refreshing a superseded or
+    revoked token means two holders (one of them not the server): the whole family is revoked,
+    recorded in ``token_events`` and logged at WARNING. An expired token is refreshed only
+    within ``refresh_grace`` seconds of its expiry, and only by the server it was delegated to
+    (that server's own JupyterHub API token).
+    """
 
     def post(self) -> None:
-        user = self.require_user()
+        caller = self.require_user()
         data = self.fields({"token": (str,)}, {"token"})
-        key = self.ctx.verifier
-        try:
-            kid = jwt.get_unverified_header(data["token"]).get("kid")
-            body = jwt.decode(
-                data["token"],
-                key.keys[kid].key,
-                algorithms=["ES256"],
-                audience=key.audience,
-                issuer=key.issuer,
-                options={"verify_exp": False},
-            )
-        except (jwt.PyJWTError, KeyError):
+        body = self.signed_claims(data["token"])
+        if body is None:
             raise ApiError(
                 401, "invalid_token", "the token is not one this hub issued", field="token"
-            ) from None
-        record = self.ctx.store.get(body.get("jti", ""))
+            )
+        store = self.ctx.store
+        record = store.get(str(body.get("jti", "")))
         if record is None or record.kind != "server":
             raise ApiError(400, "not_delegated", "only a server's delegated token can be refreshed")
-        if record.sub != user["name"]:
+        if record.sub != caller["name"]:
             raise ApiError(403, "not_owner", "the token belongs to another user")
-        if record.revoked_at is not None:
-            raise ApiError(401, "revoked", f"token {record.jti} was revoked; restart the server")
-        # the scopes the user's role still allows (roles are re-read at each hub login/refresh)
+        server = server_of(caller)
+        if server is not None and server != record.server:
+            raise ApiError(
+                403,
+                "not_holder",
+                f"the token was delegated to server {record.server!r}, not to {server!r}",
+            )
+        if record.revoked_at is not None or record.superseded_by is not None:
+            self._reused(record, caller)
+        late = time.time() - record.exp
+        grace = self.ctx.refresh_grace
+        if late > grace:
+            raise ApiError(
+                401,
+                "expired",
+                f"token {record.jti} expired {late:.0f} s ago, beyond the refresh grace of "
+                f"{grace} s; restart the server for a fresh token",
+            )
+        if late > 0 and server is None:
+            raise ApiError(
+                403,
+                "not_holder",
+                f"token {record.jti} has expired: within {grace} s of its expiry only the server "
+                "it was delegated to may refresh it, with that server's JupyterHub API token",
+            )
+        if not store.claim_refresh(record.jti):  # another refresh of it got there first
+            self._reused(store.get(record.jti) or record, caller)
         allowed = set(self.ctx.delegator.allowed_scopes(record.sub, record.project))
-        scopes = [s for s in record.scope.split() if s in allowed] or record.scope.split()
-        token, claims = self.issue(
+        kept = [s for s in record.scope.split() if s not in FACILITY_SCOPES]
+        scopes = [s for s in kept if s in allowed] or kept
+        try:
+            token, claims = self.issue(
+                record.sub,
+                record.project,
+                scopes,
+                kind="server",
+                server=record.server,
+                parent=record.jti,
+                family=record.family_id,
+            )
+        except ApiError:
+            store.release_refresh(record.jti)
+            raise
+        log.info(
+            "refreshed jti=%s -> jti=%s family=%s user=%s",
+            record.jti,
+            claims["jti"],
+            record.family_id,
+            record.sub,
+        )
+        self.write_json({"token": token, "jti": claims["jti"], "exp": claims["exp"]})
+
+    def _reused(self, record: IssuedToken, caller: dict[str, Any]) -> None:
+        """Revoke ``record``'s whole family, record and log it, and refuse with a 401."""
+        if record.revoked_at is not None:
+            event, reason = "refresh_revoked", "revoked"
+            why = f"token {record.jti} was revoked"
+        else:
+            event, reason = "reuse", "reused"
+            why = (
+                f"token {record.jti} was already refreshed once; a second refresh means a "
+                "second holder"
+            )
+        who = f"{caller.get('kind', 'user')} {caller['name']}"
+        revoked = self.ctx.store.revoke_family(
+            record.family_id, by=f"reuse detection ({who})", event=event, jti=record.jti, detail=why
+        )
+        log.warning(
+            "token family revoked: family=%s jti=%s user=%s project=%s event=%s caller=%s "
+            "revoked_now=%d",
+            record.family_id,
+            record.jti,
             record.sub,
             record.project,
-            scopes,
-            kind="server",
-            server=record.server,
-            parent=record.jti,
+            event,
+            who,
+            len(revoked),
         )
-        log.info("refreshed jti=%s -> jti=%s user=%s", record.jti, claims["jti"], record.sub)
-        self.write_json({"token": token, "jti": claims["jti"], "exp": claims["exp"]})
+        raise ApiError(
+            401,
+            reason,
+            f"{why}: its whole family {record.family_id} is revoked; restart the server for a "
+            "fresh token",
+            family=record.family_id,
+        )
 
 
 def _minted(token: str, claims: dict[str, Any]) -> dict[str, Any]:
@@ -322,6 +465,7 @@ class MintHandler(BaseHandler):
             ttl=data.get("ttl"),
             kind="user",
             description=data.get("description", "")[:200],
+            admin=self.is_admin(user),
         )
 
     def post(self) -> None:

@@ -1,4 +1,5 @@
-"""The token service (a JupyterHub service): refresh, mint, mint-for, introspect, revoke, JWKS.
+"""The token service (a JupyterHub service): refresh, mint, mint-for, introspect, revoke, JWKS,
+and the signed checkpoints of the gateway's audit chain (:mod:`beamhub.hub.tokens.checkpoints`).
 
 Mounted by the hub at ``/services/tokens/``. It is the only process that opens the signing key
 (``$STATE/signing-key.pem``, created here the first time). Servers refresh their delegated project
@@ -32,8 +33,10 @@ from beamhub.auth.tokens import (
     TokenIssuer,
     TokenVerifier,
 )
+from beamhub.hub.tokens.checkpoints import CheckpointsHandler
 from beamhub.hub.tokens.handlers import (
     MAX_UPLOAD,
+    REFRESH_GRACE,
     IntrospectHandler,
     JwksHandler,
     MintForHandler,
@@ -72,6 +75,7 @@ def make_app(ctx: ServiceContext, prefix: str = "/services/tokens/") -> web.Appl
         (p + "introspect", IntrospectHandler),
         (p + "revoke", RevokeHandler),
         (p + "revoked", RevokedHandler),
+        (p + "audit/checkpoints", CheckpointsHandler),
         (p + "jwks.json", JwksHandler),
         (p + ".well-known/jwks.json", JwksHandler),
     ]
@@ -116,6 +120,7 @@ def build_context(
     ttl: int,
     poll: float,
     service_subjects: dict[str, dict[str, str]] | None = None,
+    refresh_grace: int = REFRESH_GRACE,
 ) -> ServiceContext:
     """Load (or create, the first time) the signing key and record the service subjects' roles."""
     key = SigningKey.load_or_create(state_dir / "signing-key.pem")
@@ -129,7 +134,7 @@ def build_context(
         audience=audience,
         is_revoked=lambda jti: jti in set(store.revoked_jtis()),
     )
-    return ServiceContext(Delegator(issuer, store, ttl), store, verifier, poll)
+    return ServiceContext(Delegator(issuer, store, ttl), store, verifier, poll, refresh_grace)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-ttl", type=int, default=3600)
     parser.add_argument("--ttl", type=int, default=900)
     parser.add_argument("--revocation-poll", type=float, default=5.0)
+    parser.add_argument(
+        "--refresh-grace",
+        type=int,
+        default=REFRESH_GRACE,
+        help="seconds after its expiry a delegated token may still be refreshed, only by the "
+        f"server it was delegated to (default {REFRESH_GRACE})",
+    )
     parser.add_argument(
         "--service-subjects",
         default="{}",
@@ -161,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         args.ttl,
         args.revocation_poll,
         subjects,
+        args.refresh_grace,
     )
     url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:0"))
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/tokens/")

@@ -4,6 +4,12 @@ The authenticator (inside the hub process) records each user's project roles at 
 service records its service subjects' roles at start and is the only process that issues tokens
 (:class:`Delegator` holds the signing key). Token values are never stored: only their jti and
 claims.
+
+A server's delegated tokens form a *family*: the token the hub minted at spawn is its root, each
+refresh adds a child and supersedes its parent (``superseded_by``), so a token is refreshed at most
+once. Reusing a superseded or revoked token revokes the whole family (:meth:`TokenStore.
+revoke_family`) and leaves a row in ``token_events``. The same database keeps the signed
+checkpoints of the gateway's audit chain (``audit_checkpoints``), outside the log they anchor.
 """
 
 from __future__ import annotations
@@ -18,11 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from beamhub.auth.roles import ROLE_SCOPES, ROLES
+from beamhub.auth.roles import ADMIN_MAX_TTL, ADMIN_SCOPE, FACILITY_SCOPES, ROLE_SCOPES, ROLES
 from beamhub.auth.tokens import TokenIssuer
 
 __all__ = [
     "ANY_PROJECT",
+    "PENDING",
     "Delegator",
     "IssuedToken",
     "MintRefused",
@@ -42,11 +49,26 @@ CREATE TABLE IF NOT EXISTS tokens (
     revoked_at REAL, revoked_by TEXT
 );
 CREATE INDEX IF NOT EXISTS tokens_sub ON tokens (sub);
+CREATE TABLE IF NOT EXISTS token_events (
+    at REAL NOT NULL, event TEXT NOT NULL, jti TEXT NOT NULL, family TEXT NOT NULL,
+    by TEXT NOT NULL, detail TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_checkpoints (
+    log TEXT NOT NULL, count INTEGER NOT NULL, hash TEXT NOT NULL, at REAL NOT NULL,
+    by TEXT NOT NULL, signature TEXT NOT NULL, PRIMARY KEY (log, count)
+);
 CREATE TABLE IF NOT EXISTS users (
     name TEXT PRIMARY KEY, projects TEXT NOT NULL, admin INTEGER NOT NULL DEFAULT 0,
     mfa INTEGER NOT NULL DEFAULT 0, updated_at REAL NOT NULL
 );
 """
+#: Columns added after the first release: (name, definition), added to an older database on open.
+_ADDED_COLUMNS = (
+    ("family", "TEXT NOT NULL DEFAULT ''"),
+    ("superseded_by", "TEXT"),
+)
+#: ``superseded_by`` while a refresh of the token is being signed (one refresh wins a race).
+PENDING = "pending"
 
 
 def scopes_for(role: str) -> tuple[str, ...]:
@@ -70,6 +92,13 @@ class IssuedToken:
     parent: str
     revoked_at: float | None
     revoked_by: str | None
+    family: str = ""
+    superseded_by: str | None = None
+
+    @property
+    def family_id(self) -> str:
+        """The jti of the family's root (the token the hub minted at spawn)."""
+        return self.family or self.jti
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -95,6 +124,10 @@ class TokenStore:
         with self._db() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
+            have = {r["name"] for r in db.execute("PRAGMA table_info(tokens)")}
+            for name, definition in _ADDED_COLUMNS:
+                if name not in have:
+                    db.execute(f"ALTER TABLE tokens ADD COLUMN {name} {definition}")
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
@@ -145,11 +178,13 @@ class TokenStore:
         server: str = "",
         description: str = "",
         parent: str = "",
+        family: str = "",
     ) -> None:
+        """Record an issued token; ``family`` is its root's jti ('' = it is a root)."""
         with self._db() as db:
             db.execute(
                 "INSERT INTO tokens (jti, sub, project, scope, kind, server, description, iat, exp,"
-                " parent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " parent, family) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     claims["jti"],
                     claims["sub"],
@@ -161,8 +196,13 @@ class TokenStore:
                     claims["iat"],
                     claims["exp"],
                     parent,
+                    family or claims["jti"],
                 ),
             )
+            if parent:
+                db.execute(
+                    "UPDATE tokens SET superseded_by = ? WHERE jti = ?", (claims["jti"], parent)
+                )
 
     def get(self, jti: str) -> IssuedToken | None:
         with self._db() as db:
@@ -186,6 +226,78 @@ class TokenStore:
                 (time.time(), by, jti),
             )
         return cur.rowcount == 1
+
+    def claim_refresh(self, jti: str) -> bool:
+        """Mark ``jti`` as being refreshed; False if it was refreshed (or revoked) already.
+
+        One statement, so of two refreshes of one token racing each other exactly one wins; the
+        winner's child replaces the mark (:meth:`add` with ``parent``), or :meth:`release_refresh`
+        undoes it when no child could be issued."""
+        with self._db() as db:
+            cur = db.execute(
+                "UPDATE tokens SET superseded_by = ? WHERE jti = ? AND superseded_by IS NULL"
+                " AND revoked_at IS NULL",
+                (PENDING, jti),
+            )
+        return cur.rowcount == 1
+
+    def release_refresh(self, jti: str) -> None:
+        with self._db() as db:
+            db.execute(
+                "UPDATE tokens SET superseded_by = NULL WHERE jti = ? AND superseded_by = ?",
+                (jti, PENDING),
+            )
+
+    def revoke_family(self, family: str, by: str, event: str, jti: str, detail: str) -> list[str]:
+        """Revoke every token of ``family`` not yet revoked; record ``event`` (e.g. ``reuse``)
+        about ``jti``; return the jtis revoked now."""
+        now = time.time()
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT jti FROM tokens WHERE (family = ? OR jti = ?) AND revoked_at IS NULL",
+                (family, family),
+            ).fetchall()
+            jtis = [r["jti"] for r in rows]
+            db.executemany(
+                "UPDATE tokens SET revoked_at = ?, revoked_by = ? WHERE jti = ?",
+                [(now, by, j) for j in jtis],
+            )
+            db.execute(
+                "INSERT INTO token_events (at, event, jti, family, by, detail)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (now, event, jti, family, by, detail),
+            )
+        return jtis
+
+    def events(self, family: str | None = None) -> list[dict[str, Any]]:
+        """The recorded token events (family revocations), oldest first."""
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT * FROM token_events WHERE ? IS NULL OR family = ? ORDER BY at",
+                (family, family),
+            ).fetchall()
+        return [dict(r) for r in rows]
+
+    # -- audit checkpoints ---------------------------------------------------------------------
+    def add_checkpoint(
+        self, log: str, count: int, digest: str, at: float, by: str, signature: str
+    ) -> None:
+        with self._db() as db:
+            db.execute(
+                "INSERT INTO audit_checkpoints (log, count, hash, at, by, signature)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (log, count, digest, at, by, signature),
+            )
+
+    def checkpoints(self, log: str) -> list[dict[str, Any]]:
+        """The signed checkpoints of audit log ``log``, by record count."""
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT log, count, hash, at, signature FROM audit_checkpoints WHERE log = ?"
+                " ORDER BY count",
+                (log,),
+            ).fetchall()
+        return [dict(r) for r in rows]
 
     def revoked_jtis(self, grace: int = 60) -> list[str]:
         """Revoked jtis that are not yet past expiry (+ verifiers' leeway)."""
@@ -232,37 +344,71 @@ class Delegator:
         server: str = "",
         description: str = "",
         parent: str = "",
+        family: str = "",
+        admin: bool = False,
     ) -> tuple[str, dict[str, Any]]:
-        """A signed token and its claims; :class:`MintRefused` (a message for people) if not allowed."""
+        """A signed token and its claims; :class:`MintRefused` (a message for people) if not allowed.
+
+        ``admin``: the caller is a hub admin minting for herself (kind ``user``): she may then ask
+        for the facility scopes (:data:`~beamhub.auth.roles.FACILITY_SCOPES`) by name; a token
+        with ``admin`` lives at most :data:`~beamhub.auth.roles.ADMIN_MAX_TTL` seconds. Scopes
+        left out mean the role's scopes, never a facility scope."""
         import jwt
 
         allowed = self.allowed_scopes(user, project)
-        if not allowed:
+        asked = set(scopes) if scopes is not None else set(allowed)
+        facility = sorted(asked & FACILITY_SCOPES)
+        if facility:
+            self._check_facility(user, facility, kind, admin)
+        elif not allowed:
             raise MintRefused(
                 "no_role", f"user {user!r} has no role in project {project!r}", "project"
             )
-        wanted = sorted(set(scopes) if scopes is not None else set(allowed))
+        wanted = sorted(asked)
         if not wanted:
             raise MintRefused("bad_field", "scopes: name at least one scope", "scopes")
-        extra = [s for s in wanted if s not in allowed]
+        extra = [s for s in wanted if s not in allowed and s not in FACILITY_SCOPES]
         if extra:
             raise MintRefused(
                 "beyond_role",
                 f"scopes {' '.join(extra)} are beyond {user}'s role in {project}; "
-                f"allowed: {' '.join(allowed)}",
+                f"allowed: {' '.join(allowed) or 'none'}",
                 "scopes",
             )
-        ttl = self.default_ttl if ttl is None else ttl
-        if ttl <= 0 or ttl > self.issuer.max_ttl:
-            raise MintRefused(
-                "bad_field",
-                f"ttl {ttl}s is outside 1..{self.issuer.max_ttl}s (the enclave's cap)",
-                "ttl",
-            )
+        cap = self.issuer.max_ttl
+        if ADMIN_SCOPE in asked:
+            cap = min(cap, ADMIN_MAX_TTL)
+        ttl = min(self.default_ttl, cap) if ttl is None else ttl
+        if ttl <= 0 or ttl > cap:
+            why = "a token with scope admin" if cap < self.issuer.max_ttl else "the enclave's cap"
+            raise MintRefused("bad_field", f"ttl {ttl}s is outside 1..{cap}s ({why})", "ttl")
         token = self.issuer.issue(user, project, wanted, ttl=ttl)
         claims = jwt.decode(token, options={"verify_signature": False})
-        self.store.add(claims, kind=kind, server=server, description=description, parent=parent)
+        self.store.add(
+            claims,
+            kind=kind,
+            server=server,
+            description=description,
+            parent=parent,
+            family=family,
+        )
         return token, claims
+
+    def _check_facility(self, user: str, facility: list[str], kind: str, admin: bool) -> None:
+        names = " ".join(facility)
+        if kind != "user":
+            raise MintRefused(
+                "beyond_role",
+                f"scope {names} is never delegated to a {kind}: a hub admin asks for it "
+                "herself (api/tokens, scopes [admin]), for at most a few minutes",
+                "scopes",
+            )
+        if not admin:
+            raise MintRefused(
+                "admin_only",
+                f"scope {names} is for hub admins only, and {user!r} is not one",
+                "scopes",
+            )
 
 
 def best_project(projects: dict[str, str]) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 
 import jsonschema
 import jwt
@@ -28,6 +29,13 @@ def bob_server(dev_stack: RunningStack) -> dict[str, str]:
     return server_env(dev_stack, "bob")
 
 
+@pytest.fixture(scope="module")
+def bob_token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the refreshers of bob's server share the newest token (rotation: each token
+    refreshes once), as its kernels do through TokenRefresher.from_env()."""
+    return tmp_path_factory.mktemp("bob-server") / "token.jwt"
+
+
 def _claims(token: str) -> dict:
     return jwt.decode(token, options={"verify_signature": False})
 
@@ -40,7 +48,9 @@ def _dsn_status(stack: RunningStack, token: str) -> requests.Response:
     )
 
 
-def test_server_token_refreshed_before_expiry(dev_stack: RunningStack, bob_server: dict) -> None:
+def test_server_token_refreshed_before_expiry(
+    dev_stack: RunningStack, bob_server: dict, bob_token_file: Path
+) -> None:
     first = bob_server["BEAMHUB_TOKEN"]
     old = _claims(first)
     assert old["scope"] == "dashboard jobs stream.publish stream.read"
@@ -50,6 +60,7 @@ def test_server_token_refreshed_before_expiry(dev_stack: RunningStack, bob_serve
         bob_server["JUPYTERHUB_API_TOKEN"],
         margin=0.9,
         update_env=False,
+        token_file=bob_token_file,
     )
     with refresher:
         deadline = time.monotonic() + 20
@@ -64,13 +75,14 @@ def test_server_token_refreshed_before_expiry(dev_stack: RunningStack, bob_serve
 
 
 def test_revoked_token_refused_by_dsn_within_one_interval(
-    dev_stack: RunningStack, bob_server: dict
+    dev_stack: RunningStack, bob_server: dict, bob_token_file: Path
 ) -> None:
     refresher = TokenRefresher(
         bob_server["BEAMHUB_TOKEN"],
         bob_server["BEAMHUB_TOKEN_URL"],
         bob_server["JUPYTERHUB_API_TOKEN"],
         update_env=False,
+        token_file=bob_token_file,  # the newest token of bob's server, not its first again
     )
     token = refresher.refresh_now()
     jti = _claims(token)["jti"]
@@ -86,7 +98,9 @@ def test_revoked_token_refused_by_dsn_within_one_interval(
     r = requests.post(dev_stack.tokens + "revoke", headers=carol, json={"jti": jti}, timeout=10)
     assert r.status_code == 403 and r.json()["reason"] == "not_owner"
     r = requests.post(dev_stack.tokens + "revoke", headers=bob, json={"jti": jti}, timeout=10)
-    assert r.status_code == 200 and r.json() == {"revoked": jti, "already_revoked": False}
+    assert r.status_code == 200 and r.json()["revoked"] == jti
+    assert r.json()["already_revoked"] is False
+    assert r.json()["family_revoked"] >= 1  # the server's earlier tokens go with it
     revoked_at = time.monotonic()
     assert jti in requests.get(dev_stack.tokens + "revoked", timeout=10).json()["revoked"]
     interval = dev_stack.runtime["revocation_poll"]
