@@ -1,5 +1,11 @@
 """The API gateway service: every request verified, authorised by policy, rate-limited, audited.
 
+Admin power comes from the token's ``admin`` scope (which the token service mints only for hub
+admins, for minutes), never from its subject alone. The client address is the peer, or what a
+trusted proxy forwarded (:mod:`beamhub.hub.gateway.hygiene`); failed authentications are limited
+per address and audited in aggregate; ``/metrics`` is for this host or a ``metrics`` token; the
+audit chain's head is anchored at the token service (:mod:`beamhub.hub.gateway.anchor`).
+
 Routes, actions and request schemas come from ``hub/gateway/openapi.yaml`` (served at
 ``/api/v1/openapi.json``); the operations themselves live in :mod:`beamhub.hub.gateway.ops`.
 Handlers derive from :class:`beamhub.auth.api.JsonApiHandler`: errors in the one shape of every
@@ -13,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import re
 import threading
 import time
@@ -21,13 +28,16 @@ from pathlib import Path
 from typing import Any
 
 import tornado.httpserver
+import tornado.httputil
 import tornado.netutil
 import tornado.web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from beamhub.auth.api import ApiError, JsonApiHandler, log_request
+from beamhub.auth.roles import ADMIN_SCOPE, METRICS_SCOPE
 from beamhub.auth.tokens import Claims, TokenError, TokenVerifier
+from beamhub.hub.gateway.anchor import AuditAnchor
 from beamhub.hub.gateway.api import (
     API_PREFIX,
     OPENAPI_PATH,
@@ -39,14 +49,31 @@ from beamhub.hub.gateway.api import (
     schema_error,
 )
 from beamhub.hub.gateway.audit import AuditLog
+from beamhub.hub.gateway.hygiene import (
+    AuthFailureGuard,
+    client_address,
+    is_loopback,
+    parse_networks,
+)
 from beamhub.hub.gateway.jobs import SchedulerJobs
 from beamhub.hub.gateway.ops import Operations
 from beamhub.hub.gateway.policy import Policy, PolicyRequest, load_policy
 from beamhub.hub.gateway.ratelimit import RateLimiter
 
-__all__ = ["OPENAPI_PATH", "ApiHandler", "Gateway", "RequestContext", "load_openapi"]
+__all__ = [
+    "METRICS_ACCESS",
+    "OPENAPI_PATH",
+    "ApiHandler",
+    "Gateway",
+    "RequestContext",
+    "load_openapi",
+]
 
 log = logging.getLogger("beamhub.gateway")
+
+#: Who may read ``/metrics``: ``local-or-token`` (default: a client on this host, or a token with
+#: the ``metrics`` scope), ``token`` (only such a token), ``public`` (anyone).
+METRICS_ACCESS = ("local-or-token", "token", "public")
 
 
 class ApiHandler(JsonApiHandler):
@@ -91,7 +118,7 @@ class ApiHandler(JsonApiHandler):
             action=op.action,
             method=self.request.method,
             path=self.request.path,
-            source=self.request.remote_ip or "",
+            source=gw.client_address(self.request),
             params=params,
             authorization=self.request.headers.get("Authorization", ""),
         )
@@ -99,15 +126,7 @@ class ApiHandler(JsonApiHandler):
             try:
                 ctx.claims = gw.verifier.verify(self.bearer() or None)
             except TokenError as exc:
-                gw.record(ctx, "deny", "token", exc.status, exc.message)
-                challenge = {}
-                if exc.status == 401:  # RFC 6750: no error code when no token was sent
-                    challenge["WWW-Authenticate"] = 'Bearer realm="beamhub"' + (
-                        ""
-                        if exc.reason == "missing"
-                        else f', error="invalid_token", error_description="{exc.reason}"'
-                    )
-                raise ApiError(exc.status, exc.reason, exc.message, headers=challenge) from None
+                raise gw.auth_failed(ctx, exc) from None
             ctx.roles = gw.roles_for(ctx.claims)
         if gw.layers:
             gw.authorise(ctx)
@@ -145,13 +164,35 @@ class NotFoundHandler(ApiHandler):
         )
 
 
-class MetricsHandler(tornado.web.RequestHandler):
+class MetricsHandler(JsonApiHandler):
+    """Prometheus metrics, for whom ``metrics_access`` allows; refusals in the one error shape."""
+
+    service = "the gateway"
+    max_body = 0
+
     def initialize(self, gateway: Gateway) -> None:
         self.gateway = gateway
 
     def get(self) -> None:
+        gw = self.gateway
+        source = gw.client_address(self.request)
+        local = gw.metrics_access == "local-or-token" and is_loopback(source)
+        if gw.metrics_access != "public" and not local:
+            ctx = RequestContext("metrics", "GET", self.request.path, source, {})
+            try:
+                claims = gw.verifier.verify(self.bearer() or None)
+            except TokenError as exc:
+                raise gw.auth_failed(ctx, exc) from None
+            if METRICS_SCOPE not in claims.scopes:
+                where = " from this host, or" if gw.metrics_access == "local-or-token" else ""
+                raise ApiError(
+                    403,
+                    "scope",
+                    f"the gateway's metrics are read{where} with a token that has the "
+                    f"{METRICS_SCOPE!r} scope (a hub admin mints one)",
+                )
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(generate_latest(self.gateway.registry))
+        self.finish(generate_latest(gw.registry))
 
 
 class Gateway:
@@ -180,6 +221,10 @@ class Gateway:
         max_body_bytes: int = 64 * 1024,
         layers: bool = True,
         openapi_path: str | Path = OPENAPI_PATH,
+        trusted_proxies: Iterable[str] = (),
+        auth_failures: AuthFailureGuard | None = None,
+        metrics_access: str = "local-or-token",
+        anchor: AuditAnchor | None = None,
     ) -> None:
         self.verifier = verifier
         self.policy = policy or load_policy()
@@ -197,6 +242,13 @@ class Gateway:
         self.base_url = "/" + base_url.strip("/") + "/" if base_url.strip("/") else "/"
         self.max_body_bytes = max_body_bytes
         self.layers = layers
+        self.trusted_proxies = parse_networks(trusted_proxies)
+        self.auth_failures = auth_failures if auth_failures is not None else AuthFailureGuard()
+        if metrics_access not in METRICS_ACCESS:
+            raise ValueError(f"metrics_access {metrics_access!r}: use one of {METRICS_ACCESS}")
+        self.metrics_access = metrics_access
+        self.anchor = anchor
+        self._tasks: list[asyncio.Task] = []
         self.openapi = load_openapi(openapi_path)
         self.ops = Operations(self)
         self.registry = CollectorRegistry()
@@ -219,7 +271,67 @@ class Gateway:
 
     # -- the layers --------------------------------------------------------------------------
     def roles_for(self, claims: Claims) -> frozenset[str]:
-        return frozenset({"admin"}) if claims.sub in self.admin_users else frozenset()
+        """``admin`` only for a token with the admin scope, of a facility admin: a narrow token
+        of an admin carries only its scopes' power."""
+        if ADMIN_SCOPE in claims.scopes and claims.sub in self.admin_users:
+            return frozenset({"admin"})
+        return frozenset()
+
+    def client_address(self, request: tornado.httputil.HTTPServerRequest) -> str:
+        """The peer, or the client a trusted proxy forwarded (X-Forwarded-For)."""
+        return client_address(
+            request.remote_ip or "",
+            request.headers.get_list("X-Forwarded-For"),
+            self.trusted_proxies,
+        )
+
+    def auth_failed(self, ctx: RequestContext, exc: TokenError) -> ApiError:
+        """The answer to a failed authentication: 401 (403), or 429 once the client's address
+        has spent its burst of failures; counted for the aggregated audit record."""
+        self._requests.labels(ctx.action, "deny").inc()
+        wait = self.auth_failures.failed(ctx.source, exc.reason, f"{ctx.method} {ctx.path}")
+        if wait > 0:
+            seconds = str(max(1, math.ceil(wait)))
+            return ApiError(
+                429,
+                "rate_limited",
+                f"too many failed authentications from {ctx.source}; retry after {seconds} s "
+                "with a valid token",
+                bucket="address",
+                retry_after=wait,
+                headers={"Retry-After": seconds},
+            )
+        challenge = {}
+        if exc.status == 401:  # RFC 6750: no error code when no token was sent
+            challenge["WWW-Authenticate"] = 'Bearer realm="beamhub"' + (
+                ""
+                if exc.reason == "missing"
+                else f', error="invalid_token", error_description="{exc.reason}"'
+            )
+        return ApiError(exc.status, exc.reason, exc.message, headers=challenge)
+
+    def flush_auth_failures(self) -> int:
+        """One audit record per address with failures since the last flush; how many."""
+        tallies = self.auth_failures.drain()
+        if self.audit is None:
+            return 0
+        for source, tally in sorted(tallies.items()):
+            self.audit.append(
+                action="auth.failed",
+                resource=tally.paths.most_common(1)[0][0],
+                rule="auth-failures",
+                source=source,
+                outcome="deny",
+                status=401,
+                reason=AuthFailureGuard.describe(tally, self.auth_failures.interval),
+                count=tally.count,
+            )
+        return len(tallies)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.auth_failures.interval)  # a period, not a readiness signal
+            self.flush_auth_failures()
 
     def authorise(self, ctx: RequestContext) -> None:
         """Policy, then rate limit, then the audit record of the decision; raise on refusal."""
@@ -266,6 +378,7 @@ class Gateway:
         """One audit record per decision; the token's jti, never the token."""
         if outcome == "deny":
             self._requests.labels(ctx.action, outcome).inc()
+        # (failed authentications are counted in auth_failed and audited in aggregate)
         if self.audit is None:
             return
         claims = ctx.claims
@@ -311,6 +424,9 @@ class Gateway:
             self.make_app(), max_body_size=max(16 * self.max_body_bytes, 64 << 20)
         )
         self._server.add_sockets(sockets)
+        self._tasks.append(asyncio.ensure_future(self._flush_loop()))
+        if self.anchor is not None:
+            self.anchor.start()
         bound = sockets[0].getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{bound}{self.base_url}{API_PREFIX}"
@@ -322,6 +438,13 @@ class Gateway:
             self._server.stop()
             await self._server.close_all_connections()
             self._server = None
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        self.flush_auth_failures()
+        if self.anchor is not None:
+            await self.anchor.stop()
         await self.ops.close()
 
     def start(self, port: int = 0, host: str = "127.0.0.1") -> str:

@@ -18,11 +18,18 @@ byte offset, the bytes in base64, the record it followed), fsyncs that, only the
 log, logs a WARNING, and continues the chain from the last good record. ``verify_log`` counts the
 set-aside tails and checks that each fits the chain where it was cut. A last record that parses
 but does not match its hash is not a torn write: the log refuses to continue (:class:`AuditError`).
+
+The chain alone cannot show that its last records were dropped, or that a record was rewritten
+and the chain recomputed after it. So the gateway has the chain's head (record count + hash)
+signed by the token service every few seconds and kept there (:mod:`beamhub.hub.gateway.anchor`);
+``verify_log(path, checkpoints)`` checks the log against them and says from which record the log
+can no longer be trusted.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import logging
@@ -38,9 +45,11 @@ from typing import Any
 __all__ = [
     "GENESIS",
     "MAX_TORN_LINES",
+    "OPTIONAL_FIELDS",
     "RECORD_FIELDS",
     "AuditError",
     "AuditLog",
+    "Checkpoint",
     "VerifyResult",
     "record_hash",
     "torn_path",
@@ -62,6 +71,9 @@ RECORD_FIELDS = (
     "status",
     "reason",
 )
+#: Fields a record holds only when given: ``count`` of an aggregated record (e.g. failed
+#: authentications of one address in one interval).
+OPTIONAL_FIELDS = ("count",)
 FSYNC_POLICIES = ("always", "interval", "never")
 #: A torn tail is a crash's last write: at most this many lines after the last record that parses
 #: (more is damage of another kind, left for a person to look at).
@@ -250,10 +262,11 @@ class AuditLog:
 
     def append(self, **fields: Any) -> dict[str, Any]:
         """Write one decision record and return it (with seq, prev and hash)."""
-        unknown = set(fields) - set(RECORD_FIELDS)
+        unknown = set(fields) - set(RECORD_FIELDS) - set(OPTIONAL_FIELDS)
         if unknown:
             raise ValueError(f"audit record: unknown field(s) {sorted(unknown)}")
         record: dict[str, Any] = {k: fields.get(k) for k in RECORD_FIELDS}
+        record.update({k: fields[k] for k in OPTIONAL_FIELDS if fields.get(k) is not None})
         if record["time"] is None:
             record["time"] = datetime.now(UTC).isoformat(timespec="microseconds")
         with self._lock:
@@ -276,6 +289,11 @@ class AuditLog:
                 self._last_sync = now
         return record
 
+    def head(self) -> tuple[int, str]:
+        """The chain's head: how many records, and the last one's hash (what a checkpoint signs)."""
+        with self._lock:
+            return self._seq, self._prev
+
     def close(self) -> None:
         with self._lock:
             if self._fd >= 0:
@@ -292,15 +310,34 @@ class AuditLog:
 
 
 @dataclass(frozen=True)
+class Checkpoint:
+    """A signed checkpoint's content: the log had ``count`` records, the last with ``hash``."""
+
+    count: int
+    hash: str
+    at: float = 0.0
+
+    def when(self) -> str:
+        return datetime.fromtimestamp(self.at, UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
 class VerifyResult:
     """``ok``, how many records were checked, and the first broken line (1-based) and why;
-    ``torn_tails``: how many torn last writes were set aside in ``<log>.torn`` (evidence)."""
+    ``torn_tails``: how many torn last writes were set aside in ``<log>.torn`` (evidence).
+
+    With checkpoints: ``checkpoints`` how many were given, ``anchored`` how many records the last
+    matching one covers (records after it are not anchored yet), ``untrusted_from`` the first
+    record that can no longer be trusted (None: all can)."""
 
     ok: bool
     records: int
     line: int | None = None
     reason: str = ""
     torn_tails: int = 0
+    checkpoints: int = 0
+    anchored: int = 0
+    untrusted_from: int | None = None
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -308,14 +345,32 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
         yield from enumerate(f, start=1)
 
 
-def verify_log(path: str | os.PathLike) -> VerifyResult:
+def verify_log(
+    path: str | os.PathLike, checkpoints: list[Checkpoint] | None = None
+) -> VerifyResult:
     """Walk the chain from the first record; stop at the first record that does not fit; then
-    check that every torn tail set aside fits the chain where it was cut off."""
+    check the log against the signed ``checkpoints`` (truncation, re-chaining), and that every
+    torn tail set aside fits the chain where it was cut off."""
     path = Path(path)
     torn = _torn_entries(path)
-    result, cuts = _verify_chain(path, {e.get("after_seq") for e in torn})
+    marks = sorted(checkpoints or (), key=lambda c: c.count)
+    wanted = {e.get("after_seq") for e in torn} | {c.count for c in marks}
+    result, cuts = _verify_chain(path, wanted)
+    anchored = _check_anchors(result, cuts, marks)
+    if anchored is not None:
+        return dataclasses.replace(anchored, torn_tails=len(torn))
+    last_good = max((c.count for c in marks if c.count <= result.records), default=0)
     if not result.ok:
-        return VerifyResult(False, result.records, result.line, result.reason, len(torn))
+        return VerifyResult(
+            False,
+            result.records,
+            result.line,
+            result.reason,
+            len(torn),
+            len(marks),
+            last_good,
+            result.line,
+        )
     for number, entry in enumerate(torn, start=1):
         cut = cuts.get(entry.get("after_seq"))
         if cut is None or cut != (entry.get("after_hash"), entry.get("offset")):
@@ -327,8 +382,50 @@ def verify_log(path: str | os.PathLike) -> VerifyResult:
                 f"the chain: no record {entry.get('after_seq')!r} with that hash ends at byte "
                 f"{entry.get('offset')!r}",
                 len(torn),
+                len(marks),
+                last_good,
+                last_good + 1,
             )
-    return VerifyResult(True, result.records, torn_tails=len(torn))
+    return VerifyResult(True, result.records, None, "", len(torn), len(marks), last_good)
+
+
+def _check_anchors(
+    chain: VerifyResult, cuts: dict[int, tuple[str, int]], marks: list[Checkpoint]
+) -> VerifyResult | None:
+    """The first checkpoint the log contradicts, as a failed result; None if none does."""
+    good = 0
+    for mark in marks:
+        if mark.count in cuts:
+            if cuts[mark.count][0] == mark.hash:
+                good = mark.count
+                continue
+            return VerifyResult(
+                False,
+                chain.records,
+                good + 1,
+                f"record {mark.count} does not match the token service's signed checkpoint of "
+                f"{mark.when()}: a record was rewritten and the chain recomputed after it "
+                f"(re-chained); the log can no longer be trusted from record {good + 1} (the last "
+                f"matching checkpoint covers records 1-{good})",
+                checkpoints=len(marks),
+                anchored=good,
+                untrusted_from=good + 1,
+            )
+        if chain.ok:  # the log ends before a record the token service counted
+            return VerifyResult(
+                False,
+                chain.records,
+                None,
+                f"the log has {chain.records} records, but the token service's signed checkpoint "
+                f"of {mark.when()} counted {mark.count}: records {chain.records + 1}-{mark.count} "
+                f"were removed (truncated); the log can no longer be trusted from record "
+                f"{good + 1} (the last matching checkpoint covers records 1-{good})",
+                checkpoints=len(marks),
+                anchored=good,
+                untrusted_from=good + 1,
+            )
+        return None  # the chain broke before this checkpoint: that break is the verdict
+    return None
 
 
 def _verify_chain(path: Path, wanted: set[Any]) -> tuple[VerifyResult, dict[int, tuple[str, int]]]:

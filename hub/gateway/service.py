@@ -5,6 +5,10 @@ JupyterHub passes ``JUPYTERHUB_SERVICE_URL`` (where to listen), ``JUPYTERHUB_SER
 (``/services/gateway/``) and ``JUPYTERHUB_API_URL``/``JUPYTERHUB_API_TOKEN``, with which jobs are
 forwarded to the hub's jobs API (the local scheduler lives in the hub process). Standalone:
 ``python -m beamhub.hub.gateway.service --port 8081 --dsn-url http://127.0.0.1:PORT``.
+
+As a hub service it trusts the proxy on loopback for X-Forwarded-For (``--trusted-proxy``), and
+anchors its audit chain at the token service with its own JupyterHub API token (the token
+service's URL is the one its JWKS comes from, or ``--tokens-url``).
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from urllib.parse import urlparse
 from beamhub.auth.home import state_dir
 from beamhub.auth.tokens import RevocationCache, TokenVerifier, load_jwks
 from beamhub.hub.enclave import EnclaveError, load_profile, resolve_path
-from beamhub.hub.gateway.app import Gateway
+from beamhub.hub.gateway.anchor import DEFAULT_LOG_NAME, AuditAnchor
+from beamhub.hub.gateway.app import METRICS_ACCESS, Gateway
 from beamhub.hub.gateway.audit import AuditError, AuditLog
+from beamhub.hub.gateway.hygiene import LOOPBACK, AuthFailureGuard
 from beamhub.hub.gateway.policy import PolicyError, load_policy
 from beamhub.hub.gateway.ratelimit import Limit, RateLimiter
 from beamhub.hub.up.deployment import DeploymentError, load_deployment
@@ -73,7 +79,74 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--audit-log", default=None, help="audit log (default: gateway.audit_log)")
     p.add_argument("--admin", action="append", default=None, help="facility admin user(s)")
+    p.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=None,
+        metavar="CIDR",
+        help="a proxy whose X-Forwarded-For names the client (repeatable; 'none' for none); "
+        "default: loopback when run as a hub service (configurable-http-proxy), else none",
+    )
+    p.add_argument(
+        "--metrics",
+        choices=METRICS_ACCESS,
+        default="local-or-token",
+        help="who may read /metrics: a client on this host or a token with the 'metrics' "
+        "scope (default), only such a token, or anyone",
+    )
+    p.add_argument(
+        "--auth-failures",
+        default="1/20/60",
+        metavar="RATE/BURST/INTERVAL",
+        help="failed authentications per client address: refill per second, burst, and the "
+        "interval in seconds of their aggregated audit records (default 1/20/60)",
+    )
+    p.add_argument(
+        "--tokens-url",
+        default=None,
+        help="the token service that signs audit checkpoints (default: where --jwks points)",
+    )
+    p.add_argument(
+        "--audit-name", default=DEFAULT_LOG_NAME, help="the log's name in the checkpoints"
+    )
+    p.add_argument(
+        "--checkpoint-interval",
+        type=float,
+        default=10.0,
+        help="seconds between audit checkpoints (default 10; 0 = none)",
+    )
     return p
+
+
+def _auth_failures(text: str) -> AuthFailureGuard:
+    try:
+        rate, burst, interval = (float(x) for x in text.split("/"))
+        return AuthFailureGuard(Limit(rate, int(burst)), interval=interval)
+    except ValueError as exc:
+        raise ValueError(
+            f"--auth-failures {text!r}: RATE/BURST/INTERVAL, e.g. 1/20/60 ({exc})"
+        ) from None
+
+
+def _trusted_proxies(args: argparse.Namespace) -> list[str]:
+    if args.trusted_proxy is None:
+        return list(LOOPBACK) if os.environ.get("JUPYTERHUB_SERVICE_URL") else []
+    return [t for t in args.trusted_proxy if t.lower() != "none"]
+
+
+def _anchor(args: argparse.Namespace, jwks_source: str, audit: AuditLog) -> AuditAnchor | None:
+    """The audit anchor at the token service, if it and the gateway's hub API token are known."""
+    tokens_url = args.tokens_url
+    if tokens_url is None and jwks_source.startswith(("http://", "https://")):
+        tokens_url = jwks_source.removesuffix("jwks.json")
+    api_token = os.environ.get("JUPYTERHUB_API_TOKEN")
+    if args.checkpoint_interval <= 0 or not tokens_url or not api_token:
+        log.warning(
+            "audit log not anchored: it needs the token service's URL (--tokens-url) and the "
+            "gateway's JUPYTERHUB_API_TOKEN; truncation and re-chaining will not be detected"
+        )
+        return None
+    return AuditAnchor(audit, tokens_url, api_token, args.audit_name, args.checkpoint_interval)
 
 
 def _state_dir(args: argparse.Namespace, dep: Any) -> Path:
@@ -186,8 +259,18 @@ def build_gateway(argv: list[str] | None = None) -> tuple[Gateway, str, int, lis
         maintenance=[dataclasses.asdict(m) for m in gw.maintenance],
         admin_users=admins,
         base_url=base_url,
+        trusted_proxies=_trusted_proxies(args),
+        auth_failures=_auth_failures(args.auth_failures),
+        metrics_access=args.metrics,
+        anchor=_anchor(args, str(jwks_source), audit),
     )
     log.info("audit log %s (fsync %s); policy %s", audit_path, audit.fsync, gateway.policy.source)
+    log.info(
+        "trusted proxies %s; metrics %s; audit anchor %s",
+        [str(n) for n in gateway.trusted_proxies] or "none",
+        gateway.metrics_access,
+        gateway.anchor or "none",
+    )
     return gateway, host, port, closers
 
 

@@ -45,7 +45,7 @@ def test_own_project_only(default) -> None:
 
 
 def test_admin_role_and_source_network(default) -> None:
-    admin = dict(roles=frozenset({"admin"}), project=None)
+    admin = dict(roles=frozenset({"admin"}), scopes=frozenset({"admin"}), project=None)
     assert default.evaluate(req("reservations.approve", source="127.0.0.1", **admin)).allow
     far = default.evaluate(req("reservations.approve", source="8.8.8.8", **admin))
     assert not far.allow and "8.8.8.8" in far.reason
