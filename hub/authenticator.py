@@ -10,6 +10,7 @@ service API token), which bounds it by the user's role and records it.
 from __future__ import annotations
 
 import asyncio
+import html
 import os
 from pathlib import Path
 from typing import Any
@@ -34,12 +35,19 @@ _SERVICE_ACCESS = [
 
 
 class _LoginRefused(web.HTTPError):
-    """A 403 whose message JupyterHub's error page shows to the person logging in."""
+    """A 403 whose message JupyterHub's error page shows to the person logging in, with a way out:
+    at a shared beamline PC the next person must be able to sign in as someone else."""
 
     def __init__(self, message: str) -> None:
         super().__init__(403, "%s", message, reason="Login refused")
         self.message = message
         self.jupyterhub_message = message
+        # logout ends the identity provider's session too (logout_redirect_url), and every sign-in
+        # asks for credentials again (prompt=login), so this link really switches the user
+        self.jupyterhub_html_message = (
+            f"<p>{html.escape(message)}</p>"
+            '<p><a class="btn btn-primary" href="logout">Sign in as someone else</a></p>'
+        )
 
 
 class MfaRequired(_LoginRefused):
@@ -169,6 +177,12 @@ class BeamhubAuthenticator(GenericOAuthenticator):
     @default("username_claim")
     def _username_claim_default(self) -> str:
         return "preferred_username"
+
+    @default("extra_authorize_params")
+    def _authorize_params_default(self) -> dict[str, str]:
+        # ask for credentials at every sign-in, even with a live IdP session: a shared beamline
+        # PC must never sign the next person in as the last one
+        return {"prompt": "login"}
 
     @default("scope")
     def _scope_default(self) -> list[str]:

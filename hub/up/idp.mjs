@@ -141,6 +141,7 @@ server.listen(config.port || 0, config.host || '127.0.0.1', () => {
       client_id: config.client_id,
       client_secret: config.client_secret,
       redirect_uris: config.redirect_uris,
+      post_logout_redirect_uris: config.post_logout_redirect_uris || [],
       grant_types: ['authorization_code', 'refresh_token'],
       response_types: ['code'],
       token_endpoint_auth_method: 'client_secret_basic',
@@ -154,7 +155,18 @@ server.listen(config.port || 0, config.host || '127.0.0.1', () => {
       projects: ['projects', 'groups', 'amr', 'acr'],
     },
     scopes: ['openid', 'offline_access', 'profile', 'email', 'projects'],
-    features: { devInteractions: { enabled: false } },
+    features: {
+      devInteractions: { enabled: false },
+      // the hub's logout ends the IdP session too; the confirmation is one button, pre-focused
+      rpInitiatedLogout: {
+        enabled: true,
+        async logoutSource(ctx, form) {
+          ctx.body = page('Sign out', `${form}<p>Sign out of the beamhub dev identity provider?</p>
+<button autofocus type="submit" form="op.logoutForm" value="yes" name="logout">Sign out</button>
+<script>document.forms['op.logoutForm'].requestSubmit(document.querySelector('button[name=logout]'));</script>`);
+        },
+      },
+    },
     interactions: { url: (ctx, interaction) => `/interaction/${interaction.uid}` },
     pkce: { required: () => false },
     issueRefreshToken: async (ctx, client) => client.grantTypeAllowed('refresh_token'),

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
@@ -48,10 +49,13 @@ class EmbeddedIdP:
         port: int = 0,
         log_path: str | os.PathLike | None = None,
         *,
+        post_logout_redirect_uris: list[str] | None = None,
         require_otp: bool = False,
         totp_secrets: dict[str, str] | None = None,
     ) -> None:
         self.users = list(users)
+        #: where the IdP may send the browser after the hub's logout ended its session
+        self.post_logout_redirect_uris = list(post_logout_redirect_uris or [])
         #: ask enrolled users for a one-time code after the password (the enclave requires MFA)
         self.require_otp = require_otp
         #: username -> TOTP secret of the users enrolled in a second factor (hub/up/totp.py)
@@ -73,6 +77,7 @@ class EmbeddedIdP:
             "client_id": self.client_id,
             "client_secret": self.client_secret,
             "redirect_uris": self.redirect_uris,
+            "post_logout_redirect_uris": self.post_logout_redirect_uris,
             "require_otp": self.require_otp,
             "users": [
                 {
@@ -184,14 +189,22 @@ class EmbeddedIdP:
         return f"{self.issuer}/.well-known/openid-configuration"
 
     def endpoints(self) -> dict[str, str]:
-        """authorize/token/userinfo URLs from discovery."""
+        """authorize/token/userinfo URLs from discovery, and the hub's logout URL (which ends
+        the IdP session and comes back to the first post-logout URI)."""
         with urllib.request.urlopen(self.discovery_url, timeout=5) as resp:  # noqa: S310
             doc = json.load(resp)
-        return {
+        out = {
             "authorize_url": doc["authorization_endpoint"],
             "token_url": doc["token_endpoint"],
             "userdata_url": doc["userinfo_endpoint"],
         }
+        if self.post_logout_redirect_uris and doc.get("end_session_endpoint"):
+            back = urllib.parse.quote(self.post_logout_redirect_uris[0], safe="")
+            out["logout_url"] = (
+                f"{doc['end_session_endpoint']}?client_id={self.client_id}"
+                f"&post_logout_redirect_uri={back}"
+            )
+        return out
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM the provider's process group; SIGKILL if it lingers."""

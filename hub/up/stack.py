@@ -264,6 +264,7 @@ class Stack:
             [f"{self.public}/hub/oauth_callback"],
             self.state,
             port=self.ports["idp"],
+            post_logout_redirect_uris=[f"{self.public}/hub/login"],
             require_otp=self.dep.mfa_required,
             totp_secrets=totp_secrets,
         )

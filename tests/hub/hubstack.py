@@ -173,14 +173,18 @@ def otp_code(stack: RunningStack, user: str) -> str:
 
 
 def login(
-    stack: RunningStack, user: str, password: str, otp: str | None = None
+    stack: RunningStack,
+    user: str,
+    password: str,
+    otp: str | None = None,
+    session: requests.Session | None = None,
 ) -> tuple[requests.Session, requests.Response]:
     """Browserless OIDC login: hub -> IdP login form (-> one-time code) -> consent -> hub.
 
     Where the IdP asks for a one-time code, ``otp`` is sent, or else the right code is computed
     from the secrets `beamhub up` enrolled in the state dir.
     """
-    s = requests.Session()
+    s = session or requests.Session()
     r = s.get(stack.hub + "oauth_login", params={"next": "/hub/home"}, timeout=20)
     assert r.status_code == 200 and "/interaction/" in r.url, (r.status_code, r.url)
     r = s.post(
@@ -189,6 +193,11 @@ def login(
     if r.status_code == 200 and 'name="code"' in r.text:
         code = otp if otp is not None else otp_code(stack, user)
         r = s.post(_form_action(r), data={"prompt": "otp", "code": code}, timeout=20)
+    if r.status_code == 200 and "/session/end/confirm" in r.text:
+        # another account's IdP session ends first: the page a browser submits by script
+        hidden = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', r.text))
+        action = re.search(r'<form method="post" action="([^"]+)"', r.text).group(1)
+        r = s.post(urljoin(r.url, action), data=hidden, timeout=20)
     if r.status_code != 200 or "Authorize" not in r.text:
         return s, r  # refused at the IdP, or no consent needed
     r = s.post(_form_action(r), data={"prompt": "consent"}, timeout=30)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
+from urllib.parse import parse_qs, urljoin, urlparse
 
 import jwt
 import pytest
@@ -165,3 +167,50 @@ def test_viewer_cannot_create_a_channel_or_steer_operator_can(dev_stack: Running
         f"{dsn}/api/channels/{detector}/steer/params", headers=_bearer(vera), timeout=10
     ).json()
     assert params["values"]["hit_fraction"] == 0.5
+
+
+def _idp_has_session(stack: RunningStack, session: requests.Session) -> bool:
+    """Ask the IdP with prompt=none: a code comes back only if it still has a session."""
+    r = session.get(
+        stack.runtime["authorize_url"],
+        params={
+            "client_id": stack.runtime["client_id"],
+            "response_type": "code",
+            "scope": "openid",
+            "redirect_uri": stack.hub + "oauth_callback",
+            "prompt": "none",
+        },
+        allow_redirects=False,
+        timeout=10,
+    )
+    while r.status_code in (302, 303) and not r.headers["location"].startswith(stack.hub):
+        r = session.get(urljoin(r.url, r.headers["location"]), allow_redirects=False, timeout=10)
+    query = parse_qs(urlparse(r.headers["location"]).query)
+    assert "code" in query or query.get("error") == ["login_required"], query
+    return "code" in query
+
+
+def test_a_refused_person_can_sign_in_as_someone_else(dev_stack: RunningStack) -> None:
+    """At a shared beamline PC: mallory is refused; bob signs in next in the same browser."""
+    s, r = login(dev_stack, "mallory", "mallory-dev")
+    assert r.status_code == 403 and "Sign in as someone else" in r.text
+    # every sign-in asks for credentials (prompt=login), even with mallory's IdP session alive
+    s, r = login(dev_stack, "bob", "bob-dev", session=s)
+    assert r.status_code == 200 and r.url.endswith("/hub/home"), (r.status_code, r.url)
+    assert requests.get(f"{dev_stack.hub}api/user", cookies=s.cookies, timeout=10).status_code in (
+        200,
+        403,
+    )  # the hub's own cookie now belongs to bob
+
+
+def test_logout_ends_the_identity_providers_session_too(dev_stack: RunningStack) -> None:
+    s, r = login(dev_stack, "vera", "vera-dev")
+    assert r.status_code == 200
+    assert _idp_has_session(dev_stack, s)
+    r = s.get(dev_stack.hub + "logout", timeout=20)  # -> the IdP's end_session confirmation
+    assert "/session/end" in r.url and "Sign out" in r.text
+    form = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', r.text))
+    action = re.search(r'<form[^>]*action="([^"]+)"', r.text).group(1)
+    r = s.post(urljoin(r.url, action), data={**form, "logout": "yes"}, timeout=20)
+    assert r.url.startswith(dev_stack.hub + "login"), r.url  # back at the hub's login page
+    assert not _idp_has_session(dev_stack, s)
