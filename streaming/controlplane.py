@@ -159,7 +159,9 @@ class ControlPlane:
 
     ``data_plane`` may be given (the caller then owns it); otherwise a
     :class:`beamhub.streaming.dataplane.DataPlane` on ``data_host`` is created at open and closed
-    at close. Data-plane calls run on one worker thread so they never block the event loop.
+    at close (its producer faces on ``producer_host`` if given: the instrument-side interface of
+    a DSN in a science DMZ). Data-plane calls run on one worker thread so they never block the
+    event loop.
 
     ``state_dir``: where the channels are kept (``<state_dir>/dsn/channels.sqlite``); ``None``
     keeps them in memory only (tests). ``boot_id`` changes at every :meth:`open`, so a client
@@ -176,6 +178,7 @@ class ControlPlane:
         reap_interval: float = 1.0,
         relay_timeout: float = 10.0,
         state_dir: str | os.PathLike | None = None,
+        producer_host: str | None = None,
     ) -> None:
         self.verifier = verifier
         self.state_dir = None if state_dir is None else Path(state_dir)
@@ -183,6 +186,7 @@ class ControlPlane:
         self.boot_id = ""
         self.template = template or Template.load()
         self.data_host = data_host
+        self.producer_host = producer_host
         self.data_plane = data_plane
         self._owns_data_plane = data_plane is None
         self.reap_interval = reap_interval
@@ -210,7 +214,10 @@ class ControlPlane:
         if self.data_plane is None:
             self.data_plane = await self.run(
                 lambda: DataPlane(
-                    self.data_host, log=log.getChild("dataplane"), server_keypair=keypair
+                    self.data_host,
+                    log=log.getChild("dataplane"),
+                    server_keypair=keypair,
+                    producer_host=self.producer_host,
                 )
             )
         if self.store is not None:

@@ -137,6 +137,10 @@ class DataPlane:
     (terminating the channel's context is the only way to interrupt libzmq there). If a
     ``context`` is given, all channels share it and its single ZAP handler; then an L4 proxy
     stuck that way stops only when a consumer reads or the context is terminated by its owner.
+
+    Faces bind on ``host``; with ``producer_host`` the producer face binds (and is advertised) on
+    that address instead, so a DSN in a science DMZ takes frames only on its instrument-side
+    interface and serves consumers only on its compute-side one.
     """
 
     def __init__(
@@ -147,9 +151,11 @@ class DataPlane:
         log: logging.Logger | None = None,
         advertise_host: str | None = None,
         server_keypair: tuple[bytes, bytes] | None = None,
+        producer_host: str | None = None,
     ) -> None:
         self.host = host
         self.advertise = advertise_host or host
+        self.producer_host = producer_host
         self.log = log or logging.getLogger("beamhub.dsn.dataplane")
         self.public_key, self._secret_key = server_keypair or zmq.curve_keypair()
         self._channels: dict[str, _Channel] = {}
@@ -222,6 +228,7 @@ class DataPlane:
             max_rate_hz=spec.max_rate_hz,
             when_no_consumer=spec.when_no_consumer,
             ports=ports,
+            producer_host=self.producer_host,
         )
         counters = ChannelCounters()
         tag = f"dataplane:{spec.channel_id}:{uuid.uuid4().hex[:6]}"

@@ -47,6 +47,9 @@ class FaceConfig:
     #: face -> TCP port to bind (a restored channel keeps its endpoints); a face not named here
     #: binds to any free port
     ports: dict[str, int] = field(default_factory=dict)
+    #: address the producer face binds and advertises instead of ``host`` (a DSN with one
+    #: interface on the instrument network and one on the compute network); None: ``host``
+    producer_host: str | None = None
 
 
 @dataclass
@@ -93,10 +96,13 @@ class ChannelThread(threading.Thread):
         if self.faces.curve_secret is not None:
             sock.curve_server = True
             sock.curve_secretkey = self.faces.curve_secret
+        host, advertise = self.faces.host, self.faces.advertise
+        if face == "producer" and self.faces.producer_host:
+            host = advertise = self.faces.producer_host
         port = self.faces.ports.get(face)
-        sock.bind(f"tcp://{self.faces.host}:{port or '*'}")
+        sock.bind(f"tcp://{host}:{port or '*'}")
         port = sock.last_endpoint.decode().rsplit(":", 1)[1]
-        self.endpoints[face] = f"tcp://{self.faces.advertise}:{port}"
+        self.endpoints[face] = f"tcp://{advertise}:{port}"
         return self.endpoints[face]
 
     def run(self) -> None:

@@ -32,7 +32,8 @@ class DataStreamingNode(ControlPlane):
 
     ``data_plane`` may be given (the caller then owns it); otherwise a
     :class:`beamhub.streaming.dataplane.DataPlane` on ``data_host`` is created at start and closed
-    at stop. Data-plane calls run on one worker thread so they never block the event loop.
+    at stop (its producer faces on ``producer_host`` if given). Data-plane calls run on one
+    worker thread so they never block the event loop.
     With ``state_dir`` the channels survive a restart (see
     :class:`~beamhub.streaming.controlplane.ControlPlane`); without, they live in memory only.
     """
@@ -48,6 +49,7 @@ class DataStreamingNode(ControlPlane):
         reap_interval: float = 1.0,
         relay_timeout: float = 10.0,
         state_dir: str | os.PathLike | None = None,
+        producer_host: str | None = None,
     ) -> None:
         super().__init__(
             verifier,
@@ -57,6 +59,7 @@ class DataStreamingNode(ControlPlane):
             reap_interval=reap_interval,
             relay_timeout=relay_timeout,
             state_dir=state_dir,
+            producer_host=producer_host,
         )
         self.host = host
         self._server: tornado.httpserver.HTTPServer | None = None
@@ -80,6 +83,7 @@ class DataStreamingNode(ControlPlane):
             "dsn.started",
             url=self.url,
             data_host=self.data_host,
+            producer_host=self.producer_host,
             template=self.template.name,
             boot_id=self.boot_id,
             store=self.store.path if self.store is not None else None,

@@ -21,6 +21,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--data-host", default="127.0.0.1", help="address the data plane's sockets bind to"
     )
     parser.add_argument(
+        "--producer-host",
+        default=None,
+        metavar="ADDR",
+        help="address the producer faces bind to instead of --data-host: a DSN in a science "
+        "DMZ takes frames on its instrument-side interface and serves consumers on its "
+        "compute-side one (--data-host); see docs/dmz.md",
+    )
+    parser.add_argument(
         "--template", default=None, help="admin template YAML (default: the packaged dev template)"
     )
     parser.add_argument(
@@ -116,6 +124,8 @@ def _run(args: argparse.Namespace) -> int:
 
         store_dir = args.state_dir or state_dir()
 
+    producers = f", producer faces on {args.producer_host}" if args.producer_host else ""
+
     async def serve() -> int:
         from beamhub.streaming.controlplane import FAILED
         from beamhub.streaming.dsn import DataStreamingNode
@@ -125,6 +135,7 @@ def _run(args: argparse.Namespace) -> int:
             template,
             host=args.host,
             data_host=args.data_host,
+            producer_host=args.producer_host,
             reap_interval=args.reap_interval,
             state_dir=store_dir,
         )
@@ -133,7 +144,7 @@ def _run(args: argparse.Namespace) -> int:
         except (OSError, RuntimeError) as exc:
             print(
                 f"beamhub dsn: cannot start on {args.host}:{args.port} (data plane on "
-                f"{args.data_host}): {exc}",
+                f"{args.data_host}{producers}): {exc}",
                 file=sys.stderr,
             )
             await node.stop()
@@ -143,7 +154,7 @@ def _run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, done.set)
         print(f"beamhub dsn: control API {url}  (health: {url}/api/health)", flush=True)
-        print(f"beamhub dsn: data plane binds on {args.data_host}", flush=True)
+        print(f"beamhub dsn: data plane binds on {args.data_host}{producers}", flush=True)
         print(f"beamhub dsn: template {template.name!r} ({template.source})", flush=True)
         if node.store is not None:
             failed = [c.id for c in node.channels.values() if c.state == FAILED]
