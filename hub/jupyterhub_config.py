@@ -127,6 +127,15 @@ def configure(c: Any, rt: dict[str, Any]) -> None:
     c.Spawner.notebook_dir = str(state / "users" / "{username}")
     c.Spawner.pre_spawn_hook = provide_notebooks
     c.Spawner.environment = {"BEAMHUB_HOME": str(state)}
+    # tenancy: each server, job and Dask worker runs as its user's Unix account (bh-<user>,
+    # created on first use when the hub is root), in its home; beamhub.yaml `tenancy:` via rt
+    for key, value in rt.get("tenancy", {}).items():
+        setattr(c.ReservedNodeSpawner, key, value)
+    c.ReservedNodeSpawner.notebook_dir = "{home}"
+    # the beamtime notebooks are copied as her account into ~/notebooks (never as root into a
+    # folder she controls); provide_notebooks stays for the simple spawner
+    c.ReservedNodeSpawner.pre_spawn_hook = None
+    c.ReservedNodeSpawner.home_files = {"notebooks": str(NOTEBOOKS)}
 
     # --- services: external, each a process `beamhub up` supervises (see hub/up/stack.py) ----
     subjects: dict[str, dict[str, Any]] = rt.get("service_subjects", {})

@@ -43,6 +43,15 @@ def dashboard_link_template(environ: dict[str, str] | None = None) -> str:
     return "http://{host}:{port}/status"
 
 
+def _default_output_dir() -> Path | None:
+    """Worker logs go to ``~/.beamhub/dask`` inside a beamhub job (the workers run as the same
+    account, so they can write there; the state dir is not theirs to see); elsewhere None, the
+    backend's own log folder."""
+    if os.environ.get("BEAMHUB_JOB_ID") and os.environ.get("HOME"):
+        return Path(os.environ["HOME"]) / ".beamhub" / "dask"
+    return None
+
+
 class WorkerJob(ProcessInterface):
     """One Dask worker run as a scheduler job; ``close`` cancels the job."""
 
@@ -67,7 +76,7 @@ class WorkerJob(ProcessInterface):
         self.config = config
         self.project, self.tier, self.user = project, tier, user
         self.nthreads, self.memory_mb, self.walltime_s = nthreads, memory_mb, walltime_s
-        self.output_dir = Path(output_dir or Path(config.state_dir) / "dask")
+        self.output_dir = Path(output_dir) if output_dir else _default_output_dir()
         self.death_timeout_s = death_timeout_s
         self.job_id: str | None = None
         self.error = ""
@@ -92,7 +101,8 @@ class WorkerJob(ProcessInterface):
 
     async def start(self) -> None:
         backend = await open_scheduler(self.config)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.output_dir is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if k.startswith(("BEAMHUB_", "DASK_"))}
         env["PATH"] = os.environ.get("PATH", "/usr/bin:/bin")
         spec = JobSpec(
@@ -105,7 +115,7 @@ class WorkerJob(ProcessInterface):
             cpus=self.nthreads,
             mem_mb=self.memory_mb,
             walltime_s=self.walltime_s,
-            output=str(self.output_dir / f"worker-{self.name}.log"),
+            output=str(self.output_dir / f"worker-{self.name}.log") if self.output_dir else None,
         )
         try:
             self.job_id = await backend.submit(spec)

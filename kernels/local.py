@@ -17,7 +17,16 @@ from pathlib import Path
 import psutil
 
 from beamhub.auth.home import state_dir
+from beamhub.kernels.accounts import Account, AccountMap
 from beamhub.kernels.local_store import LocalJob, LocalJobStore
+from beamhub.kernels.sandbox import (
+    NodeLimits,
+    account_argv,
+    bwrap_argv,
+    hidden_roots,
+    owned_dir,
+    require_bwrap,
+)
 from beamhub.kernels.scheduler import (
     EventHub,
     JobInfo,
@@ -31,6 +40,8 @@ from beamhub.kernels.tier_policy import TierPolicy
 __all__ = ["LocalBackend", "VirtualNode", "read_jobs"]
 
 WRAPPER = str(Path(__file__).with_name("_jobwrap.py"))
+#: What a job run as another account keeps of the hub's environment (nothing secret).
+KEEP_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
 
 
 @dataclass(frozen=True)
@@ -45,7 +56,14 @@ class VirtualNode:
 class LocalBackend(Scheduler):
     """N virtual nodes with CPU/memory slots; highest tier first; preemption by SIGTERM → grace →
     SIGKILL of the lowest-tier, youngest job(s) the tier may preempt. State lives in SQLite:
-    a new LocalBackend on the same database re-attaches to jobs that are still running."""
+    a new LocalBackend on the same database re-attaches to jobs that are still running.
+
+    Tenancy (kernels/accounts.py, kernels/sandbox.py): ``run_as="account"`` (root only) runs
+    each job as its user's Unix account (``account_template``, homes under ``home_root``),
+    by default inside the bubblewrap sandbox with per-node cgroup limits (``sandbox``);
+    ``run_as="self"`` runs every job as the hub's own account (dev enclave without root).
+    ``hide``: folders the sandbox covers (default: the beamhub state dir and this backend's).
+    """
 
     name = "local"
 
@@ -58,6 +76,11 @@ class LocalBackend(Scheduler):
         policy: TierPolicy | None = None,
         log_dir: str | Path | None = None,
         poll_interval: float = 0.1,
+        run_as: str = "self",
+        account_template: str = "bh-{username}",
+        home_root: str = "",
+        sandbox: bool | None = None,
+        hide: list[str] | None = None,
         log: logging.Logger | None = None,
     ) -> None:
         if db_path is None:
@@ -74,6 +97,27 @@ class LocalBackend(Scheduler):
         self.tiers = self.policy.tiers
         self.poll_interval = poll_interval
         self.log = log or logging.getLogger("beamhub.kernels.local")
+        self.accounts = AccountMap(run_as, account_template, home_root, log=self.log)
+        self.sandbox = run_as == "account" if sandbox is None else bool(sandbox)
+        self.limits: NodeLimits | None = None
+        if self.sandbox:
+            if run_as != "account":
+                raise SchedulerError(
+                    "sandbox=True needs run_as='account' (bubblewrap starts as root and drops "
+                    "to the user's account)",
+                    status=500,
+                    field="sandbox",
+                )
+            self._bwrap = require_bwrap()
+            self._hide = hidden_roots(hide or [state_dir(), self.db_path.parent, self.log_dir])
+            self.limits = NodeLimits(str(self.db_path.resolve()), log=self.log)
+        self.log.info(
+            "local backend: %s; %s",
+            self.accounts.describe(),
+            f"sandbox: bubblewrap, hidden {', '.join(self._hide)}; {self.limits.summary}"
+            if self.sandbox and self.limits
+            else "no sandbox (jobs see what the account sees)",
+        )
         self._store = LocalJobStore(self.db_path)
         self._events = EventHub()
         self._wake = asyncio.Event()
@@ -91,6 +135,7 @@ class LocalBackend(Scheduler):
         self._ensure_started()
         tier = self.policy.check(spec)
         self._check_fits(spec)
+        await asyncio.to_thread(self.accounts.ensure, spec.user)  # useradd on first use
         job = LocalJob(seq=self._seq, spec=spec, priority=tier.priority, submit_time=time.time())
         self._seq += 1
         job.output = spec.output or str(self.log_dir / f"{job.job_id}.out")
@@ -159,6 +204,8 @@ class LocalBackend(Scheduler):
                 self._reap()
                 if self._running():
                     await asyncio.sleep(0.02)
+            if self.limits is not None:
+                self.limits.remove()
         self._events.close()
 
     # -- loop -----------------------------------------------------------------------------
@@ -309,32 +356,25 @@ class LocalBackend(Scheduler):
 
     # -- processes ------------------------------------------------------------------------
     def _launch(self, job: LocalJob, nodes: list[str]) -> None:
-        tier = self.tiers.get(job.spec.tier)
         exit_file = self._exit_file(job)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(exit_file)
-        env = {
-            **os.environ,
-            **job.spec.env,
-            "BEAMHUB_JOB_ID": job.job_id,
-            "BEAMHUB_NODE": nodes[0],
-            "BEAMHUB_NODES": ",".join(nodes),
-            "BEAMHUB_TIER": tier.name,
-            "BEAMHUB_PROJECT": job.spec.project,
-            "BEAMHUB_REQUEUES": str(job.requeues),
-        }
         try:
-            with open(job.output, "ab") as out:  # append: a requeued job's output is kept
+            account = self.accounts.lookup(job.spec.user)
+            if account is None:
+                raise SchedulerError(f"the Unix account of {job.spec.user!r} is gone")
+            argv, env, stdout = self._command(job, nodes, account, exit_file)
+            with open(stdout, "ab") as out:  # append: a requeued job's output is kept
                 popen = subprocess.Popen(
-                    [sys.executable, "-I", WRAPPER, exit_file, "--", *job.spec.argv],
+                    argv,
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT,
-                    cwd=job.spec.workdir,
+                    cwd=None if account.switches else job.spec.workdir,
                     env=env,
                     start_new_session=True,
                 )
-        except OSError as exc:
+        except (OSError, SchedulerError) as exc:
             job.state, job.end_time = JobState.FAILED, time.time()
             job.reason = f"could not start: {exc}"
             self._store.save(job)
@@ -351,6 +391,60 @@ class LocalBackend(Scheduler):
         self._events.publish(
             "started", job.job_id, node=",".join(nodes), message=f"started on {', '.join(nodes)}"
         )
+
+    def _command(
+        self, job: LocalJob, nodes: list[str], account: Account, exit_file: str
+    ) -> tuple[list[str], dict[str, str], str]:
+        """argv, environment and the file the wrapper's stdout goes to, for one launch.
+
+        As another account, the job's environment is built from scratch (the hub's own holds
+        secrets) and a user-chosen output file is opened by the job itself, as the account; the
+        wrapper's own stream then goes to the backend's log folder, which only root can reach.
+        """
+        spec = job.spec
+        job_vars = {
+            "BEAMHUB_JOB_ID": job.job_id,
+            "BEAMHUB_NODE": nodes[0],
+            "BEAMHUB_NODES": ",".join(nodes),
+            "BEAMHUB_TIER": self.tiers.get(spec.tier).name,
+            "BEAMHUB_PROJECT": spec.project,
+            "BEAMHUB_REQUEUES": str(job.requeues),
+        }
+        wrapper = [sys.executable, "-I", WRAPPER, exit_file]
+        if not account.switches:
+            home = {"HOME": account.home} if self.accounts.home_root_set else {}
+            env = {**os.environ, **home, **spec.env, **job_vars}
+            return [*wrapper, "--", *spec.argv], env, str(job.output)
+        kept = {k: os.environ[k] for k in KEEP_ENV if k in os.environ}
+        identity = {
+            "HOME": account.home,
+            "USER": account.name,
+            "LOGNAME": account.name,
+            "SHELL": "/bin/bash",
+        }
+        env = {**kept, **spec.env, **identity, **job_vars}
+        stdout = str(self.log_dir / f"{job.job_id}.out")
+        own_output = spec.output or None
+        if not self.sandbox:
+            return [*wrapper, "--", *account_argv(account, spec.argv, own_output)], env, stdout
+        writable = [account.home]
+        for folder in (os.path.dirname(spec.output or ""), spec.workdir):
+            real = owned_dir(folder, account) if folder else None
+            if real:
+                writable.append(real)
+        node = self.nodes[nodes[0]]
+        cgroups = self.limits.node(node.name, node.cpus, node.mem_mb) if self.limits else []
+        inner = bwrap_argv(
+            account,
+            spec.argv,
+            hide=self._hide,
+            writable=writable,
+            workdir=spec.workdir,
+            output=own_output,
+            bwrap=self._bwrap,
+        )
+        options = [a for procs in cgroups for a in ("--cgroup", procs)]
+        return [*wrapper, *options, "--shield", "--", *inner], env, stdout
 
     def _exit_file(self, job: LocalJob) -> str:
         return str(self.log_dir / f"{job.job_id}.exit")

@@ -213,6 +213,9 @@ class Scheduler(abc.ABC):
     """
 
     name: str = "abstract"
+    #: the hub user → Unix account mapping of a backend that starts processes
+    #: (:class:`beamhub.kernels.accounts.AccountMap`); None for a remote one (the hub's API)
+    accounts: Any = None
 
     @abc.abstractmethod
     async def submit(self, spec: JobSpec) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,26 +30,61 @@ class SpawnRefused(SpawnException):
         self.jupyterhub_message = message
 
 
+def _read_own_file(path: str | None, limit: int, tail: bool = False) -> bytes | None:
+    """Up to ``limit`` bytes of a regular file a job wrote, read safely as root.
+
+    The file lies in the user's own folder: the last component may be a symlink, a FIFO or a
+    hard link she made, to have the hub show her something that is not hers. Never follow a
+    symlink, never block on a FIFO, and read only files owned by root or the folder's owner.
+    """
+    if not path:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fd)
+        try:
+            folder = os.stat(os.path.dirname(path) or ".")
+        except OSError:
+            return None
+        if not stat.S_ISREG(info.st_mode) or info.st_uid not in (0, folder.st_uid, os.geteuid()):
+            return None
+        if info.st_nlink > 1:
+            return None
+        if tail:
+            fh.seek(max(0, info.st_size - limit))
+        return fh.read(limit)
+
+
 def output_tail(path: str | None, lines: int = 5) -> str:
     """The last lines of a job's output, one line, for an error message."""
-    if not path:
+    data = _read_own_file(path, 4096, tail=True)  # the end is what explains
+    if not data:
         return ""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(max(0, os.fstat(fh.fileno()).st_size - 4096))  # the end is what explains
-            text = fh.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
+    text = data.decode("utf-8", errors="replace")
     return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:] if line.strip())
 
 
 def read_report(path: str | None) -> dict | None:
     """The job's ``{"host", "port", ...}`` report (kernels.serverjob), once it exists."""
+    data = _read_own_file(path, 65536)
     try:
-        with open(path or "", encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
+        report = json.loads(data) if data else None
+    except ValueError:
         return None
+    return report if isinstance(report, dict) else None
+
+
+def _address(report: dict | None) -> tuple[str, int] | None:
+    """host and port of a report, if well-formed (the file is the user's to write)."""
+    if not report:
+        return None
+    host, port = report.get("host"), report.get("port")
+    if not isinstance(host, str) or not host or not isinstance(port, int):
+        return None
+    return (host, port) if 0 < port < 65536 else None
 
 
 async def server_answers(host: str, port: int, base_url: str = "/") -> bool:
@@ -99,8 +135,8 @@ class ServerWait:
                     started_at = now
                     self.emit(50, f"starting on {info.node}")
                 report = read_report(self.port_file)
-                if report:
-                    address = (str(report["host"]), int(report["port"]))
+                address = _address(report)
+                if address:
                     if address != known:
                         known = address
                         self.on_report(*address, info.node)

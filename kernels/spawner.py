@@ -20,9 +20,21 @@ from pathlib import Path
 from typing import Any
 
 from jupyterhub.spawner import Spawner
-from traitlets import CaselessStrEnum, Dict, Float, Integer, TraitError, Unicode, default, validate
+from jupyterhub.utils import maybe_future
+from traitlets import (
+    Bool,
+    CaselessStrEnum,
+    Dict,
+    Float,
+    Integer,
+    TraitError,
+    Unicode,
+    default,
+    validate,
+)
 
 from beamhub.auth.home import state_dir
+from beamhub.kernels.accounts import Account, AccountMap, copy_as, private_dir
 from beamhub.kernels.backends import (
     SchedulerConfig,
     check_backend_options,
@@ -139,6 +151,45 @@ class ReservedNodeSpawner(Spawner):
         0.2, help="Seconds between job-state checks while a spawn is pending."
     ).tag(config=True)
 
+    run_as = CaselessStrEnum(
+        ["auto", "account", "self"],
+        default_value="auto",
+        help="""Whose Unix account runs each server, job and Dask worker.
+
+        'account': the user's own (account_template; created on first use; needs root);
+        'self': the hub's own account, every user alike (not isolated: dev enclave only);
+        'auto': 'account' when the hub runs as root, else 'self'.
+        Example: c.ReservedNodeSpawner.run_as = "account"
+        """,
+    ).tag(config=True)
+
+    account_template = Unicode(
+        "bh-{username}",
+        help="""The Unix account of hub user {username}; must give a valid account name
+        (lower case, at most 32 characters), else the spawn is refused naming the user.
+        Example: c.ReservedNodeSpawner.account_template = "bh-{username}"
+        """,
+    ).tag(config=True)
+
+    home_root = Unicode(
+        "",
+        help="""Folder of the accounts' homes (<home_root>/<account>, 0700). Empty: /home for
+        accounts; with run_as 'self', <BEAMHUB_HOME>/users/<username> (one folder per user
+        for JupyterLab's settings and workspaces, same Unix account).""",
+    ).tag(config=True)
+
+    sandbox = Bool(
+        None,
+        allow_none=True,
+        help="""Local backend: run each job in bubblewrap with per-node cgroup limits.
+        None = whenever jobs run as the users' accounts.""",
+    ).tag(config=True)
+
+    home_files = Dict(
+        help="""Folders copied into the user's home before each start, as her account and
+        never over her files: {"notebooks": "/path/to/notebooks"} gives ~/notebooks.""",
+    ).tag(config=True)
+
     @default("state_dir")
     def _default_state_dir(self) -> str:
         return str(state_dir() / "scheduler")
@@ -198,6 +249,7 @@ class ReservedNodeSpawner(Spawner):
         self.job_tier: str | None = None
         self.port_file: str | None = None
         self.output_file: str | None = None
+        self.account: Account | None = None
         self._events: list[dict] = []
         self._events_changed = asyncio.Event()
 
@@ -234,15 +286,69 @@ class ReservedNodeSpawner(Spawner):
 
     # -- scheduler access ----------------------------------------------------------------------
 
+    def _run_as(self) -> str:
+        if self.run_as == "auto":
+            return "account" if os.geteuid() == 0 else "self"
+        return self.run_as
+
+    def _tenancy(self) -> dict[str, Any]:
+        """The backend options that say whose account runs the jobs (see kernels.accounts)."""
+        run_as = self._run_as()
+        home_root = self.home_root
+        if not home_root and run_as == "self":
+            home_root = str(Path(self.state_dir).parent / "users")
+        options: dict[str, Any] = {
+            "run_as": run_as,
+            "account_template": self.account_template,
+            "home_root": home_root,
+        }
+        if self.backend == "local" and self.sandbox is not None:
+            options["sandbox"] = self.sandbox
+        return options
+
     def _config(self) -> SchedulerConfig:
         return SchedulerConfig(
             backend=self.backend,
             state_dir=self.state_dir,
-            options=dict(self.backend_options),
+            options={**self._tenancy(), **self.backend_options},
             tiers_file=self.tiers_file,
             projects_file=self.projects_file,
             reservations_db=self.reservations_db,
         )
+
+    def _account_map(self) -> AccountMap:
+        options = self._tenancy()
+        return AccountMap(
+            options["run_as"], options["account_template"], options["home_root"], log=self.log
+        )
+
+    async def run_pre_spawn_hook(self) -> Any:
+        """Her account and home exist before the hook runs (``{home}`` in notebook_dir)."""
+        self.account = await asyncio.to_thread(self._account_map().ensure, self.user.name)
+        for target, source in self.home_files.items():
+            await asyncio.to_thread(copy_as, self.account, source, target)
+        return await maybe_future(super().run_pre_spawn_hook())
+
+    def template_namespace(self) -> dict[str, Any]:
+        """JupyterHub's, plus ``{home}`` and ``{account}`` once the account is known."""
+        namespace = super().template_namespace()
+        if self.account is not None:
+            namespace.update(home=self.account.home, account=self.account.name)
+        return namespace
+
+    def _user_env(self, account: Account) -> dict[str, str]:
+        """HOME and Jupyter's folders in her home: settings, workspaces and runtime files are
+        hers, never shared with another user's server."""
+        home = account.home
+        return {
+            "HOME": home,
+            "JUPYTER_CONFIG_DIR": f"{home}/.jupyter",
+            "JUPYTER_DATA_DIR": f"{home}/.local/share/jupyter",
+            "JUPYTER_RUNTIME_DIR": f"{home}/.local/share/jupyter/runtime",
+            "JUPYTERLAB_SETTINGS_DIR": f"{home}/.jupyter/lab/user-settings",
+            "JUPYTERLAB_WORKSPACES_DIR": f"{home}/.jupyter/lab/workspaces",
+            "IPYTHONDIR": f"{home}/.ipython",
+        }
 
     # -- progress ------------------------------------------------------------------------------
 
@@ -311,18 +417,31 @@ class ReservedNodeSpawner(Spawner):
                 status_code=exc.status if exc.status >= 500 else 500,
             ) from exc
 
-        run_dir = Path(config.state_dir) / "servers"
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if self.account is None:  # start() without JupyterHub's pre-spawn step
+            self.account = await asyncio.to_thread(self._account_map().ensure, self.user.name)
+        account = self.account
         stem = f"{self.user.name}-{self.name or 'default'}-{uuid.uuid4().hex[:8]}"
-        self.port_file = str(run_dir / f"{stem}.port.json")
-        self.output_file = str(run_dir / f"{stem}.log")
+        if account.switches:  # a folder of hers: the job writes its port report there
+            run_dir = await asyncio.to_thread(private_dir, account, "servers", stem)
+        else:
+            run_dir = Path(config.state_dir) / "servers"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            run_dir = run_dir / stem
+            run_dir.mkdir(mode=0o700, exist_ok=True)
+        self.port_file = str(run_dir / "port.json")
+        self.output_file = str(run_dir / "server.log")
         env = self.get_env()
         env.update(config.job_env(project=project, tier=tier.name, user=self.user.name))
         env["BEAMHUB_BIND_IP"] = self.ip or "127.0.0.1"
+        env.update(self._user_env(account))
         args = list(self.get_args())
         is_jupyter = Path(self.cmd[0]).name.startswith("jupyter") if self.cmd else False
-        if os.geteuid() == 0 and is_jupyter and "--allow-root" not in args:
-            args.append("--allow-root")
+        as_root = os.geteuid() == 0 and not account.switches
+        if is_jupyter:
+            if as_root and "--allow-root" not in args:
+                args.append("--allow-root")
+            elif not as_root and "--allow-root" in args:
+                args.remove("--allow-root")  # configured for a root hub; refused by non-root
         argv = [
             sys.executable,
             "-m",
@@ -342,7 +461,7 @@ class ReservedNodeSpawner(Spawner):
             cpus=self.cpus,
             mem_mb=self.mem_mb,
             walltime_s=self.walltime_s,
-            workdir=self.format_string(self.notebook_dir) if self.notebook_dir else None,
+            workdir=self.format_string(self.notebook_dir) if self.notebook_dir else account.home,
             output=self.output_file,
         )
         self.job_project, self.job_tier = project, tier.name

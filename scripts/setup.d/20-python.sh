@@ -1,10 +1,28 @@
 #!/usr/bin/env bash
 # The project's own virtual environment (.venv), reinstalled only when pyproject.toml changes.
+# Built from Debian's /usr/bin/python3 when it exists: each user's server and jobs run as her own
+# Unix account (docs/architecture.md, tenancy), and a venv made from an interpreter inside root's
+# 0700 home (pyenv) cannot be executed by those accounts. An existing .venv on another base is
+# recreated. BEAMHUB_PYTHON overrides the choice.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY="${BEAMHUB_PYTHON:-python3}"
+if [ -n "${BEAMHUB_PYTHON:-}" ]; then
+    PY="$BEAMHUB_PYTHON"
+elif [ -x /usr/bin/python3 ]; then
+    PY=/usr/bin/python3
+else
+    PY=python3
+fi
+base() {  # the interpreter a venv's python resolves to
+    readlink -f "$1"
+}
+if [ -x .venv/bin/python ] && [ "$(base .venv/bin/python)" != "$(base "$(command -v "$PY")")" ]; then
+    echo "recreating .venv: it is based on $(base .venv/bin/python), not $PY" >&2
+    echo "  (other accounts must be able to execute it: user servers run as their own users)" >&2
+    rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
-    echo "creating .venv with $($PY --version)" >&2
+    echo "creating .venv with $PY ($("$PY" --version))" >&2
     "$PY" -m venv .venv
 fi
 stamp=".venv/.beamhub-installed"
@@ -14,3 +32,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/pip install -q -e '.[test]'
     touch "$stamp"
 fi
+# the accounts read the checkout and execute the venv: refuse a private checkout early
+for dir in . .venv/bin; do
+    if [ "$(( 0$(stat -c %a "$dir") & 05 ))" -ne 5 ]; then
+        echo "warning: $(realpath "$dir") is not readable by other accounts (mode $(stat -c %a "$dir"));" \
+             "user servers run as their own accounts: chmod o+rx it" >&2
+    fi
+done

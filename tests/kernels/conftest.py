@@ -124,6 +124,52 @@ async def local_backend(tmp_path, policy):
     await backend.close(cancel_jobs=True)
 
 
+#: Unix accounts the tenancy tests create (kept apart from `beamhub up`'s bh-* accounts)
+TEST_ACCOUNTS = "bhtest-{username}"
+
+
+def sandbox_missing() -> str:
+    """Why the sandboxed local backend cannot run here ("" when it can)."""
+    if os.geteuid() != 0:
+        return "running jobs as other accounts needs root"
+    missing = [b for b in ("bwrap", "setpriv", "useradd") if shutil.which(b) is None]
+    if missing:
+        return f"{', '.join(missing)} not installed (`./dev setup`: scripts/apt-packages.txt)"
+    return ""
+
+
+@pytest.fixture
+async def sandboxed_backend(tmp_path, policy):
+    """A LocalBackend that runs each job as bhtest-<user> in bubblewrap, hiding tmp_path/state."""
+    why = sandbox_missing()
+    if why:
+        pytest.skip(why)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    backend = LocalBackend(
+        state / "scheduler" / "jobs.sqlite",
+        nodes=NODES,
+        policy=policy,
+        poll_interval=0.05,
+        run_as="account",
+        account_template=TEST_ACCOUNTS,
+        hide=[str(state)],
+    )
+    yield backend
+    await backend.close(cancel_jobs=True)
+
+
+def user_dir(backend, user: str, path: Path) -> Path:
+    """``path`` made a folder of ``user``'s account when the backend runs jobs as accounts
+    (a sandboxed job writes only there, in its home and in its private /tmp)."""
+    path.mkdir(parents=True, exist_ok=True)
+    accounts = getattr(backend, "accounts", None)
+    if accounts is not None and accounts.mode == "account":
+        account = accounts.ensure(user)
+        os.chown(path, account.uid, account.gid)
+    return path
+
+
 @pytest.fixture
 async def slurm_backend(slurm_cluster, policy, tmp_path):
     """A SlurmBackend on the session cluster with ``policy``, job output in tmp_path/out; every

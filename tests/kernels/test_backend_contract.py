@@ -16,6 +16,7 @@ import time
 import pytest
 
 from beamhub.kernels.scheduler import JobSpec, JobState, Scheduler, SchedulerError
+from tests.kernels.conftest import user_dir
 
 PY = sys.executable
 NODES = 4  # conftest's local_backend and slurm_backend (4 slurmd) both have 4 nodes
@@ -23,10 +24,11 @@ DONE = {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.PREEMP
 SLEEPER = [PY, "-c", "import time; time.sleep(120)"]
 
 
-@pytest.fixture(params=["local", pytest.param("slurm", marks=pytest.mark.slurm)])
+@pytest.fixture(params=["local", "sandboxed", pytest.param("slurm", marks=pytest.mark.slurm)])
 def backend(request):
     """Each backend with NODES nodes and the conftest's policy (lcls01/alice holds interactive,
-    normal, batch and an open beamtime window; chem02/carol holds batch)."""
+    normal, batch and an open beamtime window; chem02/carol holds batch). ``sandboxed`` is the
+    local backend running every job as its user's account inside bubblewrap."""
     return request.getfixturevalue(f"{request.param}_backend")
 
 
@@ -84,7 +86,8 @@ BATCH_JOB = textwrap.dedent("""
 async def test_beamtime_preempts_one_batch_job_which_is_requeued_and_completes(backend, tmp_path):
     """Which batch job goes is the backend's choice (SLURM 22.05 picks the oldest even with
     preempt_youngest_first); the tier rule, the requeue and the intact output are the contract."""
-    outs = [tmp_path / f"batch{i}.out" for i in range(NODES)]
+    out_dir = user_dir(backend, "alice", tmp_path / "out")
+    outs = [out_dir / f"batch{i}.out" for i in range(NODES)]
     batch = [await running(backend, "batch", [PY, "-c", BATCH_JOB], output=str(o)) for o in outs]
     nodes = {j: i.node for j, i in (await backend.status(batch)).items()}
     deadline = time.monotonic() + 20
