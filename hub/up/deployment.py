@@ -28,11 +28,13 @@ __all__ = [
     "IdentityConfig",
     "MaintenanceWindow",
     "SchedulerConfig",
+    "TenancyConfig",
     "TokensConfig",
     "UserSpec",
     "default_deployment_path",
     "enclave_profile",
     "load_deployment",
+    "tenancy_refusal",
 ]
 
 ENCLAVES = ("dev", "open", "moderate", "leadership")
@@ -145,6 +147,38 @@ class SchedulerConfig:
 
 
 @dataclass
+class TenancyConfig:
+    """Whose Unix account runs each user's server, jobs and Dask workers (decision 9)."""
+
+    #: auto = each user's own account when `beamhub up` runs as root, else the invoking
+    #: account (dev enclave only); account = always her own (needs root); self = the invoking one
+    run_as: str = "auto"
+    #: the Unix account of IdP user {username}; created on first use (root)
+    account: str = "bh-{username}"
+    #: the accounts' homes, <home_root>/<account>, 0700; "" = /home
+    home_root: str = ""
+    #: local backend: each job in a bubblewrap sandbox with per-node cgroup limits
+    sandbox: bool = True
+
+    def resolved(self, euid: int | None = None) -> str:
+        """account or self, as `beamhub up` started by ``euid`` (default: this process) runs."""
+        if self.run_as != "auto":
+            return self.run_as
+        return "account" if (os.geteuid() if euid is None else euid) == 0 else "self"
+
+    def spawner_options(self, euid: int | None = None) -> dict[str, Any]:
+        """``c.ReservedNodeSpawner`` settings (runtime.json's ``tenancy``)."""
+        run_as = self.resolved(euid)
+        return {
+            "run_as": run_as,
+            "account_template": self.account,
+            "home_root": self.home_root,
+            # bubblewrap starts as root and drops to her account: nothing to sandbox in 'self'
+            "sandbox": self.sandbox if run_as == "account" else None,
+        }
+
+
+@dataclass
 class MaintenanceWindow:
     #: ISO 8601 times (UTC if no zone), e.g. "2026-12-01T06:00:00Z"
     start: str = ""
@@ -191,6 +225,7 @@ class Deployment:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    tenancy: TenancyConfig = field(default_factory=TenancyConfig)
     #: where this deployment was read from ("<embedded defaults>" if none)
     source: str = "<embedded defaults>"
 
@@ -320,6 +355,61 @@ def _validate_maintenance(windows: list[MaintenanceWindow], src: str) -> None:
         w.end = end.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z")
 
 
+def tenancy_refusal(dep: Deployment, euid: int | None = None) -> str | None:
+    """Why this deployment must not start as ``euid`` (default: this process), or None.
+
+    Only the dev enclave may run every user's server as the invoking account: anywhere else a
+    member's code would hold the hub's secrets (the signing key, the admin token, the
+    databases) and every other user's files.
+    """
+    euid = os.geteuid() if euid is None else euid
+    run_as = dep.tenancy.resolved(euid)
+    if run_as == "account" and euid != 0:
+        return (
+            "tenancy.run_as is 'account': each user's server runs as her own Unix account, "
+            "which needs root; start `beamhub up` as root"
+        )
+    if run_as == "self" and dep.enclave != "dev":
+        why = "without root" if euid != 0 else "with tenancy.run_as 'self'"
+        return (
+            f"the {dep.enclave} enclave refuses to start {why}: every user's server and jobs "
+            "would run as one Unix account that can read the hub's secrets and the other "
+            "users' files; run `beamhub up` as root (each user gets her own account), or use "
+            "enclave: dev on a machine of your own"
+        )
+    return None
+
+
+def _validate_tenancy(dep: Deployment, src: str) -> None:
+    from beamhub.kernels.accounts import ACCOUNT_NAME
+
+    ten = dep.tenancy
+    if ten.run_as not in ("auto", "account", "self"):
+        raise DeploymentError("tenancy.run_as", "use auto, account or self", src)
+    if ten.run_as == "self" and dep.enclave != "dev":
+        raise DeploymentError(
+            "tenancy.run_as",
+            f"'self' runs every user as one account: the dev enclave only, not {dep.enclave}",
+            src,
+        )
+    if "{username}" not in ten.account:
+        raise DeploymentError("tenancy.account", "must contain {username}, e.g. bh-{username}", src)
+    for i, user in enumerate(dep.identity.users):
+        try:
+            name = ten.account.format(username=user.username)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise DeploymentError("tenancy.account", f"not a valid template: {exc}", src) from exc
+        if not ACCOUNT_NAME.match(name):
+            raise DeploymentError(
+                "tenancy.account",
+                f"identity.users[{i}] {user.username!r} would be {name!r}, not a valid Unix "
+                "account name (lower case, digits, '-', '_', at most 32 characters)",
+                src,
+            )
+    if ten.home_root and not ten.home_root.startswith("/"):
+        raise DeploymentError("tenancy.home_root", 'an absolute path, or "" for /home', src)
+
+
 def _validate(dep: Deployment, src: str) -> None:
     if dep.enclave not in ENCLAVES:
         raise DeploymentError(
@@ -405,6 +495,7 @@ def _validate(dep: Deployment, src: str) -> None:
     if dep.scheduler.nodes <= 0:
         raise DeploymentError("scheduler.nodes", "must be >= 1", src)
     _validate_maintenance(dep.gateway.maintenance, src)
+    _validate_tenancy(dep, src)
 
 
 def _merge(base: Any, over: Any) -> Any:
