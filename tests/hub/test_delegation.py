@@ -381,3 +381,32 @@ def test_token_service_errors_are_in_the_one_shape(
         jsonschema.validate(r.json(), ERROR_SCHEMA)
         assert "error" not in r.json()  # the old token-service shape is gone
     assert answers[3].status_code == 413 and answers[3].json()["limit"] == 16 * 1024
+
+
+def test_a_real_server_refreshes_its_expired_token_within_the_grace(
+    dev_stack: RunningStack, bob_server: dict
+) -> None:
+    """The server's own JupyterHub API token (from its real environment) is what identifies the
+    holder of an expired delegated token; bob's personal token is not his server."""
+    body = {"sub": "bob", "project": "p-1001", "kind": "server", "server": "", "ttl": 1}
+    r = _mint_for(dev_stack, dev_stack.runtime["hub_api_token"], **body)
+    assert r.status_code == 201, r.text
+    expired = r.json()
+    while time.time() <= expired["exp"] + 1:  # wait for the state: the token has expired
+        time.sleep(0.1)
+    personal = {"Authorization": f"token {dev_stack.user_api_token('bob')}"}
+    r = requests.post(
+        dev_stack.tokens + "api/refresh",
+        headers=personal,
+        json={"token": expired["token"]},
+        timeout=10,
+    )
+    assert r.status_code == 403 and r.json()["reason"] == "not_holder", r.text
+    server = {"Authorization": f"token {bob_server['JUPYTERHUB_API_TOKEN']}"}
+    r = requests.post(
+        dev_stack.tokens + "api/refresh",
+        headers=server,
+        json={"token": expired["token"]},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
