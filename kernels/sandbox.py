@@ -108,8 +108,8 @@ def bwrap_argv(
         "--ro-bind", "/", "/",
         "--dev", "/dev",
         "--proc", "/proc",
-        "--tmpfs", "/tmp",  # noqa: S108 -- a private, empty tmpfs per job
-        "--tmpfs", "/dev/shm",  # noqa: S108 -- likewise
+        "--perms", "1777", "--tmpfs", "/tmp",  # noqa: S108 -- a private, empty tmpfs per job
+        "--perms", "1777", "--tmpfs", "/dev/shm",  # noqa: S108 -- likewise
         "--unshare-pid",
         "--unshare-ipc",
         "--die-with-parent",

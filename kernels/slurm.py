@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
+from beamhub.kernels.accounts import Account, AccountMap, private_dir
 from beamhub.kernels.scheduler import (
     TERMINAL_STATES,
     EventHub,
@@ -29,6 +32,7 @@ from beamhub.kernels.slurm_text import (
     parse_squeue,
     partition_lines,
     sbatch_argv,
+    secret_env,
 )
 from beamhub.kernels.tier_policy import TierPolicy
 from beamhub.kernels.tiers import load_tiers
@@ -49,6 +53,10 @@ class SlurmBackend(Scheduler):
 
     ``slurm_conf``: the SLURM_CONF the commands use (default: the environment's).
     ``use_sacct``: ask sacct about jobs squeue has forgotten (needs slurmdbd accounting).
+    ``run_as="account"`` (root): each job runs as its user's Unix account (``sbatch --uid
+    --gid``; see kernels/accounts.py), its output in ``~/.beamhub/slurm/``. Credentials in a
+    job's environment never reach slurmctld: they go to a 0600 file of the user's that the job
+    reads and deletes at start (kernels/jobsecrets.py).
     """
 
     name = "slurm"
@@ -63,6 +71,9 @@ class SlurmBackend(Scheduler):
         poll_interval: float = 1.0,
         use_sacct: bool = False,
         command_timeout: float = 30.0,
+        run_as: str = "self",
+        account_template: str = "bh-{username}",
+        home_root: str = "",
         log: logging.Logger | None = None,
     ) -> None:
         self.policy = policy or TierPolicy()
@@ -79,6 +90,7 @@ class SlurmBackend(Scheduler):
         self.use_sacct = use_sacct
         self.command_timeout = command_timeout
         self.log = log or logging.getLogger("beamhub.kernels.slurm")
+        self.accounts = AccountMap(run_as, account_template, home_root, log=self.log)
         self._specs: dict[str, JobSpec] = {}
         self._last: dict[str, JobInfo] = {}
         self._recent_start: dict[str, tuple[str, float]] = {}
@@ -122,11 +134,35 @@ class SlurmBackend(Scheduler):
         if self._closed:
             raise SchedulerError("the SLURM backend is closed", status=503)
         tier = self.policy.check(spec)
+        account = await asyncio.to_thread(self.accounts.ensure, spec.user)
         output = str(self.log_dir / "%j.out") if self.log_dir else None
+        uid = gid = chdir = None
+        if account.switches:
+            jobs = await asyncio.to_thread(private_dir, account, "slurm")
+            output, uid, gid, chdir = str(jobs / "%j.out"), account.uid, account.gid, account.home
         argv = sbatch_argv(
-            spec, tier, self.partitions.get(tier.name), self.qos.get(tier.name), output
+            spec,
+            tier,
+            self.partitions.get(tier.name),
+            self.qos.get(tier.name),
+            output,
+            uid=uid,
+            gid=gid,
+            chdir=chdir,
         )
-        rc, out, err = await self._run(argv, stdin=batch_script(spec))
+        secrets_file = await asyncio.to_thread(self._write_secrets, account, spec)
+        launcher = [sys.executable, "-I", "-m", "beamhub.kernels.jobsecrets"]
+        script = batch_script(spec, secrets_file, launcher)
+        try:
+            rc, out, err = await self._run(argv, stdin=script)
+        except BaseException:
+            if secrets_file:
+                with contextlib.suppress(OSError):
+                    os.unlink(secrets_file)
+            raise
+        if rc != 0 and secrets_file:
+            with contextlib.suppress(OSError):
+                os.unlink(secrets_file)
         if rc != 0:
             why = "; ".join(
                 ln.removeprefix("sbatch: error: ").strip()
@@ -146,6 +182,25 @@ class SlurmBackend(Scheduler):
         )
         self._ensure_watching()
         return job_id
+
+    def _write_secrets(self, account: Account, spec: JobSpec) -> str | None:
+        """The credentials of ``spec.env`` in a new 0600 file of the account (None: none)."""
+        secrets = secret_env(spec.env)
+        if not secrets:
+            return None
+        folder = private_dir(account, "secrets")
+        path = folder / f"{uuid.uuid4().hex}.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            if account.switches:
+                os.fchown(fd, account.uid, account.gid)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(secrets, fh)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        return str(path)
 
     async def status(self, job_ids: list[str]) -> dict[str, JobInfo]:
         ids = [j for j in dict.fromkeys(job_ids) if j.isdigit()]
