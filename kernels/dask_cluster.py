@@ -243,6 +243,8 @@ def _slurm_cluster(
     # the same label kernels.slurm puts on its jobs, so `beamhub scheduler jobs` lists them too
     label = f"beamhub project={safe(project)} user={safe(user)} tier={safe(tier)}"
     extra = [f'--comment="{label}"']  # quoted: an #SBATCH line ends at the first space
+    # the kernel's environment holds its tokens: slurmctld stores a job's exported environment
+    extra.append("--export=NONE")
     if qos:
         extra.append(f"--qos={qos}")
     # job output goes to the state folder, never the kernel's working directory; `interface`
