@@ -1,0 +1,214 @@
+"""Tenancy under a real `beamhub up` (issue 10, finding 1): a member attacks from her own code.
+
+bob (member of p-1001) logs in at the IdP, starts his server and submits a job through the hub's
+jobs API. His kernel and his job run as ``bh-bob`` and can read no secret of the state dir, no
+other user's home, and cannot write the audit log; they can write their home and /tmp.
+The deployment's ``tenancy:`` section is checked here too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pwd
+import textwrap
+import time
+import uuid
+
+import psutil
+import pytest
+import requests
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import websocket_connect
+
+from beamhub.hub.up.deployment import DeploymentError, load_deployment, tenancy_refusal
+from tests.hub.hubstack import RunningStack, login, spawn
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="accounts per user need root")
+
+#: Run in the kernel and in a job: what the member reaches (one JSON line).
+PROBE = textwrap.dedent("""
+    import json, os
+    state, other = {state!r}, {other!r}
+    secrets = ["signing-key.pem", "crypt-key", "runtime.json", "hub/jupyterhub.sqlite",
+               "hub/cookie_secret", "tokens.sqlite", "scheduler/local-jobs.sqlite"]
+    read = []
+    for name in secrets + [os.path.join(other, ".bashrc")]:
+        try:
+            with open(os.path.join(state, name), "rb") as fh:
+                fh.read(1)
+            read.append(name)
+        except OSError:
+            pass
+    wrote = []
+    for path in (os.path.join(state, "audit.jsonl"), os.path.join(other, "x")):
+        try:
+            with open(path, "a") as fh:
+                fh.write("forged")
+            wrote.append(path)
+        except OSError:
+            pass
+    mine = []
+    for path in (os.path.join(os.environ["HOME"], "probe.txt"), "/tmp/probe.txt"):
+        with open(path, "w") as fh:
+            fh.write("ok")
+        mine.append(path)
+    print(json.dumps({{"uid": os.getuid(), "home": os.environ["HOME"], "read": read,
+                      "wrote": wrote, "mine": mine, "lab": os.environ.get(
+                      "JUPYTERLAB_WORKSPACES_DIR", "")}}))
+""")
+
+
+def _probe(stack: RunningStack, other_user: str) -> str:
+    other = pwd.getpwnam(f"bh-{other_user}").pw_dir
+    return PROBE.format(state=str(stack.state), other=other)
+
+
+async def _execute(base: str, token: str, code: str, timeout: float = 60) -> str:
+    """Run ``code`` in a new kernel of the server at ``base`` (/user/NAME/); its stdout."""
+    headers = {"Authorization": f"token {token}"}
+    r = requests.post(f"{base}api/kernels", headers=headers, json={}, timeout=30)
+    assert r.status_code == 201, r.text
+    kernel = r.json()["id"]
+    ws_url = base.replace("http", "ws", 1) + f"api/kernels/{kernel}/channels"
+    conn = await websocket_connect(HTTPRequest(ws_url, headers=headers))
+    msg_id = uuid.uuid4().hex
+    conn.write_message(
+        json.dumps(
+            {
+                "header": {
+                    "msg_id": msg_id,
+                    "msg_type": "execute_request",
+                    "username": "test",
+                    "session": uuid.uuid4().hex,
+                    "version": "5.3",
+                },
+                "parent_header": {},
+                "metadata": {},
+                "content": {"code": code, "silent": False},
+                "channel": "shell",
+            }
+        )
+    )
+    out: list[str] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            raw = await asyncio.wait_for(conn.read_message(), deadline - time.monotonic())
+            assert raw is not None, "the kernel's websocket closed"
+            msg = json.loads(raw)
+            if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            kind = msg["header"]["msg_type"]
+            if kind == "stream":
+                out.append(msg["content"]["text"])
+            elif kind == "error":
+                raise AssertionError("\n".join(msg["content"]["traceback"]))
+            elif kind == "status" and msg["content"]["execution_state"] == "idle":
+                return "".join(out)
+        raise AssertionError("the kernel did not finish")
+    finally:
+        conn.close()
+        requests.delete(f"{base}api/kernels/{kernel}", headers=headers, timeout=30)
+
+
+def _result(text: str) -> dict:
+    return json.loads([ln for ln in text.splitlines() if ln.startswith("{")][-1])
+
+
+def _assert_isolated(found: dict, user: str) -> None:
+    account = pwd.getpwnam(f"bh-{user}")
+    assert found["uid"] == account.pw_uid != 0
+    assert found["home"] == account.pw_dir
+    assert found["read"] == [], f"{user}'s code read {found['read']}"
+    assert found["wrote"] == [], f"{user}'s code wrote {found['wrote']}"
+    assert len(found["mine"]) == 2
+
+
+@pytest.mark.timeout(240)
+def test_a_members_kernel_and_job_run_as_her_account_and_reach_no_secret(
+    dev_stack: RunningStack,
+) -> None:
+    stack = dev_stack
+    # alice exists first, so bob has another user's home to aim at
+    for user, password in (("alice", "alice-dev"), ("bob", "bob-dev")):
+        session, _ = login(stack, user, password)
+        server = spawn(stack, session, user)
+    account = pwd.getpwnam("bh-bob")
+    assert oct(os.stat(account.pw_dir).st_mode & 0o777) == "0o700"
+    singleuser = [
+        p
+        for p in psutil.process_iter(["name", "uids", "environ"])
+        if (p.info["name"] or "").startswith("jupyterhub-sing")  # the server, not its launchers
+        and (p.info["environ"] or {}).get("JUPYTERHUB_USER") == "bob"
+    ]
+    assert singleuser and all(p.info["uids"].real == account.pw_uid for p in singleuser)
+    token = stack.user_api_token("bob")
+    base = stack.hub.replace("/hub/", "") + server["url"]
+
+    # 1. his kernel
+    found = _result(asyncio.run(_execute(base, token, _probe(stack, "alice"))))
+    _assert_isolated(found, "bob")
+    assert found["lab"].startswith(account.pw_dir + "/")  # JupyterLab's workspaces are his
+
+    # 2. a job through the hub's jobs API (what the gateway's `jobs` scope reaches, too)
+    job = {
+        "name": "probe",
+        "argv": ["/usr/bin/python3", "-c", _probe(stack, "alice")],
+        "env": {"HOME": "/root"},
+        "mem_mb": 256,
+        "walltime_s": 120,
+    }
+    headers = {"Authorization": f"token {token}"}
+    r = requests.post(f"{stack.hub}api/beamhub/jobs", headers=headers, json=job, timeout=30)
+    assert r.status_code == 201, r.text
+    job_id = r.json()["job_id"]
+    deadline = time.monotonic() + 60
+    while True:
+        state = requests.get(
+            f"{stack.hub}api/beamhub/jobs/{job_id}", headers=headers, timeout=30
+        ).json()[job_id]["state"]
+        if state in ("completed", "failed"):
+            break
+        assert time.monotonic() < deadline, state
+        time.sleep(0.2)
+    out = (stack.state / "scheduler" / "job-logs" / f"{job_id}.out").read_text()
+    assert state == "completed", out
+    _assert_isolated(_result(out), "bob")
+    audit = stack.state / "audit.jsonl"
+    assert not audit.exists() or "forged" not in audit.read_text()
+
+
+def test_tenancy_section_is_validated_field_by_field(tmp_path) -> None:
+    bad = {
+        "tenancy: {run_as: nobody}": "tenancy.run_as",
+        "tenancy: {account: 'bh-user'}": "tenancy.account",
+        "tenancy: {account: 'BH-{username}'}": "tenancy.account",
+        "tenancy: {home_root: relative/homes}": "tenancy.home_root",
+        "enclave: moderate\ntenancy: {run_as: self}": "tenancy.run_as",
+    }
+    for text, field in bad.items():
+        path = tmp_path / "b.yaml"
+        path.write_text(text + "\n")
+        with pytest.raises(DeploymentError) as err:
+            load_deployment(path)
+        assert err.value.field == field, (text, err.value)
+
+
+def test_only_the_dev_enclave_may_run_without_root(tmp_path) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text("enclave: moderate\n")
+    moderate = load_deployment(path)
+    assert tenancy_refusal(moderate, euid=0) is None
+    why = tenancy_refusal(moderate, euid=1000)
+    assert why and "moderate enclave refuses to start without root" in why
+    dev = load_deployment(None)
+    assert tenancy_refusal(dev, euid=1000) is None
+    assert dev.tenancy.spawner_options(euid=1000)["run_as"] == "self"
+    assert dev.tenancy.spawner_options(euid=0) == {
+        "run_as": "account",
+        "account_template": "bh-{username}",
+        "home_root": "",
+        "sandbox": True,
+    }
