@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -302,3 +303,113 @@ async def test_a_slurm_job_runs_as_her_account_and_its_token_never_reaches_slurm
         await backend.cancel(job_id)
         await backend.wait(job_id, DONE, timeout=20)
         await backend.close()
+
+
+# -- what isolation costs (figures for BENCHMARKS.md) ----------------------------------------------
+
+
+async def _first_output(backend: LocalBackend, out_dir: Path) -> float:
+    """Seconds from submit to the job's first line of output."""
+    out = out_dir / f"{uuid.uuid4().hex}.out"
+    t0 = time.monotonic()
+    job_id = await backend.submit(
+        JobSpec(
+            name="hello",
+            project="lcls01",
+            user="alice",
+            tier="interactive",
+            argv=[PY, "-c", "print('up', flush=True)"],
+            output=str(out),
+        )
+    )
+    while not (out.exists() and "up" in out.read_text()):
+        assert time.monotonic() - t0 < 20, (await backend.status([job_id]))[job_id]
+        await asyncio.sleep(0.005)
+    elapsed = time.monotonic() - t0
+    await backend.wait(job_id, DONE, timeout=20)
+    return elapsed
+
+
+def _spawn_time(hub, user: str) -> float:
+    t0 = time.monotonic()
+    code, _ = hub.api("POST", f"/users/{user}/server", {})
+    assert code in (201, 202), code
+    events = hub.progress(user, timeout=90)
+    assert events[-1].get("ready"), events
+    elapsed = time.monotonic() - t0
+    assert hub.api("DELETE", f"/users/{user}/server")[0] in (202, 204)
+    deadline = time.monotonic() + 30
+    while hub.user_model(user)["servers"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    return elapsed
+
+
+@pytest.mark.timeout(300)
+async def test_isolation_costs_are_measured_in_one_run(tmp_path, policy):
+    """Job start (submit → first output line) and server spawn (request → API answers through
+    the proxy) with the sandbox off and on, interleaved in one run; prints JSON."""
+    why = sandbox_missing()
+    if why:
+        pytest.skip(why)
+    from statistics import median
+
+    from beamhub.bench.hubproc import Hub
+
+    runs = 7
+    plain = LocalBackend(tmp_path / "plain" / "j.sqlite", nodes=NODES, policy=policy)
+    boxed = LocalBackend(
+        tmp_path / "boxed" / "j.sqlite",
+        nodes=NODES,
+        policy=policy,
+        run_as="account",
+        account_template=TEST_ACCOUNTS,
+        hide=[str(tmp_path / "boxed")],
+    )
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    alice = boxed.accounts.ensure("alice")
+    os.chown(out_dir, alice.uid, alice.gid)
+    jobs: dict[str, list[float]] = {"off": [], "on": []}
+    try:
+        for _ in range(runs):
+            jobs["off"].append(await _first_output(plain, out_dir))
+            jobs["on"].append(await _first_output(boxed, out_dir))
+    finally:
+        await plain.close(cancel_jobs=True)
+        await boxed.close(cancel_jobs=True)
+
+    hubs, spawns = {}, {"off": [], "on": []}
+    for mode, run_as in (("off", "self"), ("on", "account")):
+        workdir = tmp_path / f"hub-{mode}"
+        config = f"""
+c.ReservedNodeSpawner.state_dir = {str(workdir / "sched")!r}
+c.ReservedNodeSpawner.project = "lcls01"
+c.ReservedNodeSpawner.mem_mb = 256
+c.ReservedNodeSpawner.run_as = {run_as!r}
+c.ReservedNodeSpawner.account_template = {TEST_ACCOUNTS!r}
+"""
+        hubs[mode] = Hub(workdir, config, ["alice"])
+    try:
+        for hub in hubs.values():
+            await asyncio.to_thread(hub.start)
+        for _ in range(3):
+            for mode, hub in hubs.items():
+                spawns[mode].append(await asyncio.to_thread(_spawn_time, hub, "alice"))
+    finally:
+        for mode, hub in hubs.items():
+            await asyncio.to_thread(hub.stop)
+            await asyncio.to_thread(hub.cleanup_jobs, tmp_path / f"hub-{mode}" / "sched")
+
+    def row(samples: dict[str, list[float]]) -> dict:
+        off, on = median(samples["off"]), median(samples["on"])
+        return {"off_s": round(off, 3), "on_s": round(on, 3), "ratio": round(on / off, 2)}
+
+    figures = {
+        "runs": {"job": runs, "spawn": 3},
+        "job_start": row(jobs),
+        "spawn": row(spawns),
+        "limits": boxed.limits.summary if boxed.limits else "",
+    }
+    print(json.dumps(figures))
+    assert figures["job_start"]["on_s"] < 5 and figures["spawn"]["on_s"] < 60
