@@ -11,7 +11,7 @@ import sys
 __all__ = ["KINDS", "available", "register"]
 
 #: The benchmarks the issues ask for; any other ``bench/<kind>.py`` with a ``main`` runs too.
-KINDS = ("stream", "spawn", "analysis", "steer", "gateway", "liveview", "dmz")
+KINDS = ("stream", "spawn", "analysis", "steer", "gateway", "liveview", "faults", "soak", "dmz")
 
 
 def available() -> list[str]:
