@@ -111,6 +111,8 @@ def configure(c: Any, rt: dict[str, Any]) -> None:
     c.Spawner.default_url = "/lab"
     c.Spawner.start_timeout = 60
     c.Spawner.http_timeout = 60
+    # notice a dead server within seconds, not JupyterHub's default 30 s (the fault table)
+    c.Spawner.poll_interval = 5
     c.Spawner.server_token_scopes = [
         "access:servers!server",
         "users:activity!user",
