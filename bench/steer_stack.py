@@ -73,9 +73,11 @@ class SteerStack:
         return self
 
     async def _start(self) -> None:
+        import zmq
+
         from beamhub.streaming.dsn import DataStreamingNode
         from beamhub.streaming.simulator import SimulatedDetector
-        from beamhub.streaming.source import SourceRunner
+        from beamhub.streaming.source import CurveKeys, SourceRunner
         from beamhub.streaming.source_control import SourceControlServer
 
         self.node = DataStreamingNode(self.verifier)
@@ -86,17 +88,29 @@ class SteerStack:
             request["mode"] = self.mode
         if self.hwm:
             request["hwm"] = self.hwm
-        channel = await self.node.create_channel(self.verifier.verify(publisher), request)
+        claims = self.verifier.verify(publisher)
+        channel = await self.node.create_channel(claims, request)
         self.channel_id = channel.id
         generator = SimulatedDetector(
             self.shape, seed=self.seed, rate_hz=self.rate_hz, **self.sim_params
         )
+        # every DSN channel is CURVE: the source registers its own producer key
+        public, secret = zmq.curve_keypair()
+        await self.node.register_credential(channel, claims, "producer", public.decode())
+        curve = CurveKeys(public, secret, channel.endpoints.server_key.encode())
         self.runner = SourceRunner(
-            generator, stream=self.stream, connect=channel.endpoints.producer, sndhwm=self.hwm or 16
+            generator,
+            stream=self.stream,
+            connect=channel.endpoints.producer,
+            sndhwm=self.hwm or 16,
+            curve=curve,
         )
         await asyncio.to_thread(self.runner.start)
         self._control = SourceControlServer(
-            self.runner, verifier=self.verifier, project=self.project
+            self.runner,
+            verifier=self.verifier,
+            project=self.project,
+            relay_jwks=self.node.relay_jwks(),  # the DSN relays with credentials it mints
         )
         self.control_url = await self._control.start()
         url = self.node.template.check_source_control(self.control_url, channel.params.source_cidrs)

@@ -1,4 +1,4 @@
-"""The DSN's durable state: its channels and its CURVE keypair in one SQLite file (mode 0600).
+"""The DSN's durable state: channels, client public keys, its CURVE keypair; one SQLite file (0600).
 
 A restarted DSN reads back every channel it had (spec, owner, project, endpoints of every face,
 keys, lifetime, ``source_control``) and provisions it again on the same ports, so producers and
@@ -31,6 +31,16 @@ CREATE TABLE IF NOT EXISTS channels (
     expires_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS credentials (
+    channel TEXT NOT NULL,
+    face TEXT NOT NULL,
+    public_key TEXT NOT NULL,
+    consumer_id TEXT,
+    owner TEXT NOT NULL,
+    jti TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (channel, public_key)
+);
 """
 
 #: What one row holds: the arguments of ``controlplane.Channel`` in plain JSON types.
@@ -104,6 +114,33 @@ class ChannelStore:
 
     def delete(self, channel_id: str) -> None:
         self._db.execute("DELETE FROM channels WHERE id = ?", (channel_id,))
+        self._db.execute("DELETE FROM credentials WHERE channel = ?", (channel_id,))
+
+    # ---- client credentials (CURVE public keys registered per channel) -------------------------
+
+    def put_credential(self, channel_id: str, cred: dict[str, Any]) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO credentials VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                channel_id,
+                cred["face"],
+                cred["public_key"],
+                cred.get("consumer_id"),
+                cred["owner"],
+                cred["jti"],
+                cred["created_at"],
+            ),
+        )
+
+    def credentials(self, channel_id: str) -> list[dict[str, Any]]:
+        """The public keys registered on a channel, oldest first (no secret is ever stored)."""
+        rows = self._db.execute(
+            "SELECT face, public_key, consumer_id, owner, jti, created_at FROM credentials "
+            "WHERE channel = ? ORDER BY created_at",
+            (channel_id,),
+        ).fetchall()
+        keys = ("face", "public_key", "consumer_id", "owner", "jti", "created_at")
+        return [dict(zip(keys, row, strict=True)) for row in rows]
 
     def channels(self) -> list[StoredChannel]:
         """Every stored channel, oldest first."""

@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import time
-import urllib.error
 import urllib.request
 import uuid
 from collections import deque
@@ -44,6 +43,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from beamhub.streaming.credentials import ChannelLookupError, api_call, register_key
 from beamhub.streaming.link import DSN_RESTART, LinkWatch
 from beamhub.streaming.wire import DEFAULT_MAX_FRAME_BYTES, DecodeError, Frame, decode
 
@@ -56,41 +56,21 @@ RECOVERY_S = 3.0
 LATENCY_WINDOW = 10_000
 
 
-class ChannelLookupError(RuntimeError):
-    """The DSN control API did not give us the channel (``status`` is the HTTP status or 0)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 def lookup_channel(dsn_url: str, channel_id: str, token: str, *, timeout: float = 10.0) -> dict:
     """``GET {dsn_url}/api/channels/{id}`` with the project token; return the channel's JSON."""
-    url = f"{dsn_url.rstrip('/')}/api/channels/{urllib.request.quote(channel_id, safe='')}"
-    if not url.startswith(("http://", "https://")):
-        raise ValueError(f"dsn_url: {dsn_url!r} must start with http:// or https://")
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})  # noqa: S310 - scheme checked above
+    path = f"/api/channels/{urllib.request.quote(channel_id, safe='')}"
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - scheme checked above
-            return json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        raise ChannelLookupError(
-            exc.code, f"DSN refused channel {channel_id!r} (HTTP {exc.code}): {_why(exc)}"
-        ) from exc
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise ChannelLookupError(0, f"cannot reach the DSN at {dsn_url}: {exc}") from exc
+        return api_call(dsn_url, "GET", path, token, timeout=timeout)
+    except ChannelLookupError as exc:
+        if exc.status:  # keep the message users know: "DSN refused channel ..."
+            raise ChannelLookupError(
+                exc.status, str(exc).replace(f"GET {path}", f"channel {channel_id!r}", 1)
+            ) from exc
+        raise
 
 
-def _why(exc: urllib.error.HTTPError) -> str:
-    """The DSN's error message (``{"reason", "message"}``), or the raw body if it is not one."""
-    detail = exc.read(2000).decode("utf-8", "replace")
-    try:
-        answer = json.loads(detail)
-    except ValueError:
-        return detail or str(exc.reason)
-    if isinstance(answer, dict) and isinstance(answer.get("message"), str):
-        return f"{answer['message']} ({answer.get('reason', 'error')})"
-    return detail
+def _default_consumer_id() -> str:
+    return f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 class StreamConsumer:
@@ -122,9 +102,7 @@ class StreamConsumer:
                 "curve_keypair: this channel is encrypted; pass (public, secret) z85 keys whose "
                 "public half was registered when the channel was created"
             )
-        self.consumer_id = (
-            consumer_id or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        )
+        self.consumer_id = consumer_id or _default_consumer_id()
         self.role = "monitor" if monitor else "work"
         self.count_gaps = monitor or exclusive
         self.max_bytes = max_bytes
@@ -190,16 +168,29 @@ class StreamConsumer:
         monitor: bool = False,
         **kwargs: Any,
     ) -> StreamConsumer:
-        """Look the channel's endpoints up on the DSN control API and connect to them."""
-        info = lookup_channel(dsn_url, channel_id, token)
-        endpoints = info.get("endpoints") or {}
+        """Register a fresh CURVE key for this consumer on the channel (the DSN binds its reports
+        to it) and connect to the channel's faces with it.
+
+        With ``curve_keypair`` given (keys named when the channel was created) nothing is
+        registered; the endpoints are looked up and used with that keypair.
+        """
+        if kwargs.get("curve_keypair") is not None:
+            endpoints = lookup_channel(dsn_url, channel_id, token).get("endpoints") or {}
+            server_key = endpoints.get("server_key")
+        else:
+            kwargs["consumer_id"] = kwargs.get("consumer_id") or _default_consumer_id()
+            cred = register_key(
+                dsn_url, channel_id, token, "consumer", consumer_id=kwargs["consumer_id"]
+            )
+            endpoints, server_key = cred.endpoints, cred.server_key
+            kwargs["curve_keypair"] = (cred.public, cred.secret)
         endpoint = endpoints.get("monitor" if monitor else "work")
         if not endpoint:
             face = "monitor" if monitor else "work"
             raise ChannelLookupError(200, f"channel {channel_id!r} has no {face} endpoint")
         kwargs.setdefault("report", endpoints.get("report"))
-        if endpoints.get("server_key"):
-            kwargs.setdefault("curve_server_key", endpoints["server_key"])
+        if server_key:
+            kwargs.setdefault("curve_server_key", server_key)
         return cls(endpoint, monitor=monitor, **kwargs)
 
     def receive(self, timeout: float | None = None) -> Frame | None:

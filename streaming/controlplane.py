@@ -21,7 +21,7 @@ import os
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,12 +29,23 @@ from urllib.parse import urlsplit
 import zmq
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
-from beamhub.auth.tokens import Claims, TokenVerifier
+from beamhub.auth.tokens import Claims, SigningKey, TokenIssuer, TokenVerifier
 from beamhub.streaming.channel_store import ChannelStore, StoredChannel
 from beamhub.streaming.dataplane import ChannelEndpoints, ChannelSpec, DataPlane
 from beamhub.streaming.template import ChannelParams, Template, TemplateViolation
 
-__all__ = ["ACTIVE", "FAILED", "Channel", "ChannelError", "ControlPlane", "log_event"]
+__all__ = [
+    "ACTIVE",
+    "FAILED",
+    "MANAGE_SCOPE",
+    "RELAY_ISSUER",
+    "RELAY_TTL_S",
+    "Channel",
+    "ChannelError",
+    "ControlPlane",
+    "log_event",
+    "may_change",
+]
 
 log = logging.getLogger("beamhub.dsn")
 audit_log = logging.getLogger("beamhub.dsn.audit")
@@ -43,6 +54,21 @@ audit_log = logging.getLogger("beamhub.dsn.audit")
 ACTIVE, FAILED = "active", "failed"
 #: Seconds between attempts to provision a failed channel again (its port may have come free).
 RETRY_FAILED_S = 5.0
+#: The scope of the roles that manage a project's channels (pi and operator hold it; see
+#: ``beamhub.auth.roles.STEER_ROLES``): they may change any channel of the project.
+MANAGE_SCOPE = "steer"
+#: Client keys a channel takes per face (each consumer registers its own key).
+MAX_KEYS = {"producer": 16, "consumer": 1024}
+#: The relay credentials the DSN mints for a source's control endpoint: issuer and lifetime.
+RELAY_ISSUER = "beamhub-dsn-relay"
+RELAY_TTL_S = 60
+
+
+def may_change(claims: Claims, channel: Channel) -> bool:
+    """Writes to a channel: its owner, or an operator/PI of its project (a ``steer`` token)."""
+    return claims.project == channel.project and (
+        claims.sub == channel.owner or claims.has_scope(MANAGE_SCOPE)
+    )
 
 
 def log_event(logger: logging.Logger, event: str, **fields: Any) -> None:
@@ -77,6 +103,8 @@ class Channel:
     expires_at: float
     state: str = ACTIVE
     error: str | None = None  # why a FAILED channel has no data path
+    #: client CURVE public keys: {face, public_key, consumer_id, owner, jti, created_at}
+    credentials: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -91,6 +119,9 @@ class Channel:
             "created_at": self.created_at,
             "expires_at": self.expires_at,
             "params": self.params.to_json(),
+            "credentials": {
+                face: sum(c["face"] == face for c in self.credentials) for face in MAX_KEYS
+            },
         }
 
     def to_store(self) -> StoredChannel:
@@ -137,7 +168,7 @@ class Channel:
             hwm=p.hwm,
             max_frame_bytes=p.max_frame_bytes,
             max_rate_hz=p.max_rate_hz,
-            curve=p.encryption,
+            curve=True,  # a credential on every channel, whatever the template
             producer_keys=p.producer_keys,
             consumer_keys=p.consumer_keys,
             monitor=p.monitor,
@@ -195,6 +226,7 @@ class ControlPlane:
         self._pending: dict[str, int] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._reaper: asyncio.Task | None = None
+        self.relay_key: SigningKey | None = None
 
     async def run(self, fn: Any, *args: Any) -> Any:
         """Run a (possibly blocking) data-plane call on the data-plane thread."""
@@ -210,6 +242,9 @@ class ControlPlane:
         if self.state_dir is not None:
             self.store = ChannelStore(self.state_dir / "dsn")
             keypair = self._server_keypair()
+            self.relay_key = SigningKey.load_or_create(self.store.folder / "relay-key.pem")
+        else:
+            self.relay_key = SigningKey.generate()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="dsn-dataplane")
         if self.data_plane is None:
             self.data_plane = await self.run(
@@ -249,6 +284,7 @@ class ControlPlane:
                 self.store.delete(channel.id)
                 log_event(log, "channel.expired", during="dsn_down", **fields)
                 continue
+            channel.credentials = self.store.credentials(channel.id)
             self.channels[channel.id] = channel
             await self._provision_again(channel)
 
@@ -275,6 +311,14 @@ class ControlPlane:
         if self.channels.get(channel.id) is not channel:  # deleted while it was being provisioned
             await self.run(self.data_plane.remove, channel.id)
             return False
+        for cred in channel.credentials:  # the clients' keys, so they get in again
+            await self.run(
+                self.data_plane.add_key,
+                channel.id,
+                cred["face"],
+                cred["public_key"],
+                cred.get("consumer_id"),
+            )
         channel.state, channel.error, channel.endpoints = ACTIVE, None, endpoints
         log_event(
             log,
@@ -324,8 +368,15 @@ class ControlPlane:
         project = claims.project
         active = sum(c.project == project for c in self.channels.values())
         active += self._pending.get(project, 0)
+        mine = sum(c.project == project and c.owner == claims.sub for c in self.channels.values())
+        mine += self._pending.get(f"{project}\0{claims.sub}", 0)
         try:
-            params = self.template.check(request, active_channels=active)
+            params = self.template.check(
+                request,
+                active_channels=active,
+                user_channels=mine,
+                manager=claims.has_scope(MANAGE_SCOPE),
+            )
         except TemplateViolation as exc:
             log_event(
                 audit_log,
@@ -347,7 +398,9 @@ class ControlPlane:
             created_at=now,
             expires_at=min(now + params.ttl, float(claims.exp)),
         )
+        user_key = f"{project}\0{claims.sub}"
         self._pending[project] = self._pending.get(project, 0) + 1
+        self._pending[user_key] = self._pending.get(user_key, 0) + 1
         try:
             channel.endpoints = await self.run(self.data_plane.provision, channel.spec())
         except ValueError as exc:
@@ -362,9 +415,14 @@ class ControlPlane:
             ) from exc
         finally:
             self._pending[project] -= 1
+            self._pending[user_key] -= 1
         endpoints = channel.endpoints
         self.channels[channel_id] = channel
         self.save(channel)
+        for face, keys in (("producer", params.producer_keys), ("consumer", params.consumer_keys)):
+            for key in keys:  # keys named at creation, kept like registered ones
+                channel.credentials.append(self._credential(claims, face, key, None))
+                self._save_credential(channel, channel.credentials[-1])
         log_event(
             log,
             "channel.created",
@@ -419,15 +477,122 @@ class ControlPlane:
                 for channel in [c for c in self.channels.values() if c.state == FAILED]:
                     await self._provision_again(channel)
 
+    # ---- client credentials ------------------------------------------------------------------
+
+    @staticmethod
+    def _credential(
+        claims: Claims, face: str, public_key: str, consumer_id: str | None
+    ) -> dict[str, Any]:
+        return {
+            "face": face,
+            "public_key": public_key,
+            "consumer_id": consumer_id,
+            "owner": claims.sub,
+            "jti": claims.jti,
+            "created_at": time.time(),
+        }
+
+    def _save_credential(self, channel: Channel, cred: dict[str, Any]) -> None:
+        if self.store is not None and channel.id in self.channels:
+            self.store.put_credential(channel.id, cred)
+
+    async def register_credential(
+        self,
+        channel: Channel,
+        claims: Claims,
+        face: str,
+        public_key: Any,
+        consumer_id: Any = None,
+    ) -> dict[str, Any]:
+        """Let a client's CURVE public key in on the channel's ``producer`` or ``consumer`` faces.
+
+        The caller's rights are the handlers' to check (producer keys are a write: owner, PI or
+        operator). A consumer key is bound to ``consumer_id``: the DSN accepts its reports for
+        that id only. Raises :class:`ChannelError` naming what was wrong.
+        """
+        if face not in MAX_KEYS:
+            raise ChannelError(400, "invalid", "face: 'producer' or 'consumer'")
+        if face == "consumer":
+            if not isinstance(consumer_id, str) or not 0 < len(consumer_id) <= 128:
+                raise ChannelError(
+                    400, "invalid", "consumer_id: the consumer's id, a string of 1-128 characters"
+                )
+            taken = [c for c in channel.credentials if c.get("consumer_id") == consumer_id]
+            if taken and taken[0]["public_key"] != public_key:
+                raise ChannelError(
+                    409,
+                    "consumer_id_taken",
+                    f"consumer_id {consumer_id!r} is registered with another key on this "
+                    "channel; pick another id",
+                )
+        else:
+            consumer_id = None
+        if any(c["public_key"] == public_key for c in channel.credentials):
+            return {"face": face, "public_key": public_key, "consumer_id": consumer_id}
+        if sum(c["face"] == face for c in channel.credentials) >= MAX_KEYS[face]:
+            raise ChannelError(
+                403,
+                "max_keys",
+                f"the channel already has {MAX_KEYS[face]} {face} keys, its maximum; create a "
+                "new channel",
+            )
+        if channel.state == FAILED:
+            raise ChannelError(409, "failed", f"the channel has no data path: {channel.error}")
+        try:
+            await self.run(self.data_plane.add_key, channel.id, face, public_key, consumer_id)
+        except ValueError as exc:
+            raise ChannelError(400, "invalid", f"public_key: {exc}") from exc
+        except KeyError:
+            raise ChannelError(
+                404, "not_found", f"channel {channel.id!r} was just removed"
+            ) from None
+        cred = self._credential(claims, face, public_key, consumer_id)
+        channel.credentials.append(cred)
+        self._save_credential(channel, cred)
+        log_event(
+            audit_log,
+            "channel.credential",
+            channel=channel.id,
+            face=face,
+            public_key=public_key,
+            consumer_id=consumer_id,
+            **claims.log_fields(),
+        )
+        return {"face": face, "public_key": public_key, "consumer_id": consumer_id}
+
+    # ---- the steering relay ---------------------------------------------------------------------
+
+    def relay_jwks(self) -> dict[str, Any]:
+        """The public key a source's control endpoint verifies the DSN's relay credentials with."""
+        return self.relay_key.jwks()
+
+    def relay_credential(self, channel: Channel, claims: Claims, scope: str) -> str:
+        """A credential for one relayed call: audience that source, one scope, 60 s, naming the
+        caller (``sub``) for the source's log. Signed with the DSN's own key, never the hub's."""
+        issuer = TokenIssuer(
+            self.relay_key,
+            issuer=RELAY_ISSUER,
+            audience=channel.params.source_control,
+            max_ttl=RELAY_TTL_S,
+        )
+        return issuer.issue(
+            claims.sub,
+            channel.project,
+            [scope],
+            ttl=RELAY_TTL_S,
+            extra={"channel": channel.id, "caller_jti": claims.jti},
+        )
+
     async def relay(
-        self, url: str, method: str, body: str | None, authorization: str
+        self, url: str, method: str, body: str | None, credential: str
     ) -> tuple[int, dict[str, Any]]:
-        """Forward one steering call; the source's status and JSON object come back.
+        """Forward one steering call with ``credential`` (from :meth:`relay_credential`, never the
+        caller's token); the source's status and JSON object come back.
 
         Raises :class:`ChannelError` 502 when the source is unreachable, answers without a JSON
         object, or fails (5xx).
         """
-        headers = {"Authorization": authorization, "Content-Type": "application/json"}
+        headers = {"Authorization": f"Bearer {credential}", "Content-Type": "application/json"}
         try:
             resp = await AsyncHTTPClient().fetch(
                 url,

@@ -53,8 +53,16 @@ The proxy replies to ``TERMINATE`` on the control PAIR, so the supervisor reads 
 closing; if the proxy cannot answer, ``remove()`` ends the channel's own context.
 
 Security. Every face has a ZAP domain ``beamhub/<channel>/<face>``: only source addresses in the
-channel's producer (resp. consumer) CIDRs may connect, and with ``curve=True`` every face is a
-CURVE server with the DSN's keypair and accepts only the registered public keys.
+channel's producer (resp. consumer) CIDRs may connect, and with ``curve=True`` (the control plane
+asks for it on every channel) every face is a CURVE server with the DSN's keypair and accepts only
+the registered public keys (:meth:`DataPlane.add_key` adds one while the channel runs). A peer
+without a registered key never gets past the handshake, so it can send nothing at all. Reports are
+bound to keys: a key registered for one consumer id may report for that id only; a key given at
+creation may claim consumer ids first come (up to a few per key); any other report is refused and
+counted (``reports_refused``). Memory: libzmq hands a multipart message over only once all of it
+has arrived and caps each *part* (``maxmsgsize``), not the number of parts; so only peers holding
+a key can make the DSN buffer a message at all, and the L7 gateway releases a message of the wrong
+shape at once (counted as ``parts``).
 """
 
 from __future__ import annotations
@@ -213,8 +221,8 @@ class DataPlane:
         pkeys = curve_keys("producer_keys", spec.producer_keys) if spec.curve else ()
         ckeys = curve_keys("consumer_keys", spec.consumer_keys) if spec.curve else ()
         zone = self._shared or _Zone(zmq.Context(), True, self.log)
-        zone.auth.set_policy(pdom, FacePolicy(producer_nets, pkeys))
-        zone.auth.set_policy(cdom, FacePolicy(consumer_nets, ckeys))
+        zone.auth.set_policy(pdom, FacePolicy(producer_nets, pkeys, curve=spec.curve))
+        zone.auth.set_policy(cdom, FacePolicy(consumer_nets, ckeys, curve=spec.curve))
         faces = FaceConfig(
             host=self.host,
             advertise=self.advertise,
@@ -239,6 +247,8 @@ class DataPlane:
             path = L7Gateway(zone.context, f"{tag}-l7", faces, self.log, counters)
             router = None
         supervisor = Supervisor(zone.context, f"{tag}-sup", faces, self.log, counters, router)
+        for key in ckeys:  # keys given at creation: each may report for consumer ids it claims
+            supervisor.allow_key(key.decode(), None)
         threads = [
             path,
             supervisor,
@@ -283,6 +293,24 @@ class DataPlane:
             zone.close()
             for thread in threads:
                 thread.join(5.0)
+
+    def add_key(
+        self, channel_id: str, face: str, public_key: str, consumer_id: str | None = None
+    ) -> None:
+        """Let a client's CURVE public key in on the channel's ``producer`` or ``consumer`` faces.
+
+        A consumer key registered with ``consumer_id`` may send reports for that id only.
+        ValueError for a bad key or face; KeyError for an unknown channel.
+        """
+        if face not in ("producer", "consumer"):
+            raise ValueError(f"face: {face!r} is not 'producer' or 'consumer'")
+        (key,) = curve_keys(f"{face}_keys", (public_key,))
+        channel = self._get(channel_id)
+        if not channel.spec.curve:
+            raise ValueError("this channel was provisioned without CURVE; it takes no keys")
+        if face == "consumer":
+            channel.supervisor.allow_key(key.decode(), consumer_id)
+        channel.zone.auth.add_key(zap_domain(channel_id, face), key)
 
     def _get(self, channel_id: str) -> _Channel:
         with self._lock:
@@ -364,6 +392,7 @@ class DataPlane:
             },
             "refused_connections": refused,
             "report_errors": sup.report_errors,
+            "reports_refused": sup.reports_refused,
             "proxy": (
                 {"runs": sup.router.runs, "uncounted_runs": sup.uncounted_runs}
                 if sup.router is not None

@@ -36,7 +36,8 @@ class FacePolicy:
     """Who may connect to one face of a channel."""
 
     networks: tuple[Network, ...]
-    curve_keys: tuple[bytes, ...] = ()  # z85 public keys; empty = no CURVE on this face
+    curve_keys: tuple[bytes, ...] = ()  # z85 public keys allowed to connect
+    curve: bool = False  # the face is a CURVE server: only ``curve_keys`` get in (none: nobody)
 
     def address_allowed(self, address: str) -> bool:
         try:
@@ -79,8 +80,19 @@ class ChannelAuthenticator(ThreadAuthenticator):
         with self._lock:
             self._policies[domain] = policy
             self.refused.setdefault(domain, 0)
-        if policy.curve_keys:
+        if policy.curve or policy.curve_keys:
             self.configure_curve_callback(domain, _KeyCallback(self))
+
+    def add_key(self, domain: str, z85_key: bytes) -> None:
+        """Let one more CURVE public key in on ``domain`` (a client that registered its key)."""
+        with self._lock:
+            policy = self._policies.get(domain)
+            if policy is None:
+                raise KeyError(f"no ZAP domain {domain!r}")
+            if z85_key not in policy.curve_keys:
+                self._policies[domain] = FacePolicy(
+                    policy.networks, (*policy.curve_keys, z85_key), curve=True
+                )
 
     def remove_policy(self, domain: str) -> None:
         with self._lock:
@@ -115,7 +127,7 @@ class ChannelAuthenticator(ThreadAuthenticator):
         if not policy.address_allowed(address):
             self._refuse(request_id, domain, address, b"Address not allowed")
             return
-        if policy.curve_keys and mechanism != b"CURVE":
+        if (policy.curve or policy.curve_keys) and mechanism != b"CURVE":
             self._refuse(request_id, domain, address, b"Encryption required")
             return
         if mechanism == b"CURVE" and not policy.key_allowed(_z85(msg[6:])):

@@ -292,6 +292,7 @@ class L7Gateway(ChannelThread):
                 except zmq.Again:
                     break
                 if len(parts) != 2:
+                    del parts  # a hostile multipart message: release it now, not at the next one
                     c.drop("parts")
                     continue
                 head, payload = parts

@@ -72,8 +72,9 @@ def _networks(field: str, cidrs: tuple[str, ...]) -> tuple[Any, ...]:
 
 
 def curve_keys(field: str, keys: tuple[str, ...]) -> tuple[bytes, ...]:
-    if isinstance(keys, str) or not keys:
-        raise ValueError(f"{field}: curve=True needs at least one z85 CURVE public key")
+    """The z85 keys as bytes; an empty list is allowed (clients register keys later)."""
+    if isinstance(keys, str):
+        raise ValueError(f"{field}: a list of z85 CURVE public keys, not one string")
     out = []
     for key in keys:
         text = key.decode() if isinstance(key, bytes) else key

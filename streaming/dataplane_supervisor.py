@@ -26,6 +26,8 @@ SAMPLE_S = 0.2
 #: At most this many consumers are tracked per channel; further reporters are counted, not kept.
 MAX_CONSUMERS = 1024
 REPORT_MAX_BYTES = 4096
+#: Consumer ids one key given at channel creation may report for (a registered key: exactly one).
+MAX_IDS_PER_KEY = 64
 
 
 class Supervisor(ChannelThread):
@@ -51,7 +53,12 @@ class Supervisor(ChannelThread):
         self.uncounted_runs = 0
         self.consumers: dict[str, dict[str, Any]] = {}
         self.report_errors = 0
+        self.reports_refused = 0  # reports whose consumer id is not the sending key's
         self.untracked_reporters = 0
+        #: CURVE key (z85) -> the consumer id it was registered for (None: ids claimed first come)
+        self._keys: dict[str, str | None] = {}
+        self._id_key: dict[str, str] = {}  # consumer id -> the key that owns it
+        self._claims: dict[str, int] = {}  # key -> consumer ids claimed (unbound keys)
         self.samples: deque[tuple[float, int, int]] = deque(maxlen=16)
         self._lock = threading.Lock()
 
@@ -82,9 +89,14 @@ class Supervisor(ChannelThread):
                 if self.report in events:
                     while True:
                         try:
-                            self._on_report(self.report.recv(zmq.NOBLOCK))
+                            parts = self.report.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
+                        if len(parts) != 1:
+                            self.report_errors += 1
+                            del parts
+                            continue
+                        self._on_report(parts[0].bytes, self._sender(parts[0]))
         finally:
             if self.control is not None:
                 self._statistics(wait_ms=500)  # final counters before the proxy goes
@@ -145,7 +157,42 @@ class Supervisor(ChannelThread):
         (t0, m0, b0), (t1, m1, b1) = samples[0], samples[-1]
         return (m1 - m0) / (t1 - t0), (b1 - b0) / (t1 - t0) / 1e9
 
-    def _on_report(self, raw: bytes) -> None:
+    def allow_key(self, key: str, consumer_id: str | None) -> None:
+        """A consumer key the ZAP handler lets in; ``consumer_id``: the only id it reports for."""
+        with self._lock:
+            self._keys[key] = consumer_id
+            if consumer_id is not None:
+                self._id_key[consumer_id] = key
+
+    def _sender(self, frame: zmq.Frame) -> str | None:
+        """The CURVE key (z85) the report came with; None on a channel without CURVE."""
+        if self.faces.curve_secret is None:
+            return None
+        try:
+            return frame.get("User-Id")
+        except zmq.ZMQError:
+            return ""
+
+    def _may_report(self, key: str | None, cid: str) -> bool:
+        """Reports are bound to keys: an id is its registered key's, or the first key's to use it."""
+        if key is None:
+            return True  # no CURVE on this channel (a data plane used without the control plane)
+        with self._lock:
+            if key not in self._keys:
+                return False
+            bound = self._keys[key]
+            if bound is not None:
+                return bound == cid
+            owner = self._id_key.get(cid)
+            if owner is not None:
+                return owner == key
+            if self._claims.get(key, 0) >= MAX_IDS_PER_KEY:
+                return False
+            self._claims[key] = self._claims.get(key, 0) + 1
+            self._id_key[cid] = key
+            return True
+
+    def _on_report(self, raw: bytes, key: str | None = None) -> None:
         try:
             body = json.loads(raw)
             cid = body["consumer_id"]
@@ -167,6 +214,10 @@ class Supervisor(ChannelThread):
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             self.report_errors += 1
             self.log.debug("bad consumer report: %s", exc)
+            return
+        if not self._may_report(key, cid):
+            self.reports_refused += 1
+            self.log.debug("report for consumer %r refused: not sent with its key", cid[:64])
             return
         with self._lock:
             if cid not in self.consumers and len(self.consumers) >= MAX_CONSUMERS:

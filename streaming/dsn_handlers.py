@@ -22,7 +22,15 @@ import tornado.web
 
 from beamhub.auth.api import ApiError, JsonApiHandler, log_request
 from beamhub.auth.tokens import Claims, TokenError
-from beamhub.streaming.controlplane import FAILED, Channel, ChannelError, ControlPlane, log_event
+from beamhub.streaming.controlplane import (
+    FAILED,
+    MANAGE_SCOPE,
+    Channel,
+    ChannelError,
+    ControlPlane,
+    log_event,
+    may_change,
+)
 from beamhub.streaming.template import TemplateViolation
 
 __all__ = ["MAX_BODY_BYTES", "BaseHandler", "make_app"]
@@ -106,6 +114,23 @@ class BaseHandler(JsonApiHandler):
             raise ApiError(404, "not_found", f"no channel {channel_id!r} (expired or deleted?)")
         return channel, self.claims(scope=scope, project=channel.project)
 
+    def channel_to_change(
+        self, channel_id: str, scope: str = "stream.publish"
+    ) -> tuple[Channel, Claims]:
+        """As :meth:`channel_for`, and the caller may change it: its owner, or an operator or
+        the PI of its project (a ``steer`` token); 403 ``not_owner`` naming why otherwise."""
+        channel, claims = self.channel_for(channel_id, scope)
+        if not may_change(claims, channel):
+            self._refuse(
+                403,
+                "not_owner",
+                f"channel {channel.id} ({channel.params.stream!r}) belongs to "
+                f"{channel.owner!r}; only its owner, an operator or the PI of project "
+                f"{channel.project!r} (a token with scope {MANAGE_SCOPE!r}) may change it",
+                claims.log_fields(),
+            )
+        return channel, claims
+
 
 class HealthHandler(BaseHandler):
     def get(self) -> None:
@@ -166,14 +191,14 @@ class ChannelHandler(BaseHandler):
         self.write_json(body)
 
     async def delete(self, channel_id: str) -> None:
-        channel, claims = self.channel_for(channel_id, "stream.publish")
+        channel, claims = self.channel_to_change(channel_id)
         await self.node.remove_channel(channel, "deleted", claims.log_fields())
         self.write_json(None, status=204)
 
 
 class RenewHandler(BaseHandler):
     def post(self, channel_id: str) -> None:
-        channel, claims = self.channel_for(channel_id, "stream.publish")
+        channel, claims = self.channel_to_change(channel_id)
         ttl = self.json_body().get("ttl", self.node.template.max_lifetime_s)
         limit = self.node.template.max_lifetime_s
         if not isinstance(ttl, int) or isinstance(ttl, bool) or not 1 <= ttl <= limit:
@@ -203,8 +228,9 @@ class RenewHandler(BaseHandler):
 def require_steer_for_source_control(claims: Claims) -> None:
     """Only those who may steer may say where steering goes.
 
-    The relay forwards each steering caller's token to ``source_control``; if a member (no
-    ``steer``) could point it at a listener of her own, she would collect her PI's steer tokens.
+    The relay sends each steering call (with a credential minted for it, never the caller's
+    token) to ``source_control``; a member (no ``steer``) who could point it at a listener of her
+    own would see her PI's steering calls.
     """
     if not claims.has_scope("steer"):
         raise ApiError(
@@ -221,7 +247,7 @@ class SourceControlHandler(BaseHandler):
     only once it knows the channel's producer endpoint, and learns its control port then."""
 
     def put(self, channel_id: str) -> None:
-        channel, claims = self.channel_for(channel_id, "stream.publish")
+        channel, claims = self.channel_to_change(channel_id)
         require_steer_for_source_control(claims)
         value = self.json_body().get("source_control")
         try:
@@ -239,6 +265,41 @@ class SourceControlHandler(BaseHandler):
             **claims.log_fields(),
         )
         self.write_json(channel.to_json())
+
+
+class CredentialsHandler(BaseHandler):
+    """``POST {face, public_key, consumer_id?}``: let a client's CURVE public key in.
+
+    Every channel is CURVE, so a client without a registered key can neither send nor receive
+    nor report. A ``consumer`` key (work, monitor and report faces) needs ``stream.read`` of the
+    project and is bound to ``consumer_id``; a ``producer`` key is a write: the channel's owner,
+    an operator or the PI. The secret half never leaves the client.
+    """
+
+    async def post(self, channel_id: str) -> None:
+        body = self.json_body()
+        face = body.get("face")
+        if face == "producer":
+            channel, claims = self.channel_to_change(channel_id)
+        else:
+            channel, claims = self.channel_for(channel_id, "stream.read")
+        try:
+            answer = await self.node.register_credential(
+                channel, claims, face, body.get("public_key"), body.get("consumer_id")
+            )
+        except ChannelError as exc:
+            raise domain_error(exc) from exc
+        answer["channel"] = channel.id
+        answer["endpoints"] = dataclasses.asdict(channel.endpoints)
+        answer["server_key"] = channel.endpoints.server_key
+        self.write_json(answer, status=201)
+
+
+class RelayJwksHandler(BaseHandler):
+    """The DSN's own public key for relay credentials (sources verify steering calls with it)."""
+
+    def get(self) -> None:
+        self.write_json(self.node.relay_jwks())
 
 
 class SteerHandler(BaseHandler):
@@ -288,10 +349,9 @@ class SteerHandler(BaseHandler):
         body = None
         if method in ("PUT", "POST"):
             body = json.dumps(self.json_body())
+        credential = self.node.relay_credential(channel, claims, scope)
         try:
-            status, answer = await self.node.relay(
-                base + path, method, body, self.request.headers["Authorization"]
-            )
+            status, answer = await self.node.relay(base + path, method, body, credential)
         except ChannelError as exc:
             raise domain_error(exc) from exc
         if method != "GET":
@@ -325,6 +385,8 @@ def make_app(node: ControlPlane) -> tornado.web.Application:
             (rf"/api/channels/{cid}", ChannelHandler, args),
             (rf"/api/channels/{cid}/renew", RenewHandler, args),
             (rf"/api/channels/{cid}/source_control", SourceControlHandler, args),
+            (rf"/api/channels/{cid}/credentials", CredentialsHandler, args),
+            (r"/api/relay-jwks", RelayJwksHandler, args),
             (rf"/api/channels/{cid}/steer/(.+)", SteerHandler, args),
         ],
         default_handler_class=_NotFoundHandler,

@@ -22,12 +22,13 @@ import time
 import uuid
 import zlib
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import zmq
 
+from beamhub.streaming.credentials import api_call, register_key
 from beamhub.streaming.link import DSN_RESTART, LinkWatch
 from beamhub.streaming.params import ParamSet
 from beamhub.streaming.wire import FrameHeader, send_frame
@@ -57,7 +58,7 @@ class CurveKeys:
     """CURVE keys (Z85): this socket's own keypair and, as a client, the server's public key."""
 
     public: bytes
-    secret: bytes
+    secret: bytes = field(repr=False)  # never in a repr
     server_public: bytes | None = None
 
     @classmethod
@@ -123,6 +124,29 @@ class SourceRunner:
         self.link: LinkWatch | None = None
         self.last_error: str | None = None
         self._sent_times: deque[float] = deque(maxlen=4096)
+
+    @classmethod
+    def from_dsn(
+        cls,
+        generator: FrameGenerator,
+        dsn_url: str,
+        channel_id: str,
+        token: str,
+        *,
+        stream: str | None = None,
+        **kwargs: Any,
+    ) -> SourceRunner:
+        """A runner for a DSN channel: registers a fresh CURVE producer key on it (the token's
+        holder must own the channel, or be an operator or the PI) and connects with it.
+        ``stream`` defaults to the channel's stream name."""
+        cred = register_key(dsn_url, channel_id, token, "producer")
+        if stream is None:
+            info = api_call(dsn_url, "GET", f"/api/channels/{channel_id}", token)
+            stream = info["stream"]
+        curve = CurveKeys(public=cred.public, secret=cred.secret, server_public=cred.server_key)
+        return cls(
+            generator, stream=stream, connect=cred.endpoints["producer"], curve=curve, **kwargs
+        )
 
     # -- life cycle -------------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> SourceRunner:

@@ -1,10 +1,14 @@
 """The control endpoint of a source: read the schema and values, steer a parameter, start/stop runs.
 
 A small tornado app on loopback. The DSN's steering relay forwards ``GET /schema``, ``GET /params``,
-``PUT /params/{name}`` and ``POST /run`` here with the caller's token; when the endpoint is built
-with a :class:`beamhub.auth.tokens.TokenVerifier` and a project, writes need a Bearer token with the
-``steer`` scope for that project. Every answer is JSON; errors in the one shape of
-:mod:`beamhub.auth.api` (``{reason, message, field?, limit?}``), which the relay passes through.
+``PUT /params/{name}`` and ``POST /run`` here, never with the caller's token: with a credential the
+DSN mints for that one call (its own ES256 key, issuer ``beamhub-dsn-relay``, audience this
+endpoint's URL, one scope, at most 60 s, ``sub`` naming the caller). Built with ``relay_jwks`` (the
+DSN's ``/api/relay-jwks`` URL, or the JWKS itself) and a project, writes need such a credential
+with ``steer`` for that project; built with a :class:`beamhub.auth.tokens.TokenVerifier` too, a
+project token with ``steer`` is accepted from direct callers as well. Every answer is JSON; errors
+in the one shape of :mod:`beamhub.auth.api` (``{reason, message, field?, limit?}``), which the
+relay passes through.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 from tornado.httpserver import HTTPServer
@@ -19,17 +24,59 @@ from tornado.netutil import bind_sockets
 from tornado.web import Application
 
 from beamhub.auth.api import ApiError, JsonApiHandler, log_request
-from beamhub.auth.tokens import TokenError, TokenVerifier
+from beamhub.auth.jwks import RemoteJwksVerifier
+from beamhub.auth.tokens import Claims, TokenError, TokenVerifier
+from beamhub.streaming.controlplane import RELAY_ISSUER, RELAY_TTL_S
 from beamhub.streaming.params import ParamError, UnknownParamError
 from beamhub.streaming.source import SourceRunner
 
-__all__ = ["ControlServerThread", "SourceControlServer", "make_app", "start_control_thread"]
+__all__ = [
+    "ControlServerThread",
+    "RelayVerifier",
+    "SourceControlServer",
+    "make_app",
+    "start_control_thread",
+]
 
 log = logging.getLogger("beamhub.source.control")
 
 #: steering bodies are a few hundred bytes; the DSN's control API has the same limit
 MAX_BODY_BYTES = 1 << 20
 REALM = "beamhub-source"
+
+
+class RelayVerifier:
+    """Verifies the DSN's relay credentials: the DSN's own key, audience = this endpoint's URL.
+
+    ``jwks`` is the DSN's ``/api/relay-jwks`` URL (fetched when first needed, again for an unknown
+    key id) or the JWKS itself. :attr:`audience` is set once the endpoint knows its URL.
+    """
+
+    def __init__(self, jwks: str | Mapping[str, Any], audience: str | None = None) -> None:
+        self.jwks = jwks
+        self.audience = audience
+        self._verifier: Any = None
+
+    def verify(self, token: str | None, *, project: str, scope: str) -> Claims:
+        if self.audience is None:
+            raise TokenError(503, "not_ready", "the control endpoint is not listening yet")
+        if self._verifier is None or self._verifier.audience != self.audience:
+            if isinstance(self.jwks, str):
+                self._verifier = RemoteJwksVerifier(
+                    self.jwks, issuer=RELAY_ISSUER, audience=self.audience
+                )
+            else:
+                self._verifier = TokenVerifier(
+                    self.jwks, issuer=RELAY_ISSUER, audience=self.audience
+                )
+        claims = self._verifier.verify(token, project=project, scope=scope)
+        if claims.exp - claims.iat > RELAY_TTL_S:
+            raise TokenError(
+                401,
+                "lifetime",
+                f"a relay credential lives at most {RELAY_TTL_S} s; this one longer",
+            )
+        return claims
 
 
 class _BaseHandler(JsonApiHandler):
@@ -41,19 +88,34 @@ class _BaseHandler(JsonApiHandler):
         runner: SourceRunner,
         verifier: TokenVerifier | None = None,
         project: str | None = None,
+        relay: RelayVerifier | None = None,
     ) -> None:
         self.runner = runner
         self.verifier = verifier
         self.project = project
+        self.relay = relay
 
-    def require_steer(self) -> None:
-        """With a verifier configured, writes need a ``steer`` token for this source's project."""
-        if self.verifier is None:
+    def _verify(self, token: str | None) -> Claims:
+        """A DSN relay credential first; then (if configured) a project token from a direct caller."""
+        errors: list[TokenError] = []
+        for verifier in (self.relay, self.verifier):
+            if verifier is None:
+                continue
+            try:
+                return verifier.verify(token, project=self.project, scope="steer")
+            except TokenError as exc:
+                errors.append(exc)
+        # the verifier that knew the token's key says best what is wrong with it
+        raise ([e for e in errors if e.reason != "unknown_key"] or errors)[0]
+
+    async def require_steer(self) -> None:
+        """With a verifier configured, writes need a ``steer`` credential for this project."""
+        if self.verifier is None and self.relay is None:
             return
+        token = self.bearer() or None
         try:
-            claims = self.verifier.verify(
-                self.bearer() or None, project=self.project, scope="steer"
-            )
+            # a JWKS fetch blocks: never on the loop (the DSN may serve on this same loop)
+            claims = await asyncio.get_running_loop().run_in_executor(None, self._verify, token)
         except TokenError as exc:
             log.info("steering refused: %s (%s)", exc.reason, self.request.path)
             headers: dict[str, str] = {}
@@ -87,7 +149,7 @@ class ParamHandler(_BaseHandler):
         self.write_json({"name": name, "value": status["values"][name], "rev": status["rev"]})
 
     async def put(self, name: str) -> None:
-        self.require_steer()
+        await self.require_steer()
         body = self.json_body()
         if "value" not in body:
             raise ApiError(
@@ -111,7 +173,7 @@ class RunHandler(_BaseHandler):
         self.write_json({"run": status["run"], "running": status["running"]})
 
     async def post(self) -> None:
-        self.require_steer()
+        await self.require_steer()
         action = self.json_body().get("action")
         actions = {"start": self.runner.start_run, "stop": self.runner.stop_run}
         if action not in actions:
@@ -137,12 +199,18 @@ class NotFoundHandler(_BaseHandler):
 
 
 def make_app(
-    runner: SourceRunner, verifier: TokenVerifier | None = None, project: str | None = None
+    runner: SourceRunner,
+    verifier: TokenVerifier | None = None,
+    project: str | None = None,
+    relay: RelayVerifier | None = None,
 ) -> Application:
-    """The tornado application; ``verifier`` + ``project`` protect writes with the steer scope."""
-    if (verifier is None) != (project is None):
-        raise ValueError("give both a token verifier and the project it protects, or neither")
-    kwargs = {"runner": runner, "verifier": verifier, "project": project}
+    """The tornado application; ``relay`` (DSN relay credentials) and/or ``verifier`` (project
+    tokens) + ``project`` protect writes with the steer scope."""
+    if (verifier is None and relay is None) != (project is None):
+        raise ValueError(
+            "give both a verifier (or relay_jwks) and the project it protects, or neither"
+        )
+    kwargs = {"runner": runner, "verifier": verifier, "project": project, "relay": relay}
     return Application(
         [
             (r"/schema", SchemaHandler, kwargs),
@@ -167,8 +235,10 @@ class SourceControlServer:
         port: int = 0,
         verifier: TokenVerifier | None = None,
         project: str | None = None,
+        relay_jwks: str | Mapping[str, Any] | None = None,
     ) -> None:
-        self.app = make_app(runner, verifier, project)
+        self.relay = None if relay_jwks is None else RelayVerifier(relay_jwks)
+        self.app = make_app(runner, verifier, project, self.relay)
         self.host = host
         self.port = port
         self.url: str | None = None
@@ -181,6 +251,8 @@ class SourceControlServer:
         self._server = HTTPServer(self.app, max_body_size=MAX_BODY_BYTES)
         self._server.add_sockets(sockets)
         self.url = f"http://{self.host}:{self.port}"
+        if self.relay is not None:
+            self.relay.audience = self.url  # relay credentials are minted for this URL only
         log.info("source control endpoint at %s", self.url)
         return self.url
 
@@ -244,7 +316,15 @@ def start_control_thread(
     port: int = 0,
     verifier: TokenVerifier | None = None,
     project: str | None = None,
+    relay_jwks: str | Mapping[str, Any] | None = None,
 ) -> ControlServerThread:
     """Start the control endpoint on its own thread; ``.url`` is the bound base URL."""
-    thread = ControlServerThread(runner, host=host, port=port, verifier=verifier, project=project)
+    thread = ControlServerThread(
+        runner,
+        host=host,
+        port=port,
+        verifier=verifier,
+        project=project,
+        relay_jwks=relay_jwks,
+    )
     return thread.start()

@@ -118,6 +118,10 @@ class Template:
     encryption_required: bool
     max_lifetime_s: int
     max_channels_per_project: int
+    #: channels one user may hold at once inside the project's quota
+    max_channels_per_user: int = 0
+    #: channels of the project's quota only its PI and operators (a ``steer`` token) may take
+    manager_reserve: int = 0
     when_no_consumer_allowed: tuple[str, ...] = WHEN_NO_CONSUMER
     when_no_consumer_default: str = "wait"
     source: str = field(default="<mapping>")
@@ -156,6 +160,8 @@ class Template:
             "encryption_required",
             "max_lifetime_s",
             "max_channels_per_project",
+            "max_channels_per_user",
+            "manager_reserve",
             "when_no_consumer",
         }
         unknown = set(data) - known
@@ -189,6 +195,18 @@ class Template:
             raise TemplateError(
                 f"max_channels_per_project: a positive integer, got {max_channels!r}"
             )
+        reserve = data.get("manager_reserve", 1 if max_channels > 1 else 0)
+        if not is_int(reserve) or not 0 <= reserve < max_channels:
+            raise TemplateError(
+                f"manager_reserve: an integer from 0 to max_channels_per_project - 1 "
+                f"({max_channels - 1}), got {reserve!r}"
+            )
+        per_user = data.get("max_channels_per_user", max(1, (max_channels - reserve) // 2))
+        if not is_int(per_user) or not 1 <= per_user <= max_channels:
+            raise TemplateError(
+                f"max_channels_per_user: an integer from 1 to max_channels_per_project "
+                f"({max_channels}), got {per_user!r}"
+            )
         wnc_allowed, wnc_default = read_when_no_consumer(data.get("when_no_consumer"))
         name = data.get("name", Path(source).stem)
         if not isinstance(name, str) or not name:
@@ -209,6 +227,8 @@ class Template:
             encryption_required=enc,
             max_lifetime_s=lifetime,
             max_channels_per_project=max_channels,
+            max_channels_per_user=per_user,
+            manager_reserve=reserve,
             when_no_consumer_allowed=wnc_allowed,
             when_no_consumer_default=wnc_default,
             source=source,
@@ -228,6 +248,8 @@ class Template:
             "encryption_required": self.encryption_required,
             "max_lifetime_s": self.max_lifetime_s,
             "max_channels_per_project": self.max_channels_per_project,
+            "max_channels_per_user": self.max_channels_per_user,
+            "manager_reserve": self.manager_reserve,
             "when_no_consumer": {
                 "allowed": list(self.when_no_consumer_allowed),
                 "default": self.when_no_consumer_default,
@@ -236,8 +258,20 @@ class Template:
 
     # ---- checking a request ------------------------------------------------------------------
 
-    def check(self, request: Any, *, active_channels: int = 0) -> ChannelParams:
-        """Effective parameters for ``request`` (omitted fields get the defaults), or a violation."""
+    def check(
+        self,
+        request: Any,
+        *,
+        active_channels: int = 0,
+        user_channels: int = 0,
+        manager: bool = True,
+    ) -> ChannelParams:
+        """Effective parameters for ``request`` (omitted fields get the defaults), or a violation.
+
+        ``active_channels``: the project's channels now; ``user_channels``: the caller's own;
+        ``manager``: the caller may manage the project's channels (PI or operator), so the
+        reserve is open to her and the per-user quota does not apply.
+        """
         if not isinstance(request, Mapping):
             raise TemplateViolation("body", None, "the request body must be a JSON object")
         unknown = sorted(set(request) - REQUEST_FIELDS)
@@ -259,6 +293,27 @@ class Template:
                 403,
                 "max_channels",
             )
+        if not manager:
+            open_to_members = self.max_channels_per_project - self.manager_reserve
+            if user_channels >= self.max_channels_per_user:
+                raise TemplateViolation(
+                    "channels",
+                    self.max_channels_per_user,
+                    f"you already hold {user_channels} channel(s) of this project, the "
+                    f"template's maximum per user; delete one of yours or let one expire first",
+                    403,
+                    "max_channels_per_user",
+                )
+            if active_channels >= open_to_members:
+                raise TemplateViolation(
+                    "channels",
+                    open_to_members,
+                    f"the project holds {active_channels} channel(s); the last "
+                    f"{self.manager_reserve} are kept for its PI and operators; ask one of "
+                    "them, or delete a channel first",
+                    403,
+                    "max_channels",
+                )
         stream = request.get("stream")
         if not isinstance(stream, str) or not STREAM_RE.match(stream):
             raise TemplateViolation(
@@ -425,20 +480,27 @@ class Template:
         return nets
 
     def _encryption(self, request: Mapping) -> tuple[bool, tuple[str, ...], tuple[str, ...]]:
-        encryption = request.get("encryption", self.encryption_required)
+        """Every channel is CURVE (a credential on every channel, also in dev); with
+        ``encryption_required`` the request must also name the producers' and consumers' keys,
+        otherwise clients may register theirs afterwards (``POST .../credentials``)."""
+        encryption = request.get("encryption", True)
         if not isinstance(encryption, bool):
-            raise TemplateViolation(
-                "encryption", self.encryption_required, "encryption: true or false"
+            raise TemplateViolation("encryption", True, "encryption: true (or leave it out)")
+        if not encryption:
+            how = (
+                "send the CURVE public keys of the producer(s) and consumer(s)"
+                if self.encryption_required
+                else "clients register their CURVE keys with POST /api/channels/ID/credentials"
             )
-        if self.encryption_required and not encryption:
             raise TemplateViolation(
                 "encryption",
                 True,
-                f'template {self.name!r} requires encryption: send "encryption": true with the '
-                "CURVE public keys of the producer(s) and consumer(s)",
+                f"every channel of template {self.name!r} uses CURVE (each face needs a "
+                f'credential): leave out "encryption" or send true; {how}',
                 403,
                 "encryption_required",
             )
+        require_keys = self.encryption_required
         keys = {}
         for name in ("producer_keys", "consumer_keys"):
             value = request.get(name, [])
@@ -455,7 +517,7 @@ class Template:
                         "public key (make one with zmq.curve_keypair())",
                     )
             keys[name] = tuple(value)
-            if encryption and not value:
+            if require_keys and not value:
                 raise TemplateViolation(
                     name,
                     None,
@@ -464,13 +526,7 @@ class Template:
                     403,
                     "keys_required",
                 )
-        if not encryption and (keys["producer_keys"] or keys["consumer_keys"]):
-            raise TemplateViolation(
-                "encryption",
-                self.encryption_required,
-                'keys were given but encryption is false: set "encryption": true or drop the keys',
-            )
-        return encryption, keys["producer_keys"], keys["consumer_keys"]
+        return True, keys["producer_keys"], keys["consumer_keys"]
 
     def check_source_control(self, value: Any, source_cidrs: Sequence[Network | str]) -> str | None:
         """The source's control URL, normalised; it must point into the channel's source networks

@@ -11,6 +11,7 @@ latest snapshot, so a hundred viewers cost what one does.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -80,8 +81,11 @@ class StreamMonitor:
         sample_s: float = 0.5,
         image_px: int = 96,
         params: dict[str, Any] | None = None,
+        register: Callable[[str], Any] | None = None,
     ) -> None:
         endpoints = channel.get("endpoints") or {}
+        #: consumer id -> a registered CURVE credential on this channel (every DSN channel is CURVE)
+        self.register = register
         if not endpoints.get("monitor"):
             raise ValueError(f"channel {channel.get('id')!r} has no monitor endpoint")
         self.channel = channel
@@ -152,24 +156,33 @@ class StreamMonitor:
 
     def _run(self) -> None:
         from beamhub.streaming.analysis import Analyzer, RunningStats
-        from beamhub.streaming.consumer import StreamConsumer
+        from beamhub.streaming.consumer import ChannelLookupError, StreamConsumer
 
         endpoints = self.channel["endpoints"]
         try:
             analyzer = Analyzer(self.params, worker="dashboard")
+            consumer_id = f"dashboard-{os.uname().nodename}-{os.getpid()}-{self.channel_id}"
+            curve: dict[str, Any] = {}
             if endpoints.get("server_key"):
-                raise ValueError(
-                    "the channel is CURVE-encrypted and the dashboard holds no "
-                    "registered consumer key; open it from a notebook instead"
-                )
+                if self.register is None:
+                    raise ValueError(
+                        "the channel needs a registered consumer key and this dashboard "
+                        "cannot register one (no DSN token)"
+                    )
+                cred = self.register(consumer_id)  # the dashboard's own key, made here
+                curve = {
+                    "curve_server_key": cred.server_key,
+                    "curve_keypair": (cred.public, cred.secret),
+                }
             consumer = StreamConsumer(
                 endpoints["monitor"],
                 monitor=True,
                 report=endpoints.get("report"),
-                consumer_id=f"dashboard-{os.uname().nodename}-{os.getpid()}-{self.channel_id}",
+                consumer_id=consumer_id,
                 log=log,
+                **curve,
             )
-        except ValueError as exc:
+        except (ValueError, ChannelLookupError) as exc:
             self.state, self.error = "error", str(exc)
             log.warning("dashboard cannot subscribe to %s: %s", self.channel_id, exc)
             return
@@ -305,6 +318,14 @@ class ProjectFeed:
         for monitor in monitors:
             monitor.stop()
 
+    def _register(self, channel_id: str, consumer_id: str) -> Any:
+        """Register a fresh consumer key of this dashboard on one channel (stream.read)."""
+        from beamhub.streaming.credentials import register_key
+
+        return register_key(
+            self.dsn_url, channel_id, self.token(), "consumer", consumer_id=consumer_id
+        )
+
     def token(self) -> str:
         """A ``stream.read`` token for the project, renewed when a third of its life is left."""
         now = time.time()
@@ -346,7 +367,10 @@ class ProjectFeed:
                 self.monitors.pop(m.channel_id, None)
             for cid, channel in wanted.items():
                 if cid not in self.monitors:
-                    self.monitors[cid] = StreamMonitor(channel, **self.monitor_kwargs).start()
+                    register = functools.partial(self._register, cid)
+                    self.monitors[cid] = StreamMonitor(
+                        channel, register=register, **self.monitor_kwargs
+                    ).start()
                     log.info(
                         "dashboard subscribed to %s (project %s, stream %s)",
                         cid,

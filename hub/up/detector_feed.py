@@ -5,7 +5,10 @@ frames nobody analyses, so dashboards are live from the start; the template's de
 that is refused), streams simulated frames into it, serves the source's control endpoint and
 attaches it to the channel, renews the channel halfway to its expiry, and creates it again if it
 disappears (deleted, or expired while the DSN was down). A DSN restart keeps the channel on the
-same endpoints, so the producer socket simply reconnects. Its tokens (subject
+same endpoints, so the producer socket simply reconnects. Every channel is CURVE: the feed registers
+its own producer key (made here; the secret never leaves) on each channel it creates, and its
+control endpoint accepts the steering credentials the DSN mints per call (verified with the DSN's
+``/api/relay-jwks``), never a caller's token from the DSN. Its tokens (subject
 :data:`DETECTOR_USER`, an operator of its project) come from the token service through the
 mint-for API; it verifies steering callers with the published JWKS and never opens the signing key.
 
@@ -29,10 +32,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import zmq
+
 from beamhub.auth.jwks import RemoteJwksVerifier
 from beamhub.auth.mint_client import MintError, MintForClient
 from beamhub.streaming.simulator import SimulatedDetector
-from beamhub.streaming.source import SourceRunner
+from beamhub.streaming.source import CurveKeys, SourceRunner
 from beamhub.streaming.source_control import SourceControlServer
 
 __all__ = ["DETECTOR_USER", "DetectorFeed", "FeedConfig", "main"]
@@ -84,6 +89,7 @@ class DetectorFeed:
         self._control: SourceControlServer | None = None
         self._control_url = ""
         self._lifetime = 0.0  # seconds the DSN granted at the last create or renew
+        self._keypair = zmq.curve_keypair()  # the feed's producer key, registered per channel
 
     # --- DSN calls (blocking; run in a thread) ---------------------------------------------
 
@@ -129,6 +135,10 @@ class DetectorFeed:
             status, answer = self._call("POST", "/api/channels", {"stream": self.cfg["stream"]})
         if status != 201:
             raise FeedError(f"the DSN refused the detector's channel: {answer}")
+        key = {"face": "producer", "public_key": self._keypair[0].decode()}
+        status, cred = self._call("POST", f"/api/channels/{answer['id']}/credentials", key)
+        if status != 201:
+            raise FeedError(f"the DSN refused the detector's producer key: {cred}")
         return answer
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -144,13 +154,23 @@ class DetectorFeed:
             generator = SimulatedDetector(
                 tuple(cfg["shape"]), rate_hz=cfg["rate_hz"], hit_fraction=cfg["hit_fraction"]
             )
-            self._source = SourceRunner(generator, stream=cfg["stream"], connect=producer)
+            curve = CurveKeys(
+                public=self._keypair[0],
+                secret=self._keypair[1],
+                server_public=channel["endpoints"]["server_key"].encode(),
+            )
+            self._source = SourceRunner(
+                generator, stream=cfg["stream"], connect=producer, curve=curve
+            )
             await asyncio.to_thread(self._source.start)
             await asyncio.to_thread(self._source.start_run)
             if self._control is not None:
                 await self._control.stop()
             self._control = SourceControlServer(
-                self._source, verifier=self.verifier, project=cfg["project"]
+                self._source,
+                verifier=self.verifier,
+                project=cfg["project"],
+                relay_jwks=cfg["dsn_url"] + "/api/relay-jwks",
             )
             self._control_url = await self._control.start()
         self.channel = channel

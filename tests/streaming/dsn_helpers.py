@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import jwt
+import zmq
 from tornado.httpclient import AsyncHTTPClient
 
 from beamhub.auth.tokens import (
@@ -31,7 +32,9 @@ __all__ = [
     "api",
     "assert_nothing_provisioned",
     "free_port",
+    "register",
     "running_dsn",
+    "secure",
     "wait_until",
 ]
 
@@ -113,6 +116,28 @@ async def api(
         request_timeout=20,
     )
     return resp.code, (json.loads(resp.body) if resp.body else None)
+
+
+async def register(
+    base: str, channel_id: str, token: str, face: str, consumer_id: str | None = None
+) -> dict:
+    """Register a fresh CURVE keypair on a channel's face over real HTTP; the answer plus
+    ``public``/``secret`` (bytes) to :func:`secure` a socket with."""
+    public, secret = zmq.curve_keypair()
+    body = {"face": face, "public_key": public.decode()}
+    if consumer_id is not None:
+        body["consumer_id"] = consumer_id
+    code, answer = await api(base, "POST", f"/api/channels/{channel_id}/credentials", token, body)
+    assert code == 201, answer
+    return {**answer, "public": public, "secret": secret}
+
+
+def secure(sock: zmq.Socket, cred: dict) -> zmq.Socket:
+    """Make ``sock`` a CURVE client with a registered credential (from :func:`register`)."""
+    sock.curve_serverkey = cred["server_key"].encode()
+    sock.curve_publickey = cred["public"]
+    sock.curve_secretkey = cred["secret"]
+    return sock
 
 
 async def wait_until(

@@ -20,7 +20,9 @@ from tests.streaming.dsn_helpers import (
     Tokens,
     api,
     assert_nothing_provisioned,
+    register,
     running_dsn,
+    secure,
     wait_until,
 )
 
@@ -73,9 +75,9 @@ async def test_create_inspect_renew_delete(tokens: Tokens, zctx: zmq.Context, mo
         code, listing = await api(node.url, "GET", "/api/channels", token)
         assert code == 200 and [c["id"] for c in listing["channels"]] == [cid]
 
-        work = zctx.socket(zmq.PULL)
+        work = secure(zctx.socket(zmq.PULL), await register(node.url, cid, token, "consumer", "w"))
         work.connect(eps["work"])
-        producer = zctx.socket(zmq.PUSH)
+        producer = secure(zctx.socket(zmq.PUSH), await register(node.url, cid, token, "producer"))
         producer.connect(eps["producer"])
         send(producer, range(5))
 
@@ -338,6 +340,8 @@ async def test_concurrent_creates_respect_the_channel_bound(tokens: Tokens) -> N
         {
             **Template.load().describe(),
             "max_channels_per_project": 3,
+            "max_channels_per_user": 3,  # the project's bound is tested here, not the user's
+            "manager_reserve": 0,
             "hwm": {"min": 1, "max": 100, "default": 10},
             "max_frame_bytes": {"max": 1 << 20, "default": 1 << 20},
         }

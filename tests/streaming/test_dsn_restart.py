@@ -188,10 +188,8 @@ def test_kill9_restart_keeps_channels_and_clients_report_the_gap(dsn, tokens, mo
         body = http(f"{dsn.url}/api/channels/{cid}", token=token)[1]
         return "viewer" in body["stats"]["consumers"]
 
-    source = SourceRunner(
-        SimulatedDetector((64, 64), seed=1, rate_hz=100.0),
-        stream="det",
-        connect=endpoints["producer"],
+    source = SourceRunner.from_dsn(  # registers its producer key; the DSN keeps it on restart
+        SimulatedDetector((64, 64), seed=1, rate_hz=100.0), dsn.url, cid, token, stream="det"
     )
     source.start()
     try:

@@ -18,7 +18,9 @@ from tests.streaming.dsn_helpers import (
     Tokens,
     api,
     assert_nothing_provisioned,
+    register,
     running_dsn,
+    secure,
     wait_until,
 )
 
@@ -184,6 +186,8 @@ async def test_malformed_body_and_channel_count(tokens: Tokens) -> None:
         {
             **Template.load().describe(),
             "max_channels_per_project": 2,
+            "max_channels_per_user": 2,  # the project's bound is tested here, not the user's
+            "manager_reserve": 0,
             "hwm": {"min": 1, "max": 100, "default": 10},
             "max_frame_bytes": {"max": 1 << 20, "default": 1 << 20},
         }
@@ -240,12 +244,15 @@ async def test_source_outside_allowlist_cannot_reach_the_data_plane(tokens: Toke
         assert code == 201, made
         cid, producer = made["id"], made["endpoints"]["producer"]
         dest = producer.removeprefix("tcp://")
+        # both hold a registered key: only the address tells them apart
+        key = await register(node.url, cid, tokens.issue(), "producer")
+        reader = await register(node.url, cid, tokens.issue(), "consumer", "reader")
         ctx = zmq.Context()
         try:
-            work = ctx.socket(zmq.PULL)  # a consumer, so the gateway forwards
+            work = secure(ctx.socket(zmq.PULL), reader)  # a consumer, so the gateway forwards
             work.setsockopt(zmq.LINGER, 0)
             work.connect(made["endpoints"]["work"])
-            outsider = ctx.socket(zmq.PUSH)
+            outsider = secure(ctx.socket(zmq.PUSH), key)
             outsider.setsockopt(zmq.LINGER, 0)
             outsider.connect(f"tcp://127.0.0.1:0;{dest}")
             for seq in range(5):
@@ -256,7 +263,7 @@ async def test_source_outside_allowlist_cannot_reach_the_data_plane(tokens: Toke
                         np.zeros(8, "u1"),
                         flags=zmq.NOBLOCK,
                     )
-            insider = ctx.socket(zmq.PUSH)
+            insider = secure(ctx.socket(zmq.PUSH), key)
             insider.setsockopt(zmq.LINGER, 0)
             insider.connect(f"tcp://127.0.0.2:0;{dest}")
             # the outsider's handshake is refused by ZAP: it is counted and nothing arrives

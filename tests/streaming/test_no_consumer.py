@@ -14,7 +14,7 @@ from beamhub.streaming.dataplane import DataPlane
 from beamhub.streaming.template import TEMPLATE_DIR, Template, TemplateError, TemplateViolation
 from beamhub.streaming.wire import decode
 from tests.streaming.dataplane_helpers import frame_ok, make_spec, send_frames, wait_stats
-from tests.streaming.dsn_helpers import Tokens, api, running_dsn, wait_until
+from tests.streaming.dsn_helpers import Tokens, api, register, running_dsn, secure, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -240,7 +240,7 @@ async def test_dsn_api_field_validation_and_stats(zctx) -> None:
         )
         assert status == 201 and body["params"]["when_no_consumer"] == "drop", body
         cid = body["id"]
-        push = zctx.socket(zmq.PUSH)
+        push = secure(zctx.socket(zmq.PUSH), await register(node.url, cid, token, "producer"))
         push.linger = 0
         push.connect(body["endpoints"]["producer"])
         try:

@@ -6,16 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+from typing import ClassVar
 
 import pytest
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
 import zmq
 
+from beamhub.auth.tokens import TokenError, TokenVerifier
+from beamhub.streaming.controlplane import RELAY_ISSUER
 from beamhub.streaming.simulator import SimulatedDetector
-from beamhub.streaming.source import SourceRunner
+from beamhub.streaming.source import CurveKeys, SourceRunner
 from beamhub.streaming.source_control import SourceControlServer
 from beamhub.streaming.wire import recv_frame
-from tests.streaming.dsn_helpers import Tokens, api, free_port, running_dsn
+from tests.streaming.dsn_helpers import Tokens, api, free_port, register, running_dsn, secure
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -33,14 +40,18 @@ async def detector_on_channel(node, tokens: Tokens):
     code, made = await api(node.url, "POST", "/api/channels", publish, {"stream": "det"})
     assert code == 201, made
     cid = made["id"]
+    producer = await register(node.url, cid, publish, "producer")
     runner = SourceRunner(
         SimulatedDetector((64, 64), seed=3, rate_hz=100.0),
         stream="det",
         connect=made["endpoints"]["producer"],
+        curve=CurveKeys(producer["public"], producer["secret"], producer["server_key"].encode()),
     )
-    control = SourceControlServer(runner, verifier=tokens.verifier, project="p1")
+    control = SourceControlServer(
+        runner, verifier=tokens.verifier, project="p1", relay_jwks=f"{node.url}/api/relay-jwks"
+    )
     ctx = zmq.Context()
-    work = ctx.socket(zmq.PULL)
+    work = secure(ctx.socket(zmq.PULL), await register(node.url, cid, publish, "consumer", "w"))
     work.setsockopt(zmq.LINGER, 0)
     work.connect(made["endpoints"]["work"])
     try:
@@ -163,3 +174,69 @@ async def test_dead_or_missing_source_control(tokens: Tokens) -> None:
             {"value": 1},
         )
         assert code == 404
+
+
+class _Listener(tornado.web.RequestHandler):
+    """A source's control endpoint that only records what the DSN sends it."""
+
+    seen: ClassVar[list[str]] = []
+
+    def put(self, name: str) -> None:
+        self.seen.append(self.request.headers.get("Authorization", ""))
+        self.write({"name": name, "value": 1, "rev": 1, "first_seq": 0})
+
+
+async def test_relay_presents_a_credential_it_minted_never_the_callers_token(
+    tokens: Tokens,
+) -> None:
+    """Audience that source, scope steer, <= 60 s, naming the caller; signed by the DSN's own key
+    (published at /api/relay-jwks), which the hub's verifier does not know."""
+    app = tornado.web.Application([(r"/params/([^/]+)", _Listener)])
+    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+    server = tornado.httpserver.HTTPServer(app)
+    server.add_sockets(sockets)
+    url = f"http://127.0.0.1:{sockets[0].getsockname()[1]}"
+    steer = tokens.issue("p1", "stream.read stream.publish steer", sub="pia")
+    try:
+        async with running_dsn(tokens) as node:
+            code, made = await api(
+                node.url, "POST", "/api/channels", steer, {"stream": "det", "source_control": url}
+            )
+            assert code == 201, made
+            code, answer = await api(
+                node.url, "PUT", f"/api/channels/{made['id']}/steer/params/x", steer, {"value": 1}
+            )
+            assert (code, answer["rev"]) == (200, 1), answer
+            code, jwks = await api(node.url, "GET", "/api/relay-jwks")
+            assert code == 200 and jwks["keys"][0]["alg"] == "ES256"
+    finally:
+        server.stop()
+    (header,) = _Listener.seen
+    credential = header.removeprefix("Bearer ")
+    assert credential != steer and steer.split(".")[2] not in header
+    claims = TokenVerifier(jwks, issuer=RELAY_ISSUER, audience=url).verify(
+        credential, project="p1", scope="steer"
+    )
+    assert claims.sub == "pia" and claims.scopes == {"steer"}
+    assert claims.exp - claims.iat <= 60
+    with pytest.raises(TokenError) as info:  # the hub's keys do not sign it: no project power
+        tokens.verifier.verify(credential)
+    assert info.value.reason == "unknown_key"
+    with pytest.raises(TokenError) as info:  # and it is for that source only
+        TokenVerifier(jwks, issuer=RELAY_ISSUER, audience="http://127.0.0.1:1").verify(credential)
+    assert info.value.reason == "audience"
+
+
+async def test_source_refuses_a_relay_credential_for_another_source(tokens: Tokens) -> None:
+    async with running_dsn(tokens) as node, detector_on_channel(node, tokens) as (cid, runner, _):
+        other = node.channels[cid]
+        forged_for = dataclasses.replace(other.params, source_control="http://127.0.0.1:1")
+        claims = tokens.verifier.verify(tokens.issue("p1", "steer", sub="pia"))
+        elsewhere = node.relay_credential(
+            dataclasses.replace(other, params=forged_for), claims, "steer"
+        )
+        code, body = await api(
+            other.params.source_control, "PUT", "/params/hit_fraction", elsewhere, {"value": 0.9}
+        )
+        assert (code, body["reason"]) == (401, "audience"), body
+        assert runner.status()["rev"] == 0

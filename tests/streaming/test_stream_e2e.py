@@ -236,7 +236,7 @@ async def test_beamhub_consume_through_the_real_control_plane(ctx, mode):
     import json
     import os
 
-    from .dsn_helpers import Tokens, api, running_dsn, wait_until
+    from .dsn_helpers import Tokens, api, register, running_dsn, secure, wait_until
 
     tokens = Tokens()
     token = tokens.issue(scopes="stream.read stream.publish")
@@ -277,7 +277,10 @@ async def test_beamhub_consume_through_the_real_control_plane(ctx, mode):
                 return code == 200 and "cli" in body["stats"]["consumers"]
 
             await wait_until(reported, timeout=30)  # the consumer is connected and reporting
-            producer = producer_socket(ctx, made["endpoints"]["producer"])
+            producer = ctx.socket(zmq.PUSH)
+            secure(producer, await register(node.url, cid, token, "producer"))
+            producer.linger = 1000
+            producer.connect(made["endpoints"]["producer"])
             send_frames(producer, range(30))
             out, err = await asyncio.wait_for(proc.communicate(), 60)
         finally:

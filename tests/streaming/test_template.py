@@ -42,7 +42,8 @@ def test_omitted_fields_get_defaults(default: Template) -> None:
     assert params.max_rate_hz is None
     assert params.source_cidrs == ("127.0.0.0/8",)
     assert params.consumer_cidrs == ("127.0.0.0/8",)
-    assert params.encryption is False
+    assert params.encryption is True  # every channel is CURVE, also in dev
+    assert params.producer_keys == params.consumer_keys == ()  # clients register them later
     assert params.ttl == 86400
     assert params.source_control is None
 
@@ -128,8 +129,9 @@ def test_malformed_requests(default: Template) -> None:
     unknown = violation(default, {"stream": "x", "buffer": 5})
     assert unknown.field == "buffer" and unknown.reason == "unknown_field"
     assert violation(default, {"stream": "x", "producer_keys": ["short"]}).field == "producer_keys"
-    keys_without_encryption = violation(default, {"stream": "x", "producer_keys": [KEY]})
-    assert keys_without_encryption.field == "encryption"
+    assert default.check({"stream": "x", "producer_keys": [KEY]}).producer_keys == (KEY,)
+    no_credential = violation(default, {"stream": "x", "encryption": False})
+    assert (no_credential.field, no_credential.reason) == ("encryption", "encryption_required")
 
 
 def test_channel_count_bounded(default: Template) -> None:

@@ -6,6 +6,7 @@ A real DSN (control API + ZeroMQ data plane), a real simulated detector streamin
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -46,13 +47,18 @@ async def test_one_subscription_per_channel_renewed_token_and_clean_stop() -> No
             {"stream": "elsewhere"},
         )
         assert status == 201, other
-        source = SourceRunner(
+        # every channel is CURVE: the clients register their own keys
+        source = await asyncio.to_thread(
+            SourceRunner.from_dsn,
             SimulatedDetector((64, 64), rate_hz=50, seed=1),
-            stream="det",
-            connect=channel["endpoints"]["producer"],
+            node.url,
+            channel["id"],
+            publisher,
         )
         stop = threading.Event()
-        work = StreamConsumer(channel["endpoints"]["work"])
+        work = await asyncio.to_thread(
+            StreamConsumer.from_dsn, node.url, channel["id"], publisher, consumer_id="drain"
+        )
 
         def drain() -> None:
             while not stop.is_set():
