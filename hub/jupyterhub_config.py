@@ -106,8 +106,11 @@ def configure(c: Any, rt: dict[str, Any]) -> None:
     # --- servers ----------------------------------------------------------------------------
     c.JupyterHub.spawner_class = rt.get("spawner", "simple")
     c.Spawner.cmd = single_user_cmd()
-    if os.geteuid() == 0:
-        c.Spawner.args = ["--allow-root"]
+    c.Spawner.args = [
+        # the server keeps its project token fresh for every notebook it runs, for its whole life
+        "--ServerApp.jpserver_extensions={'beamhub.auth.server_refresher': True}",
+        *(["--allow-root"] if os.geteuid() == 0 else []),
+    ]
     c.Spawner.default_url = "/lab"
     c.Spawner.start_timeout = 60
     c.Spawner.http_timeout = 60
