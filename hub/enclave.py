@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -287,6 +288,29 @@ def check_deployment(
                 "gateway on" if gw.enabled else "gateway off",
                 bool(gw.enabled),
                 "set gateway.enabled: true",
+            )
+        )
+
+    tenancy = getattr(dep, "tenancy", None)
+    if tenancy is not None:
+        isolated = tenancy.resolved() == "account"
+        if isolated:
+            actual = f"each user her own account ({tenancy.account}), " + (
+                "in a bubblewrap sandbox" if tenancy.sandbox else "without a sandbox"
+            )
+        else:
+            actual = (
+                f"not isolated: every user's server and jobs run as {getpass.getuser()}, who "
+                "can read the hub's secrets and every user's files"
+            )
+        out.append(
+            Requirement(
+                "tenancy",
+                "each user's code as her own Unix account, sandboxed (dev may run as yourself)",
+                actual,
+                (isolated and bool(tenancy.sandbox)) or target.name == "dev",
+                "run `beamhub up` as root with tenancy.run_as: auto (or account) and "
+                "tenancy.sandbox: true",
             )
         )
 

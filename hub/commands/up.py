@@ -27,13 +27,17 @@ def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from beamhub.auth.home import state_dir
-    from beamhub.hub.up.deployment import DeploymentError, load_deployment
+    from beamhub.hub.up.deployment import DeploymentError, load_deployment, tenancy_refusal
     from beamhub.hub.up.lock import AlreadyRunning, UpLock
 
     try:
         dep = load_deployment(args.config)
     except DeploymentError as exc:
         print(f"beamhub up: {exc}", file=sys.stderr)
+        return 2
+    refusal = tenancy_refusal(dep)
+    if refusal:
+        print(f"beamhub up: {refusal}", file=sys.stderr)
         return 2
     state = Path(dep.state_dir).expanduser() if dep.state_dir else state_dir()
     state.mkdir(mode=0o700, parents=True, exist_ok=True)  # keys, secrets, databases: owner only

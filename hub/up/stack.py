@@ -378,6 +378,7 @@ class Stack:
             spawner="beamhub",
             scheduler_backend=dep.scheduler.backend,
             scheduler_options={"nodes": dep.scheduler.nodes},
+            tenancy=dep.tenancy.spawner_options(),
             service_subjects=self._service_subjects("dashboard" in services),
         )
         (self.state / "hub").mkdir(exist_ok=True)

@@ -67,7 +67,7 @@ def test_dev_example_fails_moderate_with_named_requirements() -> None:
     assert failed == {"mfa", "identity", "token_ttl", "dsn_modes", "encryption"}
     assert "identity.require_mfa: true" in res.stdout
     assert "streaming/templates/moderate.yaml" in res.stdout
-    assert "5 of 9 requirements fail" in res.stdout
+    assert "5 of 10 requirements fail" in res.stdout
     assert beamhub_check("--enclave", "dev", "beamhub.yaml").returncode == 0
 
 
@@ -150,3 +150,17 @@ def test_profile_validation_names_the_field(change: dict, needle: str) -> None:
     with pytest.raises(EnclaveError) as info:
         parse_profile(good_profile(**change), "p.yaml")
     assert needle in str(info.value) and "p.yaml" in str(info.value)
+
+
+def test_check_says_a_deployment_running_everyone_as_one_account_is_not_isolated(
+    tmp_path: Path,
+) -> None:
+    cfg = tmp_path / "beamhub.yaml"
+    cfg.write_text("enclave: dev\ntenancy: {run_as: self}\n")
+    r = beamhub_check("--enclave", "moderate", "--json", str(cfg))
+    rows = {row["name"]: row for row in json.loads(r.stdout)["requirements"]}
+    assert rows["tenancy"]["ok"] is False and "not isolated" in rows["tenancy"]["actual"]
+    assert "as root" in rows["tenancy"]["fix"]
+    r = beamhub_check("--enclave", "dev", "--json", str(cfg))  # dev may: said, not failed
+    rows = {row["name"]: row for row in json.loads(r.stdout)["requirements"]}
+    assert rows["tenancy"]["ok"] is True and "not isolated" in rows["tenancy"]["actual"]
