@@ -9,6 +9,7 @@ and, for L4, polls the proxy's ``STATISTICS`` so no Python runs per message. See
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
@@ -25,6 +26,8 @@ __all__ = ["ChannelCounters", "ChannelThread", "FaceConfig", "L4Router", "L7Gate
 
 #: Messages handled per poll wake-up by the L7 gateway (keeps stop/latency checks regular).
 BURST = 256
+#: glibc's ``malloc_trim`` (None elsewhere): returns freed heap memory to the system.
+_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)
 
 
 @dataclass
@@ -216,6 +219,7 @@ class L7Gateway(ChannelThread):
         self.counters = counters
         self.drop_without_consumer = faces.when_no_consumer == "drop"
         self._peers: set[int] = set()  # file descriptors of connected work consumers
+        self._trimmed_at = float("-inf")
         self._events: zmq.Socket | None = None
 
     @property
@@ -292,8 +296,11 @@ class L7Gateway(ChannelThread):
                 except zmq.Again:
                     break
                 if len(parts) != 2:
+                    size = sum(len(p) for p in parts)
                     del parts  # a hostile multipart message: release it now, not at the next one
                     c.drop("parts")
+                    if size > f.max_frame_bytes:
+                        self._give_back_memory()
                     continue
                 head, payload = parts
                 try:
@@ -341,6 +348,18 @@ class L7Gateway(ChannelThread):
                     # PUB never blocks: a slow viewer's queue overflows and libzmq drops for it.
                     self.monitor.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
                     c.monitor_sent += 1
+
+    def _give_back_memory(self) -> None:
+        """After dropping an oversized message, hand the freed memory back to the system.
+
+        glibc keeps large freed blocks in its arenas (the mmap threshold grows with them), so
+        without this the DSN's RSS would keep what a hostile key holder made it buffer. At most
+        once a second, so a sender cannot make the gateway spend its time trimming.
+        """
+        now = time.monotonic()
+        if _MALLOC_TRIM is not None and now - self._trimmed_at >= 1.0:
+            self._trimmed_at = now
+            _MALLOC_TRIM(0)
 
     def _send_work(
         self, parts: list[Any], stop: zmq.Socket, blocked: zmq.Poller, drop_mode: bool
