@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -128,51 +128,36 @@ class EmbeddedIdP:
             return False
 
     def start(self, timeout: float = 30.0) -> str:
-        """Start the provider; return its issuer URL once discovery answers."""
-        try:
-            node = npm.find_node()
-            script = self._install_script(npm.ensure_installed(self.state_dir))
-        except npm.NpmError as exc:
-            raise IdPError(str(exc)) from exc
-        config = self._write_config()
-        log = open(self.log_path, "ab")
-        try:
+        """Run the provider as a child of this process; return its issuer URL once discovery
+        answers. (`beamhub up` supervises :meth:`command` instead.)"""
+        if not self.port:
+            with socket.socket() as probe:
+                probe.bind((self.host, 0))
+                self.port = probe.getsockname()[1]
+        argv, env = self.command()
+        with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [node, str(script), str(config)],
-                stdout=subprocess.PIPE,
+                argv,
+                stdout=log,
                 stderr=log,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
-                env={**os.environ, "NODE_ENV": "development"},
+                env={**os.environ, **env},
             )
-        finally:
-            log.close()
         deadline = time.monotonic() + timeout
-        line = b""
-        assert self.proc.stdout is not None
-        while time.monotonic() < deadline and not line.endswith(b"\n"):
+        while not self.answers():
             if self.proc.poll() is not None:
                 raise IdPError(
                     f"the identity provider exited ({self.proc.returncode}); see {self.log_path}"
                 )
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
-            if ready:
-                chunk = os.read(self.proc.stdout.fileno(), 4096)
-                line += chunk
-        if not line.endswith(b"\n"):
-            self.stop()
-            raise IdPError(
-                f"the identity provider did not start within {timeout:.0f}s; see {self.log_path}"
-            )
-        self.issuer = json.loads(line.decode().splitlines()[0])["issuer"]
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(self.discovery_url, timeout=2) as resp:  # noqa: S310
-                    if json.load(resp).get("issuer") == self.issuer:
-                        return self.issuer
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise IdPError(f"discovery at {self.discovery_url} did not answer; see {self.log_path}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise IdPError(
+                    f"the identity provider did not answer within {timeout:.0f}s; see "
+                    f"{self.log_path}"
+                )
+            time.sleep(0.05)
+        return self.issuer
 
     @staticmethod
     def _install_script(node_modules: Path) -> Path:

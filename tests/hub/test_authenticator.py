@@ -15,6 +15,7 @@ from traitlets import TraitError
 
 from beamhub.auth.tokens import TokenVerifier
 from beamhub.hub.authenticator import BeamhubAuthenticator, MfaRequired, NoProject
+from beamhub.hub.up import totp
 from beamhub.hub.up.deployment import UserSpec
 from beamhub.hub.up.idp import EmbeddedIdP
 from tests.hub.hubstack import RunningStack
@@ -143,7 +144,10 @@ async def test_pre_spawn_start_without_a_token_service_fails_clearly(tmp_path: P
 async def test_refresh_user_uses_the_refresh_token_at_the_real_idp(tmp_path: Path) -> None:
     users = [UserSpec("ann", "ann-pw", amr=["pwd", "otp"], projects={"p-1": "operator"})]
     redirect = "http://127.0.0.1:9/hub/oauth_callback"
-    idp = EmbeddedIdP(users, "hub", "s3cret", [redirect], tmp_path)
+    secret = totp.new_secret()
+    idp = EmbeddedIdP(
+        users, "hub", "s3cret", [redirect], tmp_path, require_otp=True, totp_secrets={"ann": secret}
+    )
     await asyncio.to_thread(idp.start)
     try:
         ep = idp.endpoints()
@@ -166,6 +170,8 @@ async def test_refresh_user_uses_the_refresh_token_at_the_real_idp(tmp_path: Pat
         r = s.post(
             action, data={"prompt": "login", "login": "ann", "password": "ann-pw"}, timeout=10
         )
+        action = urljoin(r.url, re.search(r'action="([^"]+)"', r.text).group(1))
+        r = s.post(action, data={"prompt": "otp", "code": totp.code(secret)}, timeout=10)
         action = urljoin(r.url, re.search(r'action="([^"]+)"', r.text).group(1))
         r = s.post(action, data={"prompt": "consent"}, allow_redirects=False, timeout=10)
         while not r.headers["location"].startswith(redirect):
