@@ -43,10 +43,7 @@ def _run(
     try:
         yield stack
     finally:
-        stack.stop()
-        leftovers = stack.survivors()
-        stack.kill_survivors()
-        assert not leftovers, f"`beamhub up` left processes behind: {leftovers}"
+        stack.stop_and_check()
 
 
 @pytest.fixture(scope="session")

@@ -145,6 +145,34 @@ class RunningStack:
         for p in self.survivors():
             p.kill()
 
+    def stop_and_check(self) -> None:
+        """Stop (user servers first) and fail if any process of this stack survives."""
+        self.stop()
+        leftovers = {p.pid: p for p in [*self.survivors(), *stack_processes(self.state)]}
+        for proc in leftovers.values():
+            proc.kill()
+        assert not leftovers, f"`beamhub up` left processes behind: {list(leftovers.values())}"
+
+
+def stack_processes(state: Path) -> list[psutil.Process]:
+    """Every live process of the stack on ``state`` (by $BEAMHUB_HOME), user servers excepted."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            env = process_env(proc.info["pid"])
+        except OSError:
+            continue
+        if env.get("BEAMHUB_HOME") != str(state) or "JUPYTERHUB_USER" in env:
+            continue
+        if "_jobwrap.py" in " ".join(proc.info["cmdline"] or []):
+            continue  # a user server's job wrapper
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
 
 def _form_action(response: requests.Response) -> str:
     match = re.search(r'<form method="post" action="([^"]+)"', response.text)

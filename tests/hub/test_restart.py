@@ -36,10 +36,7 @@ def stack(tmp_path: Path) -> Iterator[RunningStack]:
     try:
         yield stack
     finally:
-        stack.stop()
-        leftovers = stack.survivors()
-        stack.kill_survivors()
-        assert not leftovers, f"`beamhub up` left processes behind: {leftovers}"
+        stack.stop_and_check()
 
 
 def _users(stack: RunningStack) -> dict[str, tuple[set[str], list[str], bool]]:

@@ -18,7 +18,14 @@ import psutil
 import pytest
 import requests
 
-from tests.hub.hubstack import BEAMHUB, RunningStack, login, process_env, spawn
+from tests.hub.hubstack import (
+    BEAMHUB,
+    RunningStack,
+    login,
+    process_env,
+    spawn,
+    stack_processes,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -28,26 +35,6 @@ hub: {port: 0}
 tokens: {ttl: 60, revocation_poll: 1.0}
 detector: {rate_hz: 5, shape: [64, 64], print_every_s: 1}
 """
-
-
-def stack_processes(state: Path) -> list[psutil.Process]:
-    """Every live process of the stack on ``state`` (by $BEAMHUB_HOME), user servers excepted."""
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            env = process_env(proc.info["pid"])
-        except OSError:
-            continue
-        if env.get("BEAMHUB_HOME") != str(state) or "JUPYTERHUB_USER" in env:
-            continue
-        if "_jobwrap.py" in " ".join(proc.info["cmdline"] or []):
-            continue  # a user server's job wrapper
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except psutil.NoSuchProcess:
-            pass
-    return found
 
 
 def wait_for(check, timeout: float, what: str) -> float:
@@ -69,11 +56,7 @@ def stack(tmp_path: Path) -> Iterator[RunningStack]:
     try:
         yield running
     finally:
-        running.stop()
-        leftovers = stack_processes(running.state)
-        for proc in leftovers:
-            proc.kill()
-        assert not leftovers, f"`beamhub up` left processes behind: {leftovers}"
+        running.stop_and_check()
 
 
 def _answers(url: str, headers: dict | None = None) -> bool:
@@ -240,7 +223,12 @@ def test_the_detector_creates_its_channel_again_when_it_is_deleted(stack: Runnin
     token = requests.post(
         stack.tokens + "api/tokens",
         headers={"Authorization": f"token {stack.user_api_token('oscar')}"},
-        json={"project": "p-1001", "scopes": ["stream.read", "stream.publish"], "ttl": 300},
+        # an operator's steer scope: channels are deleted by their owner or a pi/operator
+        json={
+            "project": "p-1001",
+            "scopes": ["stream.read", "stream.publish", "steer"],
+            "ttl": 300,
+        },
         timeout=10,
     ).json()["token"]
     bearer = {"Authorization": f"Bearer {token}"}

@@ -4,6 +4,7 @@ start. Real stack (the session's dev `beamhub up`), real DSN, real sockets."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from pathlib import Path
@@ -83,7 +84,8 @@ async def test_live_figures_against_a_real_dsn(tmp_path: Path) -> None:
         )
         assert status == 201, ch
         detector = SimulatedDetector((256, 256), rate_hz=40, hit_fraction=0.5)
-        source = SourceRunner(detector, stream="det", connect=ch["endpoints"]["producer"])
+        # every channel has a credential: the source registers its key through the control API
+        source = await asyncio.to_thread(SourceRunner.from_dsn, detector, node.url, ch["id"], token)
         lines: list[str] = []
         live = LiveFigures(
             node.url,

@@ -32,10 +32,7 @@ def run_stack(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[R
     try:
         yield stack
     finally:
-        stack.stop()
-        leftovers = stack.survivors()
-        stack.kill_survivors()
-        assert not leftovers, f"`beamhub up` left processes behind: {leftovers}"
+        stack.stop_and_check()
 
 
 def spawned_env(stack: RunningStack, user: str = "alice") -> dict[str, str]:
