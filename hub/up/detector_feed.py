@@ -141,11 +141,34 @@ class DetectorFeed:
             raise FeedError(f"the DSN refused the detector's producer key: {cred}")
         return answer
 
+    def _existing_channel(self) -> dict[str, Any] | None:
+        """The channel this feed streamed into before it was restarted, if the DSN still has it.
+
+        Analysis attached to that channel keeps its frames; a new channel would cut it off.
+        """
+        try:
+            cid = json.loads(Path(self.cfg["channel_file"]).read_text())["channel"]
+        except (OSError, ValueError, KeyError):
+            return None
+        status, answer = self._call("GET", f"/api/channels/{cid}")
+        if status != 200 or answer.get("state") == "failed":
+            return None
+        key = {"face": "producer", "public_key": self._keypair[0].decode()}
+        status, cred = self._call("POST", f"/api/channels/{cid}/credentials", key)
+        if status != 201:
+            log.warning("cannot stream into channel %s again (%s); creating a new one", cid, cred)
+            return None
+        log.warning("restarted: streaming into channel %s again", cid)
+        return answer
+
     # --- lifecycle ----------------------------------------------------------------------------
 
-    async def open_channel(self) -> None:
-        """(Re)create the channel and point the source and steering at it."""
-        channel = await asyncio.to_thread(self._create_channel)
+    async def open_channel(self, reuse: bool = False) -> None:
+        """Create the channel (or, when ``reuse``, take back the one of before a restart) and
+        point the source and steering at it."""
+        channel = (await asyncio.to_thread(self._existing_channel)) if reuse else None
+        if channel is None:
+            channel = await asyncio.to_thread(self._create_channel)
         producer = channel["endpoints"]["producer"]
         if self._source is None or self._source.connect != producer:
             if self._source is not None:
@@ -250,7 +273,7 @@ async def _serve(cfg: FeedConfig, api_token: str) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await feed.open_channel()
+        await feed.open_channel(reuse=True)
     except (FeedError, MintError) as exc:
         print(f"detector feed: {exc}", file=sys.stderr, flush=True)
         await feed.close()

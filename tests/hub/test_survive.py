@@ -77,7 +77,11 @@ def test_every_killed_service_comes_back_within_10_s(stack: RunningStack) -> Non
         "tokens": lambda: _answers(stack.tokens + "jwks.json"),
         "gateway": lambda: _answers(public + "/services/gateway/api/v1/status"),
         "dashboard": lambda: _answers(public + "/services/dashboard/api/health"),
-        "detector": lambda: (stack.state / "detector.json").exists(),
+        # the restarted feed has published its channel (the one of before: analysis keeps it)
+        "detector": lambda: (
+            json.loads((stack.state / "detector.json").read_text())["pid"]
+            == status(stack)["detector"]["pid"]
+        ),
     }
     channel = json.loads((stack.state / "detector.json").read_text())["channel"]
     for name, probe in probes.items():
