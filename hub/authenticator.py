@@ -23,7 +23,7 @@ from beamhub.auth.mint_client import MintError, MintForClient
 from beamhub.auth.roles import ROLE_SCOPES, ROLES
 from beamhub.hub.tokens.store import TokenStore, best_project
 
-__all__ = ["BeamhubAuthenticator", "MfaRequired", "NoProject"]
+__all__ = ["BeamhubAuthenticator", "MfaRequired", "NoProject", "ViewerHasNoServer"]
 
 #: JupyterHub scopes every project member holds: use the token service, the gateway and the
 #: shared dashboard (which itself checks project membership).
@@ -56,6 +56,23 @@ class MfaRequired(_LoginRefused):
 
 class NoProject(_LoginRefused):
     """Login refused because the user holds no role in any project."""
+
+
+class ViewerHasNoServer(web.HTTPError):
+    """A viewer watches the shared dashboard: no notebook server, no compute."""
+
+    def __init__(self, role: str, project: str) -> None:
+        message = (
+            f"As a {role} of {project} you watch the experiment on the shared dashboard; "
+            "viewers get no notebook server or compute. Ask the project's PI for the member "
+            "role to analyse data."
+        )
+        super().__init__(403, "%s", message, reason="No server for viewers")
+        self.jupyterhub_message = message
+        self.jupyterhub_html_message = (
+            f"<p>{html.escape(message)}</p>"
+            '<p><a class="btn btn-primary" href="/services/dashboard/">Open the dashboard</a></p>'
+        )
 
 
 class BeamhubAuthenticator(GenericOAuthenticator):
@@ -289,6 +306,8 @@ class BeamhubAuthenticator(GenericOAuthenticator):
             raise web.HTTPError(
                 403, f"{user.name} has no role in project {project!r}; cannot start a server for it"
             )
+        if "jobs" not in self.role_scopes.get(projects[project], ()):
+            raise ViewerHasNoServer(projects[project], project)
         if spawner.has_trait("project") and not (spawner.user_options or {}).get("project"):
             spawner.project = project  # ReservedNodeSpawner charges the same project
         client = self.mint_client()

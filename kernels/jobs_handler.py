@@ -27,6 +27,7 @@ from jupyterhub.user import User
 from tornado import web
 
 from beamhub.auth.api import ApiError, parse_json_object
+from beamhub.auth.roles import scopes_for
 from beamhub.kernels.backends import open_scheduler
 from beamhub.kernels.scheduler import (
     SUBMIT_FIELDS,
@@ -89,6 +90,19 @@ class JobsAPIHandler(APIHandler):
             }
         self.clear_header("Content-Length")
         self.finish(json.dumps(body))
+
+    async def _may_submit(self, user: User, project: str) -> None:
+        """Only a role holding the ``jobs`` scope in ``project`` may submit: never a viewer."""
+        state = await user.get_auth_state() or {}
+        role = state.get("beamhub", {}).get("projects", {}).get(project)
+        if role is not None and "jobs" not in scopes_for(role):
+            raise ApiError(
+                403,
+                "role",
+                f"{user.name} is a {role} of {project}: viewers watch the shared dashboard "
+                "and submit no jobs; ask the project's PI for the member role",
+                field="project",
+            )
 
     def _caller(self, named: Any) -> User:
         """The user this request acts for: the caller, or the one it names if it may."""
@@ -157,6 +171,7 @@ class JobsAPIHandler(APIHandler):
             )
         spawner, scheduler = await self._context(user)
         project = body.setdefault("project", spawner.job_project or spawner.project or "")
+        await self._may_submit(user, project)
         body.setdefault("name", "job")
         try:
             if not body.get("tier"):

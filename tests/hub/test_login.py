@@ -216,3 +216,22 @@ def test_logout_ends_the_identity_providers_session_too(dev_stack: RunningStack)
     r = s.post(urljoin(r.url, action), data={**form, "logout": "yes"}, timeout=20)
     assert r.url.startswith(dev_stack.hub + "login"), r.url  # back at the hub's login page
     assert not _idp_has_session(dev_stack, s)
+
+
+def test_a_viewer_gets_the_dashboard_not_a_server_or_jobs(dev_stack: RunningStack) -> None:
+    session, r = login(dev_stack, "vera", "vera-dev")
+    assert r.status_code == 200
+    r = session.get(dev_stack.hub + "spawn", timeout=30)
+    assert r.status_code == 403
+    assert "watch the experiment on the shared dashboard" in r.text
+    assert 'href="/services/dashboard/"' in r.text
+    model = requests.get(f"{dev_stack.hub}api/users/vera", headers=dev_stack.admin, timeout=10)
+    assert not model.json()["servers"]  # nothing was started
+    vera = {"Authorization": f"token {dev_stack.user_api_token('vera')}"}
+    r = requests.post(
+        f"{dev_stack.hub}api/beamhub/jobs",
+        headers=vera,
+        json={"project": "p-1001", "argv": ["true"]},
+        timeout=30,
+    )
+    assert r.status_code == 403 and r.json()["reason"] == "role", r.text
