@@ -254,6 +254,14 @@ async def test_a_slurm_job_runs_as_her_account_and_its_token_never_reaches_slurm
     )
     token = "bh-secret-" + os.urandom(8).hex()
     account = backend.accounts.ensure("alice")
+    # a fresh test cluster numbers its jobs from 1 again: an earlier run's output of the same
+    # job id (appended to, never truncated) must not pass for this job's; nor an earlier run's
+    # secrets file (a job killed before it started leaves its own behind)
+    for stale in [
+        *(Path(account.home) / ".beamhub" / "slurm").glob("*.out"),
+        *(Path(account.home) / ".beamhub" / "secrets").glob("*.json"),
+    ]:
+        stale.unlink()
     probe = (
         "import os, json; print(json.dumps({'uid': os.getuid(), "
         "'token': os.environ.get('BEAMHUB_TOKEN'), "
