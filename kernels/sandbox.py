@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import stat
+import sys
 from pathlib import Path
 
 from beamhub.kernels.accounts import Account
@@ -33,6 +34,7 @@ __all__ = [
     "NodeLimits",
     "account_argv",
     "bwrap_argv",
+    "code_paths",
     "hidden_roots",
     "owned_dir",
     "require_bwrap",
@@ -87,6 +89,13 @@ def owned_dir(path: str | Path, account: Account) -> str | None:
     return real if stat.S_ISDIR(info.st_mode) and info.st_uid == account.uid else None
 
 
+def code_paths() -> list[str]:
+    """The interpreter's prefixes and the folder holding beamhub's code (the checkout's root,
+    or site-packages/beamhub): what a job runs from."""
+    roots = {sys.prefix, sys.base_prefix, str(Path(__file__).resolve().parents[1])}
+    return sorted(os.path.realpath(r) for r in roots)
+
+
 def bwrap_argv(
     account: Account,
     argv: list[str],
@@ -118,7 +127,10 @@ def bwrap_argv(
         cmd += ["--tmpfs", path]
     tmpfs = ["/tmp", "/dev/shm", *hide]  # noqa: S108 -- the private tmpfs mounts above
     seen: set[str] = set()
-    for path in writable:
+    # what every job must read even where a tmpfs covers it (a checkout or venv under /tmp):
+    # the interpreter, its venv and beamhub's own code, read-only
+    code = [p for p in code_paths() if any(p.startswith(t + "/") for t in tmpfs)]
+    for path, how in [*((p, "--ro-bind") for p in code), *((p, "--bind") for p in writable)]:
         if path in seen:
             continue
         seen.add(path)
@@ -130,7 +142,7 @@ def bwrap_argv(
             if under and text not in seen:
                 seen.add(text)
                 cmd += ["--perms", "0711", "--dir", text]
-        cmd += ["--bind", path, path]
+        cmd += [how, path, path]
     cmd += ["--chdir", workdir or account.home, "--"]
     return cmd + account_argv(account, argv, output)
 
