@@ -11,8 +11,10 @@ import asyncio
 import json
 import os
 import pwd
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import uuid
@@ -421,3 +423,33 @@ c.ReservedNodeSpawner.account_template = {TEST_ACCOUNTS!r}
     }
     print(json.dumps(figures))
     assert figures["job_start"]["on_s"] < 5 and figures["spawn"]["on_s"] < 60
+
+
+@pytest.mark.timeout(60)
+async def test_code_under_tmp_stays_runnable_inside_the_private_tmp(sandboxed_backend, monkeypatch):
+    """A checkout (and its venv) under /tmp: the job's private /tmp must not hide it."""
+    from beamhub.kernels import sandbox
+
+    code = Path(tempfile.mkdtemp(prefix="beamhub-code-", dir="/tmp"))
+    try:
+        code.chmod(0o755)
+        script = code / "hello.py"
+        script.write_text("print('hello from', __file__, flush=True)\n")
+        script.chmod(0o644)
+        real = sandbox.code_paths()
+        monkeypatch.setattr(sandbox, "code_paths", lambda: [*real, str(code)])
+        job_id = await sandboxed_backend.submit(
+            JobSpec(
+                name="code-in-tmp",
+                project="lcls01",
+                user="alice",
+                tier="interactive",
+                argv=[PY, str(script)],
+            )
+        )
+        info = await sandboxed_backend.wait(job_id, DONE, timeout=30)
+        out = (sandboxed_backend.log_dir / f"{job_id}.out").read_text()
+        assert info.state is JobState.COMPLETED, out
+        assert f"hello from {script}" in out
+    finally:
+        shutil.rmtree(code, ignore_errors=True)
