@@ -10,12 +10,11 @@ role, the enclave's maximum lifetime and the kind (``server`` or ``service``), a
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from typing import Any
 
 import jwt
+
+from beamhub.auth.service_call import ServiceError, post_json
 
 __all__ = ["MintError", "MintForClient"]
 
@@ -76,32 +75,18 @@ class MintForClient:
             body["server"] = server
         if description:
             body["description"] = description
-        req = urllib.request.Request(  # noqa: S310 - the token service's URL is configuration
-            self.url,
-            data=json.dumps(body).encode(),
-            method="POST",
-            headers={
-                "Authorization": f"token {self._api_token}",
-                "Content-Type": "application/json",
-            },
-        )
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310
-                answer = json.load(resp)
-        except urllib.error.HTTPError as exc:
-            raw = exc.read().decode(errors="replace")
-            try:
-                error = json.loads(raw)
-                reason, message = str(error["reason"]), str(error["message"])
-            except (ValueError, KeyError, TypeError):
-                reason, message = "http", raw[:300] or str(exc)
+            answer = post_json(self.url, self._api_token, body, self.timeout)
+        except ServiceError as exc:
+            if exc.status == 0:
+                raise MintError(
+                    0, exc.reason, f"cannot reach the token service at {self.url}: {exc}"
+                ) from exc
             raise MintError(
-                exc.code, reason, f"the token service refused ({exc.code} {reason}): {message}"
+                exc.status,
+                exc.reason,
+                f"the token service refused ({exc.status} {exc.reason}): {exc.message}",
             ) from None
-        except (OSError, ValueError) as exc:
-            raise MintError(
-                0, "unreachable", f"cannot reach the token service at {self.url}: {exc}"
-            ) from exc
         token = answer.get("token") if isinstance(answer, dict) else None
         if not isinstance(token, str):
             raise MintError(0, "bad_answer", f"the token service at {self.url} sent no token")

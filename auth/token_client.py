@@ -18,17 +18,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jwt
+
+from beamhub.auth.service_call import ServiceError, post_json
 
 __all__ = ["RefreshError", "TokenRefresher", "default_token_file"]
 
@@ -208,27 +207,19 @@ class TokenRefresher:
             return self._refresh_locked()
 
     def _refresh_locked(self) -> str:
-        body = json.dumps({"token": self.token}).encode()
-        req = urllib.request.Request(  # noqa: S310 - the hub's URL from the server's environment
-            self.service_url + "api/refresh",
-            data=body,
-            method="POST",
-            headers={
-                "Authorization": f"token {self._api_token}",
-                "Content-Type": "application/json",
-            },
-        )
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310
-                answer = json.load(resp)
-        except urllib.error.HTTPError as exc:
-            try:
-                message = json.load(exc).get("message", exc.reason)
-            except ValueError:
-                message = exc.reason
-            raise RefreshError(exc.code, f"token refresh refused ({exc.code}): {message}") from exc
-        except OSError as exc:
-            raise RefreshError(0, f"token service unreachable: {exc}") from exc
+            answer = post_json(
+                self.service_url + "api/refresh",
+                self._api_token,
+                {"token": self.token},
+                self.timeout,
+            )
+        except ServiceError as exc:
+            if exc.status == 0:
+                raise RefreshError(0, f"token service unreachable: {exc}") from exc
+            raise RefreshError(
+                exc.status, f"token refresh refused ({exc.status}): {exc.message}"
+            ) from exc
         token = answer["token"]
         with self._lock:
             self._token = token

@@ -42,6 +42,16 @@ BEAMHUB = str(Path(sys.executable).with_name("beamhub"))
 PROJECT = "p-1001"
 
 
+def dev_yaml(rate: float, shape: tuple[int, ...], revocation_poll: float = 1.0) -> str:
+    """beamhub.yaml of a benchmark's stack: dev enclave, any port, the detector at rate/shape."""
+    return (
+        "enclave: dev\n"
+        "hub: {port: 0}\n"
+        f"tokens: {{ttl: 3600, revocation_poll: {revocation_poll:g}}}\n"
+        f"detector: {{rate_hz: {rate:g}, shape: {list(shape)}, print_every_s: 0}}\n"
+    )
+
+
 def say(line: str) -> None:
     """A progress line on stderr (stdout is the JSON document)."""
     print(line, file=sys.stderr, flush=True)

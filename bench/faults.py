@@ -45,6 +45,7 @@ from beamhub.bench._upstack import (
     answers,
     audit_records,
     audit_verify,
+    dev_yaml,
     say,
     wait_for,
 )
@@ -90,22 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _yaml(rate: float, shape: tuple[int, ...]) -> str:
-    return (
-        "enclave: dev\n"
-        "hub: {port: 0}\n"
-        "tokens: {ttl: 3600, revocation_poll: 1.0}\n"
-        f"detector: {{rate_hz: {rate:g}, shape: {list(shape)}, print_every_s: 0}}\n"
-    )
-
-
 class FaultRun:
     """One stack, its load, and the measurements of each fault."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.shape = tuple(int(x) for x in args.shape.split(","))
-        self.stack = UpStack(_yaml(args.rate, self.shape), keep=args.keep)
+        self.stack = UpStack(dev_yaml(args.rate, self.shape), keep=args.keep)
         self.analysis: SeqAnalysis | None = None
         self.traffic: GatewayTraffic | None = None
         self.rows: list[dict[str, Any]] = []

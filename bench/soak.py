@@ -37,6 +37,7 @@ from beamhub.bench._upstack import (
     DashboardViewer,
     SeqAnalysis,
     UpStack,
+    dev_yaml,
     say,
     stack_processes,
     wait_for,
@@ -67,15 +68,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-s", type=float, default=10.0, help="py-spy seconds when missed")
     p.add_argument("--keep", action="store_true", help="keep the temporary state dir (logs)")
     return p
-
-
-def _yaml(rate: float, shape: tuple[int, ...]) -> str:
-    return (
-        "enclave: dev\n"
-        "hub: {port: 0}\n"
-        "tokens: {ttl: 3600, revocation_poll: 5.0}\n"
-        f"detector: {{rate_hz: {rate:g}, shape: {list(shape)}, print_every_s: 0}}\n"
-    )
 
 
 class Sampler:
@@ -179,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    stack = UpStack(_yaml(args.rate, shape), keep=args.keep)
+    stack = UpStack(dev_yaml(args.rate, shape, revocation_poll=5.0), keep=args.keep)
     analysis: SeqAnalysis | None = None
     viewer: DashboardViewer | None = None
     load0 = os.getloadavg()
