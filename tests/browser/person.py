@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,8 +43,9 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 REPO = Path(__file__).resolve().parents[2]
+#: ignored by git: a test run never changes the tree; `./dev docs --screenshots` publishes the
+#: ones the documentation uses into docs/screenshots/
 SCREENSHOTS = REPO / "test-output" / "screenshots"
-DOCS_SCREENSHOTS = REPO / "docs" / "screenshots"
 
 
 def launch(playwright: Playwright) -> Browser:
@@ -171,12 +171,9 @@ def live_hit_rate(page: Page) -> float | None:
     return None
 
 
-def save_screenshot(target: Page | Any, name: str, *, publish: bool = True) -> Path:
-    """PNG under test-output/screenshots/ (and copied to docs/screenshots/ for the README)."""
+def save_screenshot(target: Page | Any, name: str) -> Path:
+    """PNG under test-output/screenshots/ (a CI artifact; never in the tracked tree)."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
     target.screenshot(path=str(path))
-    if publish:
-        DOCS_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, DOCS_SCREENSHOTS / path.name)
     return path

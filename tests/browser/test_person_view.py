@@ -2,7 +2,8 @@
 the team's dashboard for a viewer (live, no controls) and for non-members (403).
 
 Chromium is Debian's (/usr/bin/chromium, installed by ./dev setup), driven by Playwright; the stack
-is a real `beamhub up`. Screenshots go to test-output/screenshots/ and docs/screenshots/.
+is a real `beamhub up`. Screenshots go to test-output/screenshots/ (`./dev docs --screenshots`
+publishes the ones the documentation uses).
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def test_user_without_project_is_refused_at_login(
 
 
 def test_screenshots_are_small_pngs() -> None:
-    """The README links docs/screenshots/*.png: they must exist and stay small."""
+    """The docs show docs/screenshots/*.png (committed copies): they must exist and stay small."""
     docs = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
     shots = sorted(docs.glob("*.png"))
     assert {p.name for p in shots} >= {
