@@ -29,7 +29,7 @@ stamp=".venv/.beamhub-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "installing Python packages into .venv (about a minute the first time)" >&2
     .venv/bin/pip install -q --upgrade pip
-    .venv/bin/pip install -q -e '.[test]'
+    .venv/bin/pip install -q -e '.[test,docs]'
     touch "$stamp"
 fi
 # the accounts read the checkout and execute the venv: refuse a private checkout early
