@@ -13,6 +13,7 @@ __all__ = ["COMMANDS", "main"]
 COMMANDS = [
     "up",
     "status",
+    "urls",
     "dsn",
     "source",
     "consume",

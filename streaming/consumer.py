@@ -43,7 +43,12 @@ from typing import Any
 import numpy as np
 import zmq
 
-from beamhub.streaming.credentials import ChannelLookupError, api_call, register_key
+from beamhub.streaming.credentials import (
+    ChannelLookupError,
+    api_call,
+    register_key,
+    resolve_channel,
+)
 from beamhub.streaming.link import DSN_RESTART, LinkWatch
 from beamhub.streaming.wire import DEFAULT_MAX_FRAME_BYTES, DecodeError, Frame, decode
 
@@ -171,9 +176,12 @@ class StreamConsumer:
         """Register a fresh CURVE key for this consumer on the channel (the DSN binds its reports
         to it) and connect to the channel's faces with it.
 
+        ``channel_id`` is a channel id (``ch-...``) or the stream name of a channel of the token's
+        project (``"detector"``), resolved by :func:`~beamhub.streaming.credentials.resolve_channel`.
         With ``curve_keypair`` given (keys named when the channel was created) nothing is
         registered; the endpoints are looked up and used with that keypair.
         """
+        channel_id = resolve_channel(dsn_url, channel_id, token)
         if kwargs.get("curve_keypair") is not None:
             endpoints = lookup_channel(dsn_url, channel_id, token).get("endpoints") or {}
             server_key = endpoints.get("server_key")

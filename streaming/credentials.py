@@ -20,7 +20,16 @@ from typing import Any
 
 import zmq
 
-__all__ = ["ChannelLookupError", "ClientCredential", "api_call", "register_key"]
+__all__ = [
+    "ChannelLookupError",
+    "ClientCredential",
+    "api_call",
+    "register_key",
+    "resolve_channel",
+]
+
+#: the DSN's channel ids; anything else a caller passes is a stream name
+CHANNEL_ID_PREFIX = "ch-"
 
 
 class ChannelLookupError(RuntimeError):
@@ -45,9 +54,9 @@ class ClientCredential:
 
 def api_call(
     dsn_url: str, method: str, path: str, token: str, body: Any = None, *, timeout: float = 10.0
-) -> dict:
-    """One call to the DSN control API with the project token; the JSON answer, or
-    :class:`ChannelLookupError` carrying the DSN's message."""
+) -> dict | None:
+    """One call to the DSN control API with the project token; the JSON answer (``None`` for an
+    empty one, e.g. 204 to DELETE), or :class:`ChannelLookupError` carrying the DSN's message."""
     url = f"{dsn_url.rstrip('/')}{path}"
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"dsn_url: {dsn_url!r} must start with http:// or https://")
@@ -56,13 +65,55 @@ def api_call(
     request = urllib.request.Request(url, data=data, method=method, headers=headers)  # noqa: S310 - scheme checked above
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - scheme checked above
-            return json.loads(response.read())
+            raw = response.read()
     except urllib.error.HTTPError as exc:
         raise ChannelLookupError(
             exc.code, f"DSN refused {method} {path} (HTTP {exc.code}): {_why(exc)}"
         ) from exc
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (urllib.error.URLError, OSError) as exc:
         raise ChannelLookupError(0, f"cannot reach the DSN at {dsn_url}: {exc}") from exc
+    if not raw.strip():
+        return None  # 204 No Content (DELETE), or an empty 200
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise ChannelLookupError(
+            response.status,
+            f"the DSN at {dsn_url} answered {method} {path} with something that is not JSON "
+            f"({raw[:80]!r}); is {dsn_url} the DSN's control API?",
+        ) from exc
+
+
+def resolve_channel(dsn_url: str, channel: str, token: str, *, timeout: float = 10.0) -> str:
+    """A channel id as given (``ch-...``), or the id of the token's project channel that streams
+    ``channel``: the one way notebooks, widgets and the CLI turn a stream name into a channel.
+
+    Several live channels streaming the same name are ambiguous (another member may have made
+    one): the error lists their ids and owners instead of guessing.
+    """
+    if not isinstance(channel, str) or not channel:
+        raise ValueError("channel: give a channel id (ch-...) or a stream name, e.g. 'detector'")
+    if channel.startswith(CHANNEL_ID_PREFIX):
+        return channel
+    answer = api_call(dsn_url, "GET", "/api/channels", token, timeout=timeout) or {}
+    listed = [c for c in answer.get("channels", []) if isinstance(c, dict)]
+    named = [c for c in listed if c.get("stream") == channel]
+    live = [c for c in named if c.get("state") != "failed"] or named
+    if len(live) == 1:
+        return str(live[0]["id"])
+    if not live:
+        streams = sorted({str(c.get("stream")) for c in listed})
+        project = f"project {listed[0].get('project')}" if listed else "this token's project"
+        raise ChannelLookupError(
+            404,
+            f"no channel streams {channel!r} in {project}; its streams: {streams or 'none'}. "
+            "Give one of these names or a channel id (ch-...), or a token of the project "
+            "whose channel it is",
+        )
+    which = ", ".join(f"{c['id']} (owner {c.get('owner')})" for c in live)
+    raise ChannelLookupError(
+        409, f"{len(live)} channels stream {channel!r}: {which}; give the channel id instead"
+    )
 
 
 def _why(exc: urllib.error.HTTPError) -> str:

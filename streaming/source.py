@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 import zmq
 
-from beamhub.streaming.credentials import api_call, register_key
+from beamhub.streaming.credentials import api_call, register_key, resolve_channel
 from beamhub.streaming.link import DSN_RESTART, LinkWatch
 from beamhub.streaming.params import ParamSet
 from beamhub.streaming.wire import FrameHeader, send_frame
@@ -138,7 +138,9 @@ class SourceRunner:
     ) -> SourceRunner:
         """A runner for a DSN channel: registers a fresh CURVE producer key on it (the token's
         holder must own the channel, or be an operator or the PI) and connects with it.
-        ``stream`` defaults to the channel's stream name."""
+        ``stream`` defaults to the channel's stream name; ``channel_id`` may be one (see
+        :func:`~beamhub.streaming.credentials.resolve_channel`)."""
+        channel_id = resolve_channel(dsn_url, channel_id, token)
         cred = register_key(dsn_url, channel_id, token, "producer")
         if stream is None:
             info = api_call(dsn_url, "GET", f"/api/channels/{channel_id}", token)

@@ -33,6 +33,8 @@ from typing import Any
 
 import ipywidgets as w
 
+from beamhub.streaming.credentials import ChannelLookupError, resolve_channel
+
 __all__ = ["DSNClient", "SteerError", "SteeringPanel", "token_claims"]
 
 VIEW_ONLY_NOTE = "view only: your role lacks steer"
@@ -100,14 +102,10 @@ class DSNClient:
 
     def resolve_channel(self, channel: str) -> str:
         """A channel id as given, or the id of the project's channel streaming ``channel``."""
-        if channel.startswith("ch-"):
-            return channel
-        listed = self.call("GET", "/api/channels").get("channels", [])
-        for item in listed:
-            if item.get("stream") == channel:
-                return item["id"]
-        names = sorted({c.get("stream") for c in listed})
-        raise SteerError(404, f"no channel streams {channel!r} in this project; streams: {names}")
+        try:
+            return resolve_channel(self.dsn_url, channel, self.token, timeout=self.timeout)
+        except ChannelLookupError as exc:
+            raise SteerError(exc.status, str(exc)) from exc
 
 
 def _default_token() -> str | Callable[[], str]:

@@ -23,25 +23,41 @@ def register(sub: argparse._SubParsersAction) -> None:
         "consume",
         help="read frames from a DSN channel and print frames, bytes, lost, malformed, latency",
         description=(
-            "Connect to a channel's work endpoint (frames are shared with other work consumers) "
-            "or, with --monitor, its monitor fan-out (every frame; dropped if this viewer is slow)."
+            "Read a channel's monitor fan-out (every frame; dropped if this viewer is slow; the "
+            "analysis is not disturbed), or with --work its lossless work stream (frames are "
+            "shared out among the work consumers: this one takes them from the analysis). "
+            "--channel takes a stream name (e.g. detector) or a channel id (ch-...); the DSN is "
+            "--dsn, else $BEAMHUB_DSN_URL, else the one of the running `beamhub up` "
+            "($BEAMHUB_HOME/runtime-urls.json)."
         ),
     )
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--endpoint", help="ZeroMQ endpoint, e.g. tcp://127.0.0.1:5555")
-    where.add_argument("--dsn", metavar="URL", help="DSN control API, e.g. http://127.0.0.1:8470")
-    parser.add_argument("--channel", help="channel id (with --dsn)")
+    where.add_argument("--channel", help="stream name (e.g. detector) or channel id (ch-...)")
+    where.add_argument("--endpoint", help="a ZeroMQ endpoint instead, e.g. tcp://127.0.0.1:5555")
+    parser.add_argument(
+        "--dsn",
+        metavar="URL",
+        help="DSN control API (default: $BEAMHUB_DSN_URL, else the running `beamhub up`'s)",
+    )
     parser.add_argument(
         "--token",
         help="project access token (default: $BEAMHUB_TOKEN; prefer the variable: a command-line "
         "argument is visible to other users in ps)",
     )
     parser.add_argument("--report", help="report endpoint (with --endpoint), so the DSN sees lag")
-    parser.add_argument("--monitor", action="store_true", help="subscribe to the monitor fan-out")
+    face = parser.add_mutually_exclusive_group()
+    face.add_argument(
+        "--work",
+        action="store_true",
+        help="take frames from the lossless work stream (shared with the analysis workers)",
+    )
+    face.add_argument(
+        "--monitor", action="store_true", help="the monitor fan-out (the default; kept for scripts)"
+    )
     parser.add_argument(
         "--exclusive",
         action="store_true",
-        help="this is the only work consumer: count sequence gaps as lost",
+        help="with --work: this is the only work consumer, so count sequence gaps as lost",
     )
     parser.add_argument("--count", type=int, default=None, help="stop after N frames")
     parser.add_argument(
@@ -63,12 +79,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_consume)
 
 
+def project_token(given: str | None, command: str) -> str:
+    """``--token`` or ``$BEAMHUB_TOKEN``; else an error saying where to get one."""
+    token = given or os.environ.get("BEAMHUB_TOKEN")
+    if token:
+        return token
+    where = "/services/tokens/ on the hub"
+    try:
+        from beamhub.hub.commands.urls import runtime_urls
+
+        where = runtime_urls()["tokens"]
+    except (RuntimeError, KeyError):
+        pass
+    raise ValueError(
+        f"no project token: set BEAMHUB_TOKEN to one with scope stream.read (mint it at {where}, "
+        f"or as this machine's admin: export BEAMHUB_TOKEN=$(beamhub token issue --project P "
+        f"--scope stream.read --sub YOUR_NAME)), then run `beamhub {command}` again"
+    )
+
+
 def _open(args: argparse.Namespace) -> Any:
+    from beamhub.hub.commands.urls import discover
     from beamhub.streaming.consumer import StreamConsumer
 
+    if args.exclusive and not args.work:
+        raise ValueError(
+            "--exclusive: only a work consumer can be exclusive; add --work (the monitor counts "
+            "every gap as lost anyway)"
+        )
     common: dict[str, Any] = {
         "consumer_id": args.consumer_id,
-        "monitor": args.monitor,
+        "monitor": not args.work,
         "exclusive": args.exclusive,
         "hwm": args.hwm,
     }
@@ -83,15 +124,14 @@ def _open(args: argparse.Namespace) -> Any:
             raise ValueError(f"--curve-cert: {args.curve_cert} holds no secret key")
         common["curve_keypair"] = (public, secret)
     if args.endpoint:
+        if args.dsn:
+            raise ValueError("--dsn: goes with --channel; --endpoint connects without the DSN")
         if args.curve_server_key:
             common["curve_server_key"] = args.curve_server_key
         return StreamConsumer(args.endpoint, report=args.report, **common)
-    if not args.channel:
-        raise ValueError("--channel: required with --dsn (the channel id the DSN gave you)")
-    token = args.token or os.environ.get("BEAMHUB_TOKEN")
-    if not token:
-        raise ValueError("--token: give a project token or set BEAMHUB_TOKEN (beamhub token issue)")
-    return StreamConsumer.from_dsn(args.dsn, args.channel, token, **common)
+    dsn = discover("dsn", args.dsn)
+    token = project_token(args.token, "consume")
+    return StreamConsumer.from_dsn(dsn, args.channel, token, **common)
 
 
 def _line(stats: dict[str, Any], rate: float) -> str:
@@ -107,14 +147,12 @@ def _line(stats: dict[str, Any], rate: float) -> str:
 
 
 def _consume(args: argparse.Namespace) -> int:
-    from beamhub.streaming.consumer import ChannelLookupError
-
     if args.count is not None and args.count < 1:
         print("beamhub consume: --count must be at least 1", file=sys.stderr)
         return 2
     try:
         consumer = _open(args)
-    except (ValueError, ChannelLookupError) as exc:
+    except (ValueError, RuntimeError) as exc:  # ChannelLookupError, UrlNotFound included
         print(f"beamhub consume: {exc}", file=sys.stderr)
         return 2
 
@@ -122,7 +160,7 @@ def _consume(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_term)
-    face = "monitor" if args.monitor else "work"
+    face = "work" if args.work else "monitor"
     print(
         f"consuming {face} stream from {consumer.endpoint} as {consumer.consumer_id}",
         file=sys.stderr,

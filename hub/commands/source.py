@@ -9,7 +9,23 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["RunningSource", "register", "start_replay_source", "start_simulated_source"]
+__all__ = [
+    "DsnChannel",
+    "RunningSource",
+    "register",
+    "start_replay_source",
+    "start_simulated_source",
+]
+
+
+@dataclass(frozen=True)
+class DsnChannel:
+    """Where a source sends through the DSN: its control API, the channel (name or id), a token
+    whose holder may write to the channel (its owner, an operator or the PI)."""
+
+    url: str
+    channel: str
+    token: str = field(repr=False)
 
 
 @dataclass
@@ -55,19 +71,31 @@ def _start(
     curve: Any = None,
     sndhwm: int = 16,
     checksum: bool = True,
+    dsn: DsnChannel | None = None,
 ) -> RunningSource:
     from beamhub.streaming.source import SourceRunner
     from beamhub.streaming.source_control import start_control_thread
 
-    runner = SourceRunner(
-        generator,
-        stream=stream,
-        connect=connect,
-        bind=bind,
-        curve=curve,
-        sndhwm=sndhwm,
-        checksum=checksum,
-    ).start()
+    if dsn is not None:
+        runner = SourceRunner.from_dsn(
+            generator,
+            dsn.url,
+            dsn.channel,
+            dsn.token,
+            stream=stream or None,
+            sndhwm=sndhwm,
+            checksum=checksum,
+        ).start()
+    else:
+        runner = SourceRunner(
+            generator,
+            stream=stream,
+            connect=connect,
+            bind=bind,
+            curve=curve,
+            sndhwm=sndhwm,
+            checksum=checksum,
+        ).start()
     running = RunningSource(runner=runner, generator=generator)
     try:
         if control_port is not None:
@@ -96,6 +124,7 @@ def start_simulated_source(
     curve: Any = None,
     sndhwm: int = 16,
     checksum: bool = True,
+    dsn: DsnChannel | None = None,
     **params: Any,
 ) -> RunningSource:
     """Start a simulated detector in this process (``control_port=None``: no control endpoint).
@@ -118,6 +147,7 @@ def start_simulated_source(
         curve=curve,
         sndhwm=sndhwm,
         checksum=checksum,
+        dsn=dsn,
     )
 
 
@@ -135,6 +165,7 @@ def start_replay_source(
     curve: Any = None,
     sndhwm: int = 16,
     checksum: bool = True,
+    dsn: DsnChannel | None = None,
     **params: Any,
 ) -> RunningSource:
     """Start a file replay in this process; ``params``: ``rate_hz``, ``loop``."""
@@ -154,6 +185,7 @@ def start_replay_source(
             curve=curve,
             sndhwm=sndhwm,
             checksum=checksum,
+            dsn=dsn,
         )
     except BaseException:
         generator.close()
@@ -182,9 +214,29 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _common(parser: argparse.ArgumentParser, default_stream: str, default_rate: float) -> None:
     where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--channel",
+        help="send into this DSN channel (stream name, e.g. detector, or id ch-...): registers "
+        "a producer key with $BEAMHUB_TOKEN (the channel's owner, an operator or the PI)",
+    )
     where.add_argument("--connect", help="connect to a DSN producer endpoint, tcp://HOST:PORT")
     where.add_argument("--bind", help="bind for direct consumers, e.g. tcp://127.0.0.1:5555")
-    parser.add_argument("--stream", default=default_stream, help="stream name in every header")
+    parser.add_argument(
+        "--dsn",
+        metavar="URL",
+        help="with --channel: DSN control API (default: $BEAMHUB_DSN_URL, else the running "
+        "`beamhub up`'s)",
+    )
+    parser.add_argument(
+        "--token",
+        help="with --channel: project token (default: $BEAMHUB_TOKEN, which ps does not show)",
+    )
+    parser.add_argument(
+        "--stream",
+        default=None,
+        help=f"stream name in every header (default: the channel's, else {default_stream!r})",
+    )
+    parser.set_defaults(default_stream=default_stream)
     parser.add_argument("--rate", type=float, default=default_rate, help="frames per second")
     parser.add_argument(
         "--control-port",
@@ -254,6 +306,21 @@ def _verifier(args: argparse.Namespace) -> Any:
     return TokenVerifier(load_jwks(args.jwks))
 
 
+def _target(args: argparse.Namespace) -> tuple[DsnChannel | None, str]:
+    """The DSN channel to send into (with --channel) and the stream name to send."""
+    if args.channel is None:
+        if args.dsn or args.token:
+            raise ValueError("--dsn and --token go with --channel (the DSN then says where)")
+        return None, args.stream or args.default_stream
+    if args.curve_server_key or args.curve_cert:
+        raise ValueError("--curve-*: with --channel the DSN hands out the keys; leave them out")
+    from beamhub.hub.commands.consume import project_token
+    from beamhub.hub.commands.urls import discover
+
+    dsn = DsnChannel(discover("dsn", args.dsn), args.channel, project_token(args.token, "source"))
+    return dsn, args.stream or ""  # "": the channel's stream name
+
+
 def _parse_shape(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
@@ -267,9 +334,10 @@ def _run_sim(args: argparse.Namespace) -> int:
     if args.hit_fraction is not None:
         params["hit_fraction"] = args.hit_fraction
     try:
+        dsn, stream = _target(args)
         source = start_simulated_source(
             args.connect,
-            args.stream,
+            stream,
             args.control_port,
             bind=args.bind,
             shape=_parse_shape(args.shape),
@@ -280,6 +348,7 @@ def _run_sim(args: argparse.Namespace) -> int:
             curve=_curve_keys(args),
             sndhwm=args.sndhwm,
             checksum=args.checksum,
+            dsn=dsn,
             **params,
         )
     except (ValueError, RuntimeError, OSError) as exc:
@@ -290,10 +359,11 @@ def _run_sim(args: argparse.Namespace) -> int:
 
 def _run_replay(args: argparse.Namespace) -> int:
     try:
+        dsn, stream = _target(args)
         source = start_replay_source(
             args.file,
             args.connect,
-            args.stream,
+            stream,
             args.control_port,
             dataset=args.dataset,
             bind=args.bind,
@@ -303,6 +373,7 @@ def _run_replay(args: argparse.Namespace) -> int:
             curve=_curve_keys(args),
             sndhwm=args.sndhwm,
             checksum=args.checksum,
+            dsn=dsn,
             rate_hz=args.rate,
             loop=args.loop,
         )
@@ -321,7 +392,7 @@ def _serve(source: RunningSource, args: argparse.Namespace) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     runner = source.runner
-    mode = "connect" if args.connect else "bind"
+    mode = "bind" if args.bind else "connect"
     print(
         f"stream {runner.stream!r}: sending to {runner.endpoint} (PUSH, {mode}), "
         f"producer {runner.producer_id}"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import os
 import sys
 
 __all__ = ["register"]
@@ -22,7 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="scope(s), repeatable or space-separated, e.g. 'stream.read steer'",
     )
     issue.add_argument("--ttl", type=int, default=900, help="lifetime in seconds (default 900)")
-    issue.add_argument("--sub", default="admin", help="subject (user name), default 'admin'")
+    issue.add_argument(
+        "--sub",
+        default=None,
+        help="the user the token acts for (default: the caller: $JUPYTERHUB_USER in a user's "
+        "server, else your Unix account)",
+    )
     issue.add_argument("--audience", default=None, help="aud claim (default 'beamhub')")
     issue.add_argument("--max-ttl", type=int, default=86400, help="refuse a ttl above this")
     issue.set_defaults(func=_issue)
@@ -35,9 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _key_path():
-    from beamhub.auth.home import state_dir
+    from beamhub.auth.home import token_dir
 
-    return state_dir() / "signing-key.pem"
+    return token_dir() / "signing-key.pem"
 
 
 def _issuer(max_ttl: int = 86400):
@@ -47,11 +54,36 @@ def _issuer(max_ttl: int = 86400):
     return TokenIssuer(key, max_ttl=max_ttl)
 
 
+def _subject(given: str | None) -> str:
+    """Whom the token names: ``--sub``, else the caller: the hub user whose server runs this
+    command (``$JUPYTERHUB_USER``), else the Unix account running it.
+
+    Never a made-up ``admin``: the subject is what the DSN's channel owners and the audit log
+    record, so it must name someone who is responsible for the token.
+    """
+    if given:
+        return given
+    if os.environ.get("JUPYTERHUB_USER"):
+        return os.environ["JUPYTERHUB_USER"]
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        raise ValueError(
+            "--sub: this process has no user name; name the user the token acts for, "
+            "e.g. --sub alice"
+        ) from None
+
+
 def _issue(args: argparse.Namespace) -> int:
+    try:
+        sub = _subject(args.sub)
+    except ValueError as exc:
+        print(f"beamhub token issue: {exc}", file=sys.stderr)
+        return 2
     issuer = _issuer(args.max_ttl)
     try:
         token = issuer.issue(
-            sub=args.sub,
+            sub=sub,
             project=args.project,
             scopes=" ".join(args.scope),
             ttl=args.ttl,

@@ -15,6 +15,8 @@ from beamhub.streaming.consumer import ChannelLookupError, StreamConsumer
 
 from .dataplane_helpers import frame_ok, send_frames, wait_for
 
+CONSUME = [sys.executable, "-m", "beamhub.hub.cli", "consume"]
+
 
 @pytest.fixture
 def producer(ctx):
@@ -134,7 +136,7 @@ class _ChannelAPI(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.headers.get("Authorization") != "Bearer good-token":
             body, status = b'{"reason": "invalid_token", "message": "invalid token"}', 401
-        elif self.path != "/api/channels/c1":
+        elif self.path != "/api/channels/ch-c1":
             body, status = b'{"reason": "not_found", "message": "no such channel"}', 404
         else:
             body, status = json.dumps(self.channel).encode(), 200
@@ -146,8 +148,8 @@ class _ChannelAPI(BaseHTTPRequestHandler):
 
     def do_POST(self):  # key registration: this fake channel has no CURVE (server_key null)
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-        if self.path == "/api/channels/c1/credentials":
-            self.path = "/api/channels/c1"
+        if self.path == "/api/channels/ch-c1/credentials":
+            self.path = "/api/channels/ch-c1"
             answer = {**body, "endpoints": self.channel["endpoints"], "server_key": None}
             self.channel, saved = answer, self.channel
             try:
@@ -164,7 +166,7 @@ class _ChannelAPI(BaseHTTPRequestHandler):
 @pytest.fixture
 def dsn_api(producer, reports):
     _ChannelAPI.channel = {
-        "id": "c1",
+        "id": "ch-c1",
         "project": "p1",
         "stream": "det",
         "mode": "l7",
@@ -186,18 +188,18 @@ def dsn_api(producer, reports):
 
 
 def test_from_dsn_looks_up_endpoints(dsn_api, producer):
-    with StreamConsumer.from_dsn(dsn_api, "c1", "good-token") as consumer:
+    with StreamConsumer.from_dsn(dsn_api, "ch-c1", "good-token") as consumer:
         send_frames(producer, range(3))
         assert [f.header.seq for f in take(consumer, 3)] == [0, 1, 2]
     with pytest.raises(ChannelLookupError) as info:
-        StreamConsumer.from_dsn(dsn_api, "c1", "bad-token")
+        StreamConsumer.from_dsn(dsn_api, "ch-c1", "bad-token")
     assert info.value.status == 401
     assert str(info.value).endswith("(HTTP 401): invalid token (invalid_token)")  # not raw JSON
     with pytest.raises(ChannelLookupError) as info:
-        StreamConsumer.from_dsn(dsn_api, "nope", "good-token")
+        StreamConsumer.from_dsn(dsn_api, "ch-0", "good-token")
     assert info.value.status == 404
     with pytest.raises(ChannelLookupError, match="no monitor endpoint"):
-        StreamConsumer.from_dsn(dsn_api, "c1", "good-token", monitor=True)
+        StreamConsumer.from_dsn(dsn_api, "ch-c1", "good-token", monitor=True)
 
 
 def test_bad_arguments_name_the_field():
@@ -220,7 +222,8 @@ def test_cli_consume_json(producer, dsn_api):
             "--dsn",
             dsn_api,
             "--channel",
-            "c1",
+            "ch-c1",
+            "--work",
             "--count",
             "25",
             "--timeout",
@@ -250,7 +253,7 @@ def test_cli_refuses_missing_token(dsn_api, monkeypatch):
     monkeypatch.delenv("BEAMHUB_TOKEN", raising=False)
     from beamhub.hub.cli import main
 
-    assert main(["consume", "--dsn", dsn_api, "--channel", "c1", "--count", "1"]) == 2
+    assert main(["consume", "--dsn", dsn_api, "--channel", "ch-c1", "--count", "1"]) == 2
 
 
 @pytest.mark.timeout(60)
@@ -258,7 +261,7 @@ def test_cli_stops_cleanly_on_sigterm(producer):
     import signal
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "beamhub.hub.cli", "consume", "--endpoint", ep(producer), "--json"],
+        [*CONSUME, "--endpoint", ep(producer), "--work", "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -307,6 +310,7 @@ def test_cli_consumes_an_encrypted_channel(tmp_path, ctx):
                 "consume",
                 "--endpoint",
                 channel.work,
+                "--work",
                 "--curve-server-key",
                 channel.server_key,
                 "--curve-cert",

@@ -172,6 +172,7 @@ def test_the_stream_reaches_compute_through_the_dsn_with_no_frame_lost(dmz):
             dmz.url["compute"],
             "--channel",
             cid,
+            "--work",
             "--exclusive",
             "--count",
             str(frames),
