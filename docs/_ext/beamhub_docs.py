@@ -599,6 +599,8 @@ def _schema_text(schema: Any, components: dict[str, Any], depth: int = 0) -> str
         if key in schema:
             word = {"oneOf": " or ", "anyOf": " or ", "allOf": " and "}[key]
             return word.join(_schema_text(s, components, depth) for s in schema[key])
+    if "type" not in schema and "enum" in schema:
+        return "one of " + ", ".join(map(str, schema["enum"]))
     kind = schema.get("type", "any")
     if isinstance(kind, list):
         kind = " or ".join(kind)
@@ -622,6 +624,18 @@ def _schema_text(schema: Any, components: dict[str, Any], depth: int = 0) -> str
     return kind + (f" ({'; '.join(extra)})" if extra else "")
 
 
+def _ref_name(node: Any) -> str | None:
+    if isinstance(node, dict) and isinstance(node.get("$ref"), str):
+        return node["$ref"].rsplit("/", 1)[-1]
+    return None
+
+
+def _json_schema_of(content: Any) -> Any:
+    if isinstance(content, dict):
+        return (content.get("application/json") or {}).get("schema")
+    return None
+
+
 def gen_openapi() -> str:
     doc = yaml.safe_load((REPO / "hub" / "gateway" / "openapi.yaml").read_text())
     components = doc.get("components", {})
@@ -639,46 +653,75 @@ def gen_openapi() -> str:
             if method not in ("get", "put", "post", "delete", "patch"):
                 continue
             out.append(f"## `{method.upper()} {path}`\n")
-            summary = op.get("summary") or ""
+            summary = " ".join(str(op.get("summary") or "").split())
             description = " ".join(str(op.get("description", "")).split())
             if summary:
-                out.append(summary.rstrip(".") + ".\n")
+                out.append(summary[0].upper() + summary[1:].rstrip(".") + ".\n")
             if description:
                 out.append(description + "\n")
-            facts = []
-            if op.get("security") == [] or ("security" not in op and "security" not in doc):
-                facts.append("no token needed")
-            else:
-                facts.append("project token (`Authorization: Bearer …`)")
+            secured = op.get("security", doc.get("security"))
+            facts = ["project token (`Authorization: Bearer …`)" if secured else "no token"]
             if "x-action" in op:
                 facts.append(f"policy action `{op['x-action']}`")
             out.append("- " + "; ".join(facts))
-            plist = [*item.get("parameters", []), *op.get("parameters", [])]
-            for p in plist:
-                if "$ref" in p:
-                    p = params.get(p["$ref"].rsplit("/", 1)[-1], {})
+            for p in [*item.get("parameters", []), *op.get("parameters", [])]:
+                p = params.get(_ref_name(p) or "", p)
                 out.append(
                     f"- {p.get('in', '?')} parameter `{p.get('name', '?')}`: "
-                    f"{p.get('description', '')} ({_schema_text(p.get('schema', {}), components)})"
+                    f"{p.get('description', '')} "
+                    f"({_cell(_schema_text(p.get('schema', {}), components))})"
                 )
-            body = op.get("requestBody", {}).get("content", {}).get("application/json")
-            if body:
-                out.append(f"- body: `{_cell(_schema_text(body.get('schema', {}), components))}`")
+            body = _json_schema_of(op.get("requestBody", {}).get("content"))
+            body_name = _ref_name(body) or op.get("x-body")
+            if body_name:
+                out.append(f"- body: {{ref}}`{body_name} <api-schema-{body_name}>`")
+            elif body:
+                out.append(f"- body: `{_cell(_schema_text(body, components))}`")
             for status, response in op.get("responses", {}).items():
-                if "$ref" in response:
-                    name = response["$ref"].rsplit("/", 1)[-1]
-                    response = {**components.get("responses", {}).get(name, {}), "_ref": name}
+                shared = _ref_name(response)
+                if shared:
+                    out.append(f"- `{status}`: {{ref}}`{shared} <api-response-{shared}>`")
+                    continue
                 desc = " ".join(str(response.get("description", "")).split())
-                if response.get("_ref") == "Error":
-                    desc = "an error in the one error shape (`Error`)"
+                schema = _ref_name(_json_schema_of(response.get("content")))
+                if schema:
+                    desc += f" ({{ref}}`{schema} <api-schema-{schema}>`)"
                 out.append(f"- `{status}`: {desc}")
             out.append("")
+    responses = components.get("responses", {})
+    if responses:
+        out.append("## Shared responses\n")
+        for name, response in responses.items():
+            out.append(f"(api-response-{name})=\n### `{name}`\n")
+            out.append(" ".join(str(response.get("description", "")).split()) + "\n")
     schemas = components.get("schemas", {})
     if schemas:
         out.append("## Schemas\n")
         for name, schema in schemas.items():
-            out.append(f"- `{name}`: `{_cell(_schema_text(schema, components))}`")
-        out.append("")
+            out.append(f"(api-schema-{name})=\n### `{name}`\n")
+            if schema.get("description"):
+                out.append(" ".join(str(schema["description"]).split()) + "\n")
+            props = schema.get("properties")
+            if not props:
+                out.append(f"`{_cell(_schema_text(schema, components))}`\n")
+                continue
+            required = set(schema.get("required", []))
+            rows = [
+                [
+                    f"`{prop}`",
+                    _schema_text({k: v for k, v in sub.items() if k != "properties"}, components)
+                    if isinstance(sub, dict)
+                    else str(sub),
+                    "yes" if prop in required else "",
+                    " ".join(str(sub.get("description", "")).split())
+                    if isinstance(sub, dict)
+                    else "",
+                ]
+                for prop, sub in props.items()
+            ]
+            out.append(_table(["property", "type", "required", "meaning"], rows))
+            if schema.get("additionalProperties") is False:
+                out.append("Other properties are refused (`unknown_field`).\n")
     return "\n".join(out)
 
 
