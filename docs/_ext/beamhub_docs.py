@@ -343,7 +343,7 @@ def _trait_default(cls: type, name: str, trait: Any) -> str:
         for klass in cls.__mro__
         for v in vars(klass).values()
     ):
-        return "computed (see meaning)"
+        return "computed (see below)"
     try:
         return _code(trait.default())
     except Exception:
@@ -352,17 +352,14 @@ def _trait_default(cls: type, name: str, trait: Any) -> str:
 
 def _traitlets_section(cls: type, set_by_up: set[str], extra: set[str]) -> str:
     own = cls.class_own_traits(config=True)
-    rows = []
+    entries = []
     for name, trait in sorted(own.items()):
-        help_text = textwrap.dedent(trait.help or "").strip()
-        rows.append(
-            [
-                f"`{name}`",
-                _trait_type(trait),
-                _trait_default(cls, name, trait),
-                "yes" if name in set_by_up or name in extra else "",
-                help_text,
-            ]
+        help_text = " ".join(textwrap.dedent(trait.help or "").split())
+        facts = [_trait_type(trait), f"default {_trait_default(cls, name, trait)}"]
+        if name in set_by_up or name in extra:
+            facts.append("set by `beamhub up`")
+        entries.append(
+            f"`{cls.__name__}.{name}` · {' · '.join(facts)}\n: {help_text or '(no help)'}\n"
         )
     changed = sorted(
         {
@@ -376,7 +373,7 @@ def _traitlets_section(cls: type, set_by_up: set[str], extra: set[str]) -> str:
         f"## `{cls.__name__}`\n",
         f"`{cls.__module__}.{cls.__name__}`, a subclass of `{base.__module__}.{base.__name__}` "
         f"(whose options apply as well). {(cls.__doc__ or '').strip()}\n",
-        _table(["trait", "type", "default", "set by `beamhub up`", "meaning"], rows),
+        "\n".join(entries),
     ]
     if changed:
         text.append(
@@ -439,13 +436,11 @@ def gen_enclaves() -> str:
             return "yes" if value else "no"
         return str(value)
 
-    rows = [
-        [f"`{f}`", meanings.get(f, ""), *(show(docs[n].get(f, "")) for n in ENCLAVE_NAMES)]
-        for f in fields
-    ]
-    head = ["field", "meaning", *ENCLAVE_NAMES]
+    rows = [[f"`{f}`", *(show(docs[n].get(f, "")) for n in ENCLAVE_NAMES)] for f in fields]
+    head = ["field", *ENCLAVE_NAMES]
     described = "\n".join(f"- **{n}**: {docs[n].get('description', '')}" for n in ENCLAVE_NAMES)
-    return described + "\n\n" + _table(head, rows)
+    legend = "\n".join(f"`{f}`\n: {meanings[f]}\n" for f in fields if f in meanings)
+    return described + "\n\n" + _table(head, rows) + "\nThe fields:\n\n" + legend
 
 
 def gen_check() -> str:
@@ -462,10 +457,19 @@ def gen_check() -> str:
                 per[req.name] = {}
             per[req.name][enclave] = req.required
             per[req.name]["fix"] = req.fix  # the strictest enclave's wording wins
-    rows = [[f"`{n}`", *(per[n].get(e, "—") for e in ENCLAVE_NAMES), per[n]["fix"]] for n in names]
-    return _table(
-        ["requirement", *ENCLAVE_NAMES, "the fix it prints on FAIL (for leadership)"], rows
-    )
+    out = []
+    for n in names:
+        present = [e for e in ENCLAVE_NAMES if e in per[n]]
+        if len({per[n][e] for e in present}) == 1:
+            asked = f"**{', '.join(present)}**: {per[n][present[0]]}"
+        else:
+            asked = "; ".join(f"**{e}**: {per[n][e]}" for e in present)
+        absent = [e for e in ENCLAVE_NAMES if e not in per[n]]
+        if absent:
+            asked += f"; not asked by {', '.join(absent)}"
+        fix = per[n]["fix"].replace("[]", "[…]")  # the list it prints names what fails
+        out.append(f"`{n}`\n: {asked}.\n\n  On FAIL (as printed for leadership): {fix}\n")
+    return "\n".join(out)
 
 
 # --- error reasons ----------------------------------------------------------------------------
