@@ -26,6 +26,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from beamhub.kernels.scheduler import (
     SUBMIT_FIELDS,
     JobInfo,
+    JobOutput,
     JobSpec,
     JobState,
     Scheduler,
@@ -148,6 +149,11 @@ class HubScheduler(Scheduler):
 
     async def cancel(self, job_id: str) -> None:
         await self._call("DELETE", "/" + quote(job_id, safe=""))
+
+    async def output(self, job_id: str) -> JobOutput:
+        return JobOutput.from_dict(
+            await self._call("GET", "/" + quote(job_id, safe="") + "/output")
+        )
 
     async def list(self, project: str | None = None) -> list[JobInfo]:
         query = [("project", project)] if project is not None else []

@@ -1,4 +1,5 @@
-"""The hub's jobs API: submit, list and cancel scheduler jobs at ``/hub/api/beamhub/jobs``.
+"""The hub's jobs API: submit, list and cancel scheduler jobs at ``/hub/api/beamhub/jobs``, and read
+the end of one's output at ``/hub/api/beamhub/jobs/<id>/output``.
 
 The local backend lives in the hub process, so code in a user's server (Dask workers) and the API
 gateway service submit through this handler (their client is
@@ -39,7 +40,7 @@ from beamhub.kernels.scheduler import (
 )
 from beamhub.kernels.spawner import ReservedNodeSpawner
 
-__all__ = ["ACT_FOR_SCOPE", "CUSTOM_SCOPES", "HANDLERS", "JobsAPIHandler"]
+__all__ = ["ACT_FOR_SCOPE", "CUSTOM_SCOPES", "HANDLERS", "JobOutputHandler", "JobsAPIHandler"]
 
 #: JupyterHub custom scope: submit, list and cancel beamhub jobs for the user a request names.
 #: Filters narrow it as usual, e.g. ``custom:beamhub:jobs:act-for!group=p-1001``.
@@ -240,5 +241,27 @@ class JobsAPIHandler(APIHandler):
         self.set_status(204)
 
 
-#: For ``c.JupyterHub.extra_handlers``: served at /hub/api/beamhub/jobs[/<id>].
-HANDLERS = [(r"/api/beamhub/jobs(?:/([^/]+))?", JobsAPIHandler)]
+class JobOutputHandler(JobsAPIHandler):
+    """GET /<id>/output: the end of one of your jobs' output (``?user=`` as for the jobs)."""
+
+    SUPPORTED_METHODS = ("GET",)
+
+    @web.authenticated
+    async def get(self, job_id: str | None = None) -> None:
+        user = self._caller(self.get_argument("user", None))
+        _, scheduler = await self._context(user)
+        info = (await scheduler.status([job_id]))[job_id]
+        if info.state is JobState.UNKNOWN or not self._owned(user, info):
+            raise ApiError(404, "no_such_job", f"no job {job_id!r} of yours", field="job_id")
+        try:
+            output = await scheduler.output(job_id)
+        except SchedulerError as exc:
+            raise _refusal(exc) from exc
+        self.write(json.dumps(output.to_dict()))
+
+
+#: For ``c.JupyterHub.extra_handlers``: served at /hub/api/beamhub/jobs[/<id>[/output]].
+HANDLERS = [
+    (r"/api/beamhub/jobs/([^/]+)/output", JobOutputHandler),
+    (r"/api/beamhub/jobs(?:/([^/]+))?", JobsAPIHandler),
+]

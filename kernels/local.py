@@ -30,14 +30,16 @@ from beamhub.kernels.sandbox import (
 from beamhub.kernels.scheduler import (
     EventHub,
     JobInfo,
+    JobOutput,
     JobSpec,
     JobState,
     Scheduler,
     SchedulerError,
+    read_tail,
 )
 from beamhub.kernels.tier_policy import TierPolicy
 
-__all__ = ["LocalBackend", "VirtualNode", "read_jobs"]
+__all__ = ["LocalBackend", "VirtualNode", "read_jobs", "virtual_nodes"]
 
 WRAPPER = str(Path(__file__).with_name("_jobwrap.py"))
 #: What a job run as another account keeps of the hub's environment (nothing secret).
@@ -51,6 +53,13 @@ class VirtualNode:
     name: str
     cpus: int = 1
     mem_mb: int = 1000
+
+
+def virtual_nodes(
+    count: int = 4, cpus_per_node: int = 1, mem_mb_per_node: int = 1000
+) -> list[VirtualNode]:
+    """The nodes ``n1`` … ``nN`` of a local backend built with these options."""
+    return [VirtualNode(f"n{i}", cpus_per_node, mem_mb_per_node) for i in range(1, count + 1)]
 
 
 class LocalBackend(Scheduler):
@@ -89,9 +98,7 @@ class LocalBackend(Scheduler):
         self.log_dir = Path(log_dir) if log_dir else self.db_path.parent / "job-logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if isinstance(nodes, int):
-            nodes = [
-                VirtualNode(f"n{i}", cpus_per_node, mem_mb_per_node) for i in range(1, nodes + 1)
-            ]
+            nodes = virtual_nodes(nodes, cpus_per_node, mem_mb_per_node)
         self.nodes = {n.name: n for n in nodes}
         self.policy = policy or TierPolicy()
         self.tiers = self.policy.tiers
@@ -176,6 +183,20 @@ class LocalBackend(Scheduler):
         elif job.state is JobState.RUNNING:
             self._terminate(job, "cancel")
         self._wake.set()
+
+    async def output(self, job_id: str) -> JobOutput:
+        """The end of the job's stdout+stderr, from the file this backend opened for it. A job
+        whose spec names its own output file (opened by the job itself) is read there."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise SchedulerError(f"no job {job_id!r}", status=404, field="job_id")
+        if job.spec.output:
+            raise SchedulerError(
+                f"job {job_id} writes its output to its own file {job.spec.output}; read it there",
+                status=404,
+                field="job_id",
+            )
+        return await asyncio.to_thread(read_tail, job_id, self.log_dir / f"{job_id}.out")
 
     async def list(self, project: str | None = None) -> list[JobInfo]:
         return [j.info() for j in self._jobs.values() if project in (None, j.spec.project)]

@@ -5,21 +5,29 @@ from __future__ import annotations
 import abc
 import asyncio
 import enum
+import os
+import stat
 import time
 from collections.abc import AsyncIterator
 from dataclasses import MISSING, asdict, dataclass, field
 from typing import Any
 
 __all__ = [
+    "OUTPUT_TAIL_BYTES",
     "SUBMIT_FIELDS",
     "TERMINAL_STATES",
     "EventHub",
     "JobInfo",
+    "JobOutput",
     "JobSpec",
     "JobState",
     "Scheduler",
     "SchedulerError",
+    "read_tail",
 ]
+
+#: The most of a job's output one call returns: its last 64 KiB (the file may be any size).
+OUTPUT_TAIL_BYTES = 64 * 1024
 
 
 class JobState(enum.Enum):
@@ -168,6 +176,58 @@ class JobInfo:
         )
 
 
+@dataclass(frozen=True)
+class JobOutput:
+    """The end of a job's output (stdout and stderr): at most :data:`OUTPUT_TAIL_BYTES`."""
+
+    job_id: str
+    text: str
+    size: int  # bytes in the whole output so far
+    truncated: bool  # True when only its last bytes are in ``text``
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobOutput:
+        return cls(
+            job_id=str(data["job_id"]),
+            text=str(data["text"]),
+            size=int(data["size"]),
+            truncated=bool(data["truncated"]),
+        )
+
+
+def read_tail(
+    job_id: str, path: str | os.PathLike, max_bytes: int = OUTPUT_TAIL_BYTES
+) -> JobOutput:
+    """The last ``max_bytes`` of a job's output file; an empty output if it does not exist yet.
+
+    Opened without following a symbolic link, and only if it is a regular file: the reader may
+    be more privileged than the job that wrote it.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return JobOutput(job_id, "", 0, False)  # queued, or printed nothing yet
+    except OSError as exc:
+        raise SchedulerError(
+            f"the output of job {job_id} cannot be read ({exc.strerror})", status=409
+        ) from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise SchedulerError(f"the output of job {job_id} is not a regular file", status=409)
+        start = max(0, info.st_size - max_bytes)
+        data = os.pread(fd, max_bytes, start)
+    finally:
+        os.close(fd)
+    if start:  # do not begin inside a UTF-8 sequence
+        cut = next((i for i, b in enumerate(data[:4]) if b & 0xC0 != 0x80), 0)
+        data = data[cut:]
+    return JobOutput(job_id, data.decode("utf-8", "replace"), info.st_size, start > 0)
+
+
 class EventHub:
     """Fan-out of scheduler events to any number of ``events()`` subscribers."""
 
@@ -240,6 +300,16 @@ class Scheduler(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Stop watching. Running jobs keep running (a restarted scheduler re-attaches)."""
+
+    async def output(self, job_id: str) -> JobOutput:
+        """The end of a job's output (:data:`OUTPUT_TAIL_BYTES` at most). Backends that keep
+        the output where they can read it override this; the others say where it is."""
+        raise SchedulerError(
+            f"the {self.name} scheduler does not serve job output; read job {job_id}'s output "
+            "file on the cluster (the job's --output)",
+            status=404,
+            field="job_id",
+        )
 
     async def wait(
         self, job_id: str, states: set[JobState] | frozenset[JobState], timeout: float

@@ -139,6 +139,12 @@ class SchedulerJobs:
         async with self._acting(user) as scheduler:
             return _public(await self._get(scheduler, project, job_id))
 
+    async def output(self, user: str, project: str, job_id: str) -> dict[str, Any]:
+        """The end of the job's output (at most 64 KiB; ``truncated`` says if there is more)."""
+        async with self._acting(user) as scheduler:
+            await self._get(scheduler, project, job_id)  # 404 unless this project's and visible
+            return (await scheduler.output(job_id)).to_dict()
+
     async def cancel(self, user: str, project: str, job_id: str) -> None:
         async with self._acting(user) as scheduler:
             await self._get(scheduler, project, job_id)  # 404 unless this project's and visible

@@ -16,7 +16,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,7 +30,7 @@ from beamhub.hub.gateway.jobs import scheduler_error, unavailable
 from beamhub.kernels.hub_backend import HubScheduler
 from beamhub.kernels.scheduler import SchedulerError
 
-__all__ = ["GatewayState", "Operations", "supervisor_services"]
+__all__ = ["GatewayState", "Operations", "node_occupancy", "supervisor_services"]
 
 log = logging.getLogger("beamhub.gateway")
 
@@ -64,6 +64,43 @@ def supervisor_services(state_dir: Path | None) -> dict[str, dict[str, Any]] | N
         for name, entry in services.items()
         if isinstance(entry, dict)
     }
+
+
+def _kind(name: str) -> str:
+    """What a job is, from the names the spawner and the Dask helper give their jobs."""
+    if name.startswith("jupyter-"):
+        return "notebook server"
+    if name.startswith("dask-worker-"):
+        return "dask worker"
+    return "job"
+
+
+def node_occupancy(cpus: Mapping[str, int | None], jobs: Iterable[Any]) -> list[dict[str, Any]]:
+    """Each node (name → CPUs) with the running jobs on it, as the public status shows them:
+    project, tier and kind of each job, never its user, name or command."""
+    running: dict[str, list[dict[str, Any]]] = {name: [] for name in cpus}
+    for job in jobs:
+        if getattr(job.state, "value", job.state) != "running" or not job.node:
+            continue
+        spec = job.spec
+        entry = {
+            "project": spec.project if spec else "",
+            "tier": spec.tier if spec else "",
+            "kind": _kind(spec.name if spec else ""),
+            "since": job.start_time,
+        }
+        for name in str(job.node).split(","):
+            running.setdefault(name, []).append(entry)
+    return [
+        {
+            "name": name,
+            "cpus": cpus.get(name),
+            "jobs": len(on_node),
+            "state": "busy" if on_node else "idle",
+            "running": on_node,
+        }
+        for name, on_node in running.items()
+    ]
 
 
 def _epoch(value: Any, field: str) -> float:
@@ -120,6 +157,7 @@ class Operations:
             "steer_param": {"PUT": self.steer_param},
             "jobs": {"GET": self.jobs_list, "POST": self.jobs_submit},
             "job": {"GET": self.job_get, "DELETE": self.job_cancel},
+            "job_output": {"GET": self.job_output},
             "reservations": {"GET": self.reservations_list, "POST": self.reservations_request},
             "reservation_decide": {"POST": self.reservation_decide},
         }
@@ -221,21 +259,9 @@ class Operations:
         return windows
 
     async def _scheduler_nodes(self) -> list[dict]:
-        """The scheduler's nodes with how many jobs run on each (no job details: public)."""
-        running: dict[str, int] = {}
-        for job in await self.gw.scheduler.list(None):
-            if getattr(job.state, "value", job.state) == "running" and job.node:
-                for name in str(job.node).split(","):
-                    running[name] = running.get(name, 0) + 1
-        return [
-            {
-                "name": name,
-                "cpus": getattr(node, "cpus", None),
-                "jobs": running.get(name, 0),
-                "state": "busy" if running.get(name) else "idle",
-            }
-            for name, node in self.gw.scheduler.nodes.items()
-        ]
+        """The in-process scheduler's nodes and what runs on each."""
+        cpus = {name: getattr(node, "cpus", None) for name, node in self.gw.scheduler.nodes.items()}
+        return node_occupancy(cpus, await self.gw.scheduler.list(None))
 
     async def _dsn_health(self, dependencies: dict[str, Any]) -> dict[str, Any]:
         if self.gw.dsn_url is None:
@@ -406,6 +432,10 @@ class Operations:
     async def job_get(self, ctx: RequestContext) -> Result:
         jobs, user, project = self._jobs(ctx)
         return 200, await jobs.get(user, project, ctx.params["job_id"])
+
+    async def job_output(self, ctx: RequestContext) -> Result:
+        jobs, user, project = self._jobs(ctx)
+        return 200, await jobs.output(user, project, ctx.params["job_id"])
 
     async def job_cancel(self, ctx: RequestContext) -> Result:
         jobs, user, project = self._jobs(ctx)

@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -32,11 +33,13 @@ from beamhub.hub.gateway.anchor import DEFAULT_LOG_NAME, AuditAnchor
 from beamhub.hub.gateway.app import METRICS_ACCESS, Gateway
 from beamhub.hub.gateway.audit import AuditError, AuditLog
 from beamhub.hub.gateway.hygiene import LOOPBACK, AuthFailureGuard
+from beamhub.hub.gateway.ops import node_occupancy
 from beamhub.hub.gateway.policy import PolicyError, load_policy
 from beamhub.hub.gateway.ratelimit import Limit, RateLimiter
 from beamhub.hub.up.deployment import DeploymentError, load_deployment
 from beamhub.kernels.backends import SchedulerConfig
 from beamhub.kernels.hub_backend import HubScheduler
+from beamhub.kernels.local import read_jobs, virtual_nodes
 from beamhub.kernels.reservations import ReservationBook
 
 __all__ = ["build_gateway", "main"]
@@ -248,6 +251,7 @@ def build_gateway(argv: list[str] | None = None) -> tuple[Gateway, str, int, lis
 
     gateway = Gateway(
         verifier,
+        nodes=_local_nodes(state / "scheduler", dep) if hub_jobs is not None else None,
         policy=load_policy(_policy_path(args, dep)),
         limiter=RateLimiter(per_token, per_project),
         audit=audit,
@@ -272,6 +276,21 @@ def build_gateway(argv: list[str] | None = None) -> tuple[Gateway, str, int, lis
         gateway.anchor or "none",
     )
     return gateway, host, port, closers
+
+
+def _local_nodes(scheduler_dir: Path, dep: Any) -> Callable[[], Awaitable[list[dict]]] | None:
+    """The public status's nodes under `beamhub up` with the local backend: its virtual nodes
+    (as beamhub.yaml sizes them) and the running jobs in its database, read without the hub."""
+    if dep.scheduler.backend != "local":
+        return None  # SLURM: `sinfo` is the place to look
+    cpus = {n.name: n.cpus for n in virtual_nodes(dep.scheduler.nodes)}
+    db = scheduler_dir / "local-jobs.sqlite"
+
+    async def read() -> list[dict]:
+        jobs = await asyncio.to_thread(read_jobs, db) if db.exists() else []
+        return node_occupancy(cpus, jobs)
+
+    return read
 
 
 async def _serve(gateway: Gateway, host: str, port: int) -> None:

@@ -137,7 +137,16 @@ async def test_served_openapi_is_valid_and_every_error_is_the_one_schema(
             seen += 1
     assert seen == len(_endpoints())
     # every operation that needs the DSN or the jobs API documents its 503
-    needs = {"channels", "channel", "channel_renew", "steer_run", "steer_param", "jobs", "job"}
+    needs = {
+        "channels",
+        "channel",
+        "channel_renew",
+        "steer_run",
+        "steer_param",
+        "jobs",
+        "job",
+        "job_output",
+    }
     assert with_503 == needs
 
 
