@@ -165,6 +165,7 @@ def test_screenshots_are_small_pngs() -> None:
         "notebook-03-jupyterlab.png",
         "dashboard-viewer.png",
         "dashboard-non-member.png",
+        "idp-wrong-code.png",
     }
     for shot in shots:
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size < 300_000

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser
 
-from tests.browser.person import sign_in
+from tests.browser.person import save_screenshot, sign_in
 from tests.hub.hubstack import RunningStack, otp_code
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
@@ -57,6 +57,7 @@ def test_a_wrong_code_is_refused_with_a_reason(moderate: RunningStack, browser: 
         alert = page.get_by_role("alert")
         alert.wait_for()
         assert "Wrong or expired code" in alert.inner_text()
+        save_screenshot(page.locator("body"), "idp-wrong-code")  # the user guide's 2nd factor
         assert Path(moderate.state / "idp-totp.json").stat().st_mode & 0o777 == 0o600
     finally:
         context.close()
