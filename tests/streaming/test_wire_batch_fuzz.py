@@ -217,3 +217,16 @@ def test_send_batch_over_zeromq_yields_each_event():
         push.close(linger=0)
         pull.close(linger=0)
         ctx.term()
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [{"big": 2**70}, {"neg": -(2**65)}, {"nan": float("nan")}, {"deep": [[[[1]]]]}, {"f": 1e300}],
+)
+def test_header_values_survive_the_fast_parser_exactly(meta):
+    """orjson parses headers; what it would change (ints beyond 64 bits, NaN) json parses."""
+    raw = FrameHeader("s", 2**63, "<f4", (1,), meta=meta).to_bytes()
+    got = decode_header(raw).meta
+    assert json.dumps(got) == json.dumps(meta) and type(got[next(iter(meta))]) is type(
+        meta[next(iter(meta))]
+    )
