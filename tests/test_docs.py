@@ -49,6 +49,7 @@ def test_the_site_builds_with_every_page(site: Path) -> None:
     for page in (
         "index",
         "user/beamtime",
+        "user/streams",
         "admin/install",
         "admin/tenancy",
         "admin/slurm",
