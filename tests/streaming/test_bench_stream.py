@@ -30,24 +30,36 @@ def test_bench_stream_quick_json_shape():
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     rows = {(r["path"], r["frame_bytes"]): r for r in result["results"]}
-    assert set(rows) == {
-        (p, s) for p in ("direct", "proxy", "l4", "l7", "file") for s in (4 << 20, 64 << 10)
+    sizes = (1 << 10, 64 << 10, 4 << 20)
+    assert set(rows) == {(p, s) for p in ("direct", "proxy", "l4", "l7", "file") for s in sizes} | {
+        ("proxy_batch", 1024),
+        ("l7_batch", 1024),
     }
-    for (path, _), row in rows.items():
+    for (path, size), row in rows.items():
         assert row["gb_per_s"] > 0 and row["p50_ms"] > 0 and row["p99_ms"] >= row["p50_ms"]
+        assert row["msg_per_s"] == pytest.approx(row["gb_per_s"] * 1e9 / size, rel=0.01)
         assert row["lost"] == 0, row  # the work stream is lossless on every path
-        if path in ("proxy", "l4", "l7"):
+        assert row["batch"] == (64 if path.endswith("_batch") else 1)
+        if path in ("proxy", "l4", "l7", "proxy_batch", "l7_batch"):
             assert row["dsn_cpu_s_per_gb"] is not None and row["dsn_cpu_s_per_gb"] >= 0
+            assert row["dsn_cpu_us_per_msg"] is not None and row["dsn_cpu_us_per_msg"] >= 0
         else:
             assert row["dsn_cpu_s_per_gb"] is None
-    assert "l7_vs_proxy_4194304" in result["ratios"]
+    for size in sizes:
+        assert f"l7_vs_proxy_{size}" in result["ratios"]
+    assert result["ratios"]["l7_batch_vs_proxy_1024"] > 0
+    assert result["load_avg_1m"]["max"] >= result["load_avg_1m"]["min"] >= 0
 
 
-def test_bench_refuses_unknown_path():
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [(["--paths", "carrier-pigeon"], "carrier-pigeon"), (["--sizes", "1023"], "--sizes")],
+)
+def test_bench_refuses_bad_arguments(args, named):
     proc = subprocess.run(
-        [sys.executable, "-m", "beamhub.hub.cli", "bench", "stream", "--paths", "carrier-pigeon"],
+        [sys.executable, "-m", "beamhub.hub.cli", "bench", "stream", *args],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert proc.returncode == 2 and "carrier-pigeon" in proc.stderr
+    assert proc.returncode == 2 and named in proc.stderr
