@@ -171,7 +171,8 @@ def test_token_page_mints_with_the_browser_session(dev_stack: RunningStack) -> N
     session, r = login(dev_stack, "oscar", "oscar-dev")
     assert r.status_code == 200
     r = session.get(dev_stack.tokens, timeout=20)  # the service's own OAuth round trip
-    assert r.status_code == 200 and "Project tokens for oscar" in r.text, r.text[:500]
+    assert r.status_code == 200 and '<span class="navbar-text me-2" id="user-name">oscar<' in r.text
+    assert "<h1>Project tokens</h1>" in r.text, r.text[:500]
     xsrf = re.search(r'name="_xsrf" value="([^"]+)"', r.text).group(1)
     r = session.post(
         dev_stack.tokens,
