@@ -50,6 +50,8 @@ SIZES = {
     4 * 1024 * 1024: (240, 16, 100.0, 40),
 }
 #        frame_bytes: (frames at full speed, hwm, paced rate Hz, paced frames)
+#: At most this many frames through the file path at full speed.
+FILE_FRAMES_MAX = 3000
 #: The header template: seq, t_ns and batch first, so the consumer finds them without a JSON parse.
 HEADER_TEMPLATE = (
     b'{"v":1,"seq":%d,"t_ns":%d,"batch":%d,"stream":"bench","dtype":"<u2","shape":[%d],'
@@ -199,12 +201,13 @@ def _receive(sock: Any, count: int, timeout_s: float) -> tuple[list[float], floa
     consumer that parsed JSON per message would be slower than the hop it measures.
     """
     latencies, first, last, expected, gaps, events = [], 0.0, 0.0, 0, 0, 0
-    recv, poll, now_ns = sock.recv_multipart, sock.poll, time.time_ns
+    recv, poll, now_ns = sock.recv, sock.poll, time.time_ns
     wait_ms = int(timeout_s * 1000)
     while events < count:
         if not poll(wait_ms):
             break
-        head = recv()[0]
+        head = recv()
+        recv(copy=False)  # the payload: always the second and last part of this producer's messages
         _, seq, t_ns, batch, _ = head.split(b",", 4)
         seq, batch = int(seq[6:]), int(batch[8:])
         now = now_ns()
@@ -373,7 +376,9 @@ def run(
                     if is_batch and frame_bytes >= BATCH_BELOW:
                         continue
                     n = batch if is_batch else 1
-                    full = bench.transfer(path, frame_bytes, count, hwm, None, n)
+                    # a file per frame is slow: a few thousand files are enough for its rate
+                    frames = min(count, FILE_FRAMES_MAX) if path == "file" else count
+                    full = bench.transfer(path, frame_bytes, frames, hwm, None, n)
                     paced = bench.transfer(
                         path, frame_bytes, paced_count * n, hwm, rate / n if is_batch else rate, n
                     )
