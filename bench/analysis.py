@@ -17,6 +17,14 @@ the scaling efficiency ``fps(dask, n) / (n * fps(dask, 1))`` (transport cost fac
 On a shared 2-core machine the sender (this process) competes with the workers; its CPU share is
 reported so that a missed target can be explained.
 
+Finder vs OnDA Monitor (``finders`` in the JSON, issue 13): at hit fractions 0.1, 0.3 and 1.0
+(``--hit-fractions``), the same simulated frames go through beamhub's finder, OM's peakfinder8 in
+its default mode and in its fast mode (``ondamonitor``, an optional dependency: ``pip install -e
+'.[bench]'``), all with the same parameters and beam centre, interleaved pass by pass. Throughput
+is frames per CPU second of this process (frames/s/core); recall and precision are against the
+simulator's truth; ``agreement`` is ``2·matched / (peaks_a + peaks_b)`` between beamhub's and OM's
+peaks (within 2 px). ``--finders-only`` skips the Dask passes.
+
     beamhub bench analysis --json        (or: python -m bench.analysis --json)
 """
 
@@ -36,6 +44,10 @@ __all__ = ["main"]
 SHAPE = (1024, 1024)
 TARGET_FPS_PER_CORE = 50.0
 TARGET_EFFICIENCY = 0.8
+HIT_FRACTIONS = (0.1, 0.3, 1.0)
+#: beamhub's finder against OM's fast mode on frames that all carry peaks (issue 13)
+TARGET_VS_OM_FAST = 1.0
+TARGET_ACCURACY = 0.99
 
 
 def _pool(n: int, seed: int) -> list[Any]:
@@ -70,6 +82,105 @@ def _accuracy(pool: list[Any]) -> dict[str, float]:
         "hit_accuracy": agree / len(pool),
         "true_peaks": tp + fn,
         "hits_in_pool": sum(f.header.meta["hit"] for f in pool),
+    }
+
+
+def _finders(
+    hit_fractions: tuple[float, ...], pool_size: int, repeats: int, seed: int, log: Any
+) -> dict[str, Any]:
+    """beamhub's finder and OM's peakfinder8 (default, fast) on the same frames, one run."""
+    from beamhub.bench._onda import OnDAFinder, om_unavailable
+    from beamhub.streaming.peakfinder import PeakFinderParams, find_peaks, match_peaks
+    from beamhub.streaming.simulator import SimulatedDetector
+
+    params = PeakFinderParams()
+    why_not = om_unavailable()
+    rows = []
+    for hf in hit_fractions:
+        det = SimulatedDetector(SHAPE, seed=seed, hit_fraction=hf)
+        pool = [det.generate() for _ in range(pool_size)]
+        center = tuple(pool[0][1]["beam_center"])
+        finders: dict[str, Any] = {
+            "beamhub": lambda f, c=center: find_peaks(f, params, center=c).peaks[:, :3]
+        }
+        if why_not is None:
+            for name, fast in (("om", False), ("om_fast", True)):
+                om = OnDAFinder(SHAPE, center, params, fast=fast, seed=seed)
+                finders[name] = om.find
+        found = {name: [fn(frame) for frame, _ in pool] for name, fn in finders.items()}  # warm
+        rates: dict[str, list[float]] = {name: [] for name in finders}
+        for _ in range(repeats):
+            for name, fn in finders.items():  # interleaved: load hits every finder alike
+                cpu0 = time.process_time()
+                for frame, _ in pool:
+                    fn(frame)
+                rates[name].append(len(pool) / max(time.process_time() - cpu0, 1e-9))
+        row: dict[str, Any] = {
+            "hit_fraction": hf,
+            "frames": pool_size,
+            "hits": sum(m["hit"] for _, m in pool),
+            "true_peaks": sum(len(m["peaks"]) for _, m in pool),
+        }
+        for name in finders:
+            tp = fp = fn_ = 0
+            for peaks, (_, meta) in zip(found[name], pool, strict=True):
+                a, b, c = match_peaks(peaks, meta["peaks"], tolerance_px=2.0)
+                tp, fp, fn_ = tp + a, fp + b, fn_ + c
+            row[name] = {
+                "frames_per_s_per_core": round(statistics.median(rates[name]), 1),
+                "passes": [round(r, 1) for r in rates[name]],
+                "recall": round(tp / (tp + fn_), 4) if tp + fn_ else 1.0,
+                "precision": round(tp / (tp + fp), 4) if tp + fp else 1.0,
+                "peaks": sum(len(p) for p in found[name]),
+            }
+        for name in ("om", "om_fast"):
+            if name not in finders:
+                continue
+            matched = sum(
+                match_peaks(a, b, tolerance_px=2.0)[0]
+                for a, b in zip(found["beamhub"], found[name], strict=True)
+            )
+            total = row["beamhub"]["peaks"] + row[name]["peaks"]
+            row[f"agreement_vs_{name}"] = round(2 * matched / total, 4) if total else 1.0
+            # per-pass ratios: each pair of passes ran back to back
+            row[f"beamhub_vs_{name}"] = round(
+                statistics.median(
+                    a / b for a, b in zip(rates["beamhub"], rates[name], strict=True)
+                ),
+                3,
+            )
+        log(
+            f"hit fraction {hf}: "
+            + ", ".join(f"{n} {row[n]['frames_per_s_per_core']} f/s/core" for n in finders)
+        )
+        rows.append(row)
+    full = next((r for r in rows if r["hit_fraction"] == 1.0), None)
+    meets = None
+    if full is not None and why_not is None:
+        meets = {
+            "vs_om_fast": full["beamhub_vs_om_fast"] >= TARGET_VS_OM_FAST,
+            "recall_precision": all(
+                r["beamhub"]["recall"] >= TARGET_ACCURACY
+                and r["beamhub"]["precision"] >= TARGET_ACCURACY
+                for r in rows
+            ),
+            "agreement": all(
+                r["agreement_vs_om"] >= TARGET_ACCURACY
+                and r["agreement_vs_om_fast"] >= TARGET_ACCURACY
+                for r in rows
+            ),
+        }
+    return {
+        "rows": rows,
+        "om": "ondamonitor peakfinder8, default and fast mode (100 px per bin)"
+        if why_not is None
+        else why_not,
+        "params": params.to_dict(),
+        "targets": {
+            "beamhub_vs_om_fast_at_hit_fraction_1": TARGET_VS_OM_FAST,
+            "recall_precision_agreement": TARGET_ACCURACY,
+        },
+        "meets_targets": meets,
     }
 
 
@@ -196,7 +307,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per mode")
     parser.add_argument("--workers", default="1,2", help="Dask worker counts, comma-separated")
     parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument(
+        "--hit-fractions",
+        default=",".join(str(h) for h in HIT_FRACTIONS),
+        help="hit fractions of the finder comparison (default 0.1,0.3,1.0)",
+    )
+    parser.add_argument(
+        "--finders-only", action="store_true", help="only the finder comparison (no Dask passes)"
+    )
     args = parser.parse_args(argv)
+    try:
+        hit_fractions = tuple(float(h) for h in args.hit_fractions.split(",") if h.strip())
+    except ValueError:
+        hit_fractions = ()
+    if not hit_fractions or not all(0.0 <= h <= 1.0 for h in hit_fractions):
+        parser.error(f"--hit-fractions: {args.hit_fractions!r} must be numbers from 0 to 1")
     try:
         counts = [int(w) for w in args.workers.split(",") if w.strip()]
     except ValueError:
@@ -210,6 +335,21 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     load_before = os.getloadavg()
+    finders = _finders(hit_fractions, args.pool, args.repeats, args.seed, say)
+    if args.finders_only:
+        print(
+            json.dumps(
+                {
+                    "finders": finders,
+                    "cpu_count": os.cpu_count(),
+                    "loadavg_before": [round(x, 2) for x in load_before],
+                    "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+                    "seconds": round(time.monotonic() - started, 1),
+                },
+                indent=None if args.json else 2,
+            )
+        )
+        return 0
     say(f"simulating {args.pool} frames of {SHAPE[0]}x{SHAPE[1]} float32 ...")
     pool = _pool(args.pool, args.seed)
     accuracy = _accuracy(pool)
@@ -254,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"dask x{n}: {fps:.1f} frames/s, efficiency {efficiency[str(n)]:.2f}")
     out = {
         "results": results,
+        "finders": finders,
         "recall": round(accuracy["recall"], 4),
         "precision": round(accuracy["precision"], 4),
         "hit_accuracy": round(accuracy["hit_accuracy"], 4),
@@ -265,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "cpu_count": os.cpu_count(),
         "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "targets": {"frames_per_s_per_core": TARGET_FPS_PER_CORE, "efficiency": TARGET_EFFICIENCY},
         "meets_targets": {
             "frames_per_s_per_core": min(r["frames_per_s_per_core"] for r in results)

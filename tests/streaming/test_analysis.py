@@ -288,14 +288,44 @@ def test_bench_analysis_prints_the_agreed_json(capsys):
 
     from beamhub.bench.analysis import main
 
-    assert main(["--json", "--frames", "6", "--pool", "3", "--repeats", "1", "--workers", "1"]) == 0
+    argv = ["--json", "--frames", "6", "--pool", "3", "--repeats", "1", "--workers", "1"]
+    assert main([*argv, "--hit-fractions", "1.0"]) == 0
     out = json.loads(capsys.readouterr().out)
+    assert [r["hit_fraction"] for r in out["finders"]["rows"]] == [1.0]
     modes = [(r["mode"], r["workers"]) for r in out["results"]]
     assert modes == [("numpy", 1), ("dask", 1)]
     for r in out["results"]:
         assert r["frames_per_s"] > 0 and r["frames_per_s_per_core"] > 0
     assert 0 <= out["recall"] <= 1 and 0 <= out["precision"] <= 1
     assert out["efficiency"]["1"] > 0 and out["frame_bytes"] == 4 * 1024 * 1024
+
+
+@pytest.mark.timeout(120)
+def test_finder_comparison_with_onda_monitor_on_the_same_frames(capsys):
+    """beamhub's finder beside OM's peakfinder8 (when ondamonitor is installed): same peaks."""
+    import json
+
+    from beamhub.bench._onda import om_unavailable
+    from beamhub.bench.analysis import main
+
+    argv = ["--json", "--finders-only", "--pool", "4", "--repeats", "1"]
+    assert main([*argv, "--hit-fractions", "0.3,1.0"]) == 0
+    out = json.loads(capsys.readouterr().out)["finders"]
+    rows = out["rows"]
+    assert [r["hit_fraction"] for r in rows] == [0.3, 1.0]
+    assert rows[1]["hits"] == 4 and rows[1]["true_peaks"] > 40
+    for row in rows:
+        assert row["beamhub"]["recall"] >= 0.99 and row["beamhub"]["precision"] >= 0.99
+        assert row["beamhub"]["frames_per_s_per_core"] > 0
+    if om_unavailable() is not None:  # the optional bench extra is not installed here
+        assert "ondamonitor" in out["om"] and out["meets_targets"] is None
+        return
+    for row in rows:
+        for om in ("om", "om_fast"):
+            assert row[om]["frames_per_s_per_core"] > 0
+            assert row[f"agreement_vs_{om}"] >= 0.99, row
+            assert row[f"beamhub_vs_{om}"] > 0
+    assert set(out["meets_targets"]) == {"vs_om_fast", "recall_precision", "agreement"}
 
 
 @pytest.mark.timeout(60)
