@@ -155,6 +155,7 @@ class StreamConsumer:
         self._latency_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._started = time.monotonic()
         self._next_report = 0.0
+        self._pending: deque[Frame] = deque()  # the rest of a batch message's events
 
     @staticmethod
     def _secure(sock: zmq.Socket, server_key: Any, keypair: Any) -> None:
@@ -202,7 +203,13 @@ class StreamConsumer:
         return cls(endpoint, monitor=monitor, **kwargs)
 
     def receive(self, timeout: float | None = None) -> Frame | None:
-        """The next valid frame, or ``None`` if none arrived within ``timeout`` seconds."""
+        """The next valid frame, or ``None`` if none arrived within ``timeout`` seconds.
+
+        A batch message (many small events under one header) gives its events one by one, each
+        a frame of its own with its own ``seq`` (zero-copy views of the message's payload).
+        """
+        if self._pending:
+            return self._pending.popleft()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             now = time.monotonic()
@@ -223,8 +230,15 @@ class StreamConsumer:
                 self.malformed += 1
                 self.malformed_reasons[exc.reason] = self.malformed_reasons.get(exc.reason, 0) + 1
                 continue
-            self._account(frame, len(parts[0]) + len(parts[1]))
-            return frame
+            nbytes = len(parts[0]) + len(parts[1])
+            if frame.header.batch == 1:
+                self._account(frame, nbytes)
+                return frame
+            events = frame.events()
+            for event in events:
+                self._account(event, nbytes // len(events))
+            self._pending.extend(events[1:])
+            return events[0]
 
     def _watch_link(self) -> None:
         """Open an outage when the link drops; close it RECOVERY_S after the link is back."""

@@ -49,7 +49,11 @@ class FrameGenerator(Protocol):
     def start_run(self) -> None: ...
 
     def generate(self) -> tuple[np.ndarray, dict[str, Any]]:
-        """The next frame and its metadata; raises ``StopIteration`` when the data is exhausted."""
+        """The next frame and its metadata; raises ``StopIteration`` when the data is exhausted.
+
+        A generator with ``events_per_message = n > 1`` returns ``n`` events stacked on a first
+        axis: the runner sends them as one batch message (``rate_hz`` then counts events).
+        """
         ...
 
 
@@ -112,6 +116,8 @@ class SourceRunner:
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._start_error: BaseException | None = None
+        #: events per message (a small-event generator batches them; seq counts events)
+        self._batch = int(getattr(generator, "events_per_message", 1))
         self._next_seq = 0
         self._run = 0
         self._rev = 0
@@ -263,7 +269,7 @@ class SourceRunner:
         recent = [t for t in times if now - t <= window_s]
         if len(recent) < 2:
             return 0.0
-        return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-9)
+        return (len(recent) - 1) * self._batch / max(recent[-1] - recent[0], 1e-9)
 
     # -- the sending thread -----------------------------------------------------------------
     def _open_socket(self) -> zmq.Socket:
@@ -321,7 +327,8 @@ class SourceRunner:
         while not self._stop.is_set():
             with self._lock:
                 running = self._running
-                period = 1.0 / float(self.generator.params["rate_hz"])
+                # a batch generator's rate counts events: one message per n of them
+                period = self._batch / float(self.generator.params["rate_hz"])
             if not running:
                 last = None
                 self._wake.wait()
@@ -354,11 +361,13 @@ class SourceRunner:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("stream %s: frame generation failed; run stopped", self.stream)
                 return None
+            n = self._batch
             fields = {
                 "stream": self.stream,
                 "seq": self._next_seq,
                 "dtype": data.dtype.str,
-                "shape": tuple(data.shape),
+                "shape": tuple(data.shape[1:] if n > 1 else data.shape),
+                "batch": n,
                 "run": self._run,
                 "rev": self._rev,
                 "meta": {
@@ -367,7 +376,7 @@ class SourceRunner:
                     "producer": self.producer_id,
                 },
             }
-            self._next_seq += 1
+            self._next_seq += n
         return fields, data
 
     def _send(self, sock: zmq.Socket, fields: dict[str, Any], data: np.ndarray) -> None:
@@ -378,12 +387,12 @@ class SourceRunner:
         try:
             send_frame(sock, header, data, flags=zmq.NOBLOCK)
         except zmq.Again:
-            self.dropped_at_source += 1
+            self.dropped_at_source += header.batch
             if self.link is not None:
                 self.link.poll()
             reason = DSN_RESTART if self.link is not None and self.link.down else "hwm"
-            self.dropped_reasons[reason] = self.dropped_reasons.get(reason, 0) + 1
+            self.dropped_reasons[reason] = self.dropped_reasons.get(reason, 0) + header.batch
             return
-        self.frames_sent += 1
+        self.frames_sent += header.batch
         self.bytes_sent += data.nbytes
         self._sent_times.append(time.monotonic())

@@ -202,6 +202,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--shape", default="1024x1024", help="frame shape HxW (default 1024x1024)")
     sim.add_argument("--hit-fraction", type=float, default=None, help="fraction of hit frames")
     sim.add_argument("--seed", type=int, default=None, help="random seed (reproducible frames)")
+    sim.add_argument(
+        "--event-bytes",
+        type=int,
+        default=None,
+        help="small events of this many bytes instead of detector frames (--rate counts events; "
+        "sent as batch messages of about 64 KiB), e.g. --event-bytes 1024 --rate 100000",
+    )
+    sim.add_argument(
+        "--events-per-message",
+        type=int,
+        default=None,
+        help="with --event-bytes: events per batch message (default: about 64 KiB of events)",
+    )
     sim.set_defaults(func=_run_sim)
 
     replay = ssub.add_parser("replay", help="replay frames from an HDF5 or .npy file")
@@ -329,7 +342,48 @@ def _parse_shape(text: str) -> tuple[int, int]:
     return h, w
 
 
+def _run_events(args: argparse.Namespace) -> int:
+    """``sim --event-bytes``: the small-event source (streaming/eventsim.py)."""
+    from beamhub.streaming.eventsim import SmallEventSource
+
+    try:
+        if args.hit_fraction is not None or args.shape != "1024x1024":
+            raise ValueError(
+                "--hit-fraction and --shape are for detector frames, not --event-bytes"
+            )
+        dsn, stream = _target(args)
+        generator = SmallEventSource(
+            args.event_bytes,
+            events_per_message=args.events_per_message,
+            seed=args.seed,
+            rate_hz=args.rate,
+        )
+        source = _start(
+            generator,
+            stream=stream,
+            connect=args.connect,
+            bind=args.bind,
+            control_port=args.control_port,
+            run=args.run,
+            verifier=_verifier(args),
+            project=args.project,
+            curve=_curve_keys(args),
+            sndhwm=args.sndhwm,
+            checksum=args.checksum,
+            dsn=dsn,
+        )
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"beamhub source sim: {exc}", file=sys.stderr)
+        return 2
+    return _serve(source, args)
+
+
 def _run_sim(args: argparse.Namespace) -> int:
+    if args.event_bytes is not None:
+        return _run_events(args)
+    if args.events_per_message is not None:
+        print("beamhub source sim: --events-per-message goes with --event-bytes", file=sys.stderr)
+        return 2
     params: dict[str, Any] = {"rate_hz": args.rate}
     if args.hit_fraction is not None:
         params["hit_fraction"] = args.hit_fraction
