@@ -48,6 +48,7 @@ class MintForClient:
                 "custom:beamhub:tokens:mint-for scope"
             )
         self.url = service_url.rstrip("/") + "/api/mint-for"
+        self.users_url = service_url.rstrip("/") + "/api/users"
         self._api_token = api_token
         self.timeout = timeout
 
@@ -75,20 +76,28 @@ class MintForClient:
             body["server"] = server
         if description:
             body["description"] = description
+        answer = self._post(self.url, body)
+        token = answer.get("token") if isinstance(answer, dict) else None
+        if not isinstance(token, str):
+            raise MintError(0, "bad_answer", f"the token service at {self.url} sent no token")
+        # our own new token: the claims are read to schedule renewal, verifiers check the signature
+        return token, jwt.decode(token, options={"verify_signature": False})
+
+    def record_user(self, name: str, projects: dict[str, str], *, admin: bool, mfa: bool) -> None:
+        """Record ``name``'s project roles as of her login (the hub's identity only)."""
+        body = {"name": name, "projects": projects, "admin": admin, "mfa": mfa}
+        self._post(self.users_url, body)
+
+    def _post(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
-            answer = post_json(self.url, self._api_token, body, self.timeout)
+            return post_json(url, self._api_token, body, self.timeout)
         except ServiceError as exc:
             if exc.status == 0:
                 raise MintError(
-                    0, exc.reason, f"cannot reach the token service at {self.url}: {exc}"
+                    0, exc.reason, f"cannot reach the token service at {url}: {exc}"
                 ) from exc
             raise MintError(
                 exc.status,
                 exc.reason,
                 f"the token service refused ({exc.status} {exc.reason}): {exc.message}",
             ) from None
-        token = answer.get("token") if isinstance(answer, dict) else None
-        if not isinstance(token, str):
-            raise MintError(0, "bad_answer", f"the token service at {self.url} sent no token")
-        # our own new token: the claims are read to schedule renewal, verifiers check the signature
-        return token, jwt.decode(token, options={"verify_signature": False})

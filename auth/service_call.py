@@ -35,7 +35,8 @@ def post_json(url: str, api_token: str, body: dict[str, Any], timeout: float) ->
     )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
-            answer = json.load(resp)
+            raw = resp.read()
+        answer = json.loads(raw) if raw else {}  # 204: nothing to say
     except urllib.error.HTTPError as exc:
         raw = exc.read().decode(errors="replace")
         try:

@@ -123,6 +123,7 @@ class UpStack:
 
     def __init__(self, yaml_text: str, keep: bool = False) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="beamhub-bench-"))
+        self.dir.chmod(0o711)  # as root the services run as beamhub-* and must pass through
         self.state = self.dir / "state"
         self.config = self.dir / "beamhub.yaml"
         self.config.write_text(f"state_dir: {self.state}\n{yaml_text}")
@@ -153,7 +154,7 @@ class UpStack:
             self.stop()
             raise RuntimeError(f"beamhub up did not start:\n{tail}")
         self.urls = json.loads((self.state / "runtime-urls.json").read_text())
-        self.runtime = json.loads((self.state / "runtime.json").read_text())
+        self.runtime = json.loads((self.state / "hub" / "runtime.json").read_text())
         return self
 
     def output(self) -> str:
@@ -279,7 +280,7 @@ class UpStack:
         return None
 
     def detector_channel(self) -> str:
-        return json.loads((self.state / "detector.json").read_text())["channel"]
+        return json.loads((self.state / "detector" / "detector.json").read_text())["channel"]
 
     def channel_info(self, token: str) -> dict[str, Any]:
         import requests

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import html
 import os
-from pathlib import Path
 from typing import Any
 
 from oauthenticator.generic import GenericOAuthenticator
@@ -21,7 +20,7 @@ from traitlets import Bool, Dict, Integer, List, TraitError, Unicode, default, v
 
 from beamhub.auth.mint_client import MintError, MintForClient
 from beamhub.auth.roles import ROLE_SCOPES, ROLES
-from beamhub.hub.tokens.store import TokenStore, best_project
+from beamhub.hub.tokens.store import best_project
 
 __all__ = ["BeamhubAuthenticator", "MfaRequired", "NoProject", "ViewerHasNoServer"]
 
@@ -110,11 +109,6 @@ class BeamhubAuthenticator(GenericOAuthenticator):
         viewer reads streams and dashboards only.""",
     ).tag(config=True)
 
-    beamhub_state_dir = Unicode(
-        help="""Folder with the token register (tokens.sqlite), where each login records the
-        user's project roles. The signing key in it is the token service's alone.""",
-    ).tag(config=True)
-
     token_ttl = Integer(
         0,
         help="""Seconds a delegated server token lives; 0 = the token service's default (its
@@ -138,19 +132,14 @@ class BeamhubAuthenticator(GenericOAuthenticator):
 
     token_service_api_token = Unicode(
         help="""JupyterHub API token of the hub's own service identity, whose role holds
-        custom:beamhub:tokens:mint-for (and access:services!service=tokens). The hub asks the
-        token service for each server's delegated token with it. Default $BEAMHUB_HUB_API_TOKEN.
+        custom:beamhub:tokens:mint-for, custom:beamhub:tokens:users (and
+        access:services!service=tokens). The hub records each user's project roles at login and
+        asks the token service for each server's delegated token with it. Default $BEAMHUB_HUB_API_TOKEN.
         """,
     ).tag(config=True)
     dsn_url = Unicode(help="The DSN control API URL given to servers as BEAMHUB_DSN_URL.").tag(
         config=True
     )
-
-    @default("beamhub_state_dir")
-    def _state_dir_default(self) -> str:
-        from beamhub.auth.home import state_dir
-
-        return str(state_dir())
 
     @default("token_service_api_url")
     def _api_url_default(self) -> str:
@@ -205,15 +194,6 @@ class BeamhubAuthenticator(GenericOAuthenticator):
     def _scope_default(self) -> list[str]:
         return ["openid", "profile", "email", "projects", "offline_access"]
 
-    _store: TokenStore | None = None
-
-    @property
-    def store(self) -> TokenStore:
-        """The token register: this process records users' roles there, never issues tokens."""
-        if self._store is None:
-            self._store = TokenStore(Path(self.beamhub_state_dir) / "tokens.sqlite")
-        return self._store
-
     def mint_client(self) -> MintForClient:
         """The token service's mint-for API, as the hub's own service identity."""
         if not self.token_service_api_url or not self.token_service_api_token:
@@ -251,10 +231,29 @@ class BeamhubAuthenticator(GenericOAuthenticator):
         auth_model["roles"] = [self._role(r) for r in sorted(set(projects.values()))]
         if auth_model.get("admin") is None and self.admin_users:
             auth_model["admin"] = auth_model["name"] in self.admin_users
-        self.store.record_user(
-            auth_model["name"], projects, admin=bool(auth_model.get("admin")), mfa=mfa
-        )
+        await self._record_roles(auth_model["name"], projects, bool(auth_model.get("admin")), mfa)
         return auth_model
+
+    async def _record_roles(self, name: str, projects: dict[str, str], admin: bool, mfa: bool):
+        """Tell the token service the roles this login carries (it alone writes its register)."""
+        if not self.token_service_api_url or not self.token_service_api_token:
+            self.log.warning(
+                "roles of %s not recorded: no token service configured "
+                "(BeamhubAuthenticator.token_service_api_url/_token); she cannot get tokens",
+                name,
+            )
+            return
+        try:
+            await asyncio.to_thread(
+                self.mint_client().record_user, name, projects, admin=admin, mfa=mfa
+            )
+        except MintError as exc:
+            self.log.error("could not record the roles of %s: %s", name, exc)
+            raise web.HTTPError(
+                503,
+                f"Signing in needs the token service, which did not answer ({exc.message}). "
+                "Try again in a minute; if it persists, tell the facility's admins.",
+            ) from None
 
     async def get_user_groups(self, auth_state: dict[str, Any]) -> set[str]:
         """One group per project, one per project role: ``p-1001``, ``p-1001:pi``."""

@@ -95,7 +95,6 @@ def configure(c: Any, rt: dict[str, Any]) -> None:
     a.auth_refresh_age = rt.get("auth_refresh_age", 300)
     a.refresh_pre_spawn = True
     a.enable_auth_state = True
-    a.beamhub_state_dir = str(state)
     a.token_ttl = rt["token_ttl"]
     a.token_service_url = f"{public}/services/tokens/"
     # the hub asks the token service directly (not through the proxy) with its own identity
@@ -223,7 +222,7 @@ def _mint_for_roles(c: Any, subjects: dict[str, dict[str, Any]], hub_api_token: 
         {
             "name": "beamhub-hub-mint-for",
             "description": "the hub process asks for each spawned server's delegated token",
-            "scopes": [tokens_api.MINT_FOR_SCOPE, access],
+            "scopes": [tokens_api.MINT_FOR_SCOPE, tokens_api.USERS_SCOPE, access],
             "services": ["beamhub-hub"],
         }
     )

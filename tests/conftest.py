@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -18,3 +19,13 @@ def beamhub_home(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop("BEAMHUB_HOME", None)
     else:
         os.environ["BEAMHUB_HOME"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_service_dirs():
+    """The stacks' state folders outside pytest's root (tests/hub/hubstack.service_dir)."""
+    yield
+    from tests.hub.hubstack import SERVICE_DIRS
+
+    for path in SERVICE_DIRS:
+        shutil.rmtree(path, ignore_errors=True)

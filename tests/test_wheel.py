@@ -19,6 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.hub.hubstack import service_dir
+
 pytestmark = pytest.mark.wheel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,6 +116,7 @@ def _descendants(pid: int) -> set[psutil.Process]:
 
 @pytest.mark.timeout(900)
 def test_beamhub_up_runs_from_the_wheel_in_a_fresh_venv_outside_the_checkout(wheel, tmp_path):
+    tmp_path = service_dir("wheel")  # as root the services run as beamhub-* from this venv
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py, beamhub = venv / "bin" / "python", venv / "bin" / "beamhub"

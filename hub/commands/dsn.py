@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--jwks",
         default=None,
         help="public JWKS (file or http(s) URL) of the token issuer; default: the dev signing "
-        "key in $BEAMHUB_HOME/signing-key.pem, so `beamhub token issue` tokens work",
+        "key in $BEAMHUB_HOME/tokens/signing-key.pem, so `beamhub token issue` tokens work",
     )
     parser.add_argument("--issuer", default=None, help="required iss claim (default beamhub-dev)")
     parser.add_argument("--audience", default=None, help="required aud claim (default beamhub)")
@@ -87,9 +87,9 @@ def _verifier(args: argparse.Namespace, is_revoked=None):
         jwks = load_jwks(args.jwks)
         origin = args.jwks
     else:
-        from beamhub.auth.home import state_dir
+        from beamhub.auth.home import token_dir
 
-        path = state_dir() / "signing-key.pem"
+        path = token_dir() / "signing-key.pem"
         jwks = SigningKey.load_or_create(path).jwks()
         origin = f"dev signing key {path}"
     verifier = TokenVerifier(jwks, issuer=issuer, audience=audience, is_revoked=is_revoked)

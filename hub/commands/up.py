@@ -21,7 +21,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_run)
 
 
+#: Signals received before the event loop took over (Ctrl-C during the imports): honoured then.
+_early: list[str] = []
+
+
+def _hold_signals() -> None:
+    """From the first line on, a stop signal is remembered, never a traceback or a kill."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda n, _f: _early.append(signal.Signals(n).name))
+
+
 def _run(args: argparse.Namespace) -> int:
+    _hold_signals()
     import asyncio
     import logging
     from pathlib import Path
@@ -40,6 +51,12 @@ def _run(args: argparse.Namespace) -> int:
         print(f"beamhub up: {refusal}", file=sys.stderr)
         return 2
     state = Path(dep.state_dir).expanduser() if dep.state_dir else state_dir()
+    if not dep.state_dir and not os.environ.get("BEAMHUB_HOME"):
+        try:
+            _adopt_old_state(state)
+        except (AlreadyRunning, OSError) as exc:
+            print(f"beamhub up: {exc}", file=sys.stderr)
+            return 1
     state.mkdir(mode=0o700, parents=True, exist_ok=True)  # keys, secrets, databases: owner only
     os.environ["BEAMHUB_HOME"] = str(state)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -56,6 +73,26 @@ def _run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
         lock.release()
+
+
+def _adopt_old_state(state) -> None:
+    """Root's state dir moved from ~/.beamhub to /var/lib/beamhub (its service accounts cannot
+    enter /root): move an earlier one there once, so logins, keys and channels carry over."""
+    import shutil
+    from pathlib import Path
+
+    from beamhub.auth.home import SYSTEM_STATE
+    from beamhub.hub.up.lock import UpLock
+
+    old = Path.home() / ".beamhub"
+    if state != SYSTEM_STATE or state.exists() or not old.is_dir() or os.geteuid() != 0:
+        return
+    lock = UpLock(old / "beamhub-up.lock")
+    lock.acquire()  # AlreadyRunning: a `beamhub up` still uses it; stop that one first
+    lock.release()
+    state.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(old), state)
+    print(f"beamhub up: moved the state dir {old} to {state} (root's state lives there now)")
 
 
 class _Output:
@@ -105,6 +142,8 @@ async def _serve(dep, state, lock) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, request_stop, f"{signal.Signals(sig).name} received")
+    if _early:
+        request_stop(f"{_early[0]} received")
     (state / "logs").mkdir(parents=True, exist_ok=True)
     _say.log = open(state / "logs" / "up.log", "a")  # kept open until the process exits
     _say.on_broken = lambda: loop.call_soon_threadsafe(request_stop, "output pipe closed")

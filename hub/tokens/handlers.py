@@ -18,7 +18,7 @@ from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated
 from tornado import httputil
 
 from beamhub.auth.api import ApiError, JsonApiHandler
-from beamhub.auth.roles import FACILITY_SCOPES
+from beamhub.auth.roles import FACILITY_SCOPES, ROLES
 from beamhub.auth.tokens import TokenError, TokenVerifier
 from beamhub.hub.tokens.store import Delegator, IssuedToken, MintRefused, TokenStore
 
@@ -40,6 +40,7 @@ __all__ = [
     "RevokeHandler",
     "RevokedHandler",
     "ServiceContext",
+    "UsersHandler",
 ]
 
 log = logging.getLogger("beamhub.tokens.service")
@@ -56,8 +57,15 @@ MINT_FOR_SCOPE = "custom:beamhub:tokens:mint-for"
 #: JupyterHub custom scope of the gateway's role: post the audit chain's head to be signed
 #: (:mod:`beamhub.hub.tokens.checkpoints`).
 AUDIT_CHECKPOINT_SCOPE = "custom:beamhub:tokens:audit-checkpoint"
+#: JupyterHub custom scope of the hub process: record a user's project roles at login
+#: (:class:`UsersHandler`), so that only the token service writes its register.
+USERS_SCOPE = "custom:beamhub:tokens:users"
 #: For ``c.JupyterHub.custom_scopes``.
 CUSTOM_SCOPES = {
+    USERS_SCOPE: {
+        "description": "Record a user's project roles, admin flag and second factor as the "
+        "identity provider reported them at login; tokens are bounded by them.",
+    },
     MINT_FOR_SCOPE: {
         "description": "Ask the token service for a project token for the subject the request "
         "names, within that subject's project role and the enclave's lifetime cap.",
@@ -550,6 +558,43 @@ class MintForHandler(BaseHandler):
             kind,
         )
         self.write_json(_minted(token, claims), 201)
+
+
+class UsersHandler(BaseHandler):
+    """``POST api/users``: the hub records a user's roles as of her login (:data:`USERS_SCOPE`).
+
+    Only the hub's own identity holds the scope; what it records bounds every token the user
+    (or her server) gets afterwards. Answers 204.
+    """
+
+    FIELDS = {"name": (str,), "projects": (dict,), "admin": (bool,), "mfa": (bool,)}
+
+    def post(self) -> None:
+        caller = self.require_user()
+        if USERS_SCOPE not in set(caller.get("scopes") or ()):
+            raise ApiError(
+                403,
+                "scope",
+                f"{caller.get('kind', 'user')} {caller['name']!r} may not record users' roles: "
+                f"only the hub's identity holds {USERS_SCOPE}",
+            )
+        data = self.fields(self.FIELDS, {"name", "projects", "admin", "mfa"})
+        name, projects = data["name"], data["projects"]
+        if not 0 < len(name) <= 255:
+            raise ApiError(400, "bad_field", "name: 1 to 255 characters", field="name")
+        for project, role in projects.items():
+            if role not in ROLES or not 0 < len(project) <= 128:
+                raise ApiError(
+                    400,
+                    "bad_field",
+                    f"projects: {project[:64]!r}: role {str(role)[:32]!r} is not one of "
+                    f"{', '.join(ROLES)}",
+                    field="projects",
+                )
+        self.ctx.store.record_user(name, projects, admin=data["admin"], mfa=data["mfa"])
+        log.info("roles of %s recorded by %s: %s", name, caller["name"], sorted(projects.items()))
+        self.set_status(204)
+        self.finish()
 
 
 class NotFoundHandler(BaseHandler):

@@ -2,7 +2,9 @@
 and the signed checkpoints of the gateway's audit chain (:mod:`beamhub.hub.tokens.checkpoints`).
 
 Mounted by the hub at ``/services/tokens/``. It is the only process that opens the signing key
-(``$STATE/signing-key.pem``, created here the first time). Servers refresh their delegated project
+(``$STATE/tokens/signing-key.pem``, created here the first time; under `beamhub up` as root the
+folder belongs to the token service's own account, ``beamhub-tokens``). The hub records each
+user's project roles here at login (``POST api/users``) rather than writing the register itself. Servers refresh their delegated project
 token with their own JupyterHub API token (the upstream refresh token stays in the hub's
 encrypted auth_state); users mint tokens for external software within their role and the
 enclave's TTL cap; the hub, the dashboard and `beamhub up`'s detector ask for tokens of the
@@ -25,6 +27,7 @@ from urllib.parse import urlparse
 from tornado import httpserver, web
 
 from beamhub.auth.api import log_request
+from beamhub.auth.home import token_dir
 from beamhub.auth.roles import ROLES
 from beamhub.auth.tokens import (
     DEFAULT_AUDIENCE,
@@ -47,6 +50,7 @@ from beamhub.hub.tokens.handlers import (
     RevokedHandler,
     RevokeHandler,
     ServiceContext,
+    UsersHandler,
 )
 from beamhub.hub.tokens.page import PageHandler
 from beamhub.hub.tokens.store import ANY_PROJECT, Delegator, TokenStore
@@ -72,6 +76,7 @@ def make_app(ctx: ServiceContext, prefix: str = "/services/tokens/") -> web.Appl
         (p + "api/tokens", MintHandler),
         (p + "api/mint-for", MintForHandler),
         (p + "api/refresh", RefreshHandler),
+        (p + "api/users", UsersHandler),
         (p + "introspect", IntrospectHandler),
         (p + "revoke", RevokeHandler),
         (p + "revoked", RevokedHandler),
@@ -123,9 +128,11 @@ def build_context(
     refresh_grace: int = REFRESH_GRACE,
 ) -> ServiceContext:
     """Load (or create, the first time) the signing key and record the service subjects' roles."""
-    key = SigningKey.load_or_create(state_dir / "signing-key.pem")
+    folder = token_dir(state_dir)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = SigningKey.load_or_create(folder / "signing-key.pem")
     issuer = TokenIssuer(key, issuer=issuer_name, audience=audience, max_ttl=max_ttl)
-    store = TokenStore(state_dir / "tokens.sqlite")
+    store = TokenStore(folder / "tokens.sqlite")
     for subject, projects in (service_subjects or {}).items():
         store.record_user(subject, projects, admin=False, mfa=True)
     verifier = TokenVerifier(

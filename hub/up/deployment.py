@@ -159,6 +159,9 @@ class TenancyConfig:
     home_root: str = ""
     #: local backend: each job in a bubblewrap sandbox with per-node cgroup limits
     sandbox: bool = True
+    #: as root, each service (IdP, DSN, proxy, tokens, dashboard, detector) runs as a system
+    #: account of its own, beamhub-<service>; false = all as root (dev enclave only)
+    service_accounts: bool = True
 
     def resolved(self, euid: int | None = None) -> str:
         """account or self, as `beamhub up` started by ``euid`` (default: this process) runs."""
@@ -390,6 +393,13 @@ def _validate_tenancy(dep: Deployment, src: str) -> None:
         raise DeploymentError(
             "tenancy.run_as",
             f"'self' runs every user as one account: the dev enclave only, not {dep.enclave}",
+            src,
+        )
+    if not ten.service_accounts and dep.enclave != "dev":
+        raise DeploymentError(
+            "tenancy.service_accounts",
+            f"false runs every service as root, which may read every other's secrets: the dev "
+            f"enclave only, not {dep.enclave}",
             src,
         )
     if "{username}" not in ten.account:

@@ -166,6 +166,7 @@ class EmbeddedIdP:
         fd, tmp = tempfile.mkstemp(prefix=".idp-", suffix=".mjs", dir=node_modules.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(SCRIPT.read_bytes())
+        os.chmod(tmp, 0o644)  # code, no secret: the IdP's own account reads it
         os.replace(tmp, target)
         return target
 

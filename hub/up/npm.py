@@ -113,6 +113,7 @@ def ensure_installed(state: str | os.PathLike, progress: Callable[[str], None] =
             )
         if target.exists():
             shutil.rmtree(target)
+        work.chmod(0o755)  # code, no secrets: the proxy's and the IdP's accounts run it
         work.rename(target)
         progress(f"npm packages installed in {time.monotonic() - t0:.1f} s")
     finally:

@@ -32,6 +32,7 @@ from beamhub.hub.up.deployment import Deployment
 from beamhub.hub.up.detector_feed import DETECTOR_USER, feed_config
 from beamhub.hub.up.idp import EmbeddedIdP, IdPError
 from beamhub.hub.up.live_figures import LiveFigures
+from beamhub.hub.up.service_accounts import ServiceAccountError, ServiceAccounts
 from beamhub.hub.up.supervisor import ServiceSpec, Supervisor, SupervisorError
 
 __all__ = ["Stack", "StackError", "free_port", "http_ok"]
@@ -76,6 +77,19 @@ def _write_secret_json(path: Path, data: dict[str, Any]) -> None:
         json.dump(data, f, indent=2)
 
 
+#: Keys of the runtime dict that hold secrets: only the hub's copy (hub/runtime.json) has them.
+SECRET_KEYS = frozenset(
+    {"client_secret", "proxy_auth_token", "api_token", "admin_api_token", "hub_api_token"}
+)
+
+
+def public_runtime(runtime: Any) -> Any:
+    """``runtime`` without its secrets: what services other than the hub may read."""
+    if isinstance(runtime, dict):
+        return {k: public_runtime(v) for k, v in runtime.items() if k not in SECRET_KEYS}
+    return runtime
+
+
 class Stack:
     """Start with :meth:`start` (async, reports progress), stop with :meth:`stop`."""
 
@@ -92,6 +106,10 @@ class Stack:
         #: dev users enrolled in TOTP on this start (their secrets are shown once)
         self.new_totp: list[str] = []
         self.sup = Supervisor(state / "status.json", say=progress)
+        #: as root each service runs as beamhub-<service> (hub and gateway stay root)
+        self.accounts = ServiceAccounts(
+            state, os.geteuid() == 0 and dep.tenancy.service_accounts, say=progress
+        )
         self._live: LiveFigures | None = None
         self._live_task: asyncio.Task | None = None
         self._stats_token, self._stats_exp = "", 0.0
@@ -132,7 +150,7 @@ class Stack:
 
     async def start(self) -> None:
         dep, state = self.dep, self.state
-        self.logs.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self._prepare_accounts)
         self._choose_ports()
         ip = dep.hub.ip
         public = f"http://{ip}:{self.ports['public']}"
@@ -165,7 +183,10 @@ class Stack:
             [str(Path(PY).with_name("jupyterhub")), "-f", str(HUB_CONFIG)],
             ready=lambda: http_ok(f"{public}/hub/api/"),
             cwd=state / "hub",
-            env={"BEAMHUB_RUNTIME": str(state / "runtime.json"), "BEAMHUB_HOME": str(state)},
+            env={
+                "BEAMHUB_RUNTIME": str(state / "hub" / "runtime.json"),
+                "BEAMHUB_HOME": str(state),
+            },
             timeout=90,
         )
         self._step(3, "JupyterHub", t0, f"  {self.urls['hub']}")
@@ -201,6 +222,28 @@ class Stack:
             self._step(6, "simulated detector", t0, f"  stream {dep.detector.channel!r}")
         (state / "runtime-urls.json").write_text(json.dumps(self.urls, indent=2))
 
+    def _prepare_accounts(self) -> None:
+        """The services' accounts (created on first start, said once) and their folders."""
+        why = self.accounts.unreachable() if self.accounts.enabled else None
+        if why and self.dep.enclave == "dev":
+            self.progress(
+                f"beamhub up: WARNING: every service runs as root: {why}. The dev enclave allows "
+                "it; any other refuses to start so"
+            )
+            self.accounts.disable()
+        elif why:
+            raise StackError(f"service accounts: {why}")
+        try:
+            created = self.accounts.ensure()
+            self.accounts.prepare()
+        except (ServiceAccountError, OSError) as exc:
+            raise StackError(f"service accounts: {exc}") from exc
+        if created:
+            self.progress(
+                f"beamhub up: created the service accounts {', '.join(created)} (each service "
+                "runs as its own; only the token service's reads the signing key)"
+            )
+
     async def _start(
         self,
         name: str,
@@ -212,12 +255,18 @@ class Stack:
         timeout: float = 60.0,
         on_restart: Callable[[], Any] | None = None,
     ) -> None:
+        user = self.accounts.user(name)
+        env = dict(env or {})
+        if user is not None:  # its own folder as HOME and working directory
+            env["HOME"] = str(self.accounts.folder(name))
+            cwd = cwd or self.accounts.folder(name)
         spec = ServiceSpec(
             name=name,
             argv=argv,
             log_path=self.logs / f"{name}.log",
-            env=env or {},
+            env=env,
             cwd=cwd,
+            user=user,
             ready=ready,
             ready_timeout=timeout,
             on_restart=on_restart,
@@ -272,6 +321,7 @@ class Stack:
             argv, env = await asyncio.to_thread(idp.command)
         except IdPError as exc:
             raise StackError(str(exc)) from exc
+        self.accounts.give("idp", Path(argv[-1]))  # its config: dev passwords, TOTP secrets
         await self._start("idp", argv, ready=idp.answers, env=env, timeout=30)
         self.urls["idp"] = idp.issuer
         self.runtime.update(await asyncio.to_thread(idp.endpoints))
@@ -348,7 +398,8 @@ class Stack:
             await self.sup.restart("hub")
 
     def _write_runtime(self) -> None:
-        """runtime.json: what jupyterhub_config.py reads (0600: it holds API tokens)."""
+        """hub/runtime.json: what jupyterhub_config.py reads (0600 in the hub's folder: it holds
+        API tokens); runtime.json beside it: the same without any secret, for other services."""
         dep, ip, ports = self.dep, self.dep.hub.ip, self.ports
         services: dict[str, dict[str, Any]] = {
             "tokens": {"port": ports["tokens"], "api_token": secrets.token_hex(32)}
@@ -381,8 +432,9 @@ class Stack:
             tenancy=dep.tenancy.spawner_options(),
             service_subjects=self._service_subjects("dashboard" in services),
         )
-        (self.state / "hub").mkdir(exist_ok=True)
-        _write_secret_json(self.state / "runtime.json", self.runtime)
+        (self.state / "hub").mkdir(mode=0o700, exist_ok=True)
+        _write_secret_json(self.state / "hub" / "runtime.json", self.runtime)
+        (self.state / "runtime.json").write_text(json.dumps(public_runtime(self.runtime), indent=2))
 
     def _service_subjects(self, dashboard: bool) -> dict[str, dict[str, Any]]:
         """Hub services that ask the token service for their own subject's tokens (mint-for)."""
@@ -492,7 +544,7 @@ class Stack:
             return "disabled in beamhub.yaml"
         if not self.dep.dsn.enabled:
             return "no DSN"
-        channel_file = self.state / "detector.json"
+        channel_file = self.accounts.folder("detector") / "detector.json"
         channel_file.unlink(missing_ok=True)
         config = self.state / "detector-config.json"
         cfg = feed_config(
@@ -545,7 +597,9 @@ class Stack:
         det, current = self.dep.detector, ""
         while True:
             try:
-                channel = json.loads((self.state / "detector.json").read_text())["channel"]
+                channel = json.loads(
+                    (self.accounts.folder("detector") / "detector.json").read_text()
+                )["channel"]
             except (OSError, ValueError, KeyError):
                 channel = current
             alive = self._live is not None and self._live.alive

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from beamhub.hub.up.service_accounts import ServiceUser
+
 __all__ = ["Child", "ServiceSpec", "Supervisor", "SupervisorError"]
 
 log = logging.getLogger("beamhub.up")
@@ -72,6 +74,8 @@ class ServiceSpec:
     stop_timeout: float = 10.0
     #: called (in the supervisor's loop) each time the child is ready again after a restart
     on_restart: Callable[[], Awaitable[None]] | None = None
+    #: run as this account (its uid, gid and the state dir's group); None = as we run
+    user: ServiceUser | None = None
 
 
 @dataclass
@@ -133,6 +137,13 @@ class Supervisor:
     def _spawn(self, child: Child) -> None:
         spec = child.spec
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        as_user: dict[str, Any] = {}
+        if spec.user is not None:  # root drops to the service's account (and only its groups)
+            as_user = {
+                "user": spec.user.uid,
+                "group": spec.user.gid,
+                "extra_groups": [spec.user.group_gid],
+            }
         with open(spec.log_path, "ab") as out:
             # Popen from the loop's (main) thread: PDEATHSIG fires when the *thread* that forked
             # the child ends, so a worker thread would kill its children when it finishes.
@@ -144,7 +155,8 @@ class Supervisor:
                 cwd=spec.cwd,
                 env={**os.environ, **spec.env},
                 process_group=0,
-                preexec_fn=_die_with_parent(os.getpid()),
+                preexec_fn=_die_with_parent(os.getpid()),  # runs after the uid change
+                **as_user,
             )
         child.state = "starting"
         child.started_at = time.time()

@@ -20,11 +20,28 @@ from beamhub.hub.up import totp
 BEAMHUB = str(Path(sys.executable).with_name("beamhub"))
 
 
+#: Folders made by :func:`service_dir` in this session (removed at its end by tests/conftest.py).
+SERVICE_DIRS: list[Path] = []
+
+
+def service_dir(name: str) -> Path:
+    """A fresh folder for a stack's state (or a venv its services run from), outside pytest's
+    temporary root: as root, `beamhub up` runs its services as beamhub-* accounts, which must
+    pass through every folder above, and pytest keeps /tmp/pytest-of-root 0700 (another test
+    session resets it). 0711 here: passage, no listing."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix=f"beamhub-test-{name}-", dir="/tmp"))
+    path.chmod(0o711)
+    SERVICE_DIRS.append(path)
+    return path
+
+
 class RunningStack:
     """A `beamhub up` child process with its URLs, runtime secrets and every descendant seen."""
 
     def __init__(self, workdir: Path, yaml_text: str, name: str) -> None:
-        self.state = workdir / f"state-{name}"
+        self.state = service_dir(name) / "state"
         self.config = workdir / f"{name}.yaml"
         self.config.write_text(f"state_dir: {self.state}\n{yaml_text}")
         self.out_path = workdir / f"{name}.out"
@@ -50,7 +67,7 @@ class RunningStack:
                 raise RuntimeError(f"beamhub up did not start:\n{self.output()[-4000:]}")
             time.sleep(0.2)
         self.urls = json.loads((self.state / "runtime-urls.json").read_text())
-        self.runtime = json.loads((self.state / "runtime.json").read_text())
+        self.runtime = json.loads((self.state / "hub" / "runtime.json").read_text())
         self.remember()
         return self
 

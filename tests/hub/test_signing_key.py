@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.hub.hubstack import RunningStack, login, server_env, spawn
+from tests.hub.hubstack import RunningStack, login, server_env, service_dir, spawn
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -105,10 +105,14 @@ def _role(argv: list[str]) -> str:
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningStack, Path]]:
     work = tmp_path_factory.mktemp("key-audit")
-    hook = work / "hook"
+    hook = service_dir("key-audit") / "hook"  # the services' accounts (as root) run it too
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    (hook / "sitecustomize.py").chmod(0o644)
     log = hook / "key-opens.jsonl"
+    log.touch()
+    log.chmod(0o666)  # every account of the stack appends (test only)
+    hook.chmod(0o755)
     saved = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), saved]))
     try:
@@ -175,5 +179,5 @@ def test_only_the_token_service_opens_the_signing_key(audited: tuple[RunningStac
         + json.dumps([r for r in opens if _role(r["argv"]) != "token service"], indent=1)
     )
     assert len(openers) == 1, f"more than one token service process: {openers}"
-    assert all(r["path"] == str(stack.state / "signing-key.pem") for r in opens), opens
-    assert (stack.state / "signing-key.pem").exists()
+    assert all(r["path"] == str(stack.state / "tokens" / "signing-key.pem") for r in opens), opens
+    assert (stack.state / "tokens" / "signing-key.pem").exists()

@@ -79,11 +79,11 @@ def test_every_killed_service_comes_back_within_10_s(stack: RunningStack) -> Non
         "dashboard": lambda: _answers(public + "/services/dashboard/api/health"),
         # the restarted feed has published its channel (the one of before: analysis keeps it)
         "detector": lambda: (
-            json.loads((stack.state / "detector.json").read_text())["pid"]
+            json.loads((stack.state / "detector" / "detector.json").read_text())["pid"]
             == status(stack)["detector"]["pid"]
         ),
     }
-    channel = json.loads((stack.state / "detector.json").read_text())["channel"]
+    channel = json.loads((stack.state / "detector" / "detector.json").read_text())["channel"]
     for name, probe in probes.items():
         before = status(stack)[name]
         os.kill(before["pid"], signal.SIGKILL)
@@ -101,7 +101,9 @@ def test_every_killed_service_comes_back_within_10_s(stack: RunningStack) -> Non
         assert f"{name} exited (signal 9); restart #{after['restarts']}" in stack.output()
     assert stack.proc.poll() is None  # beamhub up itself never stopped
     # the DSN kept the detector's channel across its restart (same id), and frames still flow
-    assert json.loads((stack.state / "detector.json").read_text())["channel"] == channel
+    assert (
+        json.loads((stack.state / "detector" / "detector.json").read_text())["channel"] == channel
+    )
     out = subprocess.run(
         [BEAMHUB, "status", "--state-dir", str(stack.state), "--json"],
         capture_output=True,
@@ -221,7 +223,7 @@ def test_a_signal_at_any_point_of_start_up_leaves_nothing(
 
 def test_the_detector_creates_its_channel_again_when_it_is_deleted(stack: RunningStack) -> None:
     stack.start()
-    feed = stack.state / "detector.json"
+    feed = stack.state / "detector" / "detector.json"
     old = json.loads(feed.read_text())["channel"]
     login(stack, "oscar", "oscar-dev")
     token = requests.post(

@@ -9,12 +9,15 @@ The deployment's ``tenancy:`` section is checked here too.
 from __future__ import annotations
 
 import asyncio
+import grp
 import json
 import os
 import pwd
+import subprocess
 import textwrap
 import time
 import uuid
+from pathlib import Path
 
 import psutil
 import pytest
@@ -23,7 +26,7 @@ from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
 from beamhub.hub.up.deployment import DeploymentError, load_deployment, tenancy_refusal
-from tests.hub.hubstack import RunningStack, login, spawn
+from tests.hub.hubstack import RunningStack, login, spawn, stack_processes
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="accounts per user need root")
 
@@ -31,8 +34,9 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="accounts per user nee
 PROBE = textwrap.dedent("""
     import json, os
     state, other = {state!r}, {other!r}
-    secrets = ["signing-key.pem", "crypt-key", "runtime.json", "hub/jupyterhub.sqlite",
-               "hub/cookie_secret", "tokens.sqlite", "scheduler/local-jobs.sqlite"]
+    secrets = ["tokens/signing-key.pem", "crypt-key", "hub/runtime.json", "runtime.json",
+               "hub/jupyterhub.sqlite", "hub/cookie_secret", "tokens/tokens.sqlite",
+               "idp-config.json", "dsn/relay-key.pem", "scheduler/local-jobs.sqlite"]
     read = []
     for name in secrets + [os.path.join(other, ".bashrc")]:
         try:
@@ -178,6 +182,122 @@ def test_a_members_kernel_and_job_run_as_her_account_and_reach_no_secret(
     _assert_isolated(_result(out), "bob")
     audit = stack.state / "audit.jsonl"
     assert not audit.exists() or "forged" not in audit.read_text()
+
+
+def _as(account: str, path: Path) -> bool:
+    """True if ``account`` can read ``path`` (a real read, with its own uid and groups)."""
+    proc = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={account}",
+            f"--regid={account}",
+            "--init-groups",
+            "--",
+            "head",
+            "-c",
+            "1",
+            str(path),
+        ],
+        capture_output=True,
+        timeout=30,
+    )
+    return proc.returncode == 0 and proc.stdout != b""
+
+
+def test_each_service_runs_as_its_account_and_reads_only_its_secrets(
+    dev_stack: RunningStack,
+) -> None:
+    """Finding 1 and build point 2: the signing key is the token service's alone; the hub's
+    runtime file (API tokens) is root's; the file other services read holds no secret; the
+    state dir admits the services' group only; only the hub's identity records users' roles."""
+    stack = dev_stack
+    owners = {}
+    for proc in stack_processes(stack.state):
+        owners.setdefault(_service_of(proc), set()).add(proc.username())
+    expected = {
+        "idp": "beamhub-idp",
+        "dsn": "beamhub-dsn",
+        "proxy": "beamhub-proxy",
+        "tokens": "beamhub-tokens",
+        "dashboard": "beamhub-dashboard",
+        "detector": "beamhub-detector",
+        "hub": "root",
+        "gateway": "root",
+    }
+    for service, account in expected.items():
+        assert owners.get(service) == {account}, (service, owners)
+
+    state = stack.state
+    info = state.stat()
+    assert info.st_mode & 0o777 == 0o710 and grp.getgrgid(info.st_gid).gr_name == "beamhub"
+    key = state / "tokens" / "signing-key.pem"
+    assert key.stat().st_uid == pwd.getpwnam("beamhub-tokens").pw_uid
+    assert key.stat().st_mode & 0o077 == 0
+    assert _as("beamhub-tokens", key)
+    secrets = [
+        key,
+        state / "tokens" / "tokens.sqlite",
+        state / "hub" / "runtime.json",
+        state / "crypt-key",
+        state / "idp-config.json",
+        state / "audit.jsonl",
+    ]
+    for account in (
+        "beamhub-dsn",
+        "beamhub-dashboard",
+        "beamhub-detector",
+        "beamhub-proxy",
+        "bh-alice",
+    ):
+        for path in secrets:
+            assert not _as(account, path), f"{account} reads {path}"
+    assert not _as("bh-alice", state / "runtime.json")  # users cannot even enter the state dir
+    assert _as("beamhub-dashboard", state / "runtime.json")
+
+    public = (state / "runtime.json").read_text()
+    hub_rt = json.loads((state / "hub" / "runtime.json").read_text())
+    tokens = [
+        hub_rt["admin_api_token"],
+        hub_rt["hub_api_token"],
+        hub_rt["proxy_auth_token"],
+        hub_rt["client_secret"],
+        *(s["api_token"] for s in hub_rt["services"].values()),
+    ]
+    assert all(t not in public for t in tokens)
+    # the admin token is in no process's environment (only the hub's root-only file holds it)
+    for proc in stack_processes(stack.state):
+        assert hub_rt["admin_api_token"] not in json.dumps(proc.environ())
+
+    # only the hub's identity may record a user's roles at the token service
+    body = {"name": "mallory", "projects": {"p-1001": "pi"}, "admin": True, "mfa": True}
+    api = f"http://127.0.0.1:{hub_rt['services']['tokens']['port']}/services/tokens/api/users"
+    gateway = hub_rt["services"]["gateway"]["api_token"]
+    r = requests.post(api, json=body, headers={"Authorization": f"token {gateway}"}, timeout=10)
+    assert r.status_code == 403 and r.json()["reason"] == "scope", r.text
+    r = requests.post(
+        api,
+        json={**body, "projects": {"p-1001": "boss"}},
+        headers={"Authorization": f"token {hub_rt['hub_api_token']}"},
+        timeout=10,
+    )
+    assert r.status_code == 400 and r.json()["field"] == "projects", r.text
+
+
+def _service_of(proc: psutil.Process) -> str:
+    line = " ".join(proc.cmdline())
+    for marker, name in [
+        ("idp.mjs", "idp"),
+        (" dsn ", "dsn"),
+        ("configurable-http-proxy", "proxy"),
+        ("tokens.service", "tokens"),
+        ("dashboard_service", "dashboard"),
+        ("detector_feed", "detector"),
+        ("jupyterhub_config", "hub"),
+        ("gateway.service", "gateway"),
+    ]:
+        if marker in f" {line} ":
+            return name
+    return "other"
 
 
 def test_tenancy_section_is_validated_field_by_field(tmp_path) -> None:

@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from beamhub.hub.up.lock import AlreadyRunning, UpLock
-from tests.hub.hubstack import BEAMHUB, RunningStack
+from tests.hub.hubstack import BEAMHUB, RunningStack, service_dir
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -103,7 +103,7 @@ def test_busy_hub_port_is_a_clear_error(tmp_path: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         cfg = tmp_path / "beamhub.yaml"
-        cfg.write_text(f"state_dir: {tmp_path / 'state'}\nhub: {{port: {port}}}\n")
+        cfg.write_text(f"state_dir: {service_dir('busy') / 'state'}\nhub: {{port: {port}}}\n")
         proc = subprocess.run([BEAMHUB, "up", str(cfg)], capture_output=True, text=True, timeout=90)
     assert proc.returncode == 1
     assert f"127.0.0.1:{port} is already in use" in proc.stderr
