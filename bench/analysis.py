@@ -230,7 +230,11 @@ def _dask_passes(
     from distributed import Client, LocalCluster
     from zmq.utils.monitor import recv_monitor_message
 
-    from beamhub.streaming.analysis_dask import STREAMING_WORKER_ENV, AnalysisSession
+    from beamhub.streaming.analysis_dask import (
+        STREAMING_WORKER_CONFIG,
+        STREAMING_WORKER_ENV,
+        AnalysisSession,
+    )
     from beamhub.streaming.consumer import StreamConsumer
 
     rates, sender_cpu, analysis_ms, worker_cpu_ms = [], [], [], []
@@ -244,7 +248,8 @@ def _dask_passes(
             "distributed.nanny.pre-spawn-environ": {
                 **dask.config.get("distributed.nanny.pre-spawn-environ"),
                 **STREAMING_WORKER_ENV,
-            }
+            },
+            **STREAMING_WORKER_CONFIG,
         }
     ):
         cluster = LocalCluster(

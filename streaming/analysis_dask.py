@@ -45,6 +45,7 @@ from beamhub.streaming.params import ParamError
 from beamhub.streaming.peakfinder import PEAK_COLUMNS, PeakFinderParams
 
 __all__ = [
+    "STREAMING_WORKER_CONFIG",
     "STREAMING_WORKER_ENV",
     "AnalysisSession",
     "analysis_worker",
@@ -59,6 +60,10 @@ log = logging.getLogger("beamhub.analysis")
 #: 2.5 ms of CPU per frame instead of 0.4 ms). Frames stay on the heap with these values; pass them
 #: as ``dask.config.set({"distributed.nanny.pre-spawn-environ": {...}})`` or the worker's ``env``.
 STREAMING_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "16777216", "MALLOC_TRIM_THRESHOLD_": "134217728"}
+#: Dask configuration for clusters that run streaming analysis: Dask's statistical profiler samples
+#: every thread's stack every 10 ms, 4 % of a streaming worker's CPU in a py-spy profile (issue 13).
+#: Pass it to ``dask.config.set`` around the cluster's creation (the nanny hands it to workers).
+STREAMING_WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
 #: How long a worker task waits for its control thread to finish at shutdown.
 JOIN_TIMEOUT_S = 5.0
 #: Period of the client-side wait loop (a timed-out ``Queue.get`` logs an error on the scheduler).
