@@ -1,6 +1,6 @@
 """The Data Streaming Node: its control plane served over HTTP, in front of the data plane.
 
-Every call (but the health check) carries a project access token verified locally with the public
+Every call (but the health checks and ``/metrics`` from this host) carries a project access token verified locally with the public
 JWKS; channel requests are bounded by the admin :class:`~beamhub.streaming.template.Template`; only
 then is the data path provisioned. Channels die with their token (unless renewed): a reaper removes
 them. The reverse (steering) channel relays to the source's control endpoint for ``steer`` tokens
@@ -17,6 +17,7 @@ from typing import Any
 import tornado.httpserver
 import tornado.netutil
 
+from beamhub.auth.metrics import METRICS_ACCESS
 from beamhub.auth.tokens import TokenVerifier
 from beamhub.streaming.controlplane import Channel, ChannelError, ControlPlane, log_event
 from beamhub.streaming.dsn_handlers import MAX_BODY_BYTES, make_app
@@ -50,7 +51,10 @@ class DataStreamingNode(ControlPlane):
         relay_timeout: float = 10.0,
         state_dir: str | os.PathLike | None = None,
         producer_host: str | None = None,
+        metrics_access: str = "local-or-token",
     ) -> None:
+        if metrics_access not in METRICS_ACCESS:
+            raise ValueError(f"metrics_access {metrics_access!r}: use one of {METRICS_ACCESS}")
         super().__init__(
             verifier,
             template,
@@ -62,6 +66,8 @@ class DataStreamingNode(ControlPlane):
             producer_host=producer_host,
         )
         self.host = host
+        #: who may read /metrics (:mod:`beamhub.auth.metrics`)
+        self.metrics_access = metrics_access
         self._server: tornado.httpserver.HTTPServer | None = None
         self.url: str | None = None
 

@@ -21,6 +21,7 @@ from typing import NoReturn
 import tornado.web
 
 from beamhub.auth.api import ApiError, JsonApiHandler, log_request
+from beamhub.auth.metrics import HealthzHandler, MetricsHandler
 from beamhub.auth.tokens import Claims, TokenError
 from beamhub.streaming.controlplane import (
     FAILED,
@@ -31,6 +32,7 @@ from beamhub.streaming.controlplane import (
     log_event,
     may_change,
 )
+from beamhub.streaming.dsn_metrics import render_metrics
 from beamhub.streaming.template import TemplateViolation
 
 __all__ = ["MAX_BODY_BYTES", "BaseHandler", "make_app"]
@@ -373,6 +375,11 @@ class SteerHandler(BaseHandler):
         self.write_json(answer, status=status)
 
 
+def _failing(node: ControlPlane) -> str | None:
+    """What keeps the DSN from working: its data-plane thread is gone (stopped)."""
+    return None if node._executor is not None else "the data plane is not running"
+
+
 def make_app(node: ControlPlane) -> tornado.web.Application:
     """The control plane's routes; every answer, errors included, in the one JSON shape."""
     args = {"node": node}
@@ -388,6 +395,17 @@ def make_app(node: ControlPlane) -> tornado.web.Application:
             (rf"/api/channels/{cid}/credentials", CredentialsHandler, args),
             (r"/api/relay-jwks", RelayJwksHandler, args),
             (rf"/api/channels/{cid}/steer/(.+)", SteerHandler, args),
+            (r"/healthz", HealthzHandler, {"service": "the DSN", "check": lambda: _failing(node)}),
+            (
+                r"/metrics",
+                MetricsHandler,
+                {
+                    "service": "the DSN",
+                    "access": getattr(node, "metrics_access", "local-or-token"),
+                    "verifier": node.verifier,
+                    "render": lambda: render_metrics(node),
+                },
+            ),
         ],
         default_handler_class=_NotFoundHandler,
         default_handler_args=args,

@@ -61,6 +61,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "endpoints; default $BEAMHUB_HOME (~/.beamhub)",
     )
     parser.add_argument(
+        "--metrics",
+        choices=("local-or-token", "token", "public"),
+        default="local-or-token",
+        help="who may read /metrics: a client on this host or a token with the 'metrics' "
+        "scope (default), only such a token, or anyone",
+    )
+    parser.add_argument(
         "--ephemeral",
         action="store_true",
         help="keep channels in memory only: they are gone when the DSN stops",
@@ -138,6 +145,7 @@ def _run(args: argparse.Namespace) -> int:
             producer_host=args.producer_host,
             reap_interval=args.reap_interval,
             state_dir=store_dir,
+            metrics_access=args.metrics,
         )
         try:
             url = await node.start(args.port)
