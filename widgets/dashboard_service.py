@@ -17,7 +17,8 @@ client settings. What a browser (and the browser tests) sees:
 * ``p/<project>/data.json`` — the same numbers and figure data as JSON (401/403 JSON otherwise).
 * ``api/status`` — subscriptions (one monitor consumer per channel, shared by all viewers), open
   consumers, the DSN's own count of monitor viewers, and active viewer pages, for the caller's
-  projects (admins: all). ``api/health`` — unauthenticated liveness.
+  projects (admins: all). ``api/health`` and ``healthz`` — unauthenticated liveness; ``metrics``
+  — viewers and subscriptions in Prometheus text format, for this host.
 
 JSON errors have the one shape of :mod:`beamhub.auth.api` (``{"reason", "message", "field"?}``).
 The dashboard never opens the signing key: it asks the token service for its ``stream.read``
@@ -44,8 +45,10 @@ from tornado import httpserver, web
 
 from beamhub.auth.api import ApiError, JsonApiHandler, log_request
 from beamhub.auth.home import state_dir
+from beamhub.auth.metrics import METRICS_ACCESS, HealthzHandler, MetricsHandler
 from beamhub.auth.mint_client import MintForClient
 from beamhub.widgets.dashboard import Dashboard, TokenSource
+from beamhub.widgets.dashboard_metrics import render_metrics
 
 __all__ = [
     "DASHBOARD_USER",
@@ -317,8 +320,11 @@ def build_app(
     *,
     update_hz: float = 2.0,
     cookie_secret: bytes | None = None,
+    metrics: str = "local-or-token",
 ) -> web.Application:
-    """The tornado app (JupyterHub's HubOAuth settings come from the service environment)."""
+    """The tornado app (JupyterHub's HubOAuth settings come from the service environment).
+    ``metrics``: who may read ``metrics``; the dashboard verifies no project tokens, so only
+    ``local-or-token`` (this host) or ``public`` let anyone read them."""
     from bokeh.util.paths import bokehjs_path
 
     if not 0.2 <= update_hz <= 5.0:
@@ -332,6 +338,17 @@ def build_app(
             (p + r"p/([A-Za-z0-9_.-]+)/data\.json", DataHandler, args),
             (p + "api/status", StatusHandler, args),
             (p + "api/health", HealthHandler, args),
+            (p + "healthz", HealthzHandler, {"service": "the shared dashboard"}),
+            (
+                p + "metrics",
+                MetricsHandler,
+                {
+                    "service": "the shared dashboard",
+                    "access": metrics,
+                    "verifier": None,  # it verifies no project tokens: this host only
+                    "render": lambda: render_metrics(dashboard),
+                },
+            ),
             (p + "oauth_callback", OAuthCallbackHandler),
             (p + "static/(.*)", web.StaticFileHandler, {"path": str(bokehjs_path())}),
         ],
@@ -382,6 +399,12 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=600.0,
         help="unsubscribe from a project nobody watched this long (0 = never)",
+    )
+    p.add_argument(
+        "--metrics",
+        choices=METRICS_ACCESS,
+        default="local-or-token",
+        help="who may read metrics: a client on this host (default) or anyone ('public')",
     )
     return p
 
@@ -441,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:0"))
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/dashboard/")
     try:
-        app = build_app(dashboard, prefix, update_hz=args.update_hz)
+        app = build_app(dashboard, prefix, update_hz=args.update_hz, metrics=args.metrics)
     except ValueError as exc:
         dashboard.close()
         print(f"dashboard: {exc}", file=sys.stderr)

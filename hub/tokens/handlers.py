@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
@@ -20,6 +20,7 @@ from tornado import httputil
 from beamhub.auth.api import ApiError, JsonApiHandler
 from beamhub.auth.roles import FACILITY_SCOPES, ROLES
 from beamhub.auth.tokens import TokenError, TokenVerifier
+from beamhub.hub.tokens.metrics import TokenMetrics
 from beamhub.hub.tokens.store import Delegator, IssuedToken, MintRefused, TokenStore
 
 __all__ = [
@@ -92,6 +93,7 @@ class ServiceContext:
     verifier: TokenVerifier
     revocation_poll: float
     refresh_grace: int = REFRESH_GRACE
+    metrics: TokenMetrics = field(default_factory=TokenMetrics)
 
 
 def server_of(model: dict[str, Any]) -> str | None:
@@ -111,10 +113,35 @@ class BaseHandler(HubOAuthenticated, JsonApiHandler):
 
     max_body = MAX_BODY
     service = "the token service"
+    #: what a success of this handler counts (:mod:`beamhub.hub.tokens.metrics`)
+    metric_event = ""
+    #: how many tokens it issued/revoked, and their kind (set by the handler)
+    metric_count = 1
+    metric_kind = "user"
 
     def initialize(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self._fields: dict[str, Any] | None = None
+        self._refusal = ""
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        self._refusal = exc.reason if isinstance(exc, ApiError) else "http"
+        super().write_error(status_code, **kwargs)
+
+    def on_finish(self) -> None:
+        status, metrics = self.get_status(), self.ctx.metrics
+        if 400 <= status < 500:
+            endpoint = type(self).__name__.removesuffix("Handler").lower() or "unknown"
+            metrics.refused.labels(endpoint, self._refusal or "http").inc()
+        elif status < 300 and self.request.method == "POST" and self.metric_event:
+            if self.metric_event == "issued":
+                metrics.issued.labels(self.metric_kind).inc(self.metric_count)
+            elif self.metric_event == "refreshed":
+                metrics.refreshed.inc(self.metric_count)
+            elif self.metric_event == "revoked":
+                metrics.revoked.inc(self.metric_count)
+        super().on_finish()
 
     def get_login_url(self) -> str:
         raise ApiError(
@@ -296,6 +323,8 @@ class RevokeHandler(BaseHandler):
     revoked with its whole family (every refresh of that delegation, before and after it), so no
     earlier or later link keeps working; ``family_revoked`` counts the others revoked now."""
 
+    metric_event = "revoked"
+
     def post(self) -> None:
         user = self.require_user()
         data = self.fields({"jti": (str,)}, {"jti"})
@@ -327,6 +356,7 @@ class RevokeHandler(BaseHandler):
             not changed,
             len(others),
         )
+        self.metric_count = int(changed) + len(others)
         self.write_json(
             {"revoked": record.jti, "already_revoked": not changed, "family_revoked": len(others)}
         )
@@ -341,6 +371,8 @@ class RefreshHandler(BaseHandler):
     within ``refresh_grace`` seconds of its expiry, and only by the server it was delegated to
     (that server's own JupyterHub API token).
     """
+
+    metric_event = "refreshed"
 
     def post(self) -> None:
         caller = self.require_user()
@@ -457,6 +489,8 @@ def _minted(token: str, claims: dict[str, Any]) -> dict[str, Any]:
 class MintHandler(BaseHandler):
     """``POST api/tokens`` mints a token for external software; ``GET`` lists the caller's."""
 
+    metric_event = "issued"
+
     FIELDS = {"project": (str,), "scopes": (list, str), "ttl": (int,), "description": (str,)}
 
     def get(self) -> None:
@@ -493,6 +527,8 @@ class MintForHandler(BaseHandler):
     the register, the enclave's lifetime cap; its kind is ``server`` or ``service``; it is recorded.
     """
 
+    metric_event = "issued"
+
     FIELDS = {
         "sub": (str,),
         "project": (str,),
@@ -524,6 +560,7 @@ class MintForHandler(BaseHandler):
                 "(user tokens are minted by their owner at api/tokens)",
                 field="kind",
             )
+        self.metric_kind = kind
         if not self.ctx.store.known_user(sub):
             raise ApiError(
                 404,

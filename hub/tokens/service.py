@@ -28,6 +28,7 @@ from tornado import httpserver, web
 
 from beamhub.auth.api import log_request
 from beamhub.auth.home import token_dir
+from beamhub.auth.metrics import METRICS_ACCESS, HealthzHandler, MetricsHandler
 from beamhub.auth.roles import ROLES
 from beamhub.auth.tokens import (
     DEFAULT_AUDIENCE,
@@ -69,7 +70,10 @@ def _log_request(handler: web.RequestHandler) -> None:
     log_request(handler, log)
 
 
-def make_app(ctx: ServiceContext, prefix: str = "/services/tokens/") -> web.Application:
+def make_app(
+    ctx: ServiceContext, prefix: str = "/services/tokens/", metrics: str = "local-or-token"
+) -> web.Application:
+    """The service's routes; ``metrics``: who may read ``metrics`` (:mod:`beamhub.auth.metrics`)."""
     p = prefix if prefix.endswith("/") else prefix + "/"
     routes = [
         (p, PageHandler),
@@ -86,6 +90,19 @@ def make_app(ctx: ServiceContext, prefix: str = "/services/tokens/") -> web.Appl
     ]
     handlers: list[Any] = [(r, h, {"ctx": ctx}) for r, h in routes]
     handlers.append((p + "oauth_callback", OAuthCallbackHandler))
+    handlers.append((p + "healthz", HealthzHandler, {"service": "the token service"}))
+    handlers.append(
+        (
+            p + "metrics",
+            MetricsHandler,
+            {
+                "service": "the token service",
+                "access": metrics,
+                "verifier": ctx.verifier,
+                "render": lambda: _render_metrics(ctx),
+            },
+        )
+    )
     return web.Application(
         handlers,
         default_handler_class=NotFoundHandler,
@@ -95,6 +112,13 @@ def make_app(ctx: ServiceContext, prefix: str = "/services/tokens/") -> web.Appl
         log_function=_log_request,
         xsrf_cookies=False,  # JupyterHub's HubOAuth checks _xsrf itself for cookie-authenticated POSTs
     )
+
+
+def _render_metrics(ctx: ServiceContext) -> bytes:
+    from prometheus_client import generate_latest
+
+    ctx.metrics.signing_keys.set(len(ctx.delegator.issuer.jwks().get("keys", [])))
+    return generate_latest(ctx.metrics.registry)
 
 
 def parse_service_subjects(text: str) -> dict[str, dict[str, str]]:
@@ -166,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         help='token subjects of services and their project roles, JSON: {"beamhub-dashboard": '
         '{"*": "viewer"}, "beamhub-detector": {"p-1001": "operator"}} ("*": every known project)',
     )
+    parser.add_argument(
+        "--metrics",
+        choices=METRICS_ACCESS,
+        default="local-or-token",
+        help="who may read metrics: a client on this host or a token with the 'metrics' "
+        "scope (default), only such a token, or anyone",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s tokens %(levelname)s %(message)s")
     try:
@@ -186,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/tokens/")
 
     async def run() -> None:
-        server = httpserver.HTTPServer(make_app(ctx, prefix), max_body_size=MAX_UPLOAD)
+        server = httpserver.HTTPServer(
+            make_app(ctx, prefix, args.metrics), max_body_size=MAX_UPLOAD
+        )
         server.listen(url.port or 0, url.hostname or "127.0.0.1")
         log.info("token service listening on %s%s", url.geturl().rstrip("/"), prefix)
         stop = asyncio.Event()

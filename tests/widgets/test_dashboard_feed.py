@@ -211,3 +211,39 @@ async def test_access_log_leaves_out_query_strings(caplog) -> None:
         server.stop()
         await server.close_all_connections()
         dashboard.close()
+
+
+def test_metrics_count_viewers_for_this_host_only() -> None:
+    """/metrics over real HTTP: open viewer pages by project; a client forwarded from elsewhere
+    is refused (the dashboard verifies no tokens); /healthz answers without a login."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.httpserver import ServerThread
+
+    dashboard = Dashboard("http://127.0.0.1:9", lambda p: ("", 0.0))
+    try:
+        dashboard.feeds["p-1001"] = dashboard.feed("p-1001")
+        dashboard.touch("p-1001", "page-a", "alice")
+        dashboard.touch("p-1001", "page-b", "alice")
+        dashboard.touch("p-1001", "page-c", "bob")
+        with ServerThread(build_app(dashboard)) as server:
+            base = f"http://127.0.0.1:{server.port}/services/dashboard/"
+            r = requests.get(base + "metrics", timeout=10)
+            assert r.status_code == 200, r.text
+            got = {
+                (s.name, tuple(s.labels.values())): s.value
+                for f in text_string_to_metric_families(r.text)
+                for s in f.samples
+            }
+            assert got[("beamhub_dashboard_viewers", ("p-1001",))] == 3
+            assert got[("beamhub_dashboard_viewer_users", ("p-1001",))] == 2
+            assert ("beamhub_dashboard_subscriptions", ("p-1001",)) in got
+            r = requests.get(
+                base + "metrics", headers={"X-Forwarded-For": "203.0.113.9"}, timeout=10
+            )
+            assert r.status_code == 401 and r.json()["reason"] == "unauthenticated", r.text
+            r = requests.get(base + "healthz", timeout=10)
+            assert r.status_code == 200 and r.json()["status"] == "ok"
+    finally:
+        dashboard.close()
