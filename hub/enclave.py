@@ -44,6 +44,7 @@ _FIELDS = {
     "audit_required",
     "audit_fsync",
     "qos_tiers",
+    "dsn_template",
 }
 _MODES = ("l4", "l7")
 _FSYNC = ("always", "interval", "never")
@@ -69,6 +70,8 @@ class EnclaveProfile:
     audit_required: bool
     audit_fsync: str
     qos_tiers: tuple[str, ...]
+    #: the DSN channel template a deployment of this enclave gets unless it names a stricter one
+    dsn_template: str = "streaming/templates/default.yaml"
 
 
 def load_profile(name_or_path: str | os.PathLike) -> EnclaveProfile:
@@ -90,7 +93,7 @@ def parse_profile(doc: Any, where: str = "profile") -> EnclaveProfile:
     """Validate a parsed profile; every error names the field and what it must be."""
     if not isinstance(doc, Mapping):
         raise EnclaveError(f"{where}: a profile is a mapping of {sorted(_FIELDS)}")
-    unknown, missing = set(doc) - _FIELDS, _FIELDS - set(doc) - {"description"}
+    unknown, missing = set(doc) - _FIELDS, _FIELDS - set(doc) - {"description", "dsn_template"}
     if unknown:
         raise EnclaveError(f"{where}: unknown field(s) {sorted(unknown)}")
     if missing:
@@ -143,6 +146,7 @@ def parse_profile(doc: Any, where: str = "profile") -> EnclaveProfile:
         audit_required=boolean("audit_required"),
         audit_fsync=doc["audit_fsync"],
         qos_tiers=names("qos_tiers"),
+        dsn_template=str(doc.get("dsn_template") or "streaming/templates/default.yaml"),
     )
 
 
@@ -222,10 +226,11 @@ def check_deployment(
         Template,  # the DSN's admin template says modes/encryption
     )
 
-    template_path = resolve_path(dep.dsn.template, base) if dep.dsn.template else None
+    # the deployment's template, else the one its own enclave's profile brings
+    named = dep.dsn.template or current.dsn_template
     try:
-        template = Template.load(template_path)
-        where = str(dep.dsn.template or "built-in default template")
+        template = Template.load(resolve_path(named, base))
+        where = str(named) + ("" if dep.dsn.template else f" (the {current.name} enclave's)")
     except (OSError, ValueError) as exc:
         out.append(
             Requirement(

@@ -481,14 +481,15 @@ class Template:
 
     def _encryption(self, request: Mapping) -> tuple[bool, tuple[str, ...], tuple[str, ...]]:
         """Every channel is CURVE (a credential on every channel, also in dev); with
-        ``encryption_required`` the request must also name the producers' and consumers' keys,
-        otherwise clients may register theirs afterwards (``POST .../credentials``)."""
+        ``encryption_required`` the request must also name the producers' keys, so the channel
+        never exists without one. Consumers (and further producers) register theirs afterwards
+        with their own token (``POST .../credentials``): who reads is not known at creation."""
         encryption = request.get("encryption", True)
         if not isinstance(encryption, bool):
             raise TemplateViolation("encryption", True, "encryption: true (or leave it out)")
         if not encryption:
             how = (
-                "send the CURVE public keys of the producer(s) and consumer(s)"
+                "send the CURVE public keys of the producer(s)"
                 if self.encryption_required
                 else "clients register their CURVE keys with POST /api/channels/ID/credentials"
             )
@@ -517,7 +518,7 @@ class Template:
                         "public key (make one with zmq.curve_keypair())",
                     )
             keys[name] = tuple(value)
-            if require_keys and not value:
+            if require_keys and name == "producer_keys" and not value:
                 raise TemplateViolation(
                     name,
                     None,

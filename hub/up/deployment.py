@@ -243,6 +243,11 @@ class Deployment:
         return self.rules.mfa_required
 
     @property
+    def dsn_template(self) -> str:
+        """The DSN's channel template: dsn.template, else the one the enclave profile brings."""
+        return self.dsn.template or self.rules.dsn_template
+
+    @property
     def max_token_ttl(self) -> int:
         cap = self.rules.max_token_ttl
         if self.tokens.max_ttl is not None:
@@ -538,8 +543,53 @@ def load_deployment(path: str | os.PathLike | None = None) -> Deployment:
             raise DeploymentError(
                 "<top>", "expected a mapping of sections (enclave, hub, ...)", src
             )
-        data = _merge(yaml.safe_load(default_deployment_path().read_text()), data or {})
+        explicit = data or {}
+        data = _merge(yaml.safe_load(default_deployment_path().read_text()), explicit)
+    else:
+        explicit = {}
     dep = _build(Deployment, data, "", src)
     dep.source = src
+    tokens = explicit.get("tokens") if isinstance(explicit, dict) else None
+    if dep.enclave in ENCLAVES and not (isinstance(tokens, dict) and "ttl" in tokens):
+        try:  # the enclave brings its token lifetime
+            dep.tokens.ttl = min(dep.tokens.ttl, dep.max_token_ttl)
+        except DeploymentError as exc:
+            raise DeploymentError(exc.field, exc.message, src) from exc
     _validate(dep, src)
+    _validate_profile(dep, src)
     return dep
+
+
+#: beamhub.yaml field to name when a setting is looser than the enclave's profile allows.
+_PROFILE_FIELDS = {
+    "mfa": "identity.require_mfa",
+    "token_ttl": "tokens.ttl",
+    "dsn_template": "dsn.template",
+    "dsn_modes": "dsn.template",
+    "encryption": "dsn.template",
+    "rate_limit_token": "gateway.rate_per_s",
+    "rate_limit_project": "gateway.project_rate_per_s",
+    "audit": "gateway.enabled",
+    "qos_tiers": "scheduler.tiers",
+}
+
+
+def _validate_profile(dep: Deployment, src: str) -> None:
+    """The enclave's profile brings its defaults (MFA, token lifetime, channel template, rate
+    limits, audit); an explicit setting may tighten them, never loosen (an error naming it).
+
+    The identity provider and the tenancy are left to `beamhub up` and `beamhub check`: the
+    embedded dev IdP may stand in for a facility's while testing, and tenancy depends on root.
+    """
+    from beamhub.hub.enclave import check_deployment
+
+    source = Path(src)
+    base = source.resolve().parent if source.is_file() else None
+    for req in check_deployment(dep, dep.rules, base):
+        if not req.ok and req.name in _PROFILE_FIELDS:
+            raise DeploymentError(
+                _PROFILE_FIELDS[req.name],
+                f"looser than the {dep.enclave} enclave allows: it requires {req.required}, "
+                f"this deployment has {req.actual}; {req.fix}",
+                src,
+            )

@@ -124,21 +124,23 @@ class DetectorFeed:
             return 0, {"reason": "unreachable", "message": str(exc)}
 
     def _create_channel(self) -> dict[str, Any]:
-        live = {"stream": self.cfg["stream"], "mode": "l7", "when_no_consumer": "drop"}
-        status, answer = self._call("POST", "/api/channels", live)
-        if status == 400 and answer.get("field") in ("mode", "when_no_consumer"):
+        # the producer's key named at creation: a template that requires encryption wants it
+        mine = {"stream": self.cfg["stream"], "producer_keys": [self._keypair[0].decode()]}
+        status, answer = self._call(
+            "POST", "/api/channels", {**mine, "mode": "l7", "when_no_consumer": "drop"}
+        )
+        if status in (400, 403) and answer.get("field") in ("mode", "when_no_consumer"):
             self.notes.append(
                 f"detector channel waits for a work consumer (the DSN template refused "
                 f"{answer['field']}: {answer.get('message')}); the dashboard shows frames once "
                 "analysis connects"
             )
-            status, answer = self._call("POST", "/api/channels", {"stream": self.cfg["stream"]})
+            status, answer = self._call("POST", "/api/channels", mine)
         if status != 201:
-            raise FeedError(f"the DSN refused the detector's channel: {answer}")
-        key = {"face": "producer", "public_key": self._keypair[0].decode()}
-        status, cred = self._call("POST", f"/api/channels/{answer['id']}/credentials", key)
-        if status != 201:
-            raise FeedError(f"the DSN refused the detector's producer key: {cred}")
+            raise FeedError(
+                f"the DSN refused the detector's channel ({status} {answer.get('reason')}, "
+                f"field {answer.get('field')!r}): {answer.get('message')}"
+            )
         return answer
 
     def _existing_channel(self) -> dict[str, Any] | None:

@@ -353,8 +353,7 @@ class Stack:
             "--revocation-poll",
             str(dep.tokens.revocation_poll),
         ]
-        if dep.dsn.template:
-            argv += ["--template", str(self._resolve(dep.dsn.template))]
+        argv += ["--template", str(self._resolve(dep.dsn_template))]
         await self._start("dsn", argv, ready=lambda: http_ok(url + "/api/health"))
         self.urls["dsn"] = url
 

@@ -18,7 +18,6 @@ enclave: moderate
 hub: {port: 0}
 dsn: {enabled: false}
 detector: {enabled: false}
-gateway: {enabled: false}
 """
 
 

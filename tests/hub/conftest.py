@@ -32,7 +32,6 @@ hub: {port: 0}
 tokens: {ttl: 300, revocation_poll: 1.0}
 dsn: {enabled: false}
 detector: {enabled: false}
-gateway: {enabled: false}
 """
 
 

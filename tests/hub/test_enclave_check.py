@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from beamhub.hub.enclave import ENCLAVE_NAMES, EnclaveError, load_profile, parse_profile
+from beamhub.hub.enclave import (
+    ENCLAVE_NAMES,
+    EnclaveError,
+    check_deployment,
+    load_profile,
+    parse_profile,
+)
+from beamhub.hub.up.deployment import DeploymentError, load_deployment
 
 REPO = Path(__file__).resolve().parents[2]
 MODERATE_TEMPLATE = REPO / "streaming" / "templates" / "moderate.yaml"
@@ -92,23 +99,58 @@ def test_moderate_ready_config_passes(tmp_path: Path) -> None:
     assert res.returncode == 1 and "FAIL  token_ttl" in res.stdout
 
 
-@pytest.mark.parametrize(
-    "overrides,failing",
-    [
-        ({"gateway": {"rate_per_s": 100.0, "burst": 500}}, "rate_limit_token"),
-        ({"gateway": {"project_rate_per_s": 10.0, "project_burst": 1000}}, "rate_limit_project"),
-        ({"gateway": {"enabled": False}}, "audit"),
-        ({"identity": {"require_mfa": False}}, "mfa"),
-        ({"dsn": {"template": "streaming/templates/default.yaml"}}, "dsn_modes"),
-    ],
-)
-def test_each_requirement_fails_alone(tmp_path: Path, overrides: dict, failing: str) -> None:
-    res = beamhub_check("--enclave", "moderate", str(moderate_ready(tmp_path, **overrides)))
-    assert res.returncode == 1
+LOOSER = [
+    ({"gateway": {"rate_per_s": 30.0, "burst": 60}}, "rate_limit_token", "gateway.rate_per_s"),
+    (
+        {"gateway": {"project_rate_per_s": 10.0, "project_burst": 300}},
+        "rate_limit_project",
+        "gateway.project_rate_per_s",
+    ),
+    ({"gateway": {"enabled": False}}, "audit", "gateway.enabled"),
+    ({"identity": {"require_mfa": False}}, "mfa", "identity.require_mfa"),
+    ({"dsn": {"template": "streaming/templates/default.yaml"}}, "dsn_modes", "dsn.template"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "failing", "field"), LOOSER)
+def test_each_requirement_fails_alone(
+    tmp_path: Path, overrides: dict, failing: str, field: str
+) -> None:
+    """A dev deployment that is moderate-ready but for one setting: `check` names it."""
+    overrides = {"identity": {"require_mfa": True}, **overrides}
+    path = moderate_ready(tmp_path, enclave="dev", **overrides)
+    res = beamhub_check("--enclave", "moderate", str(path))
+    assert res.returncode == 1, res.stdout + res.stderr
     failed = [
         line.split()[1] for line in res.stdout.splitlines() if line.strip().startswith("FAIL")
     ]
     assert failing in failed and (len(failed) == 1 or failing == "dsn_modes")
+
+
+@pytest.mark.parametrize(("overrides", "failing", "field"), LOOSER)
+def test_a_setting_looser_than_the_enclave_is_an_error_naming_it(
+    tmp_path: Path, overrides: dict, failing: str, field: str
+) -> None:
+    with pytest.raises(DeploymentError) as err:
+        load_deployment(moderate_ready(tmp_path, **overrides))
+    assert err.value.field == field and "looser than the moderate enclave" in str(err.value)
+
+
+@pytest.mark.parametrize("enclave", ["open", "moderate", "leadership"])
+def test_the_enclave_alone_brings_its_defaults(tmp_path: Path, enclave: str) -> None:
+    """`enclave: X` and nothing else: the profile's template, token lifetime, MFA, limits."""
+    path = tmp_path / "beamhub.yaml"
+    path.write_text(f"enclave: {enclave}\n")
+    dep = load_deployment(path)
+    profile = load_profile(enclave)
+    assert dep.dsn_template == profile.dsn_template
+    assert dep.tokens.ttl <= profile.max_token_ttl and dep.max_token_ttl == profile.max_token_ttl
+    assert dep.mfa_required is profile.mfa_required
+    failed = {r.name for r in check_deployment(dep, profile) if not r.ok}
+    assert failed <= {"identity", "tenancy"}, failed  # what beamhub up / check decide at start
+    # and a stricter setting is welcome
+    path.write_text(f"enclave: {enclave}\ntokens: {{ttl: 60}}\n")
+    assert load_deployment(path).tokens.ttl == 60
 
 
 def test_bad_enclave_and_bad_deployment_are_reported(tmp_path: Path) -> None:

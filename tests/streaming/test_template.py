@@ -152,6 +152,9 @@ def test_moderate_requires_encryption_and_l7(moderate: Template) -> None:
     assert (exc.field, exc.limit) == ("max_rate_hz", 240.0)
     params = moderate.check({"stream": "x", **keys})  # encryption defaults to required
     assert params.encryption and params.producer_keys == (KEY,) and params.mode == "l7"
+    # consumers are not known at creation: each registers her key later with her own token
+    params = moderate.check({"stream": "x", "producer_keys": [KEY]})
+    assert params.consumer_keys == ()
     assert params.max_rate_hz == 120.0 and params.hwm == 200
 
 
