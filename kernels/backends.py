@@ -176,11 +176,18 @@ async def open_scheduler(config: SchedulerConfig) -> Scheduler:
     else:
         scheduler = cls(policy=policy, **config.options)
     _SCHEDULERS[key] = scheduler
+    from beamhub.kernels.metrics import track
+
+    track(scheduler)  # queued/running by tier, preemptions, time-to-start (/hub/metrics)
     return scheduler
 
 
 async def close_schedulers() -> None:
     """Close every backend this process opened on the running loop (jobs keep running)."""
     loop_id = id(asyncio.get_running_loop())
+    from beamhub.kernels.metrics import untrack
+
     for key in [k for k in _SCHEDULERS if k[1] == loop_id]:
-        await _SCHEDULERS.pop(key).close()
+        scheduler = _SCHEDULERS.pop(key)
+        await untrack(scheduler)
+        await scheduler.close()
