@@ -35,6 +35,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from beamhub.auth.api import ApiError, JsonApiHandler, log_request
+from beamhub.auth.metrics import HealthzHandler
 from beamhub.auth.roles import ADMIN_SCOPE, METRICS_SCOPE
 from beamhub.auth.tokens import Claims, TokenError, TokenVerifier
 from beamhub.hub.gateway.anchor import AuditAnchor
@@ -408,6 +409,9 @@ class Gateway:
             for regex, ops in routes(self.openapi)
         ]
         handlers.append((rf"{re.escape(self.base_url)}metrics", MetricsHandler, {"gateway": self}))
+        handlers.append(
+            (rf"{re.escape(self.base_url)}healthz", HealthzHandler, {"service": "the gateway"})
+        )
         return tornado.web.Application(
             handlers,
             default_handler_class=NotFoundHandler,

@@ -118,6 +118,8 @@ async def test_metrics_for_this_host_or_a_metrics_token(keys: Keys, tmp_path: Pa
         base = s.url.replace("/api/v1", "")
         assert (await call(base, "GET", "/metrics"))[0] == 401
         assert (await call(base, "GET", "/metrics", keys.token(scopes="metrics")))[0] == 200
+        code, body, _ = await call(base, "GET", "/healthz")  # liveness needs no token
+        assert code == 200 and body == {"status": "ok", "service": "the gateway"}
 
 
 async def test_a_100_mb_declared_body_is_a_json_413_unread(keys: Keys, tmp_path: Path) -> None:
