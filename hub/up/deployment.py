@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import shutil
 import types
 import typing
 from dataclasses import dataclass, field
@@ -217,6 +218,23 @@ class DashboardConfig:
 
 
 @dataclass
+class MonitoringConfig:
+    """A real Prometheus under `beamhub up` (:mod:`beamhub.hub.up.monitoring`); off by default."""
+
+    enabled: bool = False
+    #: its web UI and HTTP API on 127.0.0.1 (0 = any free port, kept in ports.json)
+    port: int = 0
+    scrape_interval_s: float = 15.0
+    #: how long a service must be down before the ServiceDown alert fires
+    down_after_s: float = 30.0
+    #: a beamtime job (a beamtime server too) should start within this many seconds (p90)
+    beamtime_start_target_s: float = 60.0
+    retention_days: int = 15
+    #: the Prometheus binary (Debian package prometheus)
+    binary: str = "prometheus"
+
+
+@dataclass
 class Deployment:
     enclave: str = "dev"
     state_dir: str = ""
@@ -229,6 +247,7 @@ class Deployment:
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     tenancy: TenancyConfig = field(default_factory=TenancyConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     #: where this deployment was read from ("<embedded defaults>" if none)
     source: str = "<embedded defaults>"
 
@@ -511,6 +530,37 @@ def _validate(dep: Deployment, src: str) -> None:
         raise DeploymentError("scheduler.nodes", "must be >= 1", src)
     _validate_maintenance(dep.gateway.maintenance, src)
     _validate_tenancy(dep, src)
+    _validate_monitoring(dep.monitoring, src)
+
+
+def _validate_monitoring(mon: MonitoringConfig, src: str) -> None:
+    """Bounds of the monitoring: section; the binary only when it is enabled."""
+    _check_port(mon.port, "monitoring.port", src)
+    if not 1.0 <= mon.scrape_interval_s <= 3600:
+        raise DeploymentError(
+            "monitoring.scrape_interval_s",
+            f"{mon.scrape_interval_s} is outside 1..3600 seconds between scrapes",
+            src,
+        )
+    if not 0 <= mon.down_after_s <= 86400:
+        raise DeploymentError(
+            "monitoring.down_after_s", f"{mon.down_after_s} is outside 0..86400 seconds", src
+        )
+    if mon.beamtime_start_target_s <= 0:
+        raise DeploymentError(
+            "monitoring.beamtime_start_target_s", "must be a positive number of seconds", src
+        )
+    if not 1 <= mon.retention_days <= 3650:
+        raise DeploymentError(
+            "monitoring.retention_days", f"{mon.retention_days} is outside 1..3650 days", src
+        )
+    if mon.enabled and shutil.which(mon.binary) is None:
+        raise DeploymentError(
+            "monitoring.binary",
+            f"{mon.binary!r} is not installed: apt-get install prometheus (Debian), or name "
+            "the binary here, or set monitoring.enabled: false",
+            src,
+        )
 
 
 def _merge(base: Any, over: Any) -> Any:
