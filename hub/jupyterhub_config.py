@@ -207,6 +207,29 @@ def configure(c: Any, rt: dict[str, Any]) -> None:
             }
         )
     _mint_for_roles(c, subjects, rt["hub_api_token"])
+    _metrics_scraper(c, state)
+
+
+def _metrics_scraper(c: Any, state: Path) -> None:
+    """With `monitoring:` on, Prometheus reads /hub/metrics with a token that may do nothing
+    else (read:metrics); `beamhub up` writes the token before the hub starts
+    (:mod:`beamhub.hub.up.monitoring`) and removes it when monitoring is off."""
+    from beamhub.hub.up.monitoring import HUB_METRICS_SERVICE, hub_metrics_token_path
+
+    path = hub_metrics_token_path(state)
+    if not path.exists():
+        return
+    c.JupyterHub.services.append(
+        {"name": HUB_METRICS_SERVICE, "api_token": path.read_text().strip()}
+    )
+    c.JupyterHub.load_roles.append(
+        {
+            "name": HUB_METRICS_SERVICE,
+            "description": "Prometheus reads the hub's metrics",
+            "scopes": ["read:metrics"],
+            "services": [HUB_METRICS_SERVICE],
+        }
+    )
 
 
 def _mint_for_roles(c: Any, subjects: dict[str, dict[str, Any]], hub_api_token: str) -> None:

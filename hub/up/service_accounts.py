@@ -1,7 +1,7 @@
 """Each service of `beamhub up` under a system account of its own, its secrets in its own folder.
 
 As root, `beamhub up` runs the identity provider, the DSN, the proxy, the token service, the
-dashboard and the detector feed each as ``beamhub-<service>`` (a system account: no login shell,
+dashboard, the detector feed and Prometheus (``monitoring:``) each as ``beamhub-<service>`` (a system account: no login shell,
 no password), all members of the group ``beamhub``, which alone may enter the state dir
 (``0710 root:beamhub``: users cannot even traverse it, SLURM jobs included). Each service owns
 ``$STATE/<service>/`` (0700, its HOME): the token service's folder holds the signing key and the
@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 #: Services that run as an account of their own (the hub and the gateway stay root).
-SERVICES = ("idp", "dsn", "proxy", "tokens", "dashboard", "detector")
+SERVICES = ("idp", "dsn", "proxy", "tokens", "dashboard", "detector", "prometheus")
 #: The group whose members may enter the state dir.
 GROUP = "beamhub"
 #: Files of the token service that lived at the top of the state dir before it had a folder.

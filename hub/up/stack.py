@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from beamhub.hub.enclave import resolve_path
-from beamhub.hub.up import npm, totp
+from beamhub.hub.up import monitoring, npm, totp
 from beamhub.hub.up.deployment import Deployment
 from beamhub.hub.up.detector_feed import DETECTOR_USER, feed_config
 from beamhub.hub.up.idp import EmbeddedIdP, IdPError
@@ -152,6 +152,9 @@ class Stack:
         dep, state = self.dep, self.state
         await asyncio.to_thread(self._prepare_accounts)
         self._choose_ports()
+        # --- monitoring (hub/up/monitoring.py): Prometheus, before the hub learns its token ---
+        await monitoring.start(self)
+        # --- end monitoring ---
         ip = dep.hub.ip
         public = f"http://{ip}:{self.ports['public']}"
         self.public = public
