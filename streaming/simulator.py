@@ -22,7 +22,15 @@ import numpy as np
 
 from beamhub.streaming.params import ParamSet, ParamSpec
 
-__all__ = ["SIM_PARAMS", "SimulatedDetector", "effective_hit_fraction", "lattice_two_theta"]
+__all__ = [
+    "SIM_PARAMS",
+    "SimulatedDetector",
+    "effective_hit_fraction",
+    "follows_jet_model",
+    "frames_to_tell",
+    "jet_tolerance",
+    "lattice_two_theta",
+]
 
 #: Jet centre and width (µm) for the sample-position model of a liquid crystal jet.
 JET_CENTRE_UM = 0.0
@@ -106,6 +114,39 @@ SIM_PARAMS = (
 def effective_hit_fraction(hit_fraction: float, sample_position_um: float) -> float:
     """The hit fraction seen when the jet is ``sample_position_um`` away from the beam."""
     return hit_fraction * math.exp(-(((sample_position_um - JET_CENTRE_UM) / JET_WIDTH_UM) ** 2))
+
+
+def jet_tolerance(expected: float, n: int, sigmas: float = 4.0) -> float:
+    """How far a hit rate counted over ``n`` frames may lie from ``expected`` by chance alone:
+    ``sigmas`` binomial standard deviations (for a rate near 0, as if one hit in ``n``)."""
+    return sigmas * math.sqrt(max(expected * (1 - expected), 1 / n) / n)
+
+
+def frames_to_tell(hit_fraction: float, moved_um: float, *, at_least: int = 100) -> int:
+    """Frames to count at each position so that the jet in the beam and the jet ``moved_um``
+    away cannot be mistaken for each other: their tolerances do not overlap. Without that, a
+    check of the rates against the model passes whether or not the jet moved."""
+    inside = effective_hit_fraction(hit_fraction, JET_CENTRE_UM)
+    outside = effective_hit_fraction(hit_fraction, moved_um)
+    n = at_least
+    while jet_tolerance(inside, n) + jet_tolerance(outside, n) >= inside - outside:
+        n = math.ceil(n * 1.25)
+        if n > 100_000:
+            raise ValueError(
+                f"hit_fraction {hit_fraction} with the jet moved {moved_um} µm: the rates are too "
+                "close to tell apart; raise hit_fraction or move the jet further"
+            )
+    return n
+
+
+def follows_jet_model(rates: list[tuple[float, float]], hit_fraction: float, n: int) -> bool:
+    """True when every ``(sample_position_um, hit rate over n frames)`` lies within
+    :func:`jet_tolerance` of the jet model's hit fraction at that position."""
+    return all(
+        abs(rate - effective_hit_fraction(hit_fraction, x))
+        <= jet_tolerance(effective_hit_fraction(hit_fraction, x), n)
+        for x, rate in rates
+    )
 
 
 def lattice_two_theta(
