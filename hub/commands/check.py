@@ -23,6 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="beamhub.yaml to check (default: the embedded defaults)",
     )
     parser.add_argument("--json", action="store_true", help="print the requirements as JSON")
+    parser.add_argument(
+        "--no-probe",
+        action="store_true",
+        help="read the configuration only; by default the running `beamhub up` is also probed "
+        "(a member's code reading secrets, a channel without its credential, a revoked token)",
+    )
     parser.set_defaults(func=_check)
 
 
@@ -40,6 +46,17 @@ def _check(args: argparse.Namespace) -> int:
         return 2
     base = Path(args.deployment).resolve().parent if args.deployment else None
     results = check_deployment(dep, target, base)
+    probed = "not asked (--no-probe)"
+    if not args.no_probe:
+        from beamhub.auth.home import state_dir
+        from beamhub.hub.probes import ProbeUnavailable, run_probes
+
+        state = Path(dep.state_dir).expanduser() if dep.state_dir else state_dir()
+        try:
+            results += run_probes(state, [u.username for u in dep.identity.users])
+            probed = f"the `beamhub up` on {state}"
+        except ProbeUnavailable as exc:
+            probed = f"nothing: {exc}"
     failed = [r for r in results if not r.ok]
     if args.json:
         print(
@@ -48,6 +65,7 @@ def _check(args: argparse.Namespace) -> int:
                     "enclave": target.name,
                     "deployment": dep.source,
                     "ok": not failed,
+                    "probed": probed,
                     "requirements": [r.__dict__ for r in results],
                 },
                 indent=2,
@@ -55,7 +73,8 @@ def _check(args: argparse.Namespace) -> int:
         )
         return 0 if not failed else 1
     print(f"enclave {target.name}: {target.description}")
-    print(f"deployment: {dep.source} (enclave {dep.enclave})\n")
+    print(f"deployment: {dep.source} (enclave {dep.enclave})")
+    print(f"probed: {probed}\n")
     width = max(len(r.name) for r in results)
     for r in results:
         mark = "PASS" if r.ok else "FAIL"

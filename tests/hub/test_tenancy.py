@@ -26,7 +26,7 @@ from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
 from beamhub.hub.up.deployment import DeploymentError, load_deployment, tenancy_refusal
-from tests.hub.hubstack import RunningStack, login, spawn, stack_processes
+from tests.hub.hubstack import BEAMHUB, RunningStack, login, spawn, stack_processes
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="accounts per user need root")
 
@@ -332,3 +332,40 @@ def test_only_the_dev_enclave_may_run_without_root(tmp_path) -> None:
         "home_root": "",
         "sandbox": True,
     }
+
+
+@pytest.mark.timeout(120)
+def test_check_probes_the_running_stack(dev_stack: RunningStack) -> None:
+    """`beamhub check` proves by trying: against the isolated dev stack every probe passes; the
+    same probe as a stack that runs user code as its own account (run_as: self) fails."""
+    from beamhub.hub import probes
+
+    env = {**os.environ, "BEAMHUB_HOME": str(dev_stack.state)}
+    res = subprocess.run(
+        [BEAMHUB, "check", "--enclave", "dev", str(dev_stack.config), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=env,
+    )
+    report = json.loads(res.stdout)
+    assert report["probed"].startswith("the `beamhub up` on"), report["probed"]
+    found = {r["name"]: r for r in report["requirements"]}
+    for name in ("user_code_secrets", "channel_credential", "revocation"):
+        assert found[name]["ok"], found[name]
+    assert "unknown key: 0 frames" in found["channel_credential"]["actual"]
+    assert "200 before revocation, 401 after" in found["revocation"]["actual"]
+
+    runtime = json.loads((dev_stack.state / "hub" / "runtime.json").read_text())
+    runtime["tenancy"] = {**runtime["tenancy"], "run_as": "self"}  # user code as the hub's
+    exposed = probes._user_code_secrets(dev_stack.state, runtime, ["alice", "bob"])
+    assert not exposed.ok and "signing-key.pem" in exposed.actual, exposed
+
+    stopped = subprocess.run(
+        [BEAMHUB, "check", "--enclave", "dev", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "BEAMHUB_HOME": str(dev_stack.state.parent / "nothing-here")},
+    )
+    assert json.loads(stopped.stdout)["probed"].startswith("nothing: no `beamhub up` has run")
