@@ -65,6 +65,11 @@ class _Snapshot(Collector):
             "frames the channel's consumers of this role saw missing (sequence gaps)",
             labels=[*_CHANNEL, "role"],
         )
+        monitor = CounterMetricFamily(
+            "beamhub_dsn_monitor_frames",
+            "frames sent to the channel's monitor face (viewers, dashboards)",
+            labels=_CHANNEL,
+        )
         viewers = GaugeMetricFamily(
             "beamhub_dsn_monitor_viewers", "viewers of the channel's monitor face", labels=_CHANNEL
         )
@@ -86,10 +91,12 @@ class _Snapshot(Collector):
                 lags = [e["lag"] for e in entries if e.get("lag") is not None]
                 lag.add_metric([*labels, role], max(lags) if lags else 0)
                 lost.add_metric([*labels, role], sum(e.get("lost") or 0 for e in entries))
-            viewers.add_metric(labels, (stats.get("monitor") or {}).get("viewers") or 0)
+            mon = stats.get("monitor") or {}
+            monitor.add_metric(labels, mon.get("sent") or 0)
+            viewers.add_metric(labels, mon.get("viewers") or 0)
         for state in ("active", "failed"):
             per_state.add_metric([state], states.get(state, 0))
-        yield from (per_state, frames, data, drops, consumers, lag, lost, viewers)
+        yield from (per_state, frames, data, drops, consumers, lag, lost, monitor, viewers)
 
 
 async def snapshot_metrics(node: ControlPlane) -> CollectorRegistry:

@@ -67,6 +67,7 @@ async def test_metrics_count_frames_and_drops_and_are_guarded() -> None:
         # no consumer: every frame was dropped (counted by reason), none forwarded
         assert got[("beamhub_dsn_frames_total", labels)] == 0
         assert got[("beamhub_dsn_bytes_total", labels)] == 0
+        assert ("beamhub_dsn_monitor_frames_total", labels) in got
         assert got[("beamhub_dsn_channels", (("state", "active"),))] == 1
         work = _key(labels, role="work")
         assert got[("beamhub_dsn_consumers", work)] == 0

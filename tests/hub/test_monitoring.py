@@ -1,0 +1,184 @@
+"""Monitoring: a real `beamhub up` with a real Prometheus (Debian's) that scrapes every service with
+up == 1, and fires ServiceDown when a service is killed. The generated rules pass promtool."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+from beamhub.hub.up.deployment import DeploymentError, MonitoringConfig, load_deployment
+from beamhub.hub.up.monitoring import alert_rules, scrape_config, targets
+from tests.hub.hubstack import RunningStack, service_dir
+
+pytestmark = pytest.mark.timeout(240)
+
+#: every service `beamhub up` runs that serves metrics, plus the proxy's path to the hub
+JOBS = {"dsn", "jupyterhub", "proxy", "tokens", "gateway", "dashboard", "prometheus"}
+
+YAML = """\
+enclave: dev
+hub: {port: 0}
+detector: {rate_hz: 5, shape: [32, 32], print_every_s: 0}
+monitoring: {enabled: true, scrape_interval_s: 1, down_after_s: 2}
+"""
+
+
+def _no_prometheus() -> str:
+    import shutil
+
+    return "" if shutil.which("prometheus") and shutil.which("promtool") else "no prometheus"
+
+
+needs_prometheus = pytest.mark.skipif(
+    bool(_no_prometheus()), reason="Debian package prometheus not installed"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "words"),
+    [
+        ("monitoring: {port: 70000}\n", "monitoring.port", "65535"),
+        ("monitoring: {scrape_interval_s: 0.1}\n", "monitoring.scrape_interval_s", "1..3600"),
+        ("monitoring: {down_after_s: -1}\n", "monitoring.down_after_s", "0..86400"),
+        (
+            "monitoring: {beamtime_start_target_s: 0}\n",
+            "monitoring.beamtime_start_target_s",
+            "positive",
+        ),
+        (
+            "monitoring: {enabled: true, binary: no-such-prom}\n",
+            "monitoring.binary",
+            "apt-get install prometheus",
+        ),
+        ("monitoring: {scrape: 1}\n", "monitoring.scrape", "unknown key"),
+    ],
+)
+def test_bad_monitoring_field_is_named(tmp_path: Path, text: str, field: str, words: str) -> None:
+    path = tmp_path / "beamhub.yaml"
+    path.write_text(text)
+    with pytest.raises(DeploymentError) as err:
+        load_deployment(path)
+    assert err.value.field == field
+    assert words in str(err.value)
+
+
+@needs_prometheus
+def test_generated_config_and_rules_pass_promtool(tmp_path: Path) -> None:
+    import yaml
+
+    dep = load_deployment(None)
+    ports = dict.fromkeys(("hub", "public", "tokens", "dsn", "gateway", "dashboard"), 1)
+    ports["prometheus"] = 2
+    jobs = targets(dep, ports)
+    assert {t.job for t in jobs} == JOBS
+    mon = MonitoringConfig(enabled=True, down_after_s=45, beamtime_start_target_s=20)
+    rules = tmp_path / "rules.yml"
+    rules.write_text(yaml.safe_dump(alert_rules(mon)))
+    (tmp_path / "hub-metrics-token").write_text("x")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump(scrape_config(mon, jobs, tmp_path)))
+    for what, path in (("rules", rules), ("config", config)):
+        check = subprocess.run(
+            ["promtool", "check", what, str(path)], capture_output=True, text=True, timeout=30
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
+    by_name = {r["alert"]: r for r in alert_rules(mon)["groups"][0]["rules"]}
+    assert by_name["ServiceDown"]["for"] == "45s"
+    assert by_name["BeamtimeStartSlow"]["expr"].endswith("> 20")
+    assert 'role="work"' in by_name["DsnWorkStreamLoss"]["expr"]
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[RunningStack]:
+    running = RunningStack(service_dir("monitoring"), YAML, "monitoring").start()
+    try:
+        yield running
+    finally:
+        running.stop_and_check()
+
+
+def _api(stack: RunningStack, path: str, **params: str) -> dict:
+    r = requests.get(stack.urls["prometheus"] + "api/v1/" + path, params=params, timeout=10)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+def _wait(what: str, check, timeout: float = 40.0, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"{what} not within {timeout} s; last: {last!r}")
+
+
+def _service_pid(stack: RunningStack, name: str) -> int | None:
+    status = json.loads((stack.state / "status.json").read_text())
+    return status["services"][name]["pid"]
+
+
+@needs_prometheus
+def test_prometheus_scrapes_every_service_and_alerts_when_one_dies(stack: RunningStack) -> None:
+    def all_up() -> dict[str, float] | None:
+        result = _api(stack, "query", query="up")["result"]
+        ups = {r["metric"]["job"]: float(r["value"][1]) for r in result}
+        return ups if set(ups) == JOBS and all(v == 1 for v in ups.values()) else None
+
+    ups = _wait("every target up == 1", all_up)
+    assert set(ups) == JOBS
+    targets_now = _api(stack, "targets")["activeTargets"]
+    assert {t["labels"]["job"] for t in targets_now if t["health"] == "up"} == JOBS
+
+    # what each service says reaches Prometheus: the detector's frames through the DSN, the
+    # tokens the services minted, JupyterHub's own metrics through the proxy and directly
+    def value(query: str) -> float:
+        result = _api(stack, "query", query=query)["result"]
+        return sum(float(r["value"][1]) for r in result)
+
+    # (no work consumer: the detector's channel drops for it, and feeds the dashboard's monitor)
+    _wait("DSN monitor frames", lambda: value("beamhub_dsn_monitor_frames_total") > 0)
+    assert value("beamhub_tokens_issued_total") >= 1
+    assert value('jupyterhub_total_users{job="jupyterhub"}') >= 0
+    assert _api(stack, "query", query='count(jupyterhub_running_servers{job="proxy"})')["result"]
+    rules = {r["name"] for g in _api(stack, "rules")["groups"] for r in g["rules"]}
+    assert rules == {"ServiceDown", "DsnWorkStreamLoss", "BeamtimeStartSlow"}
+
+    # Prometheus runs as its own account, its TSDB in the state dir
+    prom = psutil.Process(_service_pid(stack, "prometheus"))
+    if os.geteuid() == 0:
+        assert prom.username() == "beamhub-prometheus"
+    assert (stack.state / "prometheus" / "data").is_dir()
+
+    # kill the dashboard (again each time the supervisor brings it back) until the alert fires
+    def firing() -> list[dict] | None:
+        pid = _service_pid(stack, "dashboard")
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+        alerts = _api(stack, "alerts")["alerts"]
+        hits = [
+            a
+            for a in alerts
+            if a["labels"]["alertname"] == "ServiceDown"
+            and a["labels"]["job"] == "dashboard"
+            and a["state"] == "firing"
+        ]
+        return hits or None
+
+    hits = _wait("ServiceDown firing for the dashboard", firing, timeout=60, interval=0.3)
+    assert hits[0]["labels"]["severity"] == "page"
+    assert "dashboard is down" in hits[0]["annotations"]["summary"]
+    # once back, the dashboard is scraped again
+    _wait("the dashboard up again", lambda: value('up{job="dashboard"}') == 1, timeout=60)
