@@ -45,6 +45,7 @@ _FIELDS = {
     "audit_fsync",
     "qos_tiers",
     "dsn_template",
+    "separation_of_duties",
 }
 _MODES = ("l4", "l7")
 _FSYNC = ("always", "interval", "never")
@@ -72,6 +73,8 @@ class EnclaveProfile:
     qos_tiers: tuple[str, ...]
     #: the DSN channel template a deployment of this enclave gets unless it names a stricter one
     dsn_template: str = "streaming/templates/default.yaml"
+    #: the approver of a beamtime window must not be the one who requested it
+    separation_of_duties: bool = False
 
 
 def load_profile(name_or_path: str | os.PathLike) -> EnclaveProfile:
@@ -93,7 +96,16 @@ def parse_profile(doc: Any, where: str = "profile") -> EnclaveProfile:
     """Validate a parsed profile; every error names the field and what it must be."""
     if not isinstance(doc, Mapping):
         raise EnclaveError(f"{where}: a profile is a mapping of {sorted(_FIELDS)}")
-    unknown, missing = set(doc) - _FIELDS, _FIELDS - set(doc) - {"description", "dsn_template"}
+    unknown, missing = (
+        set(doc) - _FIELDS,
+        _FIELDS
+        - set(doc)
+        - {
+            "description",
+            "dsn_template",
+            "separation_of_duties",
+        },
+    )
     if unknown:
         raise EnclaveError(f"{where}: unknown field(s) {sorted(unknown)}")
     if missing:
@@ -147,6 +159,7 @@ def parse_profile(doc: Any, where: str = "profile") -> EnclaveProfile:
         audit_fsync=doc["audit_fsync"],
         qos_tiers=names("qos_tiers"),
         dsn_template=str(doc.get("dsn_template") or "streaming/templates/default.yaml"),
+        separation_of_duties=bool(doc.get("separation_of_duties", False)),
     )
 
 
@@ -266,6 +279,17 @@ def check_deployment(
                     "(streaming/templates/moderate.yaml)",
                 )
             )
+
+    if target.separation_of_duties:
+        out.append(
+            Requirement(
+                "separation_of_duties",
+                "the approver of a beamtime window is not its requester",
+                "enforced" if current.separation_of_duties else f"not enforced in {current.name}",
+                current.separation_of_duties,
+                f"set enclave: {target.name} (its gateway refuses a requester's own approval)",
+            )
+        )
 
     gw = dep.gateway
     for label, rate, burst, limit in (

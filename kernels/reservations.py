@@ -83,10 +83,13 @@ class ReservationBook:
         db_path: str | Path,
         tiers: TierSet | None = None,
         admins: Iterable[str] | None = None,
+        separate_duties: bool = False,
     ) -> None:
         self.db_path = Path(db_path)
         self.tiers = tiers or DEFAULT_TIERS
         self.admins = None if admins is None else frozenset(admins)
+        #: the approver of a window may not be its requester (moderate and leadership enclaves)
+        self.separate_duties = separate_duties
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         with self._db() as conn:
             conn.executescript(_SCHEMA)
@@ -169,6 +172,13 @@ class ReservationBook:
                     f"window {window_id} is already {window.status} by {window.decided_by}",
                     status=409,
                     field="id",
+                )
+            if status == "approved" and self.separate_duties and admin == window.requested_by:
+                raise SchedulerError(
+                    f"separation of duties: {admin!r} requested window {window_id} and may not "
+                    "approve it too; another admin must",
+                    status=403,
+                    field="admin",
                 )
             if status == "approved":
                 if window.end <= now:

@@ -234,7 +234,9 @@ def build_gateway(argv: list[str] | None = None) -> tuple[Gateway, str, int, lis
         else runtime.get("admin_users", [u.username for u in dep.identity.users if u.admin])
     )
     config = SchedulerConfig(state_dir=str(state / "scheduler"))
-    reservations = ReservationBook(config.reservations_path, admins=admins)
+    reservations = ReservationBook(
+        config.reservations_path, admins=admins, separate_duties=profile.separation_of_duties
+    )
 
     hub_jobs = None
     hub_api, hub_token = (

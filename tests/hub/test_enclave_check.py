@@ -71,10 +71,17 @@ def test_dev_example_fails_moderate_with_named_requirements() -> None:
     failed = {
         line.split()[1] for line in res.stdout.splitlines() if line.strip().startswith("FAIL")
     }
-    assert failed == {"mfa", "identity", "token_ttl", "dsn_modes", "encryption"}
+    assert failed == {
+        "mfa",
+        "identity",
+        "token_ttl",
+        "dsn_modes",
+        "encryption",
+        "separation_of_duties",
+    }
     assert "identity.require_mfa: true" in res.stdout
     assert "streaming/templates/moderate.yaml" in res.stdout
-    assert "5 of 10 requirements fail" in res.stdout
+    assert "6 of 11 requirements fail" in res.stdout
     assert beamhub_check("--enclave", "dev", "beamhub.yaml").returncode == 0
 
 
@@ -124,6 +131,7 @@ def test_each_requirement_fails_alone(
     failed = [
         line.split()[1] for line in res.stdout.splitlines() if line.strip().startswith("FAIL")
     ]
+    failed.remove("separation_of_duties")  # a dev deployment: enforced from moderate up
     assert failing in failed and (len(failed) == 1 or failing == "dsn_modes")
 
 

@@ -63,6 +63,23 @@ def test_non_admin_cannot_approve(book):
     assert book.get(wid).status == "requested"
 
 
+def test_separation_of_duties_refuses_approving_ones_own_request(tmp_path):
+    """moderate/leadership: an admin who requested a window cannot approve it herself."""
+    strict = ReservationBook(
+        tmp_path / "res.sqlite", admins={"root", "alice"}, separate_duties=True
+    )
+    wid = strict.request("p1", T0 + 10, T0 + 20, "beamtime", "SFX", "alice", now=T0)
+    with pytest.raises(SchedulerError, match="separation of duties: 'alice' requested") as err:
+        strict.approve(wid, "alice", now=T0)
+    assert (err.value.status, err.value.field) == (403, "admin")
+    assert strict.get(wid).status == "requested"
+    assert strict.approve(wid, "root", now=T0).decided_by == "root"
+    # without separation of duties (dev, open) the same approval is allowed
+    lax = ReservationBook(tmp_path / "lax.sqlite", admins={"alice"})
+    wid = lax.request("p1", T0 + 10, T0 + 20, "beamtime", "SFX", "alice", now=T0)
+    assert lax.approve(wid, "alice", now=T0).status == "approved"
+
+
 @pytest.mark.parametrize(
     ("start", "end", "tier", "why", "match", "field"),
     [
