@@ -144,7 +144,13 @@ class DetectorConfig:
 @dataclass
 class SchedulerConfig:
     backend: str = "local"
+    #: the local backend's virtual nodes (SLURM has its own nodes)
     nodes: int = 4
+
+    def backend_options(self) -> dict[str, Any]:
+        """``c.ReservedNodeSpawner.backend_options``: what this backend knows (SLURM reads its
+        cluster from SLURM_CONF; the local backend needs its node count)."""
+        return {"nodes": self.nodes} if self.backend == "local" else {}
 
 
 @dataclass

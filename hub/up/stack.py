@@ -430,7 +430,7 @@ class Stack:
             hub_api_token=secrets.token_hex(32),  # the hub process's own identity (mint-for)
             spawner="beamhub",
             scheduler_backend=dep.scheduler.backend,
-            scheduler_options={"nodes": dep.scheduler.nodes},
+            scheduler_options=dep.scheduler.backend_options(),
             tenancy=dep.tenancy.spawner_options(),
             service_subjects=self._service_subjects("dashboard" in services),
         )

@@ -123,3 +123,15 @@ def test_a_broken_enclave_profile_is_an_error_never_a_fallback(
         load_deployment(cfg)
     assert err.value.field == "enclave"
     assert "moderate.yaml" in str(err.value) and "max_token_ttl" in str(err.value)
+
+
+def test_each_scheduler_backend_gets_only_the_options_it_knows(tmp_path) -> None:
+    """The SLURM backend refuses the local backend's ``nodes`` (it has a cluster of its own)."""
+    from beamhub.kernels.backends import check_backend_options
+
+    cfg = tmp_path / "beamhub.yaml"
+    for text, backend in [("{backend: slurm}", "slurm"), ("{backend: local, nodes: 3}", "local")]:
+        cfg.write_text(f"scheduler: {text}\n")
+        options = load_deployment(cfg).scheduler.backend_options()
+        check_backend_options(backend, options)  # raises naming an unknown option
+    assert options == {"nodes": 3}
