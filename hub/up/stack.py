@@ -93,7 +93,7 @@ def public_runtime(runtime: Any) -> Any:
 class Stack:
     """Start with :meth:`start` (async, reports progress), stop with :meth:`stop`."""
 
-    STEPS = 6
+    STEPS = 7
 
     def __init__(self, dep: Deployment, state: Path, progress: Callable[[str], None] = print):
         self.dep = dep
@@ -208,21 +208,22 @@ class Stack:
         else:
             self.progress(f"[5/{self.STEPS}] API gateway ... skipped (disabled in beamhub.yaml)")
         t0 = time.monotonic()
+        self.progress(f"[6/{self.STEPS}] shared dashboard ...")
         if "dashboard" in self.runtime["services"]:
             await self._start_service("dashboard", self._dashboard_argv(), "api/health")
             self.urls["dashboard"] = f"{public}/services/dashboard/"
-            self._step(5, "shared dashboard", t0, f"  {self.urls['dashboard']}")
+            self._step(6, "shared dashboard", t0, f"  {self.urls['dashboard']}")
         else:
             why = "no DSN" if not dep.dsn.enabled else "disabled in beamhub.yaml"
-            self.progress(f"[5/{self.STEPS}] shared dashboard ... skipped ({why})")
+            self.progress(f"[6/{self.STEPS}] shared dashboard ... skipped ({why})")
 
         t0 = time.monotonic()
-        self.progress(f"[6/{self.STEPS}] simulated detector ...")
+        self.progress(f"[7/{self.STEPS}] simulated detector ...")
         why = await self._start_detector()
         if why:
-            self.progress(f"[6/{self.STEPS}] simulated detector ... skipped ({why})")
+            self.progress(f"[7/{self.STEPS}] simulated detector ... skipped ({why})")
         else:
-            self._step(6, "simulated detector", t0, f"  stream {dep.detector.channel!r}")
+            self._step(7, "simulated detector", t0, f"  stream {dep.detector.channel!r}")
         (state / "runtime-urls.json").write_text(json.dumps(self.urls, indent=2))
 
     def _prepare_accounts(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -19,8 +20,10 @@ pytestmark = pytest.mark.timeout(180)
 def test_progress_urls_and_logins_printed(moderate_stack: RunningStack) -> None:
     out = moderate_stack.output()
     for n, part in ((1, "identity provider"), (3, "JupyterHub"), (4, "token service")):
-        assert f"[{n}/6] {part} ... ready in " in out
-    assert "[2/6] data streaming node ... ready" not in out  # dsn.enabled: false
+        assert f"[{n}/7] {part} ... ready in " in out
+    steps = re.findall(r"^\[(\d)/7\] .* \.\.\.$", out, re.M)  # each step announced once
+    assert steps == sorted(set(steps)) and steps[-1] == "7", steps
+    assert "[2/7] data streaming node ... ready" not in out  # dsn.enabled: false
     for url in (moderate_stack.hub, moderate_stack.tokens, moderate_stack.urls["idp"]):
         assert url in out
     assert "alice    / alice-dev" in out
