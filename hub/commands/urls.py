@@ -32,7 +32,14 @@ def runtime_urls(state: Path | None = None) -> dict[str, str]:
 
     state = state or state_dir()
     path = state / "runtime-urls.json"
-    running = read_status(state)["running"]
+    try:
+        running = read_status(state)["running"]
+    except PermissionError:
+        raise UrlNotFound(
+            f"{state} is not readable by this account (a `beamhub up` run as root keeps it for "
+            "root and its services); ask for the URL (`beamhub urls` as root prints them) and "
+            "give it"
+        ) from None
     if not running:
         raise UrlNotFound(
             f"`beamhub up` is not running for {state} (BEAMHUB_HOME): start it with "

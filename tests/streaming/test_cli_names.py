@@ -143,3 +143,22 @@ async def test_no_dsn_and_no_token_say_where_to_get_them(tmp_path):
         lock.release()
     code, _, err = await _cli("urls", env=_env(home))
     assert code == 3 and "not running" in err
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the CLI as another account")
+async def test_a_state_dir_this_account_cannot_read_says_so(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    (home / "beamhub-up.lock").touch()
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    proc = await asyncio.create_subprocess_exec(
+        *nobody,
+        *CLI,
+        *("consume", "--channel", "detector"),
+        env=_env(home, BEAMHUB_TOKEN="t"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 2, err
+    assert b"is not readable by this account" in err and b"(--dsn URL)" in err, err
