@@ -9,6 +9,7 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from beamhub.kernels.maintenance import MaintenanceCalendar
 from beamhub.kernels.scheduler import SchedulerError
 from beamhub.kernels.tiers import DEFAULT_TIERS, TierSet
 
@@ -93,6 +94,8 @@ class ReservationBook:
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         with self._db() as conn:
             conn.executescript(_SCHEMA)
+        #: the maintenance calendar (same file): approval checks the beamtime against it
+        self.maintenance = MaintenanceCalendar(self.db_path)
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
@@ -145,9 +148,18 @@ class ReservationBook:
             )
             return int(cur.lastrowid)
 
-    def approve(self, window_id: int, admin: str, now: float | None = None) -> Window:
-        """Approve a requested window (admins only)."""
-        return self._decide(window_id, admin, "approved", None, now)
+    def approve(
+        self, window_id: int, admin: str, now: float | None = None, override: str | None = None
+    ) -> Window:
+        """Approve a requested window (admins only). A window that overlaps maintenance taking
+        down what a beamtime needs is refused naming both, unless ``override`` justifies it
+        (kept as the window's ``reason``; the caller audits it)."""
+        if override is not None and not override.strip():
+            raise SchedulerError(
+                "an override of a maintenance window needs a written justification",
+                field="override",
+            )
+        return self._decide(window_id, admin, "approved", override, now)
 
     def deny(self, window_id: int, admin: str, reason: str, now: float | None = None) -> Window:
         """Deny a requested window with a reason the requester will read (admins only)."""
@@ -184,6 +196,24 @@ class ReservationBook:
                 if window.end <= now:
                     raise SchedulerError(f"window {window_id} already ended", status=409)
                 self._refuse_overlap(conn, window.project, window.start, window.end, window_id)
+                clashes = self.maintenance.conflicts(window.start, window.end)
+                if clashes and reason is None:
+                    raise SchedulerError(
+                        f"window {window_id} of project {window.project!r} ({_fmt(window.start)} "
+                        f"to {_fmt(window.end)}) overlaps "
+                        + "; ".join(m.describe() for m in clashes)
+                        + ", which takes down what a beamtime needs; pick another time, or "
+                        "override with a written justification (audited)",
+                        status=409,
+                        field="override",
+                    )
+                if clashes:
+                    reason = (
+                        f"approved over maintenance {', '.join(str(m.id) for m in clashes)}: "
+                        f"{reason.strip()}"
+                    )
+                else:
+                    reason = None  # nothing to override
             conn.execute(
                 "UPDATE windows SET status=?, decided_by=?, decided_at=?, reason=? WHERE id=?",
                 (status, admin, now, reason, window_id),
