@@ -23,20 +23,23 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
 import subprocess
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from beamhub.hub.up.deployment import Deployment, MonitoringConfig
 
-if TYPE_CHECKING:  # the stack imports this module
-    from beamhub.hub.up.stack import Stack
+#: The `beamhub up` stack (:class:`beamhub.hub.up.stack.Stack`, which imports this module).
+Stack = Any
 
 __all__ = [
     "HUB_METRICS_SERVICE",
+    "MonitoringError",
     "Target",
     "alert_rules",
     "hub_metrics_token_path",
@@ -48,6 +51,34 @@ __all__ = [
 #: The JupyterHub service whose token reads /hub/metrics (jupyterhub_config.py registers it).
 HUB_METRICS_SERVICE = "beamhub-metrics"
 SERVICE = "prometheus"
+
+
+class MonitoringError(RuntimeError):
+    """The monitoring could not be set up; the message says what to do."""
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _any_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - our loopback URL
+            return 200 <= resp.status < 300
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -186,16 +217,14 @@ def _hub_token(state: Path, enabled: bool) -> str | None:
 
 
 def _choose_port(stack: Stack, mon: MonitoringConfig) -> int:
-    from beamhub.hub.up.stack import _is_free, free_port
-
     path = stack.state / "ports.json"
     saved = json.loads(path.read_text()) if path.exists() else {}
     if mon.port:
         port = mon.port
-    elif saved.get(SERVICE) and _is_free("127.0.0.1", saved[SERVICE]):
+    elif saved.get(SERVICE) and _port_free(saved[SERVICE]):
         port = saved[SERVICE]
     else:
-        port = free_port("127.0.0.1")
+        port = _any_port()
     stack.ports[SERVICE] = port
     path.write_text(json.dumps(stack.ports, indent=2))
     return port
@@ -228,9 +257,7 @@ def write_files(stack: Stack, token: str) -> Path:
     except FileNotFoundError:
         return folder / "prometheus.yml"
     if check.returncode != 0:
-        from beamhub.hub.up.stack import StackError
-
-        raise StackError(
+        raise MonitoringError(
             f"monitoring: the generated {folder / 'prometheus.yml'} fails `promtool check "
             f"config`: {(check.stdout + check.stderr).strip()[-800:]}"
         )
@@ -239,8 +266,6 @@ def write_files(stack: Stack, token: str) -> Path:
 
 async def start(stack: Stack) -> None:
     """Write the files and start Prometheus as a supervised service (nothing when disabled)."""
-    from beamhub.hub.up.stack import http_ok
-
     mon = stack.dep.monitoring
     token = _hub_token(stack.state, mon.enabled)
     if token is None:
@@ -259,7 +284,7 @@ async def start(stack: Stack) -> None:
         "--log.level=warn",
     ]
     stack.progress(f"beamhub up: Prometheus on {url}/ (monitoring: in beamhub.yaml) ...")
-    await stack._start(SERVICE, argv, ready=lambda: http_ok(f"{url}/-/ready"), cwd=folder)
+    await stack._start(SERVICE, argv, ready=lambda: _answers(f"{url}/-/ready"), cwd=folder)
     stack.urls[SERVICE] = f"{url}/"
     stack.notes.append(
         f"Prometheus {url}/ scrapes {len(targets(stack.dep, stack.ports))} targets every "
