@@ -57,7 +57,7 @@ from beamhub.hub.gateway.hygiene import (
     parse_networks,
 )
 from beamhub.hub.gateway.jobs import SchedulerJobs
-from beamhub.hub.gateway.ops import Operations
+from beamhub.hub.gateway.ops import Operations, RawBody
 from beamhub.hub.gateway.policy import Policy, PolicyRequest, load_policy
 from beamhub.hub.gateway.ratelimit import RateLimiter
 
@@ -134,6 +134,11 @@ class ApiHandler(JsonApiHandler):
         ctx.body = self._body(op)
         status, payload = await gw.ops.run(op.name, ctx)
         gw.metrics_observe(op.action, "allow", time.perf_counter() - started)
+        if isinstance(payload, RawBody):  # the calendar feed
+            self.set_status(status)
+            self.set_header("Content-Type", payload.content_type)
+            self.finish(payload.data)
+            return
         self.write_json(payload, status)
 
     def _body(self, op: Operation) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from beamhub.hub.gateway.jobs import scheduler_error, unavailable
 from beamhub.kernels.hub_backend import HubScheduler
 from beamhub.kernels.scheduler import SchedulerError
 
-__all__ = ["GatewayState", "Operations", "node_occupancy", "supervisor_services"]
+__all__ = ["GatewayState", "Operations", "RawBody", "node_occupancy", "supervisor_services"]
 
 log = logging.getLogger("beamhub.gateway")
 
@@ -122,6 +122,14 @@ def _epoch(value: Any, field: str) -> float:
     return moment.timestamp()
 
 
+class RawBody:
+    """An answer that is not JSON (the calendar feed): its bytes and content type."""
+
+    def __init__(self, data: bytes, content_type: str) -> None:
+        self.data = data
+        self.content_type = content_type
+
+
 class GatewayState(Protocol):
     """What the operations read of the gateway (:class:`beamhub.hub.gateway.app.Gateway`);
     read at each call, so a collaborator set after start is seen."""
@@ -160,6 +168,9 @@ class Operations:
             "job_output": {"GET": self.job_output},
             "reservations": {"GET": self.reservations_list, "POST": self.reservations_request},
             "reservation_decide": {"POST": self.reservation_decide},
+            "maintenance": {"GET": self.maintenance_list, "POST": self.maintenance_add},
+            "maintenance_cancel": {"POST": self.maintenance_cancel},
+            "calendar": {"GET": self.calendar},
         }
 
     async def run(self, name: str, ctx: RequestContext) -> Result:
@@ -203,7 +214,7 @@ class Operations:
             "enclave": self.gw.enclave,
             "nodes": nodes,
             "reservations": windows,
-            "maintenance": self.gw.maintenance,
+            "maintenance": self.gw.maintenance + await self._calendar_maintenance(),
             "streams": streams,
             "dependencies": dependencies,
         }
@@ -482,7 +493,12 @@ class Operations:
         window_id = int(ctx.params["window_id"])
         try:
             if ctx.path.rstrip("/").endswith("/approve"):
-                window = await asyncio.to_thread(book.approve, window_id, ctx.claims.sub)
+                override = ctx.body.get("override")
+                window = await asyncio.to_thread(
+                    book.approve, window_id, ctx.claims.sub, None, override
+                )
+                if override is not None and window.reason:
+                    self._audit_override(ctx, window)
             else:
                 window = await asyncio.to_thread(
                     book.deny, window_id, ctx.claims.sub, ctx.body["reason"]
@@ -490,3 +506,100 @@ class Operations:
         except SchedulerError as exc:
             raise scheduler_error(exc) from exc
         return 200, window.to_dict()
+
+    def _audit_override(self, ctx: RequestContext, window: Any) -> None:
+        """An approval over maintenance: its own audit record, with the justification."""
+        if self.gw.audit is None:
+            return
+        assert ctx.claims is not None
+        self.gw.audit.append(
+            user=ctx.claims.sub,
+            project=window.project,
+            jti=ctx.claims.jti,
+            action="reservations.override_maintenance",
+            resource=f"{ctx.method} {ctx.path}",
+            rule="reservations-approve-admin",
+            source=ctx.source,
+            outcome="allow",
+            status=200,
+            reason=window.reason,
+        )
+
+    # -- the maintenance calendar (kernels.maintenance, in the reservation book's file) -------
+    async def _calendar_maintenance(self) -> list[dict[str, Any]]:
+        book = self.gw.reservations
+        if book is None:
+            return []
+        try:
+            windows = await asyncio.to_thread(book.maintenance.list)
+        except Exception:  # the public status never fails for the calendar
+            log.warning("maintenance calendar unreadable", exc_info=True)
+            return []
+        return [_public_maintenance(m) for m in windows]
+
+    async def maintenance_list(self, ctx: RequestContext) -> Result:
+        windows = await asyncio.to_thread(self._book().maintenance.list)
+        return 200, {"maintenance": [_public_maintenance(m) for m in windows]}
+
+    async def maintenance_add(self, ctx: RequestContext) -> Result:
+        from beamhub.kernels.maintenance import affected_beamtime
+
+        book = self._book()
+        assert ctx.claims is not None
+        body = ctx.body
+        start, end = _epoch(body["start"], "start"), _epoch(body["end"], "end")
+        try:
+            window = await asyncio.to_thread(
+                book.maintenance.add, start, end, body["what"], body["down"], ctx.claims.sub
+            )
+        except SchedulerError as exc:
+            raise scheduler_error(exc) from exc
+        affected = affected_beamtime(window, await asyncio.to_thread(book.list))
+        if affected:
+            log.warning(
+                "maintenance %d (%s) overlaps approved beamtime of %s",
+                window.id,
+                window.what,
+                ", ".join(sorted({w.project for w in affected})),
+            )
+        return 201, {
+            **window.to_dict(),
+            "affected": [
+                {"id": w.id, "project": w.project, "start": w.start, "end": w.end} for w in affected
+            ],
+            "affected_projects": sorted({w.project for w in affected}),
+        }
+
+    async def maintenance_cancel(self, ctx: RequestContext) -> Result:
+        book = self._book()
+        assert ctx.claims is not None
+        try:
+            window = await asyncio.to_thread(
+                book.maintenance.cancel,
+                int(ctx.params["maintenance_id"]),
+                ctx.claims.sub,
+                ctx.body.get("reason", ""),
+            )
+        except SchedulerError as exc:
+            raise scheduler_error(exc) from exc
+        return 200, window.to_dict()
+
+    async def calendar(self, ctx: RequestContext) -> Result:
+        from beamhub.kernels.maintenance import icalendar_feed
+
+        book = self._book()
+        maintenance = await asyncio.to_thread(book.maintenance.list, all_=True)
+        beamtime = [w for w in await asyncio.to_thread(book.list) if w.status == "approved"]
+        return 200, RawBody(
+            icalendar_feed(maintenance, beamtime, f"beamhub-{self.gw.enclave}"),
+            "text/calendar; charset=utf-8",
+        )
+
+
+def _public_maintenance(m: Any) -> dict[str, Any]:
+    """What anyone may read of a maintenance window (not who scheduled it)."""
+    data = m.to_dict()
+    return {
+        k: data[k]
+        for k in ("id", "start", "end", "start_iso", "end_iso", "what", "down", "stays_up", "state")
+    }

@@ -44,6 +44,8 @@ ACTIONS = frozenset(
         "reservations.request",
         "reservations.read",
         "reservations.approve",
+        "maintenance.read",
+        "maintenance.manage",
     }
 )
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")

@@ -365,6 +365,7 @@ def _endpoints() -> list[tuple[str, str, bool]]:
         "project": "p1",
         "channel_id": "ch-00ff",
         "window_id": "1",
+        "maintenance_id": "1",
         "name": "gain",
         "job_id": "7",
     }
