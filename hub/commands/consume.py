@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["register"]
+__all__ = ["project_token", "register"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -79,8 +79,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_consume)
 
 
-def project_token(given: str | None, command: str) -> str:
-    """``--token`` or ``$BEAMHUB_TOKEN``; else an error saying where to get one."""
+def project_token(given: str | None, command: str, scope: str = "stream.read") -> str:
+    """``--token`` or ``$BEAMHUB_TOKEN``; else an error saying where to get one with ``scope``."""
     token = given or os.environ.get("BEAMHUB_TOKEN")
     if token:
         return token
@@ -92,9 +92,9 @@ def project_token(given: str | None, command: str) -> str:
     except (RuntimeError, KeyError):
         pass
     raise ValueError(
-        f"no project token: set BEAMHUB_TOKEN to one with scope stream.read (mint it at {where}, "
+        f"no project token: set BEAMHUB_TOKEN to one with scope {scope} (mint it at {where}, "
         f"or as this machine's admin: export BEAMHUB_TOKEN=$(beamhub token issue --project P "
-        f"--scope stream.read --sub YOUR_NAME)), then run `beamhub {command}` again"
+        f"--scope {scope} --sub YOUR_NAME)), then run `beamhub {command}` again"
     )
 
 

@@ -330,7 +330,11 @@ def _target(args: argparse.Namespace) -> tuple[DsnChannel | None, str]:
     from beamhub.hub.commands.consume import project_token
     from beamhub.hub.commands.urls import discover
 
-    dsn = DsnChannel(discover("dsn", args.dsn), args.channel, project_token(args.token, "source"))
+    dsn = DsnChannel(
+        discover("dsn", args.dsn),
+        args.channel,
+        project_token(args.token, "source", "stream.publish"),
+    )
     return dsn, args.stream or ""  # "": the channel's stream name
 
 
