@@ -23,6 +23,7 @@ COMMANDS = [
     "policy",
     "audit",
     "scheduler",
+    "maintenance",
     "bench",
 ]
 

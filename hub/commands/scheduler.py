@@ -55,6 +55,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         )
         if name == "deny":
             p.add_argument("--reason", required=True, help="why (the requester reads this)")
+        else:
+            p.add_argument(
+                "--override",
+                metavar="JUSTIFICATION",
+                default=None,
+                help="approve although the window overlaps maintenance of what a beamtime "
+                "needs (`beamhub maintenance list`): why",
+            )
         p.set_defaults(func=_decide, decision=name)
     lst = rsub.add_parser("list", help="list windows with their current state")
     lst.add_argument("--project")
@@ -187,7 +195,7 @@ def _decide(args: argparse.Namespace) -> int:
     book = _book(args)
     try:
         if args.decision == "approve":
-            window = book.approve(args.id, args.admin)
+            window = book.approve(args.id, args.admin, override=args.override)
         else:
             window = book.deny(args.id, args.admin, args.reason)
     except SchedulerError as exc:
