@@ -18,17 +18,22 @@ __all__ = ["BEAMTIME_YAML", "NOTEBOOKS", "REPO", "run_stack", "spawned_env"]
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = REPO / "notebooks"
 
+#: The beamtime's deployment; only ``enclave`` changes between dev, open and moderate (the
+#: profile brings the rest: MFA, token lifetime cap, channel template with CURVE and L7 only).
 BEAMTIME_YAML = """\
-enclave: dev
-hub: {port: 0}
-tokens: {ttl: 600, revocation_poll: 1.0}
-detector: {rate_hz: 20, shape: [256, 256], hit_fraction: 0.3}
+enclave: {enclave}
+hub: {{port: 0}}
+tokens: {{ttl: 600, revocation_poll: 1.0}}
+detector: {{rate_hz: 20, shape: [256, 256], hit_fraction: 0.3}}
 """
 
 
-def run_stack(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[RunningStack]:
+def run_stack(
+    tmp_path_factory: pytest.TempPathFactory, name: str, enclave: str = "dev"
+) -> Iterator[RunningStack]:
     """Start `beamhub up`; at the end SIGTERM it and fail if any process of it survives."""
-    stack = RunningStack(tmp_path_factory.mktemp(f"stack-{name}"), BEAMTIME_YAML, name).start()
+    yaml_text = BEAMTIME_YAML.format(enclave=enclave)
+    stack = RunningStack(tmp_path_factory.mktemp(f"stack-{name}"), yaml_text, name).start()
     try:
         yield stack
     finally:

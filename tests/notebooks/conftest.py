@@ -9,10 +9,16 @@ import pytest
 from tests.hub.hubstack import RunningStack
 from tests.notebooks.beamtime import run_stack, spawned_env
 
+#: The enclaves the notebooks must run under unchanged (issue: the enclave transition).
+ENCLAVES = ["dev", "open", "moderate"]
 
-@pytest.fixture(scope="package")
-def beamtime_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
-    yield from run_stack(tmp_path_factory, "notebooks")
+
+@pytest.fixture(scope="package", params=ENCLAVES)
+def beamtime_stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningStack]:
+    """One `beamhub up` per enclave, one after the other (moderate: TOTP login, CURVE + L7)."""
+    yield from run_stack(tmp_path_factory, f"notebooks-{request.param}", request.param)
 
 
 @pytest.fixture(scope="package")

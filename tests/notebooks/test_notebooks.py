@@ -68,13 +68,16 @@ def test_notebook_runs_top_to_bottom(
     t0 = time.monotonic()
     status, output = run_nbval(notebook, alice_server_env, tmp_path)
     took = time.monotonic() - t0
-    assert status == 0, f"{name} failed under nbval after {took:.0f} s:\n{output[-6000:]}"
+    first_failure = output.find(".ipynb::Cell")  # the first failing cell, not only the last
+    shown = output[max(0, first_failure - 200) :][:8000] if first_failure >= 0 else output[-6000:]
+    assert status == 0, f"{name} failed under nbval after {took:.0f} s:\n{shown}"
     passed = re.search(r"(\d+) passed", output)
     assert passed and int(passed.group(1)) == code_cells, output[-2000:]
     assert not re.search(r"\d+ failed", output), output[-2000:]
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("beamtime_stack", ["dev"], indirect=True)  # the harness: one is enough
 def test_nbval_fails_when_a_checked_output_differs(
     alice_server_env: dict[str, str], tmp_path: Path
 ) -> None:
