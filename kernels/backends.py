@@ -19,6 +19,7 @@ from typing import Any
 from beamhub.auth.home import state_dir
 from beamhub.kernels.hub_backend import HubScheduler
 from beamhub.kernels.local import LocalBackend
+from beamhub.kernels.metrics import track, untrack  # registered with the process's metrics
 from beamhub.kernels.projects import ProjectDirectory
 from beamhub.kernels.reservations import ReservationBook
 from beamhub.kernels.scheduler import Scheduler, SchedulerError
@@ -176,8 +177,6 @@ async def open_scheduler(config: SchedulerConfig) -> Scheduler:
     else:
         scheduler = cls(policy=policy, **config.options)
     _SCHEDULERS[key] = scheduler
-    from beamhub.kernels.metrics import track
-
     track(scheduler)  # queued/running by tier, preemptions, time-to-start (/hub/metrics)
     return scheduler
 
@@ -185,8 +184,6 @@ async def open_scheduler(config: SchedulerConfig) -> Scheduler:
 async def close_schedulers() -> None:
     """Close every backend this process opened on the running loop (jobs keep running)."""
     loop_id = id(asyncio.get_running_loop())
-    from beamhub.kernels.metrics import untrack
-
     for key in [k for k in _SCHEDULERS if k[1] == loop_id]:
         scheduler = _SCHEDULERS.pop(key)
         await untrack(scheduler)

@@ -153,6 +153,30 @@ def test_prometheus_scrapes_every_service_and_alerts_when_one_dies(stack: Runnin
     assert value("beamhub_tokens_issued_total") >= 1
     assert value('jupyterhub_total_users{job="jupyterhub"}') >= 0
     assert _api(stack, "query", query='count(jupyterhub_running_servers{job="proxy"})')["result"]
+    # a refusal of the token service is counted by its reason; the scheduler's families are in
+    # JupyterHub's /hub/metrics (read with the scraper's token, which may read nothing else)
+    ip = stack.runtime["ip"]
+    tokens_port = stack.runtime["services"]["tokens"]["port"]
+    refused = requests.post(f"{stack.tokens}api/tokens", json={}, timeout=10)
+    assert refused.status_code == 401
+    direct = f"http://{ip}:{tokens_port}/services/tokens/metrics"
+    text = requests.get(direct, timeout=10).text
+    assert 'beamhub_tokens_refused_total{endpoint="mint",reason="unauthenticated"} 1.0' in text
+    # through the proxy from elsewhere (the proxy appends the peer it saw): a token is needed
+    remote = {"X-Forwarded-For": "203.0.113.9"}
+    assert requests.get(f"{stack.tokens}metrics", headers=remote, timeout=10).status_code == 401
+    scraper = (stack.state / "prometheus" / "hub-metrics-token").read_text().strip()
+    hub_metrics = requests.get(
+        f"http://{ip}:{stack.runtime['hub_port']}/hub/metrics",
+        headers={"Authorization": f"token {scraper}"},
+        timeout=10,
+    )
+    assert hub_metrics.status_code == 200
+    assert "# TYPE beamhub_scheduler_time_to_start_seconds histogram" in hub_metrics.text
+    users = requests.get(
+        f"{stack.hub}api/users", headers={"Authorization": f"token {scraper}"}, timeout=10
+    )
+    assert users.status_code == 403  # read:metrics only
     rules = {r["name"] for g in _api(stack, "rules")["groups"] for r in g["rules"]}
     assert rules == {"ServiceDown", "DsnWorkStreamLoss", "BeamtimeStartSlow"}
 
