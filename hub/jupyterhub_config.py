@@ -208,6 +208,29 @@ def configure(c: Any, rt: dict[str, Any]) -> None:
         )
     _mint_for_roles(c, subjects, rt["hub_api_token"])
     _metrics_scraper(c, state)
+    _maintenance_banner(c, state)
+
+
+def _maintenance_banner(c: Any, state: Path) -> None:
+    """JupyterHub's announcement banner shows maintenance of the next 7 days from the calendar
+    (`beamhub maintenance`, the gateway's /maintenance), and tells a project member when it
+    overlaps her project's approved beamtime; read at each page view."""
+    from beamhub.kernels.maintenance import announcement
+    from beamhub.kernels.reservations import ReservationBook
+
+    db = state / "scheduler" / "reservations.sqlite"
+
+    def banner(user: Any) -> str:
+        if not db.exists():
+            return ""
+        groups = [g.name for g in getattr(user, "groups", [])] if user is not None else []
+        try:
+            book = ReservationBook(db)
+            return announcement(book.maintenance, book.list(), {g.split(":", 1)[0] for g in groups})
+        except Exception:  # a page never fails for its banner
+            return ""
+
+    c.JupyterHub.template_vars = {"announcement": banner}
 
 
 def _metrics_scraper(c: Any, state: Path) -> None:

@@ -30,6 +30,7 @@ __all__ = [
     "Maintenance",
     "MaintenanceCalendar",
     "affected_beamtime",
+    "announcement",
     "icalendar_feed",
 ]
 
@@ -281,3 +282,32 @@ def affected_beamtime(window: Maintenance, beamtime: Iterable[Any]) -> list[Any]
         for w in beamtime
         if w.status == "approved" and w.start < window.end and w.end > window.start
     ]
+
+
+def announcement(
+    calendar: MaintenanceCalendar,
+    beamtime: Iterable[Any] = (),
+    projects: Iterable[str] = (),
+    now: float | None = None,
+    horizon_s: float = 7 * 86400,
+) -> str:
+    """The hub's banner (HTML, escaped): maintenance ongoing or starting within ``horizon_s``,
+    and, for a member of ``projects``, which of their approved ``beamtime`` windows it overlaps."""
+    import html
+
+    now = time.time() if now is None else now
+    soon = [m for m in calendar.list(now=now) if m.start < now + horizon_s]
+    wanted = set(projects)
+    mine = [w for w in beamtime if w.project in wanted]
+    parts = []
+    for m in soon:
+        when = "now" if m.state(now) == "ongoing" else f"from {_fmt(m.start)}"
+        text = (
+            f"Maintenance {when} to {_fmt(m.end)}: {m.what} "
+            f"(down: {', '.join(m.down)}; stays up: {', '.join(m.stays_up) or 'nothing'})"
+        )
+        hits = sorted({w.project for w in affected_beamtime(m, mine)})
+        if hits:
+            text += f" — it overlaps the approved beamtime of {', '.join(hits)}"
+        parts.append(html.escape(text))
+    return "<br>".join(parts)

@@ -100,3 +100,37 @@ async def test_maintenance_blocks_beamtime_until_an_audited_override(
         assert listed["maintenance"] == []
         code, raw, _ = await call(s.url, "GET", "/calendar.ics")
         assert b"STATUS:CANCELLED" in raw  # subscribers drop it
+
+
+def test_maintenance_reaches_the_hub_banner_and_the_gateway_of_a_real_stack(dev_stack) -> None:
+    """`beamhub maintenance add` on the hub machine: JupyterHub's announcement banner shows it at
+    the next page view, the gateway lists it; cancelled, both drop it (the stack is shared)."""
+    import os
+    import subprocess
+
+    import requests
+
+    from tests.hub.hubstack import BEAMHUB
+
+    env = {**os.environ, "BEAMHUB_HOME": str(dev_stack.state)}
+    for name in ("BEAMHUB_SCHEDULER_RESERVATIONS", "BEAMHUB_SCHEDULER_STATE_DIR"):
+        env.pop(name, None)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [BEAMHUB, "maintenance", *args], capture_output=True, text=True, env=env, timeout=60
+        )
+
+    add = cli("add", "--start", "+1h", "--end", "+2h", "--what", "DSN relay swap", "--down", "dsn")
+    assert add.returncode == 0, add.stderr
+    mid = add.stdout.split()[1]
+    try:
+        page = requests.get(dev_stack.hub + "login", timeout=10)
+        assert page.status_code == 200
+        assert "announcement" in page.text and "DSN relay swap (down: dsn;" in page.text
+        gateway = dev_stack.urls["gateway"] + "api/v1/maintenance"
+        listed = requests.get(gateway, timeout=10).json()["maintenance"]
+        assert [w["what"] for w in listed] == ["DSN relay swap"]
+    finally:
+        assert cli("cancel", mid).returncode == 0
+    assert "DSN relay swap" not in requests.get(dev_stack.hub + "login", timeout=10).text

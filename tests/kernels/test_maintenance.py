@@ -108,3 +108,20 @@ def test_both_calendars_as_an_rfc5545_feed(book) -> None:
     assert str(events[f"beamtime-{wid}@test-facility"]["summary"]) == (
         "Beamtime: project p-1001 (beamtime)"
     )
+
+
+def test_the_hub_banner_names_maintenance_and_the_members_beamtime(book) -> None:
+    from beamhub.kernels.maintenance import announcement
+
+    now = time.time()
+    assert announcement(book.maintenance, book.list()) == ""
+    wid = book.request("p-1001", now + 2 * H, now + 3 * H, "beamtime", "SFX run", "alice")
+    book.approve(wid, "root-admin")
+    book.maintenance.add(now + H, now + 4 * H, "<b>DSN</b> & router", ["dsn"], "ops")
+    book.maintenance.add(now + 9 * 86400, now + 9 * 86400 + H, "far away", ["hub"], "ops")
+    anyone = announcement(book.maintenance, book.list(), now=now)
+    assert "&lt;b&gt;DSN&lt;/b&gt; &amp; router" in anyone and "<b>" not in anyone
+    assert "down: dsn" in anyone and "far away" not in anyone  # beyond the 7 days shown
+    assert "beamtime" not in anyone  # only members hear about their project's windows
+    member = announcement(book.maintenance, book.list(), {"p-1001"}, now=now)
+    assert member.endswith("it overlaps the approved beamtime of p-1001")
