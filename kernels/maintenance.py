@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS maintenance (
     status TEXT NOT NULL DEFAULT 'scheduled',
     cancelled_by TEXT,
     cancelled_at REAL,
-    reason TEXT
+    reason TEXT,
+    source_uid TEXT UNIQUE
 );
 """
 
@@ -76,6 +77,8 @@ class Maintenance:
     cancelled_by: str | None = None
     cancelled_at: float | None = None
     reason: str | None = None
+    #: the UID of the iCalendar event it was imported from (another facility's feed)
+    source_uid: str | None = None
 
     @property
     def stays_up(self) -> tuple[str, ...]:
@@ -137,6 +140,7 @@ class MaintenanceCalendar:
         down: Iterable[str],
         created_by: str,
         now: float | None = None,
+        source_uid: str | None = None,
     ) -> Maintenance:
         """Schedule a window; bad input is refused naming the field."""
         now = time.time() if now is None else now
@@ -166,9 +170,9 @@ class MaintenanceCalendar:
             raise SchedulerError("created_by must name the admin", field="created_by")
         with self._db() as conn:
             cur = conn.execute(
-                "INSERT INTO maintenance (start, end, what, down, created_by, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (start, end, str(what).strip(), json.dumps(down), created_by, now),
+                "INSERT INTO maintenance (start, end, what, down, created_by, created_at, "
+                "source_uid) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (start, end, str(what).strip(), json.dumps(down), created_by, now, source_uid),
             )
             return self._get(conn, int(cur.lastrowid))
 
@@ -219,6 +223,53 @@ class MaintenanceCalendar:
                 ).fetchall()
         return [_row(r) for r in rows]
 
+    def import_ics(
+        self, data: bytes, down: Iterable[str], created_by: str, now: float | None = None
+    ) -> dict[str, list[int]]:
+        """Import another facility's maintenance feed (RFC 5545): each event not over yet becomes
+        a window taking ``down`` down (what the facility's outage means here; events in the
+        BEAMTIME category, as in a beamhub feed, are not maintenance); an event seen
+        before (same UID) is not added again, and one now ``STATUS:CANCELLED`` cancels its
+        window. Returns the ids ``added``, ``cancelled`` and ``known``."""
+        from icalendar import Calendar
+
+        now = time.time() if now is None else now
+        try:
+            cal = Calendar.from_ical(data)
+        except ValueError as exc:
+            raise SchedulerError(f"not an iCalendar feed: {exc}", field="feed") from None
+        with self._db() as conn:
+            imported = {
+                r["source_uid"]: (r["id"], r["status"])
+                for r in conn.execute(
+                    "SELECT id, status, source_uid FROM maintenance WHERE source_uid IS NOT NULL"
+                )
+            }
+        out: dict[str, list[int]] = {"added": [], "cancelled": [], "known": []}
+        for event in cal.walk("VEVENT"):
+            uid = str(event.get("uid") or "")
+            if not uid or "dtstart" not in event:
+                raise SchedulerError("every event needs a UID and a DTSTART", field="feed")
+            start = _event_time(event.decoded("dtstart"))
+            end = _event_time(event.decoded("dtend")) if "dtend" in event else start + 3600
+            cancelled = str(event.get("status", "")).upper() == "CANCELLED"
+            if "BEAMTIME" in _categories(event):  # a beamhub feed's beamtime: not maintenance
+                continue
+            if uid in imported:
+                wid, status = imported[uid]
+                if cancelled and status != "cancelled":
+                    self.cancel(wid, created_by, "cancelled in the imported feed", now)
+                    out["cancelled"].append(wid)
+                else:
+                    out["known"].append(wid)
+                continue
+            if cancelled or end <= now:
+                continue
+            what = str(event.get("summary") or "maintenance (imported)")
+            added = self.add(start, end, what, down, created_by, now, source_uid=uid)
+            out["added"].append(added.id)
+        return out
+
     def conflicts(
         self, start: float, end: float, needs: Iterable[str] = BEAMTIME_NEEDS
     ) -> list[Maintenance]:
@@ -231,6 +282,23 @@ class MaintenanceCalendar:
                 (end, start),
             ).fetchall()
         return [m for m in map(_row, rows) if needed & set(m.down)]
+
+
+def _categories(event: Any) -> set[str]:
+    found: set[str] = set()
+    values = event.get("categories")
+    for value in values if isinstance(values, list) else [values] if values else []:
+        found |= {str(c).upper() for c in getattr(value, "cats", [value])}
+    return found
+
+
+def _event_time(value: Any) -> float:
+    """An iCalendar DATE or DATE-TIME as epoch seconds (floating times and dates as UTC)."""
+    if not isinstance(value, datetime):  # a DATE: the day from midnight UTC
+        value = datetime(value.year, value.month, value.day, tzinfo=UTC)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.timestamp()
 
 
 def icalendar_feed(

@@ -91,3 +91,17 @@ def test_maintenance_calendar_from_the_command_line(tmp_path: Path) -> None:
     assert "no maintenance scheduled" in _run(db, "maintenance", "list").stdout
     again = _run(db, "maintenance", "cancel", "1")
     assert again.returncode == 2 and "already cancelled" in again.stderr
+
+    # another beamhub's feed (as taken above): its maintenance is imported, its beamtime is not;
+    # importing it again adds nothing; a missing file is said plainly
+    (tmp_path / "other.ics").write_text(feed.stdout)
+    imported = _run(db, "maintenance", "import", str(tmp_path / "other.ics"), "--down", "network")
+    assert imported.returncode == 0 and ": 1 added [2]" in imported.stdout, imported.stderr
+    again = _run(db, "maintenance", "import", str(tmp_path / "other.ics"), "--down", "network")
+    assert "0 added" in again.stdout and "1 already known" in again.stdout
+    listed = json.loads(_run(db, "maintenance", "list", "--json").stdout)
+    assert [(w["what"], w["down"]) for w in listed] == [
+        ("Maintenance: chiller service", ["network"])
+    ]
+    missing = _run(db, "maintenance", "import", str(tmp_path / "nope.ics"), "--down", "network")
+    assert missing.returncode == 2 and "cannot read" in missing.stderr

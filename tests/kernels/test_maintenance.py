@@ -125,3 +125,52 @@ def test_the_hub_banner_names_maintenance_and_the_members_beamtime(book) -> None
     assert "beamtime" not in anyone  # only members hear about their project's windows
     member = announcement(book.maintenance, book.list(), {"p-1001"}, now=now)
     assert member.endswith("it overlaps the approved beamtime of p-1001")
+
+
+FOREIGN = """BEGIN:VCALENDAR\r
+VERSION:2.0\r
+PRODID:-//Light Source//Operations//EN\r
+BEGIN:VEVENT\r
+UID:ls-shutdown-42@lightsource.example\r
+DTSTAMP:20260101T000000Z\r
+DTSTART:{start}\r
+DTEND:{end}\r
+SUMMARY:Accelerator shutdown\\, RF upgrade\r
+STATUS:{status}\r
+END:VEVENT\r
+BEGIN:VEVENT\r
+UID:ls-past@lightsource.example\r
+DTSTAMP:20260101T000000Z\r
+DTSTART;VALUE=DATE:20200101\r
+DTEND;VALUE=DATE:20200102\r
+SUMMARY:long over\r
+END:VEVENT\r
+END:VCALENDAR\r
+"""
+
+
+def test_a_facility_feed_is_imported_once_and_its_cancellation_follows(book) -> None:
+    from datetime import UTC, datetime
+
+    now = time.time()
+
+    def ics(status: str) -> bytes:
+        fmt = "%Y%m%dT%H%M%SZ"
+        start = datetime.fromtimestamp(now + H, UTC).strftime(fmt)
+        end = datetime.fromtimestamp(now + 3 * H, UTC).strftime(fmt)
+        return FOREIGN.format(start=start, end=end, status=status).encode()
+
+    first = book.maintenance.import_ics(ics("CONFIRMED"), ["network", "dsn"], "ops", now)
+    assert len(first["added"]) == 1 and first["cancelled"] == []  # the past event is skipped
+    window = book.maintenance.get(first["added"][0])
+    assert window.what == "Accelerator shutdown, RF upgrade" and window.down == ("network", "dsn")
+    assert window.start == pytest.approx(now + H, abs=1)
+    assert window.source_uid == "ls-shutdown-42@lightsource.example"
+    again = book.maintenance.import_ics(ics("CONFIRMED"), ["network"], "ops", now)
+    assert again == {"added": [], "cancelled": [], "known": [window.id]}
+    off = book.maintenance.import_ics(ics("CANCELLED"), ["network"], "ops", now)
+    assert off["cancelled"] == [window.id]
+    assert book.maintenance.get(window.id).state() == "cancelled"
+    with pytest.raises(SchedulerError) as err:
+        book.maintenance.import_ics(b"not a calendar", ["network"], "ops", now)
+    assert err.value.field == "feed"
