@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -24,7 +23,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin
 
 __all__ = [
     "DashboardViewer",
@@ -214,19 +212,10 @@ class UpStack:
 
     # --- users ------------------------------------------------------------------------------
     def login(self, user: str, password: str) -> Any:
-        """Browserless OIDC: hub -> IdP login form -> consent -> hub callback; the session."""
-        import requests
+        """Browserless OIDC (:func:`beamhub.hub.login_client.sign_in`); the session."""
+        from beamhub.hub.login_client import sign_in
 
-        s = requests.Session()
-        r = s.get(self.hub + "oauth_login", params={"next": "/hub/home"}, timeout=30)
-        if "/interaction/" not in r.url:
-            raise RuntimeError(f"login of {user}: no IdP login form at {r.url} ({r.status_code})")
-        r = s.post(
-            _form_action(r),
-            data={"prompt": "login", "login": user, "password": password},
-            timeout=30,
-        )
-        r = s.post(_form_action(r), data={"prompt": "consent"}, timeout=30)
+        s, r = sign_in(self.hub, user, password)
         if r.status_code != 200:
             raise RuntimeError(f"login of {user} failed: HTTP {r.status_code} at {r.url}")
         return s
@@ -292,13 +281,6 @@ class UpStack:
         )
         r.raise_for_status()
         return r.json()
-
-
-def _form_action(response: Any) -> str:
-    match = re.search(r'<form method="post" action="([^"]+)"', response.text)
-    if not match:
-        raise RuntimeError(f"no form on {response.url}: {response.text[:300]}")
-    return urljoin(response.url, match.group(1))
 
 
 def secure_consumer(dsn_url: str, channel: str, token: str, **kwargs: Any) -> Any:

@@ -7,7 +7,9 @@ would, against the stack that runs on the deployment's state dir:
   the hub's runtime file (API tokens), the cookie-encryption key and another user's home;
 - ``channel_credential``: connect to the detector's channel with a CURVE key it does not know
   (no frame may arrive), then with a registered one (frames must arrive: the probe can fail);
-- ``revocation``: a token the DSN accepts is refused once revoked.
+- ``revocation``: a token the DSN accepts is refused once revoked;
+- ``second_factor`` (where the enclave requires MFA): a password-only user may not reach the hub,
+  and an enrolled user is asked for her one-time code after the password.
 
 Each probe is a :class:`~beamhub.hub.enclave.Requirement` (PASS/FAIL, what was tried, the fix).
 They need root (or the account that runs `beamhub up`): the probe reads the stack's own
@@ -59,14 +61,19 @@ def _runtime(state: Path) -> dict[str, Any]:
         ) from None
 
 
-def run_probes(state: Path, users: list[str]) -> list[Requirement]:
-    """Every probe against the stack on ``state``; ``users`` the deployment's user names."""
+def run_probes(state: Path, dep: Any, target: Any) -> list[Requirement]:
+    """Every probe against the stack on ``state`` run from deployment ``dep``, for enclave
+    profile ``target`` (the second-factor probe only where it requires MFA)."""
     runtime = _runtime(state)
-    return [
+    users = [u.username for u in dep.identity.users]
+    out = [
         _user_code_secrets(state, runtime, users),
         _channel_credential(state, runtime),
         _revocation(state, runtime),
     ]
+    if target.mfa_required:
+        out.append(_second_factor(state, dep))
+    return out
 
 
 # --- user code and the hub's secrets --------------------------------------------------------
@@ -244,4 +251,51 @@ def _revocation(state: Path, runtime: dict[str, Any]) -> Requirement:
         actual + ("" if before == 200 else ": inconclusive"),
         before == 200 and after == 401,
         "check the DSN's --revocations URL and tokens.revocation_poll",
+    )
+
+
+# --- a second factor --------------------------------------------------------------------------
+
+
+def _second_factor(state: Path, dep: Any) -> Requirement:
+    from beamhub.hub.login_client import LoginError, asks_for_code, sign_in
+    from beamhub.hub.up import totp
+
+    name, required = "second_factor", "no sign-in without a second factor"
+    if dep.identity.provider != "embedded":
+        return Requirement(
+            name, required, "not probed: the facility's IdP (sign in there without MFA)", True
+        )
+    hub = json.loads((state / "runtime-urls.json").read_text())["hub"]
+    secrets = totp.load_secrets(state)
+    enrolled = next((u for u in dep.identity.users if u.username in secrets), None)
+    bare = next((u for u in dep.identity.users if u.username not in secrets and u.projects), None)
+    tried: list[str] = []
+    got_in: list[str] = []
+    try:
+        if bare is not None:  # a password-only user: the hub must refuse her
+            _, r = sign_in(hub, bare.username, bare.password)
+            inside = r.status_code == 200 and "/hub/home" in r.url
+            tried.append(f"{bare.username} with a password only: HTTP {r.status_code}")
+            if inside:
+                got_in.append(bare.username + " (password only)")
+        if enrolled is not None:  # after the password the IdP must ask for the code
+            # (no wrong code is sent: it would count against the user's lockout)
+            _, r = sign_in(hub, enrolled.username, enrolled.password)
+            asked = asks_for_code(r)
+            tried.append(f"{enrolled.username} with her password: code asked {asked}")
+            if not asked and r.status_code == 200 and "/hub/home" in r.url:
+                got_in.append(enrolled.username + " (no code asked)")
+    except (LoginError, OSError) as exc:
+        return Requirement(name, required, f"not probed: {exc}", False, "is the hub up?")
+    if not tried:
+        return Requirement(name, required, "not probed: no dev user to try", False, "add users")
+    actual = "; ".join(tried) + (f"; signed in: {', '.join(got_in)}" if got_in else "")
+    return Requirement(
+        name,
+        required,
+        actual,
+        not got_in,
+        "require MFA (identity.require_mfa: true, or an enclave that requires it) and enrol "
+        "every user in a second factor",
     )

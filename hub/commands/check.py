@@ -53,7 +53,7 @@ def _check(args: argparse.Namespace) -> int:
 
         state = Path(dep.state_dir).expanduser() if dep.state_dir else state_dir()
         try:
-            results += run_probes(state, [u.username for u in dep.identity.users])
+            results += run_probes(state, dep, target)
             probed = f"the `beamhub up` on {state}"
         except ProbeUnavailable as exc:
             probed = f"nothing: {exc}"

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urljoin
 
 import psutil
 import requests
 
+from beamhub.hub.login_client import sign_in
 from beamhub.hub.up import totp
 
 BEAMHUB = str(Path(sys.executable).with_name("beamhub"))
@@ -191,12 +190,6 @@ def stack_processes(state: Path) -> list[psutil.Process]:
     return found
 
 
-def _form_action(response: requests.Response) -> str:
-    match = re.search(r'<form method="post" action="([^"]+)"', response.text)
-    assert match, f"no form on {response.url}: {response.text[:500]}"
-    return urljoin(response.url, match.group(1))
-
-
 #: (state dir, user) -> the last TOTP time step a test used (the IdP refuses a reused code)
 _LAST_OTP_STEP: dict[tuple[str, str], int] = {}
 
@@ -224,29 +217,16 @@ def login(
     otp: str | None = None,
     session: requests.Session | None = None,
 ) -> tuple[requests.Session, requests.Response]:
-    """Browserless OIDC login: hub -> IdP login form (-> one-time code) -> consent -> hub.
-
-    Where the IdP asks for a one-time code, ``otp`` is sent, or else the right code is computed
-    from the secrets `beamhub up` enrolled in the state dir.
-    """
-    s = session or requests.Session()
-    r = s.get(stack.hub + "oauth_login", params={"next": "/hub/home"}, timeout=20)
-    assert r.status_code == 200 and "/interaction/" in r.url, (r.status_code, r.url)
-    r = s.post(
-        _form_action(r), data={"prompt": "login", "login": user, "password": password}, timeout=20
+    """Browserless OIDC login (:func:`beamhub.hub.login_client.sign_in`); where the IdP asks for
+    a one-time code, ``otp`` is sent, or else the right code is computed from the secrets
+    `beamhub up` enrolled in the state dir."""
+    return sign_in(
+        stack.hub,
+        user,
+        password,
+        otp if otp is not None else (lambda: otp_code(stack, user)),
+        session,
     )
-    if r.status_code == 200 and 'name="code"' in r.text:
-        code = otp if otp is not None else otp_code(stack, user)
-        r = s.post(_form_action(r), data={"prompt": "otp", "code": code}, timeout=20)
-    if r.status_code == 200 and "/session/end/confirm" in r.text:
-        # another account's IdP session ends first: the page a browser submits by script
-        hidden = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', r.text))
-        action = re.search(r'<form method="post" action="([^"]+)"', r.text).group(1)
-        r = s.post(urljoin(r.url, action), data=hidden, timeout=20)
-    if r.status_code != 200 or "Authorize" not in r.text:
-        return s, r  # refused at the IdP, or no consent needed
-    r = s.post(_form_action(r), data={"prompt": "consent"}, timeout=30)
-    return s, r
 
 
 def spawn(stack: RunningStack, session: requests.Session, user: str, timeout: float = 90) -> dict:

@@ -355,6 +355,21 @@ def test_check_probes_the_running_stack(dev_stack: RunningStack) -> None:
         assert found[name]["ok"], found[name]
     assert "unknown key: 0 frames" in found["channel_credential"]["actual"]
     assert "200 before revocation, 401 after" in found["revocation"]["actual"]
+    assert "second_factor" not in found  # dev requires none: not probed
+
+    # checked for moderate, the dev stack lets bob in with his password alone
+    res = subprocess.run(
+        [BEAMHUB, "check", "--enclave", "moderate", str(dev_stack.config), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=env,
+    )
+    found = {r["name"]: r for r in json.loads(res.stdout)["requirements"]}
+    assert (
+        not found["second_factor"]["ok"]
+        and "bob (password only)" in found["second_factor"]["actual"]
+    ), found["second_factor"]
 
     runtime = json.loads((dev_stack.state / "hub" / "runtime.json").read_text())
     runtime["tenancy"] = {**runtime["tenancy"], "run_as": "self"}  # user code as the hub's
@@ -369,3 +384,16 @@ def test_check_probes_the_running_stack(dev_stack: RunningStack) -> None:
         env={**os.environ, "BEAMHUB_HOME": str(dev_stack.state.parent / "nothing-here")},
     )
     assert json.loads(stopped.stdout)["probed"].startswith("nothing: no `beamhub up` has run")
+
+
+@pytest.mark.timeout(120)
+def test_check_second_factor_probe_passes_on_the_moderate_stack(
+    moderate_stack: RunningStack,
+) -> None:
+    from beamhub.hub import probes
+    from beamhub.hub.up.deployment import load_deployment
+
+    found = probes._second_factor(moderate_stack.state, load_deployment(moderate_stack.config))
+    assert found.ok, found
+    assert "bob with a password only: HTTP 403" in found.actual
+    assert "code asked True" in found.actual
