@@ -231,6 +231,8 @@ def _maintenance_banner(c: Any, state: Path) -> None:
             return ""
 
     c.JupyterHub.template_vars = {"announcement": banner}
+    # the home page shows the server's time left (hub/templates/home.html extends JupyterHub's)
+    c.JupyterHub.template_paths = [str(Path(__file__).with_name("templates"))]
 
 
 def _metrics_scraper(c: Any, state: Path) -> None:
