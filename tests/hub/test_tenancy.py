@@ -336,10 +336,7 @@ def test_only_the_dev_enclave_may_run_without_root(tmp_path) -> None:
 
 @pytest.mark.timeout(120)
 def test_check_probes_the_running_stack(dev_stack: RunningStack) -> None:
-    """`beamhub check` proves by trying: against the isolated dev stack every probe passes; the
-    same probe as a stack that runs user code as its own account (run_as: self) fails."""
-    from beamhub.hub import probes
-
+    """`beamhub check` proves by trying: against the isolated dev stack every probe passes."""
     env = {**os.environ, "BEAMHUB_HOME": str(dev_stack.state)}
     res = subprocess.run(
         [BEAMHUB, "check", "--enclave", "dev", str(dev_stack.config), "--json"],
@@ -371,11 +368,6 @@ def test_check_probes_the_running_stack(dev_stack: RunningStack) -> None:
         and "bob (password only)" in found["second_factor"]["actual"]
     ), found["second_factor"]
 
-    runtime = json.loads((dev_stack.state / "hub" / "runtime.json").read_text())
-    runtime["tenancy"] = {**runtime["tenancy"], "run_as": "self"}  # user code as the hub's
-    exposed = probes._user_code_secrets(dev_stack.state, runtime, ["alice", "bob"])
-    assert not exposed.ok and "signing-key.pem" in exposed.actual, exposed
-
     stopped = subprocess.run(
         [BEAMHUB, "check", "--enclave", "dev", "--json"],
         capture_output=True,
@@ -397,3 +389,28 @@ def test_check_second_factor_probe_passes_on_the_moderate_stack(
     assert found.ok, found
     assert "bob with a password only: HTTP 403" in found.actual
     assert "code asked True" in found.actual
+
+
+@pytest.mark.timeout(180)
+def test_check_fails_a_stack_whose_user_code_reads_the_secrets(tmp_path) -> None:
+    """A real dev stack that runs every user's code as its own account (tenancy.run_as: self,
+    here root): `beamhub check` reads the signing key as that account and FAILs."""
+    yaml_text = (
+        "enclave: dev\nhub: {port: 0}\ntenancy: {run_as: self}\n"
+        "dsn: {enabled: false}\ndetector: {enabled: false}\ngateway: {enabled: false}\n"
+    )
+    stack = RunningStack(tmp_path, yaml_text, "exposed").start()
+    try:
+        res = subprocess.run(
+            [BEAMHUB, "check", "--enclave", "moderate", str(stack.config), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        found = {r["name"]: r for r in json.loads(res.stdout)["requirements"]}
+        exposed = found["user_code_secrets"]
+        assert not exposed["ok"] and "read " in exposed["actual"], exposed
+        assert "signing-key.pem" in exposed["actual"], exposed
+        assert res.returncode == 1
+    finally:
+        stack.stop_and_check()
