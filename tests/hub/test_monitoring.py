@@ -14,10 +14,11 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from beamhub.hub.up.deployment import DeploymentError, MonitoringConfig, load_deployment
 from beamhub.hub.up.monitoring import alert_rules, scrape_config, targets
-from tests.hub.hubstack import RunningStack, service_dir
+from tests.hub.hubstack import RunningStack, login, service_dir
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -159,9 +160,30 @@ def test_prometheus_scrapes_every_service_and_alerts_when_one_dies(stack: Runnin
     tokens_port = stack.runtime["services"]["tokens"]["port"]
     refused = requests.post(f"{stack.tokens}api/tokens", json={}, timeout=10)
     assert refused.status_code == 401
+    # bob mints a token for his DAQ, is refused one in a project he has no role in, revokes his
+    assert login(stack, "bob", "bob-dev")[1].status_code == 200
+    bob = {"Authorization": f"token {stack.user_api_token('bob')}"}
+    mint = stack.tokens + "api/tokens"
+    minted = requests.post(mint, headers=bob, json={"project": "p-1001"}, timeout=10)
+    assert minted.status_code == 201, minted.text
+    assert (
+        requests.post(mint, headers=bob, json={"project": "p-2002"}, timeout=10).status_code == 403
+    )
+    revoke = {"jti": minted.json()["jti"]}
+    revoked = requests.post(stack.tokens + "revoke", headers=bob, json=revoke, timeout=10)
+    assert revoked.status_code == 200, revoked.text
     direct = f"http://{ip}:{tokens_port}/services/tokens/metrics"
-    text = requests.get(direct, timeout=10).text
-    assert 'beamhub_tokens_refused_total{endpoint="mint",reason="unauthenticated"} 1.0' in text
+    got = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(requests.get(direct, timeout=10).text)
+        for s in f.samples
+    }
+    refused = "beamhub_tokens_refused_total"
+    assert got[(refused, (("endpoint", "mint"), ("reason", "unauthenticated")))] == 1
+    assert got[(refused, (("endpoint", "mint"), ("reason", "no_role")))] == 1
+    assert got[("beamhub_tokens_issued_total", (("kind", "user"),))] == 1
+    assert got[("beamhub_tokens_revoked_total", ())] == 1
+    assert got[("beamhub_tokens_issued_total", (("kind", "service"),))] >= 1  # dashboard, detector
     # through the proxy from elsewhere (the proxy appends the peer it saw): a token is needed
     remote = {"X-Forwarded-For": "203.0.113.9"}
     assert requests.get(f"{stack.tokens}metrics", headers=remote, timeout=10).status_code == 401
