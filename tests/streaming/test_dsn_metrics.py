@@ -89,3 +89,57 @@ async def test_metrics_count_frames_and_drops_and_are_guarded() -> None:
 
         code, text = await _get(node.url + "/healthz")
         assert code == 200 and '"status": "ok"' in text
+
+
+async def test_a_work_consumers_loss_and_lag_reach_the_metrics() -> None:
+    """A work consumer that saw a sequence gap (frames 3 and 4 never sent) reports it: the loss
+    the DsnWorkStreamLoss alert reads, per channel and role."""
+    import asyncio
+
+    from beamhub.streaming.consumer import StreamConsumer
+
+    tokens = Tokens()
+    token = tokens.issue()
+    zctx = zmq.Context()
+    async with running_dsn(tokens) as node:
+        status, body = await api(node.url, "POST", "/api/channels", token, {"stream": "det"})
+        assert status == 201, body
+        cid, eps = body["id"], body["endpoints"]
+        producer = await register(node.url, cid, token, "producer")
+        reader = await register(node.url, cid, token, "consumer", consumer_id="analysis-1")
+        push = secure(zctx.socket(zmq.PUSH), producer)
+        push.linger = 0
+        push.connect(eps["producer"])
+        consumer = StreamConsumer(
+            eps["work"],
+            consumer_id="analysis-1",
+            report=eps["report"],
+            curve_server_key=reader["server_key"],
+            curve_keypair=(reader["public"], reader["secret"]),
+            exclusive=True,
+        )
+        try:
+            send_frames(push, [0, 1, 2, 5, 6, 7])
+            seqs = []
+            for _ in range(6):
+                frame = await asyncio.to_thread(consumer.receive, 10)
+                assert frame is not None
+                seqs.append(frame.header.seq)
+            assert seqs == [0, 1, 2, 5, 6, 7] and consumer.lost == 2
+            await asyncio.to_thread(consumer.send_report)  # (receive() reports every 0.5 s)
+            labels = _key((("channel", cid), ("project", "p1"), ("stream", "det")), role="work")
+
+            async def reported():
+                _, text = await _get(node.url + "/metrics")
+                got = _samples(text)
+                return got if got.get(("beamhub_dsn_lost_frames_total", labels)) == 2 else None
+
+            got = await wait_until(reported)
+        finally:
+            consumer.close()
+            push.close(linger=0)
+            zctx.destroy(linger=0)
+        assert got[("beamhub_dsn_consumers", labels)] == 1
+        assert got[("beamhub_dsn_lag_frames", labels)] == 0  # it has read up to the head
+        frames = _key((("channel", cid), ("project", "p1"), ("stream", "det")))
+        assert got[("beamhub_dsn_frames_total", frames)] == 6
