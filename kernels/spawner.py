@@ -15,7 +15,6 @@ import shutil
 import sys
 import time
 import uuid
-from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from traitlets import (
 )
 
 from beamhub.auth.home import state_dir
+from beamhub.auth.roles import ROLE_SCOPES, ROLES
 from beamhub.kernels.accounts import Account, AccountMap, copy_as, private_dir
 from beamhub.kernels.backends import (
     SchedulerConfig,
@@ -43,28 +43,35 @@ from beamhub.kernels.backends import (
 )
 from beamhub.kernels.scheduler import TERMINAL_STATES, JobSpec, JobState, SchedulerError
 from beamhub.kernels.server_wait import ServerWait, SpawnRefused, server_answers
+from beamhub.kernels.spawn_form import FormError, Offer, check_options, make_offer, render_form
 
 __all__ = ["ReservedNodeSpawner", "SpawnRefused"]
 
 _TERMINAL = TERMINAL_STATES
 
 
-def _options_form(spawner: ReservedNodeSpawner) -> str:
-    """Project and tier pickers when there is a choice to make (else no form at all)."""
-    projects = policy_for(spawner._config()).projects
-    mine = projects.projects_of(spawner.user.name) if projects is not None else []
-    if len(mine) < 2:
-        return ""
-    tiers = policy_for(spawner._config()).tiers.names()
-    opts = "".join(f'<option value="{escape(p)}">{escape(p)}</option>' for p in mine)
-    tier_opts = "".join(f'<option value="{escape(t)}">{escape(t)}</option>' for t in tiers)
-    return (
-        f'<label for="project">Project</label><select class="form-control" name="project">'
-        f"{opts}</select>"
-        f'<label for="tier">Tier</label><select class="form-control" name="tier">'
-        f'<option value="">the best I hold now (beamtime inside a window)</option>{tier_opts}'
-        "</select>"
-    )
+async def _options_form(spawner: ReservedNodeSpawner) -> str:
+    """Project, tier, walltime, nodes and Dask workers; a viewer gets the dashboard instead."""
+    offer = await spawner.offer()
+    if not offer.projects:
+        if offer.watch_only:  # the same refusal page as a viewer's spawn (pre_spawn_start)
+            from beamhub.hub.authenticator import ViewerHasNoServer
+
+            project = _strongest(offer.watch_only)
+            raise ViewerHasNoServer(offer.watch_only[project], project)
+        return ""  # roles unknown (another authenticator): spawn with the defaults
+    return render_form(offer)
+
+
+async def _options_from_form(formdata: dict[str, Any], spawner: ReservedNodeSpawner) -> dict:
+    """The form's values, checked against what she may use now (never trusted as sent)."""
+    return check_options(await spawner.offer(), formdata)
+
+
+def _strongest(roles: dict[str, str]) -> str:
+    """The project in which the role is strongest (ties: alphabetical)."""
+    rank = {r: i for i, r in enumerate(ROLES)}
+    return min(roles, key=lambda p: (rank.get(roles[p], len(ROLES)), p))
 
 
 class ReservedNodeSpawner(Spawner):
@@ -134,6 +141,18 @@ class ReservedNodeSpawner(Spawner):
     )
     walltime_s = Integer(
         8 * 3600, min=60, help="Wall time (seconds) of the server's job; capped by the tier."
+    ).tag(config=True)
+
+    max_dask_workers = Integer(
+        8,
+        min=0,
+        help="""Most Dask workers the options form (or a REST spawn request) may ask for.""",
+    ).tag(config=True)
+
+    walltime_warning_s = Integer(
+        900,
+        min=0,
+        help="""Seconds before the walltime ends from which the hub's home page warns.""",
     ).tag(config=True)
 
     queue_timeout = Float(
@@ -206,13 +225,13 @@ class ReservedNodeSpawner(Spawner):
 
     @default("apply_user_options")
     def _default_apply_user_options(self) -> dict:
-        # a request (REST body or the form) may name a project and a tier; start() still asks
-        # the policy whether the user holds them
+        # a request (REST body or the form) may name a project and a tier; start() checks
+        # every option again (check_options) and the policy whether the user holds them
         return {"project": "project", "tier": "tier"}
 
     @default("options_from_form")
     def _default_options_from_form(self):
-        return self._simple_options_from_form
+        return _options_from_form
 
     @default("options_form")
     def _default_options_form(self):
@@ -247,6 +266,8 @@ class ReservedNodeSpawner(Spawner):
         self.job_port: int | None = None
         self.job_project: str | None = None
         self.job_tier: str | None = None
+        self.job_started: float | None = None
+        self.job_walltime_s: int | None = None
         self.port_file: str | None = None
         self.output_file: str | None = None
         self.account: Account | None = None
@@ -261,6 +282,8 @@ class ReservedNodeSpawner(Spawner):
         self.job_port = state.get("port")
         self.job_project = state.get("project")
         self.job_tier = state.get("tier")
+        self.job_started = state.get("started")
+        self.job_walltime_s = state.get("walltime_s")
         self.port_file = state.get("port_file")
         self.output_file = state.get("output")
 
@@ -274,6 +297,8 @@ class ReservedNodeSpawner(Spawner):
                 port=self.job_port,
                 project=self.job_project,
                 tier=self.job_tier,
+                started=self.job_started,
+                walltime_s=self.job_walltime_s,
                 port_file=self.port_file,
                 output=self.output_file,
             )
@@ -283,6 +308,7 @@ class ReservedNodeSpawner(Spawner):
         super().clear_state()
         self.job_id = self.job_node = self.job_host = self.job_port = None
         self.job_project = self.job_tier = self.port_file = self.output_file = None
+        self.job_started = self.job_walltime_s = None
 
     # -- scheduler access ----------------------------------------------------------------------
 
@@ -328,6 +354,73 @@ class ReservedNodeSpawner(Spawner):
         for target, source in self.home_files.items():
             await asyncio.to_thread(copy_as, self.account, source, target)
         return await maybe_future(super().run_pre_spawn_hook())
+
+    # -- the options form ----------------------------------------------------------------------
+
+    def options_from_query(self, query_data: dict[str, Any]) -> Any:
+        """/hub/spawn?tier=...: the same checks as the form's POST."""
+        return self.run_options_from_form(query_data)
+
+    async def _roles(self) -> dict[str, str]:
+        """{project: role} as the authenticator recorded them at login (auth_state); without
+        them, the project directory's memberships (as member), else nothing."""
+        get = getattr(self.user, "get_auth_state", None)
+        auth_state = (await get()) if get is not None else None
+        projects = ((auth_state or {}).get("beamhub") or {}).get("projects")
+        if isinstance(projects, dict):
+            return {str(p): str(r) for p, r in projects.items()}
+        directory = (await asyncio.to_thread(policy_for, self._config())).projects
+        if directory is not None:
+            return dict.fromkeys(directory.projects_of(self.user.name), "member")
+        return {}
+
+    async def offer(self, now: float | None = None) -> Offer:
+        """What this user may ask for now: her projects, usable tiers and limits."""
+        roles = await self._roles()
+        role_scopes = getattr(self.authenticator, "role_scopes", None) or ROLE_SCOPES
+        job_roles = {r for r, scopes in role_scopes.items() if "jobs" in scopes}
+        runnable = {p: r for p, r in roles.items() if r in job_roles}
+        preferred = self.project if self.project in runnable else ""
+        if not preferred and runnable:
+            preferred = _strongest(runnable)
+        policy = await asyncio.to_thread(policy_for, self._config())
+        nodes = self.backend_options.get("nodes") if self.backend == "local" else None
+        return await asyncio.to_thread(
+            make_offer,
+            policy,
+            self.user.name,
+            roles,
+            job_roles,
+            machine_nodes=int(nodes) if nodes else None,
+            max_dask_workers=self.max_dask_workers,
+            default_walltime_s=self.walltime_s,
+            preferred=preferred,
+            now=now,
+        )
+
+    @property
+    def job_deadline(self) -> float | None:
+        """When the server's job reaches its walltime (epoch seconds), once it has started."""
+        if self.job_id and self.job_started and self.job_walltime_s:
+            return float(self.job_started) + float(self.job_walltime_s)
+        return None
+
+    def time_left(self, now: float | None = None) -> dict[str, Any] | None:
+        """Time left before the walltime stops the server, for the hub's home page."""
+        deadline = self.job_deadline
+        if deadline is None:
+            return None
+        now = time.time() if now is None else now
+        left = max(0, int(deadline - now))
+        hours, minutes = divmod(left // 60, 60)
+        return {
+            "left_s": left,
+            "deadline": deadline,
+            "ends": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(deadline)),
+            "text": f"{hours} h {minutes:02d} min" if hours else f"{minutes} min",
+            "warn": left <= self.walltime_warning_s,
+            "warn_s": self.walltime_warning_s,
+        }
 
     def template_namespace(self) -> dict[str, Any]:
         """JupyterHub's, plus ``{home}`` and ``{account}`` once the account is known."""
@@ -399,8 +492,14 @@ class ReservedNodeSpawner(Spawner):
         config = self._config()
         # the policy reads YAML and the windows' SQLite: off the hub's event loop
         policy = await asyncio.to_thread(policy_for, config)
-        project = self._resolve_project()
         options = self.user_options or {}
+        # the form's values again, and a REST request's: never trusted as sent (a tier she does
+        # not hold is refused below by the policy, with the tiers she holds)
+        try:
+            checked = check_options(await self.offer(), options, check_tier=False)
+        except FormError as exc:
+            raise SpawnRefused(exc.message, reason=exc.field, status_code=exc.status_code) from exc
+        project = checked.get("project") or self._resolve_project()
         requested = options.get("tier") or self.tier or None
         try:
             tier = await asyncio.to_thread(
@@ -433,6 +532,11 @@ class ReservedNodeSpawner(Spawner):
         env = self.get_env()
         env.update(config.job_env(project=project, tier=tier.name, user=self.user.name))
         env["BEAMHUB_BIND_IP"] = self.ip or "127.0.0.1"
+        walltime_s = checked["walltime_s"]
+        if "walltime" not in options and "walltime_s" not in options:
+            walltime_s = min(walltime_s, tier.max_walltime_s)  # the default fits any tier
+        env["BEAMHUB_WALLTIME_S"] = str(walltime_s)
+        env["BEAMHUB_DASK_WORKERS"] = str(checked["dask_workers"])
         env.update(self._user_env(account))
         args = list(self.get_args())
         is_jupyter = Path(self.cmd[0]).name.startswith("jupyter") if self.cmd else False
@@ -460,11 +564,13 @@ class ReservedNodeSpawner(Spawner):
             env=env,
             cpus=self.cpus,
             mem_mb=self.mem_mb,
-            walltime_s=self.walltime_s,
+            nodes=checked["nodes"],
+            walltime_s=walltime_s,
             workdir=self.format_string(self.notebook_dir) if self.notebook_dir else account.home,
             output=self.output_file,
         )
         self.job_project, self.job_tier = project, tier.name
+        self.job_started, self.job_walltime_s = None, walltime_s
         await self._cancel_stale_jobs(scheduler, spec.name)
         watcher = asyncio.create_task(self._watch_events(scheduler))
         await asyncio.sleep(0)  # let the watcher subscribe before submit() publishes
@@ -475,7 +581,13 @@ class ReservedNodeSpawner(Spawner):
                 raise SpawnRefused(str(exc), reason="scheduler", status_code=400) from exc
             self._persist_state()
             self._emit(10, f"queued at tier {tier.name} (job {self.job_id})")
-            return await self._wait_for_server(scheduler, tier.name)
+            address = await self._wait_for_server(scheduler, tier.name)
+            info = (await scheduler.status([self.job_id])).get(self.job_id)
+            if info is not None and info.start_time:  # the walltime counts from here
+                self.job_started = info.start_time
+            self.job_started = self.job_started or time.time()
+            self._persist_state()
+            return address
         except BaseException:
             if self.job_id:
                 with contextlib.suppress(SchedulerError, OSError):
@@ -521,6 +633,7 @@ class ReservedNodeSpawner(Spawner):
         if kind == "preempting":
             self._emit(30, message or f"preempting {len(event.get('victims') or [])} jobs")
         elif kind == "started":
+            self.job_started = self.job_started or time.time()
             self._emit(50, f"starting on {event.get('node') or '?'}")
         elif kind == "waiting" and message:
             self._emit(15, message)

@@ -229,10 +229,31 @@ def login(
     )
 
 
-def spawn(stack: RunningStack, session: requests.Session, user: str, timeout: float = 90) -> dict:
-    """Start the user's server through the hub's spawn page; return the ready server model."""
+def spawn_form_action(page: requests.Response) -> str | None:
+    """The URL the hub's server options form posts to (with its _xsrf), or None: no form."""
+    import html
+    import re
+    from urllib.parse import urljoin
+
+    match = re.search(r'id="spawn_form"\s+action="([^"]+)"', page.text)
+    return urljoin(page.url, html.unescape(match.group(1))) if match else None
+
+
+def spawn(
+    stack: RunningStack,
+    session: requests.Session,
+    user: str,
+    timeout: float = 90,
+    options: dict[str, str] | None = None,
+) -> dict:
+    """Start the user's server through the hub's spawn page (its options form submitted with
+    ``options``, the form's defaults for the rest); return the ready server model."""
     r = session.get(stack.hub + "spawn", timeout=30)
     assert r.status_code == 200, (r.status_code, r.url)
+    action = spawn_form_action(r)
+    if action is not None:
+        r = session.post(action, data=options or {}, timeout=30)
+        assert r.status_code == 200, (r.status_code, r.url, r.text[-2000:])
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         model = requests.get(f"{stack.hub}api/users/{user}", headers=stack.admin, timeout=10).json()
