@@ -6,7 +6,9 @@ repeat transfers the same frames twice, in alternating order: once with nothing 
 (``none``, the baseline) and once while Debian's Prometheus scrapes the DSN's ``/metrics`` every
 second (``scrape_1s``). Figures are medians of the repeats: messages/s and GB/s (first to last
 frame received), the DSN process's CPU seconds per GB, and for the scraped transfers how many
-scrapes fell into them and how long one took (Prometheus' own ``scrape_duration_seconds``).
+scrapes fell into them and how long one took (Prometheus' own ``scrape_duration_seconds``). Last,
+the DSN's own CPU time per ``/metrics`` request (100 requests on the idle channel): the cost of a
+scrape that the throughput's noise may hide.
 """
 
 from __future__ import annotations
@@ -181,6 +183,18 @@ def _transfer(
     }
 
 
+def _scrape_cpu_ms(pid: int, url: str, n: int = 100) -> float:
+    """The DSN's own CPU milliseconds per /metrics request (idle channel, ``n`` requests)."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    cpu0 = sum(proc.cpu_times()[:2])
+    for _ in range(n):
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            resp.read()
+    return (sum(proc.cpu_times()[:2]) - cpu0) * 1000 / n
+
+
 def run(frames: int, frame_bytes: int, repeats: int, mode: str) -> dict[str, Any]:
     from beamhub.auth.tokens import SigningKey, TokenIssuer
 
@@ -196,7 +210,17 @@ def run(frames: int, frame_bytes: int, repeats: int, mode: str) -> dict[str, Any
     port = _free_port()
     dsn_url = f"http://127.0.0.1:{port}"
     dsn = subprocess.Popen(
-        [sys.executable, "-m", "beamhub.hub.cli", "dsn", "--port", str(port), "--jwks", str(jwks), "--ephemeral"],
+        [
+            sys.executable,
+            "-m",
+            "beamhub.hub.cli",
+            "dsn",
+            "--port",
+            str(port),
+            "--jwks",
+            str(jwks),
+            "--ephemeral",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "BEAMHUB_HOME": str(tmp)},
@@ -229,6 +253,7 @@ def run(frames: int, frame_bytes: int, repeats: int, mode: str) -> dict[str, Any
                     if prom is not None:
                         prom.stop()
                 rows[cond].append(row)
+        scrape_cpu_ms = _scrape_cpu_ms(dsn.pid, f"{dsn_url}/metrics")
     finally:
         dsn.terminate()
         dsn.wait(20)
@@ -245,6 +270,7 @@ def run(frames: int, frame_bytes: int, repeats: int, mode: str) -> dict[str, Any
         for cond in rows
     }
     summary["scrape_1s"]["scrapes_during_transfer"] = med("scrape_1s", "scrapes")
+    summary["scrape_1s"]["dsn_cpu_ms_per_scrape"] = round(scrape_cpu_ms, 3)
     summary["scrape_1s"]["scrape_duration_ms"] = round(
         med("scrape_1s", "scrape_duration_s") * 1e3, 3
     )
