@@ -98,9 +98,13 @@ def sign_in(
 
 
 def start_server(page: Page, hub: str, user: str, timeout: float = 90) -> None:
-    """Press "Start My Server" on the hub's home page and wait for JupyterLab."""
+    """Press "Start My Server" on the hub's home page (then "Start" on the server options
+    form, keeping its defaults) and wait for JupyterLab."""
     page.goto(hub + "home")
     page.locator("#start").click()
+    page.wait_for_url(re.compile(rf".*(/hub/spawn(\?.*)?$|/spawn-pending/|/user/{user}/).*"))
+    if page.locator("#spawn_form").count():
+        page.locator("#spawn_form button[type=submit]").click()
     page.wait_for_url(re.compile(rf".*/user/{user}/lab.*"), timeout=timeout * 1000)
     page.locator(".jp-LauncherCard, .jp-DirListing").first.wait_for(timeout=timeout * 1000)
 
