@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from html import escape
@@ -246,13 +247,18 @@ def check_options(offer: Offer, data: dict[str, Any], check_tier: bool = True) -
     return options
 
 
+def _code(text: str) -> str:
+    """Escaped text with `commands` shown as code."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", escape(text))
+
+
 def _tier_label(t: TierOffer) -> str:
     limits = f"up to {_hours(t.max_walltime_s)}, {t.max_nodes} node(s)"
     if t.usable:
         return f"<strong>{escape(t.name)}</strong> <small class='text-muted'>{limits}</small>"
     return (
         f"<strong>{escape(t.name)}</strong> <small class='text-muted'>{limits}</small>"
-        f"<br><small class='beamhub-why-not text-danger'>not now: {escape(t.reason)}</small>"
+        f"<br><small class='beamhub-why-not text-danger'>not now: {_code(t.reason)}</small>"
     )
 
 
