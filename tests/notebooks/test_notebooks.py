@@ -11,6 +11,8 @@ spawned server itself, through JupyterLab.)
 
 from __future__ import annotations
 
+import os
+import pwd
 import re
 import shutil
 import subprocess
@@ -21,18 +23,40 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from tests.hub.hubstack import service_dir
 from tests.notebooks.beamtime import NOTEBOOKS
 
 NAMES = ["01-first-look", "02-live-analysis", "03-steer-the-experiment"]
 
 
+def _as_server_account(env: dict[str, str], workdir: Path) -> tuple[list[str], Path]:
+    """As root, run the kernel as the server's own account (the owner of its HOME), as
+    JupyterLab would, in a folder of hers: what she creates (e.g. ~/.beamhub/dask for the Dask
+    workers, which run as her) must be hers. Without root: as we are, in ``workdir``."""
+    owner = os.stat(env["HOME"]).st_uid if env.get("HOME") else os.geteuid()
+    if os.geteuid() != 0 or owner == 0:
+        return [], workdir
+    account = pwd.getpwuid(owner)
+    mine = service_dir("nbval")
+    os.chown(mine, account.pw_uid, account.pw_gid)
+    os.chmod(mine, 0o700)
+    prefix = ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}",
+              "--init-groups", "--"]  # fmt: skip
+    return prefix, mine
+
+
 def run_nbval(notebook: Path, env: dict[str, str], workdir: Path) -> tuple[int, str]:
     """``pytest --nbval-lax`` on a copy of ``notebook`` in ``workdir`` (the server's root)."""
+    prefix, workdir = _as_server_account(env, workdir)
     copy = workdir / notebook.name
     shutil.copy(notebook, copy)
     # not the repository's pytest settings (testpaths, markers, asyncio)
     (workdir / "pytest.ini").write_text("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    if prefix:
+        for path in (workdir, copy, workdir / "pytest.ini"):
+            os.chown(path, os.stat(workdir).st_uid, os.stat(workdir).st_gid)
     cmd = [
+        *prefix,
         sys.executable,
         "-m",
         "pytest",
