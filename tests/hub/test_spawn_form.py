@@ -9,10 +9,21 @@ from __future__ import annotations
 
 import html
 import re
+import time
 
 import requests
 
 from tests.hub.hubstack import RunningStack, login, server_env, spawn, spawn_form_action
+
+
+def _without_server(stack: RunningStack, user: str) -> None:
+    """The session's stack is shared: an earlier test may have left her server running."""
+    url = f"{stack.hub}api/users/{user}/server"
+    requests.delete(url, headers=stack.admin, timeout=30)
+    deadline = time.monotonic() + 30
+    while _servers(stack, user):
+        assert time.monotonic() < deadline, f"{user}'s server did not stop"
+        time.sleep(0.25)
 
 
 def _form(stack: RunningStack, session: requests.Session) -> requests.Response:
@@ -38,6 +49,7 @@ def _servers(stack: RunningStack, user: str) -> dict:
 
 
 def test_form_offers_her_projects_and_usable_tiers_with_reasons(dev_stack: RunningStack) -> None:
+    _without_server(dev_stack, "oscar")
     session, _ = login(dev_stack, "oscar", "oscar-dev")
     page = _form(dev_stack, session)
     text = page.text
@@ -55,6 +67,7 @@ def test_form_offers_her_projects_and_usable_tiers_with_reasons(dev_stack: Runni
 
 def test_each_field_is_refused_by_name_with_its_limit(dev_stack: RunningStack) -> None:
     """The browser's min/max are a convenience: the hub checks every field of the POST."""
+    _without_server(dev_stack, "bob")
     session, _ = login(dev_stack, "bob", "bob-dev")
     page = _form(dev_stack, session)
     cases = [
@@ -109,6 +122,7 @@ def test_viewer_is_sent_to_the_dashboard_not_a_form(dev_stack: RunningStack) -> 
 
 def test_chosen_options_reach_the_job_and_home_warns_of_walltime(dev_stack: RunningStack) -> None:
     """A 15 min walltime: the job gets it, and the home page warns at once (warning: 15 min)."""
+    _without_server(dev_stack, "oscar")
     session, _ = login(dev_stack, "oscar", "oscar-dev")
     try:
         server = spawn(
