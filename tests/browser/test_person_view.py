@@ -131,6 +131,11 @@ def test_operator_sees_the_steering_link(beamtime_stack: RunningStack, browser: 
     page.goto(f"{public(beamtime_stack)}services/dashboard/p/p-1001/")
     assert page.locator("main#dashboard").get_attribute("data-role") == "operator"
     assert page.locator("#steering").count() == 1  # the same page shows controls to steerers
+    # a shared beamline PC: "Log out" ends the session at the hub and at the identity provider
+    page.locator("#logout").click()
+    page.wait_for_url(re.compile(r".*/hub/login.*"), timeout=30_000)
+    response = page.goto(f"{public(beamtime_stack)}services/dashboard/p/p-1001/")
+    assert "/services/dashboard/p/" not in page.url or (response and response.status != 200)
     page.context.close()
 
 
