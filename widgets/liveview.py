@@ -241,7 +241,7 @@ class LiveView(w.VBox):
         self.series_source = ColumnDataSource({"t": [], "hit_rate": [], "peaks": []})
         self.profile_source = ColumnDataSource({"r": [], "intensity": []})
         img = figure(
-            title="detector (max-pooled) + peaks",
+            title="detector: waiting for a frame",
             width=380,
             height=380,
             match_aspect=True,
@@ -271,7 +271,7 @@ class LiveView(w.VBox):
             width=420,
             height=185,
             tools="xpan,xwheel_zoom,reset",
-            x_axis_label="s",
+            x_axis_label="time since the view started (s)",
         )
         rate.line(
             "t", "hit_rate", source=self.series_source, legend_label="hit rate", color="#d62728"
@@ -294,6 +294,7 @@ class LiveView(w.VBox):
             tools="pan,wheel_zoom,reset",
         )
         prof.line("r", "intensity", source=self.profile_source, color="#2ca02c")
+        self.image_figure = img
         self.title = title
         self.info = Div(text=f"<b>{html.escape(title)}</b>: waiting for frames", width=800)
         self.bokeh = _BatchedBokehModel(column(self.info, row(img, column(rate, prof))))
@@ -390,6 +391,8 @@ class LiveView(w.VBox):
                 )
                 overlay = latest_hit
             if overlay is not None:
+                # say what is shown: a stale hit's circles must not pass for the current frame
+                self.image_figure.title.text = _image_title(overlay, t, powder=pending is None)
                 self.peaks_source.data = {
                     "x": overlay.peaks[:, 1].round(1).tolist(),
                     "y": overlay.peaks[:, 0].round(1).tolist(),
@@ -535,3 +538,11 @@ class LiveView(w.VBox):
             self.stop()
             self.bokeh.close()
         super().close()
+
+
+def _image_title(shown: FrameResult, t: float, *, powder: bool) -> str:
+    """What the detector image shows, and whose peaks the circles are."""
+    kind = f"hit, {shown.n_peaks} peaks circled" if shown.hit else "no hit"
+    if powder:
+        return f"virtual powder pattern; circles: last hit, frame {shown.seq} ({kind})"
+    return f"frame {shown.seq} ({kind}), at t = {t:.1f} s"

@@ -422,12 +422,23 @@ class SteeringPanel(w.VBox):
         super().close()
 
 
+#: How units are written for people (the schema keeps ASCII names).
+_UNITS = {"um": "µm", "mm": "mm", "nm": "nm", "deg": "°", "s": "s", "ms": "ms", "Hz": "Hz",
+          "keV": "keV", "eV": "eV", "px": "px"}  # fmt: skip
+
+
+def control_label(name: str, units: str) -> str:
+    """``sample_position_um`` with units ``um`` → ``sample position (µm)``."""
+    words = name.removesuffix(f"_{units}") if units else name
+    shown = _UNITS.get(units, units)
+    return words.replace("_", " ") + (f" ({shown})" if shown else "")
+
+
 def _control_for(spec: dict[str, Any], value: Any) -> w.ValueWidget:
     """The widget for one schema entry: slider (float/int), dropdown (choice), toggle (bool)."""
     name, kind = spec["name"], spec["type"]
-    units = f" ({spec['units']})" if spec.get("units") else ""
     common = {
-        "description": f"{name}{units}",
+        "description": control_label(name, spec.get("units") or ""),
         "tooltip": spec.get("description", ""),
         "style": {"description_width": "initial"},
         "layout": w.Layout(width="min(100%, 560px)"),

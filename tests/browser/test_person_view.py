@@ -78,7 +78,7 @@ def test_alice_runs_notebook_03_and_the_hit_rate_follows_her_slider(alice_lab: P
     panel.scroll_into_view_if_needed()
     before = wait_for(lambda: live_hit_rate(page), 30, "hit rate in the live view")
     assert before >= 0.1, f"jet in the beam (30 % hits) but the live view shows {before:.0%}"
-    set_slider(page, "sample_position_um", 150)
+    set_slider(page, "sample position (µm)", 150)
     status = page.get_by_text(re.compile(r"sample_position_um = 150\.0: rev \d+ seen in frame"))
     status.wait_for(timeout=30_000)  # the panel saw the first frame made at the new position
     after = wait_for(

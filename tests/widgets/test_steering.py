@@ -13,7 +13,7 @@ from beamhub.bench.steer_stack import SteerStack
 from beamhub.streaming.analysis import Analyzer
 from beamhub.streaming.consumer import StreamConsumer
 from beamhub.widgets.liveview import LiveView
-from beamhub.widgets.steering import VIEW_ONLY_NOTE, SteeringPanel, _control_for
+from beamhub.widgets.steering import VIEW_ONLY_NOTE, SteeringPanel, _control_for, control_label
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -51,14 +51,18 @@ def test_one_control_per_schema_parameter_with_bounds_and_units(stack: SteerStac
                 spec["max"],
                 spec["step"],
             )
-            assert control.description.startswith(name)
+            assert control.description == control_label(name, spec["units"])
             assert not control.continuous_update and not control.disabled
-            if spec["units"]:
-                assert f"({spec['units']})" in control.description
             assert control.value == source_values(stack)[name]
         assert VIEW_ONLY_NOTE not in panel.note.value
     finally:
         panel.close()
+
+
+def test_labels_are_written_for_people() -> None:
+    assert control_label("sample_position_um", "um") == "sample position (µm)"
+    assert control_label("detector_distance_mm", "mm") == "detector distance (mm)"
+    assert control_label("gain", "") == "gain"
 
 
 def test_choice_and_bool_parameters_get_a_dropdown_and_a_toggle() -> None:
