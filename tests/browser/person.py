@@ -102,7 +102,10 @@ def start_server(page: Page, hub: str, user: str, timeout: float = 90) -> None:
     form, keeping its defaults) and wait for JupyterLab."""
     page.goto(hub + "home")
     page.locator("#start").click()
-    page.wait_for_url(re.compile(rf".*(/hub/spawn(\?.*)?$|/spawn-pending/|/user/{user}/).*"))
+    # the home page's button leads to /hub/spawn/<user>: the form, or (no form) the progress
+    page.wait_for_url(
+        re.compile(rf".*(/hub/spawn(/{user})?(\?.*)?$|/spawn-pending/|/user/{user}/)")
+    )
     if page.locator("#spawn_form").count():
         page.locator("#spawn_form button[type=submit]").click()
     page.wait_for_url(re.compile(rf".*/user/{user}/lab.*"), timeout=timeout * 1000)
