@@ -177,6 +177,8 @@ def test_valid_batches_round_trip_event_by_event(events, seq, meta):
         (batch_header(batch=MAX_BATCH + 1, shape=[0]), b"", "bad_field"),
         (batch_header(batch=1000, shape=[0]), b"", None),
         (batch_header(batch=300_000, shape=[4096]), bytes(24), "oversized"),  # 2.4 GB
+        (batch_header(seq=2**64), bytes(24), "bad_field"),  # integer fields are 64-bit
+        (batch_header(t_ns=2**70), bytes(24), "bad_field"),
     ],
 )
 def test_bad_batches_are_refused_with_their_reason(body, payload, reason):
