@@ -229,7 +229,9 @@ class UpStack:
 
     def spawn(self, session: Any, user: str, timeout: float = 120.0) -> None:
         """Start the user's server as she would (the hub's spawn page); wait until ready."""
-        r = session.get(self.hub + "spawn", timeout=60)
+        from beamhub.hub.login_client import request_server
+
+        r = request_server(self.hub, session, timeout=60)  # the options form's defaults
         if r.status_code != 200:
             raise RuntimeError(f"spawn of {user}'s server: HTTP {r.status_code} at {r.url}")
         if (

@@ -13,7 +13,14 @@ from urllib.parse import urljoin
 
 import requests
 
-__all__ = ["LoginError", "asks_for_code", "form_action", "sign_in"]
+__all__ = [
+    "LoginError",
+    "asks_for_code",
+    "form_action",
+    "request_server",
+    "sign_in",
+    "spawn_form_action",
+]
 
 
 class LoginError(RuntimeError):
@@ -71,3 +78,26 @@ def sign_in(
         return s, r  # refused at the IdP, or no consent needed
     r = s.post(form_action(r), data={"prompt": "consent"}, timeout=timeout)
     return s, r
+
+
+def spawn_form_action(page: requests.Response) -> str | None:
+    """The URL the hub's server options form posts to, or None: the page has no form."""
+    import html
+
+    match = re.search(r'id="spawn_form"\s+action="([^"]+)"', page.text)
+    return urljoin(page.url, html.unescape(match.group(1))) if match else None
+
+
+def request_server(
+    hub: str,
+    session: requests.Session,
+    options: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> requests.Response:
+    """Ask for the signed-in user's server as she would: the hub's spawn page, its options form
+    submitted with ``options`` (the form's defaults for the rest). The hub's last answer."""
+    r = session.get(hub + "spawn", timeout=timeout)
+    action = spawn_form_action(r) if r.status_code == 200 else None
+    if action is not None:
+        r = session.post(action, data=options or {}, timeout=timeout)
+    return r

@@ -241,7 +241,7 @@ class LiveView(w.VBox):
         self.series_source = ColumnDataSource({"t": [], "hit_rate": [], "peaks": []})
         self.profile_source = ColumnDataSource({"r": [], "intensity": []})
         img = figure(
-            title="detector: waiting for a frame",
+            title="detector image + peaks (what it shows: 'image' above)",
             width=380,
             height=380,
             match_aspect=True,
@@ -294,7 +294,7 @@ class LiveView(w.VBox):
             tools="pan,wheel_zoom,reset",
         )
         prof.line("r", "intensity", source=self.profile_source, color="#2ca02c")
-        self.image_figure = img
+        self.image_shows = "waiting for a frame"
         self.title = title
         self.info = Div(text=f"<b>{html.escape(title)}</b>: waiting for frames", width=800)
         self.bokeh = _BatchedBokehModel(column(self.info, row(img, column(rate, prof))))
@@ -391,8 +391,9 @@ class LiveView(w.VBox):
                 )
                 overlay = latest_hit
             if overlay is not None:
-                # say what is shown: a stale hit's circles must not pass for the current frame
-                self.image_figure.title.text = _image_title(overlay, t, powder=pending is None)
+                # say what is shown (in the info line, patched anyway): a stale hit's circles
+                # must not pass for the current frame
+                self.image_shows = _image_title(overlay, powder=pending is None)
                 self.peaks_source.data = {
                     "x": overlay.peaks[:, 1].round(1).tolist(),
                     "y": overlay.peaks[:, 0].round(1).tolist(),
@@ -427,6 +428,7 @@ class LiveView(w.VBox):
             ("latency p50", "-" if p50 is None else f"{p50:.0f} ms"),
             ("source rev", "-" if shown is None else shown.source_rev),
             ("last seq", "-" if shown is None else shown.seq),
+            ("image", html.escape(self.image_shows)),
         ]
         if self.error:
             cells.append(("error", html.escape(self.error)))
@@ -540,9 +542,8 @@ class LiveView(w.VBox):
         super().close()
 
 
-def _image_title(shown: FrameResult, t: float, *, powder: bool) -> str:
+def _image_title(shown: FrameResult, *, powder: bool) -> str:
     """What the detector image shows, and whose peaks the circles are."""
-    kind = f"hit, {shown.n_peaks} peaks circled" if shown.hit else "no hit"
     if powder:
-        return f"virtual powder pattern; circles: last hit, frame {shown.seq} ({kind})"
-    return f"frame {shown.seq} ({kind}), at t = {t:.1f} s"
+        return f"powder pattern, circles of hit {shown.seq}"
+    return f"frame {shown.seq}, {'hit' if shown.hit else 'no hit'}"

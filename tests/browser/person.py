@@ -143,12 +143,20 @@ def menu(page: Page, top: str, item: str) -> None:
     page.locator(".lm-Menu-itemLabel", has_text=item).first.click()
 
 
+def scroll_to(locator: Any) -> None:
+    """Scroll an element into view now. (Playwright's scroll_into_view_if_needed first waits for
+    the element to stand still, which a notebook whose live view redraws 10 times a second may
+    never do on a loaded machine.)"""
+    locator.first.wait_for()
+    locator.first.evaluate("e => e.scrollIntoView({block: 'center'})")
+
+
 def run_all_above_last_cell(page: Page) -> None:
     """Clear the shipped outputs, select the last cell, Run ▸ Run All Above Selected Cell."""
     menu(page, "Edit", "Clear Outputs of All Cells")
     cells = page.locator(".jp-Notebook .jp-Cell")
     last = cells.count()
-    cells.last.scroll_into_view_if_needed()
+    scroll_to(cells.last)
     cells.last.locator(".jp-InputPrompt").click()
     page.get_by_text(f"Cell {last}/{last}").wait_for()  # the status bar: last cell selected
     menu(page, "Run", "Run All Above Selected Cell")
@@ -182,5 +190,10 @@ def save_screenshot(target: Page | Any, name: str) -> Path:
     """PNG under test-output/screenshots/ (a CI artifact; never in the tracked tree)."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
-    target.screenshot(path=str(path))
+    if isinstance(target, Page):
+        target.screenshot(path=str(path))
+    else:  # an element: its box now (a live view never stands still for Playwright's check)
+        box = target.first.bounding_box()
+        assert box is not None, f"{name}: the element is not on the page"
+        target.first.page.screenshot(path=str(path), clip=box)
     return path

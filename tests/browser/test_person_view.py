@@ -22,6 +22,7 @@ from tests.browser.person import (
     put_notebook,
     run_all_above_last_cell,
     save_screenshot,
+    scroll_to,
     set_slider,
     sign_in,
     start_server,
@@ -30,7 +31,8 @@ from tests.browser.person import (
 from tests.hub.hubstack import RunningStack
 from tests.notebooks.beamtime import NOTEBOOKS
 
-pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
+# alice_lab (sign-in, spawn, notebook 03) is set up inside the first test's time
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(360)]
 
 VIEWPORT = {"width": 1280, "height": 1000}
 NOTEBOOK = NOTEBOOKS / "03-steer-the-experiment.ipynb"
@@ -57,7 +59,7 @@ def alice_lab(beamtime_stack: RunningStack, browser: Browser) -> Iterator[Page]:
         yield page
     finally:
         cells = page.locator(".jp-Notebook .jp-Cell")
-        cells.last.scroll_into_view_if_needed()
+        scroll_to(cells.last)
         cells.last.locator(".jp-InputPrompt").click()
         page.keyboard.press("Shift+Enter")  # Run Selected Cell
         output_text(page, "stopped:").wait_for(timeout=60_000)
@@ -75,7 +77,7 @@ def test_alice_runs_notebook_03_and_the_hit_rate_follows_her_slider(alice_lab: P
     ], checked
     # the live view under the steering panel shows the hit rate of the last 100 frames
     panel = page.locator(".jp-OutputArea-output", has=page.locator(".widget-slider"))
-    panel.scroll_into_view_if_needed()
+    scroll_to(panel)
     before = wait_for(lambda: live_hit_rate(page), 30, "hit rate in the live view")
     assert before >= 0.1, f"jet in the beam (30 % hits) but the live view shows {before:.0%}"
     set_slider(page, "sample position (µm)", 150)

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from beamhub.hub.login_client import sign_in
+from beamhub.hub.login_client import request_server, sign_in
 from beamhub.hub.up import totp
 
 BEAMHUB = str(Path(sys.executable).with_name("beamhub"))
@@ -229,16 +229,6 @@ def login(
     )
 
 
-def spawn_form_action(page: requests.Response) -> str | None:
-    """The URL the hub's server options form posts to (with its _xsrf), or None: no form."""
-    import html
-    import re
-    from urllib.parse import urljoin
-
-    match = re.search(r'id="spawn_form"\s+action="([^"]+)"', page.text)
-    return urljoin(page.url, html.unescape(match.group(1))) if match else None
-
-
 def spawn(
     stack: RunningStack,
     session: requests.Session,
@@ -248,12 +238,8 @@ def spawn(
 ) -> dict:
     """Start the user's server through the hub's spawn page (its options form submitted with
     ``options``, the form's defaults for the rest); return the ready server model."""
-    r = session.get(stack.hub + "spawn", timeout=30)
-    assert r.status_code == 200, (r.status_code, r.url)
-    action = spawn_form_action(r)
-    if action is not None:
-        r = session.post(action, data=options or {}, timeout=30)
-        assert r.status_code == 200, (r.status_code, r.url, r.text[-2000:])
+    r = request_server(stack.hub, session, options)
+    assert r.status_code == 200, (r.status_code, r.url, r.text[-2000:])
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         model = requests.get(f"{stack.hub}api/users/{user}", headers=stack.admin, timeout=10).json()

@@ -13,7 +13,8 @@ import time
 
 import requests
 
-from tests.hub.hubstack import RunningStack, login, server_env, spawn, spawn_form_action
+from beamhub.hub.login_client import spawn_form_action
+from tests.hub.hubstack import RunningStack, login, server_env, spawn
 
 
 def _without_server(stack: RunningStack, user: str) -> None:
