@@ -218,7 +218,7 @@ class FaultRun:
             row.update(self._kill_worker())
         else:
             raise ValueError(f"--only: no fault {name!r}; choose from {', '.join(FAULTS)}")
-        # the rest of the stack back too (a new proxy restarts the hub), then a steady stretch
+        # the rest of the stack back too (a new proxy gets the routes), then a steady stretch
         for other in ("hub", "proxy", "gateway"):
             wait_for(lambda o=other: self.probe(o), BACK_TIMEOUT_S)
         wait_for(self.server_ok, 30)

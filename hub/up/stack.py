@@ -111,6 +111,9 @@ class Stack:
             state, os.geteuid() == 0 and dep.tenancy.service_accounts, say=progress
         )
         self._live: LiveFigures | None = None
+        #: the proxy's routes as last seen (path -> {"target": ..., the hub's data})
+        self._routes: dict[str, Any] = {}
+        self._routes_task: asyncio.Task | None = None
         self._live_task: asyncio.Task | None = None
         self._stats_token, self._stats_exp = "", 0.0
         self.logs = state / "logs"
@@ -193,6 +196,7 @@ class Stack:
             timeout=90,
         )
         self._step(3, "JupyterHub", t0, f"  {self.urls['hub']}")
+        self._routes_task = asyncio.create_task(self._remember_routes(), name="routes")
 
         t0 = time.monotonic()
         self.progress(f"[4/{self.STEPS}] token service ...")
@@ -393,8 +397,41 @@ class Stack:
             on_restart=self._proxy_restarted,
         )
 
+    def _proxy_api(self, method: str, path: str = "", body: Any = None) -> Any:
+        """One call to the proxy's REST API (blocking); the JSON answer or None."""
+        url = f"http://{self.dep.hub.ip}:{self.ports['proxy_api']}/api/routes{path}"
+        req = urllib.request.Request(
+            url,
+            data=None if body is None else json.dumps(body).encode(),
+            method=method,
+            headers={"Authorization": f"token {self.runtime['proxy_auth_token']}"},
+        )
+        with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310
+            raw = resp.read()
+        return json.loads(raw) if raw else None
+
+    async def _remember_routes(self) -> None:
+        """Keep a copy of the proxy's routes (every 2 s) to give a restarted proxy at once."""
+        while True:
+            with contextlib.suppress(OSError, ValueError):
+                routes = await asyncio.to_thread(self._proxy_api, "GET")
+                if isinstance(routes, dict) and routes:
+                    self._routes = routes
+            await asyncio.sleep(2)
+
     async def _proxy_restarted(self) -> None:
-        """A new proxy knows no routes: the hub adds them all when it starts, so restart it."""
+        """A new proxy knows no routes: give it the ones the last one had (the hub's and every
+        server's), so the hub keeps running; without a copy, restart the hub, which adds them."""
+        routes = dict(self._routes)
+        try:
+            for path, data in routes.items():
+                body = {k: v for k, v in data.items() if k != "last_activity"}  # the proxy's own
+                await asyncio.to_thread(self._proxy_api, "POST", path, body)
+            if routes:
+                self.progress(f"beamhub up: the new proxy has the last one's {len(routes)} routes")
+                return
+        except (OSError, ValueError) as exc:
+            self.progress(f"beamhub up: could not give the new proxy its routes ({exc})")
         hub = self.sup.children.get("hub")
         if hub is not None and hub.proc is not None:
             self.progress("beamhub up: restarting JupyterHub so that it routes the new proxy")
@@ -668,6 +705,10 @@ class Stack:
 
     async def stop(self) -> None:
         """Stop every service in reverse order; safe after a partial start. Servers stay."""
+        if self._routes_task is not None:
+            self._routes_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._routes_task
         if self._live_task is not None:
             self._live_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

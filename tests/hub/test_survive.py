@@ -112,8 +112,9 @@ def test_every_killed_service_comes_back_within_10_s(stack: RunningStack) -> Non
     )
     assert out.returncode == 0, out.stdout + out.stderr
     restarts = {n: s["restarts"] for n, s in json.loads(out.stdout)["services"].items()}
-    # each once; the hub once more: a new proxy knows no routes, so the hub is restarted with it
-    assert restarts == {**dict.fromkeys(probes, 1), "hub": 2}
+    # each once, the hub too: `beamhub up` gives a new proxy the last one's routes itself
+    assert restarts == dict.fromkeys(probes, 1)
+    assert "the new proxy has the last one's" in stack.output()
 
 
 def _server_pid(user: str) -> int:
