@@ -32,6 +32,15 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/pip install -q -e '.[test,docs]'
     touch "$stamp"
 fi
+# With PYTHONDONTWRITEBYTECODE set (as on these machines) neither pip nor any import writes
+# .pyc files, so every start of every service compiled its imports again (jupyterhub, dask,
+# jsonschema: ~15 s on a busy 2-core machine). Compile the venv once after each install.
+compiled=".venv/.beamhub-compiled"
+if [ ! -f "$compiled" ] || [ "$stamp" -nt "$compiled" ]; then
+    echo "compiling the venv's Python files once (bytecode for every service's start)" >&2
+    .venv/bin/python -m compileall -q -j 0 .venv/lib >/dev/null 2>&1 || true
+    touch "$compiled"
+fi
 # the accounts read the checkout and execute the venv: refuse a private checkout early
 for dir in . .venv/bin; do
     if [ "$(( 0$(stat -c %a "$dir") & 05 ))" -ne 5 ]; then
