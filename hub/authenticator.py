@@ -21,6 +21,7 @@ from traitlets import Bool, Dict, Integer, List, TraitError, Unicode, default, v
 from beamhub.auth.mint_client import MintError, MintForClient
 from beamhub.auth.roles import ROLE_SCOPES, ROLES
 from beamhub.hub.tokens.store import best_project
+from beamhub.kernels.spawn_form import ViewerHasNoServer
 
 __all__ = ["BeamhubAuthenticator", "MfaRequired", "NoProject", "ViewerHasNoServer"]
 
@@ -55,23 +56,6 @@ class MfaRequired(_LoginRefused):
 
 class NoProject(_LoginRefused):
     """Login refused because the user holds no role in any project."""
-
-
-class ViewerHasNoServer(web.HTTPError):
-    """A viewer watches the shared dashboard: no notebook server, no compute."""
-
-    def __init__(self, role: str, project: str) -> None:
-        message = (
-            f"As a {role} of {project} you watch the experiment on the shared dashboard; "
-            "viewers get no notebook server or compute. Ask the project's PI for the member "
-            "role to analyse data."
-        )
-        super().__init__(403, "%s", message, reason="No server for viewers")
-        self.jupyterhub_message = message
-        self.jupyterhub_html_message = (
-            f"<p>{html.escape(message)}</p>"
-            '<p><a class="btn btn-primary" href="/services/dashboard/">Open the dashboard</a></p>'
-        )
 
 
 class BeamhubAuthenticator(GenericOAuthenticator):

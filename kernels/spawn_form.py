@@ -21,7 +21,15 @@ from tornado import web
 from beamhub.kernels.scheduler import SchedulerError
 from beamhub.kernels.tier_policy import TierPolicy
 
-__all__ = ["FormError", "Offer", "TierOffer", "check_options", "make_offer", "render_form"]
+__all__ = [
+    "FormError",
+    "Offer",
+    "TierOffer",
+    "ViewerHasNoServer",
+    "check_options",
+    "make_offer",
+    "render_form",
+]
 
 
 class FormError(web.HTTPError):
@@ -350,3 +358,20 @@ def render_form(offer: Offer) -> str:
         "i=>i.addEventListener('change',update));update();})();</script>"
     )
     return "".join(parts)
+
+
+class ViewerHasNoServer(web.HTTPError):
+    """A viewer watches the shared dashboard: no notebook server, no compute."""
+
+    def __init__(self, role: str, project: str) -> None:
+        message = (
+            f"As a {role} of {project} you watch the experiment on the shared dashboard; "
+            "viewers get no notebook server or compute. Ask the project's PI for the member "
+            "role to analyse data."
+        )
+        super().__init__(403, "%s", message, reason="No server for viewers")
+        self.jupyterhub_message = message
+        self.jupyterhub_html_message = (
+            f"<p>{escape(message)}</p>"
+            '<p><a class="btn btn-primary" href="/services/dashboard/">Open the dashboard</a></p>'
+        )

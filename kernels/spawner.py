@@ -55,7 +55,7 @@ async def _options_form(spawner: ReservedNodeSpawner) -> str:
     offer = await spawner.offer()
     if not offer.projects:
         if offer.watch_only:  # the same refusal page as a viewer's spawn (pre_spawn_start)
-            from beamhub.hub.authenticator import ViewerHasNoServer
+            from beamhub.kernels.spawn_form import ViewerHasNoServer
 
             project = _strongest(offer.watch_only)
             raise ViewerHasNoServer(offer.watch_only[project], project)

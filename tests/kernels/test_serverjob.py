@@ -93,33 +93,6 @@ def test_job_env_round_trips_the_scheduler_config():
         SchedulerConfig.from_env({"BEAMHUB_SCHEDULER_OPTIONS": "{nodes: 3"})
 
 
-def test_options_form_offers_only_the_users_projects(tmp_path):
-    from types import SimpleNamespace
-
-    from beamhub.kernels.spawner import ReservedNodeSpawner
-
-    (tmp_path / "p.yaml").write_text(
-        "projects:\n  a: {tiers: [batch], members: [ann]}\n"
-        "  b: {tiers: [interactive], members: [ann]}\n  c: {tiers: [batch], members: [bo]}\n"
-    )
-    spawner = ReservedNodeSpawner(
-        user=SimpleNamespace(name="ann"),
-        state_dir=str(tmp_path / "s"),
-        projects_file=str(tmp_path / "p.yaml"),
-    )
-    form = spawner.options_form(spawner)
-    assert 'value="a"' in form and 'value="b"' in form and 'value="c"' not in form
-    assert 'value="beamtime"' in form
-    options = spawner.options_from_form({"project": ["b"], "tier": [""]})
-    assert options == {"project": "b", "tier": ""}
-    single = ReservedNodeSpawner(
-        user=SimpleNamespace(name="bo"),
-        state_dir=str(tmp_path / "s"),
-        projects_file=str(tmp_path / "p.yaml"),
-    )
-    assert single.options_form(single) == ""  # nothing to choose: no form
-
-
 def test_backend_options_typo_is_refused_naming_the_option(tmp_path):
     from types import SimpleNamespace
 
