@@ -182,12 +182,19 @@ def test_slow_monitor_viewer_does_not_stall_work(plane, ctx, mode):
     probe = producer_socket(ctx, ep.producer)
     try:
         # Wait until the viewer's subscription is in (it sees a probe frame), then stop reading.
-        seq = iter(range(10_000, 20_000))
-        wait_for(lambda: send_frames(probe, [next(seq)], n=16) or viewer.receive(timeout=0.05))
-        wait_for(lambda: worker.seen and worker.seen[-1][0] >= 10_000)
+        sent = []
+
+        def probe_once():
+            sent.append(10_000 + len(sent))
+            send_frames(probe, sent[-1:], n=16)
+            return viewer.receive(timeout=0.05)
+
+        wait_for(probe_once)
+        # Every probe must be in before counting: a late one would make the count 201.
+        wait_for(lambda: worker.seen and worker.seen[-1][0] == sent[-1])
         worker.seen.clear()
         send_frames(probe, range(20_000, 20_200), n=256 * 1024 // 4)  # 1 MiB frames, 200 MiB
-        wait_for(lambda: len(worker.seen) == 200, timeout=40)
+        wait_for(lambda: len(worker.seen) >= 200, timeout=40)
         assert [s[0] for s in worker.seen] == list(range(20_000, 20_200))
         drained = 0
         while viewer.receive(timeout=0.2) is not None:
