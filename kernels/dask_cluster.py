@@ -29,7 +29,13 @@ from distributed.deploy.spec import ProcessInterface
 from beamhub.kernels.backends import SchedulerConfig, open_scheduler
 from beamhub.kernels.scheduler import JobSpec, JobState, SchedulerError
 
-__all__ = ["AllocationCluster", "WorkerJob", "dashboard_link_template", "start_dask"]
+__all__ = [
+    "AllocationCluster",
+    "WorkerJob",
+    "dashboard_link_template",
+    "dask_workers_from_env",
+    "start_dask",
+]
 
 log = logging.getLogger(__name__)
 
@@ -276,8 +282,30 @@ def _close_live_clusters() -> None:
             cluster.close(timeout=10)
 
 
+#: Workers when neither ``n_workers`` nor ``BEAMHUB_DASK_WORKERS`` says how many.
+DEFAULT_DASK_WORKERS = 2
+
+
+def dask_workers_from_env(environ: dict[str, str] | None = None) -> int:
+    """The worker count the spawn options form chose (``BEAMHUB_DASK_WORKERS``), else 2."""
+    env = os.environ if environ is None else environ
+    raw = env.get("BEAMHUB_DASK_WORKERS", "").strip()
+    if not raw:
+        return DEFAULT_DASK_WORKERS
+    try:
+        n = int(raw)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(
+            f"BEAMHUB_DASK_WORKERS: {raw!r} is not a number of workers >= 0; pick the count in "
+            "the spawn options form or pass start_dask(n_workers=...)"
+        )
+    return n
+
+
 def start_dask(
-    n_workers: int = 2,
+    n_workers: int | None = None,
     *,
     wait: bool = True,
     timeout: float = 60.0,
@@ -287,10 +315,15 @@ def start_dask(
 ) -> Client:
     """Start ``n_workers`` Dask workers on the allocation and return a connected Client.
 
+    Without ``n_workers``, the count chosen in the spawn options form (the server's
+    ``BEAMHUB_DASK_WORKERS``), else 2.
+
     The cluster is ``client.cluster``: ``client.cluster.scale(n)`` scales up or down,
     ``client.cluster.close()`` (or the kernel's exit) cancels every worker job, and
     ``client.dashboard_link`` opens the dashboard through the hub.
     """
+    if n_workers is None:
+        n_workers = dask_workers_from_env()
     config = kwargs.pop("config", None) or SchedulerConfig.from_env()
     tier = tier or os.environ.get("BEAMHUB_TIER") or ""
     if config.backend == "slurm":

@@ -12,7 +12,7 @@ import pytest
 
 from beamhub.bench.hubproc import Hub
 from beamhub.kernels.backends import SchedulerConfig
-from beamhub.kernels.dask_cluster import start_dask
+from beamhub.kernels.dask_cluster import dask_workers_from_env, start_dask
 from beamhub.kernels.local import read_jobs
 
 PROJECTS = """
@@ -171,3 +171,28 @@ def test_workers_at_a_tier_not_held_are_refused_with_the_reason(in_erins_server,
     monkeypatch.setenv("BEAMHUB_TIER", "beamtime")  # no approved window for project sfx
     with pytest.raises(TimeoutError, match="only held inside an approved beamtime window"):
         start_dask(1, timeout=5, memory_mb=256)
+
+
+@pytest.mark.timeout(90)
+def test_start_dask_without_a_count_starts_what_the_spawn_form_chose(in_erins_server, monkeypatch):
+    hub = in_erins_server
+    before = set(worker_jobs(hub))
+    # the spawner sets this from the options form (kernels/spawner.py); 1 differs from the default 2
+    monkeypatch.setenv("BEAMHUB_DASK_WORKERS", "1")
+    client = start_dask(timeout=60, memory_mb=256)
+    try:
+        assert len(client.scheduler_info()["workers"]) == 1
+        assert len(set(worker_jobs(hub)) - before) == 1
+        assert client.submit(lambda: 6 * 7).result(timeout=30) == 42
+    finally:
+        client.cluster.close()
+        client.close()
+
+
+def test_a_bad_dask_worker_count_in_the_environment_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv("BEAMHUB_DASK_WORKERS", "lots")
+    with pytest.raises(ValueError, match=r"BEAMHUB_DASK_WORKERS: 'lots' is not a number"):
+        start_dask()
+    assert dask_workers_from_env({}) == 2
+    assert dask_workers_from_env({"BEAMHUB_DASK_WORKERS": " 4 "}) == 4
+    assert dask_workers_from_env({"BEAMHUB_DASK_WORKERS": "0"}) == 0
