@@ -346,99 +346,92 @@ def _parse_shape(text: str) -> tuple[int, int]:
     return h, w
 
 
-def _run_events(args: argparse.Namespace) -> int:
+def _shared_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The options every kind of source shares, as keyword arguments of the start functions."""
+    dsn, stream = _target(args)
+    return {
+        "stream": stream,
+        "connect": args.connect,
+        "bind": args.bind,
+        "control_port": args.control_port,
+        "run": args.run,
+        "verifier": _verifier(args),
+        "project": args.project,
+        "curve": _curve_keys(args),
+        "sndhwm": args.sndhwm,
+        "checksum": args.checksum,
+        "dsn": dsn,
+    }
+
+
+def _launch(kind: str, args: argparse.Namespace, start: Any) -> int:
+    """Start a source with ``start()``, then serve it; a bad option is one line and exit 2."""
+    try:
+        source = start()
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"beamhub source {kind}: {exc}", file=sys.stderr)
+        return 2
+    return _serve(source, args)
+
+
+def _start_events(args: argparse.Namespace) -> RunningSource:
     """``sim --event-bytes``: the small-event source (streaming/eventsim.py)."""
     from beamhub.streaming.eventsim import SmallEventSource
 
-    try:
-        if args.hit_fraction is not None or args.shape != "1024x1024":
-            raise ValueError(
-                "--hit-fraction and --shape are for detector frames, not --event-bytes"
-            )
-        dsn, stream = _target(args)
-        generator = SmallEventSource(
-            args.event_bytes,
-            events_per_message=args.events_per_message,
-            seed=args.seed,
-            rate_hz=args.rate,
-        )
-        source = _start(
-            generator,
-            stream=stream,
-            connect=args.connect,
-            bind=args.bind,
-            control_port=args.control_port,
-            run=args.run,
-            verifier=_verifier(args),
-            project=args.project,
-            curve=_curve_keys(args),
-            sndhwm=args.sndhwm,
-            checksum=args.checksum,
-            dsn=dsn,
-        )
-    except (ValueError, RuntimeError, OSError) as exc:
-        print(f"beamhub source sim: {exc}", file=sys.stderr)
-        return 2
-    return _serve(source, args)
+    if args.hit_fraction is not None or args.shape != "1024x1024":
+        raise ValueError("--hit-fraction and --shape are for detector frames, not --event-bytes")
+    common = _shared_kwargs(args)
+    generator = SmallEventSource(
+        args.event_bytes,
+        events_per_message=args.events_per_message,
+        seed=args.seed,
+        rate_hz=args.rate,
+    )
+    return _start(generator, **common)
 
 
-def _run_sim(args: argparse.Namespace) -> int:
+def _start_sim(args: argparse.Namespace) -> RunningSource:
     if args.event_bytes is not None:
-        return _run_events(args)
+        return _start_events(args)
     if args.events_per_message is not None:
-        print("beamhub source sim: --events-per-message goes with --event-bytes", file=sys.stderr)
-        return 2
+        raise ValueError("--events-per-message goes with --event-bytes")
     params: dict[str, Any] = {"rate_hz": args.rate}
     if args.hit_fraction is not None:
         params["hit_fraction"] = args.hit_fraction
-    try:
-        dsn, stream = _target(args)
-        source = start_simulated_source(
-            args.connect,
-            stream,
-            args.control_port,
-            bind=args.bind,
-            shape=_parse_shape(args.shape),
-            run=args.run,
-            seed=args.seed,
-            verifier=_verifier(args),
-            project=args.project,
-            curve=_curve_keys(args),
-            sndhwm=args.sndhwm,
-            checksum=args.checksum,
-            dsn=dsn,
-            **params,
-        )
-    except (ValueError, RuntimeError, OSError) as exc:
-        print(f"beamhub source sim: {exc}", file=sys.stderr)
-        return 2
-    return _serve(source, args)
+    common = _shared_kwargs(args)
+    connect, stream, control_port = (common.pop(k) for k in ("connect", "stream", "control_port"))
+    return start_simulated_source(
+        connect,
+        stream,
+        control_port,
+        shape=_parse_shape(args.shape),
+        seed=args.seed,
+        **common,
+        **params,
+    )
+
+
+def _start_replay(args: argparse.Namespace) -> RunningSource:
+    common = _shared_kwargs(args)
+    connect, stream, control_port = (common.pop(k) for k in ("connect", "stream", "control_port"))
+    return start_replay_source(
+        args.file,
+        connect,
+        stream,
+        control_port,
+        dataset=args.dataset,
+        rate_hz=args.rate,
+        loop=args.loop,
+        **common,
+    )
+
+
+def _run_sim(args: argparse.Namespace) -> int:
+    return _launch("sim", args, lambda: _start_sim(args))
 
 
 def _run_replay(args: argparse.Namespace) -> int:
-    try:
-        dsn, stream = _target(args)
-        source = start_replay_source(
-            args.file,
-            args.connect,
-            stream,
-            args.control_port,
-            dataset=args.dataset,
-            bind=args.bind,
-            run=args.run,
-            verifier=_verifier(args),
-            project=args.project,
-            curve=_curve_keys(args),
-            sndhwm=args.sndhwm,
-            checksum=args.checksum,
-            dsn=dsn,
-            rate_hz=args.rate,
-            loop=args.loop,
-        )
-    except (ValueError, RuntimeError, OSError) as exc:
-        print(f"beamhub source replay: {exc}", file=sys.stderr)
-        return 2
-    return _serve(source, args)
+    return _launch("replay", args, lambda: _start_replay(args))
 
 
 def _serve(source: RunningSource, args: argparse.Namespace) -> int:
