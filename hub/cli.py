@@ -24,6 +24,7 @@ COMMANDS = [
     "audit",
     "scheduler",
     "maintenance",
+    "report",
     "bench",
 ]
 

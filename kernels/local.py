@@ -18,7 +18,7 @@ import psutil
 
 from beamhub.auth.home import state_dir
 from beamhub.kernels.accounts import Account, AccountMap
-from beamhub.kernels.local_store import LocalJob, LocalJobStore
+from beamhub.kernels.local_store import LocalJob, LocalJobStore, Run
 from beamhub.kernels.sandbox import (
     NodeLimits,
     account_argv,
@@ -537,6 +537,7 @@ class LocalBackend(Scheduler):
         job.exit_code, job.popen, job.pid = code, None, None
         why, job.kill_reason, job.kill_deadline = job.kill_reason, None, None
         requeue = job.spec.requeue or self.tiers.get(job.spec.tier).preempt_mode == "requeue"
+        ran = (job.requeues, job.start_time, tuple(job.nodes))
         if why == "preempt" and requeue:
             job.state, job.requeues = JobState.PENDING, job.requeues + 1
             job.start_time, job.nodes = None, []
@@ -566,6 +567,11 @@ class LocalBackend(Scheduler):
             if kind != "preempted":  # the preempted event went out with the SIGTERM
                 self._events.publish(kind, job.job_id, exit_code=code, message=job.reason)
         self._store.save(job)
+        if ran[1] is not None:
+            outcome = "requeued" if job.state is JobState.PENDING else job.state.value
+            self._store.save_run(
+                Run(job.seq, ran[0], ran[1], job.end_time or time.time(), ran[2], outcome)
+            )
         self._wake.set()
 
 

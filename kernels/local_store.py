@@ -12,7 +12,7 @@ from pathlib import Path
 
 from beamhub.kernels.scheduler import JobInfo, JobSpec, JobState
 
-__all__ = ["LocalJob", "LocalJobStore"]
+__all__ = ["LocalJob", "LocalJobStore", "Run"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -31,7 +31,31 @@ CREATE TABLE IF NOT EXISTS jobs (
     pid_ctime REAL,
     output TEXT
 );
+-- one row per ended run of a job: a requeued job runs more than once, and what a preempted run
+-- used is lost work the allocation report counts (beamhub report allocation)
+CREATE TABLE IF NOT EXISTS runs (
+    seq INTEGER NOT NULL,
+    run INTEGER NOT NULL,
+    start REAL NOT NULL,
+    end REAL NOT NULL,
+    nodes TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    PRIMARY KEY (seq, run)
+);
 """
+
+
+@dataclass(frozen=True)
+class Run:
+    """One ended run of a job on its nodes; ``outcome`` is the job's state after it, or
+    ``requeued`` for a preempted run whose job went back to the queue."""
+
+    seq: int
+    run: int
+    start: float
+    end: float
+    nodes: tuple[str, ...]
+    outcome: str
 
 
 @dataclass
@@ -145,6 +169,24 @@ class LocalJobStore:
                 pid=r["pid"],
                 pid_ctime=r["pid_ctime"],
                 output=r["output"],
+            )
+            for r in rows
+        ]
+
+    def save_run(self, run: Run) -> None:
+        with self._db() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO runs (seq, run, start, end, nodes, outcome) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (run.seq, run.run, run.start, run.end, ",".join(run.nodes), run.outcome),
+            )
+
+    def runs(self) -> list[Run]:
+        with self._db() as conn:
+            rows = conn.execute("SELECT * FROM runs ORDER BY seq, run").fetchall()
+        return [
+            Run(
+                r["seq"], r["run"], r["start"], r["end"], tuple(r["nodes"].split(",")), r["outcome"]
             )
             for r in rows
         ]
