@@ -24,6 +24,12 @@ What the counters mean:
   ``outage_s``) and counts in ``disconnects``; ``link`` in :meth:`stats` is ``down``,
   ``recovering`` (back, gaps still the outage's) or ``up``; a work consumer sharing the stream cannot count
   the frames it missed, so its event says ``lost: null``.
+* ``skipped_stale``: frames :meth:`StreamConsumer.receive_latest` passed over because a newer one
+  was already waiting (a live view or steering feedback wants the freshest frame, not a backlog).
+  They were received and are counted in ``frames``, so they are neither lost nor gaps. ZeroMQ's
+  ``CONFLATE`` would do this in the socket but does not support multipart messages (a frame is
+  header + payload), hence a drain-to-latest loop. The work face's other consumers are not
+  affected: they keep receiving every frame.
 * ``malformed``: messages that failed :func:`beamhub.streaming.wire.decode`, by reason; the stream goes on.
 * latency p50/p99: now minus the producer's ``t_ns`` (same host or synchronised clocks).
 """
@@ -59,6 +65,12 @@ REPORT_INTERVAL_S = 0.5
 #: queue drains first, then come the frames it produced once its own link was back.
 RECOVERY_S = 3.0
 LATENCY_WINDOW = 10_000
+#: :meth:`StreamConsumer.receive_latest` drains until no frame came for this long: the rest of a
+#: backlog flows in from TCP buffers and the DSN's queue as this socket's queue empties (measured:
+#: 64x64 frames at 200 Hz, a viewer at 20 Hz was 270 ms behind with a 0 s grace, 8 ms with 3 ms).
+DRAIN_GRACE_S = 0.003
+#: ... and never for longer than this.
+DRAIN_MAX_S = 0.1
 
 
 def lookup_channel(dsn_url: str, channel_id: str, token: str, *, timeout: float = 10.0) -> dict:
@@ -149,6 +161,7 @@ class StreamConsumer:
         self.malformed = 0
         self.malformed_reasons: dict[str, int] = {}
         self.restarts = 0
+        self.skipped_stale = 0
         self.last_seq: int | None = None
         self.run: int | None = None
         self.events: deque[dict[str, Any]] = deque(maxlen=100)
@@ -239,6 +252,32 @@ class StreamConsumer:
                 self._account(event, nbytes // len(events))
             self._pending.extend(events[1:])
             return events[0]
+
+    def receive_latest(
+        self, timeout: float | None = None, grace_s: float = DRAIN_GRACE_S
+    ) -> Frame | None:
+        """The freshest frame: wait like :meth:`receive`, then drain the backlog and return the
+        newest frame, counting the older ones in ``skipped_stale``.
+
+        For live views and steering feedback, where a backlog only adds latency. Use it on the
+        monitor face (or as the only work consumer when skipping is acceptable); a lossless
+        analysis keeps calling :meth:`receive` on the work face. A backlog is not all in this
+        socket's queue at once (the rest waits in TCP buffers and the DSN's queue, and flows in
+        as the queue empties), so draining goes on until no frame came for ``grace_s``, or the
+        newest was stamped after the drain began (a fast stream never starves the caller), or
+        after ``DRAIN_MAX_S``.
+        """
+        frame = self.receive(timeout)
+        if frame is None:
+            return None
+        began_ns, until = time.time_ns(), time.monotonic() + DRAIN_MAX_S
+        while frame.header.t_ns < began_ns and time.monotonic() < until:
+            newer = self.receive(timeout=grace_s)
+            if newer is None:
+                break
+            self.skipped_stale += 1
+            frame = newer
+        return frame
 
     def _watch_link(self) -> None:
         """Open an outage when the link drops; close it RECOVERY_S after the link is back."""
@@ -340,6 +379,7 @@ class StreamConsumer:
             "malformed": self.malformed,
             "malformed_reasons": dict(self.malformed_reasons),
             "restarts": self.restarts,
+            "skipped_stale": self.skipped_stale,
             "last_seq": self.last_seq,
             "run": self.run,
             "latency_p50_ms": p50,
@@ -361,6 +401,7 @@ class StreamConsumer:
             "disconnects": self.link.disconnects,
             "malformed": self.malformed,
             "restarts": self.restarts,
+            "skipped_stale": self.skipped_stale,
         }
         try:
             self._report_sock.send(json.dumps(body).encode(), flags=zmq.NOBLOCK)

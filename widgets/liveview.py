@@ -36,13 +36,31 @@ from typing import Any
 import ipywidgets as w
 import numpy as np
 from bokeh.layouts import column, row
-from bokeh.models import ColumnDataSource, Div, LinearColorMapper
+from bokeh.models import (
+    Checkbox,
+    ColorBar,
+    ColumnDataSource,
+    Div,
+    LabelSet,
+    LinearColorMapper,
+    Range1d,
+    Select,
+    Spinner,
+)
 from bokeh.plotting import figure
 from bokeh.protocol import Protocol
 from jupyter_bokeh import BokehModel
 from tornado.ioloop import IOLoop
 
 from beamhub.streaming.analysis import Analyzer, FrameResult, RunningStats
+from beamhub.widgets.live_image import (
+    PALETTES,
+    FrameLog,
+    Tile,
+    param_text,
+    steering_events,
+    viewport_tile,
+)
 
 __all__ = ["LiveView", "downsample_max", "load_bokehjs"]
 
@@ -446,6 +464,7 @@ class LiveView(w.VBox):
         *,
         params: dict[str, Any] | None = None,
         monitor: bool = False,
+        latest: bool | None = None,
         **kwargs: Any,
     ) -> LiveView:
         """Analyse the channel in this process (a StreamConsumer + Analyzer thread) and show it.
@@ -454,6 +473,8 @@ class LiveView(w.VBox):
         work face (frames counted lost are seq gaps, so it should be the only work consumer).
         ``monitor=True``: watch while others (Dask workers) consume the work face: a copy of
         every frame they take, dropped for this viewer when it falls behind (shown as lost).
+        ``latest`` (default: ``monitor``): analyse only the freshest frame waiting, skipping (and
+        counting, ``consumer.skipped_stale``) the older ones, so the view never shows a backlog.
         """
         from beamhub.streaming.consumer import StreamConsumer
         from beamhub.widgets.steering import DSNClient, _default_token
@@ -465,6 +486,7 @@ class LiveView(w.VBox):
         view = cls(**kwargs)
         view.analyzer = Analyzer(params)
         view.consumer = consumer
+        view.latest = monitor if latest is None else latest
         view._start_driver(view._local_loop)
         return view
 
@@ -505,7 +527,10 @@ class LiveView(w.VBox):
     def _local_loop(self) -> None:
         try:
             while not self._stop.is_set():
-                frame = self.consumer.receive(timeout=0.1)
+                if getattr(self, "latest", False):
+                    frame = self.consumer.receive_latest(timeout=0.1)
+                else:
+                    frame = self.consumer.receive(timeout=0.1)
                 if frame is not None:
                     self.feed(self.analyzer.analyse(frame), frame)
         finally:
