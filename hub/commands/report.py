@@ -63,6 +63,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     alloc.add_argument("--html", metavar="FILE", help="also write the page with plots to FILE")
     alloc.set_defaults(func=_allocation)
 
+    sla = rsub.add_parser(
+        "sla", help="uptime per service and time-to-start per tier against beamhub.yaml's targets"
+    )
+    sla.add_argument("--since", default="7d", help="7d, 24h, … or an ISO time (default 7d)")
+    sla.add_argument("--backend", choices=["local", "slurm"], default=None)
+    sla.add_argument(
+        "--prometheus",
+        metavar="URL",
+        default=None,
+        help="Prometheus to ask (default: the one `beamhub up` runs, from runtime-urls.json)",
+    )
+    sla.add_argument("--no-prometheus", action="store_true", help="use beamhub's own records only")
+    sla.add_argument("--json", action="store_true", help="JSON output")
+    sla.set_defaults(func=_sla)
+
 
 def _fail(message: str) -> int:
     print(f"beamhub report: {message}", file=sys.stderr)
@@ -178,4 +193,119 @@ def _allocation_text(report: dict[str, Any]) -> str:
         f"({s['jobs']} jobs)"
         for tier, s in report["time_to_start"].items()
     ] or ["  (no job started)"]
+    return "\n".join(lines)
+
+
+def _prometheus_url(args: argparse.Namespace, state: Path) -> str | None:
+    """The Prometheus to ask: --prometheus, else `beamhub up`'s if it answers; None for none."""
+    import urllib.request
+
+    if args.no_prometheus:
+        return None
+    url = args.prometheus
+    if url is None:
+        try:
+            url = json.loads((state / "runtime-urls.json").read_text()).get("prometheus")
+        except (OSError, ValueError):
+            url = None
+        if not url:
+            return None
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/-/ready", timeout=5):  # noqa: S310
+            return url
+    except OSError:
+        if args.prometheus:  # asked for by name: say so rather than fall back silently
+            raise
+        return None
+
+
+def _sla(args: argparse.Namespace) -> int:
+    from beamhub.hub.commands.status import read_status
+    from beamhub.hub.reports import sla
+    from beamhub.hub.reports.allocation import time_to_start
+    from beamhub.hub.reports.records import local_records
+    from beamhub.hub.up.deployment import DeploymentError
+    from beamhub.hub.up.supervisor import EVENTS_FILE
+    from beamhub.kernels.scheduler import SchedulerError
+
+    try:
+        since = parse_since(args.since)
+        dep = _deployment(args)
+    except (argparse.ArgumentTypeError, DeploymentError) as exc:
+        return _fail(str(exc))
+    now, state = time.time(), _state(args)
+    try:
+        prometheus = _prometheus_url(args, state)
+    except OSError as exc:
+        return _fail(f"--prometheus {args.prometheus}: no answer ({exc}); check the URL")
+    sources = {}
+    try:
+        if prometheus is not None:
+            uptime = sla.prometheus_uptime(prometheus, since, now)
+            starts = sla.prometheus_time_to_start(prometheus, since, now)
+            sources["uptime"] = f"Prometheus {prometheus} (avg_over_time(up))"
+            sources["time_to_start"] = (
+                f"Prometheus {prometheus} (histogram beamhub_scheduler_time_to_start_seconds)"
+            )
+    except (OSError, RuntimeError, ValueError) as exc:
+        return _fail(
+            f"Prometheus {prometheus} did not answer a query ({exc}); --no-prometheus "
+            "reports from beamhub's own records"
+        )
+    if prometheus is None:
+        events = state / EVENTS_FILE
+        running = bool(read_status(state).get("running"))
+        uptime = sla.uptime_from_events(sla.read_events(events), since, now, running)
+        sources["uptime"] = f"beamhub's own records ({events})"
+        backend = args.backend or dep.scheduler.backend
+        if backend == "local":
+            db = _scheduler_dir(args) / "local-jobs.sqlite"
+            jobs = local_records(db, now) if db.exists() else []
+            sources["time_to_start"] = f"beamhub's own job records ({db})"
+        else:
+            from beamhub.hub.reports.slurm_records import slurm_records
+
+            try:
+                jobs, _, sources["time_to_start"] = slurm_records(since, now)
+            except SchedulerError as exc:
+                jobs, sources["time_to_start"] = [], f"none: {exc.message}"
+        starts = time_to_start(jobs, since, now)
+    levels = dep.service_levels
+    report = sla.sla_report(
+        uptime, starts, levels.uptime_pct, levels.time_to_start_p90_s, since, now, sources
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(_sla_text(report))
+    return 0
+
+
+def _verdict(met: bool | None) -> str:
+    return {True: "met", False: "MISSED", None: "no data"}[met]
+
+
+def _sla_text(report: dict[str, Any]) -> str:
+    lines = [
+        f"service levels {_iso(report['since'])} to {_iso(report['until'])}",
+        *(f"  {what}: {source}" for what, source in report["sources"].items()),
+        "",
+        "uptime:",
+    ]
+    for s in report["services"]:
+        pct = "-" if s["uptime_pct"] is None else f"{s['uptime_pct']:.3f} %"
+        lines.append(
+            f"  {s['service']:<14} {pct:>10}  target {s['target_pct']} %  {_verdict(s['met'])}"
+        )
+    if not report["services"]:
+        lines.append("  (no service recorded in the period)")
+    lines += ["", "time to start (s):"]
+    for tier, t in report["time_to_start"].items():
+        p90 = "-" if t.get("p90_s") is None else f"{t['p90_s']:.2f}"
+        target = "-" if t["target_p90_s"] is None else f"{t['target_p90_s']:g}"
+        lines.append(
+            f"  {tier:<12} p90 {p90:>8}  target {target:>6}  ({t['jobs']} jobs)  "
+            f"{_verdict(t['met'])}"
+        )
+    lines += ["", "all targets met" if report["met"] else "some targets MISSED"]
     return "\n".join(lines)

@@ -241,6 +241,18 @@ class MonitoringConfig:
 
 
 @dataclass
+class ServiceLevelsConfig:
+    """The targets `beamhub report sla` holds the measured service levels against."""
+
+    #: each service's uptime over the report's period, per cent
+    uptime_pct: float = 99.5
+    #: per tier: the p90 seconds from a job's submission to its start
+    time_to_start_p90_s: dict[str, float] = field(
+        default_factory=lambda: {"beamtime": 60.0, "interactive": 120.0}
+    )
+
+
+@dataclass
 class Deployment:
     enclave: str = "dev"
     state_dir: str = ""
@@ -254,6 +266,7 @@ class Deployment:
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     tenancy: TenancyConfig = field(default_factory=TenancyConfig)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    service_levels: ServiceLevelsConfig = field(default_factory=ServiceLevelsConfig)
     #: where this deployment was read from ("<embedded defaults>" if none)
     source: str = "<embedded defaults>"
 
@@ -537,6 +550,23 @@ def _validate(dep: Deployment, src: str) -> None:
     _validate_maintenance(dep.gateway.maintenance, src)
     _validate_tenancy(dep, src)
     _validate_monitoring(dep.monitoring, src)
+    _validate_service_levels(dep.service_levels, src)
+
+
+def _validate_service_levels(levels: ServiceLevelsConfig, src: str) -> None:
+    """Targets must be reachable numbers; a tier's name is checked when the report runs (a
+    deployment may bring its own tiers file)."""
+    if not 0 < levels.uptime_pct <= 100:
+        raise DeploymentError(
+            "service_levels.uptime_pct", f"{levels.uptime_pct} is outside 0..100 per cent", src
+        )
+    for tier, seconds in levels.time_to_start_p90_s.items():
+        if seconds <= 0:
+            raise DeploymentError(
+                f"service_levels.time_to_start_p90_s.{tier}",
+                f"{seconds} is not a positive number of seconds",
+                src,
+            )
 
 
 def _validate_monitoring(mon: MonitoringConfig, src: str) -> None:

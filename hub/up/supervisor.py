@@ -6,7 +6,9 @@ back to 0.5 s once a child has run a minute), and stops them in reverse order: S
 child's process group, SIGKILL after its grace period. Every child is born with
 ``PR_SET_PDEATHSIG``, so even a ``kill -9`` of `beamhub up` leaves no service holding its ports.
 The state of every child (pid, restarts, last exit, since when) is written to ``status.json`` in
-the state folder after each change, which is what `beamhub status` reads.
+the state folder after each change, which is what `beamhub status` reads. Each time a child comes
+up, goes down unasked or is stopped, a line is appended to ``service-events.jsonl`` beside it: the
+durable record `beamhub report sla` computes uptime from when no Prometheus runs.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 
 from beamhub.hub.up.service_accounts import ServiceUser
 
-__all__ = ["Child", "ServiceSpec", "Supervisor", "SupervisorError"]
+__all__ = ["EVENTS_FILE", "Child", "ServiceSpec", "Supervisor", "SupervisorError"]
 
 log = logging.getLogger("beamhub.up")
 
@@ -37,6 +39,8 @@ try:
 except OSError:  # not Linux: children are still stopped by stop(), just not on a kill -9
     _libc = None
 
+#: service up/down/stop events, one JSON object a line, beside status.json
+EVENTS_FILE = "service-events.jsonl"
 #: restart delays, seconds; the last repeats
 BACKOFF = (0.5, 1.0, 2.0, 4.0, 8.0, 10.0)
 #: a child that ran this long starts its backoff afresh after its next exit
@@ -118,6 +122,7 @@ class Supervisor:
         self.backoff = backoff
         self.children: dict[str, Child] = {}
         self._stopping = False
+        self.events_path = status_path.with_name(EVENTS_FILE)
 
     # --- start --------------------------------------------------------------------------
 
@@ -128,9 +133,14 @@ class Supervisor:
         child = Child(spec)
         self.children[spec.name] = child
         self._spawn(child)
-        await self._wait_ready(child)
+        try:
+            await self._wait_ready(child)
+        except SupervisorError:
+            self._event(child, "down")
+            raise
         child.state = "running"
         self._write_status()
+        self._event(child, "up")
         child.task = asyncio.create_task(self._keep(child), name=f"keep {spec.name}")
         return child
 
@@ -201,6 +211,7 @@ class Supervisor:
             child.restarts += 1
             child.state = "restarting"
             self._write_status()
+            self._event(child, "down", code)
             how = f"signal {-code}" if code < 0 else f"status {code}"
             if child.requested:
                 child.requested, delay = False, 0.0
@@ -223,6 +234,7 @@ class Supervisor:
                 continue
             child.state = "running"
             self._write_status()
+            self._event(child, "up")
             self.say(f"beamhub up: {child.spec.name} is back (pid {child.proc.pid})")
             if child.spec.on_restart is not None:
                 try:
@@ -249,6 +261,8 @@ class Supervisor:
                 with contextlib.suppress(asyncio.CancelledError):
                     await child.task
             await asyncio.to_thread(_stop_group, child.proc, child.spec.stop_timeout)
+            if child.state != "stopped":
+                self._event(child, "stop")
             child.state = "stopped"
         self._write_status()
 
@@ -260,6 +274,22 @@ class Supervisor:
             "updated": time.time(),
             "services": {name: c.status() for name, c in self.children.items()},
         }
+
+    def _event(self, child: Child, event: str, code: int | None = None) -> None:
+        """Append one up/down/stop line (O_APPEND: whole lines, even from two writers)."""
+        line = {"time": time.time(), "service": child.spec.name, "event": event}
+        if code is not None:
+            line["code"] = code
+        try:
+            fd = os.open(self.events_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, (json.dumps(line) + "\n").encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:  # the record is for reports; never stop a service over it
+            log.warning(
+                "cannot record %s %s in %s: %s", child.spec.name, event, self.events_path, exc
+            )
 
     def _write_status(self) -> None:
         tmp = self.status_path.with_suffix(".tmp")
