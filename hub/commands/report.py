@@ -227,6 +227,7 @@ def _sla(args: argparse.Namespace) -> int:
     from beamhub.hub.up.deployment import DeploymentError
     from beamhub.hub.up.supervisor import EVENTS_FILE
     from beamhub.kernels.scheduler import SchedulerError
+    from beamhub.kernels.tiers import load_tiers
 
     try:
         since = parse_since(args.since)
@@ -271,6 +272,16 @@ def _sla(args: argparse.Namespace) -> int:
                 jobs, sources["time_to_start"] = [], f"none: {exc.message}"
         starts = time_to_start(jobs, since, now)
     levels = dep.service_levels
+    try:
+        known = load_tiers(os.environ.get("BEAMHUB_SCHEDULER_TIERS") or None).names()
+    except SchedulerError as exc:
+        return _fail(exc.message)
+    unknown = sorted(set(levels.time_to_start_p90_s) - set(known))
+    if unknown:
+        return _fail(
+            f"{args.config or '<embedded defaults>'}: service_levels.time_to_start_p90_s."
+            f"{unknown[0]}: no such tier (the tiers are {', '.join(known)})"
+        )
     report = sla.sla_report(
         uptime, starts, levels.uptime_pct, levels.time_to_start_p90_s, since, now, sources
     )

@@ -27,6 +27,7 @@ from beamhub.auth.api import ApiError
 from beamhub.hub.gateway.api import API_PREFIX, RequestContext
 from beamhub.hub.gateway.audit import AuditLog
 from beamhub.hub.gateway.jobs import scheduler_error, unavailable
+from beamhub.hub.reports.sla import public_uptime
 from beamhub.kernels.hub_backend import HubScheduler
 from beamhub.kernels.scheduler import SchedulerError
 
@@ -218,9 +219,12 @@ class Operations:
             "streams": streams,
             "dependencies": dependencies,
         }
+        body.update(maintenance_now_next(body["maintenance"], time.time()))
         services = supervisor_services(self.gw.state_dir)
         if services is not None:
             body["services"] = services
+            uptime = await asyncio.to_thread(public_uptime, self.gw.state_dir)
+            body["uptime"] = {"source": "beamhub up's service records", "services": uptime}
             down |= {name for name, svc in services.items() if svc.get("state") != "running"}
         body["down"] = sorted(down)
         if self.gw.audit is not None:
@@ -594,6 +598,33 @@ class Operations:
             icalendar_feed(maintenance, beamtime, f"beamhub-{self.gw.enclave}"),
             "text/calendar; charset=utf-8",
         )
+
+
+def _epoch(value: Any) -> float | None:
+    """A window's start or end: epoch seconds (the calendar) or ISO 8601 (beamhub.yaml)."""
+    if isinstance(value, int | float):
+        return float(value)
+    try:
+        moment = datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def maintenance_now_next(windows: Iterable[Mapping[str, Any]], now: float) -> dict[str, Any]:
+    """The maintenance under way now and the next one to begin (None if none is scheduled)."""
+    timed = [
+        (start, end, w)
+        for w in windows
+        if w.get("state") != "cancelled"
+        for start, end in [(_epoch(w.get("start")), _epoch(w.get("end")))]
+        if start is not None and end is not None
+    ]
+    upcoming = sorted((t for t in timed if t[0] > now), key=lambda t: t[0])
+    return {
+        "maintenance_now": [w for start, end, w in timed if start <= now < end],
+        "maintenance_next": upcoming[0][2] if upcoming else None,
+    }
 
 
 def _public_maintenance(m: Any) -> dict[str, Any]:

@@ -23,9 +23,11 @@ from typing import Any
 from beamhub.hub.reports.allocation import PERCENTILES, overlap
 
 __all__ = [
+    "PUBLIC_SPANS",
     "ServiceUptime",
     "prometheus_time_to_start",
     "prometheus_uptime",
+    "public_uptime",
     "read_events",
     "sla_report",
     "uptime_from_events",
@@ -180,4 +182,29 @@ def sla_report(
         "services": services,
         "time_to_start": tiers,
         "met": all(v is not False for v in verdicts),
+    }
+
+
+#: The spans the gateway's public status shows each service's uptime over.
+PUBLIC_SPANS = {"24h": 86400.0, "7d": 7 * 86400.0}
+
+
+def public_uptime(state_dir: Path | None, now: float | None = None) -> dict[str, Any] | None:
+    """Each service's uptime over the last 24 h and 7 d from the supervisor's records, for the
+    gateway's public status (which runs under `beamhub up`, so the last state lasts until now).
+    None without a state folder; a service never recorded in a span has ``None`` there."""
+    if state_dir is None:
+        return None
+    from beamhub.hub.up.supervisor import EVENTS_FILE
+
+    now = time.time() if now is None else now
+    events = read_events(Path(state_dir) / EVENTS_FILE)
+    spans = {
+        label: uptime_from_events(events, now - seconds, now, running=True)
+        for label, seconds in PUBLIC_SPANS.items()
+    }
+    names = sorted({name for measured in spans.values() for name in measured})
+    return {
+        name: {label: spans[label].get(name, {}).get("uptime_pct") for label in PUBLIC_SPANS}
+        for name in names
     }
