@@ -25,6 +25,7 @@ COMMANDS = [
     "scheduler",
     "maintenance",
     "report",
+    "incident",
     "bench",
 ]
 

@@ -212,9 +212,11 @@ def configure(c: Any, rt: dict[str, Any]) -> None:
 
 
 def _maintenance_banner(c: Any, state: Path) -> None:
-    """JupyterHub's announcement banner shows maintenance of the next 7 days from the calendar
+    """JupyterHub's announcement banner shows open incidents (all projects' and the viewer's
+    projects'; `beamhub incident`) and maintenance of the next 7 days from the calendar
     (`beamhub maintenance`, the gateway's /maintenance), and tells a project member when it
     overlaps her project's approved beamtime; read at each page view."""
+    from beamhub.kernels.incidents import IncidentLog, incident_banner
     from beamhub.kernels.maintenance import announcement
     from beamhub.kernels.reservations import ReservationBook
 
@@ -226,7 +228,12 @@ def _maintenance_banner(c: Any, state: Path) -> None:
         groups = [g.name for g in getattr(user, "groups", [])] if user is not None else []
         try:
             book = ReservationBook(db)
-            return announcement(book.maintenance, book.list(), {g.split(":", 1)[0] for g in groups})
+            projects = {g.split(":", 1)[0] for g in groups}
+            parts = [
+                incident_banner(IncidentLog(db).list(), projects),
+                announcement(book.maintenance, book.list(), projects),
+            ]
+            return "<br>".join(p for p in parts if p)
         except Exception:  # a page never fails for its banner
             return ""
 

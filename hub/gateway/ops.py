@@ -216,6 +216,7 @@ class Operations:
             "nodes": nodes,
             "reservations": windows,
             "maintenance": self.gw.maintenance + await self._calendar_maintenance(),
+            "incidents": await self._open_incidents(),
             "streams": streams,
             "dependencies": dependencies,
         }
@@ -540,6 +541,20 @@ class Operations:
             log.warning("maintenance calendar unreadable", exc_info=True)
             return []
         return [_public_maintenance(m) for m in windows]
+
+    async def _open_incidents(self) -> list[dict[str, Any]]:
+        """Open incidents (kernels.incidents, same file), for the public status."""
+        book = self.gw.reservations
+        if book is None:
+            return []
+        from beamhub.kernels.incidents import IncidentLog
+
+        try:
+            incidents = await asyncio.to_thread(lambda: IncidentLog(book.db_path).list())
+        except Exception:  # the public status never fails for the incident log
+            log.warning("incident log unreadable", exc_info=True)
+            return []
+        return [i.public() for i in incidents]
 
     async def maintenance_list(self, ctx: RequestContext) -> Result:
         windows = await asyncio.to_thread(self._book().maintenance.list)

@@ -183,11 +183,17 @@ class Policy:
     """An ordered rule set. A matching deny rule always wins; else a matching allow; else deny."""
 
     def __init__(
-        self, rules: Iterable[Rule], version: int = POLICY_VERSION, source: str = ""
+        self,
+        rules: Iterable[Rule],
+        version: int = POLICY_VERSION,
+        source: str = "",
+        tests: Iterable[Any] = (),
     ) -> None:
         self.rules = tuple(rules)
         self.version = version
         self.source = source
+        #: the file's own test cases (:mod:`beamhub.hub.gateway.policy_tests`)
+        self.tests = tuple(tests)
         # per action, the rules that cover it, in order: evaluation skips the glob matching
         self._by_action = {a: tuple(r for r in self.rules if r.covers(a)) for a in ACTIONS}
 
@@ -236,7 +242,7 @@ def parse_policy(doc: Any, where: str = "policy") -> Policy:
     """Validate a parsed policy document; every error names the rule and field to fix."""
     if not isinstance(doc, Mapping):
         raise PolicyError(f"{where}: expected a mapping with 'version' and 'rules'")
-    unknown = set(doc) - {"version", "rules", "description"}
+    unknown = set(doc) - {"version", "rules", "description", "tests"}
     if unknown:
         raise PolicyError(f"{where}: unknown top-level field(s) {sorted(unknown)}")
     if doc.get("version") != POLICY_VERSION:
@@ -254,7 +260,12 @@ def parse_policy(doc: Any, where: str = "policy") -> Policy:
             raise PolicyError(f"{where}: rules[{i}]: duplicate rule id {rule.id!r}")
         seen.add(rule.id)
         rules.append(rule)
-    return Policy(rules, POLICY_VERSION, where)
+    tests: tuple[Any, ...] = ()
+    if doc.get("tests") is not None:
+        from beamhub.hub.gateway.policy_tests import parse_cases
+
+        tests = parse_cases(doc["tests"], where)
+    return Policy(rules, POLICY_VERSION, where, tests)
 
 
 def _str_list(value: Any, where: str, name: str) -> list[str]:

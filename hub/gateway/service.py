@@ -32,9 +32,11 @@ from beamhub.hub.enclave import EnclaveError, load_profile, resolve_path
 from beamhub.hub.gateway.anchor import DEFAULT_LOG_NAME, AuditAnchor
 from beamhub.hub.gateway.app import METRICS_ACCESS, Gateway
 from beamhub.hub.gateway.audit import AuditError, AuditLog
+from beamhub.hub.gateway.config_changes import ConfigWatch
 from beamhub.hub.gateway.hygiene import LOOPBACK, AuthFailureGuard
 from beamhub.hub.gateway.ops import node_occupancy
-from beamhub.hub.gateway.policy import PolicyError, load_policy
+from beamhub.hub.gateway.policy import DEFAULT_POLICY_PATH, PolicyError, load_policy
+from beamhub.hub.gateway.policy_tests import failures
 from beamhub.hub.gateway.ratelimit import Limit, RateLimiter
 from beamhub.hub.up.deployment import DeploymentError, load_deployment
 from beamhub.kernels.backends import SchedulerConfig
@@ -251,10 +253,18 @@ def build_gateway(argv: list[str] | None = None) -> tuple[Gateway, str, int, lis
             "the hub runs the gateway as a service"
         )
 
+    policy_path = _policy_path(args, dep)
+    policy = load_policy(policy_path)
+    failed = failures(policy)
+    if failed:
+        raise PolicyError(
+            f"{policy.source}: the policy's own tests fail (`beamhub policy test --rules "
+            f"{policy.source}`): " + "; ".join(failed)
+        )
     gateway = Gateway(
         verifier,
         nodes=_local_nodes(state / "scheduler", dep) if hub_jobs is not None else None,
-        policy=load_policy(_policy_path(args, dep)),
+        policy=policy,
         limiter=RateLimiter(per_token, per_project),
         audit=audit,
         dsn_url=args.dsn_url or runtime.get("dsn_url") or None,
@@ -271,6 +281,9 @@ def build_gateway(argv: list[str] | None = None) -> tuple[Gateway, str, int, lis
         anchor=_anchor(args, str(jwks_source), audit),
     )
     log.info("audit log %s (fsync %s); policy %s", audit_path, audit.fsync, gateway.policy.source)
+    gateway.config_watch = ConfigWatch(  # type: ignore[attr-defined]
+        _watched(dep, policy_path), state / "gateway-config"
+    )
     log.info(
         "trusted proxies %s; metrics %s; audit anchor %s",
         [str(n) for n in gateway.trusted_proxies] or "none",
@@ -278,6 +291,22 @@ def build_gateway(argv: list[str] | None = None) -> tuple[Gateway, str, int, lis
         gateway.anchor or "none",
     )
     return gateway, host, port, closers
+
+
+def _watched(dep: Any, policy_path: Path | None) -> list[tuple[str, Path]]:
+    """What the change records cover: beamhub.yaml, the policy and the stream templates (the
+    DSN's template and the others in its folder)."""
+    files: list[tuple[str, Path]] = []
+    source = Path(dep.source)
+    if source.is_file():
+        files.append(("deployment", source))
+    files.append(("policy", policy_path or DEFAULT_POLICY_PATH))
+    base = source.resolve().parent if source.is_file() else None
+    template = resolve_path(dep.dsn_template, base).resolve()
+    others = sorted(template.parent.glob("*.yaml")) if template.parent.is_dir() else []
+    for path in dict.fromkeys([template, *others]):
+        files.append(("template", path))
+    return files
 
 
 def _local_nodes(scheduler_dir: Path, dep: Any) -> Callable[[], Awaitable[list[dict]]] | None:
@@ -305,6 +334,29 @@ async def _serve(gateway: Gateway, host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    watch: ConfigWatch | None = getattr(gateway, "config_watch", None)
+    reloads: set[asyncio.Task] = set()
+
+    def reload(trigger: str) -> None:
+        async def run() -> None:
+            try:
+                result = await asyncio.to_thread(watch.reload, gateway, trigger)
+                log.info(
+                    "config %s: %d change(s), refused %s",
+                    trigger,
+                    len(result["changes"]),
+                    result["refused"] or "none",
+                )
+            except Exception:  # a failed reload keeps the gateway serving with what it has
+                log.exception("config reload (%s) failed", trigger)
+
+        task = asyncio.ensure_future(run())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    if watch is not None:
+        reload("start")
+        loop.add_signal_handler(signal.SIGHUP, reload, "SIGHUP")
     await stop.wait()
     print("beamhub gateway stopping", flush=True)
     await gateway.stop_async()
