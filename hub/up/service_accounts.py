@@ -69,11 +69,19 @@ class ServiceAccounts:
     owner, but the folders are the same.
     """
 
-    def __init__(self, state: Path, enabled: bool, say: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        state: Path,
+        enabled: bool,
+        say: Callable[[str], None] = print,
+        services: tuple[str, ...] = SERVICES,
+    ) -> None:
         if enabled and os.geteuid() != 0:
             raise ServiceAccountError("service accounts need root: run `beamhub up` as root")
         self.state = Path(state)
         self.enabled = enabled
+        #: the services this deployment runs (no account is made for one it does not)
+        self.services = services
         self.say = say
         self._users: dict[str, ServiceUser] = {}
 
@@ -90,7 +98,7 @@ class ServiceAccounts:
             self._run(["groupadd", "--system", GROUP])
             gid = grp.getgrnam(GROUP).gr_gid
             created.append(f"group {GROUP}")
-        for service in SERVICES:
+        for service in self.services:
             name = account_name(service)
             try:
                 entry = pwd.getpwnam(name)
@@ -153,7 +161,7 @@ class ServiceAccounts:
         for private in ("hub", "logs"):
             (state / private).mkdir(mode=0o700, exist_ok=True)
             os.chmod(state / private, 0o700)
-        for service in SERVICES:
+        for service in self.services:
             self.folder(service).mkdir(mode=0o700, exist_ok=True)
         if (state / "node").is_dir():  # npm packages of an earlier version were root's only
             os.chmod(state / "node", 0o755)  # noqa: S103 - code, no secrets
@@ -163,7 +171,7 @@ class ServiceAccounts:
         gid = grp.getgrnam(GROUP).gr_gid
         os.chown(state, 0, gid)
         os.chmod(state, 0o710)  # noqa: S103 - the group may pass, not list; others nothing
-        for service in SERVICES:
+        for service in self.services:
             self._own(self.folder(service), self._users[service])
 
     def give(self, service: str, path: Path) -> None:

@@ -32,7 +32,7 @@ from beamhub.hub.up.deployment import Deployment
 from beamhub.hub.up.detector_feed import DETECTOR_USER, feed_config
 from beamhub.hub.up.idp import EmbeddedIdP, IdPError
 from beamhub.hub.up.live_figures import LiveFigures
-from beamhub.hub.up.service_accounts import ServiceAccountError, ServiceAccounts
+from beamhub.hub.up.service_accounts import SERVICES, ServiceAccountError, ServiceAccounts
 from beamhub.hub.up.supervisor import ServiceSpec, Supervisor, SupervisorError
 
 __all__ = ["Stack", "StackError", "free_port", "http_ok"]
@@ -108,7 +108,10 @@ class Stack:
         self.sup = Supervisor(state / "status.json", say=progress)
         #: as root each service runs as beamhub-<service> (hub and gateway stay root)
         self.accounts = ServiceAccounts(
-            state, os.geteuid() == 0 and dep.tenancy.service_accounts, say=progress
+            state,
+            os.geteuid() == 0 and dep.tenancy.service_accounts,
+            say=progress,
+            services=tuple(s for s in SERVICES if s != "prometheus" or dep.monitoring.enabled),
         )
         self._live: LiveFigures | None = None
         #: the proxy's routes as last seen (path -> {"target": ..., the hub's data})

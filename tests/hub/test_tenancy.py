@@ -230,6 +230,7 @@ def test_each_service_runs_as_its_account_and_reads_only_its_secrets(
     state = stack.state
     info = state.stat()
     assert info.st_mode & 0o777 == 0o710 and grp.getgrgid(info.st_gid).gr_name == "beamhub"
+    assert not (state / "prometheus").exists()  # monitoring is off: no folder for it
     key = state / "tokens" / "signing-key.pem"
     assert key.stat().st_uid == pwd.getpwnam("beamhub-tokens").pw_uid
     assert key.stat().st_mode & 0o077 == 0
