@@ -19,6 +19,8 @@ client settings. What a browser (and the browser tests) sees:
   consumers, the DSN's own count of monitor viewers, and active viewer pages, for the caller's
   projects (admins: all). ``api/health`` and ``healthz`` — unauthenticated liveness; ``metrics``
   — viewers and subscriptions in Prometheus text format, for this host.
+* ``admin/allocation`` — hub admins only: the allocation report page (bokeh plots) that
+  `beamhub report allocation --publish` last wrote to ``<state>/reports/allocation.html``.
 
 JSON errors have the one shape of :mod:`beamhub.auth.api` (``{"reason", "message", "field"?}``).
 The dashboard never opens the signing key: it asks the token service for its ``stream.read``
@@ -282,6 +284,39 @@ class DataHandler(_Api):
         self.write_json(body)
 
 
+#: Where `beamhub report allocation --publish` writes the page this service shows admins.
+ALLOCATION_PAGE = "reports/allocation.html"
+
+
+class AllocationReportHandler(_Page):
+    """The allocation report for hub admins: the page as `beamhub report allocation` wrote it
+    (this service reads no scheduler database)."""
+
+    @web.authenticated
+    def get(self) -> None:
+        user, _ = self.user_roles() or ({}, {})
+        if not user.get("admin"):
+            self.forbidden("The allocation report is for the facility's admins (hub admins) only.")
+            return
+        path = self.options.get("reports_dir")
+        try:
+            page = (Path(path) / ALLOCATION_PAGE).read_bytes() if path else None
+        except FileNotFoundError:
+            page = None
+        if page is None:
+            self.set_status(404)
+            self.render(
+                "dashboard_error.html",
+                message="No allocation report is published yet: on the hub's machine run "
+                "`beamhub report allocation --publish` (e.g. hourly from cron).",
+                prefix=self.options["prefix"],
+            )
+            return
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(page)
+
+
 class StatusHandler(_Api):
     def get(self) -> None:
         user, roles = self.require()
@@ -321,22 +356,26 @@ def build_app(
     update_hz: float = 2.0,
     cookie_secret: bytes | None = None,
     metrics: str = "local-or-token",
+    reports_dir: Path | None = None,
 ) -> web.Application:
     """The tornado app (JupyterHub's HubOAuth settings come from the service environment).
     ``metrics``: who may read ``metrics``; the dashboard verifies no project tokens, so only
-    ``local-or-token`` (this host) or ``public`` let anyone read them."""
+    ``local-or-token`` (this host) or ``public`` let anyone read them. ``reports_dir``: the state
+    folder whose :data:`ALLOCATION_PAGE` admins see (None: no report page)."""
     from bokeh.util.paths import bokehjs_path
 
     if not 0.2 <= update_hz <= 5.0:
         raise ValueError(f"update_hz: {update_hz} is outside 0.2..5 (page updates per second)")
     p = prefix if prefix.endswith("/") else prefix + "/"
-    args = {"dashboard": dashboard, "options": {"prefix": p, "update_hz": update_hz}}
+    options = {"prefix": p, "update_hz": update_hz, "reports_dir": reports_dir}
+    args = {"dashboard": dashboard, "options": options}
     return web.Application(
         [
             (p, RootHandler, args),
             (p + r"p/([A-Za-z0-9_.-]+)/", ProjectPageHandler, args),
             (p + r"p/([A-Za-z0-9_.-]+)/data\.json", DataHandler, args),
             (p + "api/status", StatusHandler, args),
+            (p + "admin/allocation", AllocationReportHandler, args),
             (p + "api/health", HealthHandler, args),
             (p + "healthz", HealthzHandler, {"service": "the shared dashboard"}),
             (
@@ -464,7 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:0"))
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/dashboard/")
     try:
-        app = build_app(dashboard, prefix, update_hz=args.update_hz, metrics=args.metrics)
+        app = build_app(
+            dashboard, prefix, update_hz=args.update_hz, metrics=args.metrics, reports_dir=state
+        )
     except ValueError as exc:
         dashboard.close()
         print(f"dashboard: {exc}", file=sys.stderr)

@@ -61,6 +61,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     alloc.add_argument("--backend", choices=["local", "slurm"], default=None)
     alloc.add_argument("--json", action="store_true", help="JSON output")
     alloc.add_argument("--html", metavar="FILE", help="also write the page with plots to FILE")
+    alloc.add_argument(
+        "--publish",
+        action="store_true",
+        help="also write the page where the dashboard shows it to hub admins "
+        "(<state>/reports/allocation.html, /services/dashboard/admin/allocation)",
+    )
     alloc.set_defaults(func=_allocation)
 
     sla = rsub.add_parser(
@@ -127,13 +133,12 @@ def _allocation(args: argparse.Namespace) -> int:
     windows = ReservationBook(book_path, tiers=tiers).list(now=now)
     if backend == "local":
         db = folder / "local-jobs.sqlite"
-        if not db.exists():
-            return _fail(
-                f"no local scheduler database at {db}; give the state folder of the `beamhub up` "
-                "that ran the jobs (--state-dir)"
-            )
-        jobs, nodes = local_records(db, now), dep.scheduler.nodes
-        source = f"beamhub's own job records ({db})"
+        nodes = dep.scheduler.nodes
+        if db.exists():
+            jobs, source = local_records(db, now), f"beamhub's own job records ({db})"
+        else:  # no job ran yet (the scheduler makes its database on the first)
+            jobs, source = [], f"beamhub's own job records: none yet ({db} does not exist)"
+            print(f"beamhub report: no job recorded yet: {db} does not exist", file=sys.stderr)
     else:
         from beamhub.hub.reports.slurm_records import slurm_records
 
@@ -146,11 +151,32 @@ def _allocation(args: argparse.Namespace) -> int:
         from beamhub.hub.reports.allocation_html import allocation_html
 
         Path(args.html).write_text(allocation_html(report))
+    if args.publish:
+        from beamhub.hub.reports.allocation_html import allocation_html
+
+        _publish(_state(args), allocation_html(report))
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print(_allocation_text(report))
     return 0
+
+
+def _publish(state: Path, page: str) -> None:
+    """The page for the dashboard: owner read-write, the state dir's group (the services'
+    accounts) read-only, nobody else; replaced whole so a reader never sees half a page."""
+    from beamhub.widgets.dashboard_service import ALLOCATION_PAGE
+
+    target = state / ALLOCATION_PAGE
+    target.parent.mkdir(mode=0o750, exist_ok=True)
+    group = state.stat().st_gid
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(page)
+    if os.geteuid() == 0:
+        for path in (target.parent, tmp):
+            os.chown(path, -1, group)
+    os.chmod(tmp, 0o640)
+    os.replace(tmp, target)
 
 
 def _iso(t: float) -> str:
