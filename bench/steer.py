@@ -1,15 +1,26 @@
-"""Steering round trip: parameter change through the DSN -> first ANALYSED frame that reflects it.
+"""Steering round trip with the analysis attached: parameter change -> first ANALYSED frame with it.
 
-One process, real parts: a :class:`beamhub.streaming.dsn.DataStreamingNode` on loopback, a simulated
-detector (1024x1024 float32 = 4 MiB frames at 120 Hz) streaming into a channel with its control
-endpoint attached, and a StreamConsumer + :class:`beamhub.streaming.analysis.Analyzer` loop on a thread.
+Real parts: a :class:`beamhub.streaming.dsn.DataStreamingNode` on loopback and a simulated detector
+(1024x1024 float32 = 4 MiB frames at 120 Hz) streaming into a channel with its control endpoint
+attached, in a child process; in this process, on two threads, the channel's analysis as a notebook
+runs it (issue 13):
+
+* the work analysis: a StreamConsumer on the work face + :class:`beamhub.streaming.analysis.Analyzer`,
+  every frame in order (nothing skipped; frames analysed per second are reported beside frames
+  arriving and frames the source dropped when the analysis fell behind);
+* the steering feedback: a StreamConsumer on the monitor face reading the freshest frame
+  (:meth:`~beamhub.streaming.consumer.StreamConsumer.receive_latest`, stale frames skipped and
+  counted) and analysing it when it carries a new steering revision, or ``--feedback-hz`` times a
+  second for the live view.
+
 Each sample PUTs ``sample_position_um`` through the DSN's steering relay with a ``steer`` token and
-times until an analysed frame carries ``rev >= `` the answered revision. Interleaved with it, the
-baseline: the same change PUT straight to the source's control endpoint (no DSN hop). The floor is
-the frame interval (a change waits for the next frame). A second part drives a
-:class:`beamhub.widgets.liveview.LiveView` at 120 Hz in a kernel behind a real jupyter_server and counts
-its iopub traffic and the server's rate-limit warnings, against an unthrottled baseline
-(``bench/liveview.py``).
+times until the feedback has analysed a frame with ``rev >=`` the answered revision; interleaved
+with it, the baseline: the same change PUT straight to the source's control endpoint (no DSN hop).
+The work analysis' time to the same revision is reported too (``work_stream_round_trip``: what a
+round trip costs when it waits behind the lossless backlog). The floor is the frame interval. A
+second part drives a :class:`beamhub.widgets.liveview.LiveView` at 120 Hz in a kernel behind a real
+jupyter_server and counts its iopub traffic and the server's rate-limit warnings, against an
+unthrottled baseline (``bench/liveview.py``).
 
     beamhub bench steer --json            (or: python -m bench.steer --json)
 """
@@ -35,42 +46,74 @@ TARGET_P99_MS = 200.0
 
 
 class AnalysisLoop:
-    """StreamConsumer + Analyzer on a thread; remembers when each source revision was analysed."""
+    """StreamConsumer + Analyzer on a thread; remembers when each source revision was analysed.
 
-    def __init__(self, stack: Any, token: str, hwm: int = 16, latest: bool = False) -> None:
+    ``monitor=False``: the channel's analysis on the work face, every frame in order (lossless:
+    nothing is skipped here). ``monitor=True``: the steering feedback on the monitor face, which
+    reads the freshest frame (:meth:`StreamConsumer.receive_latest`, older ones skipped and counted)
+    and analyses it when it carries a steering revision not analysed yet, or when the last analysed
+    frame is older than ``1 / feedback_hz`` (what a live view needs); other fresh frames are
+    skipped too, so the feedback never competes with the work analysis for every frame.
+    """
+
+    def __init__(
+        self,
+        stack: Any,
+        token: str,
+        hwm: int = 16,
+        *,
+        monitor: bool = False,
+        feedback_hz: float = 10.0,
+    ) -> None:
         from beamhub.streaming.analysis import Analyzer
         from beamhub.streaming.consumer import StreamConsumer
 
         self.consumer = StreamConsumer.from_dsn(
-            stack.dsn_url, stack.channel_id, token, exclusive=True, hwm=hwm
+            stack.dsn_url, stack.channel_id, token, exclusive=not monitor, monitor=monitor, hwm=hwm
         )
+        self.monitor = monitor
+        self.feedback_period_s = 1.0 / feedback_hz
         self.analyzer = Analyzer()
-        self.latest = latest  # analyse only the newest frame waiting (skip stale ones)
-        self.frames = 0
-        self.skipped = 0
+        self.frames = 0  # analysed
+        self.received = 0  # taken from the socket and not skipped as stale (monitor: + fresh)
+        self.skipped_fresh = 0  # monitor: fresh frames not analysed (no new rev, view is recent)
         self.max_rev = -1
-        self.listeners: list[Any] = []
+        self.rev_seen: dict[int, float] = {}  # rev -> perf_counter when first analysed
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="steer-analysis", daemon=True)
         self._thread.start()
 
+    @property
+    def skipped_stale(self) -> int:
+        return self.consumer.skipped_stale
+
     def _run(self) -> None:
+        last_analysed = 0.0
         try:
             while not self._stop.is_set():
-                frame = self.consumer.receive(timeout=0.1)
+                if self.monitor:
+                    frame = self.consumer.receive_latest(timeout=0.1)
+                else:
+                    frame = self.consumer.receive(timeout=0.1)
                 if frame is None:
                     continue
-                while self.latest and (newer := self.consumer.receive(timeout=0)) is not None:
-                    frame = newer
-                    self.skipped += 1
+                self.received += 1
+                if (
+                    self.monitor
+                    and frame.header.rev <= self.max_rev
+                    and time.perf_counter() - last_analysed < self.feedback_period_s
+                ):
+                    self.skipped_fresh += 1
+                    continue
                 result = self.analyzer.analyse(frame)
+                last_analysed = now = time.perf_counter()
                 with self._cond:
                     self.frames += 1
+                    for rev in range(self.max_rev + 1, result.source_rev + 1):
+                        self.rev_seen[rev] = now
                     self.max_rev = max(self.max_rev, result.source_rev)
                     self._cond.notify_all()
-                for fn in self.listeners:
-                    fn(result, frame)
         finally:
             self.consumer.close()
 
@@ -104,66 +147,87 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 class _Phase:
-    """Samples of one analysis policy, gathered over several interleaved rounds."""
+    """Round trips timed on the steering feedback (the freshest frames), and the same changes as
+    seen by the work analysis (every frame in order, behind any backlog)."""
 
     def __init__(self) -> None:
         self.via: dict[str, list[float]] = {"dsn": [], "direct": []}
+        self.work: dict[str, list[float]] = {"dsn": [], "direct": []}
         self.http: dict[str, list[float]] = {"dsn": [], "direct": []}
         self.timeouts = 0
-        self.frames = 0
-        self.seconds = 0.0
-        self.cpu = 0.0  # CPU seconds of this (analysis) process
+        self.work_timeouts = 0
+        self._sent: list[tuple[str, int, float]] = []  # (kind, rev, t0) for the work loop
 
     def run(
-        self, loop: AnalysisLoop, stack: Any, token: str, samples: int, rng: random.Random
+        self,
+        feedback: AnalysisLoop,
+        stack: Any,
+        token: str,
+        samples: int,
+        rng: random.Random,
     ) -> None:
         """``samples`` changes through the DSN interleaved with as many direct ones."""
-        import psutil
-
         relay = f"{stack.dsn_url}/api/channels/{stack.channel_id}/steer/params/sample_position_um"
         direct = f"{stack.control_url}/params/sample_position_um"
-        frames0, t_start, cpu0 = loop.frames, time.monotonic(), psutil.Process().cpu_times()
         for i in range(2 * samples):
             kind = "dsn" if i % 2 == 0 else "direct"
             time.sleep(rng.uniform(0.01, 0.04))  # decorrelate from the frame clock
             t0 = time.perf_counter()
             answer = _put(relay if kind == "dsn" else direct, token, float(rng.randrange(-20, 21)))
             t1 = time.perf_counter()
-            if not loop.wait_rev(answer["rev"], 5.0):
+            self._sent.append((kind, answer["rev"], t0))
+            if not feedback.wait_rev(answer["rev"], 5.0):
                 self.timeouts += 1
                 continue
-            self.via[kind].append((time.perf_counter() - t0) * 1e3)
+            self.via[kind].append((feedback.rev_seen[answer["rev"]] - t0) * 1e3)
             self.http[kind].append((t1 - t0) * 1e3)
-        cpu1 = psutil.Process().cpu_times()
-        self.frames += loop.frames - frames0
-        self.seconds += time.monotonic() - t_start
-        self.cpu += cpu1.user + cpu1.system - cpu0.user - cpu0.system
 
-    def summary(self, kind: str) -> dict[str, Any]:
-        v = self.via[kind]
-        return {
+    def collect_work(self, work: AnalysisLoop, timeout: float = 10.0) -> None:
+        """The work analysis' round trips for the same changes (it may still be catching up)."""
+        if self._sent:
+            work.wait_rev(max(rev for _, rev, _ in self._sent), timeout)
+        for kind, rev, t0 in self._sent:
+            seen = work.rev_seen.get(rev)
+            if seen is None:
+                self.work_timeouts += 1
+            else:
+                self.work[kind].append((seen - t0) * 1e3)
+
+    @staticmethod
+    def _summary(v: list[float], http: list[float] | None = None) -> dict[str, Any]:
+        out = {
             "p50_ms": _pct(v, 50),
             "p99_ms": _pct(v, 99),
             "mean_ms": round(statistics.fmean(v), 2) if v else None,
             "max_ms": round(max(v), 2) if v else None,
-            "http_p50_ms": _pct(self.http[kind], 50),
             "samples": len(v),
         }
+        if http is not None:
+            out["http_p50_ms"] = _pct(http, 50)
+        return out
 
     def report(self) -> dict[str, Any]:
-        dsn, base = self.summary("dsn"), self.summary("direct")
+        dsn = self._summary(self.via["dsn"], self.http["dsn"])
+        base = self._summary(self.via["direct"], self.http["direct"])
         ratio = (
             round(dsn["p50_ms"] / base["p50_ms"], 3) if dsn["p50_ms"] and base["p50_ms"] else None
         )
-        wall = max(1e-9, self.seconds)
         return {
             "dsn": dsn,
             "direct": base,
             "dsn_hop_ratio_p50": ratio,
             "timeouts": self.timeouts,
-            "analysed_fps": round(self.frames / wall, 1),
-            "analysis_process_cores": round(self.cpu / wall, 2),
+            "work_stream": {
+                "dsn": self._summary(self.work["dsn"]),
+                "direct": self._summary(self.work["direct"]),
+                "not_seen": self.work_timeouts,
+            },
         }
+
+
+def _cpu_s(proc: Any) -> float:
+    times = proc.cpu_times()
+    return times.user + times.system
 
 
 def measure_steering(
@@ -171,54 +235,60 @@ def measure_steering(
     rate_hz: float,
     mode: str | None,
     hwm: int | None = None,
-    stale_samples: int = 0,
-    rounds: int = 4,
+    shape: tuple[int, int] = (1024, 1024),
+    feedback_hz: float = 10.0,
 ) -> dict[str, Any]:
-    """Round trips with every frame analysed and, in alternating rounds (so both policies see
-    the same machine load), with the analysis skipping stale frames."""
+    """Round trips with the channel's analysis attached: a work analysis of every frame
+    (lossless, in order) and the steering feedback on the freshest frames, both in this process;
+    the detector and the DSN in a child process."""
+    import os
+
     import psutil
 
     rng = random.Random(1)
-    load0 = psutil.getloadavg()[0]
-    every, stale = _Phase(), _Phase()
-    with StackProcess(rate_hz=rate_hz, mode=mode, hwm=hwm) as stack:
-        child = psutil.Process(stack.process.pid)
+    load0 = os.getloadavg()
+    phase = _Phase()
+    with StackProcess(rate_hz=rate_hz, mode=mode, hwm=hwm, shape=shape) as stack:
+        child, me = psutil.Process(stack.process.pid), psutil.Process()
         steer = stack.token()
-        loop = AnalysisLoop(stack, steer, hwm=hwm or 16)
+        work = AnalysisLoop(stack, steer, hwm=hwm or 16)
+        feedback = AnalysisLoop(stack, steer, hwm=hwm or 16, monitor=True, feedback_hz=feedback_hz)
         try:
             deadline = time.monotonic() + 20
-            while loop.frames < 60 and time.monotonic() < deadline:  # warm-up: caches, sockets
-                loop.wait_rev(0, 0.5)
-            _Phase().run(loop, stack, steer, 2, rng)  # untimed: both HTTP paths warmed up
-            child0, t0 = child.cpu_times(), time.monotonic()
-            for r in range(rounds):
-                loop.latest = False
-                every.run(loop, stack, steer, samples // rounds + (r < samples % rounds), rng)
-                if stale_samples:
-                    loop.latest = True
-                    stale.run(
-                        loop,
-                        stack,
-                        steer,
-                        stale_samples // rounds + (r < stale_samples % rounds),
-                        rng,
-                    )
-            child1, t1 = child.cpu_times(), time.monotonic()
-            source = stack.source_stats()
-            consumer = loop.consumer.stats()
+            while work.frames < 60 and time.monotonic() < deadline:  # warm-up: caches, sockets
+                work.wait_rev(0, 0.5)
+            _Phase().run(feedback, stack, steer, 2, rng)  # untimed: both HTTP paths warmed up
+            src0, child0, me0, t0 = (
+                stack.source_stats(),
+                _cpu_s(child),
+                _cpu_s(me),
+                time.monotonic(),
+            )
+            n_work0, n_fb0, rx_fb0 = work.frames, feedback.frames, feedback.received
+            stale0, fresh0 = feedback.skipped_stale, feedback.skipped_fresh
+            phase.run(feedback, stack, steer, samples, rng)
+            src1, child1, me1, t1 = (
+                stack.source_stats(),
+                _cpu_s(child),
+                _cpu_s(me),
+                time.monotonic(),
+            )
+            n_work1, n_fb1, rx_fb1 = work.frames, feedback.frames, feedback.received
+            stale1, fresh1 = feedback.skipped_stale, feedback.skipped_fresh
+            phase.collect_work(work)
+            work_consumer = work.consumer.stats()
         finally:
-            loop.stop()
-    main_phase = every.report()
-    stale_phase = stale.report() if stale_samples else None
-    if stale_phase is not None:
-        stale_phase["frames_skipped"] = loop.skipped
+            feedback.stop()
+            work.stop()
+    report = phase.report()
     wall = max(1e-9, t1 - t0)
-    dsn = main_phase["dsn"]
+    dsn = report["dsn"]
     met = (
         dsn["p50_ms"] is not None
         and dsn["p50_ms"] <= TARGET_P50_MS
         and dsn["p99_ms"] <= TARGET_P99_MS
     )
+    sent = src1["frames_sent"] - src0["frames_sent"]
     return {
         "p50_ms": dsn["p50_ms"],
         "p99_ms": dsn["p99_ms"],
@@ -227,32 +297,38 @@ def measure_steering(
         "mean_ms": dsn["mean_ms"],
         "max_ms": dsn["max_ms"],
         "http_p50_ms": dsn["http_p50_ms"],
-        "baseline_direct": main_phase["direct"],
-        "dsn_hop_ratio_p50": main_phase["dsn_hop_ratio_p50"],
+        "baseline_direct": report["direct"],
+        "dsn_hop_ratio_p50": report["dsn_hop_ratio_p50"],
         "frame_interval_floor_ms": round(1e3 / rate_hz, 2),
-        "analysed_fps": main_phase["analysed_fps"],
-        "timeouts": main_phase["timeouts"],
-        "skip_stale": stale_phase,
-        "rounds": rounds,
-        "frame_bytes": 1024 * 1024 * 4,
+        "timeouts": report["timeouts"],
+        "work_stream_round_trip": report["work_stream"],
+        "frames": {
+            "produced_fps": round(
+                (sent + src1["dropped_at_source"] - src0["dropped_at_source"]) / wall, 1
+            ),
+            "arriving_fps": round(sent / wall, 1),
+            "dropped_at_source": src1["dropped_at_source"] - src0["dropped_at_source"],
+            "work_analysed_fps": round((n_work1 - n_work0) / wall, 1),
+            "work_lost": work_consumer["lost"],
+            "work_skipped_stale": work_consumer["skipped_stale"],
+            "feedback_received_fps": round((rx_fb1 - rx_fb0 + stale1 - stale0) / wall, 1),
+            "feedback_analysed_fps": round((n_fb1 - n_fb0) / wall, 1),
+            "feedback_skipped_stale": stale1 - stale0,
+            "feedback_skipped_fresh": fresh1 - fresh0,
+            "feedback_hz": feedback_hz,
+        },
+        "frame_bytes": shape[0] * shape[1] * 4,
         "dsn_mode": mode or "template default",
         "hwm": hwm,
-        "source": {
-            "frames_sent": source["frames_sent"],
-            "dropped_at_source": source["dropped_at_source"],
-        },
-        "analysed_frames": consumer["frames"],
-        "consumer_lost": consumer["lost"],
-        "frame_latency_p50_ms": consumer["latency_p50_ms"],
+        "work_frame_latency_p50_ms": work_consumer["latency_p50_ms"],
+        "seconds": round(wall, 1),
         "cpu": {
-            "analysis_process_cores": main_phase["analysis_process_cores"],
-            "dsn_and_detector_process_cores": round(
-                (child1.user + child1.system - child0.user - child0.system) / wall, 2
-            ),
+            "analysis_process_cores": round((me1 - me0) / wall, 2),
+            "dsn_and_detector_process_cores": round((child1 - child0) / wall, 2),
             "machine_cores": psutil.cpu_count(),
-            "load_avg_1min_before": round(load0, 2),
-            "load_avg_1min_after": round(psutil.getloadavg()[0], 2),
         },
+        "loadavg_before": [round(x, 2) for x in load0],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "targets": {"p50_ms": TARGET_P50_MS, "p99_ms": TARGET_P99_MS, "met": met},
     }
 
@@ -275,10 +351,11 @@ def main(argv: list[str] | None = None) -> int:
         help="changes through the DSN (as many direct ones, interleaved)",
     )
     parser.add_argument(
-        "--stale-samples",
-        type=int,
-        default=40,
-        help="more changes with the analysis skipping stale frames (0: skip)",
+        "--feedback-hz",
+        type=float,
+        default=10.0,
+        help="the steering feedback also analyses the freshest frame this often without a new "
+        "revision (what a live view shows)",
     )
     parser.add_argument("--rate-hz", type=float, default=120.0, help="detector frame rate")
     parser.add_argument(
@@ -301,8 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds of the LiveView-in-a-kernel part (0: skip)",
     )
     args = parser.parse_args(argv)
-    if args.samples < 1 or args.stale_samples < 0:
-        parser.error("--samples must be >= 1 and --stale-samples >= 0")
+    if args.samples < 1:
+        parser.error("--samples must be >= 1")
+    if not 0 < args.feedback_hz <= 1000:
+        parser.error("--feedback-hz must be in (0, 1000]")
     if not 0 < args.rate_hz <= 1000:
         parser.error("--rate-hz must be in (0, 1000], the simulated detector's range")
     if args.hwm < 1:
@@ -314,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
             f"steering: {args.samples} changes via the DSN + as many direct, "
             f"{args.rate_hz:g} Hz, 4 MiB frames"
         )
-        out = measure_steering(args.samples, args.rate_hz, args.mode, args.hwm, args.stale_samples)
+        out = measure_steering(
+            args.samples, args.rate_hz, args.mode, args.hwm, feedback_hz=args.feedback_hz
+        )
         _progress(f"steering: p50 {out['p50_ms']} ms, p99 {out['p99_ms']} ms")
         if args.liveview_seconds > 0:
             from beamhub.bench.liveview import measure_liveview
