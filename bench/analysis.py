@@ -222,9 +222,19 @@ def _send(push: Any, pool: list[Any], first_seq: int, n: int) -> dict[int, float
     return stamps
 
 
+def _sender_cpu_s() -> float:
+    import psutil
+
+    times = psutil.Process().cpu_times()
+    return times.user + times.system
+
+
 def _dask_passes(
-    pool: list[Any], workers: int, frames: int, repeats: int
-) -> tuple[list[float], list[float], float, float]:
+    pool: list[Any], counts: list[int], frames: int, repeats: int, log: Any
+) -> dict[int, dict[str, list[float]]]:
+    """Passes with each worker count in ``counts``, interleaved round by round on one cluster of
+    ``max(counts)`` workers (a session of n tasks per pass), so load swings hit every count
+    alike; per pass: frames/s, the sender's cores, the workers' CPU ms per frame, analysis ms."""
     import dask
     import zmq
     from distributed import Client, LocalCluster
@@ -237,12 +247,15 @@ def _dask_passes(
     )
     from beamhub.streaming.consumer import StreamConsumer
 
-    rates, sender_cpu, analysis_ms, worker_cpu_ms = [], [], [], []
+    out = {
+        n: {"rates": [], "sender": [], "worker_cpu_ms": [], "analysis_ms": [], "cores": []}
+        for n in counts
+    }
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
     push.linger = 0
     port = push.bind_to_random_port("tcp://127.0.0.1")
-    monitor = push.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    monitor = push.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
     with dask.config.set(
         {
             "distributed.nanny.pre-spawn-environ": {
@@ -253,7 +266,7 @@ def _dask_passes(
         }
     ):
         cluster = LocalCluster(
-            n_workers=workers,
+            n_workers=max(counts),
             threads_per_worker=1,
             processes=True,
             dashboard_address="127.0.0.1:0",
@@ -261,35 +274,49 @@ def _dask_passes(
             host="127.0.0.1",
         )
     client = Client(cluster)
+    seq = 0
     try:
         factory = functools.partial(StreamConsumer, f"tcp://127.0.0.1:{port}", hwm=2)
-        session = AnalysisSession(client, factory, workers=workers, flush_interval_s=0.05)
-        session.wait_ready(timeout=60)
-        connected, deadline = 0, time.monotonic() + 30
-        while connected < workers:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"only {connected} of {workers} workers connected")
-            if monitor.poll(200):
-                connected += recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
-        seq = 0
-        warm = 2 * workers  # each worker builds its geometry cache once
-        _send(push, pool, seq, warm)
-        seq += warm
-        session.wait_for(lambda: session.stats.frames >= warm, 60, "warm-up frames")
-        for _ in range(repeats):
-            wcpu0 = sum(client.run(_worker_cpu_s).values())
-            cpu0, t0 = time.process_time(), time.time()
-            stamps = _send(push, pool, seq, frames)
-            seq += frames
-            seen = session.wait_for(lambda s=seq: session.stats.frames >= s, 120, "frames")
-            cpu = time.process_time() - cpu0
-            worker_cpu_ms.append((sum(client.run(_worker_cpu_s).values()) - wcpu0) * 1e3 / frames)
-            # the pass ends when its last frame was analysed (send stamp + analysed latency)
-            end = max(stamps[r.seq] + r.latency_s for r in seen if r.seq in stamps)
-            rates.append(frames / (end - t0))
-            sender_cpu.append(cpu / (end - t0))
-            analysis_ms.extend(r.analysis_s * 1e3 for r in seen if r.seq in stamps)
-        session.stop()
+        for r in range(repeats):
+            for n in counts:
+                session = AnalysisSession(client, factory, workers=n, flush_interval_s=0.05)
+                session.wait_ready(timeout=60)
+                connected, deadline = 0, time.monotonic() + 30
+                while connected < n:  # PUSH sends only to connected peers: wait for all n
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"only {connected} of {n} workers connected")
+                    if monitor.poll(200):
+                        event = recv_monitor_message(monitor)["event"]
+                        connected += event == zmq.EVENT_HANDSHAKE_SUCCEEDED
+                warm = 2 * n  # each worker builds its geometry cache once
+                _send(push, pool, seq, warm)
+                seq += warm
+                session.wait_for(lambda s=session, w=warm: s.stats.frames >= w, 60, "warm-up")
+                counted = session.stats.frames
+                wcpu0 = sum(client.run(_worker_cpu_s).values())
+                cpu0, t0 = _sender_cpu_s(), time.time()
+                stamps = _send(push, pool, seq, frames)
+                seq += frames
+                seen = session.wait_for(
+                    lambda s=session, c=counted: s.stats.frames >= c + frames, 120, "frames"
+                )
+                cpu = _sender_cpu_s() - cpu0  # this process: sender + scheduler + client
+                wcpu = sum(client.run(_worker_cpu_s).values()) - wcpu0
+                # the pass ends when its last frame was analysed (send stamp + analysed latency)
+                end = max(stamps[x.seq] + x.latency_s for x in seen if x.seq in stamps)
+                wall = end - t0
+                o = out[n]
+                o["rates"].append(frames / wall)
+                o["sender"].append(cpu / wall)
+                o["worker_cpu_ms"].append(wcpu * 1e3 / frames)
+                o["cores"].append(wcpu / wall)
+                o["analysis_ms"].append(
+                    statistics.median(x.analysis_s * 1e3 for x in seen if x.seq in stamps)
+                )
+                session.stop()
+                while monitor.poll(0):  # the stopped session's disconnects
+                    recv_monitor_message(monitor)
+                log(f"round {r + 1}: dask x{n}: {o['rates'][-1]:.1f} frames/s")
     finally:
         client.close()
         cluster.close()
@@ -297,7 +324,7 @@ def _dask_passes(
         monitor.close(linger=0)
         push.close(linger=0)
         ctx.term()
-    return rates, sender_cpu, statistics.median(analysis_ms), statistics.median(worker_cpu_ms)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,13 +401,28 @@ def main(argv: list[str] | None = None) -> int:
     ]
     efficiency: dict[str, float] = {}
     scaling: dict[str, float] = {}
-    one_worker = None
-    for n in sorted(counts):
-        rates, sender, worker_ms, worker_cpu = _dask_passes(pool, n, args.frames, args.repeats)
-        fps = statistics.median(rates)
-        one_worker = one_worker or fps / n
+    cpu_scaling: dict[str, float] = {}
+    counts = sorted(set(counts))
+    passes = _dask_passes(pool, counts, args.frames, args.repeats, say)
+    first = passes[counts[0]]
+    for n in counts:
+        p = passes[n]
+        fps = statistics.median(p["rates"])
         efficiency[str(n)] = round(fps / (n * base), 3)
-        scaling[str(n)] = round(fps / (n * one_worker), 3)
+        # in-run ratios: pass by pass against the smallest count's pass of the same round
+        scaling[str(n)] = round(
+            statistics.median(
+                (a / n) / (b / counts[0]) for a, b in zip(p["rates"], first["rates"], strict=True)
+            ),
+            3,
+        )
+        cpu_scaling[str(n)] = round(
+            statistics.median(
+                b / a for a, b in zip(p["worker_cpu_ms"], first["worker_cpu_ms"], strict=True)
+            ),
+            3,
+        )
+        worker_cpu = statistics.median(p["worker_cpu_ms"])
         results.append(
             {
                 "mode": "dask",
@@ -389,14 +431,16 @@ def main(argv: list[str] | None = None) -> int:
                 "frames_per_s_per_core": round(fps / n, 2),
                 "efficiency": efficiency[str(n)],
                 "scaling_efficiency": scaling[str(n)],
-                "passes": [round(r, 2) for r in rates],
-                "sender_cpu_cores": round(statistics.median(sender), 3),
-                "worker_analysis_ms_p50": round(worker_ms, 2),
+                "cpu_scaling_efficiency": cpu_scaling[str(n)],
+                "passes": [round(r, 2) for r in p["rates"]],
+                "sender_cpu_cores": round(statistics.median(p["sender"]), 3),
+                "worker_cpu_cores": round(statistics.median(p["cores"]), 3),
+                "worker_analysis_ms_p50": round(statistics.median(p["analysis_ms"]), 2),
                 "cpu_ms_per_frame": round(worker_cpu, 3),
                 "cpu_efficiency": round(numpy_cpu_ms / worker_cpu, 3),
             }
         )
-        say(f"dask x{n}: {fps:.1f} frames/s, efficiency {efficiency[str(n)]:.2f}")
+        say(f"dask x{n}: {fps:.1f} frames/s, scaling efficiency {scaling[str(n)]:.2f}")
     out = {
         "results": results,
         "finders": finders,
@@ -406,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         "true_peaks": accuracy["true_peaks"],
         "efficiency": efficiency,
         "scaling_efficiency": scaling,
+        "cpu_scaling_efficiency": cpu_scaling,
         "frame_bytes": SHAPE[0] * SHAPE[1] * 4,
         "frames_per_pass": args.frames,
         "repeats": args.repeats,
@@ -417,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
             "frames_per_s_per_core": min(r["frames_per_s_per_core"] for r in results)
             >= TARGET_FPS_PER_CORE,
             "efficiency": all(e >= TARGET_EFFICIENCY for e in efficiency.values()),
+            "scaling_efficiency": all(e >= TARGET_EFFICIENCY for e in scaling.values()),
             "recall_precision": accuracy["recall"] >= 0.95 and accuracy["precision"] >= 0.95,
         },
         "seconds": round(time.monotonic() - started, 1),

@@ -288,16 +288,23 @@ def test_bench_analysis_prints_the_agreed_json(capsys):
 
     from beamhub.bench.analysis import main
 
-    argv = ["--json", "--frames", "6", "--pool", "3", "--repeats", "1", "--workers", "1"]
+    argv = ["--json", "--frames", "6", "--pool", "3", "--repeats", "2", "--workers", "2,1"]
     assert main([*argv, "--hit-fractions", "1.0"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [r["hit_fraction"] for r in out["finders"]["rows"]] == [1.0]
     modes = [(r["mode"], r["workers"]) for r in out["results"]]
-    assert modes == [("numpy", 1), ("dask", 1)]
+    assert modes == [("numpy", 1), ("dask", 1), ("dask", 2)]
     for r in out["results"]:
         assert r["frames_per_s"] > 0 and r["frames_per_s_per_core"] > 0
+        assert len(r["passes"]) == 2  # both counts measured in every round
     assert 0 <= out["recall"] <= 1 and 0 <= out["precision"] <= 1
     assert out["efficiency"]["1"] > 0 and out["frame_bytes"] == 4 * 1024 * 1024
+    # in-run ratios: one worker against itself is 1 by construction, two workers against it > 0
+    assert out["scaling_efficiency"]["1"] == out["cpu_scaling_efficiency"]["1"] == 1.0
+    assert out["scaling_efficiency"]["2"] > 0 and out["cpu_scaling_efficiency"]["2"] > 0
+    two = out["results"][2]
+    assert two["sender_cpu_cores"] > 0 and two["worker_cpu_cores"] > 0
+    assert len(out["loadavg_before"]) == 3
 
 
 @pytest.mark.timeout(120)
