@@ -26,6 +26,7 @@ COMMANDS = [
     "maintenance",
     "report",
     "incident",
+    "beamtime",
     "bench",
 ]
 
