@@ -14,8 +14,8 @@ import html
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import closing, contextmanager
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import Any
 
 from beamhub.kernels.maintenance import SERVICES
 from beamhub.kernels.scheduler import SchedulerError
+from beamhub.kernels.sqlite_db import transaction
 
 __all__ = ["SEVERITIES", "Incident", "IncidentLog", "incident_banner"]
 
@@ -150,12 +151,8 @@ class IncidentLog:
         with self._db() as conn:
             conn.executescript(_SCHEMA)
 
-    @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        with closing(sqlite3.connect(self.db_path, timeout=10)) as conn:
-            conn.row_factory = sqlite3.Row
-            with conn:
-                yield conn
+    def _db(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self.db_path)
 
     def open(
         self,

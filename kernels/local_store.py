@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from beamhub.kernels.scheduler import JobInfo, JobSpec, JobState
+from beamhub.kernels.sqlite_db import transaction
 
 __all__ = ["LocalJob", "LocalJobStore", "Run"]
 
@@ -114,12 +114,8 @@ class LocalJobStore:
         with self._db() as conn:
             conn.executescript(_SCHEMA)
 
-    @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        with closing(sqlite3.connect(self.path, timeout=10)) as conn:
-            conn.row_factory = sqlite3.Row
-            with conn:
-                yield conn
+    def _db(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self.path)
 
     def next_seq(self) -> int:
         with self._db() as conn:

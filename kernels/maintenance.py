@@ -15,14 +15,15 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import closing, contextmanager
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from beamhub.kernels.scheduler import SchedulerError
+from beamhub.kernels.sqlite_db import transaction
 
 __all__ = [
     "BEAMTIME_NEEDS",
@@ -125,12 +126,8 @@ class MaintenanceCalendar:
         with self._db() as conn:
             conn.executescript(_SCHEMA)
 
-    @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        with closing(sqlite3.connect(self.db_path, timeout=10)) as conn:
-            conn.row_factory = sqlite3.Row
-            with conn:
-                yield conn
+    def _db(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self.db_path)
 
     def add(
         self,

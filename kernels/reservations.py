@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import closing, contextmanager
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 from beamhub.kernels.maintenance import MaintenanceCalendar
 from beamhub.kernels.scheduler import SchedulerError
+from beamhub.kernels.sqlite_db import transaction
 from beamhub.kernels.tiers import DEFAULT_TIERS, TierSet
 
 __all__ = ["ReservationBook", "Window"]
@@ -97,12 +98,8 @@ class ReservationBook:
         #: the maintenance calendar (same file): approval checks the beamtime against it
         self.maintenance = MaintenanceCalendar(self.db_path)
 
-    @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        with closing(sqlite3.connect(self.db_path, timeout=10)) as conn:
-            conn.row_factory = sqlite3.Row
-            with conn:
-                yield conn
+    def _db(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self.db_path)
 
     # -- writes ---------------------------------------------------------------------------
     def request(

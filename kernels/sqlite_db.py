@@ -1,0 +1,24 @@
+"""One short SQLite transaction per call: how the scheduler's books share their files safely.
+
+The reservation book, maintenance calendar, incident log and local job store are read and
+written by several processes (the hub, the gateway, the CLI); a connection per call with a busy
+timeout and a commit at the end is simple and safe across them.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from pathlib import Path
+
+__all__ = ["transaction"]
+
+
+@contextmanager
+def transaction(path: str | Path) -> Iterator[sqlite3.Connection]:
+    """A connection to ``path`` with rows by name, committed on success, rolled back on error."""
+    with closing(sqlite3.connect(path, timeout=10)) as conn:
+        conn.row_factory = sqlite3.Row
+        with conn:
+            yield conn
