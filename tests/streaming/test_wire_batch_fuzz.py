@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import zmq
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -24,27 +24,7 @@ from beamhub.streaming.wire import (
     encode,
     send_batch,
 )
-
-KNOWN_REASONS = {
-    "parts",
-    "oversized",
-    "bad_header",
-    "version",
-    "bad_field",
-    "dtype",
-    "shape",
-    "truncated",
-    "size_mismatch",
-}
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
+from tests.streaming.fuzz_strategies import FUZZ, KNOWN_REASONS, json_values
 
 
 def batch_header(**override) -> dict:
