@@ -36,6 +36,8 @@ from beamhub.streaming.wire import FrameHeader, send_frame
 __all__ = ["CurveKeys", "FrameGenerator", "SourceRunner"]
 
 log = logging.getLogger("beamhub.source")
+#: how many steering actions :meth:`SourceRunner.status` reports (newest last)
+CHANGES_KEPT = 50
 
 
 class FrameGenerator(Protocol):
@@ -121,6 +123,9 @@ class SourceRunner:
         self._next_seq = 0
         self._run = 0
         self._rev = 0
+        #: the last steering actions (parameter changes, run starts/stops) and who made them,
+        #: so live views can mark them on their time plots
+        self._changes: deque[dict[str, Any]] = deque(maxlen=CHANGES_KEPT)
         self._running = False
         self._finished = False
         self.frames_sent = 0
@@ -197,31 +202,42 @@ class SourceRunner:
         return self._thread is not None and self._thread.is_alive()
 
     # -- control (called from any thread) ---------------------------------------------------
-    def start_run(self) -> dict[str, Any]:
+    def _record(self, kind: str, by: str, **fields: Any) -> None:
+        """Remember one steering action (under the lock) with the caller's name."""
+        self._changes.append(
+            {"t": round(time.time(), 3), "kind": kind, "by": by, "rev": self._rev, **fields}
+        )
+
+    def start_run(self, by: str = "") -> dict[str, Any]:
         with self._lock:
             if not self._running:
                 self.generator.start_run()
                 self._run += 1
                 self._running = True
                 self._finished = False
+                self._record("run_start", by, run=self._run, first_seq=self._next_seq)
             answer = {"run": self._run, "running": self._running}
         self._wake.set()
         log.info("stream %s: run %d started", self.stream, answer["run"])
         return answer
 
-    def stop_run(self) -> dict[str, Any]:
+    def stop_run(self, by: str = "") -> dict[str, Any]:
         with self._lock:
+            if self._running:
+                self._record("run_stop", by, run=self._run, first_seq=self._next_seq)
             self._running = False
             answer = {"run": self._run, "running": False}
         self._wake.set()
         return answer
 
-    def set_param(self, name: str, value: Any) -> dict[str, Any]:
-        """Apply a validated change between frames; raises ``ParamError`` on a bad value."""
+    def set_param(self, name: str, value: Any, by: str = "") -> dict[str, Any]:
+        """Apply a validated change between frames; raises ``ParamError`` on a bad value.
+        ``by``: who asked (the caller's user name), kept in :meth:`status`'s ``changes``."""
         with self._lock:
             value = self.generator.set_param(name, value)
             self._rev += 1
             answer = {"name": name, "value": value, "rev": self._rev, "first_seq": self._next_seq}
+            self._record("param", by, name=name, value=value, first_seq=self._next_seq)
         self._wake.set()
         log.info(
             "stream %s: %s=%r (rev %d, from seq %d)",
@@ -245,6 +261,7 @@ class SourceRunner:
                 "running": self._running,
                 "seq": self._next_seq,
                 "finished": self._finished,
+                "changes": list(self._changes),
                 "stream": self.stream,
                 "kind": self.generator.kind,
                 "producer": self.producer_id,

@@ -108,10 +108,11 @@ class _BaseHandler(JsonApiHandler):
         # the verifier that knew the token's key says best what is wrong with it
         raise ([e for e in errors if e.reason != "unknown_key"] or errors)[0]
 
-    async def require_steer(self) -> None:
-        """With a verifier configured, writes need a ``steer`` credential for this project."""
+    async def require_steer(self) -> str:
+        """With a verifier configured, writes need a ``steer`` credential for this project.
+        Returns who is steering (the credential's ``sub``; "" without a verifier)."""
         if self.verifier is None and self.relay is None:
-            return
+            return ""
         token = self.bearer() or None
         try:
             # a JWKS fetch blocks: never on the loop (the DSN may serve on this same loop)
@@ -124,6 +125,7 @@ class _BaseHandler(JsonApiHandler):
                 headers["WWW-Authenticate"] = f'Bearer realm="{REALM}"{why}'
             raise ApiError(exc.status, exc.reason, exc.message, headers=headers) from exc
         log.info("steering by %s", claims.log_fields())
+        return claims.sub
 
 
 class SchemaHandler(_BaseHandler):
@@ -149,7 +151,7 @@ class ParamHandler(_BaseHandler):
         self.write_json({"name": name, "value": status["values"][name], "rev": status["rev"]})
 
     async def put(self, name: str) -> None:
-        await self.require_steer()
+        by = await self.require_steer()
         body = self.json_body()
         if "value" not in body:
             raise ApiError(
@@ -157,7 +159,9 @@ class ParamHandler(_BaseHandler):
             )
         loop = asyncio.get_running_loop()
         try:
-            answer = await loop.run_in_executor(None, self.runner.set_param, name, body["value"])
+            answer = await loop.run_in_executor(
+                None, self.runner.set_param, name, body["value"], by
+            )
         except UnknownParamError as exc:
             raise ApiError(404, "unknown_param", exc.message, field=exc.field) from exc
         except ParamError as exc:
@@ -173,7 +177,7 @@ class RunHandler(_BaseHandler):
         self.write_json({"run": status["run"], "running": status["running"]})
 
     async def post(self) -> None:
-        await self.require_steer()
+        by = await self.require_steer()
         action = self.json_body().get("action")
         actions = {"start": self.runner.start_run, "stop": self.runner.stop_run}
         if action not in actions:
@@ -185,7 +189,7 @@ class RunHandler(_BaseHandler):
                 limit=sorted(actions),
             )
         loop = asyncio.get_running_loop()
-        self.write_json(await loop.run_in_executor(None, actions[action]))
+        self.write_json(await loop.run_in_executor(None, actions[action], by))
 
 
 class NotFoundHandler(_BaseHandler):

@@ -25,10 +25,21 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Dashboard", "ProjectFeed", "StreamMonitor", "TokenSource", "downsample"]
+from beamhub.widgets.live_image import FrameLog, Tile, steering_events, viewport_tile
+
+__all__ = [
+    "Dashboard",
+    "ProjectFeed",
+    "StreamMonitor",
+    "TokenSource",
+    "downsample",
+    "shown_info",
+]
 
 log = logging.getLogger("beamhub.dashboard")
 
+#: How many recent hits a monitor keeps at full resolution (a page may hold one to inspect it).
+HITS_KEPT = 16
 #: project -> (token, exp as a UNIX time); raises if the project cannot be served.
 TokenSource = Callable[[str], tuple[str, float]]
 
@@ -57,6 +68,21 @@ def _scaled(image: np.ndarray) -> list[int]:
     return np.flipud(img).astype(np.uint8).ravel().tolist()
 
 
+def shown_info(result: Any, t: float, shape: tuple[int, ...]) -> dict[str, Any]:
+    """What the image shows: which frame, when, hit or not, and its peaks (pixel row/column)."""
+    return {
+        "seq": result.seq,
+        "run": result.run,
+        "time_unix": round(t, 3),
+        "hit": bool(result.hit),
+        "n_peaks": result.n_peaks,
+        "height": int(shape[0]),
+        "width": int(shape[1]),
+        "peaks_row": [round(float(p[0]), 2) for p in result.peaks],
+        "peaks_col": [round(float(p[1]), 2) for p in result.peaks],
+    }
+
+
 class StreamMonitor:
     """One channel's monitor subscription, analysed in a background thread; snapshots for pages."""
 
@@ -82,6 +108,7 @@ class StreamMonitor:
         image_px: int = 96,
         params: dict[str, Any] | None = None,
         register: Callable[[str], Any] | None = None,
+        frame_log_keep: int = 200_000,
     ) -> None:
         endpoints = channel.get("endpoints") or {}
         #: consumer id -> a registered CURVE credential on this channel (every DSN channel is CURVE)
@@ -99,6 +126,14 @@ class StreamMonitor:
         self.error: str | None = None
         self.started_at = time.monotonic()
         self.frames_analysed = 0
+        #: per-frame hit/peaks figures and runs, for the run table and its export
+        self.frame_log = FrameLog(keep=frame_log_keep)
+        #: the last hit (frame, result, UNIX time) at full resolution: its tiles are what the
+        #: image shows; before any hit, the latest frame
+        self.last_hit: tuple[Any, Any, float] | None = None
+        self.latest: tuple[Any, Any, float] | None = None
+        #: the last hits by frame number, so a page holding one can still zoom into it
+        self.hits: dict[int, tuple[Any, Any, float]] = {}
         self._last_frame = time.monotonic()
         self._series: deque[tuple[float, float, float]] = deque(maxlen=history)
         self._snap: dict[str, Any] = self._base()
@@ -132,6 +167,24 @@ class StreamMonitor:
         )
         return snap
 
+    def shown(self) -> tuple[Any, Any, float] | None:
+        """What the image shows: the last hit, or the latest frame while there was none."""
+        return self.last_hit or self.latest
+
+    def tile(self, seq: int | None = None, **viewport: Any) -> tuple[Tile, dict[str, Any]]:
+        """A viewport tile of the shown frame (or of the kept hit ``seq``) and what it is;
+        LookupError before any frame or for a hit no longer kept."""
+        shown = self.shown() if seq is None else self.hits.get(seq)
+        if shown is None and seq is not None:
+            raise LookupError(
+                f"seq: hit {seq} of {self.channel_id} is no longer kept (the last "
+                f"{HITS_KEPT} hits are); release the held image"
+            )
+        if shown is None:
+            raise LookupError(f"no frame of {self.channel_id} analysed yet")
+        frame, result, t = shown
+        return viewport_tile(frame.data, **viewport), shown_info(result, t, frame.data.shape)
+
     def _base(self) -> dict[str, Any]:
         return {
             "channel": self.channel_id,
@@ -152,6 +205,9 @@ class StreamMonitor:
             "radial_profile": [],
             "image": None,
             "peaks": {"x": [], "y": []},
+            "shown": None,
+            "runs": [],
+            "run_events": [],
         }
 
     def _run(self) -> None:
@@ -203,6 +259,15 @@ class StreamMonitor:
                     self.frames_analysed = stats.frames
                     self._last_frame = time.monotonic()
                     last = (frame, result)
+                    now_unix = time.time()
+                    self.frame_log.add(result, now_unix)
+                    if frame.data.ndim == 2:
+                        self.latest = (frame, result, now_unix)
+                        if result.hit:
+                            self.last_hit = self.latest
+                            self.hits[result.seq] = self.latest
+                            while len(self.hits) > HITS_KEPT:
+                                del self.hits[next(iter(self.hits))]
                 now = time.monotonic()
                 if now < next_sample:
                     continue
@@ -247,6 +312,7 @@ class StreamMonitor:
                     "y": [round(h - float(p[0]) - 0.5, 2) for p in result.peaks],
                 }
         profile = stats.radial_profile
+        shown = self.shown()
         return {
             **self._base(),
             "frames_analysed": stats.frames,
@@ -267,6 +333,9 @@ class StreamMonitor:
             "radial_profile": [] if profile is None else np.round(profile, 3).tolist(),
             "image": image,
             "peaks": peaks_xy,
+            "shown": None if shown is None else shown_info(shown[1], shown[2], shown[0].data.shape),
+            "runs": self.frame_log.runs(),
+            "run_events": self.frame_log.run_events(),
         }
 
 
@@ -291,6 +360,7 @@ class ProjectFeed:
         self.dsn_viewers: dict[str, int | None] = {}
         #: the source's current steering values per channel (read-only here; viewers watch them)
         self.source_params: dict[str, dict[str, Any]] = {}
+        self.source_units: dict[str, dict[str, str]] = {}  # channel -> parameter -> units
         self.error: str | None = None
         self.discoveries = 0
         self._token: tuple[str, float, float] | None = None  # token, exp, issued (local clock)
@@ -385,13 +455,20 @@ class ProjectFeed:
                 self.dsn_viewers[cid] = (stats.get("monitor") or {}).get("viewers")
                 if (channel.get("params") or {}).get("source_control"):
                     status = self._get(f"/api/channels/{cid}/steer/params")
+                    if cid not in self.source_units:
+                        schema = self._get(f"/api/channels/{cid}/steer/schema")
+                        self.source_units[cid] = {
+                            p["name"]: p.get("units") or "" for p in schema.get("params", [])
+                        }
                     self.source_params[cid] = {
                         "rev": status.get("rev"),
                         "values": status.get("values") or {},
+                        "units": self.source_units[cid],
+                        "changes": status.get("changes") or [],
                     }
             except (OSError, ValueError) as exc:
                 log.debug("no stats or source parameters for %s: %s", cid, exc)
-        for table in (self.dsn_viewers, self.source_params):
+        for table in (self.dsn_viewers, self.source_params, self.source_units):
             for cid in set(table) - set(wanted):
                 table.pop(cid, None)
         self.discoveries += 1
@@ -409,10 +486,27 @@ class ProjectFeed:
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             monitors = sorted(self.monitors.values(), key=lambda m: (m.stream, m.channel_id))
-        streams = [
-            {**m.snapshot(), "source": self.source_params.get(m.channel_id)} for m in monitors
-        ]
+        streams = []
+        for m in monitors:
+            snap, source = m.snapshot(), self.source_params.get(m.channel_id)
+            # steering changes and run starts/stops, with who: the source's log; a source
+            # without a control endpoint: the run boundaries seen in the frames
+            changes = source["changes"] if source else snap.pop("run_events", [])
+            snap.pop("run_events", None)
+            snap["events"] = steering_events(changes, (source or {}).get("units"))
+            streams.append({**snap, "source": source})
         return {"project": self.project, "error": self.error, "streams": streams}
+
+    def monitor(self, channel_id: str) -> StreamMonitor:
+        """The monitor of one channel; KeyError naming the channels otherwise."""
+        with self._lock:
+            found = self.monitors.get(channel_id)
+            known = sorted(self.monitors)
+        if found is None:
+            raise KeyError(
+                f"channel: {channel_id!r} is not a live stream of {self.project} {known}"
+            )
+        return found
 
     def status(self) -> dict[str, Any]:
         with self._lock:

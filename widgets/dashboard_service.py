@@ -51,6 +51,7 @@ from beamhub.auth.metrics import METRICS_ACCESS, HealthzHandler, MetricsHandler
 from beamhub.auth.mint_client import MintForClient
 from beamhub.widgets.dashboard import Dashboard, TokenSource
 from beamhub.widgets.dashboard_metrics import render_metrics
+from beamhub.widgets.live_image import PALETTES
 
 __all__ = [
     "DASHBOARD_USER",
@@ -70,6 +71,8 @@ DASHBOARD_USER = "beamhub-dashboard"
 #: Roles that may steer: only they see the steering section.
 STEER_ROLES = ("pi", "operator")
 ROLE_ORDER = ("pi", "operator", "member", "viewer")
+#: A page asks for at most this many image tiles per second (zooming, panning, new hits).
+MAX_TILE_HZ = 10
 
 
 def project_roles(user: dict[str, Any]) -> dict[str, str]:
@@ -103,22 +106,46 @@ def mint_for_tokens(client: MintForClient) -> TokenSource:
 
 
 def stream_figures(channel_id: str, stream: str, shape: tuple[int, int] | None = None) -> Any:
-    """Bokeh figures of one stream; their data sources are named ``<channel>:<what>``.
+    """Bokeh figures of one stream; their models are named ``<channel>:<what>``.
 
-    ``shape`` (height, width) fixes the image plot's ranges to the detector's pixels."""
+    ``shape`` (height, width) fixes the image plot's ranges to the detector's pixels. The image
+    plot zooms and pans (wheel, drag, box); each change of its ranges fires a
+    ``beamhub-viewport`` DOM event, on which the page asks for a tile of what is in view."""
     from bokeh.layouts import column, row
-    from bokeh.models import ColumnDataSource, LinearColorMapper
+    from bokeh.models import ColumnDataSource, CustomJS, LabelSet, LinearColorMapper, Range1d
     from bokeh.plotting import figure
 
     def src(what: str, **cols: list) -> ColumnDataSource:
         return ColumnDataSource(data=cols, name=f"{channel_id}:{what}")
 
     series = src("series", t=[], hit_rate=[], peaks_per_frame=[])
-    kw = {"height": 220, "width": 420, "x_axis_type": "datetime", "toolbar_location": None}
-    hits = figure(title=f"{stream}: hit rate", y_range=(0, 1), **kw)
+    events = src("events", t=[], kind=[], text=[], by=[], label=[])
+    kw = {
+        "height": 220,
+        "width": 420,
+        "x_axis_type": "datetime",
+        "x_axis_label": "time (local)",
+        "tools": "xpan,xwheel_zoom,reset",
+    }
+    hits = figure(title=f"{stream}: hit rate", y_range=(0, 1), y_axis_label="hit rate", **kw)
     hits.line("t", "hit_rate", source=series, line_width=2)
-    peaks = figure(title=f"{stream}: peaks per frame", **kw)
+    peaks = figure(title=f"{stream}: peaks per frame", y_axis_label="peaks / frame", **kw)
     peaks.line("t", "peaks_per_frame", source=series, line_width=2, color="darkorange")
+    for fig in (hits, peaks):  # steering changes and run starts/stops: who changed what
+        fig.vspan(x="t", source=events, line_color="#7b3294", line_dash="dashed", line_width=1.5)
+        fig.add_layout(
+            LabelSet(
+                x="t",
+                y=4,
+                y_units="screen",
+                text="label",
+                source=events,
+                angle=1.5708,
+                text_font_size="8pt",
+                text_color="#7b3294",
+                x_offset=-2,
+            )
+        )
     profile = figure(
         title=f"{stream}: radial profile",
         height=220,
@@ -127,15 +154,18 @@ def stream_figures(channel_id: str, stream: str, shape: tuple[int, int] | None =
         toolbar_location=None,
     )
     profile.line("r", "value", source=src("profile", r=[], value=[]), line_width=2)
-    ranges = {}
-    if shape:
-        ranges = {"x_range": (0, shape[1]), "y_range": (0, shape[0])}
+    h, w = shape or (1, 1)
     image = figure(
-        title=f"{stream}: last frame (downsampled) and peaks",
-        height=440,
-        width=440,
-        toolbar_location=None,
-        **ranges,
+        title=f"{stream}: waiting for a frame",
+        height=480,
+        width=480,
+        x_range=Range1d(0, w, name=f"{channel_id}:xrange"),
+        y_range=Range1d(0, h, name=f"{channel_id}:yrange"),
+        tools="pan,wheel_zoom,box_zoom,reset",
+        active_scroll="wheel_zoom",
+        x_axis_label="column (px)",
+        y_axis_label="row (px, from the top)",
+        name=f"{channel_id}:imagefig",
     )
     image.image(
         "image",
@@ -143,19 +173,26 @@ def stream_figures(channel_id: str, stream: str, shape: tuple[int, int] | None =
         y="y",
         dw="dw",
         dh="dh",
-        color_mapper=LinearColorMapper(palette="Greys256", low=0, high=255),
+        color_mapper=LinearColorMapper(palette=PALETTES["Viridis256"], name=f"{channel_id}:mapper"),
         source=src("image", image=[], x=[], y=[], dw=[], dh=[]),
     )
     image.scatter(
         "x",
         "y",
         source=src("peaks", x=[], y=[]),
-        size=9,
+        size=12,
         marker="circle",
         fill_alpha=0,
         line_color="red",
-        line_width=2,
+        line_width=1.5,
     )
+    moved = CustomJS(
+        args={"channel": channel_id},
+        code='document.dispatchEvent(new CustomEvent("beamhub-viewport", {detail: channel}))',
+    )
+    for rng in (image.x_range, image.y_range):
+        rng.js_on_change("start", moved)
+        rng.js_on_change("end", moved)
     return row(column(hits, peaks, profile), image)
 
 
@@ -263,6 +300,9 @@ class ProjectPageHandler(_Page):
             prefix=self.options["prefix"],
             interval_ms=int(1000 / self.options["update_hz"]),
             other_projects=sorted(p for p in roles if p != project),
+            palettes=json.dumps(PALETTES),
+            palette_names=list(PALETTES),
+            max_tile_hz=MAX_TILE_HZ,
             source_text=source_text,
         )
 
@@ -282,6 +322,86 @@ class DataHandler(_Api):
         body = self.dashboard.feed(project).snapshot()
         body.update(role=roles[project], viewers=self.dashboard.viewers(project))
         self.write_json(body)
+
+
+class _StreamApi(_Api):
+    """Endpoints about one stream of a project the caller belongs to."""
+
+    def stream_monitor(self, project: str) -> Any:
+        _user, roles = self.require()
+        if project not in roles:
+            raise ApiError(
+                403, "not_member", f"You are not a member of project {project}; ask its PI"
+            )
+        channel = self.get_argument("channel", "")
+        if not channel:
+            raise ApiError(
+                400, "missing_field", "channel: required (?channel=<id>)", field="channel"
+            )
+        try:
+            return self.dashboard.feed(project).monitor(channel)
+        except KeyError as exc:
+            raise ApiError(404, "unknown_channel", str(exc.args[0]), field="channel") from exc
+
+
+class TileHandler(_StreamApi):
+    """``p/<project>/tile?channel=&x0=&x1=&y0=&y1=&px=[&seq=]``: the shown frame's (or held
+    hit's) region in view as
+    raw little-endian float32 (``X-Tile-*`` and ``X-Frame-*`` headers say what it is)."""
+
+    def get(self, project: str) -> None:
+        monitor = self.stream_monitor(project)
+        viewport = {k: self.get_argument(k, "") for k in ("x0", "x1", "y0", "y1", "px")}
+        for name, value in viewport.items():
+            if value == "":
+                raise ApiError(400, "missing_field", f"{name}: required (pixels)", field=name)
+        seq_arg = self.get_argument("seq", "")
+        try:
+            seq = int(seq_arg) if seq_arg else None
+        except ValueError:
+            raise ApiError(
+                400, "invalid", f"seq: {seq_arg!r} is not a frame number", field="seq"
+            ) from None
+        try:
+            tile, info = monitor.tile(seq, **viewport)
+        except LookupError as exc:
+            raise ApiError(404, "no_frame", str(exc)) from exc
+        except ValueError as exc:
+            field = str(exc).split(":", 1)[0]
+            raise ApiError(400, "invalid", str(exc), field=field) from exc
+        for key, value in tile.headers().items():
+            self.set_header(key, value)
+        self.set_header("X-Frame", json.dumps({k: info[k] for k in info if "peaks_" not in k}))
+        self.set_header("Content-Type", "application/octet-stream")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(tile.data.astype("<f4", copy=False).tobytes())
+
+
+class ExportHandler(_StreamApi):
+    """``p/<project>/frames.csv|frames.h5?channel=&run=``: per-frame hit/peaks figures."""
+
+    def get(self, project: str, kind: str) -> None:
+        monitor = self.stream_monitor(project)
+        run_arg = self.get_argument("run", "")
+        try:
+            run = int(run_arg) if run_arg else None
+        except ValueError:
+            raise ApiError(
+                400, "invalid", f"run: {run_arg!r} is not a run number", field="run"
+            ) from None
+        name = f"{monitor.stream or monitor.channel_id}-" + (
+            f"run{run}" if run is not None else "all"
+        )
+        if kind == "csv":
+            body: bytes = monitor.frame_log.to_csv(run).encode()
+            self.set_header("Content-Type", "text/csv; charset=utf-8")
+        else:
+            attrs = {"stream": monitor.stream, "channel": monitor.channel_id, "project": project}
+            body = monitor.frame_log.to_hdf5(run, attrs)
+            self.set_header("Content-Type", "application/x-hdf5")
+        self.set_header("Content-Disposition", f'attachment; filename="{name}-frames.{kind}"')
+        self.set_header("Cache-Control", "no-store")
+        self.finish(body)
 
 
 #: Where `beamhub report allocation --publish` writes the page this service shows admins.
@@ -374,6 +494,8 @@ def build_app(
             (p, RootHandler, args),
             (p + r"p/([A-Za-z0-9_.-]+)/", ProjectPageHandler, args),
             (p + r"p/([A-Za-z0-9_.-]+)/data\.json", DataHandler, args),
+            (p + r"p/([A-Za-z0-9_.-]+)/tile", TileHandler, args),
+            (p + r"p/([A-Za-z0-9_.-]+)/frames\.(csv|h5)", ExportHandler, args),
             (p + "api/status", StatusHandler, args),
             (p + "admin/allocation", AllocationReportHandler, args),
             (p + "api/health", HealthHandler, args),

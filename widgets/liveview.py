@@ -57,7 +57,6 @@ from beamhub.widgets.live_image import (
     PALETTES,
     FrameLog,
     Tile,
-    param_text,
     steering_events,
     viewport_tile,
 )
@@ -235,9 +234,23 @@ class LiveView(w.VBox):
         self._last_flush = 0.0
         self._last_image = 0.0
         self._last_slow = 0.0  # image (powder) and profile refresh at image_hz
-        self._pending_image: tuple[np.ndarray, FrameResult] | None = None
+        self._pending_image: tuple[np.ndarray, FrameResult, float] | None = None
         self.image_result: FrameResult | None = None  # the frame whose image is shown
         self._image_shape: tuple[int, int] | None = None
+        #: the shown frame at full resolution (data, result, UNIX time): zooming cuts tiles of it
+        self._shown: tuple[np.ndarray, FrameResult, float] | None = None
+        self._any_hit = False
+        self._view_dirty = False
+        self._setting_contrast = False  # set while the view writes the automatic limits
+        self.contrast: tuple[float, float] | None = None  # None: automatic
+        self.tile: Tile | None = None  # the last tile drawn
+        #: per-frame hit/peaks figures by run (:meth:`export_csv`, :meth:`export_hdf5`)
+        self.frame_log = FrameLog()
+        self._changes: list[dict[str, Any]] = []  # the source's steering log (set_changes)
+        self._units: dict[str, str] = {}
+        self._events_shown: list[tuple[Any, ...]] = []
+        self._changes_new = False
+        self._runs_shown: list[dict[str, Any]] = []
         self._latest: FrameResult | None = None
         self._latest_hit: FrameResult | None = None
         self._since_flush = [0, 0]  # frames, peaks since the last update
@@ -258,13 +271,25 @@ class LiveView(w.VBox):
         self.peaks_source = ColumnDataSource({"x": [], "y": []})
         self.series_source = ColumnDataSource({"t": [], "hit_rate": [], "peaks": []})
         self.profile_source = ColumnDataSource({"r": [], "intensity": []})
+        self.events_source = ColumnDataSource(steering_events([]))
+        # row 0 at the top, as detector software shows it; zoom/pan ask for a finer tile
+        self.x_range, self.y_range = Range1d(0, 1), Range1d(1, 0)
         img = figure(
-            title="detector image + peaks (what it shows: 'image' above)",
-            width=380,
-            height=380,
-            match_aspect=True,
-            tools="pan,wheel_zoom,reset",
+            title="waiting for a frame",
+            width=420,
+            height=400,
+            x_range=self.x_range,
+            y_range=self.y_range,
+            tools="pan,wheel_zoom,box_zoom,reset",
+            active_scroll="wheel_zoom",
+            x_axis_label="column (px)",
+            y_axis_label="row (px)",
         )
+        self.image_figure = img
+        # the tile arrives as 0..255 between the contrast limits (1 byte/pixel on the wire);
+        # the colour bar's mapper carries the limits in detector counts
+        self.pixel_mapper = LinearColorMapper(palette=PALETTES["Viridis256"], low=0, high=255)
+        self.scale_mapper = LinearColorMapper(palette=PALETTES["Viridis256"], low=0, high=1)
         img.image(
             image="image",
             x="x",
@@ -272,25 +297,39 @@ class LiveView(w.VBox):
             dw="dw",
             dh="dh",
             source=self.image_source,
-            color_mapper=LinearColorMapper(palette="Viridis256", low=0, high=255),
+            color_mapper=self.pixel_mapper,
         )
+        img.add_layout(ColorBar(color_mapper=self.scale_mapper, width=10, title="counts"), "right")
         img.scatter(
             "x",
             "y",
             source=self.peaks_source,
-            size=9,
+            size=11,
             fill_alpha=0,
             line_color="#ff3030",
             line_width=1.5,
             marker="circle",
         )
-        rate = figure(
-            title="hit rate / peaks per frame",
-            width=420,
-            height=185,
-            tools="xpan,xwheel_zoom,reset",
-            x_axis_label="time since the view started (s)",
+        for rng in (self.x_range, self.y_range):
+            rng.on_change("start", self._viewport_moved)
+            rng.on_change("end", self._viewport_moved)
+        self.palette_select = Select(
+            title="colour map", value="Viridis256", options=list(PALETTES), width=110
         )
+        self.auto_contrast = Checkbox(label="automatic contrast", active=True)
+        self.contrast_low = Spinner(title="low (counts)", value=0.0, step=1.0, width=100)
+        self.contrast_high = Spinner(title="high (counts)", value=1.0, step=1.0, width=100)
+        self.palette_select.on_change("value", lambda _a, _o, new: self.set_palette(new))
+        self.auto_contrast.on_change("active", self._contrast_changed)
+        self.contrast_low.on_change("value", self._contrast_changed)
+        self.contrast_high.on_change("value", self._contrast_changed)
+        kw = {
+            "width": 420,
+            "height": 185,
+            "x_axis_type": "datetime",
+            "tools": "xpan,xwheel_zoom,reset",
+        }
+        rate = figure(title="hit rate / peaks per frame", x_axis_label="time (local)", **kw)
         rate.line(
             "t", "hit_rate", source=self.series_source, legend_label="hit rate", color="#d62728"
         )
@@ -300,6 +339,21 @@ class LiveView(w.VBox):
             source=self.series_source,
             legend_label="peaks/frame / 100",
             color="#1f77b4",
+        )
+        # steering changes and run starts/stops, with who: dashed lines and their labels
+        rate.vspan(x="t", source=self.events_source, line_color="#7b3294", line_dash="dashed")
+        rate.add_layout(
+            LabelSet(
+                x="t",
+                y=4,
+                y_units="screen",
+                text="label",
+                source=self.events_source,
+                angle=1.5708,
+                text_font_size="8pt",
+                text_color="#7b3294",
+                x_offset=-2,
+            )
         )
         rate.legend.location = "top_left"
         rate.legend.orientation = "horizontal"
@@ -314,8 +368,113 @@ class LiveView(w.VBox):
         prof.line("r", "intensity", source=self.profile_source, color="#2ca02c")
         self.image_shows = "waiting for a frame"
         self.title = title
-        self.info = Div(text=f"<b>{html.escape(title)}</b>: waiting for frames", width=800)
-        self.bokeh = _BatchedBokehModel(column(self.info, row(img, column(rate, prof))))
+        self.info = Div(text=f"<b>{html.escape(title)}</b>: waiting for frames", width=860)
+        self.runs_div = Div(text="", width=860)
+        controls = row(
+            self.palette_select, self.auto_contrast, self.contrast_low, self.contrast_high
+        )
+        self.bokeh = _BatchedBokehModel(
+            column(self.info, row(column(controls, img), column(rate, prof)), self.runs_div)
+        )
+
+    # -- what the image shows (the loop's thread) -------------------------------------------
+    def _viewport_moved(self, _attr: str, _old: Any, _new: Any) -> None:
+        self._view_dirty = True
+        self._request_flush()
+
+    def _contrast_changed(self, _attr: str, _old: Any, _new: Any) -> None:
+        if self._setting_contrast:
+            return
+        self.contrast = None if self.auto_contrast.active else self._manual_limits()
+        self._view_dirty = True
+        self._request_flush()
+
+    def _manual_limits(self) -> tuple[float, float] | None:
+        low, high = self.contrast_low.value, self.contrast_high.value
+        if low is None or high is None or not low < high:
+            self.error = f"contrast: low {low} must be below high {high}"
+            return None
+        self.error = None
+        return float(low), float(high)
+
+    def set_contrast(self, low: float | None = None, high: float | None = None) -> None:
+        """Fixed contrast limits in detector counts; no arguments: automatic (1st..99.9th pct)."""
+        if (low is None) != (high is None):
+            raise ValueError("low, high: give both contrast limits, or neither for automatic")
+        if low is not None and high is not None and not float(low) < float(high):
+            raise ValueError(f"low: {low} must be below high ({high})")
+
+        def apply() -> None:
+            self._setting_contrast = True
+            try:
+                self.auto_contrast.active = low is None
+                if low is not None:
+                    self.contrast_low.value, self.contrast_high.value = float(low), float(high)
+            finally:
+                self._setting_contrast = False
+            self.contrast = None if low is None else (float(low), float(high))
+            self._view_dirty = True
+            self._request_flush()
+
+        self.loop.add_callback(apply)
+
+    def set_palette(self, name: str) -> None:
+        """A colour map by name (``PALETTES``: Viridis256, Greys256, Inferno256, ...)."""
+        if name not in PALETTES:
+            raise ValueError(f"palette: {name!r} is not one of {', '.join(PALETTES)}")
+
+        def apply() -> None:
+            self.palette_select.value = name
+            self.pixel_mapper.palette = self.scale_mapper.palette = PALETTES[name]
+
+        self.loop.add_callback(apply)
+
+    def request_view(self, *, x0: float, x1: float, y0: float, y1: float, px: int = 0) -> None:
+        """Zoom the image to columns ``x0..x1`` and rows ``y0..y1`` (what wheel/box zoom do)."""
+        if px:
+            self.image_size = int(px)
+
+        def apply() -> None:
+            self.x_range.update(start=float(x0), end=float(x1))
+            self.y_range.update(start=float(y1), end=float(y0))  # row 0 at the top
+            self._view_dirty = True
+            self._request_flush()
+
+        self.loop.add_callback(apply)
+
+    def _draw_tile(self) -> Tile | None:
+        """Cut the shown frame to the viewport at the plot's resolution; 1 byte per pixel."""
+        if self._shown is None:
+            return None
+        data = self._shown[0]
+        h, w_ = data.shape
+        x0, x1 = self.x_range.start, self.x_range.end
+        y0, y1 = sorted((self.y_range.start, self.y_range.end))
+        try:
+            tile = viewport_tile(data, x0=x0, x1=x1, y0=y0, y1=y1, px=self.image_size)
+        except ValueError:  # panned off the detector: show the whole of it again
+            tile = viewport_tile(data, x0=0, x1=w_, y0=0, y1=h, px=self.image_size)
+        low, high = self.contrast or (tile.low, tile.high)
+        if self.contrast is None:
+            self._setting_contrast = True
+            try:
+                self.contrast_low.value = round(low, 3)
+                self.contrast_high.value = round(high, 3)
+            finally:
+                self._setting_contrast = False
+        scale = 255.0 / (high - low)
+        pixels = np.clip((tile.data - low) * scale, 0, 255).astype(np.uint8)
+        rows, cols = pixels.shape
+        self.image_source.data = {
+            "image": [pixels],
+            "x": [tile.c0],
+            "y": [tile.r0],
+            "dw": [cols * tile.block],
+            "dh": [rows * tile.block],
+        }
+        self.scale_mapper.update(low=low, high=high)
+        self.tile = tile
+        return tile
 
     # -- feeding (any thread) ---------------------------------------------------------------
     def add_listener(self, fn: Callable[[FrameResult], Any]) -> None:
@@ -327,18 +486,20 @@ class LiveView(w.VBox):
         now = time.monotonic()
         image = None
         since = now - self._last_image
-        # at image_hz, preferring hits (their peaks are what a person looks for); a stream
-        # without hits still refreshes at a third of that rate
-        due = since >= 1.0 / self.image_hz and (result.hit or since >= 3.0 / self.image_hz)
+        # the image is the last hit (its peaks are what a person looks for), at most image_hz;
+        # before the first hit, the latest frame at a third of that rate
+        due = since >= 1.0 / self.image_hz and (
+            result.hit or (not self._any_hit and since >= 3.0 / self.image_hz)
+        )
         if frame is not None and due:
             data = np.asarray(frame.data)
             if data.ndim == 2:
-                image = _to_uint8(downsample_max(data, self.image_size))
-                self._image_shape = (int(data.shape[0]), int(data.shape[1]))
+                image = data  # a reference: tiles are cut on the loop when drawn
                 self._last_image = now
         with self._lock:
             if fold:
                 self.stats.add(result)
+            self.frame_log.add(result)
             self.results_seen += 1
             self._latest = result
             if result.hit:
@@ -346,13 +507,49 @@ class LiveView(w.VBox):
             self._since_flush[0] += 1
             self._since_flush[1] += result.n_peaks
             if image is not None:
-                self._pending_image = (image, result)
+                self._any_hit = self._any_hit or bool(result.hit)
+                self._pending_image = (image, result, time.time())
         for fn in self._listeners:
             try:
                 fn(result)
             except Exception:  # a listener must not stop the stream
                 log.exception("live view listener failed")
         self._request_flush()
+
+    def set_changes(
+        self, changes: list[dict[str, Any]], units: dict[str, str] | None = None
+    ) -> None:
+        """The source's steering log (``changes`` of its status: parameter changes, run
+        starts/stops, who made them), marked on the time plot. Thread-safe."""
+        with self._lock:
+            self._changes = list(changes)
+            self._changes_new = True
+            if units is not None:
+                self._units = dict(units)
+        self._request_flush()
+
+    def mark(self, kind: str, by: str, **fields: Any) -> None:
+        """Mark one steering action now (``kind``: param with name/value, run_start, run_stop)."""
+        with self._lock:
+            self._changes.append({"t": time.time(), "kind": kind, "by": by, **fields})
+            self._changes_new = True
+        self._request_flush()
+
+    def export_csv(self, path: str | os.PathLike[str], run: int | None = None) -> str:
+        """Write the per-frame figures (of ``run``, or all) as CSV; returns the path."""
+        with self._lock:
+            text = self.frame_log.to_csv(run)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return os.fspath(path)
+
+    def export_hdf5(self, path: str | os.PathLike[str], run: int | None = None) -> str:
+        """Write the per-frame figures (of ``run``, or all) as HDF5 (``/frames/<column>``)."""
+        with self._lock:
+            body = self.frame_log.to_hdf5(run, {"title": self.title})
+        with open(path, "wb") as f:
+            f.write(body)
+        return os.fspath(path)
 
     def _request_flush(self) -> None:
         """Coalesce: at most one update pending; it runs on the loop, >= 1/max_hz apart."""
@@ -383,23 +580,39 @@ class LiveView(w.VBox):
             self._since_flush = [0, 0]
             pending, self._pending_image = self._pending_image, None
             latest, latest_hit = self._latest, self._latest_hit
-        t = round(time.monotonic() - self._t0, 3)
-        now = time.monotonic()
-        slow_due = now - self._last_slow >= 1.0 / self.image_hz
+            now = time.monotonic()
+            slow_due = now - self._last_slow >= 1.0 / self.image_hz
+            # markers and the run table change rarely: looked at with the slow figures
+            changes = runs = None
+            if slow_due or self._changes_new:
+                # the source's steering log when a panel gave it; else the run boundaries seen
+                changes = list(self._changes) or self.frame_log.run_events()
+                self._changes_new = False
+            if slow_due:
+                runs = self.frame_log.runs()
+            units = self._units
         with self.bokeh.batch():
             if frames:
                 self.series_source.stream(
                     {
-                        "t": [t],
+                        "t": [round(time.time() * 1e3)],
                         "hit_rate": [round(snap["hit_rate"], 4)],
                         "peaks": [round(peaks / frames / 100.0, 4)],
                     },
                     rollover=self.history,
                 )
             overlay = None
-            if pending is not None and self._image_shape is not None:
-                self._set_image(pending[0], self._image_shape)
+            if pending is not None:
+                h, w_ = pending[0].shape
+                if self._image_shape is None:  # the first frame: fit the plot to the detector
+                    self.x_range.update(start=0, end=w_)
+                    self.y_range.update(start=h, end=0)
+                self._image_shape = (h, w_)
+                self._shown = pending
                 overlay = self.image_result = pending[1]  # peaks found on the frame shown
+            if pending is not None or self._view_dirty:
+                self._view_dirty = False
+                self._draw_tile()
             elif self._image_shape is None and powder is not None and slow_due:
                 # no frames reach this process (Dask session): the virtual powder pattern,
                 # with the latest hit's peaks on it
@@ -409,13 +622,18 @@ class LiveView(w.VBox):
                 )
                 overlay = latest_hit
             if overlay is not None:
-                # say what is shown (in the info line, patched anyway): a stale hit's circles
-                # must not pass for the current frame
-                self.image_shows = _image_title(overlay, powder=pending is None)
+                # say what is shown: a stale hit's circles must not pass for the current frame
+                t = pending[2] if pending is not None else time.time()
+                self.image_shows = _image_title(overlay, t, powder=pending is None)
+                self.image_figure.title.text = self.image_shows
                 self.peaks_source.data = {
                     "x": overlay.peaks[:, 1].round(1).tolist(),
                     "y": overlay.peaks[:, 0].round(1).tolist(),
                 }
+            key = None if changes is None else [(c.get("t"), c.get("kind")) for c in changes]
+            if key is not None and key != self._events_shown:
+                self._events_shown = key
+                self.events_source.data = steering_events(changes, units)
             if profile is not None and slow_due:
                 self.profile_source.data = {
                     "r": list(range(len(profile))),
@@ -423,11 +641,18 @@ class LiveView(w.VBox):
                 }
             if slow_due:
                 self._last_slow = now
+                if runs is not None and runs != self._runs_shown:
+                    self._runs_shown = runs
+                    self.runs_div.text = _runs_html(runs)
             self.info.text = self._info_html(snap, latest)
         self.updates += 1
         self.last_flush_thread = threading.current_thread().name
 
     def _set_image(self, image: np.ndarray, full_shape: tuple[int, int]) -> None:
+        if self.x_range.end != full_shape[1] or self.y_range.start != full_shape[0]:
+            self.x_range.update(start=0, end=full_shape[1])
+            self.y_range.update(start=full_shape[0], end=0)
+            self._view_dirty = False
         self.image_source.data = {
             "image": [image],
             "x": [0],
@@ -567,8 +792,43 @@ class LiveView(w.VBox):
         super().close()
 
 
-def _image_title(shown: FrameResult, *, powder: bool) -> str:
+def _image_title(shown: FrameResult, t: float, *, powder: bool) -> str:
     """What the detector image shows, and whose peaks the circles are."""
     if powder:
         return f"powder pattern, circles of hit {shown.seq}"
-    return f"frame {shown.seq}, {'hit' if shown.hit else 'no hit'}"
+    when = time.strftime("%H:%M:%S", time.localtime(t))
+    if shown.hit:
+        return f"last hit: frame {shown.seq} (run {shown.run}) at {when}, {shown.n_peaks} peaks"
+    return f"latest frame {shown.seq} (run {shown.run}) at {when}: no hit yet"
+
+
+def _runs_html(runs: list[dict[str, Any]]) -> str:
+    """The run history as a small table (newest first); export with view.export_csv(path, run)."""
+    if not runs:
+        return ""
+    head = "".join(
+        f"<th>{h}</th>"
+        for h in ("run", "frames", "first", "last", "started", "hits", "hit rate", "peaks/frame")
+    )
+    rows = "".join(
+        "<tr>"
+        + "".join(
+            f"<td>{v}</td>"
+            for v in (
+                r["run"],
+                r["frames"],
+                r["first_seq"],
+                r["last_seq"],
+                time.strftime("%H:%M:%S", time.localtime(r["start"])),
+                r["hits"],
+                f"{r['hit_rate']:.3f}",
+                f"{r['peaks_per_frame']:.2f}",
+            )
+        )
+        + "</tr>"
+        for r in reversed(runs[-10:])
+    )
+    return (
+        f"<b>runs</b> (export: <code>view.export_csv(path, run=N)</code> or "
+        f"<code>export_hdf5</code>)<table style='font-size:90%'><tr>{head}</tr>{rows}</table>"
+    )

@@ -147,6 +147,7 @@ class SteeringPanel(w.VBox):
         self.user = str(claims.get("sub", "?"))
         self.can_steer = "steer" in str(claims.get("scope", "")).split()
         self.debounce_s = debounce_s
+        self.live_view = live_view  # gets a marker per steering action (LiveView.mark)
         self.changes: deque[dict[str, Any]] = deque(maxlen=50)
         self.last_answer: dict[str, Any] | None = None
         self.last_error: str | None = None
@@ -181,6 +182,7 @@ class SteeringPanel(w.VBox):
         self._build(state)
         if live_view is not None:
             live_view.add_listener(lambda r: self.frame_seen(r.seq, r.source_rev))
+            self._show_changes(state)
         self._sender = threading.Thread(target=self._send_loop, name="steering-panel", daemon=True)
         self._sender.start()
 
@@ -293,6 +295,8 @@ class SteeringPanel(w.VBox):
             self._waiting.append(entry)
         self.last_answer = answer
         self.last_error = None
+        if self.live_view is not None:  # a marker on the live view's time plot: what, who
+            self.live_view.mark("param", self.user, name=name, value=answer.get("value"))
         if name in self.controls and answer.get("value") is not None:
             self._set_quietly(name, answer["value"])
         self._show(
@@ -312,6 +316,8 @@ class SteeringPanel(w.VBox):
         except SteerError as exc:
             self._show_error(f"run {action} refused: {exc}")
             return
+        if self.live_view is not None:
+            self.live_view.mark(f"run_{action}", self.user, run=answer.get("run"))
         self._show(f"run {answer.get('run')}: {'running' if answer.get('running') else 'stopped'}")
 
     # -- observing frames -------------------------------------------------------------------
@@ -372,7 +378,14 @@ class SteeringPanel(w.VBox):
         for name, value in state.get("values", {}).items():
             if name in self.controls:
                 self._set_quietly(name, value)
+        self._show_changes(state)
         self._render_table()
+
+    def _show_changes(self, state: dict[str, Any]) -> None:
+        """Give the live view the source's steering log (every client's changes, with who)."""
+        if getattr(self, "live_view", None) is not None and "changes" in state:
+            units = {p["name"]: p.get("units") or "" for p in self.schema}
+            self.live_view.set_changes(state["changes"], units)
 
     def _set_quietly(self, name: str, value: Any) -> None:
         self._quiet = True

@@ -117,6 +117,19 @@ async def test_steer_token_steers_and_answer_passes_through(tokens: Tokens, capl
         assert "1000" in str(refused["limit"])
         code, run = await api(node.url, "POST", f"{base}/run", steer, {"action": "stop"})
         assert (code, run["running"]) == (200, False) and runner.status()["running"] is False
+        # the source's change log says what changed and who asked (the relay credential's sub),
+        # refused changes left out: live views mark these on their time plots
+        code, params = await api(node.url, "GET", f"{base}/params", tokens.issue("p1"))
+        assert code == 200
+        logged = [
+            (c["kind"], c.get("name"), c.get("value"), c["by"], c["rev"]) for c in params["changes"]
+        ]
+        assert logged == [
+            ("run_start", None, None, "", 0),  # the test's own runner.start_run(): no caller
+            ("param", "hit_fraction", 0.8, "alice", 1),
+            ("run_stop", None, None, "alice", 1),
+        ], logged
+        assert params["changes"][1]["first_seq"] == answer["first_seq"]
 
     text = "\n".join(r.getMessage() for r in caplog.records if r.name == "beamhub.dsn.audit")
     claims = tokens.verifier.verify(steer)
