@@ -183,6 +183,11 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
+def _share(window: dict[str, Any], part: str) -> str:
+    reserved = window["reserved_node_hours"]
+    return f"{100 * window[f'{part}_node_hours'] / reserved:.1f} %" if reserved else "-"
+
+
 def _allocation_text(report: dict[str, Any]) -> str:
     lines = [
         f"allocation {_iso(report['since'])} to {_iso(report['until'])}; source: "
@@ -191,7 +196,7 @@ def _allocation_text(report: dict[str, Any]) -> str:
         "node-hours used, by project and tier:",
     ]
     lines += [
-        f"  {u['project']:<14} {u['tier']:<12} {u['node_hours']:>10.3f}  ({u['jobs']} jobs)"
+        f"  {u['project']:<14} {u['tier']:<12} {u['node_hours']:>10.4f}  ({u['jobs']} jobs)"
         for u in report["usage"]
     ] or ["  (no job ran)"]
     lines += ["", "beamtime windows (node-hours):"]
@@ -201,16 +206,21 @@ def _allocation_text(report: dict[str, Any]) -> str:
             f"{'preempted':>9} {'requeued':>9}"
         )
     lines += [
-        f"  {w['id']:>4} {w['project']:<12} {w['reserved_node_hours']:>9.3f} "
-        f"{w['used_node_hours']:>9.3f} {w['lent_node_hours']:>9.3f} {w['idle_node_hours']:>9.3f} "
-        f"{w['preempted_node_hours']:>9.3f} {w['requeued_node_hours']:>9.3f}"
+        f"  {w['id']:>4} {w['project']:<12} {w['reserved_node_hours']:>9.4f} "
+        f"{w['used_node_hours']:>9.4f} {w['lent_node_hours']:>9.4f} {w['idle_node_hours']:>9.4f} "
+        f"{w['preempted_node_hours']:>9.4f} {w['requeued_node_hours']:>9.4f}"
+        + (
+            f"\n  {'':>4} {'':<12} of the reserved: used {_share(w, 'used')}, lent "
+            f"{_share(w, 'lent')} ({', '.join(w['lent_by_tier']) or 'none'}), idle "
+            f"{_share(w, 'idle')}"
+        )
         for w in report["windows"]
     ] or ["  (no approved window in the period)"]
     lost = report["preemption"]
     lines += [
         "",
-        f"lost to preemption: {lost['preempted_node_hours']:.3f} node-hours in "
-        f"{lost['preempted_runs']} runs ({lost['requeued_node_hours']:.3f} of them requeued)",
+        f"lost to preemption: {lost['preempted_node_hours']:.4f} node-hours in "
+        f"{lost['preempted_runs']} runs ({lost['requeued_node_hours']:.4f} of them requeued)",
         "",
         "time to start (s):",
     ]

@@ -61,10 +61,17 @@ def parse_runs(text: str, now: float) -> list[JobRecord]:
         job["runs"].append(RunRecord(begun, ended or now, nodes, outcome))
         if job["submit"] is None or (_time(submit) or now) < job["submit"]:
             job["submit"] = _time(submit)
-    return [
-        JobRecord(jid, j["project"], j["tier"], j["submit"], tuple(j["runs"]))
-        for jid, j in jobs.items()
-    ]
+    records = []
+    for jid, j in jobs.items():
+        runs = sorted(j["runs"], key=lambda r: r.start)
+        runs = [  # a preempted run that another run of the job follows was requeued
+            RunRecord(r.start, r.end, r.nodes, "requeued")
+            if r.preempted and i < len(runs) - 1
+            else r
+            for i, r in enumerate(runs)
+        ]
+        records.append(JobRecord(jid, j["project"], j["tier"], j["submit"], tuple(runs)))
+    return records
 
 
 def slurm_records(since: float, now: float) -> tuple[list[JobRecord], int | None, str]:

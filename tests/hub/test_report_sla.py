@@ -233,3 +233,30 @@ def _ok(url: str) -> bool:
         return requests.get(url, timeout=2).ok
     except requests.RequestException:
         return False
+
+
+@pytest.mark.parametrize(
+    ("config", "args", "words"),
+    [
+        ("", ("--since", "3x"), "--since '3x': give a span back from now"),
+        (
+            "service_levels: {time_to_start_p90_s: {beamtim: 5}}",
+            (),
+            "service_levels.time_to_start_p90_s.beamtim: no such tier",
+        ),
+        ("service_levels: {uptime_pct: 120}", (), "service_levels.uptime_pct"),
+    ],
+)
+def test_bad_input_is_refused_naming_what_was_wrong(
+    tmp_path: Path, config: str, args: tuple[str, ...], words: str
+) -> None:
+    path = tmp_path / "beamhub.yaml"
+    path.write_text(config + "\n")
+    out = subprocess.run(
+        [BEAMHUB, "report", "--state-dir", str(tmp_path), "--config", str(path), "sla", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 2 and words in out.stderr, out.stderr
