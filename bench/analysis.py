@@ -327,6 +327,25 @@ def _dask_passes(
     return out
 
 
+def _scaling_ceiling(results: list[dict[str, Any]], cores: int) -> dict[str, float]:
+    """The best scaling efficiency this machine allows, from the in-run CPU costs per frame.
+
+    n workers need ``n`` cores at most, and every frame also costs the sender (on the same
+    machine here) its share: fps(n) <= min(n, cores) / worker_ms and <= cores / (worker_ms +
+    sender_ms). The ceiling is fps_max(n) / (n * fps_max(1)) with other load at zero.
+    """
+    dask = {r["workers"]: r for r in results if r["mode"] == "dask"}
+    if 1 not in dask:
+        return {}
+
+    def fps_max(r: dict[str, Any], n: int) -> float:
+        w, s = r["cpu_ms_per_frame"], r["sender_cpu_ms_per_frame"]
+        return min(min(n, cores) * 1e3 / w, cores * 1e3 / (w + s))
+
+    one = fps_max(dask[1], 1)
+    return {str(n): round(fps_max(r, n) / (n * one), 3) for n, r in dask.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="beamhub bench analysis",
@@ -423,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
             3,
         )
         worker_cpu = statistics.median(p["worker_cpu_ms"])
+        sender_ms = statistics.median(
+            c * 1e3 / r for c, r in zip(p["sender"], p["rates"], strict=True)
+        )
         results.append(
             {
                 "mode": "dask",
@@ -437,12 +459,14 @@ def main(argv: list[str] | None = None) -> int:
                 "worker_cpu_cores": round(statistics.median(p["cores"]), 3),
                 "worker_analysis_ms_p50": round(statistics.median(p["analysis_ms"]), 2),
                 "cpu_ms_per_frame": round(worker_cpu, 3),
+                "sender_cpu_ms_per_frame": round(sender_ms, 3),
                 "cpu_efficiency": round(numpy_cpu_ms / worker_cpu, 3),
             }
         )
         say(f"dask x{n}: {fps:.1f} frames/s, scaling efficiency {scaling[str(n)]:.2f}")
     out = {
         "results": results,
+        "scaling_ceiling": _scaling_ceiling(results, os.cpu_count() or 1),
         "finders": finders,
         "recall": round(accuracy["recall"], 4),
         "precision": round(accuracy["precision"], 4),
