@@ -20,8 +20,9 @@ supervisor's ``STATISTICS`` polls (libzmq counts message *parts*; messages = par
 ``[header, payload]`` wire format). L4 cannot read headers, so it cannot enforce the stream name
 or a rate (``max_rate_hz`` is recorded and reported as not enforced); its only size guard is
 libzmq's per-part cap (``maxmsgsize``), which disconnects an offending producer. **L7** is a Python
-loop that decodes every header (:func:`beamhub.streaming.wire.decode_header`), checks payload size,
-stream name and rate (token bucket), drops a bad message with a counted reason (the decoder's
+loop that validates every header, JSON or binary (:func:`beamhub.streaming.wire.check_message`:
+the same checks as ``decode_header``, with a one-unpack fast path for the binary layout), checks
+payload size, stream name and rate (token bucket), drops a bad message with a counted reason (the decoder's
 ``DecodeError.reason``, ``parts``, ``stream``, ``rate``, ``shutdown``) while the stream goes on,
 and forwards the received ``zmq.Frame`` objects themselves (no payload copy). A batch message
 (``"batch": n`` in the header: n small events under one header) is checked once as a whole

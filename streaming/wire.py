@@ -11,14 +11,26 @@ events of ``shape`` back to back, with sequence numbers ``seq .. seq + n - 1`` a
 ``t_ns``/``run``/``rev``/``meta`` in common. A header without ``batch`` is one event (the format of
 version 1 is unchanged). :func:`send_batch` sends one; :meth:`Frame.events` (and
 :func:`decode_events`) gives the events back one by one as zero-copy views.
+
+Binary headers. Beside the JSON form a header may have a fixed binary layout
+(:meth:`FrameHeader.to_binary`, ``binary=True`` on :func:`send_frame`/:func:`send_batch`, or
+:func:`binary_header_packer` for a producer that sends one layout at a high rate). It carries the
+same fields and is validated the same way with the same reasons, but it is read with one
+``struct`` unpack instead of a JSON parse: the L7 gateway's check (:func:`check_message`) costs a
+fraction of the JSON one, which is what single 1 KiB events at the rate of a bare hop need. Its
+first byte, ``0xB7``, cannot begin JSON text, so receivers tell the forms apart by it. Layout
+(little-endian): ``B magic, B v, B dtype code (index in DTYPE_CODES), B ndim, H stream length,
+H flags (0), Q seq, Q t_ns, Q run, Q rev, I batch, I meta length``, then ``ndim`` ``Q`` (the shape),
+the stream name (UTF-8), and ``meta`` as a JSON object (absent when empty).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,12 +45,16 @@ _INT_LIMIT = 1 << 64
 
 __all__ = [
     "ALLOWED_DTYPES",
+    "BINARY_MAGIC",
     "DEFAULT_MAX_FRAME_BYTES",
+    "DTYPE_CODES",
     "MAX_HEADER_BYTES",
     "WIRE_VERSION",
     "DecodeError",
     "Frame",
     "FrameHeader",
+    "binary_header_packer",
+    "check_message",
     "decode",
     "decode_events",
     "decode_header",
@@ -55,12 +71,14 @@ MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
 #: Below this size a copy is cheaper than ZeroMQ's zero-copy bookkeeping.
 ZERO_COPY_THRESHOLD = 64 * 1024
-#: Plain numeric dtypes only: no objects, no structured records, no strings.
-ALLOWED_DTYPES = frozenset(
-    np.dtype(f"{order}{kind}").str
+#: Plain numeric dtypes, in the order of their binary-header codes (append only: codes are wire).
+DTYPE_CODES = tuple(
+    f"{order}{kind}"
     for order in "<>"
     for kind in ("u1", "u2", "u4", "u8", "i1", "i2", "i4", "i8", "f2", "f4", "f8", "c8", "c16")
 )
+#: Plain numeric dtypes only: no objects, no structured records, no strings.
+ALLOWED_DTYPES = frozenset(np.dtype(code).str for code in DTYPE_CODES)
 MAX_NDIM = 8
 #: Most events one batch message may carry.
 MAX_BATCH = 1 << 20
@@ -85,6 +103,20 @@ def _dtype_info(text: str) -> tuple[str, int]:
     if len(_DTYPE_CACHE) < _DTYPE_CACHE_MAX:  # bounded: spellings a sender picks cannot grow it
         _DTYPE_CACHE[text] = info
     return info
+
+
+#: First byte of a binary header; a continuation byte in UTF-8, so no JSON text starts with it.
+BINARY_MAGIC = 0xB7
+#: The binary header's fixed part (see the module docstring); then shape, stream, meta.
+_BIN = struct.Struct("<BBBBHHQQQQII")
+_BIN_SIZE = _BIN.size  # 48
+#: The fixed part and the shape in one unpack, per ndim.
+_BIN_ND = tuple(struct.Struct("<BBBBHHQQQQII" + "Q" * nd) for nd in range(MAX_NDIM + 1))
+_BIN_SEQ_T = struct.Struct("<QQ")
+#: (canonical dtype, itemsize) per binary dtype code.
+_CODE_INFO = tuple((np.dtype(code).str, np.dtype(code).itemsize) for code in DTYPE_CODES)
+_CODE_OF = {canonical: i for i, (canonical, _) in enumerate(_CODE_INFO)}
+_U16_LIMIT = 1 << 16
 
 
 class DecodeError(ValueError):
@@ -142,6 +174,31 @@ class FrameHeader:
         if self.batch != 1:
             body["batch"] = self.batch
         return json.dumps(body, separators=(",", ":")).encode()
+
+    def to_binary(self) -> bytes:
+        """The header in the fixed binary layout (module docstring); ValueError if it cannot be.
+
+        Refused: a dtype outside :data:`ALLOWED_DTYPES`, more than ``MAX_NDIM`` dimensions, an
+        integer outside 0..2^64-1, a stream name over 65535 bytes, a batch outside 1..MAX_BATCH.
+        """
+        code = _CODE_OF.get(np.dtype(self.dtype).str)
+        if code is None:
+            raise ValueError(f"dtype {self.dtype!r} is not a plain numeric type")
+        if len(self.shape) > MAX_NDIM or not 1 <= self.batch <= MAX_BATCH:
+            raise ValueError(f"at most {MAX_NDIM} dimensions and a batch of 1..{MAX_BATCH}")
+        stream = self.stream.encode()
+        if not 1 <= len(stream) < _U16_LIMIT:
+            raise ValueError("the stream name must be 1 to 65535 bytes of UTF-8")
+        meta = json.dumps(self.meta, separators=(",", ":")).encode() if self.meta else b""
+        try:
+            fixed = _BIN.pack(
+                BINARY_MAGIC, self.v, code, len(self.shape), len(stream), 0, self.seq,
+                self.t_ns, self.run, self.rev, self.batch, len(meta),
+            )  # fmt: skip
+            shape = struct.pack(f"<{len(self.shape)}Q", *self.shape)
+        except struct.error as exc:
+            raise ValueError(f"header field out of range for the binary layout: {exc}") from None
+        return fixed + shape + stream + meta
 
 
 @dataclass(frozen=True)
@@ -216,11 +273,90 @@ def _json_loads(raw: bytes) -> Any:
         raise DecodeError("bad_header", "header JSON is nested too deeply") from None
 
 
+def _decode_meta(raw: bytes) -> dict[str, Any]:
+    """A binary header's meta: a JSON object, parsed exactly (as a JSON header's)."""
+    body = _json_loads(raw)
+    if body.__class__ is not dict:
+        raise DecodeError("bad_field", "header field 'meta' must be an object")
+    return body
+
+
+def _decode_binary(raw: bytes) -> FrameHeader:
+    """Validate and decode a binary header (the reference for :func:`check_message`'s fast path)."""
+    if len(raw) < _BIN_SIZE:
+        raise DecodeError("bad_header", f"binary header is {len(raw)} bytes, at least {_BIN_SIZE}")
+    _, version, code, ndim, slen, flags, seq, t_ns, run, rev, batch, mlen = _BIN.unpack_from(raw)
+    if version != WIRE_VERSION:
+        raise DecodeError(
+            "version", f"wire version {version!r}, this receiver speaks {WIRE_VERSION}"
+        )
+    if flags:
+        raise DecodeError("bad_field", f"binary header flags must be 0, not {flags:#x}")
+    if ndim > MAX_NDIM:
+        raise DecodeError("shape", f"shape must be a list of at most {MAX_NDIM} integers >= 0")
+    end = _BIN_SIZE + 8 * ndim + slen + mlen
+    if len(raw) != end:
+        raise DecodeError("bad_header", f"binary header is {len(raw)} bytes, its lengths say {end}")
+    if code >= len(_CODE_INFO):
+        raise DecodeError("dtype", f"unknown binary dtype code {code}")
+    if not 1 <= batch <= MAX_BATCH:
+        raise DecodeError("bad_field", f"header field 'batch' must be an integer in 1..{MAX_BATCH}")
+    shape = _BIN_ND[ndim].unpack_from(raw)[12:]
+    at = _BIN_SIZE + 8 * ndim
+    try:
+        stream = raw[at : at + slen].decode()
+    except UnicodeDecodeError:
+        raise DecodeError("bad_field", "header field 'stream' must be UTF-8") from None
+    if not stream:
+        raise DecodeError("bad_field", "header field 'stream' must be a non-empty string")
+    meta = _decode_meta(raw[at + slen :]) if mlen else {}
+    return _new_header(stream, seq, t_ns, _CODE_INFO[code][0], shape, run, rev, meta, batch)
+
+
+def check_message(raw: bytes, nbytes: int, max_bytes: int) -> tuple[str, int, int, int]:
+    """The L7 gateway's check of one message: ``(stream, seq, run, batch)`` or a DecodeError.
+
+    The same checks and reasons as :func:`decode_header` + :func:`check_payload` (the fuzz tests
+    hold them equal). A binary header without meta takes a fast path: one unpack, integer checks,
+    no FrameHeader; anything it does not accept goes to the full decoder, which names the reason.
+    """
+    if raw[:1] == b"\xb7" and len(raw) <= MAX_HEADER_BYTES:
+        ndim = raw[3] if len(raw) > 3 else 255
+        if ndim <= MAX_NDIM:
+            try:
+                fields = _BIN_ND[ndim].unpack_from(raw)
+            except struct.error:
+                fields = None  # shorter than its layout: the full decoder names it
+            if fields is not None:
+                _, version, code, _, slen, flags, seq, _, run, _, batch, mlen = fields[:12]
+                at = _BIN_SIZE + 8 * ndim
+                if (
+                    version == WIRE_VERSION
+                    and not flags
+                    and not mlen
+                    and slen
+                    and len(raw) == at + slen
+                    and code < len(_CODE_INFO)
+                    and 1 <= batch <= MAX_BATCH
+                ):
+                    expected = math.prod(fields[12:]) * _CODE_INFO[code][1] * batch
+                    if expected <= max_bytes and nbytes == expected:
+                        try:
+                            return raw[at:].decode(), seq, run, batch
+                        except UnicodeDecodeError:
+                            pass  # the full decoder names it
+    header = decode_header(raw)
+    check_payload(header, nbytes, max_bytes)
+    return header.stream, header.seq, header.run, header.batch
+
+
 def decode_header(raw: bytes | memoryview) -> FrameHeader:
-    """Parse and validate a header without touching the payload (the L7 gateway's check)."""
+    """Parse and validate a header (JSON or binary) without touching the payload."""
     if len(raw) > MAX_HEADER_BYTES:
         raise DecodeError("oversized", f"header is {len(raw)} bytes, limit {MAX_HEADER_BYTES}")
     raw = raw if raw.__class__ is bytes else bytes(raw)
+    if raw[:1] == b"\xb7":
+        return _decode_binary(raw)
     try:
         body = _fast_loads(raw)
     except ValueError:  # orjson is stricter (NaN, nesting): the reference parser decides
@@ -307,10 +443,11 @@ def decode_events(parts: Sequence[Any], max_bytes: int = DEFAULT_MAX_FRAME_BYTES
     return decode(parts, max_bytes=max_bytes).events()
 
 
-def encode(header: FrameHeader, data: np.ndarray) -> list[Any]:
+def encode(header: FrameHeader, data: np.ndarray, *, binary: bool = False) -> list[Any]:
     """``[header bytes, payload buffer]``; the payload is the array's memory, not a copy.
 
     For a batch ``data`` has shape ``(batch, *header.shape)`` (a batch of one may have it too).
+    ``binary``: the fixed binary header layout instead of JSON (cheaper for every hop to check).
     """
     shape = tuple(header.shape) if header.batch == 1 else (header.batch, *header.shape)
     if header.batch == 1 and data.shape == (1, *shape):
@@ -320,12 +457,17 @@ def encode(header: FrameHeader, data: np.ndarray) -> list[Any]:
             f"header says {header.dtype} {shape}, array is {data.dtype.str} {data.shape}"
         )
     flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)  # views: works for empty arrays
-    return [header.to_bytes(), memoryview(flat)]
+    return [header.to_binary() if binary else header.to_bytes(), memoryview(flat)]
 
 
-def send_frame(sock: Any, header: FrameHeader, data: np.ndarray, *, flags: int = 0) -> None:
-    """Send a frame; large payloads go zero-copy (the array must not change until sent)."""
-    parts = encode(header, data)
+def send_frame(
+    sock: Any, header: FrameHeader, data: np.ndarray, *, flags: int = 0, binary: bool = False
+) -> None:
+    """Send a frame; large payloads go zero-copy (the array must not change until sent).
+
+    ``binary``: send the header in the fixed binary layout (see the module docstring).
+    """
+    parts = encode(header, data, binary=binary)
     sock.send_multipart(parts, flags=flags, copy=parts[1].nbytes < ZERO_COPY_THRESHOLD)
 
 
@@ -340,11 +482,13 @@ def send_batch(
     rev: int = 0,
     meta: dict[str, Any] | None = None,
     flags: int = 0,
+    binary: bool = False,
 ) -> int:
     """Send ``events`` (shape ``(n, *event_shape)``) as one batch message; return the next seq.
 
     One header for ``n`` events: the per-message cost of every hop is paid once per batch, which
-    is what lets 1 KiB events pass the L7 gateway at the rate of a bare hop.
+    is what lets 1 KiB events pass the L7 gateway at the rate of a bare hop. ``binary``: the
+    header in the fixed binary layout.
     """
     if events.ndim < 1 or not 1 <= events.shape[0] <= MAX_BATCH:
         raise ValueError(f"events must have shape (n, ...) with 1 <= n <= {MAX_BATCH}")
@@ -360,9 +504,37 @@ def send_batch(
         meta=meta or {},
         batch=n,
     )
-    parts = encode(header, events)
+    parts = encode(header, events, binary=binary)
     sock.send_multipart(parts, flags=flags, copy=parts[1].nbytes < ZERO_COPY_THRESHOLD)
     return first_seq + n
+
+
+def binary_header_packer(
+    stream: str,
+    dtype: str,
+    shape: Sequence[int],
+    *,
+    batch: int = 1,
+    run: int = 0,
+    rev: int = 0,
+    meta: dict[str, Any] | None = None,
+) -> Callable[[int, int], bytes]:
+    """``pack(seq, t_ns) -> header bytes`` in the binary layout, for a producer whose other
+    fields stay the same from message to message (about 0.3 µs per header instead of a build).
+
+    The fields are validated once, here (ValueError as :meth:`FrameHeader.to_binary`);
+    ``pack`` raises ``struct.error`` for a seq or t_ns outside 0..2^64-1.
+    """
+    template = FrameHeader(
+        stream, 0, dtype, tuple(shape), run=run, rev=rev, meta=meta or {}, batch=batch
+    ).to_binary()
+    head, tail = template[:8], template[24:]
+    pack = _BIN_SEQ_T.pack
+
+    def packer(seq: int, t_ns: int) -> bytes:
+        return head + pack(seq, t_ns) + tail
+
+    return packer
 
 
 def recv_frame(sock: Any, *, flags: int = 0, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Frame:
