@@ -122,7 +122,7 @@ def _backend_class(backend: str) -> type[Scheduler]:
 
 
 #: Arguments the factory passes itself; not for backend_options.
-_RESERVED = {"self", "policy", "db_path", "log"}
+_RESERVED = {"self", "policy", "db_path", "log", "records_path"}
 
 
 def check_backend_options(backend: str, options: dict[str, Any]) -> None:
@@ -174,8 +174,9 @@ async def open_scheduler(config: SchedulerConfig) -> Scheduler:
     if config.backend == "local":
         db = str(Path(config.state_dir) / "local-jobs.sqlite")
         scheduler = cls(db_path=db, policy=policy, **config.options)
-    else:
-        scheduler = cls(policy=policy, **config.options)
+    else:  # SLURM forgets ended jobs: keep our own records for the allocation report
+        records = str(Path(config.state_dir) / "slurm-jobs.sqlite")
+        scheduler = cls(policy=policy, records_path=records, **config.options)
     _SCHEDULERS[key] = scheduler
     track(scheduler)  # queued/running by tier, preemptions, time-to-start (/hub/metrics)
     return scheduler

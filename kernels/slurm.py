@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 from beamhub.kernels.accounts import Account, AccountMap, private_dir
+from beamhub.kernels.job_records import JobRecords
 from beamhub.kernels.scheduler import (
     TERMINAL_STATES,
     EventHub,
@@ -53,6 +54,8 @@ class SlurmBackend(Scheduler):
 
     ``slurm_conf``: the SLURM_CONF the commands use (default: the environment's).
     ``use_sacct``: ask sacct about jobs squeue has forgotten (needs slurmdbd accounting).
+    ``records_path``: keep each job and each of its runs as the polls see them in this SQLite
+    file (:mod:`beamhub.kernels.job_records`), for the allocation report without accounting.
     ``run_as="account"`` (root): each job runs as its user's Unix account (``sbatch --uid
     --gid``; see kernels/accounts.py), its output in ``~/.beamhub/slurm/``. Credentials in a
     job's environment never reach slurmctld: they go to a 0600 file of the user's that the job
@@ -75,8 +78,10 @@ class SlurmBackend(Scheduler):
         account_template: str = "bh-{username}",
         home_root: str = "",
         log: logging.Logger | None = None,
+        records_path: str | Path | None = None,
     ) -> None:
         self.policy = policy or TierPolicy()
+        self.records = JobRecords(records_path) if records_path else None
         self.tiers = self.policy.tiers
         self.env = dict(os.environ)
         if slurm_conf is not None:
@@ -173,6 +178,8 @@ class SlurmBackend(Scheduler):
             )
         job_id = parse_sbatch(out)
         self._specs[job_id] = spec
+        if self.records is not None:
+            await asyncio.to_thread(self.records.job, job_id, spec.project, tier.name, time.time())
         self._last[job_id] = JobInfo(job_id=job_id, spec=spec, state=JobState.PENDING)
         self._events.publish(
             "queued",
@@ -313,6 +320,8 @@ class SlurmBackend(Scheduler):
             return
         now = await self.status(watched)
         clock = time.monotonic()
+        if self.records is not None:
+            await asyncio.to_thread(self._record_runs, watched, now, time.time())
         requeued = set()
         for job_id in watched:
             old, new = self._last[job_id], now[job_id]
@@ -347,6 +356,29 @@ class SlurmBackend(Scheduler):
                 )
         for node in list(self._recent_victims):  # the requeue showed up after the start
             self._match_preemption(node, clock)
+
+    def _record_runs(self, watched: list[str], now: dict[str, JobInfo], wall: float) -> None:
+        """Runs that ended since the last poll, as SLURM dates them; a requeued run (squeue then
+        shows no end) ends when the next job started on its node, else at this poll."""
+        assert self.records is not None
+        for job_id in watched:
+            old, new = self._last[job_id], now[job_id]
+            spec = self._specs.get(job_id)
+            nodes = spec.nodes if spec is not None else 1
+            if new.requeues > old.requeues and old.start_time:
+                later = [
+                    info.start_time
+                    for info in now.values()
+                    if info.state is JobState.RUNNING
+                    and info.node == old.node
+                    and info.start_time
+                    and info.start_time > old.start_time
+                ]
+                self.records.run(job_id, old.start_time, min([wall, *later]), nodes, "requeued")
+            if new.state in TERMINAL_STATES and old.state is not new.state and new.start_time:
+                self.records.run(
+                    job_id, new.start_time, new.end_time or wall, nodes, new.state.value
+                )
 
     def _match_preemption(self, node: str, clock: float, window: float = 30.0) -> None:
         """Pair jobs requeued on ``node`` with the watched job that started there (±window s)."""

@@ -143,7 +143,7 @@ def _allocation(args: argparse.Namespace) -> int:
         from beamhub.hub.reports.slurm_records import slurm_records
 
         try:
-            jobs, nodes, source = slurm_records(since, now)
+            jobs, nodes, source = slurm_records(since, now, folder / "slurm-jobs.sqlite")
         except SchedulerError as exc:
             return _fail(exc.message)
     report = allocation_report(jobs, windows, tiers, since, now, nodes=nodes, source=source)
@@ -303,7 +303,9 @@ def _sla(args: argparse.Namespace) -> int:
             from beamhub.hub.reports.slurm_records import slurm_records
 
             try:
-                jobs, _, sources["time_to_start"] = slurm_records(since, now)
+                jobs, _, sources["time_to_start"] = slurm_records(
+                    since, now, _scheduler_dir(args) / "slurm-jobs.sqlite"
+                )
             except SchedulerError as exc:
                 jobs, sources["time_to_start"] = [], f"none: {exc.message}"
         starts = time_to_start(jobs, since, now)

@@ -1,11 +1,12 @@
-"""SLURM's job records for the allocation report, from its accounting (``sacct``).
+"""SLURM's job records for the allocation report, from its accounting (``sacct``), else beamhub's own.
 
 ``sacct --duplicates`` lists each run of a requeued job as its own record (state ``REQUEUED`` or
 ``PREEMPTED``), so the work lost to preemption is counted as on the local backend. The project and
 tier come from beamhub's ``--comment`` (stored where slurmdbd has ``AccountingStoreFlags=
 job_comment``), else the partition names the tier and the project is unknown. Without accounting
 (``AccountingStorageType=accounting_storage/none``, as in the test cluster) sacct has nothing to
-say, and neither does beamhub: the SLURM backend keeps no job records of its own.
+say; then the SLURM backend's own records are read (:mod:`beamhub.kernels.job_records`: what its
+polls saw of the jobs beamhub submitted, so runs are as precise as the poll interval).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from pathlib import Path
 
 from beamhub.hub.reports.records import JobRecord, RunRecord
+from beamhub.kernels.job_records import JobRecords
 from beamhub.kernels.scheduler import SchedulerError
 from beamhub.kernels.slurm_text import parse_comment
 
-__all__ = ["SACCT_FORMAT", "parse_runs", "slurm_records"]
+__all__ = ["SACCT_FORMAT", "own_records", "parse_runs", "slurm_records"]
 
 SACCT_FORMAT = "JobIDRaw,State,Submit,Start,End,NNodes,Partition,Comment"
 _LOST = {"REQUEUED": "requeued", "PREEMPTED": "preempted"}
@@ -74,8 +77,25 @@ def parse_runs(text: str, now: float) -> list[JobRecord]:
     return records
 
 
-def slurm_records(since: float, now: float) -> tuple[list[JobRecord], int | None, str]:
-    """The jobs SLURM accounted for since ``since``, the cluster's node count, and the source."""
+def own_records(path: Path) -> list[JobRecord]:
+    """The SLURM backend's own records of its jobs and their runs."""
+    return [
+        JobRecord(
+            j.job_id,
+            j.project,
+            j.tier,
+            j.submit,
+            tuple(RunRecord(r.start, r.end, r.nodes, r.outcome) for r in j.runs),
+        )
+        for j in JobRecords(path).load()
+    ]
+
+
+def slurm_records(
+    since: float, now: float, own: Path | None = None
+) -> tuple[list[JobRecord], int | None, str]:
+    """The jobs SLURM accounted for since ``since``, the cluster's node count, and the source;
+    without accounting, the backend's records at ``own`` if there are any."""
     start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(since))
     argv = ["sacct", "-a", "-X", "-D", "-P", "-n", "-S", start, "-E", "now", "-o", SACCT_FORMAT]
     try:
@@ -84,15 +104,19 @@ def slurm_records(since: float, now: float) -> tuple[list[JobRecord], int | None
         )
     except FileNotFoundError as exc:
         raise SchedulerError("sacct is not installed; install slurm-client", status=503) from exc
-    if out.returncode != 0 or "accounting storage is disabled" in out.stderr.lower():
-        raise SchedulerError(
-            f"SLURM accounting does not answer (sacct: {out.stderr.strip() or out.returncode}); "
-            "the report needs slurmdbd (AccountingStorageType=accounting_storage/slurmdbd): "
-            "beamhub keeps no job records of its own for SLURM jobs",
-            status=503,
-        )
     nodes = subprocess.run(
         ["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, timeout=60, check=False
     )
     count = len(set(nodes.stdout.split())) if nodes.returncode == 0 else None
-    return parse_runs(out.stdout, now), count, "SLURM accounting (sacct --duplicates)"
+    if out.returncode == 0 and "accounting storage is disabled" not in out.stderr.lower():
+        return parse_runs(out.stdout, now), count, "SLURM accounting (sacct --duplicates)"
+    why = out.stderr.strip() or f"exit status {out.returncode}"
+    if own is not None and own.exists():
+        source = f"beamhub's own job records ({own}; SLURM accounting does not answer: {why})"
+        return own_records(own), count, source
+    raise SchedulerError(
+        f"SLURM accounting does not answer (sacct: {why}) and beamhub has no records of its "
+        f"own at {own}; run slurmdbd (AccountingStorageType=accounting_storage/slurmdbd), or "
+        "give the state folder of the `beamhub up` that submitted the jobs (--state-dir)",
+        status=503,
+    )

@@ -1,15 +1,31 @@
 """The allocation report's SLURM path: sacct's records of requeued jobs (parsed from sacct's own
-``--parsable2`` format), and against the real test cluster, which runs without accounting, a
-refusal that says so."""
+``--parsable2`` format), and against the real test cluster, which runs without accounting, the
+SLURM backend's own records of a window, batch backfill and a preemption (or, with none, a
+refusal that says so)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import sqlite3
 import subprocess
+import sys
 import time
+from pathlib import Path
+
+import pytest
 
 from beamhub.hub.reports.slurm_records import parse_runs
+from beamhub.kernels.projects import ProjectDirectory
+from beamhub.kernels.reservations import ReservationBook
+from beamhub.kernels.scheduler import JobSpec, JobState
+from beamhub.kernels.slurm import SlurmBackend
+from beamhub.kernels.tier_policy import TierPolicy
+from beamhub.kernels.tiers import DEFAULT_TIERS
 from tests.hub.hubstack import BEAMHUB
+
+DONE = {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.PREEMPTED}
 
 # sacct -a -X -D -P -n -o JobIDRaw,State,Submit,Start,End,NNodes,Partition,Comment
 SACCT = """\
@@ -44,17 +60,102 @@ def test_sacct_duplicates_become_runs_with_the_lost_ones_marked() -> None:
     assert running.outcome == "running" and running.end == now
 
 
-def test_without_slurm_accounting_the_report_says_so(slurm_cluster) -> None:
+def _report(conf: Path, state: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BEAMHUB_SCHEDULER")}
-    env["SLURM_CONF"] = str(slurm_cluster.conf)
-    out = subprocess.run(
-        [BEAMHUB, "report", "allocation", "--backend", "slurm", "--since", "1d"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
+    env["SLURM_CONF"] = str(conf)
+    return subprocess.run(
+        [BEAMHUB, "report", "--state-dir", str(state), "allocation", "--backend", "slurm",
+         "--since", "1h", "--json"],
+        capture_output=True, text=True, timeout=60, env=env, check=False,
+    )  # fmt: skip
+
+
+def test_without_accounting_or_records_the_report_says_so(slurm_cluster, tmp_path) -> None:
+    out = _report(slurm_cluster.conf, tmp_path / "state")
     assert out.returncode == 2, out.stdout
     assert "SLURM accounting does not answer" in out.stderr
-    assert "beamhub keeps no job records of its own for SLURM jobs" in out.stderr
+    assert "beamhub has no records of its own" in out.stderr
+
+
+def _sleep(seconds: float) -> list[str]:
+    return [sys.executable, "-c", f"import time; time.sleep({seconds})"]
+
+
+async def _window_run(conf: Path, folder: Path) -> list[str]:
+    """4 batch jobs of chem02 on the 4 nodes; lcls01's open window; its beamtime job preempts
+    one (requeued by SLURM, which runs it again after cred_expire)."""
+    projects = ProjectDirectory.from_dict(
+        {
+            "projects": {
+                "lcls01": {"tiers": ["interactive"], "members": ["alice"]},
+                "chem02": {"tiers": ["batch"], "members": ["carol"]},
+            }
+        }
+    )
+    book = ReservationBook(folder / "reservations.sqlite", admins={"root"})
+    now = time.time()
+    book.approve(book.request("lcls01", now - 30, now + 3600, "beamtime", "SFX", "alice"), "root")
+    backend = SlurmBackend(
+        TierPolicy(DEFAULT_TIERS, projects, book),
+        slurm_conf=conf,
+        log_dir=folder / "out",
+        poll_interval=0.2,
+        records_path=folder / "slurm-jobs.sqlite",
+    )
+    try:
+        batch = []
+        for _ in range(4):
+            spec = JobSpec("b", "chem02", "carol", "batch", _sleep(4), mem_mb=400, walltime_s=300)
+            batch.append(await backend.submit(spec))
+        for job_id in batch:
+            await backend.wait(job_id, {JobState.RUNNING}, timeout=30)
+        await asyncio.sleep(1)
+        spec = JobSpec("beam", "lcls01", "alice", "beamtime", _sleep(2), mem_mb=400, walltime_s=300)
+        beam = await backend.submit(spec)
+        ids = [*batch, beam]
+        for job_id in ids:
+            assert (await backend.wait(job_id, DONE, timeout=90)).state is JobState.COMPLETED
+        await asyncio.sleep(3 * backend.poll_interval)  # the last poll has recorded the ends
+    finally:
+        await backend.close()
+    return ids
+
+
+@pytest.mark.timeout(180)
+def test_without_accounting_the_backends_own_records_count_the_window(slurm_cluster, tmp_path):
+    state = tmp_path / "state"
+    folder = state / "scheduler"
+    folder.mkdir(parents=True)
+    asyncio.run(_window_run(slurm_cluster.conf, folder))
+    out = _report(slurm_cluster.conf, state)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["source"].startswith("beamhub's own job records")
+    assert "SLURM accounting does not answer" in report["source"]
+
+    with sqlite3.connect(folder / "slurm-jobs.sqlite") as db:
+        project = dict(db.execute("SELECT job_id, project FROM jobs"))
+        runs = db.execute("SELECT job_id, start, end, nodes, outcome FROM runs").fetchall()
+    assert sorted(outcome for *_, outcome in runs) == ["completed"] * 5 + ["requeued"]
+    (window,) = report["windows"]
+    start, end = window["counted_from"], window["counted_to"]
+    assert end == report["until"]  # the window is still open
+
+    def node_s(who) -> float:
+        return sum(
+            max(0.0, min(e, end) - max(s, start)) * n
+            for job, s, e, n, _ in runs
+            if who(project[job])
+        )
+
+    used, lent = node_s(lambda p: p == "lcls01"), node_s(lambda p: p != "lcls01")
+    assert window["reserved_nodes"] == slurm_cluster.nodes
+    reserved = slurm_cluster.nodes * (end - start)
+    assert window["reserved_node_hours"] == pytest.approx(reserved / 3600, abs=1e-5)
+    assert window["used_node_hours"] == pytest.approx(used / 3600, abs=1e-5)
+    assert window["lent_node_hours"] == pytest.approx(lent / 3600, abs=1e-5)
+    assert window["idle_node_hours"] == pytest.approx((reserved - used - lent) / 3600, abs=1e-5)
+    (lost,) = [(s, e) for _, s, e, _, outcome in runs if outcome == "requeued"]
+    assert window["requeued_node_hours"] == pytest.approx((lost[1] - lost[0]) / 3600, abs=1e-5)
+    assert 0 < lost[1] - lost[0] < 4  # stopped before its 4 s of work were done
+    assert report["time_to_start"]["beamtime"]["jobs"] == 1
