@@ -11,7 +11,18 @@ import sys
 __all__ = ["KINDS", "available", "register"]
 
 #: The benchmarks the issues ask for; any other ``bench/<kind>.py`` with a ``main`` runs too.
-KINDS = ("stream", "spawn", "analysis", "steer", "gateway", "liveview", "faults", "soak", "dmz")
+KINDS = (
+    "stream",
+    "spawn",
+    "analysis",
+    "steer",
+    "gateway",
+    "liveview",
+    "faults",
+    "soak",
+    "dmz",
+    "allocation",
+)
 
 
 def available() -> list[str]:
