@@ -155,13 +155,14 @@ def open_due(
     book: Any,
     gateway_url: str,
     dsn_url: str,
-    token_for: Callable[[Unit, float], str],
+    token_for: Callable[[Unit, float, str], str],
     dashboard_url: str | None = None,
     now: float | None = None,
 ) -> list[dict[str, Any]]:
     """Create what is due for every waiting unit (see the module's doc); returns what changed.
-    ``token_for(unit, lifetime_s)``: a project token with the scopes stream.publish, stream.read
-    and jobs, for the channel, the job submission and the job's workers."""
+    ``token_for(unit, lifetime_s, user)``: a project token of ``user`` (who applied the unit) with
+    the scopes stream.publish, stream.read and jobs, for the channel, the job submission and the
+    job's workers."""
     now = time.time() if now is None else now
     changed = []
     for path, data in units(state):
@@ -173,7 +174,7 @@ def open_due(
         if current in ("denied", "expired", "ended"):
             data.update(status="skipped", why=f"window {window.id} is {current}", at=now)
         elif current == "active":
-            token = token_for(unit, window.end - now)
+            token = token_for(unit, window.end - now, str(data.get("applied_by") or ""))
             try:
                 created = _create(unit, window, gateway_url, dsn_url, token, dashboard_url, now)
             except ApplyError as exc:

@@ -51,7 +51,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     apply.add_argument(
         "--wait", action="store_true", help="stay until the window opens and create the rest"
     )
-    apply.add_argument("--as", dest="user", default=getpass.getuser(), help="who applies it")
+    apply.add_argument(
+        "--as",
+        dest="user",
+        default=getpass.getuser(),
+        help="the project member the beamtime is for: the window's requester, and the user the "
+        "channel and analysis job belong to (default: you)",
+    )
     _connection(apply)
     common(apply)
     apply.set_defaults(func=_apply)
@@ -167,19 +173,23 @@ def _urls(args: argparse.Namespace) -> tuple[str, str, str | None]:
     return gateway, dsn, urls.get("dashboard")
 
 
-def _token_for(user: str):
+def _token_for(fallback: str):
     """Tokens for the unit's project: $BEAMHUB_TOKEN as given, else minted with the state
-    folder's signing key (as `beamhub token issue`), for the window's remaining time."""
+    folder's signing key (as `beamhub token issue`) for the user who applied the unit (the hub
+    runs the analysis job as that user), for the window's remaining time."""
     given = os.environ.get("BEAMHUB_TOKEN")
 
-    def token_for(unit, lifetime_s: float) -> str:
+    def token_for(unit, lifetime_s: float, user: str) -> str:
         if given:
             return given
         from beamhub.hub.commands.token import _issuer
 
         ttl = max(60, int(lifetime_s))
         return _issuer(max(ttl, 86400)).issue(
-            sub=user, project=unit.project, scopes="stream.publish stream.read jobs", ttl=ttl
+            sub=user or fallback,
+            project=unit.project,
+            scopes="stream.publish stream.read jobs",
+            ttl=ttl,
         )
 
     return token_for
@@ -225,7 +235,7 @@ def _apply(args: argparse.Namespace) -> int:
     try:
         window_id = book.request(u.project, u.start, u.end, u.tier, u.justification, args.user)
         if args.approve:
-            book.approve(window_id, args.user)
+            book.approve(window_id, getpass.getuser())
     except SchedulerError as exc:
         return _fail(f"{exc.message} (field beamtime.{exc.field or 'window'})")
     path = record(u, window_id, _state(), args.user)

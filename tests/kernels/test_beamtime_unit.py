@@ -125,6 +125,30 @@ def test_plan_names_each_field_that_does_not_fit(tmp_path: Path) -> None:
     assert book.list("lcls01") == []
 
 
+def test_a_denied_window_creates_nothing(tmp_path: Path) -> None:
+    """Applied without --approve the window waits for an admin; denied, `open` skips the unit
+    (and never calls the gateway, which here does not exist)."""
+    dep = _deployment(tmp_path)
+    unit = tmp_path / "bt.yaml"
+    unit.write_text(UNIT.format(start="now", end="+1h"))
+    applied = _cli(tmp_path, "apply", str(unit), "--deployment", dep, "--as", "alice")
+    assert applied.returncode == 0, applied.stderr
+    assert "window 1 requested (an admin approves it)" in applied.stdout
+    nowhere = ("--gateway", "http://127.0.0.1:9/api/v1", "--dsn", "http://127.0.0.1:9")
+    waiting = _cli(tmp_path, "open", *nowhere)
+    assert waiting.returncode == 0 and "nothing due" in waiting.stdout  # not approved yet
+    book = ReservationBook(tmp_path / "res.sqlite")
+    [window] = book.list("lcls01")
+    assert window.requested_by == "alice" and window.status == "requested"
+    book.deny(window.id, "ops", "the beamline is down")
+    skipped = _cli(tmp_path, "open", *nowhere)
+    assert skipped.returncode == 0 and "skipped lcls01-w1: window 1 is denied" in skipped.stdout
+    again = _cli(tmp_path, "open", *nowhere)
+    assert "nothing due" in again.stdout
+    listed = _cli(tmp_path, "list", "--json")
+    assert [u["status"] for u in json.loads(listed.stdout)] == ["skipped"]
+
+
 @pytest.fixture(params=["local", "slurm"])
 def backend_kind(request: pytest.FixtureRequest) -> str:
     return request.param
