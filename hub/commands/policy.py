@@ -116,7 +116,13 @@ def _suite(policy) -> int:
             file=sys.stderr,
         )
         return 2
-    failed = failures(policy)
+    from beamhub.hub.gateway.policy import PolicyError
+
+    try:
+        failed = failures(policy)
+    except PolicyError as exc:
+        print(f"beamhub policy test: {exc}", file=sys.stderr)
+        return 2
     for line in failed:
         print(f"FAIL  {line}")
     print(f"{policy.source}: {len(policy.tests) - len(failed)}/{len(policy.tests)} tests pass")

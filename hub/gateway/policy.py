@@ -192,7 +192,8 @@ class Policy:
         self.rules = tuple(rules)
         self.version = version
         self.source = source
-        #: the file's own test cases (:mod:`beamhub.hub.gateway.policy_tests`)
+        #: the file's own test cases as written; :mod:`beamhub.hub.gateway.policy_tests` reads
+        #: and runs them
         self.tests = tuple(tests)
         # per action, the rules that cover it, in order: evaluation skips the glob matching
         self._by_action = {a: tuple(r for r in self.rules if r.covers(a)) for a in ACTIONS}
@@ -260,11 +261,9 @@ def parse_policy(doc: Any, where: str = "policy") -> Policy:
             raise PolicyError(f"{where}: rules[{i}]: duplicate rule id {rule.id!r}")
         seen.add(rule.id)
         rules.append(rule)
-    tests: tuple[Any, ...] = ()
-    if doc.get("tests") is not None:
-        from beamhub.hub.gateway.policy_tests import parse_cases
-
-        tests = parse_cases(doc["tests"], where)
+    tests = doc.get("tests") or ()
+    if not isinstance(tests, list | tuple):
+        raise PolicyError(f"{where}: field 'tests' must be a list of cases")
     return Policy(rules, POLICY_VERSION, where, tests)
 
 

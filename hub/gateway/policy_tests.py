@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from beamhub.hub.gateway.policy import ACTIONS, PolicyError, PolicyRequest
+
 __all__ = ["PolicyCase", "failures", "parse_cases"]
 
 _CASE_KEYS = {
@@ -44,8 +46,6 @@ class PolicyCase:
 
 
 def _words(value: Any, where: str, name: str) -> frozenset[str]:
-    from beamhub.hub.gateway.policy import PolicyError
-
     if value is None:
         return frozenset()
     if isinstance(value, str):
@@ -57,8 +57,6 @@ def _words(value: Any, where: str, name: str) -> frozenset[str]:
 
 def parse_cases(raw: Any, where: str) -> tuple[PolicyCase, ...]:
     """Validate the ``tests:`` list; every error names the case and field."""
-    from beamhub.hub.gateway.policy import ACTIONS, PolicyError, PolicyRequest
-
     if not isinstance(raw, list):
         raise PolicyError(f"{where}: field 'tests' must be a list of cases")
     cases = []
@@ -105,9 +103,10 @@ def parse_cases(raw: Any, where: str) -> tuple[PolicyCase, ...]:
 
 
 def failures(policy: Any) -> list[str]:
-    """Each of the policy's cases that does not get its expected decision, in words."""
+    """Each of the policy's cases that does not get its expected decision, in words; a malformed
+    case raises :class:`~beamhub.hub.gateway.policy.PolicyError` naming it."""
     failed = []
-    for case in policy.tests:
+    for case in parse_cases(list(policy.tests), policy.source or "policy"):
         decision = policy.evaluate(case.request)
         got = "allow" if decision.allow else "deny"
         if got != case.expect:
