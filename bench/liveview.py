@@ -73,19 +73,29 @@ def _drive(n={n}, rate={rate}):
         view.feed(replace(_results[k], seq=i, latency_s=0.005), _pool[k])
     _drive_done.set()
 
+_cpu0, _wall0 = time.process_time(), time.monotonic()  # the kernel's CPU while it streams
 threading.Thread(target=_drive, daemon=True).start()
+if {zoom_hz} and hasattr(view, "request_view"):  # a person zooming in and out on the image
+    def _zoom(n=int({zoom_hz} * {n} / {rate})):
+        for j in range(n):
+            time.sleep(1.0 / {zoom_hz})
+            s = 1024 >> (j % 4)
+            view.request_view(x0=0, x1=s, y0=0, y1=s, px=380)
+    threading.Thread(target=_zoom, daemon=True).start()
 """
 
 REPORT_CELL = """
-import json, threading
+import json, threading, time
 _drive_done.wait(60)
+_cpu, _wall = time.process_time() - _cpu0, time.monotonic() - _wall0
 view.stop()
 print(json.dumps({"updates": view.updates, "results_seen": view.results_seen,
                   "comm_messages": view.bokeh.messages_sent, "comm_bytes": view.bokeh.bytes_sent,
                   "flush_thread": view.last_flush_thread,
                   "main_thread": threading.main_thread().name,
                   "last_t": view.series_source.data["t"][-1:],
-                  "frames_shown": view.stats.frames}))
+                  "frames_shown": view.stats.frames,
+                  "kernel_cpu_s": _cpu, "kernel_wall_s": _wall}))
 """
 
 
@@ -341,16 +351,22 @@ def measure_liveview(
     *,
     via: str = "kernel",
     naive: bool = False,
+    zoom_hz: float = 0.0,
 ) -> dict[str, Any]:
     """Run a LiveView fed at ``rate_hz``; its iopub traffic while it streams.
 
     ``via="kernel"``: a kernel started with jupyter_client, messages read from iopub directly.
     ``via="server"``: a real ``jupyter_server`` (default rate limits) and its kernel websocket,
     so its own "IOPub message rate exceeded" warnings are seen if they happen. ``naive=True``:
-    the baseline, every figure patched on every frame from the feeding thread.
+    the baseline, every figure patched on every frame from the feeding thread. ``zoom_hz``:
+    a person changing the image's zoom that often (each change asks for a viewport tile).
+    Kernel CPU is the kernel process's CPU time over the feeding phase, as cores used.
     """
     n = int(seconds * rate_hz)
-    cells = [DRIVE_CELL.format(max_hz=max_hz, n=n, rate=rate_hz, naive=naive), REPORT_CELL]
+    cells = [
+        DRIVE_CELL.format(max_hz=max_hz, n=n, rate=rate_hz, naive=naive, zoom_hz=zoom_hz),
+        REPORT_CELL,
+    ]
     if via == "server":
         messages, outputs = asyncio.run(_run_via_server(cells, seconds + 1.0, 180.0))
     elif via == "kernel":
@@ -392,6 +408,8 @@ def measure_liveview(
             "rate_limit_window_s": RATE_LIMIT_WINDOW_S,
         },
         "server_rate_warnings": len(warnings) if via == "server" else None,
+        "zoom_hz": zoom_hz,
+        "kernel_cpu_cores": round(report["kernel_cpu_s"] / max(1e-9, report["kernel_wall_s"]), 3),
         "flushed_on": report["flush_thread"],
         "kernel_main_thread": report["main_thread"],
     }
@@ -407,8 +425,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-hz", type=float, default=10.0)
     parser.add_argument("--via", choices=("server", "kernel"), default="server")
     parser.add_argument("--naive", action="store_true", help="the unthrottled baseline")
+    parser.add_argument(
+        "--zoom-hz", type=float, default=0.0, help="image zoom changes per second (0: none)"
+    )
     args = parser.parse_args(argv)
-    out = measure_liveview(args.seconds, args.rate_hz, args.max_hz, via=args.via, naive=args.naive)
+    out = measure_liveview(
+        args.seconds,
+        args.rate_hz,
+        args.max_hz,
+        via=args.via,
+        naive=args.naive,
+        zoom_hz=args.zoom_hz,
+    )
     print(json.dumps(out) if args.json else json.dumps(out, indent=2))
     return 0
 

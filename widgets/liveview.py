@@ -241,6 +241,7 @@ class LiveView(w.VBox):
         self._shown: tuple[np.ndarray, FrameResult, float] | None = None
         self._any_hit = False
         self._view_dirty = False
+        self._pending_view: tuple[float, float, float, float] | None = None
         self._setting_contrast = False  # set while the view writes the automatic limits
         self.contrast: tuple[float, float] | None = None  # None: automatic
         self.tile: Tile | None = None  # the last tile drawn
@@ -434,13 +435,10 @@ class LiveView(w.VBox):
         if px:
             self.image_size = int(px)
 
-        def apply() -> None:
-            self.x_range.update(start=float(x0), end=float(x1))
-            self.y_range.update(start=float(y1), end=float(y0))  # row 0 at the top
-            self._view_dirty = True
-            self._request_flush()
-
-        self.loop.add_callback(apply)
+        # applied by the next update, in its one document patch (with the tile it asks for)
+        with self._lock:
+            self._pending_view = (float(x0), float(x1), float(y0), float(y1))
+        self._request_flush()
 
     def _draw_tile(self) -> Tile | None:
         """Cut the shown frame to the viewport at the plot's resolution; 1 byte per pixel."""
@@ -579,6 +577,7 @@ class LiveView(w.VBox):
             frames, peaks = self._since_flush
             self._since_flush = [0, 0]
             pending, self._pending_image = self._pending_image, None
+            zoom, self._pending_view = self._pending_view, None
             latest, latest_hit = self._latest, self._latest_hit
             now = time.monotonic()
             slow_due = now - self._last_slow >= 1.0 / self.image_hz
@@ -610,6 +609,10 @@ class LiveView(w.VBox):
                 self._image_shape = (h, w_)
                 self._shown = pending
                 overlay = self.image_result = pending[1]  # peaks found on the frame shown
+            if zoom is not None:
+                self.x_range.update(start=zoom[0], end=zoom[1])
+                self.y_range.update(start=zoom[3], end=zoom[2])  # row 0 at the top
+                self._view_dirty = True
             if pending is not None or self._view_dirty:
                 self._view_dirty = False
                 self._draw_tile()
@@ -673,6 +676,14 @@ class LiveView(w.VBox):
             ("last seq", "-" if shown is None else shown.seq),
             ("image", html.escape(self.image_shows)),
         ]
+        tile = self.tile
+        if tile is not None:  # what the zoom shows, and how finely
+            detail = (
+                "full resolution" if tile.block == 1 else f"{tile.block}x{tile.block} px per pixel"
+            )
+            cells.append(
+                ("in view", f"rows {tile.r0}-{tile.r1}, columns {tile.c0}-{tile.c1}, {detail}")
+            )
         if self.error:
             cells.append(("error", html.escape(self.error)))
         return f"<b>{html.escape(self.title)}</b> &nbsp; " + " &nbsp;·&nbsp; ".join(
