@@ -173,3 +173,21 @@ def test_policy_test_runs_the_files_own_tests(tmp_path: Path) -> None:
         check=False,
     )
     assert wrong.returncode == 2 and "tests[0]: field 'expect'" in wrong.stderr
+
+
+def test_policy_reload_reaches_the_gateway_of_a_real_stack(dev_stack) -> None:
+    """Under `beamhub up`, `beamhub policy reload` finds the gateway in the supervisor's
+    status.json, signals it and reads its answer; the stack's audit log holds the baseline."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BEAMHUB_")}
+    env["BEAMHUB_HOME"] = str(dev_stack.state)
+    reload = subprocess.run(
+        [BEAMHUB, "policy", "reload"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert reload.returncode == 0, reload.stdout + reload.stderr
+    assert "no change since the last reload" in reload.stdout
+    audit = dev_stack.state / "audit.jsonl"
+    baseline = [r for r in _audit(audit) if r["action"] == "config.baseline"]
+    assert len(baseline) == 1 and "policy " in baseline[0]["resource"]
+    assert str(dev_stack.config) in baseline[0]["resource"]
+    result = json.loads((dev_stack.state / "gateway-config" / "last-reload.json").read_text())
+    assert result["trigger"] == "SIGHUP" and result["changes"] == []
