@@ -279,7 +279,7 @@ def _dask_passes(
         factory = functools.partial(StreamConsumer, f"tcp://127.0.0.1:{port}", hwm=2)
         for r in range(repeats):
             for n in counts:
-                session = AnalysisSession(client, factory, workers=n, flush_interval_s=0.05)
+                session = AnalysisSession(client, factory, workers=n, flush_interval_s=0.1)
                 session.wait_ready(timeout=60)
                 connected, deadline = 0, time.monotonic() + 30
                 while connected < n:  # PUSH sends only to connected peers: wait for all n

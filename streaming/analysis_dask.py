@@ -66,8 +66,12 @@ STREAMING_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "16777216", "MALLOC_TRIM_THRES
 STREAMING_WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
 #: How long a worker task waits for its control thread to finish at shutdown.
 JOIN_TIMEOUT_S = 5.0
-#: Period of the client-side wait loop (a timed-out ``Queue.get`` logs an error on the scheduler).
+#: Shortest period of the client-side wait loop (a timed-out ``Queue.get`` logs an error on the
+#: scheduler, so the client polls). Each poll is a round trip to the scheduler: at 10 ms the
+#: notebook's process spent 0.13 cores just polling (issue 13), so a session polls at half its
+#: workers' flush interval, between this and ``MAX_POLL_PERIOD_S``.
 POLL_PERIOD_S = 0.01
+MAX_POLL_PERIOD_S = 0.05
 
 
 def result_to_wire(r: FrameResult) -> list[Any]:
@@ -255,6 +259,7 @@ class AnalysisSession:
         self.client = client
         self.name = name or f"beamhub-analysis-{uuid.uuid4().hex[:8]}"
         self.rev = 0
+        self.poll_period_s = min(MAX_POLL_PERIOD_S, max(POLL_PERIOD_S, flush_interval_s / 2))
         self.stats = stats or RunningStats()
         self.ready: set[int] = set()
         self.applied: dict[int, int] = {}
@@ -305,7 +310,7 @@ class AnalysisSession:
         deadline = time.monotonic() + timeout
         messages = self._results.get(batch=True)
         while not messages and time.monotonic() < deadline:
-            time.sleep(POLL_PERIOD_S)
+            time.sleep(self.poll_period_s)
             messages = self._results.get(batch=True)
         out: list[FrameResult] = []
         for message in messages:
