@@ -615,7 +615,7 @@ class Operations:
         )
 
 
-def _epoch(value: Any) -> float | None:
+def _window_epoch(value: Any) -> float | None:
     """A window's start or end: epoch seconds (the calendar) or ISO 8601 (beamhub.yaml)."""
     if isinstance(value, int | float):
         return float(value)
@@ -632,7 +632,7 @@ def maintenance_now_next(windows: Iterable[Mapping[str, Any]], now: float) -> di
         (start, end, w)
         for w in windows
         if w.get("state") != "cancelled"
-        for start, end in [(_epoch(w.get("start")), _epoch(w.get("end")))]
+        for start, end in [(_window_epoch(w.get("start")), _window_epoch(w.get("end")))]
         if start is not None and end is not None
     ]
     upcoming = sorted((t for t in timed if t[0] > now), key=lambda t: t[0])
