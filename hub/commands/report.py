@@ -298,7 +298,9 @@ def _sla(args: argparse.Namespace) -> int:
         if backend == "local":
             db = _scheduler_dir(args) / "local-jobs.sqlite"
             jobs = local_records(db, now) if db.exists() else []
-            sources["time_to_start"] = f"beamhub's own job records ({db})"
+            sources["time_to_start"] = f"beamhub's own job records ({db}" + (
+                ")" if db.exists() else ": none yet)"
+            )
         else:
             from beamhub.hub.reports.slurm_records import slurm_records
 
