@@ -664,13 +664,20 @@ class LiveView(w.VBox):
             "dh": [full_shape[0]],
         }
 
+    def _loss_cells(self, holes: int) -> list[tuple[str, Any]]:
+        """Seq holes are lost frames, except those a freshest-frame reader skipped on purpose."""
+        skipped = getattr(getattr(self, "consumer", None), "skipped_stale", 0)
+        if not getattr(self, "latest", False) or not isinstance(skipped, int):
+            return [("lost", holes)]
+        return [("lost", max(0, holes - skipped)), ("skipped (stale)", skipped)]
+
     def _info_html(self, snap: dict[str, Any], shown: FrameResult | None) -> str:
         p50 = snap["latency_p50_ms"]
         cells = [
             ("frames", snap["frames"]),
             ("hit rate", f"{snap['hit_rate']:.1%}"),
             ("peaks/frame", f"{snap['peaks_per_frame']:.1f}"),
-            ("lost", snap["lost"]),
+            *self._loss_cells(snap["lost"]),
             ("latency p50", "-" if p50 is None else f"{p50:.0f} ms"),
             ("source rev", "-" if shown is None else shown.source_rev),
             ("last seq", "-" if shown is None else shown.seq),

@@ -188,6 +188,10 @@ def test_from_dsn_work_face_and_a_monitor_view_alongside() -> None:
             # the only work consumer: a seq gap is a frame the source itself dropped (its queue
             # was full), never one lost between the DSN and this view
             assert work.stats.lost() <= stack.runner.stats()["dropped_at_source"]
+            # the monitor view reads the freshest frame: what it skipped is shown as such
+            assert watch.latest and not work.latest
+            wait_for(lambda: "skipped (stale): <b>" in watch.info.text, what="skip count")
+            assert "skipped (stale)" not in work.info.text
         finally:
             watch.close()
             work.close()
