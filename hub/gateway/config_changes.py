@@ -194,13 +194,16 @@ class ConfigWatch:
         said = str(data.get("user", "")) if isinstance(data, dict) else ""
         return owner if not said or said == owner else f"{owner} (says {said})"
 
-    def reload(self, gateway: Any, trigger: str) -> dict[str, Any]:
-        """Audit each change; swap in a changed policy if it passes its tests; save the rest."""
+    def reload(self, gateway: Any, trigger: str, requester: str | None = None) -> dict[str, Any]:
+        """Audit each change; swap in a changed policy if it passes its tests; save the rest.
+        ``requester``: who asked (the admin token's subject for the API); else the request file
+        of `beamhub policy reload`, if any."""
         from beamhub.hub.gateway.policy import PolicyError, load_policy
         from beamhub.hub.gateway.policy_tests import failures
 
         first = not self.has_snapshot()
-        requester = self.requester() if trigger != "start" else None
+        if requester is None and trigger != "start":
+            requester = self.requester()
         changes = [] if first else self.changes()
         refused: list[str] = []
         result: dict[str, Any] = {"time": time.time(), "trigger": trigger, "changes": []}

@@ -172,6 +172,7 @@ class Operations:
             "maintenance": {"GET": self.maintenance_list, "POST": self.maintenance_add},
             "maintenance_cancel": {"POST": self.maintenance_cancel},
             "calendar": {"GET": self.calendar},
+            "config_reload": {"POST": self.config_reload},
         }
 
     async def run(self, name: str, ctx: RequestContext) -> Result:
@@ -613,6 +614,22 @@ class Operations:
             icalendar_feed(maintenance, beamtime, f"beamhub-{self.gw.enclave}"),
             "text/calendar; charset=utf-8",
         )
+
+    async def config_reload(self, ctx: RequestContext) -> Result:
+        """The reload SIGHUP does (hub/gateway/config_changes.py), naming the admin token's
+        subject as who asked."""
+        watch = getattr(self.gw, "config_watch", None)
+        if watch is None:
+            raise ApiError(
+                503,
+                "config_not_watched",
+                "this gateway watches no configuration files; run it as `beamhub up` does "
+                "(python -m beamhub.hub.gateway.service)",
+            )
+        assert ctx.claims is not None
+        who = f"{ctx.claims.sub} (admin token {ctx.claims.jti})"
+        result = await asyncio.to_thread(watch.reload, self.gw, "api", who)
+        return (409 if result["refused"] else 200), result
 
 
 def _window_epoch(value: Any) -> float | None:

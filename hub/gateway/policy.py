@@ -46,6 +46,7 @@ ACTIONS = frozenset(
         "reservations.approve",
         "maintenance.read",
         "maintenance.manage",
+        "config.reload",
     }
 )
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 
 from beamhub.hub.gateway.audit import verify_log
 from beamhub.hub.gateway.config_changes import diff_summary
@@ -25,6 +26,8 @@ from tests.hub.hubstack import BEAMHUB
 pytestmark = pytest.mark.timeout(120)
 
 ME = pwd.getpwuid(os.getuid()).pw_name
+#: the shipped policy's own tests, counted from the file
+CASES = len(yaml.safe_load(DEFAULT_POLICY_PATH.read_text())["tests"])
 DENY_P9 = """
   - id: p9-frozen
     effect: deny
@@ -129,7 +132,7 @@ def test_reload_records_changes_and_refuses_a_policy_that_fails_its_tests(tmp_pa
         changes = [r for r in _audit(audit) if r["action"] == "config.change"]
         by_kind = {r["resource"].split()[0]: r for r in changes}
         assert set(by_kind) == {"policy", "deployment"}, changes
-        assert "live, 7 policy tests pass" in by_kind["policy"]["reason"]
+        assert f"live, {CASES} policy tests pass" in by_kind["policy"]["reason"]
         assert by_kind["deployment"]["reason"] == "+1 -1 lines; changed gateway.rate_per_s"
         assert "70" not in by_kind["deployment"]["reason"]
 
@@ -148,7 +151,7 @@ def test_policy_test_runs_the_files_own_tests(tmp_path: Path) -> None:
     ok = subprocess.run(
         [BEAMHUB, "policy", "test"], capture_output=True, text=True, timeout=60, check=False
     )
-    assert ok.returncode == 0 and "7/7 tests pass" in ok.stdout, ok.stdout + ok.stderr
+    assert ok.returncode == 0 and f"{CASES}/{CASES} tests pass" in ok.stdout, ok.stdout + ok.stderr
     bad = tmp_path / "p.yaml"
     bad.write_text(DEFAULT_POLICY_PATH.read_text().replace("\ntests:", BREAKS_STATUS + "\ntests:"))
     failed = subprocess.run(
@@ -158,7 +161,7 @@ def test_policy_test_runs_the_files_own_tests(tmp_path: Path) -> None:
         timeout=60,
         check=False,
     )
-    assert failed.returncode == 1 and "6/7 tests pass" in failed.stdout
+    assert failed.returncode == 1 and f"{CASES - 1}/{CASES} tests pass" in failed.stdout
     assert "FAIL  anyone reads the facility status" in failed.stdout
     typo = tmp_path / "typo.yaml"
     typo.write_text(
@@ -191,3 +194,48 @@ def test_policy_reload_reaches_the_gateway_of_a_real_stack(dev_stack) -> None:
     assert str(dev_stack.config) in baseline[0]["resource"]
     result = json.loads((dev_stack.state / "gateway-config" / "last-reload.json").read_text())
     assert result["trigger"] == "SIGHUP" and result["changes"] == []
+
+
+async def test_reload_over_the_api_names_the_admin(tmp_path: Path) -> None:
+    """`POST /config/reload` with a facility admin's token: the record names the token's subject;
+    a member's admin-scoped token is refused by policy; a failing policy is a 409."""
+    from beamhub.hub.gateway.config_changes import ConfigWatch
+    from beamhub.hub.gateway.policy import load_policy
+    from tests.hub.gateway_helpers import call, running_gateway
+
+    keys = Keys()
+    policy = tmp_path / "policy.yaml"
+    shipped = DEFAULT_POLICY_PATH.read_text()
+    policy.write_text(shipped)
+    async with running_gateway(keys, tmp_path, policy=load_policy(policy)) as s:
+        admin = keys.token("admin", "facility", "admin")
+        code, body, _ = await call(s.url, "POST", "/config/reload", admin)
+        assert code == 503 and body["reason"] == "config_not_watched"
+        watch = ConfigWatch([("policy", policy)], tmp_path / "gateway-config")
+        s.gateway.config_watch = watch
+        watch.reload(s.gateway, "start")
+
+        policy.write_text(shipped.replace("\ntests:", DENY_P9 + "\ntests:"))
+        member = keys.token("alice", "p1", "admin")
+        code, body, _ = await call(s.url, "POST", "/config/reload", member)
+        assert code == 403 and body["reason"] == "policy", body
+        code, body, _ = await call(s.url, "POST", "/config/reload", admin)
+        assert code == 200 and body["refused"] == [], body
+        [change] = body["changes"]
+        assert change["outcome"] == "allow" and change["kind"] == "policy"
+        who = rf"{ME} \(uid {os.getuid()}\); reload by admin \(admin token [\w-]+\)"
+        assert re.fullmatch(who, change["who"]), change["who"]
+        assert "p9-frozen" in [r.id for r in s.gateway.policy.rules]  # live
+
+        policy.write_text(shipped.replace("\ntests:", BREAKS_STATUS + "\ntests:"))
+        code, body, _ = await call(s.url, "POST", "/config/reload", admin)
+        assert code == 409 and body["refused"] == [str(policy.resolve())], body
+        assert "p9-frozen" in [r.id for r in s.gateway.policy.rules]  # the running one stays
+        # besides the gateway's record of each request (action config.reload, rule of the policy)
+        records = [r for r in _audit(s.audit_path) if str(r["rule"]).startswith("reload:")]
+        assert [(r["action"], r["outcome"]) for r in records] == [
+            ("config.baseline", "allow"),
+            ("config.change", "allow"),
+            ("config.reload", "deny"),
+        ]
+        assert all("reload by admin (admin token" in r["user"] for r in records[1:])
