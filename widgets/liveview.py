@@ -369,8 +369,15 @@ class LiveView(w.VBox):
         prof.line("r", "intensity", source=self.profile_source, color="#2ca02c")
         self.image_shows = "waiting for a frame"
         self.title = title
-        self.info = Div(text=f"<b>{html.escape(title)}</b>: waiting for frames", width=860)
-        self.runs_div = Div(text="", width=860)
+        # fixed sizes: text that changes 10 times a second must not move what is around it
+        # (a person clicking the steering panel above; its slider must stand still)
+        self.info = Div(
+            text=f"<b>{html.escape(title)}</b>: waiting for frames",
+            width=860,
+            height=56,
+            styles={"overflow": "hidden"},
+        )
+        self.runs_div = Div(text="", width=860, height=110, styles={"overflow-y": "auto"})
         controls = row(
             self.palette_select, self.auto_contrast, self.contrast_low, self.contrast_high
         )

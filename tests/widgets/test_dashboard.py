@@ -6,6 +6,7 @@ the dashboard as a hub service); users log in through the real OpenID provider w
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -157,6 +158,53 @@ def test_viewer_sees_live_numbers_and_no_controls(stack: RunningStack) -> None:
     fields = re.findall(r"<(?:input|select)\b[^>]*>", page)
     assert fields and all("view-control" in f for f in fields), fields
     assert vera.get(_dashboard(stack) + "static/js/bokeh.min.js", timeout=20).status_code == 200
+
+
+def test_image_tiles_and_frame_export_over_http(stack: RunningStack) -> None:
+    """What the page's zoom and export links fetch: binary tiles of the shown frame, per-frame
+    CSV/HDF5 of a run, and errors that name the field."""
+    vera = _session(stack, "vera")
+    stream = _poll(
+        "a frame shown", lambda: (s := _detector_stream(vera, stack))["shown"] and s, timeout=20
+    )
+    channel, shown = stream["channel"], stream["shown"]
+    assert (shown["height"], shown["width"]) == (64, 64)
+    base = _dashboard(stack) + "p/p-1001/"
+    r = vera.get(
+        base + "tile",
+        params={"channel": channel, "x0": 8, "x1": 40, "y0": 0, "y1": 64, "px": 16},
+        timeout=10,
+    )
+    assert r.status_code == 200 and r.headers["Content-Type"] == "application/octet-stream"
+    assert r.headers["X-Tile-Box"] == "0,8,64,40" and r.headers["X-Tile-Block"] == "4"
+    assert r.headers["X-Tile-Shape"] == "16,8" and len(r.content) == 16 * 8 * 4  # float32
+    frame = json.loads(r.headers["X-Frame"])
+    assert frame["seq"] >= shown["seq"] and frame["height"] == 64
+    for params, field in (
+        ({"x0": 0, "x1": 64, "y0": 0, "y1": 64}, "px"),
+        ({"x0": 0, "x1": 64, "y0": 0, "y1": 64, "px": 99999}, "px"),
+        ({"x0": "left", "x1": 64, "y0": 0, "y1": 64, "px": 64}, "x0"),
+        ({"x0": 0, "x1": 64, "y0": 0, "y1": 64, "px": 64, "seq": "last"}, "seq"),
+    ):
+        bad = vera.get(base + "tile", params={"channel": channel, **params}, timeout=10)
+        assert bad.status_code == 400 and bad.json()["field"] == field, (params, bad.text)
+        jsonschema.validate(bad.json(), ERROR_SCHEMA)
+    gone = vera.get(
+        base + "tile",
+        params={"channel": "ch-nope", "x0": 0, "x1": 1, "y0": 0, "y1": 1, "px": 16},
+        timeout=10,
+    )
+    assert gone.status_code == 404 and gone.json()["field"] == "channel"
+    run = stream["runs"][-1]["run"]
+    r = vera.get(base + "frames.csv", params={"channel": channel, "run": run}, timeout=10)
+    assert r.status_code == 200 and f"-run{run}-frames.csv" in r.headers["Content-Disposition"]
+    lines = r.text.splitlines()
+    assert lines[0] == "seq,run,time_unix,hit,n_peaks,source_rev" and len(lines) > 1
+    assert {line.split(",")[1] for line in lines[1:]} == {str(run)}
+    r = vera.get(base + "frames.h5", params={"channel": channel}, timeout=10)
+    assert r.status_code == 200 and r.content[:8] == b"\x89HDF\r\n\x1a\n"
+    bad = vera.get(base + "frames.csv", params={"channel": channel, "run": "x"}, timeout=10)
+    assert bad.status_code == 400 and bad.json()["field"] == "run"
 
 
 def test_operator_sees_the_steering_section(stack: RunningStack) -> None:
