@@ -313,16 +313,32 @@ def _decode_binary(raw: bytes) -> FrameHeader:
     return _new_header(stream, seq, t_ns, _CODE_INFO[code][0], shape, run, rev, meta, batch)
 
 
+#: Binary headers already validated, by all their bytes but seq and t_ns (8..24): a producer's
+#: headers differ only there, so the gateway validates its layout once and then reads seq.
+#: Only small headers without meta; bounded (cleared when full).
+_CHECKED: dict[bytes, tuple[str, int, int, int]] = {}
+_CHECKED_MAX = 1024
+_CHECKED_KEY_MAX = 256
+_U64 = struct.Struct("<Q")
+
+
 def check_message(raw: bytes, nbytes: int, max_bytes: int) -> tuple[str, int, int, int]:
     """The L7 gateway's check of one message: ``(stream, seq, run, batch)`` or a DecodeError.
 
     The same checks and reasons as :func:`decode_header` + :func:`check_payload` (the fuzz tests
-    hold them equal). A binary header without meta takes a fast path: one unpack, integer checks,
-    no FrameHeader; anything it does not accept goes to the full decoder, which names the reason.
+    hold them equal). A binary header without meta takes a fast path: one unpack and integer
+    checks, no FrameHeader, and for a layout seen before only the payload size and seq; anything
+    it does not accept goes to the full decoder, which names the reason.
     """
-    if raw[:1] == b"\xb7" and len(raw) <= MAX_HEADER_BYTES:
-        ndim = raw[3] if len(raw) > 3 else 255
-        if ndim <= MAX_NDIM:
+    if raw[:1] == b"\xb7":
+        key = raw[:8] + raw[24:]
+        hit = _CHECKED.get(key)
+        if hit is not None:
+            stream, run, batch, expected = hit
+            if expected <= max_bytes and nbytes == expected:
+                return stream, _U64.unpack_from(raw, 8)[0], run, batch
+        elif len(raw) <= _CHECKED_KEY_MAX and raw[3:4] and raw[3] <= MAX_NDIM:
+            ndim = raw[3]
             try:
                 fields = _BIN_ND[ndim].unpack_from(raw)
             except struct.error:
@@ -339,12 +355,17 @@ def check_message(raw: bytes, nbytes: int, max_bytes: int) -> tuple[str, int, in
                     and code < len(_CODE_INFO)
                     and 1 <= batch <= MAX_BATCH
                 ):
-                    expected = math.prod(fields[12:]) * _CODE_INFO[code][1] * batch
-                    if expected <= max_bytes and nbytes == expected:
-                        try:
-                            return raw[at:].decode(), seq, run, batch
-                        except UnicodeDecodeError:
-                            pass  # the full decoder names it
+                    try:
+                        stream = raw[at:].decode()
+                    except UnicodeDecodeError:
+                        stream = ""  # the full decoder names it
+                    if stream:
+                        expected = math.prod(fields[12:]) * _CODE_INFO[code][1] * batch
+                        if len(_CHECKED) >= _CHECKED_MAX:
+                            _CHECKED.clear()
+                        _CHECKED[key] = (stream, run, batch, expected)
+                        if expected <= max_bytes and nbytes == expected:
+                            return stream, seq, run, batch
     header = decode_header(raw)
     check_payload(header, nbytes, max_bytes)
     return header.stream, header.seq, header.run, header.batch

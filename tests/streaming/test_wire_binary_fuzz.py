@@ -87,9 +87,17 @@ def fast_check(raw: bytes, nbytes: int, max_bytes: int):
 
 
 def assert_agree(raw: bytes, nbytes: int, max_bytes: int = 1 << 16):
-    """check_message (the gateway's) and the full decoder give the same outcome."""
+    """check_message (the gateway's) and the full decoder give the same outcome.
+
+    Twice (the second time a valid layout comes from check_message's cache), then with a payload
+    a byte longer and a limit a byte lower, which the cached layout must refuse as the decoder does.
+    """
     expected = full_check(raw, nbytes, max_bytes)
     assert fast_check(raw, nbytes, max_bytes) == expected
+    assert fast_check(raw, nbytes, max_bytes) == expected
+    assert fast_check(raw, nbytes + 1, max_bytes) == full_check(raw, nbytes + 1, max_bytes)
+    tight = max(nbytes - 1, 0)
+    assert fast_check(raw, nbytes, tight) == full_check(raw, nbytes, tight)
     return expected
 
 
@@ -151,6 +159,16 @@ def test_arbitrary_field_values_give_the_same_outcome_both_ways(
         itemsize = np.dtype(DTYPE_CODES[code]).itemsize
         assert math.prod(dims[:ndim]) * itemsize * batch == nbytes
         assert result == (stream.decode(), seq, run, batch)
+
+
+@FUZZ
+@given(seqs=st.lists(st.tuples(U64, U64), min_size=1, max_size=5), run=U64)
+def test_a_cached_layout_still_reads_each_message_seq(seqs, run):
+    pack = binary_header_packer("cache-test", "<u2", (4, 3), batch=2, run=run)
+    for seq, t_ns in seqs:
+        raw = pack(seq, t_ns)
+        assert check_message(raw, 48, 1 << 10) == ("cache-test", seq, run, 2)
+        assert full_check(raw, 48, 1 << 10) == ("cache-test", seq, run, 2)
 
 
 @pytest.mark.parametrize(
