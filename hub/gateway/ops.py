@@ -629,7 +629,15 @@ class Operations:
         assert ctx.claims is not None
         who = f"{ctx.claims.sub} (admin token {ctx.claims.jti})"
         result = await asyncio.to_thread(watch.reload, self.gw, "api", who)
-        return (409 if result["refused"] else 200), result
+        if result["refused"]:
+            reasons = [c["reason"] for c in result["changes"] if c["outcome"] == "deny"]
+            raise ApiError(
+                409,
+                "policy_refused",
+                "the changed policy was refused, the running policy stays: " + " | ".join(reasons),
+                changes=result["changes"],
+            )
+        return 200, result
 
 
 def _window_epoch(value: Any) -> float | None:

@@ -229,7 +229,9 @@ async def test_reload_over_the_api_names_the_admin(tmp_path: Path) -> None:
 
         policy.write_text(shipped.replace("\ntests:", BREAKS_STATUS + "\ntests:"))
         code, body, _ = await call(s.url, "POST", "/config/reload", admin)
-        assert code == 409 and body["refused"] == [str(policy.resolve())], body
+        assert code == 409 and body["reason"] == "policy_refused", body
+        assert "anyone reads the facility status: expected allow, got deny" in body["message"]
+        assert [c["path"] for c in body["changes"]] == [str(policy.resolve())]
         assert "p9-frozen" in [r.id for r in s.gateway.policy.rules]  # the running one stays
         # besides the gateway's record of each request (action config.reload, rule of the policy)
         records = [r for r in _audit(s.audit_path) if str(r["rule"]).startswith("reload:")]
