@@ -277,6 +277,7 @@ def measure_steering(
             stale1, fresh1 = feedback.skipped_stale, feedback.skipped_fresh
             phase.collect_work(work)
             work_consumer = work.consumer.stats()
+            src_end = stack.source_stats()  # after: covers every gap the work consumer saw
         finally:
             feedback.stop()
             work.stop()
@@ -316,6 +317,10 @@ def measure_steering(
             "feedback_skipped_stale": stale1 - stale0,
             "feedback_skipped_fresh": fresh1 - fresh0,
             "feedback_hz": feedback_hz,
+        },
+        "source": {  # totals since the start (the work consumer's "lost" counts these gaps)
+            "frames_sent": src_end["frames_sent"],
+            "dropped_at_source": src_end["dropped_at_source"],
         },
         "frame_bytes": shape[0] * shape[1] * 4,
         "dsn_mode": mode or "template default",
