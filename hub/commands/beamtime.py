@@ -237,7 +237,8 @@ def _apply(args: argparse.Namespace) -> int:
         if args.approve:
             book.approve(window_id, getpass.getuser())
     except SchedulerError as exc:
-        return _fail(f"{exc.message} (field beamtime.{exc.field or 'window'})")
+        where = {"start": "window.start", "end": "window.end"}.get(exc.field or "", exc.field)
+        return _fail(f"{exc.message} (field beamtime.{where or 'window'})")
     path = record(u, window_id, _state(), args.user)
     state = "approved" if args.approve else "requested (an admin approves it)"
     print(f"window {window_id} {state}; unit recorded in {path}")
