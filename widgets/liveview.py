@@ -390,10 +390,26 @@ class LiveView(w.VBox):
         self._view_dirty = True
         self._request_flush()
 
-    def _contrast_changed(self, _attr: str, _old: Any, _new: Any) -> None:
+    def _contrast_changed(self, attr: str, _old: Any, _new: Any) -> None:
+        """A person typed a limit (manual from now on) or ticked automatic contrast."""
         if self._setting_contrast:
             return
-        self.contrast = None if self.auto_contrast.active else self._manual_limits()
+        limits = None
+        if attr == "value":  # a spinner: manual limits, if they make sense
+            limits = self._manual_limits()
+            if limits is None:
+                return
+            self._setting_contrast = True
+            try:
+                self.auto_contrast.active = False
+            finally:
+                self._setting_contrast = False
+        elif not self.auto_contrast.active:
+            limits = self._manual_limits()
+        new = None if self.auto_contrast.active else limits
+        if new == self.contrast:
+            return
+        self.contrast = new
         self._view_dirty = True
         self._request_flush()
 
@@ -459,14 +475,9 @@ class LiveView(w.VBox):
             tile = viewport_tile(data, x0=x0, x1=x1, y0=y0, y1=y1, px=self.image_size)
         except ValueError:  # panned off the detector: show the whole of it again
             tile = viewport_tile(data, x0=0, x1=w_, y0=0, y1=h, px=self.image_size)
+        # automatic limits show on the colour bar only: the kernel never writes the spinners
+        # per tile (a browser widget that re-formats a value would send it back, for ever)
         low, high = self.contrast or (tile.low, tile.high)
-        if self.contrast is None:
-            self._setting_contrast = True
-            try:
-                self.contrast_low.value = round(low, 3)
-                self.contrast_high.value = round(high, 3)
-            finally:
-                self._setting_contrast = False
         scale = 255.0 / (high - low)
         pixels = np.clip((tile.data - low) * scale, 0, 255).astype(np.uint8)
         rows, cols = pixels.shape

@@ -173,6 +173,18 @@ def test_liveview_zooms_into_the_last_hit_with_contrast_and_markers(hit_frame, t
         view.set_contrast(0.0, float(frame.data.max()) * 10)
         _wait(lambda: view.image_source.data["image"][0][16, 16] < 40, "the new contrast")
         assert view.scale_mapper.high == pytest.approx(float(frame.data.max()) * 10)
+        # a person types limits into the spinners (as the browser sends them): manual contrast
+        view.set_contrast()  # automatic again
+        _wait(lambda: view.contrast is None and view.auto_contrast.active, "automatic contrast")
+
+        def typed() -> None:
+            view.contrast_low.value = 1.0
+            view.contrast_high.value = 2.0
+
+        view.loop.add_callback(typed)
+        _wait(lambda: view.contrast == (1.0, 2.0), "the typed limits")
+        assert view.auto_contrast.active is False
+        _wait(lambda: view.scale_mapper.high == 2.0, "the colour bar at the typed limits")
         with pytest.raises(ValueError, match=r"^low: 5 must be below high"):
             view.set_contrast(5, 1)
         with pytest.raises(ValueError, match=r"^palette: 'Jet' is not one of"):
