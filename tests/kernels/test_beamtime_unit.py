@@ -111,6 +111,19 @@ def test_plan_names_each_field_that_does_not_fit(tmp_path: Path) -> None:
         "beamtime.stream.template: 'moderate' is not the template of enclave 'dev'" in other.stdout
     )
 
+    # a moderate enclave's DSN encrypts every channel: an unencrypted stream is refused
+    moderate = tmp_path / "moderate"
+    moderate.mkdir()
+    mdep = _deployment(moderate, "enclave: moderate\nhub: {port: 0}\ntokens: {ttl: 300}\n")
+    unit.write_text(
+        UNIT.format(start="+1h", end="+3h").replace("mode: l7", "mode: l7, encryption: false")
+    )
+    plain = _cli(tmp_path, "plan", str(unit), "--deployment", mdep, "--json")
+    assert plain.returncode == 1, plain.stderr
+    plan = json.loads(plain.stdout)
+    assert plan["enclave"] == "moderate" and plan["template"].endswith("moderate.yaml")
+    assert [p["field"] for p in plan["problems"]] == ["beamtime.stream.encryption"]
+
     # the maintenance calendar: a window over maintenance of what beamtime needs
     unit.write_text(UNIT.format(start="+1h", end="+3h"))
     book = ReservationBook(tmp_path / "res.sqlite")
