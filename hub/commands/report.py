@@ -358,5 +358,12 @@ def _sla_text(report: dict[str, Any]) -> str:
             f"  {tier:<12} p90 {p90:>8}  target {target:>6}  ({t['jobs']} jobs)  "
             f"{_verdict(t['met'])}"
         )
-    lines += ["", "all targets met" if report["met"] else "some targets MISSED"]
+    lines += [
+        "",
+        {
+            True: "all targets met",
+            False: "some targets MISSED",
+            None: "no data: nothing recorded in the period to compare with the targets",
+        }[report["met"]],
+    ]
     return "\n".join(lines)

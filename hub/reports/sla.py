@@ -181,7 +181,8 @@ def sla_report(
         "sources": dict(sources or {}),
         "services": services,
         "time_to_start": tiers,
-        "met": all(v is not False for v in verdicts),
+        # None: nothing measured to hold against a target (no record in the period yet)
+        "met": None if all(v is None for v in verdicts) else all(v is not False for v in verdicts),
     }
 
 

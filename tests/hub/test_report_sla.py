@@ -260,3 +260,18 @@ def test_bad_input_is_refused_naming_what_was_wrong(
         check=False,
     )
     assert out.returncode == 2 and words in out.stderr, out.stderr
+
+
+def test_nothing_recorded_is_no_data_not_met(tmp_path: Path) -> None:
+    """A fresh deployment has no uptime or job record: the report must not claim targets met."""
+    config = tmp_path / "beamhub.yaml"
+    config.write_text("service_levels: {uptime_pct: 99.5}\n")
+    report = _report(tmp_path / "state", config, "--since", "7d", "--no-prometheus")
+    assert report["services"] == [] and report["met"] is None
+    assert all(t["met"] is None for t in report["time_to_start"].values())
+    text = subprocess.run(
+        [BEAMHUB, "report", "--state-dir", str(tmp_path / "state"), "--config", str(config),
+         "sla", "--since", "7d", "--no-prometheus"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    assert "no data: nothing recorded" in text and "targets met" not in text
