@@ -320,15 +320,17 @@ _CHECKED: dict[bytes, tuple[str, int, int, int]] = {}
 _CHECKED_MAX = 1024
 _CHECKED_KEY_MAX = 256
 _U64 = struct.Struct("<Q")
+_NO_META: dict[str, Any] = {}
 
 
 def check_message(raw: bytes, nbytes: int, max_bytes: int) -> tuple[str, int, int, int]:
     """The L7 gateway's check of one message: ``(stream, seq, run, batch)`` or a DecodeError.
 
     The same checks and reasons as :func:`decode_header` + :func:`check_payload` (the fuzz tests
-    hold them equal). A binary header without meta takes a fast path: one unpack and integer
-    checks, no FrameHeader, and for a layout seen before only the payload size and seq; anything
-    it does not accept goes to the full decoder, which names the reason.
+    hold them equal). A header without meta takes a fast path, no FrameHeader built: a binary one
+    one unpack and integer checks (for a layout seen before, only the payload size and seq), a
+    JSON one the parse and inline field checks; anything a fast path does not accept goes to the
+    full decoder, which names the reason.
     """
     if raw[:1] == b"\xb7":
         key = raw[:8] + raw[24:]
@@ -366,9 +368,73 @@ def check_message(raw: bytes, nbytes: int, max_bytes: int) -> tuple[str, int, in
                         _CHECKED[key] = (stream, run, batch, expected)
                         if expected <= max_bytes and nbytes == expected:
                             return stream, seq, run, batch
+    elif len(raw) <= MAX_HEADER_BYTES:
+        fast = _check_json(raw, nbytes, max_bytes)
+        if fast is not None:
+            return fast
     header = decode_header(raw)
     check_payload(header, nbytes, max_bytes)
     return header.stream, header.seq, header.run, header.batch
+
+
+def _check_json(raw: bytes, nbytes: int, max_bytes: int) -> tuple[str, int, int, int] | None:
+    """check_message's JSON fast path: the result for a valid message without meta, else None.
+
+    The same conditions as decode_header + check_payload, without a FrameHeader or a call per
+    field; whatever it does not accept (including anything with meta, which is parsed exactly)
+    goes to the full decoder, which names the reason.
+    """
+    try:
+        body = _fast_loads(raw)
+    except ValueError:
+        return None
+    if body.__class__ is not dict:
+        return None
+    meta = body.get("meta", _NO_META)
+    if meta.__class__ is not dict or meta:
+        return None
+    get = body.get
+    version, stream, dtype, shape = get("v"), get("stream"), get("dtype"), get("shape")
+    if (
+        version.__class__ is not int
+        or version != WIRE_VERSION
+        or stream.__class__ is not str
+        or not stream
+        or dtype.__class__ is not str
+        or shape.__class__ is not list
+        or len(shape) > MAX_NDIM
+    ):
+        return None
+    info = _DTYPE_CACHE.get(dtype)
+    batch, seq, t_ns, run, rev = (
+        get("batch", 1),
+        get("seq", 0),
+        get("t_ns", 0),
+        get("run", 0),
+        get("rev", 0),
+    )
+    if (
+        info is None
+        or batch.__class__ is not int
+        or seq.__class__ is not int
+        or t_ns.__class__ is not int
+        or run.__class__ is not int
+        or rev.__class__ is not int
+        or not 1 <= batch <= MAX_BATCH
+        or not 0 <= seq < _INT_LIMIT
+        or not 0 <= t_ns < _INT_LIMIT
+        or not 0 <= run < _INT_LIMIT
+        or not 0 <= rev < _INT_LIMIT
+    ):
+        return None
+    expected = batch * info[1]
+    for n in shape:
+        if n.__class__ is not int or n < 0:
+            return None
+        expected *= n
+    if expected > max_bytes or nbytes != expected:
+        return None
+    return stream, seq, run, batch
 
 
 def decode_header(raw: bytes | memoryview) -> FrameHeader:

@@ -1,6 +1,6 @@
 """The binary header layout under fuzzing: any input gives a header or a DecodeError with a known
 reason; valid headers round-trip and equal their JSON form; the L7 gateway's fast check
-(``check_message``) agrees with the full decoder on every input."""
+(``check_message``) agrees with the full decoder on every input, binary or JSON."""
 
 from __future__ import annotations
 
@@ -169,6 +169,88 @@ def test_a_cached_layout_still_reads_each_message_seq(seqs, run):
         raw = pack(seq, t_ns)
         assert check_message(raw, 48, 1 << 10) == ("cache-test", seq, run, 2)
         assert full_check(raw, 48, 1 << 10) == ("cache-test", seq, run, 2)
+
+
+def json_header(**override) -> dict:
+    body = {"v": 1, "stream": "det", "seq": 7, "t_ns": 123, "dtype": "<f4", "shape": [2, 3]}
+    body.update(override)
+    return body
+
+
+@FUZZ
+@given(
+    field=st.sampled_from(
+        ["v", "stream", "seq", "t_ns", "dtype", "shape", "run", "rev", "meta", "batch"]
+    ),
+    value=json_values | U64 | st.integers(2**64 - 2, 2**64 + 2) | st.sampled_from(["<u2", ">f8"]),
+    drop=st.sampled_from([None, "v", "seq", "meta", "shape"]),
+    nbytes=st.sampled_from([0, 23, 24, 25, 48, 4096]),
+)
+def test_json_headers_give_the_same_outcome_both_ways(field, value, drop, nbytes):
+    body = json_header(**{field: value})
+    body.pop(drop, None)
+    result = assert_agree(json.dumps(body).encode(), nbytes)
+    if isinstance(result, tuple):
+        assert result == (
+            body["stream"],
+            body.get("seq", 0),
+            body.get("run", 0),
+            body.get("batch", 1),
+        )
+
+
+@pytest.mark.parametrize(
+    ("override", "nbytes", "reason"),
+    [
+        *[({f: v}, 24, "bad_field") for f in ("seq", "t_ns", "run", "rev")
+          for v in (-1, 2**64, True, 1.0, "1", None)],
+        *[({f: 2**64 - 1}, 24, None) for f in ("seq", "t_ns", "run", "rev")],
+        ({"shape": [2.0, 3]}, 24, "shape"),
+        ({"shape": [2, True, 3]}, 24, "shape"),
+        ({"shape": [0, -1]}, 0, "shape"),
+        ({"shape": [1] * 9}, 4, "shape"),
+        ({"shape": "[2, 3]"}, 24, "shape"),
+        ({"batch": 0}, 0, "bad_field"),
+        ({"batch": True}, 24, "bad_field"),
+        ({"batch": 2}, 48, None),
+        ({"v": True}, 24, "version"),
+        ({"v": 1.0}, 24, "version"),
+        ({"stream": ""}, 24, "bad_field"),
+        ({"stream": 5}, 24, "bad_field"),
+        ({"dtype": "float32"}, 24, None),  # numpy spelling, canonicalised
+        ({"dtype": "|O"}, 24, "dtype"),
+        ({"meta": []}, 24, "bad_field"),
+        ({"meta": None}, 24, "bad_field"),
+        ({"meta": {}}, 24, None),
+        ({"meta": {"big": 2**70}}, 24, None),
+        ({}, 25, "size_mismatch"),
+        ({}, 23, "truncated"),
+        ({"shape": [1 << 20]}, 4 << 20, "oversized"),
+    ],
+)  # fmt: skip
+def test_json_edge_values_give_the_same_reason_both_ways(override, nbytes, reason):
+    body = json_header(**override)
+    result = assert_agree(json.dumps(body).encode(), nbytes)
+    if reason is None:
+        assert result == ("det", body["seq"], body.get("run", 0), body.get("batch", 1))
+    else:
+        assert result == reason
+
+
+@FUZZ
+@given(data=st.data(), nbytes=st.sampled_from([0, 24, 48]))
+def test_json_byte_level_mutations_give_the_same_outcome_both_ways(data, nbytes):
+    raw = bytearray(json.dumps(json_header(meta={}, batch=2, run=5)).encode())
+    for _ in range(data.draw(st.integers(1, 4))):
+        pos = data.draw(st.integers(0, len(raw) - 1))
+        op = data.draw(st.sampled_from(["flip", "insert", "delete"]))
+        if op == "flip":
+            raw[pos] ^= 1 << data.draw(st.integers(0, 7))
+        elif op == "insert":
+            raw[pos:pos] = data.draw(st.sampled_from([b"1", b"-", b" ", b"0", b"[]", b'"', b"9"]))
+        elif len(raw) > 1:
+            del raw[pos]
+    assert_agree(bytes(raw), nbytes)
 
 
 @pytest.mark.parametrize(
