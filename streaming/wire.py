@@ -333,41 +333,42 @@ def check_message(raw: bytes, nbytes: int, max_bytes: int) -> tuple[str, int, in
     full decoder, which names the reason.
     """
     if raw[:1] == b"\xb7":
-        key = raw[:8] + raw[24:]
-        hit = _CHECKED.get(key)
-        if hit is not None:
-            stream, run, batch, expected = hit
-            if expected <= max_bytes and nbytes == expected:
-                return stream, _U64.unpack_from(raw, 8)[0], run, batch
-        elif len(raw) <= _CHECKED_KEY_MAX and raw[3:4] and raw[3] <= MAX_NDIM:
-            ndim = raw[3]
-            try:
-                fields = _BIN_ND[ndim].unpack_from(raw)
-            except struct.error:
-                fields = None  # shorter than its layout: the full decoder names it
-            if fields is not None:
-                _, version, code, _, slen, flags, seq, _, run, _, batch, mlen = fields[:12]
-                at = _BIN_SIZE + 8 * ndim
-                if (
-                    version == WIRE_VERSION
-                    and not flags
-                    and not mlen
-                    and slen
-                    and len(raw) == at + slen
-                    and code < len(_CODE_INFO)
-                    and 1 <= batch <= MAX_BATCH
-                ):
-                    try:
-                        stream = raw[at:].decode()
-                    except UnicodeDecodeError:
-                        stream = ""  # the full decoder names it
-                    if stream:
-                        expected = math.prod(fields[12:]) * _CODE_INFO[code][1] * batch
-                        if len(_CHECKED) >= _CHECKED_MAX:
-                            _CHECKED.clear()
-                        _CHECKED[key] = (stream, run, batch, expected)
-                        if expected <= max_bytes and nbytes == expected:
-                            return stream, seq, run, batch
+        if len(raw) <= _CHECKED_KEY_MAX:  # larger ones: the full decoder
+            key = raw[:8] + raw[24:]
+            hit = _CHECKED.get(key)
+            if hit is not None:
+                stream, run, batch, expected = hit
+                if expected <= max_bytes and nbytes == expected:
+                    return stream, _U64.unpack_from(raw, 8)[0], run, batch
+            elif raw[3:4] and raw[3] <= MAX_NDIM:
+                ndim = raw[3]
+                try:
+                    fields = _BIN_ND[ndim].unpack_from(raw)
+                except struct.error:
+                    fields = None  # shorter than its layout: the full decoder names it
+                if fields is not None:
+                    _, version, code, _, slen, flags, seq, _, run, _, batch, mlen = fields[:12]
+                    at = _BIN_SIZE + 8 * ndim
+                    if (
+                        version == WIRE_VERSION
+                        and not flags
+                        and not mlen
+                        and slen
+                        and len(raw) == at + slen
+                        and code < len(_CODE_INFO)
+                        and 1 <= batch <= MAX_BATCH
+                    ):
+                        try:
+                            stream = raw[at:].decode()
+                        except UnicodeDecodeError:
+                            stream = ""  # the full decoder names it
+                        if stream:
+                            expected = math.prod(fields[12:]) * _CODE_INFO[code][1] * batch
+                            if len(_CHECKED) >= _CHECKED_MAX:
+                                _CHECKED.clear()
+                            _CHECKED[key] = (stream, run, batch, expected)
+                            if expected <= max_bytes and nbytes == expected:
+                                return stream, seq, run, batch
     elif len(raw) <= MAX_HEADER_BYTES:
         fast = _check_json(raw, nbytes, max_bytes)
         if fast is not None:
