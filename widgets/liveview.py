@@ -168,6 +168,8 @@ def _kernel_loop() -> IOLoop | None:
 
 
 _BOKEHJS_LOADED = False
+#: The run table is rewritten at most this often (a text change re-renders it in the browser).
+RUNS_EVERY_S = 5.0
 
 
 def load_bokehjs() -> None:
@@ -252,6 +254,7 @@ class LiveView(w.VBox):
         self._events_shown: list[tuple[Any, ...]] = []
         self._changes_new = False
         self._runs_shown: list[dict[str, Any]] = []
+        self._runs_at = 0.0
         self._latest: FrameResult | None = None
         self._latest_hit: FrameResult | None = None
         self._since_flush = [0, 0]  # frames, peaks since the last update
@@ -276,7 +279,7 @@ class LiveView(w.VBox):
         # row 0 at the top, as detector software shows it; zoom/pan ask for a finer tile
         self.x_range, self.y_range = Range1d(0, 1), Range1d(1, 0)
         img = figure(
-            title="waiting for a frame",
+            title="detector image: what it shows is the 'image' above",
             width=420,
             height=400,
             x_range=self.x_range,
@@ -605,8 +608,9 @@ class LiveView(w.VBox):
                 # the source's steering log when a panel gave it; else the run boundaries seen
                 changes = list(self._changes) or self.frame_log.run_events()
                 self._changes_new = False
-            if slow_due:
+            if slow_due and now - self._runs_at >= RUNS_EVERY_S:
                 runs = self.frame_log.runs()
+                self._runs_at = now
             units = self._units
         with self.bokeh.batch():
             if frames:
@@ -646,7 +650,7 @@ class LiveView(w.VBox):
                 # say what is shown: a stale hit's circles must not pass for the current frame
                 t = pending[2] if pending is not None else time.time()
                 self.image_shows = _image_title(overlay, t, powder=pending is None)
-                self.image_figure.title.text = self.image_shows
+                # (the figure's title stays: a title change re-lays out the whole figure)
                 self.peaks_source.data = {
                     "x": overlay.peaks[:, 1].round(1).tolist(),
                     "y": overlay.peaks[:, 0].round(1).tolist(),
