@@ -371,7 +371,7 @@ class TileHandler(_StreamApi):
             raise ApiError(400, "invalid", str(exc), field=field) from exc
         for key, value in tile.headers().items():
             self.set_header(key, value)
-        self.set_header("X-Frame", json.dumps({k: info[k] for k in info if "peaks_" not in k}))
+        self.set_header("X-Frame", json.dumps(info))  # the frame drawn: label and circles
         self.set_header("Content-Type", "application/octet-stream")
         self.set_header("Cache-Control", "no-store")
         self.finish(tile.data.astype("<f4", copy=False).tobytes())

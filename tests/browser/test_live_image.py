@@ -196,11 +196,17 @@ def test_zoom_contrast_steering_marks_and_export(
     _model(page, f"{channel}:xrange", f"m.setv({{start: {x - 20}, end: {x + 20}}})")
     _model(page, f"{channel}:yrange", f"m.setv({{start: {y - 20}, end: {y + 20}}})")
     zoomed = wait_for(
-        lambda: (t := _tile(page, channel)) and t["block"] == 1 and t["rows"] <= 42 and t,
+        lambda: (
+            (t := _tile(page, channel))
+            and t["block"] == 1
+            and t["rows"] <= 42
+            and t["seq"] == held
+            and t
+        ),
         20,
         "a full-resolution tile around the peak",
     )
-    assert zoomed["seq"] == held, (zoomed, held)
+    assert label.inner_text().startswith(f"held: last hit: frame {held} ")
     assert "full resolution" in sec.locator(".tile-info").inner_text()
     assert zoomed["max"] >= zoomed["high"] > zoomed["low"], zoomed  # auto contrast: peak at top
     time.sleep(0.5)  # bokeh draws on the next animation frame
