@@ -23,7 +23,7 @@ from typing import Any
 
 from beamhub.kernels.maintenance import SERVICES
 from beamhub.kernels.scheduler import SchedulerError
-from beamhub.kernels.sqlite_db import transaction
+from beamhub.kernels.sqlite_db import open_book, transaction
 
 __all__ = ["SEVERITIES", "Incident", "IncidentLog", "incident_banner"]
 
@@ -146,10 +146,7 @@ class IncidentLog:
     """Incidents in SQLite (``db_path``: the reservation book's file)."""
 
     def __init__(self, db_path: str | Path) -> None:
-        self.db_path = Path(db_path)
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        with self._db() as conn:
-            conn.executescript(_SCHEMA)
+        self.db_path = open_book(db_path, _SCHEMA)
 
     def _db(self) -> AbstractContextManager[sqlite3.Connection]:
         return transaction(self.db_path)

@@ -5,12 +5,12 @@ precision); `beamhub report allocation` reads it when ``sacct`` has nothing to s
 
 from __future__ import annotations
 
-import os
 import sqlite3
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+
+from beamhub.kernels.sqlite_db import open_book, transaction
 
 __all__ = ["JobRecords", "RecordedJob", "RecordedRun"]
 
@@ -53,17 +53,10 @@ class JobRecords:
     """One short connection per call; the file is owner-only like the local backend's."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
-        with self._db() as conn:
-            conn.executescript(_SCHEMA)
+        self.path = open_book(path, _SCHEMA, private=True)
 
-    @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        with closing(sqlite3.connect(self.path, timeout=10)) as conn:
-            with conn:
-                yield conn
+    def _db(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self.path)
 
     def job(self, job_id: str, project: str, tier: str, submit: float) -> None:
         with self._db() as conn:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from beamhub.kernels.scheduler import JobInfo, JobSpec, JobState
-from beamhub.kernels.sqlite_db import transaction
+from beamhub.kernels.sqlite_db import open_book, transaction
 
 __all__ = ["LocalJob", "LocalJobStore", "Run"]
 
@@ -107,12 +106,7 @@ class LocalJobStore:
     """Upserts and loads LocalJob rows; one short connection per call (safe across processes)."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # owner-only: job specs keep their env, which holds spawned servers' API tokens
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
-        with self._db() as conn:
-            conn.executescript(_SCHEMA)
+        self.path = open_book(path, _SCHEMA, private=True)
 
     def _db(self) -> AbstractContextManager[sqlite3.Connection]:
         return transaction(self.path)

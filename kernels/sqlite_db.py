@@ -7,12 +7,13 @@ timeout and a commit at the end is simple and safe across them.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 
-__all__ = ["transaction"]
+__all__ = ["open_book", "transaction"]
 
 
 @contextmanager
@@ -22,3 +23,15 @@ def transaction(path: str | Path) -> Iterator[sqlite3.Connection]:
         conn.row_factory = sqlite3.Row
         with conn:
             yield conn
+
+
+def open_book(path: str | Path, schema: str, *, private: bool = False) -> Path:
+    """Create ``path``'s folder and tables where missing; ``private``: the file is owner-only
+    (job specs keep their environment, which holds servers' API tokens)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if private:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    with transaction(path) as conn:
+        conn.executescript(schema)
+    return path
